@@ -1,0 +1,82 @@
+"""AttentionMetadata: how one flattened varlen batch maps onto the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one step's batch to every attention layer.
+
+    The batch is flat: the new tokens of all sequences are concatenated, with no
+    padding. Sequence ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``
+    and, after this step's tokens are written, has ``seq_lens[i]`` tokens of context
+    in the cache; its queries are the last ``query_len`` positions of that context.
+    """
+
+    # [num_seqs + 1] int32: prefix sums of the per-sequence query lengths
+    query_start_loc: torch.Tensor
+    # [num_seqs] int32: context length of each sequence including this step's tokens
+    seq_lens: torch.Tensor
+    # [num_seqs, max_blocks_per_seq] int32: cache block ids of each sequence, in order
+    block_tables: torch.Tensor
+    # [num_tokens] int64: cache slot (block_id * block_size + offset) of each new token;
+    # -1 marks a padding token whose K/V must not be written
+    slot_mapping: torch.Tensor
+    # Host copies, so the reference path and kernel launch grids need no device sync.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def max_query_len(self) -> int:
+        starts = self.query_start_loc_cpu
+        return max((b - a for a, b in zip(starts, starts[1:], strict=False)), default=0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_cpu, default=0)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """Build metadata from per-sequence host lists (query lengths, context lengths
+        and block ids); the slot of every new token follows from its position."""
+        if not (len(query_lens) == len(seq_lens) == len(block_tables)):
+            raise ValueError("query_lens, seq_lens and block_tables must have one entry a sequence")
+        starts = [0]
+        slots: list[int] = []
+        for query_len, seq_len, table in zip(query_lens, seq_lens, block_tables, strict=True):
+            if not 0 < query_len <= seq_len:
+                raise ValueError(f"query_len {query_len} must be in [1, seq_len={seq_len}]")
+            if len(table) * block_size < seq_len:
+                raise ValueError(
+                    f"{len(table)} blocks of {block_size} cannot hold {seq_len} tokens"
+                )
+            starts.append(starts[-1] + query_len)
+            for pos in range(seq_len - query_len, seq_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(
+                len(block_tables), width
+            ),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=list(seq_lens),
+        )

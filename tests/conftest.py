@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random HF checkpoints of every supported family, saved to disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.tiny_models import FAMILIES, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """family name -> folder with config.json, safetensors and tokenizer files."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: save_tiny_model(name, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def sharded_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("sharded") / "llama", shard_kb=20)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
