@@ -31,11 +31,19 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": (
         "LlamaConfig",
         dict(
-            hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
-            intermediate_size=112, num_hidden_layers=2, tie_word_embeddings=False,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=24,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            tie_word_embeddings=False,
             rope_parameters={
-                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 32,
             },
         ),
@@ -44,17 +52,27 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": (
         "MistralConfig",
         dict(
-            hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=False,
-            sliding_window=24, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            tie_word_embeddings=False,
+            sliding_window=24,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
     ),
     # q/k/v bias, tied embeddings, linear rope scaling
     "qwen2": (
         "Qwen2Config",
         dict(
-            hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, num_hidden_layers=2, tie_word_embeddings=True,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            tie_word_embeddings=True,
             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
         ),
     ),
@@ -62,16 +80,25 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": (
         "Qwen3Config",
         dict(
-            hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-            intermediate_size=96, num_hidden_layers=3, tie_word_embeddings=True,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            tie_word_embeddings=True,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         ),
     ),
 }
 
 _COMMON = dict(
-    vocab_size=VOCAB_SIZE, max_position_embeddings=512, rms_norm_eps=1e-5,
-    bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
 )
 
 

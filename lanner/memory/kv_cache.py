@@ -3,6 +3,8 @@ tensor per layer."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lanner.model.config import ModelConfig
@@ -25,6 +27,65 @@ def allocate_kv_caches(
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0")
     shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    return [
-        torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
-    ]
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How large the paged KV cache is and how it is cut into blocks."""
+
+    block_size: int = 16
+    # CUDA: share of device memory for weights + activations + KV cache.
+    gpu_memory_utilization: float = 0.9
+    # CPU (or to pin a size anywhere): bytes of KV cache; default 2 GiB on the CPU.
+    kv_cache_memory_bytes: int | None = None
+    # Exact number of blocks, overriding both of the above.
+    num_gpu_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(
+                f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}"
+            )
+
+
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+
+
+def num_blocks_for_memory(
+    cache: CacheConfig,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    peak_memory_bytes: int | None,
+    useful_blocks: int,
+) -> int:
+    """How many KV blocks fit. On CUDA: what ``gpu_memory_utilization`` of the device
+    leaves after the profiled peak (weights + activations) and other processes' memory.
+    On the CPU: ``kv_cache_memory_bytes``, capped at what can ever be used at once."""
+    if cache.num_gpu_blocks_override is not None:
+        return cache.num_gpu_blocks_override
+    per_block = kv_cache_bytes_per_block(model, cache.block_size, dtype)
+    if cache.kv_cache_memory_bytes is not None:
+        return cache.kv_cache_memory_bytes // per_block
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        not_ours = total - free - torch.cuda.memory_reserved(device)
+        available = total * cache.gpu_memory_utilization - (peak_memory_bytes or 0) - not_ours
+        if available < per_block:
+            raise ValueError(
+                f"no memory left for the KV cache: weights and activations peak at "
+                f"{(peak_memory_bytes or 0) / 2**30:.2f} GiB of {total / 2**30:.2f} GiB; raise "
+                f"gpu_memory_utilization (now {cache.gpu_memory_utilization}) or lower "
+                f"max_num_batched_tokens / max_num_seqs"
+            )
+        return int(available // per_block)
+    return max(1, min(DEFAULT_CPU_KV_CACHE_BYTES // per_block, useful_blocks))

@@ -115,11 +115,21 @@ def test_config_reads_legacy_rope_spelling() -> None:
     """Hub checkpoints written before transformers 5 carry rope_theta + rope_scaling."""
     config = ModelConfig.from_dict(
         {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 10,
-            "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "rope_theta": 500000.0,
-            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 10,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
             "torch_dtype": "bfloat16",
         }
     )

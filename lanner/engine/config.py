@@ -1,0 +1,69 @@
+"""EngineConfig: every engine option, by concern, built from vLLM-spelled keyword arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lanner.engine.scheduler import SchedulerConfig
+from lanner.memory.kv_cache import CacheConfig
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Which checkpoint, and how its weights are loaded onto which device."""
+
+    model: str = str(DEFAULT_MODEL_DIR)
+    tokenizer: str | None = None  # defaults to the model's folder
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str | None = None  # cuda when available, else cpu
+    load_format: str = "auto"
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    load: LoadConfig = field(default_factory=LoadConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    # max_model_len None: the model's max_position_embeddings (resolved at load).
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max(8192, max_model_len) capped
+    scheduling_policy: str = "fcfs"
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Sort flat keyword options (as ``LLM(...)`` and the CLI take them) into their
+        concern; an unknown name fails with the list of valid ones."""
+        groups: dict[str, dict[str, Any]] = {"load": {}, "cache": {}, "engine": {}}
+        names = {
+            "load": {f.name for f in dataclasses.fields(LoadConfig)},
+            "cache": {f.name for f in dataclasses.fields(CacheConfig)},
+            "engine": {f.name for f in dataclasses.fields(cls)} - {"load", "cache"},
+        }
+        for key, value in kwargs.items():
+            group = next((g for g, valid in names.items() if key in valid), None)
+            if group is None:
+                valid = sorted(set().union(*names.values()))
+                raise ValueError(f"unknown engine option {key!r}; valid options are: {valid}")
+            groups[group][key] = value
+        return cls(
+            load=LoadConfig(**groups["load"]),
+            cache=CacheConfig(**groups["cache"]),
+            **groups["engine"],
+        )
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        batched = self.max_num_batched_tokens or max(8192, min(max_model_len, 16384))
+        return SchedulerConfig(
+            max_model_len=max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=batched,
+            policy=self.scheduling_policy,
+        )

@@ -1,0 +1,204 @@
+"""The engine core: owns the device, and loops schedule -> execute -> update."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lanner.engine.config import EngineConfig
+from lanner.engine.request import FinishReason, Request
+from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from lanner.memory.kv_cache import allocate_kv_caches, num_blocks_for_memory
+from lanner.memory.kv_cache_manager import KVCacheManager
+from lanner.model.loader import load_model
+from lanner.runner.model_runner import ModelRunner, SequenceChunk
+from lanner.runner.sampler import SamplingRow, TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    new_prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        load = config.load
+        started = time.perf_counter()
+        self.loaded = load_model(
+            load.model, load.dtype, load.device, load.load_format, load.revision, load.seed
+        )
+        self.model_config = self.loaded.config
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {self.model_config.max_position_embeddings}"
+            )
+        scheduler_config = config.scheduler_config(self.max_model_len)
+        block_size = config.cache.block_size
+        self.runner = ModelRunner(self.loaded, block_size)
+        peak = self.runner.profile_peak_memory(
+            scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs
+        )
+        useful_blocks = scheduler_config.max_num_seqs * -(-self.max_model_len // block_size)
+        num_blocks = num_blocks_for_memory(
+            config.cache,
+            self.model_config,
+            self.loaded.dtype,
+            self.loaded.device,
+            peak,
+            useful_blocks,
+        )
+        self.runner.kv_caches = allocate_kv_caches(
+            self.model_config, num_blocks, block_size, self.loaded.dtype, self.loaded.device
+        )
+        self.kv_manager = KVCacheManager(num_blocks, block_size)
+        capacity = num_blocks * block_size
+        if capacity < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens, fewer than max_model_len "
+                f"{self.max_model_len}; lower max_model_len or give the cache more memory"
+            )
+        self.scheduler = Scheduler(scheduler_config, self.kv_manager)
+        logger.info(
+            "engine ready in %.1fs on %s (%s): KV cache %d blocks x %d = %d tokens, "
+            "max concurrency %.1fx at %d tokens per request",
+            time.perf_counter() - started,
+            self.loaded.device,
+            self.loaded.dtype,
+            num_blocks,
+            block_size,
+            capacity,
+            capacity / self.max_model_len,
+            self.max_model_len,
+        )
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_manager.pool.num_blocks
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError saying what to change when a prompt cannot run."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is "
+                f"{self.max_model_len}, which must leave room for at least one generated "
+                f"token; shorten the prompt or raise max_model_len"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}); check the "
+                f"prompt_token_ids"
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.validate_prompt(request.prompt_token_ids)
+        if not request.eos_token_ids:
+            request.eos_token_ids = self.model_config.eos_token_ids
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.scheduler.finish_request(request_id, FinishReason.ABORT)
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Run one iteration; return what changed for each request it touched."""
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return []
+        result = self.runner.execute([self._chunk(s) for s in schedule.scheduled])
+        return self._update(
+            schedule, result.sampled_token_ids, result.logprobs, result.prompt_logprobs
+        )
+
+    def _chunk(self, scheduled: ScheduledRequest) -> SequenceChunk:
+        request = scheduled.request
+        start = request.num_computed_tokens
+        end = start + scheduled.num_new_tokens
+        chunk = SequenceChunk(
+            seq_id=request.request_id,
+            token_ids=request.token_ids(start, end),
+            start_position=start,
+            block_table=self.kv_manager.get_block_table(request.request_id),
+        )
+        if scheduled.samples:
+            chunk.sampling = SamplingRow(
+                request.sampling_params,
+                request.prompt_token_ids,
+                request.output_token_ids,
+                request.eos_token_ids,
+            )
+        if request.sampling_params.prompt_logprobs is not None:
+            # Positions whose next-token logprob is still owed (none when recomputing
+            # after preemption: they were collected the first time).
+            first = max(start, len(request.prompt_logprobs))
+            last = min(end, request.num_prompt_tokens - 1)
+            if first < last:
+                chunk.prompt_logprob_offset = first - start
+                chunk.prompt_logprob_targets = request.prompt_token_ids[first + 1 : last + 1]
+                chunk.prompt_logprob_top = request.sampling_params.prompt_logprobs
+        return chunk
+
+    def _update(
+        self,
+        schedule: SchedulerOutput,
+        sampled: dict[str, int],
+        logprobs: dict[str, TokenLogprobs],
+        prompt_logprobs: dict[str, list[TokenLogprobs]],
+    ) -> list[EngineCoreOutput]:
+        self.scheduler.update_after_step(schedule)
+        outputs = []
+        now = time.monotonic()
+        for scheduled in schedule.scheduled:
+            request = scheduled.request
+            out = EngineCoreOutput(request.request_id)
+            if request.request_id in prompt_logprobs:
+                out.new_prompt_logprobs = prompt_logprobs[request.request_id]
+                request.prompt_logprobs += out.new_prompt_logprobs
+            token = sampled.get(request.request_id)
+            if token is not None:
+                request.output_token_ids.append(token)
+                out.new_token_ids.append(token)
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                if request.request_id in logprobs:
+                    logprob = logprobs[request.request_id]
+                    request.output_logprobs.append(logprob)
+                    request.cumulative_logprob += logprob.logprob
+                    out.new_logprobs.append(logprob)
+                stop = self.scheduler.check_stop(request)
+                if stop is not None:
+                    out.finish_reason, out.stop_reason = stop
+                    self.scheduler.finish_request(request.request_id, *stop)
+            if out.new_token_ids or out.new_prompt_logprobs or out.finished:
+                outputs.append(out)
+        return outputs
+
+    @torch.inference_mode()
+    def shutdown(self) -> None:
+        self.abort_requests(list(self.scheduler.requests))
+        self.runner.kv_caches = []

@@ -1,0 +1,205 @@
+"""Iteration-level scheduler: each step, which requests run and how many tokens each feeds.
+
+Every request keeps ``num_computed_tokens``. A step hands out a token budget:
+running requests first (one token for a decode, the next chunk of an unfinished
+prefill), then waiting ones. Decodes and prefill chunks share one batch. When the
+KV pool runs dry, the lowest-priority, newest running request is preempted: its
+blocks are freed and it recomputes later, producing the same output.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from lanner.engine.request import FinishReason, Request, RequestStatus
+from lanner.memory.kv_cache_manager import KVCacheManager
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy {self.policy!r} is unknown; use one of {SCHEDULING_POLICIES}"
+            )
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # fed this step, starting at request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Does this chunk reach the end of the known tokens, so a new token follows?"""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_manager = kv_manager
+        self.requests: dict[str, Request] = {}
+        # Both lists stay sorted by `_order`: oldest (or most urgent) first, so the
+        # preemption victim is always the last running request.
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def _order(self, request: Request) -> tuple[float, ...]:
+        if self.config.policy == "priority":
+            return (request.priority, request.arrival_time)
+        return (request.arrival_time,)
+
+    def _insert(self, queue: list[Request], request: Request) -> None:
+        bisect.insort(queue, request, key=self._order)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self._insert(self.waiting, request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        # 1. Running requests, most urgent first.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            total = request.num_computed_tokens + num_new
+            while not self.kv_manager.allocate_slots(request.request_id, total):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break  # it preempted itself: every request after it is gone too
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            index += 1
+        # 2. Waiting requests, unless memory was just short.
+        if out.preempted:
+            return out
+        index = 0
+        while index < len(self.waiting) and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[index]
+            if not self._prefix_source_ready(request):
+                index += 1  # a sibling still computing the shared prompt; let others pass
+                continue
+            self._share_sibling_prefix(request)
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            total = request.num_computed_tokens + num_new
+            if not self.kv_manager.allocate_slots(request.request_id, total):
+                if request.num_computed_tokens:  # undo the sharing
+                    self.kv_manager.free(request.request_id)
+                    request.num_computed_tokens = 0
+                break
+            self.waiting.pop(index)
+            request.status = RequestStatus.RUNNING
+            self._insert(self.running, request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+        return out
+
+    def _prefix_source_ready(self, request: Request) -> bool:
+        """n > 1 siblings wait until the first one has computed the shared prompt,
+        unless that one has stopped running (then they compute it themselves)."""
+        source = self.requests.get(request.prefix_source_id or "")
+        if source is None or request.num_preemptions or source.num_preemptions:
+            return True
+        if source.status == RequestStatus.WAITING:
+            return False
+        return source.status != RequestStatus.RUNNING or (
+            source.num_computed_tokens >= source.num_prompt_tokens
+        )
+
+    def _share_sibling_prefix(self, request: Request) -> None:
+        source = self.requests.get(request.prefix_source_id or "")
+        if source is None or source.status != RequestStatus.RUNNING or request.num_preemptions:
+            return
+        if request.num_computed_tokens or self.kv_manager.get_block_table(request.request_id):
+            return
+        # Leave at least the last prompt token to compute: its logits give the first sample.
+        request.num_computed_tokens = self.kv_manager.share_prefix(
+            source.request_id, request.request_id, request.num_prompt_tokens - 1
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        self._insert(self.waiting, request)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Count this step's tokens as computed (call before appending sampled tokens)."""
+        for scheduled in out.scheduled:
+            scheduled.request.num_computed_tokens += scheduled.num_new_tokens
+
+    def finish_request(
+        self, request_id: str, reason: FinishReason, stop_reason: int | str | None = None
+    ) -> Request | None:
+        """End a request (finished or aborted) and free everything it holds.
+        Returns it, or None when it was unknown or already finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
+        queue.remove(request)
+        self.kv_manager.free(request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+        return request
+
+    def check_stop(self, request: Request) -> tuple[FinishReason, int | str | None] | None:
+        """Whether the token just appended ends the request, and why."""
+        params = request.sampling_params
+        last = request.output_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and last in request.eos_token_ids:
+                return FinishReason.STOP, None
+            if last in params.stop_token_ids:
+                return FinishReason.STOP, last
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH, None
+        if request.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH, None
+        return None

@@ -1,0 +1,156 @@
+"""The `lanner` command: generate (one prompt, with a timing summary) and chat."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from lanner.engine.config import DEFAULT_MODEL_DIR
+
+# Engine flags, spelled as vLLM spells them: (flag, type, help).
+_ENGINE_FLAGS: list[tuple[str, type, str]] = [
+    ("--tokenizer", str, "tokenizer folder or Hub id (default: the model's)"),
+    ("--revision", str, "Hub revision of the model"),
+    ("--dtype", str, "auto, float32, bfloat16 or float16"),
+    ("--device", str, "cuda or cpu (default: cuda when available)"),
+    ("--load-format", str, "auto, safetensors or dummy (random weights)"),
+    ("--seed", int, "seed for dummy weights"),
+    ("--max-model-len", int, "context limit per request, prompt plus output"),
+    ("--max-num-seqs", int, "most requests in one batch"),
+    ("--max-num-batched-tokens", int, "most tokens in one step"),
+    ("--block-size", int, "tokens per KV cache block"),
+    ("--gpu-memory-utilization", float, "share of GPU memory the engine may use"),
+    ("--kv-cache-memory-bytes", int, "KV cache size in bytes (the CPU default is 2 GiB)"),
+    ("--num-gpu-blocks-override", int, "exact number of KV cache blocks"),
+    ("--scheduling-policy", str, "fcfs or priority"),
+]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL_DIR),
+        help="model folder or Hub id (default: the embedded demo model)",
+    )
+    for flag, kind, text in _ENGINE_FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options the user set, as LLM(...) keyword arguments."""
+    options: dict[str, Any] = {"model": args.model}
+    for flag, _, _ in _ENGINE_FLAGS:
+        name = flag.removeprefix("--").replace("-", "_")
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--sample-seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace):  # noqa: ANN201
+    from lanner.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sample_seed,
+        stop=args.stop,
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from lanner.entrypoints.llm import LLM
+
+    llm = LLM(**engine_kwargs(args))
+    params = sampling_params(args)
+    started = time.perf_counter()
+    [output] = llm.generate(args.prompt, params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    completion = output.outputs[0]
+    print(args.prompt + completion.text)
+    metrics = output.metrics
+    ttft = metrics.time_to_first_token
+    tpot = metrics.time_per_output_token
+    count = len(completion.token_ids)
+    print(
+        f"--- {len(output.prompt_token_ids)} prompt + {count} output tokens "
+        f"({completion.finish_reason}) | TTFT {ttft * 1e3:.1f} ms | "
+        f"TPOT {tpot * 1e3 if tpot else float('nan'):.2f} ms | "
+        f"{count / elapsed:.1f} tok/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from lanner.entrypoints.llm import LLM
+
+    llm = LLM(**engine_kwargs(args))
+    params = sampling_params(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("lanner chat: type a message, an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        [output] = llm.chat(messages, params, use_tqdm=False)
+        reply = output.outputs[0].text
+        print(f"assistant> {reply}", flush=True)
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lanner", description="lanner LLM inference engine")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="complete one prompt and report timings")
+    generate.add_argument("prompt", help="the text to complete")
+    add_engine_args(generate)
+    add_sampling_args(generate)
+    generate.set_defaults(handler=run_generate)
+
+    chat = commands.add_parser("chat", help="chat interactively through the chat template")
+    chat.add_argument("--system", default=None, help="system message")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(handler=run_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"lanner: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The offline API: ``LLM(model=...).generate(prompts, sampling_params)``, as in vLLM."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lanner.engine.llm_engine import LLMEngine, PromptType
+from lanner.engine.outputs import RequestOutput
+from lanner.sampling_params import SamplingParams
+
+# Batches at least this large show a progress bar when use_tqdm is left at its default.
+_PROGRESS_MIN_PROMPTS = 8
+
+
+class LLM:
+    """Generate from many prompts at once with continuous batching.
+
+    Engine options take vLLM's names: dtype, device, load_format, seed,
+    max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
+    gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override,
+    scheduling_policy ("fcfs" or "priority"), tokenizer, revision.
+    With no model named, the embedded demo model runs.
+    """
+
+    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        if model is not None:
+            engine_options["model"] = model
+        self.engine = LLMEngine.from_kwargs(**engine_options)
+
+    def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        A prompt that fails validation raises ValueError before anything runs."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompts)} prompts; "
+                    f"pass one, or one per prompt"
+                )
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        # Tokenize and validate all first, so a bad prompt leaves nothing half-queued.
+        tokenized = [self.engine.tokenize_prompt(p) for p in prompts]
+        for index, (_, token_ids) in enumerate(tokenized):
+            try:
+                self.engine.core.validate_prompt(token_ids)
+            except ValueError as err:
+                raise ValueError(f"prompt {index}: {err}") from None
+        request_ids = []
+        for index, ((text, token_ids), params) in enumerate(
+            zip(tokenized, params_list, strict=True)
+        ):
+            request_id = self.engine.new_request_id()
+            prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
+            if text is not None:
+                prompt["prompt"] = text
+            self.engine.add_request(
+                request_id, prompt, params, priority=priority[index] if priority else 0
+            )
+            request_ids.append(request_id)
+        if use_tqdm is None:
+            use_tqdm = len(prompts) >= _PROGRESS_MIN_PROMPTS
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the
+        tokenizer's chat template."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tokenizer = self.engine.tokenizer
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=chat_template,
+            )
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
+        started = time.perf_counter()
+        output_tokens = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+                        output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        bar.update(1)
+                        elapsed = time.perf_counter() - started
+                        bar.set_postfix_str(f"output {output_tokens / elapsed:.0f} tok/s")
+        except BaseException:
+            # Leave the engine clean for the next call (e.g. after Ctrl-C).
+            self.engine.abort_request(list(wanted - set(finished)))
+            raise
+        finally:
+            bar.close()
+        return [finished[request_id] for request_id in request_ids]

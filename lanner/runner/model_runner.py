@@ -1,0 +1,140 @@
+"""Executes one scheduled step on the device: flatten the batch, run the model, sample."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.memory.kv_cache import allocate_kv_caches
+from lanner.model.loader import LoadedModel
+from lanner.runner.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
+from lanner.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SequenceChunk:
+    """One sequence's share of a step: the tokens it feeds and what to compute from them."""
+
+    seq_id: str
+    token_ids: list[int]  # fed this step, at positions start_position, start_position + 1, ...
+    start_position: int
+    block_table: list[int]  # must cover start_position + len(token_ids) tokens
+    # Set when the chunk's last token yields the next token to sample.
+    sampling: SamplingRow | None = None
+    # Prompt logprobs: rows [offset, offset + len(targets)) of this chunk predict `targets`.
+    prompt_logprob_offset: int = 0
+    prompt_logprob_targets: list[int] = field(default_factory=list)
+    prompt_logprob_top: int = 0
+
+
+@dataclass
+class RunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # prompt logprobs computed this step, in prompt order, per sequence
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, block_size: int) -> None:
+        self.model = loaded.model
+        self.config = loaded.config
+        self.dtype = loaded.dtype
+        self.device = loaded.device
+        self.block_size = block_size
+        self.kv_caches: list[torch.Tensor] = []  # set once the cache is sized
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def profile_peak_memory(self, num_tokens: int, num_seqs: int) -> int | None:
+        """Peak device memory (bytes) of the largest step the scheduler may send:
+        ``num_tokens`` tokens over ``num_seqs`` sequences, all sampling. CUDA only;
+        None elsewhere (the CPU cache is sized in bytes instead)."""
+        if self.device.type != "cuda":
+            return None
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        blocks_per_seq = -(-max(lengths) // self.block_size)
+        self.kv_caches = allocate_kv_caches(
+            self.config, blocks_per_seq, self.block_size, self.dtype, self.device
+        )
+        greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], ())
+        chunks = [
+            SequenceChunk(f"profile-{i}", [0] * n, 0, list(range(blocks_per_seq)), greedy)
+            for i, n in enumerate(lengths)
+        ]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute(chunks)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        return peak
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[SequenceChunk]) -> RunnerOutput:
+        """Run one flat varlen batch through the model and sample where asked."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: list[int] = []
+        for chunk in chunks:
+            first_row = len(input_ids)
+            end = chunk.start_position + len(chunk.token_ids)
+            input_ids += chunk.token_ids
+            positions += range(chunk.start_position, end)
+            seq_lens.append(end)
+            start = first_row + chunk.prompt_logprob_offset
+            prompt_rows += range(start, start + len(chunk.prompt_logprob_targets))
+            if chunk.sampling is not None:
+                sample_rows.append(len(input_ids) - 1)
+        metadata = AttentionMetadata.build(
+            [len(c.token_ids) for c in chunks],
+            seq_lens,
+            [c.block_table for c in chunks],
+            self.block_size,
+            self.device,
+        )
+        hidden = self.model(
+            self._tensor(input_ids), self._tensor(positions), metadata, self.kv_caches
+        )
+        out = RunnerOutput()
+        if prompt_rows:
+            self._prompt_logprobs(
+                chunks, self.model.compute_logits(hidden[self._tensor(prompt_rows)]), out
+            )
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
+            sampling_chunks = [c for c in chunks if c.sampling is not None]
+            sampled = self.sampler(logits, [c.sampling for c in sampling_chunks])
+            for chunk, token, logprob in zip(
+                sampling_chunks, sampled.token_ids, sampled.logprobs, strict=True
+            ):
+                out.sampled_token_ids[chunk.seq_id] = token
+                if logprob is not None:
+                    out.logprobs[chunk.seq_id] = logprob
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(
+        chunks: list[SequenceChunk], logits: torch.Tensor, out: RunnerOutput
+    ) -> None:
+        offset = 0
+        for chunk in chunks:
+            count = len(chunk.prompt_logprob_targets)
+            if count:
+                rows = logits[offset : offset + count]
+                out.prompt_logprobs[chunk.seq_id] = prompt_logprobs(
+                    rows, chunk.prompt_logprob_targets, chunk.prompt_logprob_top
+                )
+                offset += count

@@ -1,0 +1,304 @@
+"""Batched sampling on the logits' device: penalties, temperature, top-k/p, min-p, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    # Only for annotations: the sampler reads params' fields and never builds them, so the
+    # runner does not import the engine layer at run time.
+    from lanner.sampling_params import SamplingParams
+
+_MASK_64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingRow:
+    """One row of logits to sample from, with what its request has seen so far."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    # Tokens generated so far: for penalties, min_tokens, and the seeded generator's step.
+    output_token_ids: list[int]
+    eos_token_ids: tuple[int, ...]  # the model's EOS ids, masked until min_tokens is reached
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob info for one sampled (or prompt) position, from the raw logits."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely: 1 + the number of tokens with a strictly greater logprob
+    top: list[tuple[int, float]]  # the top-k (token id, logprob), most likely first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one per row, on the host
+    logprobs: list[TokenLogprobs | None]  # per row; None when params.logprobs is None
+
+
+class Sampler:
+    """Picks one token per row of logits ``[B, V]``; the only host sync is the final copy."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"the sampler needs logits of shape [num_rows, vocab] with one row per "
+                f"SamplingRow, got shape {tuple(logits.shape)} for {len(rows)} rows"
+            )
+        logits = logits.float()
+        # vLLM returns logprobs of the model's raw distribution, before any processing.
+        num_top = max((r.params.logprobs or 0 for r in rows), default=0)
+        wants_logprobs = any(r.params.logprobs is not None for r in rows)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
+
+        logits = apply_penalties(logits, rows)
+        logits = apply_min_tokens(logits, rows)
+        token_ids = sample(logits, rows)
+
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids.tolist(), [None] * len(rows))
+        packed = _pack_logprobs(raw_logprobs, token_ids, num_top)
+        return _unpack(packed.tolist(), rows)
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, next_token_ids: list[int], num_top: int
+) -> list[TokenLogprobs]:
+    """Logprobs of the prompt's own tokens, one per position.
+
+    ``logits[i]`` is the model's prediction after prompt position i; ``next_token_ids[i]``
+    the prompt token that actually followed.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(next_token_ids):
+        raise ValueError(
+            f"prompt_logprobs needs logits of shape [num_positions, vocab] with one row per "
+            f"next token, got shape {tuple(logits.shape)} for {len(next_token_ids)} tokens"
+        )
+    if not next_token_ids:
+        return []
+    raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = _to_device(next_token_ids, torch.long, logits.device)
+    packed = _pack_logprobs(raw_logprobs, targets, num_top)
+    return [_unpack_row(values) for values in packed.tolist()]
+
+
+def decode_seed(seed: int, step: int) -> int:
+    """The generator seed for a seeded request's ``step``-th output token.
+
+    Stateless (a function of the request's seed and its output length only), so a row
+    draws the same noise whatever else is in the batch, and again when recomputed after
+    preemption. splitmix64's finalizer spreads nearby (seed, step) pairs far apart.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + step) & _MASK_64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    return x ^ (x >> 31)
+
+
+# -- logits processing: each step takes and returns float32 [B, V] -------------------------
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition (over prompt + output), frequency and presence (over output) penalties.
+
+    Repetition divides positive logits by the penalty and multiplies negative ones (CTRL,
+    as HF does), so a seen token always becomes less likely. Frequency subtracts
+    penalty x count, presence subtracts penalty once per seen token (OpenAI's definition).
+    """
+    use_repetition = any(r.params.repetition_penalty != 1.0 for r in rows)
+    use_additive = any(
+        r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in rows
+    )
+    if not (use_repetition or use_additive):
+        return logits
+    vocab_size = logits.shape[1]
+    device = logits.device
+    if use_repetition:
+        seen = _token_counts(
+            [r.prompt_token_ids + r.output_token_ids for r in rows], vocab_size, device
+        )
+        penalty = _column([r.params.repetition_penalty for r in rows], device)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen > 0, penalized, logits)
+    if use_additive:
+        counts = _token_counts([r.output_token_ids for r in rows], vocab_size, device)
+        frequency = _column([r.params.frequency_penalty for r in rows], device)
+        presence = _column([r.params.presence_penalty for r in rows], device)
+        logits = logits - frequency * counts - presence * (counts > 0).float()
+    return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Until a row has ``min_tokens`` outputs, it cannot pick EOS or a stop token."""
+    vocab_size = logits.shape[1]
+    row_index: list[int] = []
+    token_index: list[int] = []
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) >= row.params.min_tokens:
+            continue
+        blocked = set(row.eos_token_ids) | set(row.params.stop_token_ids or ())
+        # Ids past the logits (a tokenizer larger than the padded head) cannot be sampled.
+        blocked = {t for t in blocked if 0 <= t < vocab_size}
+        row_index += [i] * len(blocked)
+        token_index += sorted(blocked)
+    if not row_index:
+        return logits
+    logits = logits.clone()
+    device = logits.device
+    logits[
+        _to_device(row_index, torch.long, device), _to_device(token_index, torch.long, device)
+    ] = float("-inf")
+    return logits
+
+
+def apply_temperature(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    # Greedy rows divide by 1: they take the argmax before temperature anyway.
+    temperatures = [1.0 if r.params.is_greedy else r.params.temperature for r in rows]
+    if all(t == 1.0 for t in temperatures):
+        return logits
+    return logits / _column(temperatures, logits.device)
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Set to -inf every token that top_k, top_p or min_p rules out (for each row).
+
+    min_p keeps tokens with probability >= min_p x the top probability, a cut in logit
+    space that needs only the row max. top_k and top_p share one descending sort: top_k
+    keeps the first k, top_p the shortest prefix whose mass reaches top_p (measured after
+    min_p and top_k). The most likely token always survives.
+    """
+    device = logits.device
+    vocab_size = logits.shape[1]
+    if any(r.params.min_p > 0.0 for r in rows):
+        min_p = _column([r.params.min_p for r in rows], device)
+        threshold = logits.max(dim=-1, keepdim=True).values + torch.log(min_p)
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+
+    use_top_k = any(0 < r.params.top_k < vocab_size for r in rows)
+    use_top_p = any(r.params.top_p < 1.0 for r in rows)
+    if not (use_top_k or use_top_p):
+        return logits
+    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(vocab_size, device=device).unsqueeze(0)
+    if use_top_k:
+        top_k = [r.params.top_k if r.params.top_k > 0 else vocab_size for r in rows]
+        keep_count = _to_device(top_k, torch.long, device).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(positions >= keep_count, float("-inf"))
+    if use_top_p:
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        top_p = _column([r.params.top_p for r in rows], device)
+        # Rows at top_p == 1 are left alone: rounding can push the running mass to 1.0
+        # before the tail, which would cut tokens a no-op setting must keep.
+        cut = (mass_before >= top_p) & (top_p < 1.0) & (positions > 0)
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """One token id per row (int64 on the logits' device) from penalized logits."""
+    greedy = [r.params.is_greedy for r in rows]
+    if all(greedy):
+        return logits.argmax(dim=-1)
+    greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
+
+    logits = apply_temperature(logits, rows)
+    logits = apply_top_k_top_p_min_p(logits, rows)
+    probs = torch.softmax(logits, dim=-1)
+    # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) is distributed as p, with no
+    # cumsum/search and no sync. One batched draw serves every unseeded row.
+    noise = torch.empty_like(probs).exponential_()
+    for i, row in enumerate(rows):
+        if row.params.seed is not None and not greedy[i]:
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed(decode_seed(row.params.seed, len(row.output_token_ids)))
+            noise[i].exponential_(generator=generator)
+    # exponential_ may return exactly 0; 0 / 0 would be NaN and win the argmax.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    random_ids = (probs / noise).argmax(dim=-1)
+    if greedy_ids is None:
+        return random_ids
+    return torch.where(_to_device(greedy, torch.bool, logits.device), greedy_ids, random_ids)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor: a host-to-device copy, never a device sync."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return _to_device(values, torch.float32, device).unsqueeze(1)
+
+
+def _token_counts(
+    token_lists: list[list[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """[len(token_lists), vocab_size] float32: how often each token occurs in each list."""
+    width = max((len(tokens) for tokens in token_lists), default=0)
+    # Pad with vocab_size, an extra column that is dropped: scatter needs equal lengths.
+    padded = [tokens + [vocab_size] * (width - len(tokens)) for tokens in token_lists]
+    index = _to_device(padded, torch.long, device).clamp_(0, vocab_size)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+def _pack_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> torch.Tensor:
+    """[B, 3 + 2 * num_top] float64: id, logprob, rank, top ids, top logprobs.
+
+    One tensor so the host gets everything in one copy; float64 holds both the int ids
+    and the float32 logprobs exactly.
+    """
+    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))
+    rank = (raw_logprobs > chosen).sum(dim=-1, keepdim=True) + 1
+    top = raw_logprobs.topk(min(num_top, raw_logprobs.shape[1]), dim=-1)
+    return torch.cat(
+        [
+            token_ids.unsqueeze(1).double(),
+            chosen.double(),
+            rank.double(),
+            top.indices.double(),
+            top.values.double(),
+        ],
+        dim=1,
+    )
+
+
+def _unpack_row(values: list[float]) -> TokenLogprobs:
+    num_top = (len(values) - 3) // 2
+    top_ids, top_logprobs = values[3 : 3 + num_top], values[3 + num_top :]
+    return TokenLogprobs(
+        token_id=int(values[0]),
+        logprob=values[1],
+        rank=int(values[2]),
+        top=[(int(t), lp) for t, lp in zip(top_ids, top_logprobs, strict=True)],
+    )
+
+
+def _unpack(packed: list[list[float]], rows: list[SamplingRow]) -> SamplerOutput:
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprobs | None] = []
+    for values, row in zip(packed, rows, strict=True):
+        token_ids.append(int(values[0]))
+        wanted = row.params.logprobs
+        if wanted is None:
+            logprobs.append(None)
+            continue
+        info = _unpack_row(values)
+        info.top = info.top[:wanted]
+        logprobs.append(info)
+    return SamplerOutput(token_ids, logprobs)
