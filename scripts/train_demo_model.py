@@ -78,6 +78,9 @@ SAMPLE_PROMPTS = [
     "def is_prime(n):",
 ]
 MB = 1_000_000  # sizes are decimal megabytes, the stricter reading of "40 MB" / "16 MB"
+# Shards are filled with tensor bytes up to this share of the cap: the rest is headroom for
+# the safetensors JSON header, which the shard size limit of save_pretrained does not count.
+SHARD_FILL = 0.95
 
 
 def process_age_s() -> float:
@@ -103,8 +106,12 @@ _PROCESS_T0 = time.perf_counter() - process_age_s()
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--time-budget-s", type=float, default=480.0,
-                   help="wall-clock budget for the whole run, imports to report")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=480.0,
+        help="wall-clock budget for the whole run, imports to report",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "lanner/assets/demo-model")
@@ -114,8 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-file-mb", type=float, default=1.0)
     p.add_argument("--heldout-frac", type=float, default=0.05)
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--tokenizer-sample-mb", type=float, default=48.0,
-                   help="training text fed to the BPE trainer (its merge phase is serial)")
+    p.add_argument(
+        "--tokenizer-sample-mb",
+        type=float,
+        default=48.0,
+        help="training text fed to the BPE trainer (its merge phase is serial)",
+    )
     # model
     p.add_argument("--tiny", action="store_true", help="tiny dims for a CPU smoke test")
     p.add_argument("--hidden-size", type=int, default=384)
@@ -127,6 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-position-embeddings", type=int, default=2048)
     p.add_argument("--max-model-mb", type=float, default=40.0, help="cap on bf16 weight bytes")
     p.add_argument("--max-shard-mb", type=float, default=16.0, help="cap on each safetensors file")
+    p.add_argument(
+        "--min-shards",
+        type=int,
+        default=2,
+        help="split even small models, so each folder has model.safetensors.index.json",
+    )
     # training
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=None, help="default 64 on cuda, 8 on cpu")
@@ -136,10 +153,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--draft-frac", type=float, default=0.2, help="share of training time")
-    p.add_argument("--reserve-s", type=float, default=None,
-                   help="time kept back for eval + saving; default max(10, 8%% of budget)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (compile time eats the budget)")
+    p.add_argument(
+        "--reserve-s",
+        type=float,
+        default=None,
+        help="time kept back for eval + saving; default max(10, 8%% of budget)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward (compile time eats the budget)",
+    )
     p.add_argument("--log-every", type=int, default=50)
     # evaluation
     p.add_argument("--eval-tokens", type=int, default=2_000_000)
@@ -163,7 +187,7 @@ class Clock:
 
     def __init__(self, budget_s: float) -> None:
         self.deadline = _PROCESS_T0 + budget_s
-        self.phases: dict[str, float] = {"imports": time.perf_counter() - _PROCESS_T0}
+        self.phases: dict[str, float] = {"imports": round(time.perf_counter() - _PROCESS_T0, 2)}
         self._mark = time.perf_counter()
 
     def left(self) -> float:
@@ -232,10 +256,11 @@ def source_roots() -> list[tuple[str, Path]]:
 
 
 def list_python_files(roots: list[tuple[str, Path]]) -> list[tuple[str, Path, int]]:
-    """(key, path, size) of every .py file under the roots, in sorted order, each real file once
-    (roots can nest, e.g. the stdlib folder holds the base interpreter's site-packages)."""
+    """(key, path, size) of every .py file under the roots, in sorted order, each file once:
+    roots can nest (the stdlib folder may hold the base interpreter's site-packages) and
+    symlinks can alias, so files are told apart by device and inode."""
     found: list[tuple[str, Path, int]] = []
-    seen: set[Path] = set()
+    seen: set[tuple[int, int]] = set()
     for label, root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()  # os.walk order depends on the filesystem; sorting fixes it
@@ -244,14 +269,13 @@ def list_python_files(roots: list[tuple[str, Path]]) -> list[tuple[str, Path, in
                     continue
                 path = Path(dirpath) / name
                 try:
-                    real = path.resolve()
-                    size = real.stat().st_size
+                    st = path.stat()  # one syscall; follows symlinks
                 except OSError:
                     continue
-                if real in seen:
+                if (st.st_dev, st.st_ino) in seen:
                     continue
-                seen.add(real)
-                found.append((f"{label}/{path.relative_to(root).as_posix()}", real, size))
+                seen.add((st.st_dev, st.st_ino))
+                found.append((f"{label}/{path.relative_to(root).as_posix()}", path, st.st_size))
     return found
 
 
@@ -269,6 +293,9 @@ def collect_corpus(args: argparse.Namespace) -> Corpus:
     for key, path, size in files:
         if size > max_file:
             skipped["too_large"] += 1
+            continue
+        if size == 0:
+            skipped["empty"] += 1
             continue
         if total + size > cap:
             skipped["over_cap"] += 1
@@ -364,15 +391,15 @@ def tokenize_stream(tok: Tokenizer, files: list[SourceFile], batch_files: int = 
 
 def check_round_trip(tok: PreTrainedTokenizerFast, files: list[SourceFile], n: int = 20) -> bool:
     for f in files[:n]:
-        ids = tok(f.text, add_special_tokens=False)["input_ids"]
+        ids = tok(f.text, add_special_tokens=False, verbose=False)["input_ids"]
         if tok.decode(ids) != f.text:
             return False
     return True
 
 
-def to_tensor(stream: array, device: torch.device) -> torch.Tensor:
-    # int16/int32 halves device memory against int64; vocab ids < 32768 fit int16 exactly.
-    if stream.typecode == "H" and max(stream, default=0) < 2**15:
+def to_tensor(stream: array, vocab_size: int, device: torch.device) -> torch.Tensor:
+    # int16 quarters device memory against int64; ids below 2**15 keep their value in int16.
+    if stream.typecode == "H" and vocab_size <= 2**15:
         t = torch.frombuffer(stream, dtype=torch.int16)
     else:
         t = torch.tensor(stream, dtype=torch.int32)
@@ -382,8 +409,9 @@ def to_tensor(stream: array, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------- models
 
 
-def llama_config(args: argparse.Namespace, vocab_size: int, num_layers: int,
-                 special_ids: dict[str, int]) -> LlamaConfig:
+def llama_config(
+    args: argparse.Namespace, vocab_size: int, num_layers: int, special_ids: dict[str, int]
+) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
@@ -407,16 +435,26 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are yielded once
 
 
-def build_model(config: LlamaConfig, seed: int, max_bytes: int, name: str) -> LlamaForCausalLM:
+def build_model(
+    config: LlamaConfig, seed: int, name: str, max_bytes: int, max_shard_bytes: int
+) -> LlamaForCausalLM:
+    """A freshly initialised model, checked against the size caps before any training."""
     torch.manual_seed(seed)  # init independent of how much randomness earlier phases used
     model = LlamaForCausalLM(config)
     n = count_params(model)
     bf16_bytes = 2 * n
-    log(f"{name}: {n:,} parameters, {bf16_bytes / MB:.1f} MB in bf16 "
+    log(
+        f"{name}: {n:,} parameters, {bf16_bytes / MB:.1f} MB in bf16 "
         f"(hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-        f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads, "
-        f"ffn {config.intermediate_size})")
-    assert bf16_bytes <= max_bytes, f"{name} is {bf16_bytes / MB:.1f} MB > cap {max_bytes / MB}"
+        f"{config.num_attention_heads}/{config.num_key_value_heads} q/kv heads of "
+        f"{config.head_dim}, ffn {config.intermediate_size}, vocab {config.vocab_size})"
+    )
+    assert bf16_bytes <= max_bytes, f"{name} is {bf16_bytes / MB:.2f} MB > cap {max_bytes / MB}"
+    # A shard holds whole tensors, so the largest one must fit under the shard cap.
+    largest = max(2 * p.numel() for p in model.parameters())
+    assert largest < SHARD_FILL * max_shard_bytes, (
+        f"{name}: a {largest / MB:.2f} MB tensor cannot fit a {max_shard_bytes / MB} MB shard"
+    )
     return model
 
 
@@ -459,15 +497,19 @@ def lr_at(progress: float, args: argparse.Namespace) -> float:
     return floor + (args.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * decay))
 
 
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace,
-                   device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, args: argparse.Namespace, device: torch.device
+) -> torch.optim.AdamW:
     # Decay matrices only; norm gains stay free.
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=device.type == "cuda")
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda"
+    )
 
 
 @dataclass
@@ -481,9 +523,16 @@ class TrainStats:
     log: list[dict] = field(default_factory=list)
 
 
-def train(model: LlamaForCausalLM, sampler: BatchSampler, budget_s: float,
-          args: argparse.Namespace, device: torch.device, name: str) -> TrainStats:
+def train(
+    model: LlamaForCausalLM,
+    sampler: BatchSampler,
+    budget_s: float,
+    args: argparse.Namespace,
+    device: torch.device,
+    name: str,
+) -> TrainStats:
     """AdamW on fp32 master weights with bf16 autocast on CUDA, until budget_s runs out."""
+    budget_s = max(budget_s, 1e-3)  # an overrun upstream still gets one step, not a crash
     model.to(device).train()
     optimizer = make_optimizer(model, args, device)
     forward = torch.compile(model) if args.compile else model
@@ -516,10 +565,19 @@ def train(model: LlamaForCausalLM, sampler: BatchSampler, budget_s: float,
             mean_loss = loss_sum.item() / interval_steps  # the one sync per interval
             tok_s = interval_steps * inputs.numel() / (now - interval_t0)
             stats.final_train_loss = mean_loss
-            stats.log.append({"step": stats.steps, "t": round(now - t0, 1),
-                              "loss": round(mean_loss, 4), "lr": lr, "tok_s": round(tok_s)})
-            log(f"{name} step {stats.steps:5d}  loss {mean_loss:.4f}  lr {lr:.2e}  "
-                f"{tok_s / 1e3:7.1f}k tok/s  epoch {sampler.epoch}  t {now - t0:5.0f}s")
+            stats.log.append(
+                {
+                    "step": stats.steps,
+                    "t": round(now - t0, 1),
+                    "loss": round(mean_loss, 4),
+                    "lr": lr,
+                    "tok_s": round(tok_s),
+                }
+            )
+            log(
+                f"{name} step {stats.steps:5d}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                f"{tok_s / 1e3:7.1f}k tok/s  epoch {sampler.epoch}  t {now - t0:5.0f}s"
+            )
             loss_sum.zero_()
             interval_steps, interval_t0 = 0, now
     if interval_steps:
@@ -529,8 +587,10 @@ def train(model: LlamaForCausalLM, sampler: BatchSampler, budget_s: float,
     stats.seconds = round(time.perf_counter() - t0, 2)
     stats.tokens_per_s = round(stats.tokens / stats.seconds)
     stats.epochs = round(stats.steps * sampler.batch_size / len(sampler.starts), 3)
-    log(f"{name}: {stats.steps} steps, {stats.tokens:,} tokens ({stats.epochs} epochs) in "
-        f"{stats.seconds:.0f}s, final train loss {stats.final_train_loss:.4f}")
+    log(
+        f"{name}: {stats.steps} steps, {stats.tokens:,} tokens ({stats.epochs} epochs) in "
+        f"{stats.seconds:.0f}s, final train loss {stats.final_train_loss:.4f}"
+    )
     del optimizer  # its states are never saved
     return stats
 
@@ -539,8 +599,14 @@ def train(model: LlamaForCausalLM, sampler: BatchSampler, budget_s: float,
 
 
 @torch.no_grad()
-def heldout_perplexity(model: LlamaForCausalLM, stream: torch.Tensor, seq_len: int,
-                       batch_size: int, max_tokens: int, deadline: float) -> tuple[float, int]:
+def heldout_perplexity(
+    model: LlamaForCausalLM,
+    stream: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int,
+    deadline: float,
+) -> tuple[float, int]:
     """Token-level perplexity over the first max_tokens held-out tokens, in windows of seq_len.
     Stops early (and says how many tokens it scored) if the deadline comes first."""
     model.eval()
@@ -558,22 +624,25 @@ def heldout_perplexity(model: LlamaForCausalLM, stream: torch.Tensor, seq_len: i
         window = stream[starts[i : i + batch_size, None] + offsets].long().to(device)
         with autocast:
             logits = model(input_ids=window[:, :-1], use_cache=False).logits
-        nll += F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten(),
-                               reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum"
+        ).item()
         scored += window[:, 1:].numel()
     return (math.exp(nll / scored) if scored else float("nan")), scored
 
 
 @torch.no_grad()
-def greedy_samples(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast,
-                   max_new_tokens: int) -> list[dict[str, str]]:
+def greedy_samples(
+    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, max_new_tokens: int
+) -> list[dict[str, str]]:
     model.eval()
     device = next(model.parameters()).device
     samples = []
     for prompt in SAMPLE_PROMPTS:
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens
+        )
         completion = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         samples.append({"prompt": prompt, "completion": completion})
     return samples
@@ -583,9 +652,16 @@ def greedy_samples(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast,
 
 
 # Files this script writes; only these are cleared from an existing output folder.
-_OWNED_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
-                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", "training_report.json")
+_OWNED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "training_report.json",
+)
 
 
 def clear_outputs(out_dir: Path) -> None:
@@ -597,16 +673,30 @@ def clear_outputs(out_dir: Path) -> None:
             path.unlink()
 
 
-def save_model(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out_dir: Path,
-               max_shard_bytes: int) -> dict[str, int]:
+def shard_size(model: torch.nn.Module, max_shard_bytes: int, min_shards: int) -> int:
+    """Tensor bytes per shard: under the cap, and small enough to give at least min_shards
+    files, so every output folder has the same sharded layout with an index file."""
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    even_split = math.ceil(1.05 * sum(sizes) / min_shards)  # slack: no tiny tail shard
+    return min(int(SHARD_FILL * max_shard_bytes), max(even_split, max(sizes)))
+
+
+def save_model(
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    out_dir: Path,
+    max_shard_bytes: int,
+    min_shards: int,
+) -> dict[str, int]:
     """Save bf16 weights in shards under max_shard_bytes plus the tokenizer; return file sizes."""
     clear_outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
-    # The shard limit counts tensor bytes only; keep 5 % for the safetensors header.
-    model.save_pretrained(out_dir, max_shard_size=int(0.95 * max_shard_bytes))
+    model.save_pretrained(out_dir, max_shard_size=shard_size(model, max_shard_bytes, min_shards))
     tok.save_pretrained(out_dir)
+    for path in out_dir.iterdir():
+        path.chmod(0o644)  # safetensors shards are written 0600; assets must be world-readable
     sizes = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()}
     shards = {n: s for n, s in sizes.items() if n.endswith(".safetensors")}
     assert shards, f"no safetensors written to {out_dir}"
@@ -633,23 +723,33 @@ def write_report(report: dict, out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     clock = Clock(args.time_budget_s)
+    # Tokenizer training and encode_batch spread over all cores; tokenizers can switch its
+    # thread pool off on its own (e.g. after a fork), so ask for it explicitly.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     device = torch.device(args.device)
     seed_everything(args.seed)
+    transformers.utils.logging.disable_progress_bar()  # no shard-writing bars in the log
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # only fp32 leftovers; matmuls run in bf16
         torch.backends.cudnn.allow_tf32 = True
-    log(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"tokenizers {tokenizers.__version__}, device {device}, budget {args.time_budget_s:.0f}s")
+    log(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"tokenizers {tokenizers.__version__}, device {device}, budget {args.time_budget_s:.0f}s"
+    )
 
     corpus = collect_corpus(args)
     train_bytes, heldout_bytes = Corpus.nbytes(corpus.train), Corpus.nbytes(corpus.heldout)
-    log(f"corpus: {len(corpus.train)} train files ({train_bytes / MB:.1f} MB), "
+    log(
+        f"corpus: {len(corpus.train)} train files ({train_bytes / MB:.1f} MB), "
         f"{len(corpus.heldout)} held-out files ({heldout_bytes / MB:.1f} MB); "
-        f"skipped {corpus.skipped} ({clock.lap('corpus')}s)")
+        f"skipped {corpus.skipped} ({clock.lap('corpus')}s)"
+    )
 
     # Tokenizer sample in the seeded corpus order, not the sorted one, so it spans packages.
-    sample_texts = [f.text for f in sorted(
-        corpus.train, key=lambda f: seeded_fraction(args.seed, "corpus", f.key))]
+    sample_texts = [
+        f.text
+        for f in sorted(corpus.train, key=lambda f: seeded_fraction(args.seed, "corpus", f.key))
+    ]
     raw_tok = train_tokenizer(sample_texts, args.vocab_size, int(args.tokenizer_sample_mb * MB))
     del sample_texts
     tok = wrap_tokenizer(raw_tok, args.max_position_embeddings)
@@ -657,40 +757,65 @@ def main(argv: list[str] | None = None) -> dict:
     vocab_size = raw_tok.get_vocab_size()
     round_trip = check_round_trip(tok, corpus.heldout)
     assert round_trip, "tokenizer does not round-trip held-out text"
-    log(f"tokenizer: vocab {vocab_size}, specials {special_ids}, "
-        f"round trip ok ({clock.lap('tokenizer_train')}s)")
+    log(
+        f"tokenizer: vocab {vocab_size}, specials {special_ids}, "
+        f"round trip ok ({clock.lap('tokenizer_train')}s)"
+    )
 
     train_ids = tokenize_stream(raw_tok, corpus.train)
     heldout_ids = tokenize_stream(raw_tok, corpus.heldout)
-    log(f"tokens: {len(train_ids):,} train ({train_bytes / len(train_ids):.2f} bytes/token), "
-        f"{len(heldout_ids):,} held-out ({clock.lap('tokenize')}s)")
+    log(
+        f"tokens: {len(train_ids):,} train ({train_bytes / len(train_ids):.2f} bytes/token), "
+        f"{len(heldout_ids):,} held-out ({clock.lap('tokenize')}s)"
+    )
     n_train_tokens, n_heldout_tokens = len(train_ids), len(heldout_ids)
-    train_stream, heldout_stream = to_tensor(train_ids, device), to_tensor(heldout_ids, device)
+    train_stream = to_tensor(train_ids, vocab_size, device)
+    heldout_stream = to_tensor(heldout_ids, vocab_size, device)
     del train_ids, heldout_ids
 
-    max_model_bytes = int(args.max_model_mb * MB)
-    main_model = build_model(llama_config(args, vocab_size, args.num_layers, special_ids),
-                             args.seed, max_model_bytes, "main")
-    draft_model = build_model(llama_config(args, vocab_size, args.draft_layers, special_ids),
-                              args.seed + 1, max_model_bytes, "draft")
+    caps = {
+        "max_bytes": int(args.max_model_mb * MB),
+        "max_shard_bytes": int(args.max_shard_mb * MB),
+    }
+    main_model = build_model(
+        llama_config(args, vocab_size, args.num_layers, special_ids), args.seed, "main", **caps
+    )
+    draft_model = build_model(
+        llama_config(args, vocab_size, args.draft_layers, special_ids),
+        args.seed + 1,
+        "draft",
+        **caps,
+    )
     for model in (main_model, draft_model):
         model.generation_config = GenerationConfig(
-            bos_token_id=special_ids[EOT], pad_token_id=special_ids[PAD],
-            eos_token_id=[special_ids[EOT], special_ids["<|end|>"]])  # <|end|> closes chat turns
+            bos_token_id=special_ids[EOT],
+            pad_token_id=special_ids[PAD],
+            eos_token_id=[special_ids[EOT], special_ids["<|end|>"]],
+        )  # <|end|> closes chat turns
     clock.lap("build_models")
 
     train_time = clock.left() - args.reserve_s
     if train_time < 10:
         log(f"warning: only {train_time:.0f}s left for training; each model gets >= 1 step")
-    main_stats = train(main_model, BatchSampler(train_stream, args.seq_len, args.batch_size,
-                                                args.seed), (1 - args.draft_frac) * train_time,
-                       args, device, "main")
+    main_stats = train(
+        main_model,
+        BatchSampler(train_stream, args.seq_len, args.batch_size, args.seed),
+        (1 - args.draft_frac) * train_time,
+        args,
+        device,
+        "main",
+    )
     main_model.to(torch.bfloat16)  # the weights as shipped; also frees the fp32 copy
     clock.lap("train_main")
     # The draft takes whatever is left before the reserve, absorbing any overrun of the main.
-    draft_stats = train(draft_model, BatchSampler(train_stream, args.seq_len, args.batch_size,
-                                                  args.seed + 1),
-                        clock.left() - args.reserve_s, args, device, "draft")
+    draft_stats = train(
+        draft_model,
+        BatchSampler(train_stream, args.seq_len, args.batch_size, args.seed + 1),
+        clock.left() - args.reserve_s,
+        args,
+        device,
+        "draft",
+    )
     draft_model.to(torch.bfloat16)
     clock.lap("train_draft")
     del train_stream
@@ -701,35 +826,53 @@ def main(argv: list[str] | None = None) -> dict:
     eval_deadline = clock.deadline - 5.0
     results: dict[str, dict] = {}
     for name, model in (("main", main_model), ("draft", draft_model)):
-        ppl, scored = heldout_perplexity(model, heldout_stream, args.seq_len, args.batch_size,
-                                         args.eval_tokens, eval_deadline)
+        ppl, scored = heldout_perplexity(
+            model, heldout_stream, args.seq_len, args.batch_size, args.eval_tokens, eval_deadline
+        )
         samples = greedy_samples(model, tok, args.sample_tokens)
-        results[name] = {"heldout_perplexity": round(ppl, 4), "heldout_tokens_scored": scored,
-                         "samples": samples}
+        results[name] = {
+            "heldout_perplexity": round(ppl, 4),
+            "heldout_tokens_scored": scored,
+            "samples": samples,
+        }
         log(f"{name}: held-out perplexity {ppl:.3f} over {scored:,} tokens")
-        for s in samples:
-            log(f"{name} sample {s['prompt']!r} -> {s['completion']!r}")
+        for s in samples:  # shortened here; the report keeps them whole
+            log(f"{name} sample {s['prompt']!r} -> {s['completion'][:160]!r}")
         clock.lap(f"eval_{name}")
 
-    max_shard_bytes = int(args.max_shard_mb * MB)
-    main_files = save_model(main_model, tok, args.out_dir, max_shard_bytes)
-    draft_files = save_model(draft_model, tok, args.draft_out_dir, max_shard_bytes)
+    main_files = save_model(main_model, tok, args.out_dir, caps["max_shard_bytes"], args.min_shards)
+    draft_files = save_model(
+        draft_model, tok, args.draft_out_dir, caps["max_shard_bytes"], args.min_shards
+    )
     clock.lap("save")
 
     report = {
         "seed": args.seed,
         "device": str(device),
-        "card": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "tokenizers": tokenizers.__version__},
+        "card": (
+            torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})"
+        ),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "corpus": {"train_files": len(corpus.train), "train_bytes": train_bytes,
-                   "train_tokens": n_train_tokens, "heldout_files": len(corpus.heldout),
-                   "heldout_bytes": heldout_bytes, "heldout_tokens": n_heldout_tokens,
-                   "skipped": corpus.skipped},
-        "tokenizer": {"vocab_size": vocab_size, "special_token_ids": special_ids,
-                      "round_trip_ok": round_trip},
+        "corpus": {
+            "train_files": len(corpus.train),
+            "train_bytes": train_bytes,
+            "train_tokens": n_train_tokens,
+            "heldout_files": len(corpus.heldout),
+            "heldout_bytes": heldout_bytes,
+            "heldout_tokens": n_heldout_tokens,
+            "skipped": corpus.skipped,
+        },
+        "tokenizer": {
+            "vocab_size": vocab_size,
+            "special_token_ids": special_ids,
+            "round_trip_ok": round_trip,
+        },
         "models": {},
         "phase_seconds": clock.phases,
     }
@@ -741,10 +884,15 @@ def main(argv: list[str] | None = None) -> dict:
         n_params = count_params(model)
         report["models"][name] = {
             "out_dir": str(out_dir),
-            "dims": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_hidden_layers,
-                     "num_heads": cfg.num_attention_heads,
-                     "num_kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-                     "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size},
+            "dims": {
+                "hidden_size": cfg.hidden_size,
+                "num_layers": cfg.num_hidden_layers,
+                "num_heads": cfg.num_attention_heads,
+                "num_kv_heads": cfg.num_key_value_heads,
+                "head_dim": cfg.head_dim,
+                "intermediate_size": cfg.intermediate_size,
+                "vocab_size": cfg.vocab_size,
+            },
             "parameters": n_params,
             "bf16_bytes": 2 * n_params,
             "files": files,
