@@ -94,6 +94,19 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
+        # generation_config.json may name more end tokens (e.g. a chat turn's end);
+        # generation stops at any of them, as in HF generate and vLLM.
+        generation = Path(model_dir) / "generation_config.json"
+        if generation.is_file():
+            extra = json.loads(generation.read_text()).get("eos_token_id")
+            extra_ids = extra if isinstance(extra, list) else [] if extra is None else [extra]
+            config_eos = raw.get("eos_token_id")
+            config_ids = (
+                config_eos
+                if isinstance(config_eos, list)
+                else ([] if config_eos is None else [config_eos])
+            )
+            raw = {**raw, "eos_token_id": list(dict.fromkeys(config_ids + extra_ids))}
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
