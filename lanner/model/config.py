@@ -70,7 +70,8 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
-    sliding_window: int | None = None
+    # Per layer: the attention window in tokens, or None for full attention.
+    layer_sliding_windows: tuple[int | None, ...] = ()
     hidden_act: str = "silu"
     checkpoint_dtype: torch.dtype | None = None
     bos_token_id: int | None = None
@@ -134,10 +135,12 @@ class ModelConfig:
 
         # Qwen2 always has q/k/v bias; Llama and Mistral read `attention_bias`.
         attention_bias = bool(raw.get("attention_bias", model_type == "qwen2"))
-        # Qwen2 writes sliding_window even when use_sliding_window is false.
-        sliding_window = raw.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
-            sliding_window = None
+        hidden_act = raw.get("hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ValueError(
+                f"{source}: hidden_act {hidden_act!r} is not supported; lanner runs silu models"
+            )
+        num_layers = int(need("num_hidden_layers"))
 
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -148,7 +151,7 @@ class ModelConfig:
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden_size,
             intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
             head_dim=head_dim,
@@ -159,13 +162,34 @@ class ModelConfig:
             attention_bias=attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
-            sliding_window=int(sliding_window) if sliding_window else None,
-            hidden_act=raw.get("hidden_act", "silu"),
+            layer_sliding_windows=_layer_sliding_windows(raw, model_type, num_layers),
+            hidden_act=hidden_act,
             checkpoint_dtype=parse_dtype(dtype_name) if dtype_name else None,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             raw=raw,
         )
+
+
+def _layer_sliding_windows(
+    raw: dict[str, Any], model_type: str, num_layers: int
+) -> tuple[int | None, ...]:
+    """Which layers attend through a sliding window. transformers 5 writes `layer_types`;
+    older Qwen2/Qwen3 configs give `use_sliding_window` and `max_window_layers` (layers at
+    or above it slide); Mistral slides every layer when `sliding_window` is set."""
+    window = raw.get("sliding_window")
+    if not window:
+        return (None,) * num_layers
+    if raw.get("layer_types"):
+        return tuple(
+            int(window) if kind == "sliding_attention" else None for kind in raw["layer_types"]
+        )
+    if model_type in ("qwen2", "qwen3"):
+        if not raw.get("use_sliding_window", False):
+            return (None,) * num_layers
+        first = int(raw.get("max_window_layers", num_layers))
+        return tuple(int(window) if i >= first else None for i in range(num_layers))
+    return (int(window),) * num_layers
 
 
 def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ from torch import nn
 from lanner.model.config import ModelConfig, parse_dtype
 from lanner.model.layers.linear import PackedLinear
 from lanner.model.registry import get_model_class
-
-logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 INDEX_FILE = "model.safetensors.index.json"
@@ -183,11 +180,11 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
             ) from None
         loaded.add(key)
     if unexpected:
-        logger.warning(
-            "%d checkpoint tensors have no place in %s and were skipped, e.g. %s",
-            len(unexpected),
-            config.architecture,
-            unexpected[:3],
+        # A tensor with no home means the config and the weights disagree (or lanner
+        # lacks a feature the checkpoint uses): running anyway would give wrong outputs.
+        raise ValueError(
+            f"checkpoint in {model_dir} has {len(unexpected)} tensors that this config.json's "
+            f"{config.architecture} has no place for, e.g. {unexpected[:3]}"
         )
     missing = [src for key, src in expected.items() if key not in loaded]
     if missing:

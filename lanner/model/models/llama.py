@@ -20,7 +20,7 @@ from lanner.model.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_index: int) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -32,12 +32,20 @@ class LlamaAttention(nn.Module):
             {"q": config.q_size, "k": config.kv_size, "v": config.kv_size},
             bias=config.attention_bias,
         )
-        self.o_proj = PackedLinear(config.q_size, {None: config.hidden_size})
+        # HF gives o_proj a bias with attention_bias, except Qwen2 (q/k/v bias only).
+        self.o_proj = PackedLinear(
+            config.q_size,
+            {None: config.hidden_size},
+            bias=config.attention_bias and config.model_type != "qwen2",
+        )
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, config.sliding_window
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            config.layer_sliding_windows[layer_index],
         )
 
     def forward(
@@ -75,9 +83,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_index: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
+        self.self_attn = LlamaAttention(config, rotary, layer_index)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -108,7 +116,7 @@ class LlamaModel(nn.Module):
         # One rotary table shared by all layers.
         rotary = RotaryEmbedding(config.head_dim, config.rope, config.max_position_embeddings)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
