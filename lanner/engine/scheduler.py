@@ -2,9 +2,10 @@
 
 Every request keeps ``num_computed_tokens``. A step hands out a token budget:
 running requests first (one token for a decode, the next chunk of an unfinished
-prefill), then waiting ones. Decodes and prefill chunks share one batch. When the
-KV pool runs dry, the lowest-priority, newest running request is preempted: its
-blocks are freed and it recomputes later, producing the same output.
+prefill), then waiting ones, which first take whatever prefix of their tokens the
+prefix cache holds. Decodes and prefill chunks share one batch. When the KV pool
+runs dry, the lowest-priority, newest running request is preempted: its blocks are
+freed (its full ones stay cached) and it recomputes later, producing the same output.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 from lanner.engine.request import FinishReason, Request, RequestStatus
 from lanner.memory.kv_cache_manager import KVCacheManager
 
-SCHEDULING_POLICIES = ("fcfs", "priority")
+# fcfs: arrival order. priority: lower `priority` first, then arrival. lpm: longest
+# cached prefix first among waiting requests (more reuse), then arrival.
+SCHEDULING_POLICIES = ("fcfs", "priority", "lpm")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class Scheduler:
         # 2. Waiting requests, unless memory was just short.
         if out.preempted:
             return out
+        if self.config.policy == "lpm":
+            self._sort_waiting_by_cached_prefix()
         index = 0
         while index < len(self.waiting) and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
@@ -121,7 +126,7 @@ class Scheduler:
             if not self._prefix_source_ready(request):
                 index += 1  # a sibling still computing the shared prompt; let others pass
                 continue
-            self._share_sibling_prefix(request)
+            self._reuse_computed_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             total = request.num_computed_tokens + num_new
             if not self.kv_manager.allocate_slots(request.request_id, total):
@@ -129,6 +134,7 @@ class Scheduler:
                     self.kv_manager.free(request.request_id)
                     request.num_computed_tokens = 0
                 break
+            self.kv_manager.record_prefix_lookup(request.num_tokens, request.num_computed_tokens)
             self.waiting.pop(index)
             request.status = RequestStatus.RUNNING
             self._insert(self.running, request)
@@ -148,19 +154,59 @@ class Scheduler:
             source.num_computed_tokens >= source.num_prompt_tokens
         )
 
+    def _cacheable_prefix(self, request: Request) -> list[int]:
+        """The tokens whose K/V the request may take from the prefix cache: all but the
+        last known one (its logits give the next sample), and none whose prompt
+        logprob is still owed (those positions must run)."""
+        limit = request.num_tokens - 1
+        if request.sampling_params.prompt_logprobs is not None:
+            limit = min(limit, len(request.prompt_logprobs))
+        return request.token_ids(0, limit)
+
+    def _reuse_computed_prefix(self, request: Request) -> None:
+        """Start a request being admitted on K/V already computed: the prefix cache's
+        blocks or, with caching off, an n > 1 sibling's prompt blocks."""
+        if self.kv_manager.enable_prefix_caching:
+            request.num_computed_tokens = self.kv_manager.share_cached_prefix(
+                request.request_id, self._cacheable_prefix(request)
+            )
+        else:
+            self._share_sibling_prefix(request)
+
+    def _sort_waiting_by_cached_prefix(self) -> None:
+        """lpm: longest cached prefix first, ties by arrival. Lengths change as blocks
+        are cached and evicted, so the queue is re-sorted every step."""
+        cached = {
+            request.request_id: self.kv_manager.cached_prefix_length(
+                self._cacheable_prefix(request)
+            )
+            for request in self.waiting
+        }
+        self.waiting.sort(key=lambda r: (-cached[r.request_id], r.arrival_time))
+
+    def _cache_computed_blocks(self, request: Request) -> None:
+        self.kv_manager.cache_full_blocks(
+            request.request_id, request.num_computed_tokens, request.token_ids
+        )
+
     def _share_sibling_prefix(self, request: Request) -> None:
         source = self.requests.get(request.prefix_source_id or "")
         if source is None or source.status != RequestStatus.RUNNING or request.num_preemptions:
             return
         if request.num_computed_tokens or self.kv_manager.get_block_table(request.request_id):
             return
-        # Leave at least the last prompt token to compute: its logits give the first sample.
+        # Leave at least the last prompt token to compute: its logits give the first
+        # sample. Share only what the source has computed: a resumed source may hold
+        # blocks it is still filling in this very step.
         request.num_computed_tokens = self.kv_manager.share_prefix(
-            source.request_id, request.request_id, request.num_prompt_tokens - 1
+            source.request_id,
+            request.request_id,
+            min(request.num_prompt_tokens - 1, source.num_computed_tokens),
         )
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        self._cache_computed_blocks(request)  # so that resuming finds them
         self.kv_manager.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -169,9 +215,11 @@ class Scheduler:
         self._insert(self.waiting, request)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Count this step's tokens as computed (call before appending sampled tokens)."""
+        """Count this step's tokens as computed (call before appending sampled tokens)
+        and cache the blocks they filled, so requests admitted next step can share them."""
         for scheduled in out.scheduled:
             scheduled.request.num_computed_tokens += scheduled.num_new_tokens
+            self._cache_computed_blocks(scheduled.request)
 
     def finish_request(
         self, request_id: str, reason: FinishReason, stop_reason: int | str | None = None
@@ -183,6 +231,7 @@ class Scheduler:
             return None
         queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
         queue.remove(request)
+        self._cache_computed_blocks(request)
         self.kv_manager.free(request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 
 class BlockPool:
@@ -19,6 +20,9 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        # Called with a block whose count just fell to one: the prefix cache listens,
+        # since a cached block that only it still holds may now be evicted.
+        self.on_single_holder: Callable[[int], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -56,3 +60,5 @@ class BlockPool:
             self._ref_counts[block] = count - 1
             if count == 1:
                 self._free.append(block)
+            elif count == 2 and self.on_single_holder is not None:
+                self.on_single_holder(block)

@@ -41,6 +41,8 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None
     # Exact number of blocks, overriding both of the above.
     num_gpu_blocks_override: int | None = None
+    # Keep full computed blocks in a radix tree so later requests reuse their K/V.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

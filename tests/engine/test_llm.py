@@ -19,10 +19,14 @@ def make_llm(model_dir: Path, **options) -> LLM:
 
 
 def assert_pool_full(llm: LLM) -> None:
-    pool = llm.engine.core.kv_manager.pool
-    assert pool.num_free_blocks == pool.num_blocks
-    assert not llm.engine.core.kv_manager.block_tables
+    """Every block is free or kept only by the prefix cache; a cache reset frees them all."""
+    manager = llm.engine.core.kv_manager
+    pool = manager.pool
+    assert not manager.block_tables
     assert not llm.engine.has_unfinished_requests()
+    assert pool.num_free_blocks + manager.num_cached_blocks == pool.num_blocks
+    assert llm.reset_prefix_cache()
+    assert pool.num_free_blocks == pool.num_blocks
 
 
 def mixed_requests(count: int, seed: int = 0) -> tuple[list[dict], list[SamplingParams]]:
@@ -120,8 +124,13 @@ def test_seeded_sampling_is_reproducible_across_batches(llama_dir: Path) -> None
     assert_pool_full(llm)
 
 
-def test_n_samples_share_prompt_blocks(llama_dir: Path) -> None:
-    llm = make_llm(llama_dir, max_num_batched_tokens=64)
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+def test_n_samples_share_prompt_blocks(llama_dir: Path, enable_prefix_caching: bool) -> None:
+    # With caching on the samples find the prompt in the prefix cache; off, they
+    # take the first sample's blocks directly.
+    llm = make_llm(
+        llama_dir, max_num_batched_tokens=64, enable_prefix_caching=enable_prefix_caching
+    )
     core = llm.engine.core
     prompt = {"prompt_token_ids": list(range(10, 40))}  # 30 tokens: 7 full blocks of 4
     params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
@@ -133,7 +142,12 @@ def test_n_samples_share_prompt_blocks(llama_dir: Path) -> None:
         if len(tables) == 4:
             common = set(tables[0]).intersection(*tables[1:])
             shared_seen = max(shared_seen, len(common))
-            assert all(core.kv_manager.pool.ref_count(b) == 4 for b in common)
+            # four samples, plus the prefix cache's own reference on cached blocks
+            cache = core.kv_manager.prefix_cache
+            assert all(
+                core.kv_manager.pool.ref_count(b) == 4 + bool(cache and cache.is_cached(b))
+                for b in common
+            )
     assert shared_seen == 7
     outputs = llm.generate(prompt, params)[0].outputs
     assert len({tuple(c.token_ids) for c in outputs}) > 1  # the samples differ
