@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
+# Triton picks its CPU interpreter at first import, so this must precede every import
+# that reaches the kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.tiny_models import FAMILIES, save_tiny_model  # noqa: E402
 

@@ -36,6 +36,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: max(8192, max_model_len) capped
     scheduling_policy: str = "fcfs"
+    # True: never capture CUDA graphs (every step runs eagerly).
+    enforce_eager: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -11,7 +11,7 @@ import torch
 from lanner.engine.config import EngineConfig
 from lanner.engine.request import FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from lanner.memory.kv_cache import allocate_kv_caches, num_blocks_for_memory
+from lanner.memory.kv_cache import num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
 from lanner.runner.model_runner import ModelRunner, SequenceChunk
@@ -53,7 +53,7 @@ class EngineCore:
             )
         scheduler_config = config.scheduler_config(self.max_model_len)
         block_size = config.cache.block_size
-        self.runner = ModelRunner(self.loaded, block_size)
+        self.runner = ModelRunner(self.loaded, block_size, enforce_eager=config.enforce_eager)
         peak = self.runner.profile_peak_memory(
             scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs
         )
@@ -66,10 +66,10 @@ class EngineCore:
             peak,
             useful_blocks,
         )
-        self.runner.kv_caches = allocate_kv_caches(
-            self.model_config, num_blocks, block_size, self.loaded.dtype, self.loaded.device
+        self.runner.initialize_cache(num_blocks, scheduler_config.max_num_seqs, self.max_model_len)
+        self.kv_manager = KVCacheManager(
+            num_blocks, block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
-        self.kv_manager = KVCacheManager(num_blocks, block_size)
         capacity = num_blocks * block_size
         if capacity < self.max_model_len:
             raise ValueError(
@@ -120,6 +120,12 @@ class EngineCore:
         if not request.eos_token_ids:
             request.eos_token_ids = self.model_config.eos_token_ids
         self.scheduler.add_request(request)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached KV block no request uses (e.g. after new weights are
+        loaded). True when the cache ended empty; False when running requests still
+        hold cached blocks, which then stay."""
+        return self.kv_manager.reset_prefix_cache()
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

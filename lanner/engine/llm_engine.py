@@ -150,6 +150,10 @@ class LLMEngine:
             )
         self._states[request_id] = state
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached KV block no request uses; True when the cache ended empty."""
+        return self.core.reset_prefix_cache()
+
     def abort_request(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             state = self._states.pop(request_id, None)

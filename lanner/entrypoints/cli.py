@@ -25,7 +25,7 @@ _ENGINE_FLAGS: list[tuple[str, type, str]] = [
     ("--gpu-memory-utilization", float, "share of GPU memory the engine may use"),
     ("--kv-cache-memory-bytes", int, "KV cache size in bytes (the CPU default is 2 GiB)"),
     ("--num-gpu-blocks-override", int, "exact number of KV cache blocks"),
-    ("--scheduling-policy", str, "fcfs or priority"),
+    ("--scheduling-policy", str, "fcfs, priority or lpm (longest cached prefix first)"),
 ]
 
 
@@ -37,6 +37,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     for flag, kind, text in _ENGINE_FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the KV cache of shared prompt prefixes (default: on)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,6 +52,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         name = flag.removeprefix("--").replace("-", "_")
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.enable_prefix_caching is not None:
+        options["enable_prefix_caching"] = args.enable_prefix_caching
     return options
 
 

@@ -22,7 +22,8 @@ class LLM:
     Engine options take vLLM's names: dtype, device, load_format, seed,
     max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
     gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override,
-    scheduling_policy ("fcfs" or "priority"), tokenizer, revision.
+    enable_prefix_caching (default True), scheduling_policy ("fcfs", "priority" or
+    "lpm", longest cached prefix first), tokenizer, revision.
     With no model named, the embedded demo model runs.
     """
 
@@ -33,6 +34,11 @@ class LLM:
 
     def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
         return self.engine.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached KV block no request uses. True when the cache ended empty;
+        False when unfinished requests still hold cached blocks."""
+        return self.engine.reset_prefix_cache()
 
     def generate(
         self,

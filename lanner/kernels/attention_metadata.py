@@ -29,6 +29,15 @@ class AttentionMetadata:
     # Host copies, so the reference path and kernel launch grids need no device sync.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # The Triton path runs one-token queries (decodes) and longer chunks (prefill,
+    # extend) in separate kernels; these list each kind's sequence indices.
+    decode_seq_indices: torch.Tensor | None = None  # [num_decode] int32
+    prefill_seq_indices: torch.Tensor | None = None  # [num_prefill] int32
+    num_decode: int = 0
+    num_prefill: int = 0
+    # Fixed number of KV splits for decode (CUDA graphs need it constant); None: chosen
+    # per step from the batch.
+    num_kv_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -70,6 +79,8 @@ class AttentionMetadata:
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
         width = max((len(t) for t in block_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in block_tables]
+        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        prefills = [i for i, n in enumerate(query_lens) if n > 1]
         return cls(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
@@ -79,4 +90,8 @@ class AttentionMetadata:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_start_loc_cpu=starts,
             seq_lens_cpu=list(seq_lens),
+            decode_seq_indices=torch.tensor(decodes, dtype=torch.int32, device=device),
+            prefill_seq_indices=torch.tensor(prefills, dtype=torch.int32, device=device),
+            num_decode=len(decodes),
+            num_prefill=len(prefills),
         )

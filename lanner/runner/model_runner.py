@@ -10,6 +10,7 @@ import torch
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.loader import LoadedModel
+from lanner.runner.cuda_graphs import DecodeGraphs
 from lanner.runner.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
 from lanner.sampling_params import SamplingParams
 
@@ -41,14 +42,32 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, block_size: int) -> None:
+    def __init__(self, loaded: LoadedModel, block_size: int, enforce_eager: bool = False) -> None:
         self.model = loaded.model
         self.config = loaded.config
         self.dtype = loaded.dtype
         self.device = loaded.device
         self.block_size = block_size
+        self.enforce_eager = enforce_eager
         self.kv_caches: list[torch.Tensor] = []  # set once the cache is sized
+        self.decode_graphs: DecodeGraphs | None = None
         self.sampler = Sampler()
+
+    def initialize_cache(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
+        """Allocate the KV cache and, on CUDA unless enforce_eager, capture decode graphs."""
+        self.kv_caches = allocate_kv_caches(
+            self.config, num_blocks, self.block_size, self.dtype, self.device
+        )
+        if self.device.type == "cuda" and not self.enforce_eager:
+            self.decode_graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                self.block_size,
+                max_num_seqs,
+                max_model_len,
+                self.config.num_key_value_heads,
+            )
+            self.decode_graphs.capture()
 
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, num_seqs: int) -> int | None:
@@ -80,9 +99,36 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
+    def _graph_logits(self, chunks: list[SequenceChunk]) -> torch.Tensor | None:
+        """Logits from a replayed decode graph when the step is all one-token,
+        all-sampling chunks that fit a captured size; else None (run eagerly)."""
+        graphs = self.decode_graphs
+        if graphs is None or not graphs.can_run(len(chunks)):
+            return None
+        if any(
+            len(c.token_ids) != 1 or c.sampling is None or c.prompt_logprob_targets for c in chunks
+        ):
+            return None
+        size = self.block_size
+        positions = [c.start_position for c in chunks]
+        slots = [
+            c.block_table[p // size] * size + p % size
+            for c, p in zip(chunks, positions, strict=True)
+        ]
+        return graphs.run(
+            [c.token_ids[0] for c in chunks],
+            positions,
+            slots,
+            [p + 1 for p in positions],
+            [c.block_table for c in chunks],
+        )
+
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> RunnerOutput:
         """Run one flat varlen batch through the model and sample where asked."""
+        logits = self._graph_logits(chunks)
+        if logits is not None:
+            return self._sample(chunks, logits, RunnerOutput())
         input_ids: list[int] = []
         positions: list[int] = []
         seq_lens: list[int] = []
@@ -114,15 +160,21 @@ class ModelRunner:
                 chunks, self.model.compute_logits(hidden[self._tensor(prompt_rows)]), out
             )
         if sample_rows:
-            logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
-            sampling_chunks = [c for c in chunks if c.sampling is not None]
-            sampled = self.sampler(logits, [c.sampling for c in sampling_chunks])
-            for chunk, token, logprob in zip(
-                sampling_chunks, sampled.token_ids, sampled.logprobs, strict=True
-            ):
-                out.sampled_token_ids[chunk.seq_id] = token
-                if logprob is not None:
-                    out.logprobs[chunk.seq_id] = logprob
+            self._sample(chunks, self.model.compute_logits(hidden[self._tensor(sample_rows)]), out)
+        return out
+
+    def _sample(
+        self, chunks: list[SequenceChunk], logits: torch.Tensor, out: RunnerOutput
+    ) -> RunnerOutput:
+        """Sample one token for each chunk that asks, from its row of ``logits``."""
+        sampling_chunks = [c for c in chunks if c.sampling is not None]
+        sampled = self.sampler(logits, [c.sampling for c in sampling_chunks])  # type: ignore[misc]
+        for chunk, token, logprob in zip(
+            sampling_chunks, sampled.token_ids, sampled.logprobs, strict=True
+        ):
+            out.sampled_token_ids[chunk.seq_id] = token
+            if logprob is not None:
+                out.logprobs[chunk.seq_id] = logprob
         return out
 
     @staticmethod

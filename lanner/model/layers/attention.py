@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lanner.kernels import reference
+from lanner.kernels import ops
 from lanner.kernels.attention_metadata import AttentionMetadata
 
 
@@ -38,6 +38,6 @@ class PagedAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
-        reference.store_kv_cache(key, value, kv_cache, metadata.slot_mapping)
-        out = reference.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
+        ops.store_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        out = ops.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from lanner.kernels import reference
+from lanner.kernels import ops
 from lanner.model.config import RopeConfig
 
 
@@ -50,7 +50,4 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            reference.apply_rotary(query, positions, self.cos_sin_cache),
-            reference.apply_rotary(key, positions, self.cos_sin_cache),
-        )
+        return ops.apply_rotary_qk(query, key, positions, self.cos_sin_cache)

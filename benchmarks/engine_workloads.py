@@ -1,0 +1,257 @@
+"""The named engine workloads W1-W4 (../shared/BENCHMARKS.md) on random bf16 weights,
+plus the GPU parity check of the fast path (Triton kernels + CUDA graphs) against the
+eager reference path.
+
+Run on the GPU machine from the repository root:
+    PYTHONPATH=. python3 benchmarks/engine_workloads.py --workloads parity,W1,W2,W3,W4
+Each workload writes one JSON file to benchmarks/results/ (and $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lanner.engine.config import EngineConfig
+from lanner.engine.core import EngineCore
+from lanner.engine.request import Request
+from lanner.kernels import ops
+from lanner.sampling_params import SamplingParams
+
+SHAPES = Path(__file__).resolve().parent / "shapes"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_core(shape: str, **options) -> EngineCore:
+    options.setdefault("max_model_len", 4096)
+    config = EngineConfig.from_kwargs(
+        model=str(SHAPES / shape),
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        **options,
+    )
+    return EngineCore(config)
+
+
+def release(core: EngineCore) -> None:
+    core.shutdown()
+    del core
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(length)]
+
+
+def single_stream(shape: str, enforce_eager: bool) -> dict:
+    """W1/W2: one request, 128-token prompt, 256 greedy tokens; TPOT from step times."""
+    core = make_core(shape, max_num_seqs=8, enforce_eager=enforce_eager)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
+    step_times: list[float] = []
+    for repeat in range(2):  # the first run warms up
+        core.add_request(Request(f"r{repeat}", random_prompt(rng, 128, 32000), params))
+        started = time.perf_counter()
+        times, ttft = [], None
+        while core.has_unfinished_requests():
+            before = time.perf_counter()
+            core.step()
+            times.append(time.perf_counter() - before)
+            ttft = ttft or time.perf_counter() - started
+        step_times = times[1:]
+    weight_bytes = sum(p.numel() * p.element_size() for p in core.loaded.model.parameters())
+    release(core)
+    tpot = statistics.median(step_times)
+    return {
+        "tpot_median_ms": tpot * 1e3,
+        "tokens_per_s": 1 / tpot,
+        "ttft_ms": ttft * 1e3,
+        "tpot_p99_ms": sorted(step_times)[int(0.99 * len(step_times))] * 1e3,
+        "weight_bytes": weight_bytes,
+    }
+
+
+def offline(
+    shape: str,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    time_limit_s: float,
+    **options,
+) -> dict:
+    """All requests submitted at once; wall time includes prefill."""
+    core = make_core(shape, **options)
+    for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
+        core.add_request(Request(f"q{i}", prompt, param))
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    output_tokens = steps = 0
+    timed_out = False
+    while core.has_unfinished_requests():
+        for out in core.step():
+            output_tokens += len(out.new_token_ids)
+        steps += 1
+        if time.perf_counter() - started > time_limit_s:
+            timed_out = True
+            break
+    elapsed = time.perf_counter() - started
+    preemptions = core.scheduler.num_preemptions
+    release(core)
+    input_tokens = sum(len(p) for p in prompts)
+    return {
+        "requests": len(prompts),
+        "output_tokens": output_tokens,
+        "seconds": elapsed,
+        "output_tok_per_s": output_tokens / elapsed,
+        "total_tok_per_s": (output_tokens + input_tokens) / elapsed,
+        "steps": steps,
+        "preemptions": preemptions,
+        "timed_out": timed_out,
+    }
+
+
+def w3(enforce_eager: bool) -> dict:
+    rng = random.Random(0)
+    lengths = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
+    prompts = [random_prompt(rng, n_in, 151936) for n_in, _ in lengths]
+    params = [
+        SamplingParams(temperature=0.6, max_tokens=n_out, ignore_eos=True, seed=i)
+        for i, (_, n_out) in enumerate(lengths)
+    ]
+    return offline(
+        "qwen3-0.6b",
+        prompts,
+        params,
+        300,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        enforce_eager=enforce_eager,
+    )
+
+
+def w4(enforce_eager: bool) -> dict:
+    rng = random.Random(0)
+    prompts = [random_prompt(rng, 1000, 128256) for _ in range(500)]
+    params = [SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)] * 500
+    return offline(
+        "llama3-8b",
+        prompts,
+        params,
+        240,
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        enforce_eager=enforce_eager,
+    )
+
+
+def parity() -> dict:
+    """Greedy tokens of the fast path (Triton + CUDA graphs) vs the eager reference path
+    on the 8B shape: 4 requests, 256 steps each."""
+    rng = random.Random(1)
+    prompts = [random_prompt(rng, n, 128256) for n in (17, 128, 300, 1000)]
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, logprobs=0)
+    results = {}
+    for path in ("reference", "fast"):
+        ops.FORCE_REFERENCE = path == "reference"
+        core = make_core("llama3-8b", max_num_seqs=8, enforce_eager=path == "reference")
+        for i, prompt in enumerate(prompts):
+            core.add_request(Request(f"p{i}", prompt, params))
+        tokens: dict[str, list[int]] = {f"p{i}": [] for i in range(len(prompts))}
+        logprobs: dict[str, list[float]] = {f"p{i}": [] for i in range(len(prompts))}
+        while core.has_unfinished_requests():
+            for out in core.step():
+                tokens[out.request_id] += out.new_token_ids
+                logprobs[out.request_id] += [lp.logprob for lp in out.new_logprobs]
+        results[path] = (tokens, logprobs)
+        release(core)
+    ops.FORCE_REFERENCE = False
+    (ref_tokens, ref_lp), (fast_tokens, fast_lp) = results["reference"], results["fast"]
+    first_divergence = {}
+    max_logprob_diff = 0.0
+    for rid in ref_tokens:
+        pairs = list(zip(ref_tokens[rid], fast_tokens[rid], strict=True))
+        first_divergence[rid] = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        agree = first_divergence[rid] if first_divergence[rid] is not None else len(pairs)
+        diffs = [abs(a - b) for a, b in zip(ref_lp[rid][:agree], fast_lp[rid][:agree], strict=True)]
+        max_logprob_diff = max([max_logprob_diff, *diffs])
+    return {
+        "first_divergence": first_divergence,
+        "all_equal": all(v is None for v in first_divergence.values()),
+        "max_sampled_logprob_diff": max_logprob_diff,
+    }
+
+
+def profile_decode(shape: str) -> dict:
+    """cProfile of 200 graph-replayed decode steps of one request: where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    core = make_core(shape, max_num_seqs=8)
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    core.add_request(Request("p", list(range(100, 228)), params))
+    for _ in range(20):
+        core.step()
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for _ in range(200):
+        core.step()
+    profiler.disable()
+    per_step = (time.perf_counter() - started) / 200
+    release(core)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    print(text.getvalue()[-6000:])
+    return {"step_ms_under_profiler": per_step * 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workloads", default="parity,W1,W2,W3,W4")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--commit", default="unknown")
+    args = parser.parse_args()
+    card = torch.cuda.get_device_name()
+    runners = {
+        "parity": parity,
+        "W1": lambda: single_stream("llama3-8b", args.enforce_eager),
+        "W2": lambda: single_stream("qwen3-0.6b", args.enforce_eager),
+        "W3": lambda: w3(args.enforce_eager),
+        "W4": lambda: w4(args.enforce_eager),
+        "profile-W2": lambda: profile_decode("qwen3-0.6b"),
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dirs = [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for name in args.workloads.split(","):
+        started = time.perf_counter()
+        figures = runners[name]()
+        result = {
+            "workload": name,
+            "card": card,
+            "commit": args.commit,
+            "command": "PYTHONPATH=. python3 benchmarks/engine_workloads.py "
+            f"--workloads {name}" + (" --enforce-eager" if args.enforce_eager else ""),
+            "path": "reference"
+            if ops.FORCE_REFERENCE
+            else "triton" + ("" if args.enforce_eager else " + cuda graphs"),
+            **figures,
+            "wall_s": time.perf_counter() - started,
+        }
+        for folder in out_dirs:
+            (folder / f"{stamp}-{name}.json").write_text(json.dumps(result, indent=2))
+        shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+        print(f"{name}: {json.dumps(shown)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

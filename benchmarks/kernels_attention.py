@@ -1,0 +1,206 @@
+"""GPU check and timing of the Triton paged attention kernels at real shapes.
+
+Decode attention is timed against the device copy bandwidth (bytes of K/V read);
+prefill attention against torch SDPA (causal, same shapes) in the same run.
+Run on the GPU machine from the repository root:
+    PYTHONPATH=. python3 benchmarks/kernels_attention.py [--commit SHA]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from lanner.kernels import reference
+from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.kernels.paged_attention import paged_attention, prefill_attention
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BLOCK_SIZE = 16
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # llama3-8b
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms / 1e3)
+
+
+def paged_case(query_lens: list[int], seq_lens: list[int], dtype=torch.bfloat16):
+    """A cache with each sequence's blocks scattered, and queries for the new tokens."""
+    blocks = [-(-n // BLOCK_SIZE) for n in seq_lens]
+    total = sum(blocks)
+    order = torch.randperm(total).tolist()
+    tables, start = [], 0
+    for count in blocks:
+        tables.append(order[start : start + count])
+        start += count
+    kv_cache = torch.randn(2, total, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
+    query = torch.randn(sum(query_lens), HEADS, HEAD_DIM, dtype=dtype, device="cuda")
+    metadata = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK_SIZE, "cuda")
+    return query, kv_cache, metadata
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def bench_decode(batch: int, context: int, bandwidth: float) -> dict:
+    query, kv_cache, metadata = paged_case([1] * batch, [context] * batch)
+    scale = HEAD_DIM**-0.5
+    out = paged_attention(query, kv_cache, metadata, scale)
+    error = relative_error(out, reference.paged_attention(query, kv_cache, metadata, scale))
+    ms = triton.testing.do_bench(
+        lambda: paged_attention(query, kv_cache, metadata, scale),
+        warmup=25,
+        rep=200,
+        return_mode="median",
+    )
+    kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * kv_cache.element_size()
+    achieved = kv_bytes / (ms / 1e3)
+    # Floor: reading the K/V bytes once at the copy rate (a copy's bytes read + written).
+    share = achieved / bandwidth
+    return {
+        "kernel": "decode",
+        "batch": batch,
+        "context": context,
+        "ms": ms,
+        "GBps": achieved / 1e9,
+        "share_of_copy_bandwidth": share,
+        "rel_error": error,
+    }
+
+
+def bench_prefill(batch: int, length: int) -> dict:
+    query, kv_cache, metadata = paged_case([length] * batch, [length] * batch)
+    scale = HEAD_DIM**-0.5
+    out = paged_attention(query, kv_cache, metadata, scale)
+    error = None
+    if batch * length <= 8192:
+        error = relative_error(out, reference.paged_attention(query, kv_cache, metadata, scale))
+    ms = triton.testing.do_bench(
+        lambda: paged_attention(query, kv_cache, metadata, scale),
+        warmup=25,
+        rep=200,
+        return_mode="median",
+    )
+    # SDPA on the same work, contiguous and causal (it cannot read a paged cache).
+    q = torch.randn(batch, HEADS, length, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    sdpa_ms = triton.testing.do_bench(
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        warmup=25,
+        rep=200,
+        return_mode="median",
+    )
+    flops = 4 * batch * HEADS * HEAD_DIM * length * length / 2  # causal half
+    return {
+        "kernel": "prefill",
+        "batch": batch,
+        "length": length,
+        "ms": ms,
+        "TFLOPs": flops / (ms / 1e3) / 1e12,
+        "sdpa_ms": sdpa_ms,
+        "sdpa_TFLOPs": flops / (sdpa_ms / 1e3) / 1e12,
+        "share_of_sdpa": sdpa_ms / ms,
+        "rel_error": error,
+    }
+
+
+def sweep_prefill() -> None:
+    """Time the prefill kernel's launch configurations on two shapes; print a table."""
+    scale = HEAD_DIM**-0.5
+    cases = [paged_case([4096] * 8, [4096] * 8), paged_case([1024] * 16, [1024] * 16)]
+    for block_m, block_n, warps, stages in (
+        (64, 64, 4, 2),
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (128, 32, 4, 3),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (64, 128, 4, 3),
+        (64, 64, 4, 4),
+        (128, 64, 8, 4),
+    ):
+        times = []
+        for query, kv_cache, metadata in cases:
+            out = torch.empty_like(query)
+            try:
+                run = functools.partial(
+                    prefill_attention,
+                    query,
+                    kv_cache,
+                    metadata,
+                    scale,
+                    None,
+                    out,
+                    block_m,
+                    block_n,
+                    warps,
+                    stages,
+                )
+                times.append(triton.testing.do_bench(run, warmup=10, rep=100, return_mode="median"))
+            except Exception as err:  # a config may not fit in shared memory
+                times.append(float("nan"))
+                print(f"config {block_m, block_n, warps, stages} failed: {err}")
+        print(
+            f"prefill M{block_m} N{block_n} w{warps} s{stages}: "
+            + "  ".join(f"{t:.3f} ms" for t in times)
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--sweep-prefill", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.sweep_prefill:
+        sweep_prefill()
+        return
+    bandwidth = copy_bandwidth()
+    rows = [
+        bench_decode(b, c, bandwidth)
+        for b, c in ((1, 4096), (32, 4096), (64, 4096), (32, 8192), (128, 1024), (256, 512))
+    ]
+    rows += [bench_prefill(b, n) for b, n in ((1, 4096), (8, 4096), (16, 1024), (1, 512))]
+    # Extend: 512 new tokens on a 3584-token cached prefix, checked against the reference.
+    query, kv_cache, metadata = paged_case([512, 512], [4096, 2048])
+    scale = HEAD_DIM**-0.5
+    extend_error = relative_error(
+        paged_attention(query, kv_cache, metadata, scale),
+        reference.paged_attention(query, kv_cache, metadata, scale),
+    )
+    result = {
+        "workload": "kernels-attention",
+        "card": torch.cuda.get_device_name(),
+        "commit": args.commit,
+        "command": "PYTHONPATH=. python3 benchmarks/kernels_attention.py",
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "rows": rows,
+        "extend_rel_error": extend_error,
+    }
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-kernels-attention.json"
+    for folder in [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
+        (folder / name).write_text(json.dumps(result, indent=2))
+    for row in rows:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    print(
+        f"extend rel error {extend_error:.2e}; card {result['card']}; "
+        f"copy {bandwidth / 1e12:.2f} TB/s"
+    )
+
+
+if __name__ == "__main__":
+    main()

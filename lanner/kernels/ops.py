@@ -1,0 +1,72 @@
+"""Chooses each operation's implementation: the Triton kernel for CUDA tensors, the
+pure-torch reference otherwise (the CPU, or LANNER_KERNELS=reference to compare)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lanner.kernels import activation, kv_cache, reference, rotary
+from lanner.kernels import paged_attention as attention_kernels
+from lanner.kernels import rms_norm as norm_kernels
+from lanner.kernels.attention_metadata import AttentionMetadata
+
+# Set from the environment at import; tests and benchmarks may flip it to compare paths.
+FORCE_REFERENCE = os.environ.get("LANNER_KERNELS", "triton") == "reference"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and not FORCE_REFERENCE
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x):
+        return norm_kernels.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return norm_kernels.fused_add_rms_norm(x, residual, weight, eps)
+    return reference.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if use_triton(x):
+        return activation.silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def apply_rotary_qk(
+    query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(query):
+        return rotary.apply_rotary_qk(query, key, positions, cos_sin_cache)
+    return (
+        reference.apply_rotary(query, positions, cos_sin_cache),
+        reference.apply_rotary(key, positions, cos_sin_cache),
+    )
+
+
+def store_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    if use_triton(key):
+        kv_cache.store_kv_cache(key, value, cache, slot_mapping)
+    else:
+        reference.store_kv_cache(key, value, cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    if use_triton(query):
+        return attention_kernels.paged_attention(query, kv_cache, metadata, scale, sliding_window)
+    return reference.paged_attention(query, kv_cache, metadata, scale, sliding_window)

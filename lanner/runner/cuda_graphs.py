@@ -1,0 +1,147 @@
+"""CUDA graphs for decode steps: the model forward plus logits, captured once per bucketed
+batch size and replayed with padded inputs, so a decode step costs one launch."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.kernels.paged_attention import choose_num_kv_splits
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_num_seqs (as vLLM buckets)."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] < max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    """Holds the static input buffers and one captured graph per batch size.
+
+    Padding rows read slot -1 (no K/V write) and context length 0 (attention
+    writes zeros), so they never touch a live request's cache.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        num_kv_heads: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        device = kv_caches[0].device
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        n = self.max_batch
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(
+            (n, self.max_blocks_per_seq), dtype=torch.int32, device=device
+        )
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.seq_indices = torch.arange(n, dtype=torch.int32, device=device)
+        # Host staging, pinned so the copies into the static buffers are asynchronous.
+        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=True)
+        self.host_tables = torch.zeros(
+            (n, self.max_blocks_per_seq), dtype=torch.int32, pin_memory=True
+        )
+        self.max_model_len = max_model_len
+        self.num_kv_heads = num_kv_heads
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def metadata(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: batch + 1],
+            seq_lens=self.seq_lens[:batch],
+            block_tables=self.block_tables[:batch],
+            slot_mapping=self.slot_mapping[:batch],
+            query_start_loc_cpu=list(range(batch + 1)),
+            seq_lens_cpu=[self.max_model_len] * batch,
+            decode_seq_indices=self.seq_indices[:batch],
+            prefill_seq_indices=self.seq_indices[:0],
+            num_decode=batch,
+            num_prefill=0,
+            num_kv_splits=choose_num_kv_splits(batch, self.num_kv_heads, self.max_model_len),
+        )
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        hidden = self.model(
+            self.input_ids[:batch], self.positions[:batch], self.metadata(batch), self.kv_caches
+        )
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        started = time.perf_counter()
+        # Largest first, so smaller graphs reuse its memory pool.
+        for batch in reversed(self.sizes):
+            for _ in range(2):  # warm up: compile kernels outside the capture
+                self._forward(batch)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[batch] = self._forward(batch)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+        logger.info(
+            "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1fs",
+            len(self.graphs),
+            self.sizes[0],
+            self.sizes[-1],
+            time.perf_counter() - started,
+        )
+
+    def can_run(self, num_seqs: int) -> bool:
+        return 0 < num_seqs <= self.max_batch
+
+    def run(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Replay the smallest graph that fits; returns logits [num_seqs, vocab]."""
+        count = len(token_ids)
+        batch = next(size for size in self.sizes if size >= count)
+        host = self.host
+        host[:, :batch].fill_(0)
+        host[2, count:batch] = -1  # padding rows write no K/V
+        host[0, :count] = torch.tensor(token_ids)
+        host[1, :count] = torch.tensor(positions)
+        host[2, :count] = torch.tensor(slots)
+        host[3, :count] = torch.tensor(seq_lens)
+        # Entries past a row's own blocks are never read (attention stops at seq_len),
+        # so only the used width is refreshed.
+        width = max(len(table) for table in block_tables)
+        padded = [table + [0] * (width - len(table)) for table in block_tables]
+        self.host_tables[:count, :width] = torch.tensor(padded, dtype=torch.int32)
+        self.input_ids[:batch].copy_(host[0, :batch], non_blocking=True)
+        self.positions[:batch].copy_(host[1, :batch], non_blocking=True)
+        self.slot_mapping[:batch].copy_(host[2, :batch], non_blocking=True)
+        self.seq_lens[:batch].copy_(host[3, :batch], non_blocking=True)
+        self.block_tables[:count, :width].copy_(self.host_tables[:count, :width], non_blocking=True)
+        self.graphs[batch].replay()
+        return self.logits[batch][:count]

@@ -1,0 +1,236 @@
+"""Triton RMSNorm, rotary, SiLU-and-mul and KV-cache store against the pure-torch reference,
+run by Triton's CPU interpreter at small shapes."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from lanner.kernels import reference  # noqa: E402
+from lanner.kernels import rms_norm as norm_module  # noqa: E402
+
+if not isinstance(norm_module._rms_norm_kernel, InterpretedFunction):
+    # Triton fixes interpreter mode when it is first imported (its own tl.sum combine
+    # functions included), so the kernels cannot be switched to the CPU after the fact.
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 was set (an earlier test module "
+        "imported the engine); export TRITON_INTERPRET=1 to run these CPU kernel tests",
+        allow_module_level=True,
+    )
+
+from lanner.kernels.activation import silu_and_mul  # noqa: E402
+from lanner.kernels.kv_cache import store_kv_cache  # noqa: E402
+from lanner.kernels.rms_norm import fused_add_rms_norm, rms_norm  # noqa: E402
+from lanner.kernels.rotary import apply_rotary, apply_rotary_qk  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Same-dtype comparison: the kernel and the reference round at the same points, so they
+# differ only where fp32 reduction order flips a final rounding (one ulp of the dtype).
+TOLERANCE = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 1e-2, "rtol": 1e-2},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+}
+EPS = 1e-6
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(dtype)
+
+
+def qkv_views(
+    tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as the model gets them: strided [tokens, heads, head_dim] views of one qkv."""
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=seed)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(tokens, heads, head_dim)
+    k = k.view(tokens, kv_heads, head_dim)
+    v = v.view(tokens, kv_heads, head_dim)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    return q, k, v
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, **TOLERANCE[expected.dtype])
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 24), (3, 96), (40, 100), (1, 128), (2, 3, 40)])
+def test_rms_norm(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x = randn(*shape, dtype=dtype, seed=1) * 3
+    weight = randn(shape[-1], dtype=dtype, seed=2)
+    assert_close(rms_norm(x, weight, EPS), reference.rms_norm(x, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_on_qk_views(dtype: torch.dtype) -> None:
+    """Qwen3's q/k norm: [tokens, heads, head_dim] views cut out of a qkv tensor."""
+    # 36 q rows of 128 span three 16-row programs, split mid-token.
+    q, k, _ = qkv_views(tokens=9, heads=4, kv_heads=2, head_dim=128, dtype=dtype)
+    weight = randn(128, dtype=dtype, seed=3)
+    for view in (q, k):
+        before = view.clone()
+        assert_close(rms_norm(view, weight, EPS), reference.rms_norm(view, weight, EPS))
+        assert torch.equal(view, before)
+
+
+def test_rms_norm_uncollapsible_and_strided_layouts() -> None:
+    base = randn(4, 3, 5, 2, 16, dtype=torch.float32, seed=4)
+    weight = randn(16, dtype=torch.float32, seed=5)
+    views = [
+        base[:, :, :3, 0],  # three leading dims that do not merge: falls back to a copy
+        base[:, 1, :, 1],  # two strided leading dims
+        base[1:3, 2, 1, 0],  # rows with a non-unit stride
+        base[0, 0, 0, 0],  # a single 1-D row
+        base[0, :, 0, :, :].transpose(-1, -2)[..., 0],  # last dim not contiguous
+    ]
+    for view in views:
+        assert_close(rms_norm(view, weight, EPS), reference.rms_norm(view, weight, EPS))
+
+
+def test_rms_norm_weight_dtype_promotes_like_reference() -> None:
+    x = randn(3, 24, dtype=torch.bfloat16, seed=6)
+    weight = randn(24, dtype=torch.float32, seed=7)
+    assert_close(rms_norm(x, weight, EPS), reference.rms_norm(x, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 24), (3, 100), (2, 3, 32)])
+def test_fused_add_rms_norm(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x = randn(*shape, dtype=dtype, seed=8)
+    residual = randn(*shape, dtype=dtype, seed=9) * 4
+    weight = randn(shape[-1], dtype=dtype, seed=10)
+    x_before, residual_before = x.clone(), residual.clone()
+    normed, summed = fused_add_rms_norm(x, residual, weight, EPS)
+    expected_normed, expected_summed = reference.fused_add_rms_norm(x, residual, weight, EPS)
+    assert torch.equal(summed, expected_summed)  # one rounding of an fp32 sum: bit-exact
+    assert_close(normed, expected_normed)
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
+
+
+def test_fused_add_rms_norm_strided_inputs() -> None:
+    q, k, _ = qkv_views(tokens=3, heads=2, kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+    weight = randn(16, dtype=torch.bfloat16, seed=11)
+    normed, summed = fused_add_rms_norm(q, k, weight, EPS)
+    expected_normed, expected_summed = reference.fused_add_rms_norm(q, k, weight, EPS)
+    assert torch.equal(summed, expected_summed)
+    assert_close(normed, expected_normed)
+
+
+# ---------------------------------------------------------------- rotary
+
+
+def cos_sin_cache(max_positions: int, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def random_positions(tokens: int, max_positions: int, dtype: torch.dtype = torch.int64):
+    generator = torch.Generator().manual_seed(12)
+    return torch.randint(0, max_positions, (tokens,), generator=generator, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 24, 64])
+def test_apply_rotary(dtype: torch.dtype, head_dim: int) -> None:
+    x = randn(5, 3, head_dim, dtype=dtype, seed=13)
+    cache = cos_sin_cache(50, head_dim)
+    positions = random_positions(5, 50)
+    assert_close(apply_rotary(x, positions, cache), reference.apply_rotary(x, positions, cache))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_rotary_qk_on_qkv_views(dtype: torch.dtype) -> None:
+    q, k, _ = qkv_views(tokens=4, heads=4, kv_heads=2, head_dim=24, dtype=dtype)
+    cache = cos_sin_cache(40, 24)
+    positions = random_positions(4, 40, dtype=torch.int32)
+    q_before, k_before = q.clone(), k.clone()
+    q_out, k_out = apply_rotary_qk(q, k, positions, cache)
+    assert_close(q_out, reference.apply_rotary(q, positions, cache))
+    assert_close(k_out, reference.apply_rotary(k, positions, cache))
+    assert_close(apply_rotary(q, positions, cache), reference.apply_rotary(q, positions, cache))
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+
+
+def test_apply_rotary_qk_walks_many_heads() -> None:
+    """More heads than one tile holds (40 x 128 > 2048 elements): the head loop runs twice."""
+    q = randn(2, 40, 128, dtype=torch.bfloat16, seed=14)
+    k = randn(2, 8, 128, dtype=torch.bfloat16, seed=15)
+    cache = cos_sin_cache(4096, 128)
+    positions = torch.tensor([0, 4095])
+    q_out, k_out = apply_rotary_qk(q, k, positions, cache)
+    assert_close(q_out, reference.apply_rotary(q, positions, cache))
+    assert_close(k_out, reference.apply_rotary(k, positions, cache))
+
+
+# ---------------------------------------------------------------- SiLU and mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 48), (2, 200), (2, 2, 24), (1, 2200)])
+def test_silu_and_mul(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x = randn(*shape, dtype=dtype, seed=16) * 4
+    assert_close(silu_and_mul(x), reference.silu_and_mul(x))
+
+
+def test_silu_and_mul_strided_rows() -> None:
+    base = randn(4, 3, 64, dtype=torch.bfloat16, seed=17)
+    for view in (base[:, 1, :40], base[1:, ::2, :], base.transpose(0, 1)):
+        assert_close(silu_and_mul(view), reference.silu_and_mul(view))
+
+
+# ---------------------------------------------------------------- KV cache store
+
+
+def check_store(key, value, num_blocks: int, block_size: int, slot_mapping) -> None:
+    _, kv_heads, head_dim = key.shape
+    kv_cache = randn(2, num_blocks, block_size, kv_heads, head_dim, dtype=key.dtype, seed=18)
+    expected = kv_cache.clone()
+    reference.store_kv_cache(key, value, expected, slot_mapping)
+    store_kv_cache(key, value, kv_cache, slot_mapping)
+    assert torch.equal(kv_cache, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_cache_views_padding_and_block_boundaries(dtype: torch.dtype) -> None:
+    _, key, value = qkv_views(tokens=7, heads=4, kv_heads=2, head_dim=24, dtype=dtype)
+    block_size = 4
+    # Tokens run across the end of block 2 into block 0, and scatter; two are padding.
+    slots = [2 * block_size + 2, 2 * block_size + 3, 0, -1, 1, 3 * block_size, -1]
+    check_store(key, value, 5, block_size, torch.tensor(slots, dtype=torch.int64))
+
+
+def test_store_kv_cache_int32_slots_and_many_heads() -> None:
+    """16 heads of 256 > one 2048-element tile: the head loop runs twice."""
+    key = randn(3, 16, 256, dtype=torch.float16, seed=19)
+    value = randn(3, 16, 256, dtype=torch.float16, seed=20)
+    check_store(key, value, 2, 16, torch.tensor([17, -1, 15], dtype=torch.int32))
+
+
+def test_store_kv_cache_all_padding_leaves_cache_untouched() -> None:
+    key = randn(2, 2, 16, dtype=torch.float32, seed=21)
+    check_store(key, key * 2, 3, 4, torch.full((2,), -1, dtype=torch.int64))
+
+
+def test_empty_batches_launch_nothing() -> None:
+    x = torch.empty(0, 4, 16)
+    weight = torch.ones(16)
+    assert rms_norm(x, weight, EPS).shape == (0, 4, 16)
+    normed, summed = fused_add_rms_norm(x, x, weight, EPS)
+    assert normed.shape == summed.shape == (0, 4, 16)
+    positions = torch.empty(0, dtype=torch.int64)
+    assert apply_rotary(x, positions, cos_sin_cache(8, 16)).shape == (0, 4, 16)
+    assert silu_and_mul(torch.empty(0, 32)).shape == (0, 16)
+    store_kv_cache(x, x, torch.zeros(2, 1, 4, 4, 16), positions)
