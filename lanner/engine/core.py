@@ -30,10 +30,41 @@ class EngineCoreOutput:
     new_prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    # time.monotonic() when the request was first scheduled (queue time); sent once.
+    scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class EngineCoreStats:
+    """The core's load, sent with its outputs for the server's gauges."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # share of KV blocks requests hold, 0..1
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+
+
+def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise ValueError saying what to change when a prompt cannot run."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(
+            f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is "
+            f"{max_model_len}, which must leave room for at least one generated "
+            f"token; shorten the prompt or raise max_model_len"
+        )
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); check the "
+            f"prompt_token_ids"
+        )
 
 
 class EngineCore:
@@ -99,27 +130,34 @@ class EngineCore:
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError saying what to change when a prompt cannot run."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is "
-                f"{self.max_model_len}, which must leave room for at least one generated "
-                f"token; shorten the prompt or raise max_model_len"
-            )
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}); check the "
-                f"prompt_token_ids"
-            )
+        validate_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
+
+    def stats(self) -> EngineCoreStats:
+        prefix = self.kv_manager.prefix_cache_stats
+        return EngineCoreStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv_manager.usage,
+            prefix_cache_queried_tokens=prefix.queried_tokens if prefix else 0,
+            prefix_cache_hit_tokens=prefix.hit_tokens if prefix else 0,
+        )
 
     def add_request(self, request: Request) -> None:
-        self.validate_prompt(request.prompt_token_ids)
-        if not request.eos_token_ids:
-            request.eos_token_ids = self.model_config.eos_token_ids
-        self.scheduler.add_request(request)
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Queue requests (a prompt's n samples) all or none: each is checked first."""
+        ids = [r.request_id for r in requests]
+        for request in requests:
+            self.validate_prompt(request.prompt_token_ids)
+            if request.request_id in self.scheduler.requests or ids.count(request.request_id) > 1:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+            if not isinstance(request.priority, int) or isinstance(request.priority, bool):
+                raise ValueError(f"priority must be an int, got {request.priority!r}")
+        for request in requests:
+            if not request.eos_token_ids:
+                request.eos_token_ids = self.model_config.eos_token_ids
+            self.scheduler.add_request(request)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached KV block no request uses (e.g. after new weights are
@@ -136,6 +174,10 @@ class EngineCore:
         schedule = self.scheduler.schedule()
         if schedule.is_empty:
             return []
+        now = time.monotonic()
+        for scheduled in schedule.scheduled:
+            if scheduled.request.scheduled_time is None:
+                scheduled.request.scheduled_time = now
         result = self.runner.execute([self._chunk(s) for s in schedule.scheduled])
         return self._update(
             schedule, result.sampled_token_ids, result.logprobs, result.prompt_logprobs
@@ -182,6 +224,8 @@ class EngineCore:
         for scheduled in schedule.scheduled:
             request = scheduled.request
             out = EngineCoreOutput(request.request_id)
+            if not request.scheduled_time_sent:
+                out.scheduled_time = request.scheduled_time
             if request.request_id in prompt_logprobs:
                 out.new_prompt_logprobs = prompt_logprobs[request.request_id]
                 request.prompt_logprobs += out.new_prompt_logprobs
@@ -201,6 +245,7 @@ class EngineCore:
                     out.finish_reason, out.stop_reason = stop
                     self.scheduler.finish_request(request.request_id, *stop)
             if out.new_token_ids or out.new_prompt_logprobs or out.finished:
+                request.scheduled_time_sent = True
                 outputs.append(out)
         return outputs
 

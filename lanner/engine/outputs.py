@@ -25,6 +25,9 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # The part of `text` safe to stream so far: it only grows, while `text` may still
+    # lose a tail that turns out to begin a stop string. Equal to `text` once finished.
+    released_text: str = ""
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -36,6 +39,13 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_output_tokens: int = 0
+    scheduled_time: float | None = None  # first time the core scheduled it
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.scheduled_time is None:
+            return None
+        return max(0.0, self.scheduled_time - self.arrival_time)
 
     @property
     def time_to_first_token(self) -> float | None:

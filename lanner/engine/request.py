@@ -46,6 +46,8 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # first time the scheduler ran it
+    scheduled_time_sent: bool = False  # reported in an EngineCoreOutput yet?
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -87,11 +87,16 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add_request(self, request: Request) -> None:
+        if not isinstance(request.request_id, str):
+            raise ValueError(f"request_id must be a str, got {type(request.request_id).__name__}")
+        if not isinstance(request.priority, int) or isinstance(request.priority, bool):
+            raise ValueError(f"priority must be an int, got {request.priority!r}")
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         request.status = RequestStatus.WAITING
-        self.requests[request.request_id] = request
+        # Queue first: should ordering fail, the request is in neither structure.
         self._insert(self.waiting, request)
+        self.requests[request.request_id] = request
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

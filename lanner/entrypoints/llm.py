@@ -64,26 +64,30 @@ class LLM:
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts; "
                     f"pass one, or one per prompt"
                 )
-        if priority is not None and len(priority) != len(prompts):
-            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
-        # Tokenize and validate all first, so a bad prompt leaves nothing half-queued.
-        tokenized = [self.engine.tokenize_prompt(p) for p in prompts]
-        for index, (_, token_ids) in enumerate(tokenized):
+        if priority is not None:
+            priority = list(priority)
+            if len(priority) != len(prompts):
+                raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        priorities = priority if priority is not None else [0] * len(prompts)
+        # Validate every prompt, params entry and priority first, so bad input anywhere
+        # leaves nothing half-queued.
+        tokenized = []
+        for index, (prompt, params, prio) in enumerate(
+            zip(prompts, params_list, priorities, strict=True)
+        ):
             try:
-                self.engine.core.validate_prompt(token_ids)
+                tokenized.append(self.engine.validate_request("", prompt, params, prio))
             except ValueError as err:
                 raise ValueError(f"prompt {index}: {err}") from None
         request_ids = []
-        for index, ((text, token_ids), params) in enumerate(
-            zip(tokenized, params_list, strict=True)
+        for (text, token_ids), params, prio in zip(
+            tokenized, params_list, priorities, strict=True
         ):
             request_id = self.engine.new_request_id()
             prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
             if text is not None:
                 prompt["prompt"] = text
-            self.engine.add_request(
-                request_id, prompt, params, priority=priority[index] if priority else 0
-            )
+            self.engine.add_request(request_id, prompt, params, priority=prio)
             request_ids.append(request_id)
         if use_tqdm is None:
             use_tqdm = len(prompts) >= _PROGRESS_MIN_PROMPTS

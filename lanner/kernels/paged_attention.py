@@ -468,12 +468,16 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 3,
+    seq_indices: torch.Tensor | None = None,
 ) -> None:
-    """Causal attention of the multi-token chunks of ``metadata.prefill_seq_indices``."""
+    """Causal attention of multi-token chunks over the paged cache: the sequences in
+    ``seq_indices`` (default: every prefill chunk of the batch)."""
+    if seq_indices is None:
+        seq_indices = metadata.prefill_seq_indices
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    grid = (metadata.num_prefill, num_heads, triton.cdiv(metadata.max_query_len, block_m))
+    grid = (seq_indices.shape[0], num_heads, triton.cdiv(metadata.max_query_len, block_m))
     _prefill_kernel[grid](
         query,
         k_cache,
@@ -481,7 +485,7 @@ def prefill_attention(
         out,
         metadata.block_tables,
         metadata.seq_lens,
-        metadata.prefill_seq_indices,
+        seq_indices,
         metadata.query_start_loc,
         scale,
         sliding_window or 0,

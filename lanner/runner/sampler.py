@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lanner.kernels.sampling import exponential_noise
+
 if TYPE_CHECKING:
     # Only for annotations: the sampler reads params' fields and never builds them, so the
     # runner does not import the engine layer at run time.
@@ -213,14 +215,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
     # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) is distributed as p, with no
     # cumsum/search and no sync. One batched draw serves every unseeded row.
-    noise = torch.empty_like(probs).exponential_()
-    for i, row in enumerate(rows):
-        if row.params.seed is not None and not greedy[i]:
-            generator = torch.Generator(device=logits.device)
-            generator.manual_seed(decode_seed(row.params.seed, len(row.output_token_ids)))
-            noise[i].exponential_(generator=generator)
-    # exponential_ may return exactly 0; 0 / 0 would be NaN and win the argmax.
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    noise = _exponential_noise(rows, greedy, probs)
     random_ids = (probs / noise).argmax(dim=-1)
     if greedy_ids is None:
         return random_ids
@@ -228,6 +223,31 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _exponential_noise(
+    rows: list[SamplingRow], greedy: list[bool], probs: torch.Tensor
+) -> torch.Tensor:
+    """Exp(1) noise [B, V]: seeded rows from (seed, step), the others from torch's global
+    generator. On CUDA one Triton launch draws every row from a per-row seed."""
+    if probs.is_cuda:
+        # Unseeded rows take their seed from torch's (CPU) generator: no device sync.
+        fresh = torch.randint(0, 1 << 62, (len(rows),)).tolist()
+        seeds = [
+            decode_seed(r.params.seed, len(r.output_token_ids)) >> 1
+            if r.params.seed is not None and not greedy[i]
+            else fresh[i]
+            for i, r in enumerate(rows)
+        ]
+        return exponential_noise(seeds, probs.shape[1], probs.device)
+    noise = torch.empty_like(probs).exponential_()
+    for i, row in enumerate(rows):
+        if row.params.seed is not None and not greedy[i]:
+            generator = torch.Generator(device=probs.device)
+            generator.manual_seed(decode_seed(row.params.seed, len(row.output_token_ids)))
+            noise[i].exponential_(generator=generator)
+    # exponential_ may return exactly 0; 0 / 0 would be NaN and win the argmax.
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

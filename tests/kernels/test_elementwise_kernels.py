@@ -234,3 +234,15 @@ def test_empty_batches_launch_nothing() -> None:
     assert apply_rotary(x, positions, cos_sin_cache(8, 16)).shape == (0, 4, 16)
     assert silu_and_mul(torch.empty(0, 32)).shape == (0, 16)
     store_kv_cache(x, x, torch.zeros(2, 1, 4, 4, 16), positions)
+
+
+def test_exponential_noise_is_exp1_and_a_function_of_the_seed() -> None:
+    from lanner.kernels.sampling import exponential_noise
+
+    noise = exponential_noise([7, 8, 7], 4096, torch.device("cpu"))
+    assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
+    assert torch.isfinite(noise).all() and (noise >= 0).all()
+    # Exp(1): mean 1, variance 1 (4096 draws per row: about 3 % standard error)
+    assert abs(noise.mean().item() - 1.0) < 0.05 and abs(noise.var().item() - 1.0) < 0.1
+    again = exponential_noise([8], 4096, torch.device("cpu"))
+    assert torch.equal(again[0], noise[1])  # the same seed alone gives the same row
