@@ -1,4 +1,5 @@
-"""The `lanner` command: generate (one prompt, with a timing summary) and chat."""
+"""The `lanner` command: serve (the OpenAI-compatible server), generate (one prompt, with a
+timing summary) and chat."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ _ENGINE_FLAGS: list[tuple[str, type, str]] = [
 ]
 
 
+# Engine options that are off unless the flag is given.
+_ENGINE_SWITCHES: list[tuple[str, str]] = [
+    ("--enforce-eager", "never capture CUDA graphs (every step runs eagerly)"),
+    ("--trust-remote-code", "allow the checkpoint's own tokenizer code"),
+]
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -43,6 +51,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="reuse the KV cache of shared prompt prefixes (default: on)",
     )
+    for flag, text in _ENGINE_SWITCHES:
+        parser.add_argument(flag, action="store_true", default=None, help=text)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,6 +64,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             options[name] = getattr(args, name)
     if args.enable_prefix_caching is not None:
         options["enable_prefix_caching"] = args.enable_prefix_caching
+    for flag, _ in _ENGINE_SWITCHES:
+        name = flag.removeprefix("--").replace("-", "_")
+        if getattr(args, name):
+            options[name] = True
     return options
 
 
@@ -131,10 +145,34 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from lanner.entrypoints.openai.api_server import run_server
+    except ImportError as err:
+        raise ValueError(
+            f"`lanner serve` needs the server's packages ({err.name} is missing); "
+            f"install them with: pip install 'lanner[serve]'"
+        ) from err
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    return run_server(args, engine_kwargs(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lanner", description="lanner LLM inference engine")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI API over HTTP")
+    serve.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        help="model folder or Hub id (default: the embedded demo model)",
+    )
+    add_engine_args(serve)
+    _add_server_args(serve)
+    serve.set_defaults(handler=run_serve)
 
     generate = commands.add_parser("generate", help="complete one prompt and report timings")
     generate.add_argument("prompt", help="the text to complete")
@@ -148,6 +186,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     chat.set_defaults(handler=run_chat)
     return parser
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    # Spelled here rather than imported, so `lanner --help` works without the server's
+    # packages installed.
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on all but /health"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="model name(s) the API accepts (default: the model argument; lanner-demo for "
+        "the embedded demo model)",
+    )
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="at most this many requests may wait beyond a full batch (--max-num-seqs); "
+        "more get HTTP 429 (default: no limit)",
+    )
+    parser.add_argument(
+        "--timeout-graceful-shutdown",
+        type=float,
+        default=None,
+        help="on SIGTERM, seconds in-flight requests get to finish (default: unlimited)",
+    )
+    parser.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level")
 
 
 def main(argv: list[str] | None = None) -> int:

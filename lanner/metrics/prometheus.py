@@ -1,0 +1,193 @@
+"""The server's Prometheus metrics, named like vLLM's with the prefix ``lanner:``.
+
+Only the server imports this module (it needs prometheus_client).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from lanner.engine.core import EngineCoreStats
+from lanner.engine.outputs import RequestOutput
+
+# Bucket bounds in seconds, as vLLM uses for the same series.
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_TOKEN_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_REQUEST_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+
+FINISHED_REASONS = ("stop", "length", "abort")
+
+
+class ServerMetrics:
+    """One registry per server, so tests may build several in one process."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self._model = model_name
+
+        def histogram(name: str, text: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, text, labels, buckets=buckets, registry=self.registry)
+
+        def gauge(name: str, text: str) -> Gauge:
+            return Gauge(name, text, labels, registry=self.registry)
+
+        self.time_to_first_token = histogram(
+            "lanner:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS
+        )
+        self.time_per_output_token = histogram(
+            "lanner:time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            _TOKEN_BUCKETS,
+        )
+        self.inter_token_latency = histogram(
+            "lanner:inter_token_latency_seconds", "Time between output tokens.", _TOKEN_BUCKETS
+        )
+        self.e2e_request_latency = histogram(
+            "lanner:e2e_request_latency_seconds",
+            "Request latency, arrival to end.",
+            _REQUEST_BUCKETS,
+        )
+        self.request_queue_time = histogram(
+            "lanner:request_queue_time_seconds",
+            "Time from arrival to first being scheduled.",
+            _REQUEST_BUCKETS,
+        )
+        self.num_requests_running = gauge(
+            "lanner:num_requests_running", "Sequences in the running batch."
+        )
+        self.num_requests_waiting = gauge(
+            "lanner:num_requests_waiting", "Sequences waiting to be scheduled."
+        )
+        self.kv_cache_usage = gauge(
+            "lanner:kv_cache_usage_perc", "Share of KV cache blocks requests hold (1 = all)."
+        )
+        self.prefix_cache_hit_rate = gauge(
+            "lanner:prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache."
+        )
+        self.prompt_tokens = Counter(
+            "lanner:prompt_tokens",
+            "Prompt tokens of finished requests.",
+            labels,
+            registry=self.registry,
+        )
+        self.generation_tokens = Counter(
+            "lanner:generation_tokens", "Generated tokens.", labels, registry=self.registry
+        )
+        self.request_success = Counter(
+            "lanner:request_success",
+            "Finished requests, by why they finished.",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
+        for metric in (
+            self.num_requests_running,
+            self.num_requests_waiting,
+            self.kv_cache_usage,
+            self.prefix_cache_hit_rate,
+            self.prompt_tokens,
+            self.generation_tokens,
+        ):
+            metric.labels(model_name)  # present (at zero) before the first request
+        for reason in FINISHED_REASONS:
+            self.request_success.labels(model_name, reason)
+
+    # -- StatLogger --------------------------------------------------------------------
+
+    def on_core_stats(self, stats: EngineCoreStats) -> None:
+        self.num_requests_running.labels(self._model).set(stats.num_running)
+        self.num_requests_waiting.labels(self._model).set(stats.num_waiting)
+        self.kv_cache_usage.labels(self._model).set(stats.kv_cache_usage)
+        queried = stats.prefix_cache_queried_tokens
+        rate = stats.prefix_cache_hit_tokens / queried if queried else 0.0
+        self.prefix_cache_hit_rate.labels(self._model).set(rate)
+
+    def on_new_tokens(self, num_tokens: int, inter_token_latency: float | None) -> None:
+        self.generation_tokens.labels(self._model).inc(num_tokens)
+        if inter_token_latency is not None:
+            self.inter_token_latency.labels(self._model).observe(inter_token_latency)
+
+    def on_request_finished(self, output: RequestOutput) -> None:
+        model = self._model
+        metrics = output.metrics
+        reason = output.outputs[0].finish_reason or "abort"
+        self.request_success.labels(model, reason).inc()
+        self.prompt_tokens.labels(model).inc(len(output.prompt_token_ids))
+        if metrics.time_to_first_token is not None:
+            self.time_to_first_token.labels(model).observe(metrics.time_to_first_token)
+        if metrics.time_per_output_token is not None:
+            self.time_per_output_token.labels(model).observe(metrics.time_per_output_token)
+        if metrics.finished_time is not None:
+            self.e2e_request_latency.labels(model).observe(
+                metrics.finished_time - metrics.arrival_time
+            )
+        if metrics.queue_time is not None:
+            self.request_queue_time.labels(model).observe(metrics.queue_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
