@@ -153,12 +153,57 @@ def w4(enforce_eager: bool) -> dict:
     )
 
 
+def run_offline(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """Submit all at once to an existing core; time until the last finishes."""
+    for i, prompt in enumerate(prompts):
+        core.add_request(Request(f"x{i}-{time.monotonic_ns()}", prompt, params))
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    output_tokens = 0
+    while core.has_unfinished_requests():
+        output_tokens += sum(len(out.new_token_ids) for out in core.step())
+    elapsed = time.perf_counter() - started
+    return {"seconds": elapsed, "output_tok_per_s": output_tokens / elapsed}
+
+
+def w6() -> dict:
+    """256 requests of 2048 input / 128 output tokens whose first 0-90 % is one shared
+    prefix: throughput with prefix caching on over off."""
+    shares = (0, 25, 50, 75, 90)
+    rng = random.Random(0)
+    workloads = {}
+    for share in shares:
+        shared = random_prompt(rng, 2048 * share // 100, 128256)
+        workloads[share] = [
+            shared + random_prompt(rng, 2048 - len(shared), 128256) for _ in range(256)
+        ]
+    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+    figures: dict[str, dict] = {}
+    for caching in (False, True):
+        core = make_core(
+            "llama3-8b",
+            max_num_seqs=256,
+            max_num_batched_tokens=8192,
+            enable_prefix_caching=caching,
+        )
+        run_offline(core, workloads[0][:8], params)  # warm up
+        for share in shares:
+            core.reset_prefix_cache()
+            result = run_offline(core, workloads[share], params)
+            figures.setdefault(f"{share}%", {})["on" if caching else "off"] = result
+        release(core)
+    for row in figures.values():
+        row["speedup"] = row["on"]["output_tok_per_s"] / row["off"]["output_tok_per_s"]
+    return figures
+
+
 def parity() -> dict:
     """Greedy tokens of the fast path (Triton + CUDA graphs) vs the eager reference path
-    on the 8B shape: 4 requests, 256 steps each."""
+    on the 8B shape: 4 requests, 256 steps each. Where the two part, the reference's
+    top-2 logprob margin at that step tells a bf16 near-tie from a real disagreement."""
     rng = random.Random(1)
     prompts = [random_prompt(rng, n, 128256) for n in (17, 128, 300, 1000)]
-    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, logprobs=0)
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, logprobs=2)
     results = {}
     for path in ("reference", "fast"):
         ops.FORCE_REFERENCE = path == "reference"
@@ -166,27 +211,35 @@ def parity() -> dict:
         for i, prompt in enumerate(prompts):
             core.add_request(Request(f"p{i}", prompt, params))
         tokens: dict[str, list[int]] = {f"p{i}": [] for i in range(len(prompts))}
-        logprobs: dict[str, list[float]] = {f"p{i}": [] for i in range(len(prompts))}
+        logprobs: dict[str, list] = {f"p{i}": [] for i in range(len(prompts))}
         while core.has_unfinished_requests():
             for out in core.step():
                 tokens[out.request_id] += out.new_token_ids
-                logprobs[out.request_id] += [lp.logprob for lp in out.new_logprobs]
+                logprobs[out.request_id] += out.new_logprobs
         results[path] = (tokens, logprobs)
         release(core)
     ops.FORCE_REFERENCE = False
     (ref_tokens, ref_lp), (fast_tokens, fast_lp) = results["reference"], results["fast"]
-    first_divergence = {}
+    report: dict[str, dict] = {}
+    all_margins: list[float] = []
     max_logprob_diff = 0.0
     for rid in ref_tokens:
+        margins = [lp.top[0][1] - lp.top[1][1] for lp in ref_lp[rid]]
+        all_margins += margins
         pairs = list(zip(ref_tokens[rid], fast_tokens[rid], strict=True))
-        first_divergence[rid] = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
-        agree = first_divergence[rid] if first_divergence[rid] is not None else len(pairs)
-        diffs = [abs(a - b) for a, b in zip(ref_lp[rid][:agree], fast_lp[rid][:agree], strict=True)]
-        max_logprob_diff = max([max_logprob_diff, *diffs])
+        split = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        agree = len(pairs) if split is None else split
+        for a, b in zip(ref_lp[rid][:agree], fast_lp[rid][:agree], strict=True):
+            max_logprob_diff = max(max_logprob_diff, abs(a.logprob - b.logprob))
+        report[rid] = {
+            "first_divergence": split,
+            "reference_top2_margin_there": None if split is None else margins[split],
+        }
     return {
-        "first_divergence": first_divergence,
-        "all_equal": all(v is None for v in first_divergence.values()),
-        "max_sampled_logprob_diff": max_logprob_diff,
+        "requests": report,
+        "all_equal": all(r["first_divergence"] is None for r in report.values()),
+        "max_sampled_logprob_diff_while_equal": max_logprob_diff,
+        "median_reference_top2_margin": statistics.median(all_margins),
     }
 
 
@@ -229,6 +282,7 @@ def main() -> None:
         "W3": lambda: w3(args.enforce_eager),
         "W4": lambda: w4(args.enforce_eager),
         "profile-W2": lambda: profile_decode("qwen3-0.6b"),
+        "W6": w6,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dirs = [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])

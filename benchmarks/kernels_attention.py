@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from lanner.kernels import ops, reference
+from lanner.kernels import reference
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.kernels.paged_attention import paged_attention, prefill_attention
 
@@ -103,18 +103,6 @@ def bench_prefill(batch: int, length: int) -> dict:
         rep=200,
         return_mode="median",
     )
-    # torch's varlen flash attention on the same fresh prefills (what ops dispatches to)
-    flash_ms = None
-    if ops._varlen_attn is not None:
-        k_new = torch.randn(batch * length, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-        v_new = torch.randn_like(k_new)
-        out = torch.empty_like(query)
-        flash_ms = triton.testing.do_bench(
-            lambda: ops._flash_fresh_prefills(query, k_new, v_new, metadata, scale, None, out),
-            warmup=25,
-            rep=200,
-            return_mode="median",
-        )
     flops = 4 * batch * HEADS * HEAD_DIM * length * length / 2  # causal half
     return {
         "kernel": "prefill",
@@ -125,8 +113,6 @@ def bench_prefill(batch: int, length: int) -> dict:
         "sdpa_ms": sdpa_ms,
         "sdpa_TFLOPs": flops / (sdpa_ms / 1e3) / 1e12,
         "share_of_sdpa": sdpa_ms / ms,
-        "flash_varlen_ms": flash_ms,
-        "flash_share_of_sdpa": sdpa_ms / flash_ms if flash_ms else None,
         "rel_error": error,
     }
 

@@ -87,7 +87,8 @@ class AsyncLLM:
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._queues)
+        assert self.processor is not None
+        return len(self.processor.states)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class AsyncLLM:
         assert self.ready is not None
         validate_prompt(prompt_token_ids, self.ready.max_model_len, self.ready.vocab_size)
 
-    async def generate(
+    def generate(
         self,
         request_id: str,
         prompt: str | None,
@@ -104,9 +105,10 @@ class AsyncLLM:
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Run one request; yields its cumulative output whenever it moves (outputs that
-        pile up while the consumer is busy are merged: only the newest is yielded).
-        Closing the iterator early (a client that went away) aborts the request."""
+        """Queue one request now (bad input raises here, before anything is queued) and
+        return the iterator of its cumulative outputs. Outputs that pile up while the
+        consumer is busy are merged: only the newest is yielded. Closing the iterator
+        before the end (a client that went away) aborts the request."""
         if self.dead_error is not None:
             raise self.dead_error
         if not self.client.alive:
@@ -118,9 +120,19 @@ class AsyncLLM:
         )
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self._queues[request_id] = queue
-        finished = False
         try:
             self.client.add_requests(requests)
+        except BaseException:
+            self._queues.pop(request_id, None)
+            self.processor.abort_requests([request_id])
+            raise
+        return self._outputs(request_id, queue)
+
+    async def _outputs(
+        self, request_id: str, queue: asyncio.Queue[RequestOutput | Exception]
+    ) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
             while True:
                 item = await queue.get()
                 while not queue.empty() and not isinstance(item, Exception):
@@ -133,13 +145,13 @@ class AsyncLLM:
                     return
         finally:
             self._queues.pop(request_id, None)
-            self._token_counts.pop(request_id, None)
-            self._last_token_time.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV cache (no-op when it already ended)."""
+        self._token_counts.pop(request_id, None)
+        self._last_token_time.pop(request_id, None)
         if self.processor is None:
             return
         state = self.processor.states.get(request_id)
@@ -210,7 +222,13 @@ class AsyncLLM:
                     self._last_token_time[request_id] = now
                 if output.finished:
                     self.stat_logger.on_request_finished(output)
-            queue = self._queues.get(request_id)
+            if output.finished:
+                self._token_counts.pop(request_id, None)
+                self._last_token_time.pop(request_id, None)
+                # The consumer holds the queue; the map need not (it may never read).
+                queue = self._queues.pop(request_id, None)
+            else:
+                queue = self._queues.get(request_id)
             if queue is not None:
                 queue.put_nowait(output)
 

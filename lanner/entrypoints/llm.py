@@ -80,9 +80,7 @@ class LLM:
             except ValueError as err:
                 raise ValueError(f"prompt {index}: {err}") from None
         request_ids = []
-        for (text, token_ids), params, prio in zip(
-            tokenized, params_list, priorities, strict=True
-        ):
+        for (text, token_ids), params, prio in zip(tokenized, params_list, priorities, strict=True):
             request_id = self.engine.new_request_id()
             prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
             if text is not None:

@@ -35,14 +35,6 @@ class AttentionMetadata:
     prefill_seq_indices: torch.Tensor | None = None  # [num_prefill] int32
     num_decode: int = 0
     num_prefill: int = 0
-    # Prefill chunks with no cached context ("fresh") can go to torch's varlen flash
-    # attention on the new K/V directly; the rest ("extend") read the paged cache.
-    extend_seq_indices: torch.Tensor | None = None  # [num_extend] int32
-    num_extend: int = 0
-    fresh_rows: torch.Tensor | None = None  # [num_fresh_tokens] int64 rows of the flat batch
-    fresh_cu_seqlens: torch.Tensor | None = None  # [num_fresh + 1] int32
-    fresh_max_len: int = 0
-    num_fresh_tokens: int = 0
     # Fixed number of KV splits for decode (CUDA graphs need it constant); None: chosen
     # per step from the batch.
     num_kv_splits: int | None = None
@@ -89,12 +81,6 @@ class AttentionMetadata:
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         prefills = [i for i, n in enumerate(query_lens) if n > 1]
-        fresh = [i for i in prefills if seq_lens[i] == query_lens[i]]
-        extends = [i for i in prefills if seq_lens[i] != query_lens[i]]
-        fresh_rows = [row for i in fresh for row in range(starts[i], starts[i + 1])]
-        fresh_cu = [0]
-        for i in fresh:
-            fresh_cu.append(fresh_cu[-1] + query_lens[i])
         return cls(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
@@ -108,10 +94,4 @@ class AttentionMetadata:
             prefill_seq_indices=torch.tensor(prefills, dtype=torch.int32, device=device),
             num_decode=len(decodes),
             num_prefill=len(prefills),
-            extend_seq_indices=torch.tensor(extends, dtype=torch.int32, device=device),
-            num_extend=len(extends),
-            fresh_rows=torch.tensor(fresh_rows, dtype=torch.int64, device=device),
-            fresh_cu_seqlens=torch.tensor(fresh_cu, dtype=torch.int32, device=device),
-            fresh_max_len=max((query_lens[i] for i in fresh), default=0),
-            num_fresh_tokens=len(fresh_rows),
         )

@@ -468,12 +468,9 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 3,
-    seq_indices: torch.Tensor | None = None,
 ) -> None:
-    """Causal attention of multi-token chunks over the paged cache: the sequences in
-    ``seq_indices`` (default: every prefill chunk of the batch)."""
-    if seq_indices is None:
-        seq_indices = metadata.prefill_seq_indices
+    """Causal attention of the batch's multi-token chunks over the paged cache."""
+    seq_indices = metadata.prefill_seq_indices
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]

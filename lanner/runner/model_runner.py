@@ -72,26 +72,34 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, num_seqs: int) -> int | None:
         """Peak device memory (bytes) of the largest step the scheduler may send:
-        ``num_tokens`` tokens over ``num_seqs`` sequences, all sampling. CUDA only;
-        None elsewhere (the CPU cache is sized in bytes instead)."""
+        ``num_tokens`` tokens over ``num_seqs`` sequences, all sampling with top-k/top-p
+        (the sampler's largest temporaries). CUDA only; None elsewhere (the CPU cache is
+        sized in bytes instead). It also compiles every kernel a step can use, so no
+        compilation lands inside a request's latency."""
         if self.device.type != "cuda":
             return None
         num_seqs = max(1, min(num_seqs, num_tokens))
         lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
-        blocks_per_seq = -(-max(lengths) // self.block_size)
+        blocks_per_seq = max(2, -(-max(lengths) // self.block_size))
         self.kv_caches = allocate_kv_caches(
             self.config, blocks_per_seq, self.block_size, self.dtype, self.device
         )
-        greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], ())
-        chunks = [
-            SequenceChunk(f"profile-{i}", [0] * n, 0, list(range(blocks_per_seq)), greedy)
-            for i, n in enumerate(lengths)
-        ]
+        table = list(range(blocks_per_seq))
+        params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=0)
+        row = SamplingRow(params, [0], [], ())
+        chunks = [SequenceChunk(f"p{i}", [0] * n, 0, table, row) for i, n in enumerate(lengths)]
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.execute(chunks)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        # A chunk on top of a cached prefix and a decode: the remaining kernel variants.
+        self.execute(
+            [
+                SequenceChunk("extend", [0] * 3, self.block_size - 1, table, row),
+                SequenceChunk("decode", [0], self.block_size, table, row),
+            ]
+        )
         self.kv_caches = []
         torch.cuda.empty_cache()
         return peak

@@ -242,10 +242,13 @@ class OpenAIServing:
         self.check_capacity(len(prompts))
         request_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = [
-            self._generate(f"{request_id}-{i}", p, s, body.priority)
-            for i, (p, s) in enumerate(zip(prompts, params, strict=True))
-        ]
+        streams = self._start(
+            [
+                (f"{request_id}-{i}", p, s)
+                for i, (p, s) in enumerate(zip(prompts, params, strict=True))
+            ],
+            body.priority,
+        )
         formatter = _CompletionFormat(request_id, created, self.model_name, params[0].n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -309,7 +312,7 @@ class OpenAIServing:
         formatter = _ChatFormat(
             request_id, int(time.time()), self.model_name, params.n, body.top_logprobs or 0
         )
-        streams = [self._generate(request_id, prompt, params, body.priority)]
+        streams = self._start([(request_id, prompt, params)], body.priority)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._stream(streams, formatter, include_usage)
@@ -318,10 +321,32 @@ class OpenAIServing:
 
     # -- shared --------------------------------------------------------------------------
 
-    def _generate(
-        self, request_id: str, prompt: _Prompt, params: SamplingParams, priority: int
-    ) -> AsyncIterator[RequestOutput]:
-        return self.engine.generate(request_id, prompt.text, prompt.token_ids, params, priority)
+    def _start(
+        self, requests: list[tuple[str, _Prompt, SamplingParams]], priority: int
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """Queue every request now (all or none), so errors become HTTP errors and the
+        load check counts them at once."""
+        streams: list[AsyncIterator[RequestOutput]] = []
+        try:
+            for request_id, prompt, params in requests:
+                streams.append(
+                    self.engine.generate(
+                        request_id, prompt.text, prompt.token_ids, params, priority
+                    )
+                )
+        except EngineDeadError as err:
+            self._abort([r[0] for r in requests[: len(streams)]])
+            raise OpenAIError(503, str(err), "EngineDeadError") from err
+        except ValueError as err:
+            self._abort([r[0] for r in requests[: len(streams)]])
+            param = "priority" if "priority" in str(err) else None
+            param = "request_id" if "request id" in str(err) else param
+            raise bad_request(str(err), param) from err
+        return streams
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort(request_id)
 
     async def _collect(
         self, streams: list[AsyncIterator[RequestOutput]], is_disconnected: Callable[[], Any]

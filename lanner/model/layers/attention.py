@@ -39,7 +39,5 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         ops.store_kv_cache(key, value, kv_cache, metadata.slot_mapping)
-        out = ops.paged_attention(
-            query, key, value, kv_cache, metadata, self.scale, self.sliding_window
-        )
+        out = ops.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
