@@ -61,10 +61,12 @@ class AsyncCoreClient:
         self.config = config
         self._dir = tempfile.mkdtemp(prefix="lanner-core-")
         self._context = zmq.asyncio.Context()
+        # Sends are plain (not asyncio) calls, so any thread may send, e.g. the shutdown.
+        self._sync_context = zmq.Context()
         input_address = f"ipc://{self._dir}/input"
         output_address = f"ipc://{self._dir}/output"
         # Sends never wait: the core drains its input every step.
-        self._input = self._context.socket(zmq.PUSH)
+        self._input = self._sync_context.socket(zmq.PUSH)
         self._input.setsockopt(zmq.SNDHWM, 0)
         self._input.setsockopt(zmq.LINGER, 0)
         self._input.bind(input_address)
@@ -143,4 +145,5 @@ class AsyncCoreClient:
         self._input.close(linger=0)
         self._output.close(linger=0)
         self._context.term()
+        self._sync_context.term()
         shutil.rmtree(self._dir, ignore_errors=True)
