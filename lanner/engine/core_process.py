@@ -56,6 +56,9 @@ def run_engine_core(
     inputs = context.socket(zmq.PULL)
     inputs.connect(input_address)
     outputs = context.socket(zmq.PUSH)
+    # No high-water mark: a send never blocks, so an orphaned core still reaches its
+    # check of the parent (a blocked send to a dead reader would wait forever).
+    outputs.setsockopt(zmq.SNDHWM, 0)
     outputs.setsockopt(zmq.LINGER, 2000)
     outputs.connect(output_address)
     encoder = msgspec.msgpack.Encoder()
