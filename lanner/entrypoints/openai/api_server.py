@@ -7,9 +7,11 @@ process (see engine/core_process.py), so HTTP work never stalls the device loop.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lanner
-from lanner.engine.async_llm import AsyncLLM
+from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
 from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from lanner.entrypoints.openai.serving import OpenAIError, OpenAIServing, error_body
@@ -57,11 +59,15 @@ def build_app(options: ServerOptions) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
+        # run_server starts the engine before uvicorn (so a failed start is one clear
+        # error, not a lifespan traceback); anyone else serving the app gets it here.
+        if engine.ready is None:
+            await engine.start()
         logger.info("serving %s", ", ".join(options.served_model_names))
         try:
             yield
         finally:
+            # Runs after uvicorn has drained in-flight requests (SIGTERM, Ctrl-C).
             await engine.shutdown()
 
     app = FastAPI(title="lanner", version=lanner.__version__, lifespan=lifespan)
@@ -191,12 +197,26 @@ def run_server(args: argparse.Namespace, engine_options: dict[str, Any]) -> int:
         raise ValueError("--max-queued-requests must be >= 0")
     app = build_app(options)
     timeout = args.timeout_graceful_shutdown
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.uvicorn_log_level.lower(),
-        timeout_graceful_shutdown=int(timeout) if timeout is not None else None,
-        timeout_keep_alive=5,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level.lower(),
+            timeout_graceful_shutdown=int(timeout) if timeout is not None else None,
+            timeout_keep_alive=5,
+        )
     )
-    return 0
+
+    async def serve() -> int:
+        engine: AsyncLLM = app.state.engine
+        try:
+            await engine.start()
+        except EngineDeadError as err:
+            await engine.shutdown()
+            print(f"lanner: error: {err}", file=sys.stderr)
+            return 1
+        await server.serve()
+        return 0
+
+    return asyncio.run(serve())
