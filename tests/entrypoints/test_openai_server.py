@@ -246,6 +246,8 @@ def test_200_concurrent_streams_match_offline(server: ServerProcess, offline: LL
     after = wait_idle(server)
     assert after["lanner:kv_cache_usage_perc{}"] == 0
     assert after["lanner:num_requests_running{}"] == 0
+    # Only the prefix cache holds blocks now, and it can let go of every one of them.
+    assert httpx.post(f"{server.url}/reset_prefix_cache").json() == {"emptied": True}
     finished = "lanner:request_success_total{finished_reason=length}"
     assert after[finished] - before[finished] == 200
     assert (
