@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -200,6 +201,20 @@ def test_n_samples_logprobs_and_seed(client: openai.OpenAI) -> None:
     assert len(content) == 5 and all(len(t.top_logprobs) == 3 for t in content)
     # greedy: the sampled token is the most likely one
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+
+
+def test_several_prompts_in_one_completion(client: openai.OpenAI) -> None:
+    prompts = ["hello world", "import os"]
+    params = dict(model=MODEL, max_tokens=5, temperature=0, n=2, extra_body={"ignore_eos": True})
+    alone = [client.completions.create(prompt=p, **params).choices[0].text for p in prompts]
+    together = client.completions.create(prompt=prompts, **params)
+    assert [c.index for c in together.choices] == [0, 1, 2, 3]
+    assert [c.text for c in together.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    texts = [""] * 4
+    for chunk in client.completions.create(prompt=prompts, stream=True, **params):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in together.choices]
 
 
 def test_stop_strings(client: openai.OpenAI) -> None:
@@ -405,8 +420,20 @@ def test_dead_engine_core_fails_requests_and_health(servers: dict[str, ServerPro
     ) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-        os.kill(guarded.core_pid(), signal.SIGKILL)
-        rest = [line for line in lines if line.startswith("data:")]
+        with ThreadPoolExecutor(1) as pool:
+            unstreamed = pool.submit(
+                httpx.post,
+                f"{guarded.url}/v1/completions",
+                json={**body, "stream": False},
+                headers=auth,
+                timeout=30,
+            )
+            time.sleep(0.2)
+            os.kill(guarded.core_pid(), signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data:")]
+            failed = unstreamed.result()
+    assert failed.status_code in (500, 503), failed.text
+    assert "engine core" in failed.json()["error"]["message"]
     assert rest[-1] == "data: [DONE]"
     assert "error" in json.loads(rest[-2].removeprefix("data: "))
     assert time.monotonic() - started < 15
