@@ -271,6 +271,28 @@ def profile_decode(shape: str) -> dict:
     return {"step_ms_under_profiler": per_step * 1e3}
 
 
+def profile_w3_decode() -> dict:
+    """torch.profiler over 10 decode steps of a W3-like batch (256 requests, ~600-token
+    contexts): the CUDA kernels that take the step's time."""
+    core = make_core("qwen3-0.6b", max_num_seqs=256, max_num_batched_tokens=8192)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.6, max_tokens=400, ignore_eos=True)
+    for i in range(256):
+        core.add_request(Request(f"w{i}", random_prompt(rng, 600, 151936), params))
+    for _ in range(40):  # prefill, then settle into decode
+        core.step()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(10):
+            core.step()
+    step_ms = (time.perf_counter() - started) / 10 * 1e3
+    release(core)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+    print(table)
+    return {"step_ms_under_profiler": step_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workloads", default="parity,W1,W2,W3,W4")
@@ -286,6 +308,7 @@ def main() -> None:
         "W4": lambda: w4(args.enforce_eager),
         "profile-W2": lambda: profile_decode("qwen3-0.6b"),
         "W6": w6,
+        "profile-W3": profile_w3_decode,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dirs = [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
