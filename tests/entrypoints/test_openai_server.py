@@ -22,7 +22,7 @@ from lanner import LLM, SamplingParams
 from tests.entrypoints.server_utils import ServerProcess
 
 MODEL = "tiny"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 512  # the tiny models' max_position_embeddings
 _CORPUS = "the quick brown fox jumps over lazy dog hello world import os sys def return"
 WORDS = _CORPUS.split()
 
@@ -404,38 +404,44 @@ def test_api_key_and_queue_limit(servers: dict[str, ServerProcess]) -> None:
 def test_dead_engine_core_fails_requests_and_health(servers: dict[str, ServerProcess]) -> None:
     guarded = servers["guarded"]
     auth = {"Authorization": "Bearer sekret"}
+
+    def load() -> tuple[float, float]:
+        metrics = httpx.get(f"{guarded.url}/metrics", headers=auth).text
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(metrics)
+            for s in family.samples
+        }
+        return samples["lanner:num_requests_running"], samples["lanner:num_requests_waiting"]
+
     deadline = time.monotonic() + 10
-    while (
-        httpx.post(
-            f"{guarded.url}/v1/completions", headers=auth, json={"prompt": "x", "max_tokens": 1}
-        ).status_code
-        == 429
-    ):  # noqa: E501
-        assert time.monotonic() < deadline  # the aborted requests of the last test drain
-        time.sleep(0.05)
-    body = {"model": MODEL, "prompt": "hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    while load() != (0, 0):  # the requests the last test dropped are aborted by now
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # One request runs (max-num-seqs 1) and one waits: both are in flight at the kill.
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": MAX_MODEL_LEN - 8, "ignore_eos": True}
     started = time.monotonic()
-    with httpx.stream(
-        "POST", f"{guarded.url}/v1/completions", json=body, headers=auth, timeout=30
-    ) as response:
-        lines = response.iter_lines()
-        assert next(line for line in lines if line.startswith("data:"))
-        with ThreadPoolExecutor(1) as pool:
-            unstreamed = pool.submit(
-                httpx.post,
-                f"{guarded.url}/v1/completions",
-                json={**body, "stream": False},
-                headers=auth,
-                timeout=30,
-            )
-            time.sleep(0.2)
+    with ThreadPoolExecutor(1) as pool:
+        unstreamed = pool.submit(
+            httpx.post, f"{guarded.url}/v1/completions", json=body, headers=auth, timeout=30
+        )
+        with httpx.stream(
+            "POST",
+            f"{guarded.url}/v1/completions",
+            json={**body, "stream": True},
+            headers=auth,
+            timeout=30,
+        ) as response:
+            while load() != (1, 1):
+                assert time.monotonic() - started < 10
+                time.sleep(0.02)
             os.kill(guarded.core_pid(), signal.SIGKILL)
-            rest = [line for line in lines if line.startswith("data:")]
-            failed = unstreamed.result()
-    assert failed.status_code in (500, 503), failed.text
+            events = [line for line in response.iter_lines() if line.startswith("data:")]
+        failed = unstreamed.result()
+    assert failed.status_code == 500, failed.text
     assert "engine core" in failed.json()["error"]["message"]
-    assert rest[-1] == "data: [DONE]"
-    assert "error" in json.loads(rest[-2].removeprefix("data: "))
+    assert events[-1] == "data: [DONE]"
+    assert "engine core" in json.loads(events[-2].removeprefix("data: "))["error"]["message"]
     assert time.monotonic() - started < 15
     assert httpx.get(f"{guarded.url}/health").status_code == 503
     response = httpx.post(f"{guarded.url}/v1/completions", headers=auth, json={"prompt": "x"})
@@ -445,6 +451,7 @@ def test_dead_engine_core_fails_requests_and_health(servers: dict[str, ServerPro
 def test_sigterm_drains_in_flight_requests(server: ServerProcess) -> None:
     # Runs last against this server: it shuts it down.
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 200, "ignore_eos": True}
+    core_pid = server.core_pid()
     with httpx.stream(
         "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=30
     ) as response:
@@ -458,3 +465,4 @@ def test_sigterm_drains_in_flight_requests(server: ServerProcess) -> None:
     # uvicorn ends by re-raising the signal it caught, after the drain and shutdown
     assert server.process.wait(15) in (0, -signal.SIGTERM)
     assert "Traceback" not in server.log()
+    assert not Path(f"/proc/{core_pid}").exists()  # shut down and reaped
