@@ -200,6 +200,46 @@ def w6() -> dict:
     return figures
 
 
+def multi_turn_chat() -> dict:
+    """32 conversations x 4 turns on the 8B shape: a 512-token system prompt shared by
+    all, then per turn a 64-token user message and 64 generated tokens; each turn's
+    prompt is the whole conversation so far. Mean TTFT per turn, caching off and on."""
+    rng = random.Random(0)
+    system = random_prompt(rng, 512, 128256)
+    user_turns = [[random_prompt(rng, 64, 128256) for _ in range(4)] for _ in range(32)]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    figures: dict[str, list[float]] = {}
+    for caching in (False, True):
+        core = make_core(
+            "llama3-8b", max_num_seqs=64, max_num_batched_tokens=8192, enable_prefix_caching=caching
+        )
+        history = [list(system) for _ in range(32)]
+        turn_ttft = []
+        for turn in range(4):
+            added = {}
+            for c in range(32):
+                history[c] += user_turns[c][turn]
+                rid = f"c{c}-t{turn}"
+                core.add_request(Request(rid, list(history[c]), params))
+                added[rid] = time.perf_counter()
+            first: dict[str, float] = {}
+            outputs: dict[str, list[int]] = {rid: [] for rid in added}
+            while core.has_unfinished_requests():
+                for out in core.step():
+                    if out.new_token_ids and out.request_id not in first:
+                        first[out.request_id] = time.perf_counter() - added[out.request_id]
+                    outputs[out.request_id] += out.new_token_ids
+            for c in range(32):
+                history[c] += outputs[f"c{c}-t{turn}"]
+            turn_ttft.append(statistics.mean(first.values()) * 1e3)
+        figures["on" if caching else "off"] = turn_ttft
+        release(core)
+        del core
+        gc.collect()
+        torch.cuda.empty_cache()
+    return {"mean_ttft_ms_per_turn": figures}
+
+
 def parity() -> dict:
     """Greedy tokens of the fast path (Triton + CUDA graphs) vs the eager reference path
     on the 8B shape: 4 requests, 256 steps each. Where the two part, the reference's
@@ -324,6 +364,7 @@ def main() -> None:
         "profile-W2": lambda: profile_decode("qwen3-0.6b"),
         "W6": w6,
         "profile-W3": profile_w3_decode,
+        "chat": multi_turn_chat,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dirs = [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
