@@ -313,6 +313,19 @@ def test_client_disconnect_aborts_and_frees(server: ServerProcess) -> None:
     assert metrics[aborted] - before[aborted] == 1
 
 
+def test_unstreamed_client_that_gives_up_aborts(server: ServerProcess) -> None:
+    before = scrape(server)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 480, "ignore_eos": True, "n": 8}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+    metrics = wait_idle(server)
+    aborted = "lanner:request_success_total{finished_reason=abort}"
+    assert metrics[aborted] - before[aborted] == 1
+    generated = "lanner:generation_tokens_total{}"
+    assert metrics[generated] - before[generated] < 8 * 480
+    assert metrics["lanner:kv_cache_usage_perc{}"] == 0
+
+
 def _post(server: ServerProcess, path: str, body: object, **kwargs) -> httpx.Response:
     content = body if isinstance(body, str) else json.dumps(body)
     headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}

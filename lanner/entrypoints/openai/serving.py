@@ -361,7 +361,7 @@ class OpenAIServing:
         task = asyncio.create_task(consume())
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=1.0)
+                done, _ = await asyncio.wait({task}, timeout=0.25)
                 if done:
                     break
                 if await is_disconnected():
