@@ -8,9 +8,9 @@ Only the server imports this module (it needs pyzmq and msgspec).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from lanner.engine.config import EngineConfig
@@ -42,6 +42,56 @@ class StatLogger(Protocol):
     def on_new_tokens(self, num_tokens: int, inter_token_latency: float | None) -> None: ...
 
     def on_request_finished(self, output: RequestOutput) -> None: ...
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator. Closing it before the end, or
+    dropping it unread, aborts the request (even if it was never iterated)."""
+
+    def __init__(
+        self, engine: AsyncLLM, request_id: str, queue: asyncio.Queue[RequestOutput | Exception]
+    ) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled: the consumer is gone
+            self.close()
+            raise
+        # Outputs are cumulative: when several piled up, the newest says it all.
+        while not self._queue.empty() and not isinstance(item, Exception):
+            item = self._queue.get_nowait()
+        if isinstance(item, Exception):
+            self.close(abort=False)
+            raise item
+        if item.finished:
+            self.close(abort=False)
+        return item
+
+    def close(self, abort: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.engine._queues.pop(self.request_id, None)
+        if abort:
+            self.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._closed:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 class AsyncLLM:
@@ -104,7 +154,7 @@ class AsyncLLM:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> RequestStream:
         """Queue one request now (bad input raises here, before anything is queued) and
         return the iterator of its cumulative outputs. Outputs that pile up while the
         consumer is busy are merged: only the newest is yielded. Closing the iterator
@@ -126,27 +176,7 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
             self.processor.abort_requests([request_id])
             raise
-        return self._outputs(request_id, queue)
-
-    async def _outputs(
-        self, request_id: str, queue: asyncio.Queue[RequestOutput | Exception]
-    ) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                while not queue.empty() and not isinstance(item, Exception):
-                    item = queue.get_nowait()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, queue)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV cache (no-op when it already ended)."""
@@ -185,6 +215,7 @@ class AsyncLLM:
                 elif isinstance(message, RequestRejected):
                     for core_id in message.request_ids:
                         parent, _ = parent_request_id(core_id)
+                        self.processor.abort_requests([parent])  # type: ignore[union-attr]
                         queue = self._queues.get(parent)
                         if queue is not None:
                             queue.put_nowait(ValueError(message.message))

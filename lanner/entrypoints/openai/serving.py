@@ -68,8 +68,14 @@ async def merge_outputs(
     """Interleave several requests' outputs as they come; closing this closes them all
     (which aborts the unfinished ones)."""
     if len(streams) == 1:
-        async for output in streams[0]:
-            yield 0, output
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            # Close it now (not whenever it is collected), so an early exit aborts at once.
+            close = getattr(streams[0], "aclose", None)
+            if close is not None:
+                await close()
         return
     queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
 
@@ -96,6 +102,10 @@ async def merge_outputs(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:  # those whose task never started hold a request too
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
 
 
 class OpenAIServing:
