@@ -172,6 +172,23 @@ def test_chat_streamed_equals_unstreamed(client: openai.OpenAI, offline: LLM) ->
     stream = client.chat.completions.create(**params, stream=True, extra_body={"ignore_eos": True})
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == whole.choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(
+            **params,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    texts = ["", ""]
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [whole.choices[0].message.content] * 2  # greedy: both samples agree
+    roles = [c.choices[0].delta.role for c in chunks[:-1] if c.choices[0].delta.role]
+    assert roles == ["assistant", "assistant"]
+    assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
 
 
 def test_n_samples_logprobs_and_seed(client: openai.OpenAI) -> None:
