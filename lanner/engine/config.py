@@ -38,6 +38,8 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     # True: never capture CUDA graphs (every step runs eagerly).
     enforce_eager: bool = False
+    # Launch step N+1 before reading step N's samples; None: on for CUDA, off elsewhere.
+    async_scheduling: bool | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from lanner.engine.config import EngineConfig
-from lanner.engine.request import FinishReason, Request
+from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from lanner.memory.kv_cache import num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
-from lanner.runner.model_runner import ModelRunner, SequenceChunk
+from lanner.runner.model_runner import ModelRunner, PendingStep, SequenceChunk
 from lanner.runner.sampler import SamplingRow, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,12 @@ class EngineCoreOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class _LaunchedStep:
+    schedule: SchedulerOutput
+    step: PendingStep
 
 
 @dataclass
@@ -85,6 +91,13 @@ class EngineCore:
         scheduler_config = config.scheduler_config(self.max_model_len)
         block_size = config.cache.block_size
         self.runner = ModelRunner(self.loaded, block_size, enforce_eager=config.enforce_eager)
+        # Overlapped scheduling: prepare and launch step N+1 while the device runs N.
+        self.async_scheduling = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else self.loaded.device.type == "cuda"
+        )
+        self._pending: _LaunchedStep | None = None
         peak = self.runner.profile_peak_memory(
             scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs
         )
@@ -126,7 +139,7 @@ class EngineCore:
         return self.kv_manager.pool.num_blocks
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._pending is not None
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError saying what to change when a prompt cannot run."""
@@ -170,20 +183,47 @@ class EngineCore:
             self.scheduler.finish_request(request_id, FinishReason.ABORT)
 
     def step(self) -> list[EngineCoreOutput]:
-        """Run one iteration; return what changed for each request it touched."""
+        """Run one iteration; return what changed for each request it touched.
+
+        With overlapped scheduling the step launched here runs on the device while the
+        host reads and applies the previous one's results, so the outputs returned are
+        one step behind the launches."""
+        previous, self._pending = self._pending, None
+        if previous is None or self._can_launch_ahead():
+            self._pending = self._launch(previous)
+        if previous is None and not self.async_scheduling and self._pending is not None:
+            previous, self._pending = self._pending, None
+        return self._collect(previous) if previous is not None else []
+
+    def _can_launch_ahead(self) -> bool:
+        """Launching before the previous step is read needs every sampler input known:
+        penalties count the output tokens, so their requests make the engine wait."""
+        if not self.async_scheduling:
+            return False
+        return not any(r.sampling_params.uses_penalties for r in self.scheduler.running)
+
+    def _launch(self, previous: _LaunchedStep | None) -> _LaunchedStep | None:
         schedule = self.scheduler.schedule()
         if schedule.is_empty:
-            return []
+            return None
         now = time.monotonic()
+        previous_rows = previous.step.sample_rows() if previous is not None else {}
+        chunks = []
         for scheduled in schedule.scheduled:
             if scheduled.request.scheduled_time is None:
                 scheduled.request.scheduled_time = now
-        result = self.runner.execute([self._chunk(s) for s in schedule.scheduled])
-        return self._update(
-            schedule, result.sampled_token_ids, result.logprobs, result.prompt_logprobs
-        )
+            chunks.append(self._chunk(scheduled, previous_rows))
+        launched = self.runner.launch(chunks, previous.step if previous is not None else None)
+        # Tokens fed are computed once launched: the device runs steps in order. Each
+        # sampled token holds a placeholder until the host reads the step.
+        sampling = [s.request for s in schedule.scheduled if s.samples]
+        self.scheduler.update_after_step(schedule)
+        for request in sampling:
+            request.output_token_ids.append(PLACEHOLDER_TOKEN)
+            request.num_pending_outputs += 1
+        return _LaunchedStep(schedule, launched)
 
-    def _chunk(self, scheduled: ScheduledRequest) -> SequenceChunk:
+    def _chunk(self, scheduled: ScheduledRequest, previous_rows: dict[str, int]) -> SequenceChunk:
         request = scheduled.request
         start = request.num_computed_tokens
         end = start + scheduled.num_new_tokens
@@ -193,6 +233,13 @@ class EngineCore:
             start_position=start,
             block_table=self.kv_manager.get_block_table(request.request_id),
         )
+        if PLACEHOLDER_TOKEN in chunk.token_ids:
+            # Only a decode can feed a token still in flight: its own last sample.
+            if len(chunk.token_ids) != 1 or request.request_id not in previous_rows:
+                raise RuntimeError(
+                    f"request {request.request_id} would feed an unread token at {start}"
+                )
+            chunk.token_from_previous = previous_rows[request.request_id]
         if scheduled.samples:
             chunk.sampling = SamplingRow(
                 request.sampling_params,
@@ -211,37 +258,40 @@ class EngineCore:
                 chunk.prompt_logprob_top = request.sampling_params.prompt_logprobs
         return chunk
 
-    def _update(
-        self,
-        schedule: SchedulerOutput,
-        sampled: dict[str, int],
-        logprobs: dict[str, TokenLogprobs],
-        prompt_logprobs: dict[str, list[TokenLogprobs]],
-    ) -> list[EngineCoreOutput]:
-        self.scheduler.update_after_step(schedule)
+    def _collect(self, launched: _LaunchedStep) -> list[EngineCoreOutput]:
+        """Read a launched step's results and apply them: fill each placeholder with its
+        token, check stop conditions, and report what changed."""
+        result = self.runner.collect(launched.step)
         outputs = []
         now = time.monotonic()
-        for scheduled in schedule.scheduled:
+        for scheduled in launched.schedule.scheduled:
             request = scheduled.request
+            token = result.sampled_token_ids.get(request.request_id)
+            if self.scheduler.requests.get(request.request_id) is not request:
+                continue  # finished or aborted while this step ran: nothing to report
             out = EngineCoreOutput(request.request_id)
             if not request.scheduled_time_sent:
                 out.scheduled_time = request.scheduled_time
-            if request.request_id in prompt_logprobs:
-                out.new_prompt_logprobs = prompt_logprobs[request.request_id]
+            if request.request_id in result.prompt_logprobs:
+                out.new_prompt_logprobs = result.prompt_logprobs[request.request_id]
                 request.prompt_logprobs += out.new_prompt_logprobs
-            token = sampled.get(request.request_id)
             if token is not None:
-                request.output_token_ids.append(token)
+                slot = request.num_output_tokens - request.num_pending_outputs
+                request.output_token_ids[slot] = token
+                request.num_pending_outputs -= 1
                 out.new_token_ids.append(token)
                 if request.first_token_time is None:
                     request.first_token_time = now
-                if request.request_id in logprobs:
-                    logprob = logprobs[request.request_id]
+                if request.request_id in result.logprobs:
+                    logprob = result.logprobs[request.request_id]
                     request.output_logprobs.append(logprob)
                     request.cumulative_logprob += logprob.logprob
                     out.new_logprobs.append(logprob)
                 stop = self.scheduler.check_stop(request)
                 if stop is not None:
+                    # A step launched after this one may have sampled past the end.
+                    del request.output_token_ids[slot + 1 :]
+                    request.num_pending_outputs = 0
                     out.finish_reason, out.stop_reason = stop
                     self.scheduler.finish_request(request.request_id, *stop)
             if out.new_token_ids or out.new_prompt_logprobs or out.finished:
@@ -252,4 +302,5 @@ class EngineCore:
     @torch.inference_mode()
     def shutdown(self) -> None:
         self.abort_requests(list(self.scheduler.requests))
+        self._pending = None
         self.runner.kv_caches = []

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from lanner.runner.sampler import TokenLogprobs
 from lanner.sampling_params import SamplingParams
 
+# Stands in an output list for a token sampled by a launched step whose result the
+# host has not read yet (overlapped scheduling); replaced once the step is collected.
+PLACEHOLDER_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -48,6 +52,8 @@ class Request:
     first_token_time: float | None = None
     scheduled_time: float | None = None  # first time the scheduler ran it
     scheduled_time_sent: bool = False  # reported in an EngineCoreOutput yet?
+    # Trailing entries of output_token_ids that are still PLACEHOLDER_TOKEN.
+    num_pending_outputs: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -61,6 +67,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus the outputs the host has read (placeholders excluded)."""
+        return self.num_tokens - self.num_pending_outputs
 
     @property
     def is_finished(self) -> bool:

@@ -105,6 +105,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.num_pending_outputs and self._at_length_limit(request):
+                index += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             total = request.num_computed_tokens + num_new
             while not self.kv_manager.allocate_slots(request.request_id, total):
@@ -190,8 +193,11 @@ class Scheduler:
         self.waiting.sort(key=lambda r: (-cached[r.request_id], r.arrival_time))
 
     def _cache_computed_blocks(self, request: Request) -> None:
+        # Blocks holding a token still in flight wait until the host has read it.
         self.kv_manager.cache_full_blocks(
-            request.request_id, request.num_computed_tokens, request.token_ids
+            request.request_id,
+            min(request.num_computed_tokens, request.num_known_tokens),
+            request.token_ids,
         )
 
     def _share_sibling_prefix(self, request: Request) -> None:
@@ -244,16 +250,26 @@ class Scheduler:
         return request
 
     def check_stop(self, request: Request) -> tuple[FinishReason, int | str | None] | None:
-        """Whether the token just appended ends the request, and why."""
+        """Whether the newest token the host knows ends the request, and why (tokens of
+        steps still in flight do not count yet)."""
         params = request.sampling_params
-        last = request.output_token_ids[-1]
-        if request.num_output_tokens >= params.min_tokens:
+        num_outputs = request.num_output_tokens - request.num_pending_outputs
+        last = request.output_token_ids[num_outputs - 1]
+        if num_outputs >= params.min_tokens:
             if not params.ignore_eos and last in request.eos_token_ids:
                 return FinishReason.STOP, None
             if last in params.stop_token_ids:
                 return FinishReason.STOP, last
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        if params.max_tokens is not None and num_outputs >= params.max_tokens:
             return FinishReason.LENGTH, None
-        if request.num_tokens >= self.config.max_model_len:
+        if request.num_known_tokens >= self.config.max_model_len:
             return FinishReason.LENGTH, None
         return None
+
+    def _at_length_limit(self, request: Request) -> bool:
+        """A request whose in-flight token already reaches max_tokens or max_model_len
+        gets no further step; it finishes when that token is read."""
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and request.num_output_tokens >= max_tokens:
+            return True
+        return request.num_tokens >= self.config.max_model_len

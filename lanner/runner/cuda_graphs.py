@@ -122,8 +122,11 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         block_tables: list[list[int]],
+        previous_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Replay the smallest graph that fits; returns logits [num_seqs, vocab]."""
+        """Replay the smallest graph that fits; returns logits [num_seqs, vocab].
+        ``previous_tokens`` (rows, ids) overwrites input ids with tokens that are still
+        on the device from the step before."""
         count = len(token_ids)
         batch = next(size for size in self.sizes if size >= count)
         host = self.host
@@ -143,5 +146,7 @@ class DecodeGraphs:
         self.slot_mapping[:batch].copy_(host[2, :batch], non_blocking=True)
         self.seq_lens[:batch].copy_(host[3, :batch], non_blocking=True)
         self.block_tables[:count, :width].copy_(self.host_tables[:count, :width], non_blocking=True)
+        if previous_tokens is not None:
+            self.input_ids[previous_tokens[0]] = previous_tokens[1]
         self.graphs[batch].replay()
         return self.logits[batch][:count]

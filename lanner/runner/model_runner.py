@@ -11,7 +11,13 @@ from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.loader import LoadedModel
 from lanner.runner.cuda_graphs import DecodeGraphs
-from lanner.runner.sampler import Sampler, SamplingRow, TokenLogprobs, prompt_logprobs
+from lanner.runner.sampler import (
+    DeviceSample,
+    Sampler,
+    SamplingRow,
+    TokenLogprobs,
+    prompt_logprobs,
+)
 from lanner.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -31,6 +37,9 @@ class SequenceChunk:
     prompt_logprob_offset: int = 0
     prompt_logprob_targets: list[int] = field(default_factory=list)
     prompt_logprob_top: int = 0
+    # Overlapped scheduling: the chunk's one token is the previous step's sample, still on
+    # the device; this is its row there (token_ids then holds a placeholder).
+    token_from_previous: int | None = None
 
 
 @dataclass
@@ -39,6 +48,18 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # prompt logprobs computed this step, in prompt order, per sequence
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+@dataclass
+class PendingStep:
+    """A launched step: the device may still be running it."""
+
+    sample: DeviceSample | None
+    sampled_seq_ids: list[str]  # in the order of the sample's rows
+    prompt_logprobs: dict[str, list[TokenLogprobs]]
+
+    def sample_rows(self) -> dict[str, int]:
+        return {seq_id: row for row, seq_id in enumerate(self.sampled_seq_ids)}
 
 
 class ModelRunner:
@@ -107,7 +128,22 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _graph_logits(self, chunks: list[SequenceChunk]) -> torch.Tensor | None:
+    def _previous_tokens(
+        self, chunks: list[SequenceChunk], rows: list[int], previous: PendingStep | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For chunks whose token is still on the device: (their rows in the flat batch,
+        given each chunk's first row in ``rows``, as a device tensor; the tokens)."""
+        waiting = [i for i, c in enumerate(chunks) if c.token_from_previous is not None]
+        if not waiting:
+            return None
+        if previous is None or previous.sample is None:
+            raise RuntimeError("a chunk waits for a previous sample, but none is pending")
+        sources = self._tensor([chunks[i].token_from_previous for i in waiting])
+        return self._tensor([rows[i] for i in waiting]), previous.sample.token_ids[sources]
+
+    def _graph_logits(
+        self, chunks: list[SequenceChunk], previous: PendingStep | None
+    ) -> torch.Tensor | None:
         """Logits from a replayed decode graph when the step is all one-token,
         all-sampling chunks that fit a captured size; else None (run eagerly)."""
         graphs = self.decode_graphs
@@ -129,21 +165,43 @@ class ModelRunner:
             slots,
             [p + 1 for p in positions],
             [c.block_table for c in chunks],
+            self._previous_tokens(chunks, list(range(len(chunks))), previous),
         )
 
-    @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> RunnerOutput:
         """Run one flat varlen batch through the model and sample where asked."""
-        logits = self._graph_logits(chunks)
+        return self.collect(self.launch(chunks, None))
+
+    def collect(self, pending: PendingStep) -> RunnerOutput:
+        """Wait for a launched step's samples and return them on the host."""
+        out = RunnerOutput(prompt_logprobs=pending.prompt_logprobs)
+        if pending.sample is None:
+            return out
+        sampled = pending.sample.collect()
+        for seq_id, token, logprob in zip(
+            pending.sampled_seq_ids, sampled.token_ids, sampled.logprobs, strict=True
+        ):
+            out.sampled_token_ids[seq_id] = token
+            if logprob is not None:
+                out.logprobs[seq_id] = logprob
+        return out
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[SequenceChunk], previous: PendingStep | None) -> PendingStep:
+        """Queue one step on the device and return without waiting for it. Chunks may
+        take their token from ``previous``'s samples, still on the device."""
+        logits = self._graph_logits(chunks, previous)
         if logits is not None:
-            return self._sample(chunks, logits, RunnerOutput())
+            return self._launch_sample(chunks, logits, {})
         input_ids: list[int] = []
         positions: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         prompt_rows: list[int] = []
+        first_rows: list[int] = []
         for chunk in chunks:
             first_row = len(input_ids)
+            first_rows.append(first_row)
             end = chunk.start_position + len(chunk.token_ids)
             input_ids += chunk.token_ids
             positions += range(chunk.start_position, end)
@@ -159,42 +217,43 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
-        hidden = self.model(
-            self._tensor(input_ids), self._tensor(positions), metadata, self.kv_caches
-        )
-        out = RunnerOutput()
+        ids = self._tensor(input_ids)
+        waiting = self._previous_tokens(chunks, first_rows, previous)
+        if waiting is not None:
+            ids[waiting[0]] = waiting[1]
+        hidden = self.model(ids, self._tensor(positions), metadata, self.kv_caches)
+        prompt_logprob_rows: dict[str, list[TokenLogprobs]] = {}
         if prompt_rows:
-            self._prompt_logprobs(
-                chunks, self.model.compute_logits(hidden[self._tensor(prompt_rows)]), out
-            )
-        if sample_rows:
-            self._sample(chunks, self.model.compute_logits(hidden[self._tensor(sample_rows)]), out)
-        return out
+            logits = self.model.compute_logits(hidden[self._tensor(prompt_rows)])
+            self._prompt_logprobs(chunks, logits, prompt_logprob_rows)
+        if not sample_rows:
+            return PendingStep(None, [], prompt_logprob_rows)
+        logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
+        return self._launch_sample(chunks, logits, prompt_logprob_rows)
 
-    def _sample(
-        self, chunks: list[SequenceChunk], logits: torch.Tensor, out: RunnerOutput
-    ) -> RunnerOutput:
+    def _launch_sample(
+        self,
+        chunks: list[SequenceChunk],
+        logits: torch.Tensor,
+        prompt_logprob_rows: dict[str, list[TokenLogprobs]],
+    ) -> PendingStep:
         """Sample one token for each chunk that asks, from its row of ``logits``."""
         sampling_chunks = [c for c in chunks if c.sampling is not None]
-        sampled = self.sampler(logits, [c.sampling for c in sampling_chunks])  # type: ignore[misc]
-        for chunk, token, logprob in zip(
-            sampling_chunks, sampled.token_ids, sampled.logprobs, strict=True
-        ):
-            out.sampled_token_ids[chunk.seq_id] = token
-            if logprob is not None:
-                out.logprobs[chunk.seq_id] = logprob
-        return out
+        sample = self.sampler.launch(logits, [c.sampling for c in sampling_chunks])  # type: ignore[misc]
+        return PendingStep(sample, [c.seq_id for c in sampling_chunks], prompt_logprob_rows)
 
     @staticmethod
     def _prompt_logprobs(
-        chunks: list[SequenceChunk], logits: torch.Tensor, out: RunnerOutput
+        chunks: list[SequenceChunk],
+        logits: torch.Tensor,
+        out: dict[str, list[TokenLogprobs]],
     ) -> None:
         offset = 0
         for chunk in chunks:
             count = len(chunk.prompt_logprob_targets)
             if count:
                 rows = logits[offset : offset + count]
-                out.prompt_logprobs[chunk.seq_id] = prompt_logprobs(
+                out[chunk.seq_id] = prompt_logprobs(
                     rows, chunk.prompt_logprob_targets, chunk.prompt_logprob_top
                 )
                 offset += count

@@ -44,10 +44,33 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # per row; None when params.logprobs is None
 
 
+@dataclass
+class DeviceSample:
+    """A sampling result still on the device, its host copy under way."""
+
+    token_ids: torch.Tensor  # [B] int64 on the device: next steps may read it there
+    host: torch.Tensor  # token ids, or the packed logprob rows, copying to the host
+    ready: torch.cuda.Event | None  # recorded after the copy; None on the CPU
+    rows: list[SamplingRow]
+    packed: bool
+
+    def collect(self) -> SamplerOutput:
+        """Wait for the host copy (the step's one device sync) and unpack it."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        if not self.packed:
+            return SamplerOutput(self.host.tolist(), [None] * len(self.rows))
+        return _unpack(self.host.tolist(), self.rows)
+
+
 class Sampler:
     """Picks one token per row of logits ``[B, V]``; the only host sync is the final copy."""
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        return self.launch(logits, rows).collect()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
+        """Sample on the device and start the copy to the host without waiting for it."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"the sampler needs logits of shape [num_rows, vocab] with one row per "
@@ -63,10 +86,16 @@ class Sampler:
         logits = apply_min_tokens(logits, rows)
         token_ids = sample(logits, rows)
 
-        if raw_logprobs is None:
-            return SamplerOutput(token_ids.tolist(), [None] * len(rows))
-        packed = _pack_logprobs(raw_logprobs, token_ids, num_top)
-        return _unpack(packed.tolist(), rows)
+        result = token_ids
+        if raw_logprobs is not None:
+            result = _pack_logprobs(raw_logprobs, token_ids, num_top)
+        if not result.is_cuda:
+            return DeviceSample(token_ids, result, None, rows, raw_logprobs is not None)
+        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+        host.copy_(result, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return DeviceSample(token_ids, host, ready, rows, raw_logprobs is not None)
 
 
 def prompt_logprobs(
