@@ -269,7 +269,7 @@ class AsyncLLM:
         for queue in self._queues.values():
             queue.put_nowait(err)
         if self.processor is not None:
-            self.processor.states.clear()
+            self.processor.clear()
         for waiter in self._reset_waiters:
             if not waiter.done():
                 waiter.set_exception(err)

@@ -13,6 +13,7 @@ from lanner.engine.output_processor import (
     OutputProcessor,
     PromptType,
     check_request_id_and_priority,
+    child_request_id,
 )
 from lanner.engine.outputs import RequestOutput
 from lanner.model.tokenizer import load_tokenizer
@@ -88,17 +89,29 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the (cumulative) output of every request it moved."""
-        core_outputs = self.core.step()
-        if not core_outputs and not self.core.has_unfinished_requests():
-            lost = sorted(self.processor.states)
-            if lost:
-                # Nothing can ever finish them: fail loudly instead of spinning forever.
-                self.processor.abort_requests(lost)
-                raise RuntimeError(
-                    f"requests {lost[:10]} are unknown to the engine core (aborted or lost "
-                    f"there without passing through LLMEngine.abort_request); they were dropped"
-                )
-        processed = self.processor.process_outputs(core_outputs)
+        processed = self.processor.process_outputs(self.core.step())
         if processed.core_ids_to_abort:
             self.core.abort_requests(processed.core_ids_to_abort)
+        self._check_core_knows_requests()
         return processed.request_outputs
+
+    def _check_core_knows_requests(self) -> None:
+        """Every sample the front end still waits on must be in the core; one that is not
+        would never finish, and the caller's loop would spin forever."""
+        known = self.core.scheduler.requests
+        if self.processor.num_unfinished_samples <= len(known):
+            return  # the usual case, in O(1); the scan below runs only on a mismatch
+        waiting_on = {
+            child_request_id(request_id, c.index): request_id
+            for request_id, state in self.processor.states.items()
+            for c in state.completions
+            if c.finish_reason is None
+        }
+        lost = sorted({parent for child, parent in waiting_on.items() if child not in known})
+        if not lost:
+            return
+        self.abort_request(lost)
+        raise RuntimeError(
+            f"requests {lost[:10]} are unknown to the engine core (aborted or lost there "
+            f"without passing through LLMEngine.abort_request); they were dropped"
+        )

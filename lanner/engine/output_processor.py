@@ -96,6 +96,8 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
+        # Samples of tracked requests not yet finished: each must be a request in the core.
+        self.num_unfinished_samples = 0
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.states)
@@ -175,6 +177,7 @@ class OutputProcessor:
                 )
             )
         self.states[request_id] = state
+        self.num_unfinished_samples += len(requests)
         return requests
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
@@ -183,12 +186,19 @@ class OutputProcessor:
         for request_id in request_ids:
             state = self.states.pop(request_id, None)
             if state is not None:
-                core_ids += [
+                open_ids = [
                     child_request_id(request_id, c.index)
                     for c in state.completions
                     if c.finish_reason is None
                 ]
+                self.num_unfinished_samples -= len(open_ids)
+                core_ids += open_ids
         return core_ids
+
+    def clear(self) -> None:
+        """Forget every request (the core that ran them is gone)."""
+        self.states.clear()
+        self.num_unfinished_samples = 0
 
     def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         """Apply one core step's outputs; returns the (cumulative) output of every
@@ -212,6 +222,8 @@ class OutputProcessor:
                 continue
             if self._update_completion(completion, out):
                 to_abort.append(out.request_id)
+            if completion.finish_reason is not None:
+                self.num_unfinished_samples -= 1
             if out.new_token_ids:
                 if state.metrics.first_token_time is None:
                     state.metrics.first_token_time = now

@@ -51,6 +51,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="reuse the KV cache of shared prompt prefixes (default: on)",
     )
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="overlap scheduling of step N+1 with step N on the device (default: on CUDA)",
+    )
     for flag, text in _ENGINE_SWITCHES:
         parser.add_argument(flag, action="store_true", default=None, help=text)
 
@@ -62,8 +68,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         name = flag.removeprefix("--").replace("-", "_")
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    if args.enable_prefix_caching is not None:
-        options["enable_prefix_caching"] = args.enable_prefix_caching
+    for name in ("enable_prefix_caching", "async_scheduling"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     for flag, _ in _ENGINE_SWITCHES:
         name = flag.removeprefix("--").replace("-", "_")
         if getattr(args, name):

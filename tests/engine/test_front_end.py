@@ -103,12 +103,17 @@ def test_abort_request_takes_a_single_id(llm: LLM) -> None:
     assert_pool_full(llm)
 
 
-def test_step_raises_when_the_core_lost_requests(llm: LLM) -> None:
-    llm.engine.add_request(
-        "lost", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=30, ignore_eos=True)
-    )
-    llm.engine.core.abort_requests(["lost#0"])  # behind the front end's back
-    with pytest.raises(RuntimeError, match="unknown to the engine core"):
+@pytest.mark.parametrize("others_running", [False, True])
+def test_step_raises_when_the_core_lost_requests(llm: LLM, others_running: bool) -> None:
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    llm.engine.add_request("lost", {"prompt_token_ids": [1, 2, 3]}, params)
+    if others_running:
+        llm.engine.add_request("busy", {"prompt_token_ids": [4, 5, 6]}, params)
         llm.engine.step()
-    assert not llm.engine.has_unfinished_requests()
+    llm.engine.core.abort_requests(["lost#0"])  # behind the front end's back
+    with pytest.raises(RuntimeError, match=r"\['lost'\] are unknown to the engine core"):
+        for _ in range(100):
+            llm.engine.step()
+    assert set(llm.engine.processor.states) == ({"busy"} if others_running else set())
+    llm.engine.abort_request("busy")
     assert_pool_full(llm)
