@@ -234,6 +234,19 @@ def test_several_prompts_in_one_completion(client: openai.OpenAI) -> None:
     assert texts == [c.text for c in together.choices]
 
 
+def test_prompt_logprobs(server: ServerProcess, offline: LLM) -> None:
+    prompt = {"prompt_token_ids": [5, 6, 7, 8]}
+    expected = offline.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    body = {"model": MODEL, "prompt": [5, 6, 7, 8], "max_tokens": 1, "prompt_logprobs": 2}
+    choice = _post(server, "/v1/completions", body).json()["choices"][0]
+    got = choice["prompt_logprobs"]
+    assert got[0] is None and len(got) == 4
+    for position, want in zip(got[1:], expected.prompt_logprobs[1:], strict=True):
+        assert {int(t): v["logprob"] for t, v in position.items()} == pytest.approx(
+            {t: lp.logprob for t, lp in want.items()}
+        )
+
+
 def test_stop_strings(client: openai.OpenAI) -> None:
     base = dict(model=MODEL, prompt="import os", max_tokens=20, temperature=0)
     text = client.completions.create(**base, extra_body={"ignore_eos": True}).choices[0].text

@@ -181,6 +181,8 @@ class OpenAIServing:
     ) -> SamplingParams:
         kwargs = body.sampling_kwargs()
         kwargs["max_tokens"] = max_tokens
+        if getattr(body, "prompt_logprobs", None) is not None:
+            kwargs["prompt_logprobs"] = body.prompt_logprobs  # type: ignore[attr-defined]
         if logprobs is not None:
             kwargs["logprobs"] = logprobs
         if kwargs.get("min_tokens", 0) > max_tokens:
@@ -548,11 +550,31 @@ class _CompletionFormat(_BaseFormat):
                         "logprobs": self._logprobs(completion, 0),
                         "finish_reason": completion.finish_reason,
                         "stop_reason": completion.stop_reason,
+                        "prompt_logprobs": _prompt_logprobs(output),
                     }
                 )
         body = self._envelope(choices, chunk=False)
         body["usage"] = _usage(outputs)
         return body
+
+
+def _prompt_logprobs(output: RequestOutput) -> list[dict[str, Any] | None] | None:
+    """vLLM's shape: per prompt position, None for the first, else token id -> logprob."""
+    if output.prompt_logprobs is None:
+        return None
+    return [
+        None
+        if position is None
+        else {
+            str(token_id): {
+                "logprob": lp.logprob,
+                "rank": lp.rank,
+                "decoded_token": lp.decoded_token,
+            }
+            for token_id, lp in position.items()
+        }
+        for position in output.prompt_logprobs
+    ]
 
 
 def _token_entry(text: str, logprob: float) -> dict[str, Any]:
