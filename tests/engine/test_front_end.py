@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lanner import LLM, SamplingParams
+from lanner.engine.request import FinishReason, Request
 from tests.engine.test_llm import assert_pool_full, make_llm
 
 
@@ -116,4 +117,16 @@ def test_step_raises_when_the_core_lost_requests(llm: LLM, others_running: bool)
             llm.engine.step()
     assert set(llm.engine.processor.states) == ({"busy"} if others_running else set())
     llm.engine.abort_request("busy")
+    assert_pool_full(llm)
+
+
+def test_scheduler_refuses_bad_priority_without_a_trace(llm: LLM) -> None:
+    scheduler = llm.engine.core.scheduler
+    good = Request("fine", [1, 2], SamplingParams(), priority=0)
+    bad = Request("odd", [1, 2], SamplingParams(), priority="2")  # type: ignore[arg-type]
+    scheduler.add_request(good)
+    with pytest.raises(ValueError, match="priority must be an int"):
+        scheduler.add_request(bad)
+    assert list(scheduler.requests) == ["fine"] and scheduler.waiting == [good]
+    scheduler.finish_request("fine", FinishReason.ABORT)
     assert_pool_full(llm)
