@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lanner.kernels.transfer import to_device
+
 
 @dataclass
 class AttentionMetadata:
@@ -82,16 +84,14 @@ class AttentionMetadata:
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         prefills = [i for i, n in enumerate(query_lens) if n > 1]
         return cls(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(
-                len(block_tables), width
-            ),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=to_device(starts, torch.int32, device),
+            seq_lens=to_device(seq_lens, torch.int32, device),
+            block_tables=to_device(padded, torch.int32, device).reshape(len(block_tables), width),
+            slot_mapping=to_device(slots, torch.int64, device),
             query_start_loc_cpu=starts,
             seq_lens_cpu=list(seq_lens),
-            decode_seq_indices=torch.tensor(decodes, dtype=torch.int32, device=device),
-            prefill_seq_indices=torch.tensor(prefills, dtype=torch.int32, device=device),
+            decode_seq_indices=to_device(decodes, torch.int32, device),
+            prefill_seq_indices=to_device(prefills, torch.int32, device),
             num_decode=len(decodes),
             num_prefill=len(prefills),
         )

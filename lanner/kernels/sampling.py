@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels.transfer import to_device
+
 
 @triton.jit
 def _exponential_noise_kernel(out_ptr, seeds_ptr, vocab_size, stride_row, BLOCK: tl.constexpr):
@@ -21,11 +23,7 @@ def _exponential_noise_kernel(out_ptr, seeds_ptr, vocab_size, stride_row, BLOCK:
 
 def exponential_noise(seeds: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[len(seeds), vocab_size] float32 Exp(1) draws; row i is a pure function of seeds[i]."""
-    seed_tensor = torch.tensor(seeds, dtype=torch.int64)
-    if device.type == "cuda":
-        seed_tensor = seed_tensor.pin_memory().to(device, non_blocking=True)
-    else:
-        seed_tensor = seed_tensor.to(device)
+    seed_tensor = to_device(seeds, torch.int64, device)
     out = torch.empty((len(seeds), vocab_size), dtype=torch.float32, device=device)
     block = 1024
     _exponential_noise_kernel[(len(seeds), triton.cdiv(vocab_size, block))](

@@ -57,11 +57,15 @@ class DecodeGraphs:
         )
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.seq_indices = torch.arange(n, dtype=torch.int32, device=device)
-        # Host staging, pinned so the copies into the static buffers are asynchronous.
-        self.host = torch.zeros((4, n), dtype=torch.long, pin_memory=True)
-        self.host_tables = torch.zeros(
-            (n, self.max_blocks_per_seq), dtype=torch.int32, pin_memory=True
-        )
+        # Host staging, pinned so the copies into the static buffers are asynchronous;
+        # two sets used in turn, so preparing a step never overwrites the inputs of the
+        # step before, whose copies may still be queued (overlapped scheduling).
+        self.host_sets = [torch.zeros((4, n), dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self.table_sets = [
+            torch.zeros((n, self.max_blocks_per_seq), dtype=torch.int32, pin_memory=True)
+            for _ in range(2)
+        ]
+        self.turn = 0
         self.max_model_len = max_model_len
         self.num_kv_heads = num_kv_heads
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -129,7 +133,8 @@ class DecodeGraphs:
         on the device from the step before."""
         count = len(token_ids)
         batch = next(size for size in self.sizes if size >= count)
-        host = self.host
+        self.turn ^= 1
+        host, host_tables = self.host_sets[self.turn], self.table_sets[self.turn]
         host[:, :batch].fill_(0)
         host[2, count:batch] = -1  # padding rows write no K/V
         host[0, :count] = torch.tensor(token_ids)
@@ -140,12 +145,12 @@ class DecodeGraphs:
         # so only the used width is refreshed.
         width = max(len(table) for table in block_tables)
         padded = [table + [0] * (width - len(table)) for table in block_tables]
-        self.host_tables[:count, :width] = torch.tensor(padded, dtype=torch.int32)
+        host_tables[:count, :width] = torch.tensor(padded, dtype=torch.int32)
         self.input_ids[:batch].copy_(host[0, :batch], non_blocking=True)
         self.positions[:batch].copy_(host[1, :batch], non_blocking=True)
         self.slot_mapping[:batch].copy_(host[2, :batch], non_blocking=True)
         self.seq_lens[:batch].copy_(host[3, :batch], non_blocking=True)
-        self.block_tables[:count, :width].copy_(self.host_tables[:count, :width], non_blocking=True)
+        self.block_tables[:count, :width].copy_(host_tables[:count, :width], non_blocking=True)
         if previous_tokens is not None:
             self.input_ids[previous_tokens[0]] = previous_tokens[1]
         self.graphs[batch].replay()

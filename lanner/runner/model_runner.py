@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.loader import LoadedModel
 from lanner.runner.cuda_graphs import DecodeGraphs
@@ -126,7 +127,7 @@ class ModelRunner:
         return peak
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        return to_device(values, torch.long, self.device)
 
     def _previous_tokens(
         self, chunks: list[SequenceChunk], rows: list[int], previous: PendingStep | None

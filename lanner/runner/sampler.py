@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lanner.kernels.sampling import exponential_noise
+from lanner.kernels.transfer import to_device
 
 if TYPE_CHECKING:
     # Only for annotations: the sampler reads params' fields and never builds them, so the
@@ -114,7 +115,7 @@ def prompt_logprobs(
     if not next_token_ids:
         return []
     raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-    targets = _to_device(next_token_ids, torch.long, logits.device)
+    targets = to_device(next_token_ids, torch.long, logits.device)
     packed = _pack_logprobs(raw_logprobs, targets, num_top)
     return [_unpack_row(values) for values in packed.tolist()]
 
@@ -182,9 +183,9 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         return logits
     logits = logits.clone()
     device = logits.device
-    logits[
-        _to_device(row_index, torch.long, device), _to_device(token_index, torch.long, device)
-    ] = float("-inf")
+    logits[to_device(row_index, torch.long, device), to_device(token_index, torch.long, device)] = (
+        float("-inf")
+    )
     return logits
 
 
@@ -219,7 +220,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     positions = torch.arange(vocab_size, device=device).unsqueeze(0)
     if use_top_k:
         top_k = [r.params.top_k if r.params.top_k > 0 else vocab_size for r in rows]
-        keep_count = _to_device(top_k, torch.long, device).unsqueeze(1)
+        keep_count = to_device(top_k, torch.long, device).unsqueeze(1)
         sorted_logits = sorted_logits.masked_fill(positions >= keep_count, float("-inf"))
     if use_top_p:
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -248,7 +249,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     random_ids = (probs / noise).argmax(dim=-1)
     if greedy_ids is None:
         return random_ids
-    return torch.where(_to_device(greedy, torch.bool, logits.device), greedy_ids, random_ids)
+    return torch.where(to_device(greedy, torch.bool, logits.device), greedy_ids, random_ids)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -279,16 +280,8 @@ def _exponential_noise(
     return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor: a host-to-device copy, never a device sync."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return _to_device(values, torch.float32, device).unsqueeze(1)
+    return to_device(values, torch.float32, device).unsqueeze(1)
 
 
 def _token_counts(
@@ -298,7 +291,7 @@ def _token_counts(
     width = max((len(tokens) for tokens in token_lists), default=0)
     # Pad with vocab_size, an extra column that is dropped: scatter needs equal lengths.
     padded = [tokens + [vocab_size] * (width - len(tokens)) for tokens in token_lists]
-    index = _to_device(padded, torch.long, device).clamp_(0, vocab_size)
+    index = to_device(padded, torch.long, device).clamp_(0, vocab_size)
     counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
     counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
     return counts[:, :vocab_size]
