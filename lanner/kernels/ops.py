@@ -7,8 +7,9 @@ import os
 
 import torch
 
-from lanner.kernels import activation, kv_cache, reference, rotary
+from lanner.kernels import activation, reference
 from lanner.kernels import paged_attention as attention_kernels
+from lanner.kernels import qkv_prepare as qkv_kernels
 from lanner.kernels import rms_norm as norm_kernels
 from lanner.kernels.attention_metadata import AttentionMetadata
 
@@ -40,24 +41,40 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return reference.silu_and_mul(x)
 
 
-def apply_rotary_qk(
-    query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def qkv_prepare(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Per-head q/k RMSNorm (when weights are given), rotary, and K/V into the cache;
+    returns the queries attention needs."""
     if use_triton(query):
-        return rotary.apply_rotary_qk(query, key, positions, cos_sin_cache)
-    return (
-        reference.apply_rotary(query, positions, cos_sin_cache),
-        reference.apply_rotary(key, positions, cos_sin_cache),
-    )
-
-
-def store_kv_cache(
-    key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    if use_triton(key):
-        kv_cache.store_kv_cache(key, value, cache, slot_mapping)
-    else:
-        reference.store_kv_cache(key, value, cache, slot_mapping)
+        return qkv_kernels.qkv_prepare(
+            query,
+            key,
+            value,
+            positions,
+            cos_sin_cache,
+            cache,
+            slot_mapping,
+            q_norm_weight,
+            k_norm_weight,
+            eps,
+        )
+    if q_norm_weight is not None and k_norm_weight is not None:
+        query = reference.rms_norm(query, q_norm_weight, eps)
+        key = reference.rms_norm(key, k_norm_weight, eps)
+    query = reference.apply_rotary(query, positions, cos_sin_cache)
+    key = reference.apply_rotary(key, positions, cos_sin_cache)
+    reference.store_kv_cache(key, value, cache, slot_mapping)
+    return query
 
 
 def paged_attention(

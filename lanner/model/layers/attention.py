@@ -1,4 +1,5 @@
-"""Paged attention layer: writes this step's K/V into the cache, then attends over it."""
+"""Paged attention layer: this step's queries attend over each sequence's paged context
+(their own new K/V already written to the cache by ``ops.qkv_prepare``)."""
 
 from __future__ import annotations
 
@@ -30,14 +31,8 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
 
     def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
-        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
-        ops.store_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        """q [T, heads, head_dim] -> [T, heads * head_dim]."""
         out = ops.paged_attention(query, kv_cache, metadata, self.scale, self.sliding_window)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from lanner.kernels import ops
 from lanner.model.config import RopeConfig
 
 
@@ -37,7 +36,8 @@ def rope_inverse_frequencies(
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds a float32 [max_positions, head_dim] cos|sin table and rotates q and k."""
+    """Holds the float32 [max_positions, head_dim] cos|sin table that ``ops.qkv_prepare``
+    rotates q and k with."""
 
     def __init__(self, head_dim: int, rope: RopeConfig, max_position_embeddings: int) -> None:
         super().__init__()
@@ -46,8 +46,3 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq.to(positions.device))
         table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
         self.register_buffer("cos_sin_cache", table, persistent=False)
-
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.apply_rotary_qk(query, key, positions, self.cos_sin_cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lanner.kernels import ops
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.model.config import ModelConfig
 from lanner.model.layers.activation import SiluAndMul
@@ -61,11 +62,19 @@ class LlamaAttention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, metadata))
+        q = ops.qkv_prepare(
+            q,
+            k,
+            v,
+            positions,
+            self.rotary.cos_sin_cache,
+            kv_cache,
+            metadata.slot_mapping,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.q_norm.eps if self.q_norm is not None else 0.0,
+        )
+        return self.o_proj(self.attn(q, kv_cache, metadata))
 
 
 class LlamaMLP(nn.Module):

@@ -1,0 +1,54 @@
+"""The fused q/k norm + rotary + cache-store kernel against the unfused reference ops."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lanner.kernels import reference  # noqa: E402
+from lanner.kernels.qkv_prepare import qkv_prepare  # noqa: E402
+from lanner.model.config import RopeConfig  # noqa: E402
+from lanner.model.layers.rotary import RotaryEmbedding  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "norm"),
+    [
+        (4, 1, 24, False),
+        (8, 2, 64, True),
+        (6, 6, 32, True),
+        (32, 8, 128, False),
+    ],
+)
+def test_matches_reference(dtype, heads, kv_heads, head_dim, norm) -> None:
+    generator = torch.Generator().manual_seed(0)
+    tokens, block_size, num_blocks = 7, 4, 5
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(tokens, heads, head_dim)  # strided views, as the model passes them
+    k = k.view(tokens, kv_heads, head_dim)
+    v = v.view(tokens, kv_heads, head_dim)
+    positions = torch.tensor([0, 3, 9, 4, 17, 2, 30])
+    slots = torch.tensor([5, 0, -1, 19, 7, 12, 3])  # -1: a padding token
+    table = RotaryEmbedding(head_dim, RopeConfig(theta=10000.0), 64).cos_sin_cache
+    q_w = (torch.rand(head_dim, generator=generator) + 0.5).to(dtype) if norm else None
+    k_w = (torch.rand(head_dim, generator=generator) + 0.5).to(dtype) if norm else None
+
+    expected_cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    rq, rk = q, k
+    if norm:
+        rq, rk = reference.rms_norm(q, q_w, 1e-6), reference.rms_norm(k, k_w, 1e-6)
+    rq = reference.apply_rotary(rq, positions, table)
+    rk = reference.apply_rotary(rk, positions, table)
+    reference.store_kv_cache(rk, v, expected_cache, slots)
+
+    cache = torch.zeros_like(expected_cache)
+    out = qkv_prepare(q, k, v, positions, table, cache, slots, q_w, k_w, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, rq, atol=tol, rtol=tol)
+    torch.testing.assert_close(cache, expected_cache, atol=tol, rtol=tol)
