@@ -192,7 +192,56 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(handler=run_chat)
+
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_bench_parser(commands: Any) -> None:
+    # The bench modules import only the standard library at the top, so `lanner --help`
+    # stays fast; each handler imports what it runs.
+    from lanner.bench import datasets, serve_client, throughput
+
+    bench = commands.add_parser("bench", help="benchmark throughput, latency or a server")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+
+    offline = kinds.add_parser("throughput", help="offline: all requests at once through LLM")
+    add_engine_args(offline)
+    datasets.add_dataset_args(offline)
+    throughput.add_sampling_args(offline)
+    throughput.add_warmup_arg(offline, default=0)
+    throughput.add_common_args(offline)
+    offline.set_defaults(handler=_bench_handler("throughput", "run_throughput"))
+
+    latency = kinds.add_parser("latency", help="one batch, repeated: TTFT and TPOT percentiles")
+    add_engine_args(latency)
+    latency.add_argument("--batch-size", type=int, default=8)
+    latency.add_argument("--input-len", type=int, default=32)
+    latency.add_argument("--output-len", type=int, default=128)
+    latency.add_argument("--num-iters", type=int, default=30)
+    latency.add_argument("--num-iters-warmup", type=int, default=3)
+    throughput.add_sampling_args(latency)
+    throughput.add_common_args(latency)
+    latency.set_defaults(handler=_bench_handler("latency", "run_latency"))
+
+    serve = kinds.add_parser("serve", help="stream requests to an OpenAI-compatible server")
+    serve_client.add_serve_args(serve)
+    datasets.add_dataset_args(serve)
+    throughput.add_sampling_args(serve)
+    throughput.add_common_args(serve)
+    serve.set_defaults(handler=_bench_handler("serve_client", "run_serve_bench"))
+
+    ceilings = kinds.add_parser("ceilings", help="measure this card's copy and matmul ceilings")
+    ceilings.set_defaults(handler=_bench_handler("roofline", "run_ceilings"))
+
+
+def _bench_handler(module: str, function: str) -> Any:
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"lanner.bench.{module}"), function)(args)
+
+    return handler
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
