@@ -196,3 +196,12 @@ def test_serve_bench_against_a_real_server(
     assert len(result["plots"]) == 3  # a CDF per rate and the sweep
     for png in result["plots"]:
         check_png(png)
+
+
+def test_ceilings_and_roofline_say_why_they_are_omitted_on_cpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "ceilings"]) == 0
+    assert roofline.CPU_NOTE in capsys.readouterr().out
+    section = roofline.roofline_section(None, lambda s: {}, 1.0, device="cpu")
+    assert section == {"note": roofline.CPU_NOTE}
