@@ -21,6 +21,7 @@ from lanner.bench import report, roofline
 from lanner.bench.datasets import BenchRequest, build_requests
 
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+WARMUP_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -278,14 +279,17 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     model = _model_name(args.base_url, args.model, args.api_key)
     tokenizer = _tokenizer(args)
     vocab = args.vocab_size or (len(tokenizer) if tokenizer is not None else 1000)
-    requests = build_requests(args, vocab, tokenizer)
     shape = _shape(args)
     runs: list[dict[str, Any]] = []
     series_by_rate: list[dict[str, list[float]]] = []
-    for rate in rates:
+    for index, rate in enumerate(rates):
+        # Each rate (and each warm-up) gets prompts of its own seed, so no run is served
+        # from the prefix cache an earlier one filled.
         if args.num_warmups > 0:
-            asyncio.run(run_rate(args.base_url, model, requests[: args.num_warmups],
-                                 math.inf, _quiet(args)))  # fmt: skip
+            warmup = _requests(args, vocab, tokenizer, WARMUP_SEED_OFFSET + index,
+                               num_prompts=args.num_warmups)  # fmt: skip
+            asyncio.run(run_rate(args.base_url, model, warmup, math.inf, _quiet(args)))
+        requests = _requests(args, vocab, tokenizer, index)
         results, duration = asyncio.run(run_rate(args.base_url, model, requests, rate, args))
         summary = summarize_run(results, duration, rate, slos)
         series_by_rate.append(summary.pop("_series"))
@@ -317,6 +321,13 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         result["plots"] = plots
         report.write_json(result, path)
     return 0 if all(run["completed"] > 0 for run in runs) else 1
+
+
+def _requests(
+    args: argparse.Namespace, vocab: int, tokenizer: Any, seed_offset: int, **changes: Any
+) -> list[BenchRequest]:
+    shifted = argparse.Namespace(**{**vars(args), "seed": args.seed + seed_offset, **changes})
+    return build_requests(shifted, vocab, tokenizer)
 
 
 def _quiet(args: argparse.Namespace) -> argparse.Namespace:

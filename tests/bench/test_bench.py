@@ -175,18 +175,21 @@ def test_serve_bench_against_a_real_server(
             ["serve", "--base-url", server.url, "--num-prompts", "8",
              "--input-len-range", "4:10", "--output-len-range", "2:6", "--request-rates",
              "50,inf", "--max-concurrency", "4", "--goodput", "ttft:60000", "tpot:60000",
-             "--tokenizer", str(tiny_model_dirs["llama"]), "--plot"],
+             "--tokenizer", str(tiny_model_dirs["llama"]), "--num-warmups", "2", "--plot"],
         )  # fmt: skip
     finally:
         server.stop()
-    wanted = sum(r.output_len for r in datasets.random_requests(
-        8, 0, 0, 384, 0, input_range=(4, 10), output_range=(2, 6)))  # fmt: skip
     assert [run["request_rate"] for run in result["results"]["runs"]] == [50.0, "inf"]
-    for run in result["results"]["runs"]:
+    for seed, run in enumerate(result["results"]["runs"]):
+        # Each rate draws its own prompts (seed + its index), so no run hits the prefix
+        # cache an earlier one filled.
+        wanted = datasets.random_requests(8, 0, 0, 384, seed, (4, 10), (2, 6))
         assert (run["completed"], run["failed"]) == (8, 0)
-        assert run["total_output_tokens"] == run["requested_output_tokens"] == wanted
+        assert run["total_input_tokens"] == sum(r.input_len for r in wanted)
+        outputs = sum(r.output_len for r in wanted)
+        assert run["total_output_tokens"] == run["requested_output_tokens"] == outputs
         assert run["duration_s"] > 0 and run["request_throughput"] > 0
-        assert run["output_throughput"] == pytest.approx(wanted / run["duration_s"])
+        assert run["output_throughput"] == pytest.approx(outputs / run["duration_s"])
         assert 0.0 <= run["goodput_share"] <= 1.0 and run["goodput_share"] == 1.0
         for name in ("ttft", "tpot", "itl", "e2el"):
             assert run[f"p50_{name}_ms"] <= run[f"p90_{name}_ms"] <= run[f"p99_{name}_ms"]
