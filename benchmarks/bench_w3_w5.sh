@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # W3 (offline-small) and W5 (serve-8b) of ../shared/BENCHMARKS.md through `lanner bench`,
 # with the HF transformers peer on W3 and a batch-1 latency pair (lanner, HF) beside it.
+# The peer pads every batch to its longest request: at 256 requests a batch ran out of
+# the H100's memory (2026-11-27), so it runs W3 in batches of 64.
 # Run from the repository root on the GPU machine; JSON (and PNG) results land in $OUT.
 # All of it takes about 9 minutes (W5's 1000 requests at 4 req/s alone take 250 s), so
 # one 600 s call is tight: BENCH_PARTS=w3,latency and BENCH_PARTS=w5 split it in two.
@@ -36,7 +38,7 @@ echo "== W3 lanner"
 echo "== W3 HF transformers peer"
 python3 benchmarks/peers/hf_transformers.py throughput --model $small \
     --num-prompts "${W3_PROMPTS:-256}" --input-len-range 100:1024 --output-len-range 100:1024 --temperature 0.6 --seed 0 \
-    --max-batch 256 "${peer[@]}" --output-json "$OUT/W3-hf.json"
+    --max-batch 64 "${peer[@]}" --output-json "$OUT/W3-hf.json"
 fi
 
 if want latency; then
