@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lanner.bench.roofline import copy_rate
 from lanner.engine.config import EngineConfig
 from lanner.engine.core import EngineCore
 from lanner.engine.request import Request
@@ -24,22 +25,6 @@ from lanner.sampling_params import SamplingParams
 
 SHAPES = Path(__file__).resolve().parent / "shapes"
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3)
 
 
 def time_dummy_load(shape: str) -> dict:
@@ -101,7 +86,7 @@ def main() -> None:
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
     card = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_rate()
     command = "PYTHONPATH=. python3 benchmarks/gpu_baseline.py"
     common = {
         "card": card,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from lanner.bench.roofline import copy_rate
 from lanner.kernels import reference
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.kernels.paged_attention import paged_attention, prefill_attention
@@ -26,13 +27,6 @@ from lanner.kernels.paged_attention import paged_attention, prefill_attention
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK_SIZE = 16
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # llama3-8b
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() / (ms / 1e3)
 
 
 def paged_case(query_lens: list[int], seq_lens: list[int], dtype=torch.bfloat16):
@@ -169,7 +163,7 @@ def main() -> None:
     if args.sweep_prefill:
         sweep_prefill()
         return
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_rate()
     rows = [
         bench_decode(b, c, bandwidth)
         for b, c in ((1, 4096), (32, 4096), (64, 4096), (32, 8192), (128, 1024), (256, 512))

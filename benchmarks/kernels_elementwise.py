@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.testing
 
+from lanner.bench.roofline import copy_rate
 from lanner.kernels import reference
 from lanner.kernels.activation import silu_and_mul
 from lanner.kernels.kv_cache import store_kv_cache
@@ -60,25 +61,6 @@ class Case:
     bytes_moved: int
     # Compares kernel and reference outputs; returns (ok, max abs error, share not bit-equal).
     compare: Callable[[], tuple[bool, float, float]]
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    rate = 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return rate
 
 
 def compare_outputs(actual, expected) -> tuple[bool, float, float]:
@@ -240,7 +222,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_rate()
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)

@@ -45,7 +45,8 @@ def _median_ms(fn: Any, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def _copy_rate(repeats: int) -> float:
+def copy_rate(repeats: int = 20) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus written."""
     import torch
 
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -67,7 +68,7 @@ def measure_ceilings(repeats: int = 20) -> dict[str, Any]:
     """Copy bandwidth (bytes read + written per second) and the bf16 matmul rate."""
     import torch
 
-    bandwidth = _copy_rate(repeats)
+    bandwidth = copy_rate(repeats)
     flops = _matmul_rate(repeats)
     torch.cuda.empty_cache()
     return {
