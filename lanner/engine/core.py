@@ -263,7 +263,6 @@ class EngineCore:
         token, check stop conditions, and report what changed."""
         result = self.runner.collect(launched.step)
         outputs = []
-        now = time.monotonic()
         for scheduled in launched.schedule.scheduled:
             request = scheduled.request
             token = result.sampled_token_ids.get(request.request_id)
@@ -280,13 +279,8 @@ class EngineCore:
                 request.output_token_ids[slot] = token
                 request.num_pending_outputs -= 1
                 out.new_token_ids.append(token)
-                if request.first_token_time is None:
-                    request.first_token_time = now
                 if request.request_id in result.logprobs:
-                    logprob = result.logprobs[request.request_id]
-                    request.output_logprobs.append(logprob)
-                    request.cumulative_logprob += logprob.logprob
-                    out.new_logprobs.append(logprob)
+                    out.new_logprobs.append(result.logprobs[request.request_id])
                 stop = self.scheduler.check_stop(request)
                 if stop is not None:
                     # A step launched after this one may have sampled past the end.

@@ -76,7 +76,6 @@ class RequestState:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     # Set from the core's outputs, for the server's metrics.
     scheduled_time: float | None = None
-    last_token_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -224,10 +223,8 @@ class OutputProcessor:
                 to_abort.append(out.request_id)
             if completion.finish_reason is not None:
                 self.num_unfinished_samples -= 1
-            if out.new_token_ids:
-                if state.metrics.first_token_time is None:
-                    state.metrics.first_token_time = now
-                state.last_token_time = now
+            if out.new_token_ids and state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
         outputs = []
         for request_id, state in touched.items():
             if state.finished:

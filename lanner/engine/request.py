@@ -41,15 +41,12 @@ class Request:
     # A sibling of the same prompt whose computed prompt blocks this request may share.
     prefix_source_id: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    first_token_time: float | None = None
     scheduled_time: float | None = None  # first time the scheduler ran it
     scheduled_time_sent: bool = False  # reported in an EngineCoreOutput yet?
     # Trailing entries of output_token_ids that are still PLACEHOLDER_TOKEN.
@@ -72,10 +69,6 @@ class Request:
     def num_known_tokens(self) -> int:
         """Prompt plus the outputs the host has read (placeholders excluded)."""
         return self.num_tokens - self.num_pending_outputs
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""

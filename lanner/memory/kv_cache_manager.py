@@ -56,10 +56,6 @@ class KVCacheManager:
     def get_block_table(self, request_id: str) -> list[int]:
         return self.block_tables.get(request_id, [])
 
-    def can_hold(self, num_tokens: int) -> bool:
-        """Could a fresh request of this many tokens ever fit in the whole pool?"""
-        return self.blocks_needed(num_tokens) <= self.pool.num_blocks
-
     def allocate_slots(self, request_id: str, total_tokens: int) -> bool:
         """Grow the request's table to hold ``total_tokens`` tokens, evicting cached
         blocks nobody uses when the free list is short. Returns False, adding no
