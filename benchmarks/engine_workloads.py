@@ -81,6 +81,35 @@ def single_stream(shape: str, enforce_eager: bool) -> dict:
     }
 
 
+def run_offline(
+    core: EngineCore,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    time_limit_s: float = float("inf"),
+) -> dict:
+    """Submit all at once to a built core; time until the last finishes (prefill included)."""
+    for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
+        core.add_request(Request(f"x{i}-{time.monotonic_ns()}", prompt, param))
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    output_tokens = steps = 0
+    timed_out = False
+    while core.has_unfinished_requests():
+        output_tokens += sum(len(out.new_token_ids) for out in core.step())
+        steps += 1
+        if time.perf_counter() - started > time_limit_s:
+            timed_out = True
+            break
+    elapsed = time.perf_counter() - started
+    return {
+        "seconds": elapsed,
+        "output_tokens": output_tokens,
+        "steps": steps,
+        "output_tok_per_s": output_tokens / elapsed,
+        "timed_out": timed_out,
+    }
+
+
 def offline(
     shape: str,
     prompts: list[list[int]],
@@ -88,34 +117,17 @@ def offline(
     time_limit_s: float,
     **options,
 ) -> dict:
-    """All requests submitted at once; wall time includes prefill."""
+    """W3/W4: a fresh engine, all requests submitted at once."""
     core = make_core(shape, **options)
-    for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
-        core.add_request(Request(f"q{i}", prompt, param))
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    output_tokens = steps = 0
-    timed_out = False
-    while core.has_unfinished_requests():
-        for out in core.step():
-            output_tokens += len(out.new_token_ids)
-        steps += 1
-        if time.perf_counter() - started > time_limit_s:
-            timed_out = True
-            break
-    elapsed = time.perf_counter() - started
+    result = run_offline(core, prompts, params, time_limit_s)
     preemptions = core.scheduler.num_preemptions
     release(core)
     input_tokens = sum(len(p) for p in prompts)
     return {
         "requests": len(prompts),
-        "output_tokens": output_tokens,
-        "seconds": elapsed,
-        "output_tok_per_s": output_tokens / elapsed,
-        "total_tok_per_s": (output_tokens + input_tokens) / elapsed,
-        "steps": steps,
+        **result,
+        "total_tok_per_s": (result["output_tokens"] + input_tokens) / result["seconds"],
         "preemptions": preemptions,
-        "timed_out": timed_out,
     }
 
 
@@ -153,19 +165,6 @@ def w4(enforce_eager: bool) -> dict:
     )
 
 
-def run_offline(core: EngineCore, prompts: list[list[int]], params: SamplingParams) -> dict:
-    """Submit all at once to an existing core; time until the last finishes."""
-    for i, prompt in enumerate(prompts):
-        core.add_request(Request(f"x{i}-{time.monotonic_ns()}", prompt, params))
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    output_tokens = 0
-    while core.has_unfinished_requests():
-        output_tokens += sum(len(out.new_token_ids) for out in core.step())
-    elapsed = time.perf_counter() - started
-    return {"seconds": elapsed, "output_tok_per_s": output_tokens / elapsed}
-
-
 def w6() -> dict:
     """256 requests of 2048 input / 128 output tokens whose first 0-90 % is one shared
     prefix: throughput with prefix caching on over off."""
@@ -186,10 +185,10 @@ def w6() -> dict:
             max_num_batched_tokens=8192,
             enable_prefix_caching=caching,
         )
-        run_offline(core, workloads[0][:8], params)  # warm up
+        run_offline(core, workloads[0][:8], [params] * 8)  # warm up
         for share in shares:
             core.reset_prefix_cache()
-            result = run_offline(core, workloads[share], params)
+            result = run_offline(core, workloads[share], [params] * len(workloads[share]))
             figures.setdefault(f"{share}%", {})["on" if caching else "off"] = result
         release(core)
         del core  # free this engine's memory before the next one allocates
@@ -286,29 +285,36 @@ def parity() -> dict:
     }
 
 
-def profile_decode(shape: str) -> dict:
-    """cProfile of 200 graph-replayed decode steps of one request: where the host time goes."""
+def cprofile_steps(core: EngineCore, steps: int, rows: int) -> tuple[float, str]:
+    """Run ``steps`` engine steps under cProfile: ms per step and the top ``rows`` by
+    own time."""
     import cProfile
     import io
     import pstats
 
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        core.step()
+    profiler.disable()
+    per_step_ms = (time.perf_counter() - started) / steps * 1e3
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return per_step_ms, text.getvalue()
+
+
+def profile_decode(shape: str) -> dict:
+    """cProfile of 200 graph-replayed decode steps of one request: where the host time goes."""
     core = make_core(shape, max_num_seqs=8)
     params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
     core.add_request(Request("p", list(range(100, 228)), params))
     for _ in range(20):
         core.step()
-    profiler = cProfile.Profile()
-    started = time.perf_counter()
-    profiler.enable()
-    for _ in range(200):
-        core.step()
-    profiler.disable()
-    per_step = (time.perf_counter() - started) / 200
+    per_step_ms, text = cprofile_steps(core, 200, 25)
     release(core)
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-    print(text.getvalue()[-6000:])
-    return {"step_ms_under_profiler": per_step * 1e3}
+    print(text[-6000:])
+    return {"step_ms_under_profiler": per_step_ms}
 
 
 def profile_w3_decode() -> dict:
@@ -330,21 +336,9 @@ def profile_w3_decode() -> dict:
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
     print(table)
     # The host side of the same steps: where Python spends a 256-request step.
-    import cProfile
-    import io
-    import pstats
-
-    profiler = cProfile.Profile()
-    started = time.perf_counter()
-    profiler.enable()
-    for _ in range(10):
-        core.step()
-    profiler.disable()
-    host_step_ms = (time.perf_counter() - started) / 10 * 1e3
+    host_step_ms, text = cprofile_steps(core, 10, 22)
     release(core)
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
-    print(text.getvalue()[-5000:])
+    print(text[-5000:])
     return {"step_ms_under_torch_profiler": step_ms, "step_ms_under_cprofile": host_step_ms}
 
 
