@@ -1,5 +1,6 @@
-"""GPU check and timing of the elementwise Triton kernels (RMSNorm, rotary, SiLU-and-mul,
-KV-cache store) against their pure-torch references at llama3-8b shapes.
+"""GPU check and timing of the elementwise Triton kernels (RMSNorm, SiLU-and-mul, and the
+fused q/k-norm + rotary + KV-cache store) against their pure-torch references at llama3-8b
+shapes.
 
 Run on the GPU machine from the repository root:
     PYTHONPATH=. python3 benchmarks/kernels_elementwise.py --commit $(git rev-parse HEAD)
@@ -28,9 +29,8 @@ import triton.testing
 from lanner.bench.roofline import copy_rate
 from lanner.kernels import reference
 from lanner.kernels.activation import silu_and_mul
-from lanner.kernels.kv_cache import store_kv_cache
+from lanner.kernels.qkv_prepare import qkv_prepare
 from lanner.kernels.rms_norm import fused_add_rms_norm, rms_norm
-from lanner.kernels.rotary import apply_rotary, apply_rotary_qk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -132,21 +132,6 @@ def build_cases(tokens: int, dtype: torch.dtype) -> list[Case]:
             2 * q_bytes + HEAD_DIM * size,
         ),
         output_case(
-            "apply_rotary(q view)",
-            lambda: apply_rotary(q, positions, cache),
-            lambda: reference.apply_rotary(q, positions, cache),
-            2 * q_bytes + rope_bytes,
-        ),
-        output_case(
-            "apply_rotary_qk(views)",
-            lambda: apply_rotary_qk(q, k, positions, cache),
-            lambda: (
-                reference.apply_rotary(q, positions, cache),
-                reference.apply_rotary(k, positions, cache),
-            ),
-            2 * (q_bytes + k_bytes) + rope_bytes,
-        ),
-        output_case(
             "silu_and_mul",
             lambda: silu_and_mul(gate_up),
             lambda: reference.silu_and_mul(gate_up),
@@ -154,7 +139,8 @@ def build_cases(tokens: int, dtype: torch.dtype) -> list[Case]:
         ),
     ]
 
-    # KV store: scattered slots over twice the blocks needed, every 7th token padding (-1).
+    # q/k norm + rotary + KV store in one launch: scattered slots over twice the blocks
+    # needed, every 7th token padding (-1).
     num_blocks = 2 * triton.cdiv(tokens, BLOCK_SIZE) + 1
     cache_shape = (2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     kv_cache = torch.zeros(cache_shape, device="cuda", dtype=dtype)
@@ -163,22 +149,36 @@ def build_cases(tokens: int, dtype: torch.dtype) -> list[Case]:
     slot_mapping = torch.where(padding, -1, slots)
     valid_tokens = tokens - int(padding.sum().item())
 
-    def compare_store() -> tuple[bool, float, float]:
+    def reference_prepare(target_cache: torch.Tensor) -> torch.Tensor:
+        rq = reference.apply_rotary(reference.rms_norm(q, head_weight, EPS), positions, cache)
+        rk = reference.apply_rotary(reference.rms_norm(k, head_weight, EPS), positions, cache)
+        reference.store_kv_cache(rk, v, target_cache, slot_mapping)
+        return rq
+
+    def compare_prepare() -> tuple[bool, float, float]:
         kernel_cache = torch.zeros_like(kv_cache)
-        expected = torch.zeros_like(kv_cache)
-        store_kv_cache(k, v, kernel_cache, slot_mapping)
-        reference.store_kv_cache(k, v, expected, slot_mapping)
-        equal = torch.equal(kernel_cache, expected)
-        error = (kernel_cache.float() - expected.float()).abs().max().item()
-        return equal, error, 0.0 if equal else float((kernel_cache != expected).float().mean())
+        expected_cache = torch.zeros_like(kv_cache)
+        out = qkv_prepare(
+            q, k, v, positions, cache, kernel_cache, slot_mapping, head_weight, head_weight, EPS
+        )
+        q_ok, q_error, q_unequal = compare_outputs(out, reference_prepare(expected_cache))
+        c_ok, c_error, c_unequal = compare_outputs(kernel_cache, expected_cache)
+        return q_ok and c_ok, max(q_error, c_error), max(q_unequal, c_unequal)
 
     cases.append(
         Case(
-            "store_kv_cache(views)",
-            lambda: store_kv_cache(k, v, kv_cache, slot_mapping),
-            lambda: reference.store_kv_cache(k, v, kv_cache, slot_mapping),
-            4 * valid_tokens * NUM_KV_HEADS * HEAD_DIM * size + tokens * 8,
-            compare_store,
+            "qkv_prepare(views, qk-norm)",
+            lambda: qkv_prepare(
+                q, k, v, positions, cache, kv_cache, slot_mapping, head_weight, head_weight, EPS
+            ),
+            lambda: reference_prepare(kv_cache),
+            # read q, k, v and the rope rows; write q and (valid tokens') K/V into the cache
+            2 * q_bytes
+            + k_bytes
+            + k_bytes
+            + rope_bytes
+            + 2 * valid_tokens * NUM_KV_HEADS * HEAD_DIM * size,
+            compare_prepare,
         )
     )
     return cases

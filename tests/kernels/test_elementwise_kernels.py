@@ -1,5 +1,5 @@
-"""Triton RMSNorm, rotary, SiLU-and-mul and KV-cache store against the pure-torch reference,
-run by Triton's CPU interpreter at small shapes."""
+"""Triton RMSNorm and SiLU-and-mul against the pure-torch reference, run by Triton's CPU
+interpreter at small shapes (rotary and the KV store: tests/kernels/test_qkv_prepare.py)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,7 @@ if not isinstance(norm_module._rms_norm_kernel, InterpretedFunction):
     )
 
 from lanner.kernels.activation import silu_and_mul  # noqa: E402
-from lanner.kernels.kv_cache import store_kv_cache  # noqa: E402
 from lanner.kernels.rms_norm import fused_add_rms_norm, rms_norm  # noqa: E402
-from lanner.kernels.rotary import apply_rotary, apply_rotary_qk  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Same-dtype comparison: the kernel and the reference round at the same points, so they
@@ -128,53 +126,6 @@ def test_fused_add_rms_norm_strided_inputs() -> None:
     assert_close(normed, expected_normed)
 
 
-# ---------------------------------------------------------------- rotary
-
-
-def cos_sin_cache(max_positions: int, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
-def random_positions(tokens: int, max_positions: int, dtype: torch.dtype = torch.int64):
-    generator = torch.Generator().manual_seed(12)
-    return torch.randint(0, max_positions, (tokens,), generator=generator, dtype=dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [16, 24, 64])
-def test_apply_rotary(dtype: torch.dtype, head_dim: int) -> None:
-    x = randn(5, 3, head_dim, dtype=dtype, seed=13)
-    cache = cos_sin_cache(50, head_dim)
-    positions = random_positions(5, 50)
-    assert_close(apply_rotary(x, positions, cache), reference.apply_rotary(x, positions, cache))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_apply_rotary_qk_on_qkv_views(dtype: torch.dtype) -> None:
-    q, k, _ = qkv_views(tokens=4, heads=4, kv_heads=2, head_dim=24, dtype=dtype)
-    cache = cos_sin_cache(40, 24)
-    positions = random_positions(4, 40, dtype=torch.int32)
-    q_before, k_before = q.clone(), k.clone()
-    q_out, k_out = apply_rotary_qk(q, k, positions, cache)
-    assert_close(q_out, reference.apply_rotary(q, positions, cache))
-    assert_close(k_out, reference.apply_rotary(k, positions, cache))
-    assert_close(apply_rotary(q, positions, cache), reference.apply_rotary(q, positions, cache))
-    assert torch.equal(q, q_before) and torch.equal(k, k_before)
-
-
-def test_apply_rotary_qk_walks_many_heads() -> None:
-    """More heads than one tile holds (40 x 128 > 2048 elements): the head loop runs twice."""
-    q = randn(2, 40, 128, dtype=torch.bfloat16, seed=14)
-    k = randn(2, 8, 128, dtype=torch.bfloat16, seed=15)
-    cache = cos_sin_cache(4096, 128)
-    positions = torch.tensor([0, 4095])
-    q_out, k_out = apply_rotary_qk(q, k, positions, cache)
-    assert_close(q_out, reference.apply_rotary(q, positions, cache))
-    assert_close(k_out, reference.apply_rotary(k, positions, cache))
-
-
 # ---------------------------------------------------------------- SiLU and mul
 
 
@@ -191,49 +142,13 @@ def test_silu_and_mul_strided_rows() -> None:
         assert_close(silu_and_mul(view), reference.silu_and_mul(view))
 
 
-# ---------------------------------------------------------------- KV cache store
-
-
-def check_store(key, value, num_blocks: int, block_size: int, slot_mapping) -> None:
-    _, kv_heads, head_dim = key.shape
-    kv_cache = randn(2, num_blocks, block_size, kv_heads, head_dim, dtype=key.dtype, seed=18)
-    expected = kv_cache.clone()
-    reference.store_kv_cache(key, value, expected, slot_mapping)
-    store_kv_cache(key, value, kv_cache, slot_mapping)
-    assert torch.equal(kv_cache, expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_store_kv_cache_views_padding_and_block_boundaries(dtype: torch.dtype) -> None:
-    _, key, value = qkv_views(tokens=7, heads=4, kv_heads=2, head_dim=24, dtype=dtype)
-    block_size = 4
-    # Tokens run across the end of block 2 into block 0, and scatter; two are padding.
-    slots = [2 * block_size + 2, 2 * block_size + 3, 0, -1, 1, 3 * block_size, -1]
-    check_store(key, value, 5, block_size, torch.tensor(slots, dtype=torch.int64))
-
-
-def test_store_kv_cache_int32_slots_and_many_heads() -> None:
-    """16 heads of 256 > one 2048-element tile: the head loop runs twice."""
-    key = randn(3, 16, 256, dtype=torch.float16, seed=19)
-    value = randn(3, 16, 256, dtype=torch.float16, seed=20)
-    check_store(key, value, 2, 16, torch.tensor([17, -1, 15], dtype=torch.int32))
-
-
-def test_store_kv_cache_all_padding_leaves_cache_untouched() -> None:
-    key = randn(2, 2, 16, dtype=torch.float32, seed=21)
-    check_store(key, key * 2, 3, 4, torch.full((2,), -1, dtype=torch.int64))
-
-
 def test_empty_batches_launch_nothing() -> None:
     x = torch.empty(0, 4, 16)
     weight = torch.ones(16)
     assert rms_norm(x, weight, EPS).shape == (0, 4, 16)
     normed, summed = fused_add_rms_norm(x, x, weight, EPS)
     assert normed.shape == summed.shape == (0, 4, 16)
-    positions = torch.empty(0, dtype=torch.int64)
-    assert apply_rotary(x, positions, cos_sin_cache(8, 16)).shape == (0, 4, 16)
     assert silu_and_mul(torch.empty(0, 32)).shape == (0, 16)
-    store_kv_cache(x, x, torch.zeros(2, 1, 4, 4, 16), positions)
 
 
 def test_exponential_noise_is_exp1_and_a_function_of_the_seed() -> None:

@@ -15,7 +15,7 @@ from lanner.model.config import RopeConfig  # noqa: E402
 from lanner.model.layers.rotary import RotaryEmbedding  # noqa: E402
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "norm"),
     [
@@ -23,6 +23,7 @@ from lanner.model.layers.rotary import RotaryEmbedding  # noqa: E402
         (8, 2, 64, True),
         (6, 6, 32, True),
         (32, 8, 128, False),
+        (40, 8, 128, True),
     ],
 )
 def test_matches_reference(dtype, heads, kv_heads, head_dim, norm) -> None:
@@ -49,6 +50,20 @@ def test_matches_reference(dtype, heads, kv_heads, head_dim, norm) -> None:
 
     cache = torch.zeros_like(expected_cache)
     out = qkv_prepare(q, k, v, positions, table, cache, slots, q_w, k_w, 1e-6)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(out, rq, atol=tol, rtol=tol)
     torch.testing.assert_close(cache, expected_cache, atol=tol, rtol=tol)
+
+
+def test_padding_tokens_and_empty_batches_write_nothing() -> None:
+    table = RotaryEmbedding(16, RopeConfig(theta=10000.0), 8).cos_sin_cache
+    q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    cache = torch.randn(2, 3, 4, 2, 16)
+    before = cache.clone()
+    out = qkv_prepare(q, k, v, torch.tensor([1, 5]), table, cache, torch.tensor([-1, -1]))
+    assert torch.equal(cache, before)  # all padding: the cache is untouched
+    torch.testing.assert_close(out, reference.apply_rotary(q, torch.tensor([1, 5]), table))
+    empty = torch.empty(0, 2, 16)
+    no_positions = torch.empty(0, dtype=torch.int64)
+    result = qkv_prepare(empty, empty, empty, no_positions, table, cache, no_positions)
+    assert result.shape == (0, 2, 16)
