@@ -48,8 +48,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
-def bench_decode(batch: int, context: int, bandwidth: float) -> dict:
+def bench_decode(batch: int, context: int, bandwidth: float, fp8: bool = False) -> dict:
     query, kv_cache, metadata = paged_case([1] * batch, [context] * batch)
+    if fp8:  # kv_cache_dtype="fp8": half the bytes to read
+        kv_cache = kv_cache.to(torch.float8_e4m3fn)
     scale = HEAD_DIM**-0.5
     out = paged_attention(query, kv_cache, metadata, scale)
     error = relative_error(out, reference.paged_attention(query, kv_cache, metadata, scale))
@@ -64,7 +66,7 @@ def bench_decode(batch: int, context: int, bandwidth: float) -> dict:
     # Floor: reading the K/V bytes once at the copy rate (a copy's bytes read + written).
     share = achieved / bandwidth
     return {
-        "kernel": "decode",
+        "kernel": "decode-fp8" if fp8 else "decode",
         "batch": batch,
         "context": context,
         "ms": ms,
@@ -72,6 +74,37 @@ def bench_decode(batch: int, context: int, bandwidth: float) -> dict:
         "share_of_copy_bandwidth": share,
         "rel_error": error,
     }
+
+
+def bench_cascade(batch: int, prefix: int, suffix: int) -> dict:
+    """Decodes whose first ``prefix`` tokens share cache blocks (W6-like): the cascade
+    kernel reads them once for the batch; timed beside the same step without it."""
+    shared = prefix // BLOCK_SIZE
+    own = -(-(prefix + suffix) // BLOCK_SIZE) - shared
+    kv_cache = torch.randn(
+        2, shared + batch * own, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda"
+    )
+    order = torch.randperm(batch * own).add(shared).tolist()
+    tables = [list(range(shared)) + order[i * own : (i + 1) * own] for i in range(batch)]
+    query = torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    metadata = AttentionMetadata.build(
+        [1] * batch, [prefix + suffix] * batch, tables, BLOCK_SIZE, "cuda"
+    )
+    scale = HEAD_DIM**-0.5
+    expected = reference.paged_attention(query, kv_cache, metadata, scale)
+    row = {"kernel": "decode-cascade", "batch": batch, "prefix": prefix, "suffix": suffix}
+    for name, prefix_len in (("cascade", metadata.shared_prefix_len_cpu), ("plain", 0)):
+        metadata.shared_prefix_len_cpu = prefix_len
+        out = paged_attention(query, kv_cache, metadata, scale)
+        row[f"{name}_rel_error"] = relative_error(out, expected)
+        row[f"{name}_ms"] = triton.testing.do_bench(
+            lambda: paged_attention(query, kv_cache, metadata, scale),
+            warmup=25,
+            rep=200,
+            return_mode="median",
+        )
+    row["speedup"] = row["plain_ms"] / row["cascade_ms"]
+    return row
 
 
 def bench_prefill(batch: int, length: int) -> dict:
@@ -168,7 +201,10 @@ def main() -> None:
         bench_decode(b, c, bandwidth)
         for b, c in ((1, 4096), (32, 4096), (64, 4096), (32, 8192), (128, 1024), (256, 512))
     ]
+    rows += [bench_decode(b, c, bandwidth, fp8=True) for b, c in ((32, 4096), (256, 512))]
     rows += [bench_prefill(b, n) for b, n in ((1, 4096), (8, 4096), (16, 1024), (1, 512))]
+    # W6's shares of a 2048-token prompt, 64 tokens into decoding.
+    rows += [bench_cascade(256, p, 2112 - p) for p in (512, 1024, 1536, 1840)]
     # Extend: 512 new tokens on a 3584-token cached prefix, checked against the reference.
     query, kv_cache, metadata = paged_case([512, 512], [4096, 2048])
     scale = HEAD_DIM**-0.5

@@ -11,7 +11,7 @@ import torch
 from lanner.engine.config import EngineConfig
 from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from lanner.memory.kv_cache import num_blocks_for_memory
+from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
 from lanner.runner.model_runner import ModelRunner, PendingStep, SequenceChunk
@@ -90,7 +90,10 @@ class EngineCore:
             )
         scheduler_config = config.scheduler_config(self.max_model_len)
         block_size = config.cache.block_size
-        self.runner = ModelRunner(self.loaded, block_size, enforce_eager=config.enforce_eager)
+        cache_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, self.loaded.dtype)
+        self.runner = ModelRunner(
+            self.loaded, block_size, cache_dtype, enforce_eager=config.enforce_eager
+        )
         # Overlapped scheduling: prepare and launch step N+1 while the device runs N.
         self.async_scheduling = (
             config.async_scheduling
@@ -105,7 +108,7 @@ class EngineCore:
         num_blocks = num_blocks_for_memory(
             config.cache,
             self.model_config,
-            self.loaded.dtype,
+            cache_dtype,
             self.loaded.device,
             peak,
             useful_blocks,
@@ -122,11 +125,12 @@ class EngineCore:
             )
         self.scheduler = Scheduler(scheduler_config, self.kv_manager)
         logger.info(
-            "engine ready in %.1fs on %s (%s): KV cache %d blocks x %d = %d tokens, "
+            "engine ready in %.1fs on %s (%s, KV cache %s): %d blocks x %d = %d tokens, "
             "max concurrency %.1fx at %d tokens per request",
             time.perf_counter() - started,
             self.loaded.device,
             self.loaded.dtype,
+            cache_dtype,
             num_blocks,
             block_size,
             capacity,

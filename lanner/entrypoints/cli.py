@@ -26,6 +26,7 @@ _ENGINE_FLAGS: list[tuple[str, type, str]] = [
     ("--gpu-memory-utilization", float, "share of GPU memory the engine may use"),
     ("--kv-cache-memory-bytes", int, "KV cache size in bytes (the CPU default is 2 GiB)"),
     ("--num-gpu-blocks-override", int, "exact number of KV cache blocks"),
+    ("--kv-cache-dtype", str, "auto (the model's dtype) or fp8 (e4m3: half the bytes)"),
     ("--scheduling-policy", str, "fcfs, priority or lpm (longest cached prefix first)"),
 ]
 

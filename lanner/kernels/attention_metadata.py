@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from lanner.kernels.transfer import to_device
+
+# Cascade attention (decode sequences reading a shared KV prefix once for the whole
+# batch) pays off once many sequences share a long prefix; below these it is skipped.
+CASCADE_MIN_SEQS = 32
+CASCADE_MIN_TOKENS = 256
+
+
+def shared_prefix_tokens(
+    block_tables: list[list[int]], seq_lens: list[int], block_size: int
+) -> int:
+    """Tokens at the start of every sequence that live in the same cache blocks (full
+    blocks only, and short of every sequence's last token), or 0 when the batch is too
+    small or the prefix too short for cascade attention."""
+    if len(block_tables) < CASCADE_MIN_SEQS:
+        return 0
+    # commonprefix compares only the lexicographically smallest and largest tables.
+    common = len(os.path.commonprefix(block_tables))
+    tokens = min(common * block_size, (min(seq_lens) - 1) // block_size * block_size)
+    return tokens if tokens >= CASCADE_MIN_TOKENS else 0
 
 
 @dataclass
@@ -40,6 +60,11 @@ class AttentionMetadata:
     # Fixed number of KV splits for decode (CUDA graphs need it constant); None: chosen
     # per step from the batch.
     num_kv_splits: int | None = None
+    # Cascade attention: the first shared_prefix_len tokens of every decode sequence sit
+    # in the same blocks ([1] int32 on the device); the host value, or under CUDA graphs
+    # an upper bound, is 0 when there is no cascade.
+    shared_prefix_len: torch.Tensor | None = None
+    shared_prefix_len_cpu: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -83,6 +108,9 @@ class AttentionMetadata:
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         prefills = [i for i, n in enumerate(query_lens) if n > 1]
+        prefix = shared_prefix_tokens(
+            [block_tables[i] for i in decodes], [seq_lens[i] for i in decodes], block_size
+        )
         return cls(
             query_start_loc=to_device(starts, torch.int32, device),
             seq_lens=to_device(seq_lens, torch.int32, device),
@@ -94,4 +122,6 @@ class AttentionMetadata:
             prefill_seq_indices=to_device(prefills, torch.int32, device),
             num_decode=len(decodes),
             num_prefill=len(prefills),
+            shared_prefix_len=to_device([prefix], torch.int32, device) if prefix else None,
+            shared_prefix_len_cpu=prefix,
         )

@@ -1,7 +1,7 @@
-"""Triton attention over the paged KV cache: flash-decoding for one-token queries and a
-causal flash-attention kernel for prefill and extend chunks (queries on top of a cached
-prefix). Both read K/V through the block table; the pure-torch oracle is
-``reference.paged_attention``."""
+"""Triton attention over the paged KV cache: flash-decoding for one-token queries (with
+cascade attention when a large batch shares a prefix) and a causal flash-attention
+kernel for prefill and extend chunks (queries on top of a cached prefix). All read K/V
+through the block table; the pure-torch oracle is ``reference.paged_attention``."""
 
 from __future__ import annotations
 
@@ -16,151 +16,16 @@ from lanner.kernels.attention_metadata import AttentionMetadata
 # KV tokens each program step reads; one decode program spans ceil(len/splits) tokens.
 DECODE_BLOCK_N = 64
 MAX_KV_SPLITS = 32
+# Cascade tiles: query rows (decode sequences x heads of a KV group) by prefix tokens.
+CASCADE_BLOCK_M = 64
+CASCADE_BLOCK_N = 64
+LOG2_E = 1.4426950408889634  # kernels use exp2: scores are scaled into log2 units
 
 
-@triton.jit
-def _decode_partial_kernel(
-    q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    block_tables_ptr,
-    seq_lens_ptr,
-    seq_indices_ptr,
-    query_start_ptr,
-    part_out_ptr,
-    part_lse_ptr,
-    scale,
-    sliding_window,
-    stride_q_tok,
-    stride_q_head,
-    stride_cache_block,
-    stride_cache_tok,
-    stride_cache_head,
-    stride_table,
-    stride_po_seq,
-    stride_po_head,
-    stride_po_split,
-    stride_pl_seq,
-    stride_pl_head,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
-):
-    """Stage 1: one (sequence, KV head, split) attends its query heads over one slice
-    of the context; writes the slice's normalized output and log-sum-exp."""
-    index = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq = tl.load(seq_indices_ptr + index)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    q_row = tl.load(query_start_ptr + seq)
-
-    group = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + group
-    head_mask = group < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + q_row.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
-        mask=head_mask[:, None],
-        other=0.0,
-    )
-    first = seq_len * 0  # a tensor, so both branches agree in type
-    if sliding_window > 0:
-        first = tl.maximum(seq_len - sliding_window, 0)
-    span = seq_len - first
-    per_split = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = first + split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_table
-    for start in range(lo, hi, BLOCK_N):
-        tokens = start + tl.arange(0, BLOCK_N)
-        valid = tokens < hi
-        blocks = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offsets = (
-            blocks * stride_cache_block
-            + (tokens % BLOCK_SIZE) * stride_cache_tok
-            + kv_head * stride_cache_head
-        )
-        k = tl.load(k_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        if IEEE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
-    nonempty = l_i > 0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    po = part_out_ptr + index * stride_po_seq + heads[:, None] * stride_po_head
-    tl.store(po + split * stride_po_split + dims[None, :], out, mask=head_mask[:, None])
-    pl = part_lse_ptr + index * stride_pl_seq + heads * stride_pl_head + split
-    tl.store(pl, lse, mask=head_mask)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    part_out_ptr,
-    part_lse_ptr,
-    out_ptr,
-    seq_indices_ptr,
-    query_start_ptr,
-    stride_po_seq,
-    stride_po_head,
-    stride_po_split,
-    stride_pl_seq,
-    stride_pl_head,
-    stride_out_tok,
-    stride_out_head,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-):
-    """Stage 2: merge the splits of one (sequence, head) by their log-sum-exp."""
-    index = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.load(seq_indices_ptr + index)
-    row = tl.load(query_start_ptr + seq)
-    splits = tl.arange(0, SPLITS_PAD)
-    dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(
-        part_lse_ptr + index * stride_pl_seq + head * stride_pl_head + splits,
-        mask=splits < NUM_SPLITS,
-        other=float("-inf"),
-    )
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # an empty (padding) sequence
-    weights = tl.exp(lse - m)
-    parts = tl.load(
-        part_out_ptr
-        + index * stride_po_seq
-        + head * stride_po_head
-        + splits[:, None] * stride_po_split
-        + dims[None, :],
-        mask=(splits < NUM_SPLITS)[:, None],
-        other=0.0,
-    )
-    total = tl.sum(weights, 0)
-    out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
-    target = out_ptr + row.to(tl.int64) * stride_out_tok + head * stride_out_head + dims
-    tl.store(target, out.to(out_ptr.dtype.element_ty))
+# Masking modes of _attend_tiles.
+MASK_NONE = tl.constexpr(0)  # every key of [first, last) is visible, whole tiles only
+MASK_BOUNDS = tl.constexpr(1)  # every key of [first, last) is visible; last tile partial
+MASK_CAUSAL = tl.constexpr(2)  # each row sees keys up to its position, within the window
 
 
 @triton.jit
@@ -184,12 +49,13 @@ def _attend_tiles(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASK: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
-    """Online-softmax attention of the query tile over KV tokens [first, last).
-    MASKED applies causality and the sliding window; unmasked tiles lie wholly in
-    every row's past, so they skip the mask arithmetic."""
+    """Online-softmax attention of the query tile over KV tokens [first, last), read
+    through the block table. Scores are in log2 units (qk_scale includes log2(e)), so
+    m_i and the log-sum-exp built from it are too. MASK picks the cheapest masking the
+    caller's range allows (MASK_NONE, MASK_BOUNDS, MASK_CAUSAL)."""
     dims = tl.arange(0, HEAD_DIM)
     for start in range(first, last, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)
@@ -201,12 +67,15 @@ def _attend_tiles(
             + kv_head * stride_cache_head
         )
         k = tl.load(k_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        k = k.to(q.dtype)  # a float8 cache is widened to the queries' dtype
         if IEEE_DOT:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = scores * qk_scale  # in log2 units: exp2 below
-        if MASKED:
+        scores = scores * qk_scale
+        if MASK == 1:
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+        if MASK == 2:
             allowed = valid[None, :] & (tokens[None, :] <= q_pos[:, None])
             if sliding_window > 0:
                 allowed = allowed & (tokens[None, :] > q_pos[:, None] - sliding_window)
@@ -218,12 +87,316 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        v = v.to(q.dtype)
         if IEEE_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return m_i, l_i, acc
+
+
+@triton.jit
+def _store_partial(
+    part_out_ptr,
+    part_lse_ptr,
+    index,
+    heads,
+    slot,
+    m_i,
+    l_i,
+    acc,
+    mask,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    HEAD_DIM: tl.constexpr,
+):
+    """Write rows' normalized partial outputs and log2-sum-exp into split ``slot``; a
+    row that saw no key gets -inf, so the reduction gives it no weight."""
+    dims = tl.arange(0, HEAD_DIM)
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    row = index.to(tl.int64) * stride_po_seq + heads * stride_po_head
+    tl.store(
+        part_out_ptr + row[:, None] + slot * stride_po_split + dims[None, :],
+        out,
+        mask=mask[:, None],
+    )
+    tl.store(
+        part_lse_ptr + index.to(tl.int64) * stride_pl_seq + heads * stride_pl_head + slot,
+        lse,
+        mask=mask,
+    )
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    seq_indices_ptr,
+    query_start_ptr,
+    prefix_len_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,
+    sliding_window,
+    stride_q_tok,
+    stride_q_head,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    stride_table,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    CASCADE: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """Stage 1: one (sequence, KV head, split) attends its query heads over one slice
+    of the context. With CASCADE, the shared prefix is left to the cascade kernel and
+    the slices cover only the sequence's own suffix."""
+    index = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(seq_indices_ptr + index)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    q_row = tl.load(query_start_ptr + seq)
+
+    group = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group
+    head_mask = group < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + q_row.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
+        mask=head_mask[:, None],
+        other=0.0,
+    )
+    first = seq_len * 0  # a tensor, so both branches agree in type
+    if sliding_window > 0:
+        first = tl.maximum(seq_len - sliding_window, 0)
+    if CASCADE:
+        prefix_len = tl.load(prefix_len_ptr)
+        if seq_len > prefix_len:
+            first = tl.maximum(first, prefix_len)
+    span = seq_len - first
+    per_split = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = _attend_tiles(
+        q,
+        m_i,
+        l_i,
+        acc,
+        lo,
+        hi,
+        group,  # no causal mask: every key of the slice precedes the query
+        block_tables_ptr + seq.to(tl.int64) * stride_table,
+        k_cache_ptr,
+        v_cache_ptr,
+        kv_head,
+        qk_scale,
+        0,
+        stride_cache_block,
+        stride_cache_tok,
+        stride_cache_head,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_SIZE,
+        MASK_BOUNDS,
+        IEEE_DOT,
+    )
+    _store_partial(
+        part_out_ptr,
+        part_lse_ptr,
+        index,
+        heads,
+        split,
+        m_i,
+        l_i,
+        acc,
+        head_mask,
+        stride_po_seq,
+        stride_po_head,
+        stride_po_split,
+        stride_pl_seq,
+        stride_pl_head,
+        HEAD_DIM,
+    )
+
+
+@triton.jit
+def _cascade_prefix_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    seq_indices_ptr,
+    query_start_ptr,
+    prefix_len_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    num_decode,
+    first_slot,
+    qk_scale,
+    stride_q_tok,
+    stride_q_head,
+    stride_cache_block,
+    stride_cache_tok,
+    stride_cache_head,
+    stride_table,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """Cascade attention's shared stage: the KV prefix every decode sequence shares is
+    read once per (KV head, prefix slice) for a whole tile of query rows (sequence x
+    head of the group), a matrix product instead of one KV read per sequence. Writes
+    the partial into split slot first_slot + slice, after the per-sequence splits."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    prefix_len = tl.load(prefix_len_ptr)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    index = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_valid = index < num_decode
+    seq = tl.load(seq_indices_ptr + index, mask=row_valid, other=0)
+    seq_len = tl.load(seq_lens_ptr + seq, mask=row_valid, other=0)
+    # CUDA-graph padding rows (seq_len 0) do not own the prefix.
+    uses_prefix = row_valid & (seq_len > prefix_len)
+    q_row = tl.load(query_start_ptr + seq, mask=row_valid, other=0).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + q_row[:, None] * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
+        mask=uses_prefix[:, None],
+        other=0.0,
+    )
+    per_split = tl.cdiv(tl.cdiv(prefix_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, prefix_len)
+    # The prefix blocks are the same in every table; the first decode sequence's serves.
+    first_seq = tl.load(seq_indices_ptr).to(tl.int64)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i, l_i, acc = _attend_tiles(
+        q,
+        m_i,
+        l_i,
+        acc,
+        lo,
+        hi,
+        rows,  # unused: no causal mask, the prefix precedes every query
+        block_tables_ptr + first_seq * stride_table,
+        k_cache_ptr,
+        v_cache_ptr,
+        kv_head,
+        qk_scale,
+        0,
+        stride_cache_block,
+        stride_cache_tok,
+        stride_cache_head,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_SIZE,
+        MASK_BOUNDS,
+        IEEE_DOT,
+    )
+    l_i = tl.where(uses_prefix, l_i, 0.0)
+    _store_partial(
+        part_out_ptr,
+        part_lse_ptr,
+        index,
+        heads,
+        first_slot + split,
+        m_i,
+        l_i,
+        acc,
+        row_valid,
+        stride_po_seq,
+        stride_po_head,
+        stride_po_split,
+        stride_pl_seq,
+        stride_pl_head,
+        HEAD_DIM,
+    )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    seq_indices_ptr,
+    query_start_ptr,
+    stride_po_seq,
+    stride_po_head,
+    stride_po_split,
+    stride_pl_seq,
+    stride_pl_head,
+    stride_out_tok,
+    stride_out_head,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Stage 2: merge the splits of one (sequence, head) by their log2-sum-exp."""
+    index = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(seq_indices_ptr + index)
+    row = tl.load(query_start_ptr + seq)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(
+        part_lse_ptr + index * stride_pl_seq + head * stride_pl_head + splits,
+        mask=splits < NUM_SPLITS,
+        other=float("-inf"),
+    )
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # an empty (padding) sequence
+    weights = tl.exp2(lse - m)
+    parts = tl.load(
+        part_out_ptr
+        + index * stride_po_seq
+        + head * stride_po_head
+        + splits[:, None] * stride_po_split
+        + dims[None, :],
+        mask=(splits < NUM_SPLITS)[:, None],
+        other=0.0,
+    )
+    total = tl.sum(weights, 0)
+    out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    target = out_ptr + row.to(tl.int64) * stride_out_tok + head * stride_out_head + dims
+    tl.store(target, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -273,7 +446,7 @@ def _prefill_kernel(
     q_offsets = (q_start + rows).to(tl.int64)[:, None] * stride_q_tok + head * stride_q_head
     q = tl.load(q_ptr + q_offsets + dims[None, :], mask=row_valid[:, None], other=0.0)
     kv_head = head // GROUP
-    qk_scale = scale * 1.4426950408889634  # log2(e)
+    qk_scale = scale * LOG2_E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -303,7 +476,7 @@ def _prefill_kernel(
             HEAD_DIM,
             BLOCK_N,
             BLOCK_SIZE,
-            True,
+            MASK_CAUSAL,
             IEEE_DOT,
         )
     else:
@@ -329,7 +502,7 @@ def _prefill_kernel(
             HEAD_DIM,
             BLOCK_N,
             BLOCK_SIZE,
-            False,
+            MASK_NONE,
             IEEE_DOT,
         )
         m_i, l_i, acc = _attend_tiles(
@@ -352,7 +525,7 @@ def _prefill_kernel(
             HEAD_DIM,
             BLOCK_N,
             BLOCK_SIZE,
-            True,
+            MASK_CAUSAL,
             IEEE_DOT,
         )
 
@@ -380,6 +553,17 @@ def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> 
     return int(max(1, min(wanted, longest_useful, MAX_KV_SPLITS)))
 
 
+def choose_num_prefix_splits(
+    num_decode: int, group: int, num_kv_heads: int, prefix_len: int
+) -> int:
+    """Slices of the shared prefix for the cascade kernel: about two programs per
+    multiprocessor over (row tiles x KV heads x slices), no slice under two KV tiles."""
+    tiles = triton.cdiv(num_decode * group, CASCADE_BLOCK_M) * num_kv_heads
+    wanted = triton.cdiv(2 * _num_multiprocessors(), tiles)
+    longest_useful = max(1, triton.cdiv(prefix_len, 2 * CASCADE_BLOCK_N))
+    return int(max(1, min(wanted, longest_useful, MAX_KV_SPLITS)))
+
+
 def decode_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -396,15 +580,27 @@ def decode_attention(
     splits = metadata.num_kv_splits or choose_num_kv_splits(
         num_decode, num_kv_heads, metadata.max_seq_len
     )
+    # A window would cut into the prefix differently per sequence: no cascade there.
+    cascade = metadata.shared_prefix_len_cpu > 0 and not sliding_window
+    prefix_splits = (
+        choose_num_prefix_splits(num_decode, group, num_kv_heads, metadata.shared_prefix_len_cpu)
+        if cascade
+        else 0
+    )
     part_out = torch.empty(
-        (num_decode, num_heads, splits, head_dim), dtype=torch.float32, device=query.device
+        (num_decode, num_heads, splits + prefix_splits, head_dim),
+        dtype=torch.float32,
+        device=query.device,
     )
     part_lse = torch.empty(
-        (num_decode, num_heads, splits), dtype=torch.float32, device=query.device
+        (num_decode, num_heads, splits + prefix_splits), dtype=torch.float32, device=query.device
     )
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     ieee = query.dtype == torch.float32
-    _decode_partial_kernel[(num_decode, num_kv_heads, splits)](
+    qk_scale = scale * LOG2_E
+    # Any int32 tensor stands in for the prefix length when there is no cascade.
+    prefix_len = metadata.shared_prefix_len if cascade else metadata.seq_lens
+    common = (
         query,
         k_cache,
         v_cache,
@@ -412,10 +608,11 @@ def decode_attention(
         metadata.seq_lens,
         metadata.decode_seq_indices,
         metadata.query_start_loc,
+        prefix_len,
         part_out,
         part_lse,
-        scale,
-        sliding_window or 0,
+    )
+    strides = (
         query.stride(0),
         query.stride(1),
         k_cache.stride(0),
@@ -427,16 +624,42 @@ def decode_attention(
         part_out.stride(2),
         part_lse.stride(0),
         part_lse.stride(1),
+    )
+    _decode_partial_kernel[(num_decode, num_kv_heads, splits)](
+        *common,
+        qk_scale,
+        sliding_window or 0,
+        *strides,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_N=DECODE_BLOCK_N,
         BLOCK_SIZE=block_size,
         NUM_SPLITS=splits,
+        CASCADE=cascade,
         IEEE_DOT=ieee,
         num_warps=4,
         num_stages=2,
     )
+    if cascade:
+        row_tiles = triton.cdiv(num_decode * group, CASCADE_BLOCK_M)
+        _cascade_prefix_kernel[(row_tiles, num_kv_heads, prefix_splits)](
+            *common,
+            num_decode,
+            splits,
+            qk_scale,
+            *strides,
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            BLOCK_M=CASCADE_BLOCK_M,
+            BLOCK_N=CASCADE_BLOCK_N,
+            BLOCK_SIZE=block_size,
+            NUM_SPLITS=prefix_splits,
+            IEEE_DOT=ieee,
+            num_warps=4,
+            num_stages=2,
+        )
+    total = splits + prefix_splits
     _decode_reduce_kernel[(num_decode, num_heads)](
         part_out,
         part_lse,
@@ -451,8 +674,8 @@ def decode_attention(
         out.stride(0),
         out.stride(1),
         HEAD_DIM=head_dim,
-        NUM_SPLITS=splits,
-        SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+        NUM_SPLITS=total,
+        SPLITS_PAD=max(2, triton.next_power_of_2(total)),
         num_warps=4,
     )
 

@@ -13,6 +13,14 @@ from lanner.kernels.rms_norm import cast_rounded
 
 
 @triton.jit
+def _to_cache(x, cache_ptr):
+    """Round to the cache's element type; float8 saturates at +-448, as the reference."""
+    if cache_ptr.dtype.element_ty.is_fp8():
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _norm_rotate(
     src_ptr,
     stride_head,
@@ -123,12 +131,16 @@ def _qkv_prepare_kernel(
         )
         cache_row = slot * stride_slot + kv_heads[:, None] * (2 * HALF)
         k_dst = k_cache_ptr + cache_row
-        tl.store(k_dst + cols[None, :], cast_rounded(k1, dtype), mask=kv_mask)
-        tl.store(k_dst + HALF + cols[None, :], cast_rounded(k2, dtype), mask=kv_mask)
+        k1 = _to_cache(cast_rounded(k1, dtype), k_cache_ptr)
+        k2 = _to_cache(cast_rounded(k2, dtype), k_cache_ptr)
+        tl.store(k_dst + cols[None, :], k1, mask=kv_mask)
+        tl.store(k_dst + HALF + cols[None, :], k2, mask=kv_mask)
         v_src = v_ptr + token * stride_v_tok + kv_heads[:, None] * stride_v_head + cols[None, :]
         v_dst = v_cache_ptr + cache_row + cols[None, :]
-        tl.store(v_dst, tl.load(v_src, mask=kv_mask), mask=kv_mask)
-        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=kv_mask), mask=kv_mask)
+        v1 = _to_cache(tl.load(v_src, mask=kv_mask), v_cache_ptr)
+        v2 = _to_cache(tl.load(v_src + HALF, mask=kv_mask), v_cache_ptr)
+        tl.store(v_dst, v1, mask=kv_mask)
+        tl.store(v_dst + HALF, v2, mask=kv_mask)
 
 
 def qkv_prepare(

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from lanner.kernels.attention_metadata import AttentionMetadata
 
+FP8_MAX = 448.0  # the largest finite float8 e4m3 value
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, scaled after casting back (as HF Llama does)."""
@@ -53,8 +55,20 @@ def store_kv_cache(
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = key[valid]
-    kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value[valid]
+    kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(key[valid], kv_cache.dtype)
+    kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = to_cache_dtype(
+        value[valid], kv_cache.dtype
+    )
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round to the cache's dtype; float8 saturates at its largest value, as the GPU's
+    conversion does (torch's cast would give NaN past it)."""
+    if dtype == x.dtype:
+        return x
+    if dtype.itemsize == 1:
+        x = x.float().clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
 
 
 def gather_kv(

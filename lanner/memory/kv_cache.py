@@ -9,6 +9,17 @@ import torch
 
 from lanner.model.config import ModelConfig
 
+# kv_cache_dtype names: "auto" keeps the model's dtype; fp8 stores K/V as float8 e4m3
+# (per-tensor scale 1.0, saturating at +-448, as vLLM's default fp8 cache), which halves
+# the bytes every decode step reads and doubles the tokens the cache holds.
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    return KV_CACHE_DTYPES[kv_cache_dtype]
+
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes across all layers (K and V)."""
@@ -43,6 +54,8 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     # Keep full computed blocks in a radix tree so later requests reuse their K/V.
     enable_prefix_caching: bool = True
+    # "auto" (the model's dtype) or "fp8" / "fp8_e4m3".
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -53,6 +66,11 @@ class CacheConfig:
             )
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be 'auto' or one of {sorted(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(
                 f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}"

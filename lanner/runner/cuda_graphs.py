@@ -9,7 +9,11 @@ import time
 import torch
 from torch import nn
 
-from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.kernels.attention_metadata import (
+    CASCADE_MIN_SEQS,
+    AttentionMetadata,
+    shared_prefix_tokens,
+)
 from lanner.kernels.paged_attention import choose_num_kv_splits
 
 logger = logging.getLogger(__name__)
@@ -57,10 +61,12 @@ class DecodeGraphs:
         )
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.seq_indices = torch.arange(n, dtype=torch.int32, device=device)
+        self.shared_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
         # Host staging, pinned so the copies into the static buffers are asynchronous;
         # two sets used in turn, so preparing a step never overwrites the inputs of the
         # step before, whose copies may still be queued (overlapped scheduling).
         self.host_sets = [torch.zeros((4, n), dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self.prefix_sets = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.table_sets = [
             torch.zeros((n, self.max_blocks_per_seq), dtype=torch.int32, pin_memory=True)
             for _ in range(2)
@@ -85,6 +91,10 @@ class DecodeGraphs:
             num_decode=batch,
             num_prefill=0,
             num_kv_splits=choose_num_kv_splits(batch, self.num_kv_heads, self.max_model_len),
+            # Graphs large enough for cascade attention carry its kernel; a step without a
+            # shared prefix sets the length to 0 and the kernel only writes empty partials.
+            shared_prefix_len=self.shared_prefix_len,
+            shared_prefix_len_cpu=self.max_model_len - 1 if batch >= CASCADE_MIN_SEQS else 0,
         )
 
     def _forward(self, batch: int) -> torch.Tensor:
@@ -146,11 +156,14 @@ class DecodeGraphs:
         width = max(len(table) for table in block_tables)
         padded = [table + [0] * (width - len(table)) for table in block_tables]
         host_tables[:count, :width] = torch.tensor(padded, dtype=torch.int32)
+        prefix = self.prefix_sets[self.turn]
+        prefix[0] = shared_prefix_tokens(block_tables, seq_lens, self.block_size)
         self.input_ids[:batch].copy_(host[0, :batch], non_blocking=True)
         self.positions[:batch].copy_(host[1, :batch], non_blocking=True)
         self.slot_mapping[:batch].copy_(host[2, :batch], non_blocking=True)
         self.seq_lens[:batch].copy_(host[3, :batch], non_blocking=True)
         self.block_tables[:count, :width].copy_(host_tables[:count, :width], non_blocking=True)
+        self.shared_prefix_len.copy_(prefix, non_blocking=True)
         if previous_tokens is not None:
             self.input_ids[previous_tokens[0]] = previous_tokens[1]
         self.graphs[batch].replay()

@@ -64,10 +64,16 @@ class PendingStep:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, block_size: int, enforce_eager: bool = False) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        block_size: int,
+        cache_dtype: torch.dtype | None = None,
+        enforce_eager: bool = False,
+    ) -> None:
         self.model = loaded.model
         self.config = loaded.config
-        self.dtype = loaded.dtype
+        self.cache_dtype = cache_dtype or loaded.dtype
         self.device = loaded.device
         self.block_size = block_size
         self.enforce_eager = enforce_eager
@@ -78,7 +84,7 @@ class ModelRunner:
     def initialize_cache(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
         """Allocate the KV cache and, on CUDA unless enforce_eager, capture decode graphs."""
         self.kv_caches = allocate_kv_caches(
-            self.config, num_blocks, self.block_size, self.dtype, self.device
+            self.config, num_blocks, self.block_size, self.cache_dtype, self.device
         )
         if self.device.type == "cuda" and not self.enforce_eager:
             self.decode_graphs = DecodeGraphs(
@@ -104,7 +110,7 @@ class ModelRunner:
         lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         blocks_per_seq = max(2, -(-max(lengths) // self.block_size))
         self.kv_caches = allocate_kv_caches(
-            self.config, blocks_per_seq, self.block_size, self.dtype, self.device
+            self.config, blocks_per_seq, self.block_size, self.cache_dtype, self.device
         )
         table = list(range(blocks_per_seq))
         params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=0)

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from lanner import LLM, SamplingParams
 from lanner.engine.outputs import RequestOutput
@@ -284,3 +285,32 @@ def test_chat_uses_template(llama_dir: Path) -> None:
     tokenizer = llm.get_tokenizer()
     assert tokenizer.decode(out.prompt_token_ids) == "<|user|>hello<|end|><|assistant|>"
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_fp8_kv_cache_holds_more_tokens_and_stays_close(llama_dir: Path) -> None:
+    """kv_cache_dtype="fp8": the same cache bytes hold 4x the float32 tokens, and prompt
+    logprobs (every position read back through the cache) stay near full precision's."""
+    budget = 1 << 20
+    full = make_llm(llama_dir, kv_cache_memory_bytes=budget)
+    fp8 = make_llm(llama_dir, kv_cache_memory_bytes=budget, kv_cache_dtype="fp8")
+    assert fp8.engine.core.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    blocks = full.engine.core.num_kv_blocks
+    assert 4 * blocks <= fp8.engine.core.num_kv_blocks < 4 * (blocks + 1)
+    prompts, _ = mixed_requests(8, seed=3)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    diffs = []
+    for a, b in zip(full.generate(prompts, params), fp8.generate(prompts, params), strict=True):
+        for token, lp_a, lp_b in zip(
+            a.prompt_token_ids[1:], a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True
+        ):
+            diffs.append(abs(lp_a[token].logprob - lp_b[token].logprob))
+    # e4m3 keeps 3 mantissa bits of every K/V element: visible, but small on average
+    # (measured on this model: mean 0.04, worst 0.21 nats over 151 positions).
+    assert 0 < sum(diffs) / len(diffs) < 0.1
+    assert max(diffs) < 0.5
+    assert_pool_full(fp8)
+
+
+def test_unknown_kv_cache_dtype_says_what_is_valid(llama_dir: Path) -> None:
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or one of"):
+        make_llm(llama_dir, kv_cache_dtype="int4")

@@ -67,3 +67,25 @@ def test_padding_tokens_and_empty_batches_write_nothing() -> None:
     no_positions = torch.empty(0, dtype=torch.int64)
     result = qkv_prepare(empty, empty, empty, no_positions, table, cache, no_positions)
     assert result.shape == (0, 2, 16)
+
+
+def test_float8_cache_saturates_like_the_reference() -> None:
+    """An fp8 cache stores K/V rounded to e4m3, clamped at +-448. Triton 3.6's CPU
+    interpreter rounds float -> float8 wrongly (its _convert_float drops the carry of a
+    rounded-up mantissa), so this test feeds values e4m3 holds exactly (position 0: no
+    rotation) and values past the range; rounding itself is the GPU's conversion,
+    checked there by the fp8 parity run of benchmarks/engine_workloads.py."""
+    table = RotaryEmbedding(16, RopeConfig(theta=10000.0), 8).cos_sin_cache
+    grid = torch.tensor([0.0, 0.5, -1.75, 3.0, -13.0, 96.0, 448.0, -448.0])
+    k = torch.cat([grid, torch.tensor([1000.0, -600.0, 2.5, -0.125, 20.0, 1.0, 6.0, 64.0])])
+    k = k.repeat(2, 2, 1)  # [tokens, kv_heads, 16]
+    v = -k.flip(-1)
+    q = torch.randn(2, 4, 16)
+    positions = torch.tensor([0, 0])
+    slots = torch.tensor([5, 2])
+    cache = torch.zeros(2, 2, 4, 2, 16, dtype=torch.float8_e4m3fn)
+    expected = torch.zeros_like(cache)
+    reference.store_kv_cache(k, v, expected, slots)
+    qkv_prepare(q, k, v, positions, table, cache, slots)
+    assert torch.equal(cache.float(), expected.float())
+    assert expected.float().abs().max() == 448.0  # 1000 and -600 saturated
