@@ -409,7 +409,7 @@ def _prefill_kernel(
     seq_lens_ptr,
     seq_indices_ptr,
     query_start_ptr,
-    scale,
+    qk_scale,
     sliding_window,
     stride_q_tok,
     stride_q_head,
@@ -446,7 +446,6 @@ def _prefill_kernel(
     q_offsets = (q_start + rows).to(tl.int64)[:, None] * stride_q_tok + head * stride_q_head
     q = tl.load(q_ptr + q_offsets + dims[None, :], mask=row_valid[:, None], other=0.0)
     kv_head = head // GROUP
-    qk_scale = scale * LOG2_E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -707,7 +706,7 @@ def prefill_attention(
         metadata.seq_lens,
         seq_indices,
         metadata.query_start_loc,
-        scale,
+        scale * LOG2_E,
         sliding_window or 0,
         query.stride(0),
         query.stride(1),
