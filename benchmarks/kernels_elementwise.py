@@ -1,6 +1,7 @@
 """GPU check and timing of the elementwise Triton kernels (RMSNorm, SiLU-and-mul, and the
 fused q/k-norm + rotary + KV-cache store) against their pure-torch references at llama3-8b
-shapes.
+shapes, and of the sampler's fused exponential race against the unfused torch sequence it
+replaced, at W3's decode batch over qwen3-0.6b's vocabulary.
 
 Run on the GPU machine from the repository root:
     PYTHONPATH=. python3 benchmarks/kernels_elementwise.py --commit $(git rev-parse HEAD)
@@ -31,6 +32,9 @@ from lanner.kernels import reference
 from lanner.kernels.activation import silu_and_mul
 from lanner.kernels.qkv_prepare import qkv_prepare
 from lanner.kernels.rms_norm import fused_add_rms_norm, rms_norm
+from lanner.kernels.sampling import exponential_noise, exponential_race
+from lanner.runner.sampler import SamplingRow, sample
+from lanner.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,6 +47,12 @@ HEAD_DIM = 128
 MAX_POSITIONS = 8192
 BLOCK_SIZE = 16
 EPS = 1e-5
+
+# The sampler at W3's decode batch: qwen3-0.6b's vocabulary (benchmarks/shapes/qwen3-0.6b),
+# float32 logits, every row unseeded at temperature 0.6.
+SAMPLER_ROWS = 256
+SAMPLER_VOCAB = 151936
+SAMPLER_TEMPERATURE = 0.6
 
 TOLERANCE = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-5},
@@ -184,6 +194,46 @@ def build_cases(tokens: int, dtype: torch.dtype) -> list[Case]:
     return cases
 
 
+def sampler_case() -> tuple[Case, Callable[[], object]]:
+    """The fused race (reference: the unfused softmax, [B, V] noise, divide and argmax it
+    replaced), and the runner's whole sample() with its host-side preparation. bytes_moved
+    is the logits read once: the race writes nothing of size V."""
+    logits = torch.randn(SAMPLER_ROWS, SAMPLER_VOCAB, device="cuda") * 3
+    temperatures = torch.full((SAMPLER_ROWS,), SAMPLER_TEMPERATURE, device="cuda")
+    seed_list = list(range(SAMPLER_ROWS))
+    seeds = torch.tensor(seed_list, device="cuda")
+    rows = [
+        SamplingRow(SamplingParams(temperature=SAMPLER_TEMPERATURE), [1], [], (0,))
+        for _ in range(SAMPLER_ROWS)
+    ]
+
+    def unfused() -> torch.Tensor:
+        probs = torch.softmax(logits / SAMPLER_TEMPERATURE, dim=-1)
+        noise = exponential_noise(seed_list, SAMPLER_VOCAB, logits.device)
+        return (probs / noise).argmax(dim=-1)
+
+    def compare() -> tuple[bool, float, float]:
+        """Against torch's argmax of the same formula over the same noise: Triton's log and
+        torch's may differ in the last bit, so a pick may differ only at a near-tie."""
+        chosen = exponential_race(logits, temperatures, seeds)
+        noise = exponential_noise(seed_list, SAMPLER_VOCAB, logits.device)
+        scores = logits / SAMPLER_TEMPERATURE - noise.log()
+        best = scores.max(dim=-1).values
+        shortfall = best - scores.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        ok = bool((shortfall <= 1e-5 * best.abs().clamp(min=1.0)).all())
+        differs = (chosen != scores.argmax(dim=-1)).float().mean().item()
+        return ok, shortfall.max().item(), differs
+
+    case = Case(
+        f"sampler(T={SAMPLER_TEMPERATURE})",
+        lambda: exponential_race(logits, temperatures, seeds),
+        unfused,
+        logits.numel() * logits.element_size(),
+        compare,
+    )
+    return case, lambda: sample(logits, rows)
+
+
 def time_case(case: Case, bandwidth: float) -> dict:
     ok, max_error, unequal = case.compare()
     eager_ms = triton.testing.do_bench(case.kernel, return_mode="median")
@@ -231,6 +281,13 @@ def main() -> None:
                 row = {"dtype": dtype_name, "tokens": tokens, **time_case(case, bandwidth)}
                 rows.append(row)
                 print_row(row, header=len(rows) == 1)
+    case, runner_sample = sampler_case()
+    row = {"dtype": "float32", "tokens": SAMPLER_ROWS, **time_case(case, bandwidth)}
+    row["vocab"] = SAMPLER_VOCAB
+    row["sample_fn_us"] = triton.testing.do_bench(runner_sample, return_mode="median") * 1e3
+    rows.append(row)
+    print_row(row, header=len(rows) == 1)
+    print(f"sampler: sample() with host preparation {row['sample_fn_us']:.1f} us", flush=True)
 
     result = {
         "workload": "kernels-elementwise",
@@ -245,7 +302,10 @@ def main() -> None:
         "timing": (
             "medians: triton_us/reference_us from do_bench (L2 flushed, Python launch included),"
             " triton_graph_us from do_bench_cudagraph (L2 not flushed: small shapes may beat"
-            " the HBM floor); GBps and share use the faster of the two triton timings"
+            " the HBM floor); GBps and share use the faster of the two triton timings."
+            " The sampler row (tokens = rows, vocab 151936): triton = the fused race,"
+            " reference = the unfused torch sequence, bytes = the logits read once,"
+            " sample_fn_us = the runner's sample() with its host preparation (do_bench)"
         ),
         "rows": rows,
     }

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lanner.kernels.sampling import exponential_noise
+from lanner.kernels.sampling import exponential_race, exponential_race_reference
 from lanner.kernels.transfer import to_device
 
 if TYPE_CHECKING:
@@ -189,14 +189,6 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     return logits
 
 
-def apply_temperature(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    # Greedy rows divide by 1: they take the argmax before temperature anyway.
-    temperatures = [1.0 if r.params.is_greedy else r.params.temperature for r in rows]
-    if all(t == 1.0 for t in temperatures):
-        return logits
-    return logits / _column(temperatures, logits.device)
-
-
 def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Set to -inf every token that top_k, top_p or min_p rules out (for each row).
 
@@ -234,50 +226,69 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """One token id per row (int64 on the logits' device) from penalized logits."""
+    """One token id per row (int64 on the logits' device) from penalized logits.
+
+    Greedy rows take the argmax. The others race: argmax_i(logits_i / T - log E_i) with
+    E_i ~ Exp(1) is a draw from softmax(logits / T) (the exponential race in log space: no
+    softmax, no cumsum, no sync). Rows with top-k/top-p/min-p race over their logits with the
+    cut tokens at -inf. Every sampled row goes through the same arithmetic whatever shares
+    its batch, so a seeded row's token depends only on its logits, seed and step.
+    """
     greedy = [r.params.is_greedy for r in rows]
     if all(greedy):
         return logits.argmax(dim=-1)
-    greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
+    # Temperature 0 tells the race that a row is greedy.
+    temperatures = [0.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
+    seeds = [
+        None if g or r.params.seed is None else decode_seed(r.params.seed, len(r.output_token_ids))
+        for r, g in zip(rows, greedy, strict=True)
+    ]
+    truncated = [i for i, r in enumerate(rows) if r.params.uses_truncation and not greedy[i]]
+    if not truncated:
+        return _race(logits, temperatures, seeds)
 
-    logits = apply_temperature(logits, rows)
-    logits = apply_top_k_top_p_min_p(logits, rows)
-    probs = torch.softmax(logits, dim=-1)
-    # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) is distributed as p, with no
-    # cumsum/search and no sync. One batched draw serves every unseeded row.
-    noise = _exponential_noise(rows, greedy, probs)
-    random_ids = (probs / noise).argmax(dim=-1)
-    if greedy_ids is None:
-        return random_ids
-    return torch.where(to_device(greedy, torch.bool, logits.device), greedy_ids, random_ids)
+    # The cut is decided on the temperature-scaled logits, but only the -inf mask is kept:
+    # the race divides by T itself, the same way for every row.
+    index = to_device(truncated, torch.long, logits.device)
+    cut_logits = logits.index_select(0, index)
+    cut_temperatures = [temperatures[i] for i in truncated]
+    scaled = cut_logits / _column(cut_temperatures, logits.device)
+    cut = torch.isneginf(apply_top_k_top_p_min_p(scaled, [rows[i] for i in truncated]))
+    cut_ids = _race(
+        cut_logits.masked_fill_(cut, float("-inf")), cut_temperatures, [seeds[i] for i in truncated]
+    )
+    if len(truncated) == len(rows):
+        return cut_ids
+    # The first race's picks for the truncated rows are overwritten: one launch over all
+    # rows is cheaper than gathering the others.
+    return _race(logits, temperatures, seeds).index_copy_(0, index, cut_ids)
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _exponential_noise(
-    rows: list[SamplingRow], greedy: list[bool], probs: torch.Tensor
-) -> torch.Tensor:
-    """Exp(1) noise [B, V]: seeded rows from (seed, step), the others from torch's global
-    generator. On CUDA one Triton launch draws every row from a per-row seed."""
-    if probs.is_cuda:
+def _race(logits: torch.Tensor, temperatures: list[float], seeds: list[int | None]) -> torch.Tensor:
+    """The exponential race over each row (temperature 0: argmax). A row's Exp(1) noise comes
+    from its ``decode_seed`` where given, else from torch's global generator. On CUDA the
+    fused Triton kernel draws it in registers; elsewhere the torch reference runs."""
+    device = logits.device
+    temperature_tensor = to_device(temperatures, torch.float32, device)
+    if logits.is_cuda:
         # Unseeded rows take their seed from torch's (CPU) generator: no device sync.
-        fresh = torch.randint(0, 1 << 62, (len(rows),)).tolist()
-        seeds = [
-            decode_seed(r.params.seed, len(r.output_token_ids)) >> 1
-            if r.params.seed is not None and not greedy[i]
-            else fresh[i]
-            for i, r in enumerate(rows)
-        ]
-        return exponential_noise(seeds, probs.shape[1], probs.device)
-    noise = torch.empty_like(probs).exponential_()
-    for i, row in enumerate(rows):
-        if row.params.seed is not None and not greedy[i]:
-            generator = torch.Generator(device=probs.device)
-            generator.manual_seed(decode_seed(row.params.seed, len(row.output_token_ids)))
+        fresh = torch.randint(0, 1 << 62, (len(seeds),)).tolist()
+        # Triton reads the seeds as int64: decode_seed's top bit is dropped.
+        kernel_seeds = [fresh[i] if seed is None else seed >> 1 for i, seed in enumerate(seeds)]
+        seed_tensor = to_device(kernel_seeds, torch.int64, device)
+        return exponential_race(logits, temperature_tensor, seed_tensor)
+    noise = torch.empty_like(logits).exponential_()
+    for i, seed in enumerate(seeds):
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
             noise[i].exponential_(generator=generator)
-    # exponential_ may return exactly 0; 0 / 0 would be NaN and win the argmax.
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    # exponential_ may return exactly 0, whose log would win the race.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return exponential_race_reference(logits, temperature_tensor, noise)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

@@ -75,9 +75,9 @@ def test_shape_mismatch_is_explained() -> None:
         Sampler()(torch.randn(2, VOCAB), [row()])
 
 
-def test_temperature_sampling_matches_softmax() -> None:
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.0, 2.0])
+def test_temperature_sampling_matches_softmax(temperature: float) -> None:
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
-    temperature = 0.7
     num_draws = 40_000
     tokens = draw(logits, num_draws, temperature=temperature)
     expected = torch.softmax(logits.double() / temperature, -1) * num_draws
@@ -125,6 +125,23 @@ def test_truncation_masks_exactly(params: dict[str, Any], allowed: list[int]) ->
     assert set(observed.nonzero().flatten().tolist()) == set(allowed)
     expected = PROBS[allowed].double() / PROBS[allowed].sum()
     assert torch.allclose(observed[allowed] / len(tokens), expected, atol=0.015)
+
+
+def test_truncated_and_plain_rows_share_a_batch() -> None:
+    """Each group follows its own distribution when the truncated rows race apart."""
+    num_draws = 20_000
+    rows = [
+        row(top_k=2, temperature=0.5) if i % 2 else row(temperature=0.5) for i in range(num_draws)
+    ]
+    rows[0] = row(temperature=0.0)
+    logits = LOGITS.unsqueeze(0).expand(num_draws, -1).contiguous()
+    tokens = torch.tensor(Sampler()(logits, rows).token_ids)
+    assert tokens[0].item() == 0
+    for group, allowed in ((tokens[2::2], [0, 1, 2, 3]), (tokens[1::2], [0, 1])):
+        expected = torch.softmax(LOGITS[allowed].double() / 0.5, -1)
+        observed = counts_of(group.tolist(), 4) / len(group)
+        assert observed[[t for t in range(4) if t not in allowed]].sum() == 0
+        assert torch.allclose(observed[allowed], expected, atol=0.015)
 
 
 def test_truncation_is_per_row() -> None:
@@ -228,9 +245,43 @@ def test_seeded_row_ignores_the_rest_of_the_batch() -> None:
         for step in range(20):
             logits = torch.randn(batch_size, VOCAB)
             logits[position] = target_logits
-            rows = [row(seed=k, top_k=7) if k % 2 else row() for k in range(batch_size)]
+            rows = [neighbour(k) for k in range(batch_size)]
             rows[position] = seeded(step)
             assert sampler(logits, rows).token_ids[position] == alone[step]
+
+
+def neighbour(k: int) -> SamplingRow:
+    """Rows of every kind a seeded row may share a batch with."""
+    kinds = [
+        row(),
+        row(seed=k, top_k=7),
+        row(temperature=0.0),
+        row(output=[3, 3, 8], repetition_penalty=1.4, frequency_penalty=0.3),
+        row(top_p=0.8, min_p=0.05, temperature=1.3),
+        row(output=[1], min_tokens=4, logprobs=2),
+    ]
+    return kinds[k % len(kinds)]
+
+
+def test_seeded_truncated_row_ignores_the_rest_of_the_batch() -> None:
+    """Alone it is the only row to cut; in a batch it races apart from the others."""
+    target_logits = torch.randn(VOCAB)
+
+    def seeded(step: int) -> SamplingRow:
+        return row(output=list(range(step)), seed=99, top_k=10, top_p=0.95, temperature=0.8)
+
+    alone = [
+        Sampler()(target_logits.unsqueeze(0), [seeded(step)]).token_ids[0] for step in range(10)
+    ]
+    assert len(set(alone)) > 2
+    assert set(alone) <= set(target_logits.topk(10).indices.tolist())
+    for batch_size, position in ((3, 1), (7, 6)):
+        for step in range(10):
+            logits = torch.randn(batch_size, VOCAB)
+            logits[position] = target_logits
+            rows = [neighbour(k) for k in range(batch_size)]
+            rows[position] = seeded(step)
+            assert Sampler()(logits, rows).token_ids[position] == alone[step]
 
 
 def test_different_seeds_draw_differently() -> None:
