@@ -19,6 +19,7 @@ MAX_KV_SPLITS = 32
 # Cascade tiles: query rows (decode sequences x heads of a KV group) by prefix tokens.
 CASCADE_BLOCK_M = 64
 CASCADE_BLOCK_N = 64
+CASCADE_NUM_WARPS = 4
 LOG2_E = 1.4426950408889634  # kernels use exp2: scores are scaled into log2 units
 
 
@@ -655,7 +656,7 @@ def decode_attention(
             BLOCK_SIZE=block_size,
             NUM_SPLITS=prefix_splits,
             IEEE_DOT=ieee,
-            num_warps=4,
+            num_warps=CASCADE_NUM_WARPS,
             num_stages=2,
         )
     total = splits + prefix_splits
