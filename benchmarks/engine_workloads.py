@@ -86,6 +86,22 @@ def single_stream(shape: str, enforce_eager: bool) -> dict:
     }
 
 
+def time_by_batch(timeline: list[tuple[int, float]]) -> dict[str, dict]:
+    """Steps and seconds by how many requests were running: a long tail of small
+    batches shows up as many cheap steps, a KV-bound full batch as few costly ones."""
+    buckets = ((192, 10**9), (128, 191), (64, 127), (16, 63), (1, 15), (0, 0))
+    summary = {}
+    for low, high in buckets:
+        times = [t for n, t in timeline if low <= n <= high]
+        if times:
+            summary[f"{low}-{high}" if high < 10**9 else f">={low}"] = {
+                "steps": len(times),
+                "seconds": round(sum(times), 3),
+                "ms_per_step": round(sum(times) / len(times) * 1e3, 3),
+            }
+    return summary
+
+
 def run_offline(
     core: EngineCore,
     prompts: list[list[int]],
@@ -96,13 +112,18 @@ def run_offline(
     for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
         core.add_request(Request(f"x{i}-{time.monotonic_ns()}", prompt, param))
     torch.cuda.synchronize()
-    started = time.perf_counter()
+    started = last = time.perf_counter()
     output_tokens = steps = 0
     timed_out = False
+    timeline = []  # (running requests, seconds) per step: where in the run the time goes
     while core.has_unfinished_requests():
+        running = len(core.scheduler.running)
         output_tokens += sum(len(out.new_token_ids) for out in core.step())
         steps += 1
-        if time.perf_counter() - started > time_limit_s:
+        now = time.perf_counter()
+        timeline.append((running, now - last))
+        last = now
+        if now - started > time_limit_s:
             timed_out = True
             break
     elapsed = time.perf_counter() - started
@@ -110,6 +131,7 @@ def run_offline(
         "seconds": elapsed,
         "output_tokens": output_tokens,
         "steps": steps,
+        "time_by_running_requests": time_by_batch(timeline),
         "output_tok_per_s": output_tokens / elapsed,
         "timed_out": timed_out,
     }
