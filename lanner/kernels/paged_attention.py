@@ -115,8 +115,9 @@ def _store_partial(
     stride_pl_head,
     HEAD_DIM: tl.constexpr,
 ):
-    """Write rows' normalized partial outputs and log2-sum-exp into split ``slot``; a
-    row that saw no key gets -inf, so the reduction gives it no weight."""
+    """Write rows' normalized partial outputs and log2-sum-exp into split ``slot``. A
+    row that saw no key gets -inf and no output: the reduction neither weighs nor reads
+    it, so empty splits (short contexts, a cascade with nothing shared) cost no bytes."""
     dims = tl.arange(0, HEAD_DIM)
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -125,7 +126,7 @@ def _store_partial(
     tl.store(
         part_out_ptr + row[:, None] + slot * stride_po_split + dims[None, :],
         out,
-        mask=mask[:, None],
+        mask=(mask & nonempty)[:, None],
     )
     tl.store(
         part_lse_ptr + index.to(tl.int64) * stride_pl_seq + heads * stride_pl_head + slot,
@@ -391,7 +392,7 @@ def _decode_reduce_kernel(
         + head * stride_po_head
         + splits[:, None] * stride_po_split
         + dims[None, :],
-        mask=(splits < NUM_SPLITS)[:, None],
+        mask=(lse > float("-inf"))[:, None],  # empty splits wrote no output
         other=0.0,
     )
     total = tl.sum(weights, 0)

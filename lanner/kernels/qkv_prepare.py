@@ -14,8 +14,8 @@ from lanner.kernels.rms_norm import cast_rounded
 
 @triton.jit
 def _to_cache(x, cache_ptr):
-    """Round to the cache's element type; float8 saturates at +-448, as the reference."""
-    if cache_ptr.dtype.element_ty.is_fp8():
+    """Round to the cache's element type; e4m3 saturates at +-448, as the reference."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
         x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
     return x.to(cache_ptr.dtype.element_ty)
 

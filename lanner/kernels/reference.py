@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lanner.kernels.attention_metadata import AttentionMetadata
 
-FP8_MAX = 448.0  # the largest finite float8 e4m3 value
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,7 +66,7 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     conversion does (torch's cast would give NaN past it)."""
     if dtype == x.dtype:
         return x
-    if dtype.itemsize == 1:
+    if dtype == torch.float8_e4m3fn:
         x = x.float().clamp(-FP8_MAX, FP8_MAX)
     return x.to(dtype)
 

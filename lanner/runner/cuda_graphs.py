@@ -10,11 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lanner.kernels.attention_metadata import (
-    CASCADE_MIN_SEQS,
-    AttentionMetadata,
-    shared_prefix_tokens,
-)
+from lanner.kernels import attention_metadata
+from lanner.kernels.attention_metadata import AttentionMetadata, shared_prefix_tokens
 from lanner.kernels.paged_attention import choose_num_kv_splits
 
 logger = logging.getLogger(__name__)
@@ -40,8 +37,11 @@ def stage_inputs(
     block_tables: list[list[int]],
 ) -> int:
     """Write a step's inputs into the (pinned) staging arrays, rows past the real ones
-    as padding; returns the width of block table written. Numpy views take Python lists
-    at C speed: for 256 rows this is ~4x faster than building tensors from the lists."""
+    as padding. The block tables go to the front of the flat ``host_tables`` as one
+    contiguous [rows, widest table] array, whose width is returned: a contiguous pinned
+    source keeps the copy to the device asynchronous (a strided one would be staged
+    through pageable memory, which waits for the device). Numpy views take Python lists
+    at C speed, ~4x faster than building tensors from them for 256 rows."""
     count = len(token_ids)
     host[:, :batch] = 0
     host[2, count:batch] = -1  # padding rows write no K/V
@@ -50,10 +50,12 @@ def stage_inputs(
     host[2, :count] = slots
     host[3, :count] = seq_lens
     # Entries past a row's own blocks are never read (attention stops at seq_len), so
-    # each row writes only its own blocks and the copy covers the widest row.
+    # each row writes only its own blocks.
+    width = max(len(table) for table in block_tables)
+    tables = host_tables[: count * width].reshape(count, width)
     for row, table in enumerate(block_tables):
-        host_tables[row, : len(table)] = table
-    return max(len(table) for table in block_tables)
+        tables[row, : len(table)] = table
+    return width
 
 
 class DecodeGraphs:
@@ -96,7 +98,7 @@ class DecodeGraphs:
         self.host_sets = [torch.zeros((4, n), dtype=torch.long, pin_memory=True) for _ in range(2)]
         self.prefix_sets = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.table_sets = [
-            torch.zeros((n, self.max_blocks_per_seq), dtype=torch.int32, pin_memory=True)
+            torch.zeros(n * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
             for _ in range(2)
         ]
         self.turn = 0
@@ -122,7 +124,9 @@ class DecodeGraphs:
             # Graphs large enough for cascade attention carry its kernel; a step without a
             # shared prefix sets the length to 0 and the kernel only writes empty partials.
             shared_prefix_len=self.shared_prefix_len,
-            shared_prefix_len_cpu=self.max_model_len - 1 if batch >= CASCADE_MIN_SEQS else 0,
+            shared_prefix_len_cpu=(
+                self.max_model_len - 1 if batch >= attention_metadata.CASCADE_MIN_SEQS else 0
+            ),
         )
 
     def _forward(self, batch: int) -> torch.Tensor:
@@ -189,7 +193,8 @@ class DecodeGraphs:
         self.positions[:batch].copy_(host[1, :batch], non_blocking=True)
         self.slot_mapping[:batch].copy_(host[2, :batch], non_blocking=True)
         self.seq_lens[:batch].copy_(host[3, :batch], non_blocking=True)
-        self.block_tables[:count, :width].copy_(host_tables[:count, :width], non_blocking=True)
+        tables = host_tables[: count * width].view(count, width)
+        self.block_tables[:count, :width].copy_(tables, non_blocking=True)
         self.shared_prefix_len.copy_(prefix, non_blocking=True)
         if previous_tokens is not None:
             self.input_ids[previous_tokens[0]] = previous_tokens[1]
