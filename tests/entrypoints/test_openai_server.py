@@ -462,31 +462,39 @@ def test_dead_engine_core_fails_requests_and_health(servers: dict[str, ServerPro
         assert time.monotonic() < deadline
         time.sleep(0.02)
     # One request runs (max-num-seqs 1) and one waits: both are in flight at the kill.
+    # The waiting one is sent once the streamed one has produced a token, so it arrives
+    # while the first still has ~500 tokens to go (sent together, the first could finish
+    # before the second reached the server).
+    # Its client is built (and connected) up front: building one costs tens of ms of CPU,
+    # enough on a loaded machine for the first request to finish before the second.
     body = {"model": MODEL, "prompt": "hi", "max_tokens": MAX_MODEL_LEN - 8, "ignore_eos": True}
+    second = httpx.Client(base_url=guarded.url, headers=auth, timeout=30)
+    assert second.get("/health").status_code == 200
     started = time.monotonic()
-    with ThreadPoolExecutor(1) as pool:
-        unstreamed = pool.submit(
-            httpx.post, f"{guarded.url}/v1/completions", json=body, headers=auth, timeout=30
-        )
-        with httpx.stream(
-            "POST",
-            f"{guarded.url}/v1/completions",
-            json={**body, "stream": True},
-            headers=auth,
-            timeout=30,
-        ) as response:
+    with httpx.stream(
+        "POST",
+        f"{guarded.url}/v1/completions",
+        json={**body, "stream": True},
+        headers=auth,
+        timeout=30,
+    ) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data:"))
+        events = [next(lines)]
+        with ThreadPoolExecutor(1) as pool:
+            unstreamed = pool.submit(second.post, "/v1/completions", json=body)
             seen = []  # (running, waiting) polls, to say what happened if it times out
             while (now := load()) != (1, 1):
                 seen.append(now)
                 assert time.monotonic() - started < 20, (
                     f"never saw one running and one waiting: first polls {seen[:3]}, "
-                    f"last {seen[-3:]}, streamed status {response.status_code}, unstreamed "
+                    f"last {seen[-3:]}, unstreamed "
                     f"{unstreamed.done() and unstreamed.result().text[:300]!r}"
                 )
                 time.sleep(0.02)
             os.kill(guarded.core_pid(), signal.SIGKILL)
-            events = [line for line in response.iter_lines() if line.startswith("data:")]
-        failed = unstreamed.result()
+            events += list(lines)
+            failed = unstreamed.result()
+    second.close()
     assert failed.status_code == 500, failed.text
     assert "engine core" in failed.json()["error"]["message"]
     assert events[-1] == "data: [DONE]"
