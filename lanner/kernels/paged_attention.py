@@ -455,80 +455,60 @@ def _prefill_kernel(
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
     hi = tl.minimum(seq_len, context_before + (m_block + 1) * BLOCK_M)
     first_row_pos = context_before + m_block * BLOCK_M
+    # Keys before the tile's first row are visible to every row: whole tiles of them
+    # run unmasked. A window starts each row's keys at its own place, so it masks all.
     if sliding_window > 0:
         lo = tl.maximum(first_row_pos - sliding_window + 1, 0)
-        m_i, l_i, acc = _attend_tiles(
-            q,
-            m_i,
-            l_i,
-            acc,
-            lo,
-            hi,
-            q_pos,
-            table,
-            k_cache_ptr,
-            v_cache_ptr,
-            kv_head,
-            qk_scale,
-            sliding_window,
-            stride_cache_block,
-            stride_cache_tok,
-            stride_cache_head,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_SIZE,
-            MASK_CAUSAL,
-            IEEE_DOT,
-        )
+        unmasked_end = lo
     else:
-        # Keys before the tile's first row are visible to every row: no mask needed.
+        lo = first_row_pos * 0  # a tensor, so both branches agree in type
         unmasked_end = (first_row_pos // BLOCK_N) * BLOCK_N
-        m_i, l_i, acc = _attend_tiles(
-            q,
-            m_i,
-            l_i,
-            acc,
-            0,
-            unmasked_end,
-            q_pos,
-            table,
-            k_cache_ptr,
-            v_cache_ptr,
-            kv_head,
-            qk_scale,
-            0,
-            stride_cache_block,
-            stride_cache_tok,
-            stride_cache_head,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_SIZE,
-            MASK_NONE,
-            IEEE_DOT,
-        )
-        m_i, l_i, acc = _attend_tiles(
-            q,
-            m_i,
-            l_i,
-            acc,
-            unmasked_end,
-            hi,
-            q_pos,
-            table,
-            k_cache_ptr,
-            v_cache_ptr,
-            kv_head,
-            qk_scale,
-            0,
-            stride_cache_block,
-            stride_cache_tok,
-            stride_cache_head,
-            HEAD_DIM,
-            BLOCK_N,
-            BLOCK_SIZE,
-            MASK_CAUSAL,
-            IEEE_DOT,
-        )
+    m_i, l_i, acc = _attend_tiles(
+        q,
+        m_i,
+        l_i,
+        acc,
+        lo,
+        unmasked_end,
+        q_pos,
+        table,
+        k_cache_ptr,
+        v_cache_ptr,
+        kv_head,
+        qk_scale,
+        0,
+        stride_cache_block,
+        stride_cache_tok,
+        stride_cache_head,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_SIZE,
+        MASK_NONE,
+        IEEE_DOT,
+    )
+    m_i, l_i, acc = _attend_tiles(
+        q,
+        m_i,
+        l_i,
+        acc,
+        unmasked_end,
+        hi,
+        q_pos,
+        table,
+        k_cache_ptr,
+        v_cache_ptr,
+        kv_head,
+        qk_scale,
+        sliding_window,
+        stride_cache_block,
+        stride_cache_tok,
+        stride_cache_head,
+        HEAD_DIM,
+        BLOCK_N,
+        BLOCK_SIZE,
+        MASK_CAUSAL,
+        IEEE_DOT,
+    )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_offsets = (q_start + rows).to(tl.int64)[:, None] * stride_out_tok + head * stride_out_head
