@@ -9,14 +9,17 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels.reference import FP8_MAX
 from lanner.kernels.rms_norm import cast_rounded
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
 def _to_cache(x, cache_ptr):
-    """Round to the cache's element type; e4m3 saturates at +-448, as the reference."""
+    """Round to the cache's element type; e4m3 saturates at +-FP8_MAX, as the reference."""
     if cache_ptr.dtype.element_ty == tl.float8e4nv:
-        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+        x = tl.clamp(x.to(tl.float32), -_FP8_MAX, _FP8_MAX)
     return x.to(cache_ptr.dtype.element_ty)
 
 

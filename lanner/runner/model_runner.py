@@ -68,12 +68,12 @@ class ModelRunner:
         self,
         loaded: LoadedModel,
         block_size: int,
-        cache_dtype: torch.dtype | None = None,
+        cache_dtype: torch.dtype,
         enforce_eager: bool = False,
     ) -> None:
         self.model = loaded.model
         self.config = loaded.config
-        self.cache_dtype = cache_dtype or loaded.dtype
+        self.cache_dtype = cache_dtype
         self.device = loaded.device
         self.block_size = block_size
         self.enforce_eager = enforce_eager
