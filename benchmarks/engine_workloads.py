@@ -358,27 +358,15 @@ def cprofile_steps(core: EngineCore, steps: int, rows: int) -> tuple[float, str]
     return per_step_ms, text.getvalue()
 
 
-def profile_decode(shape: str) -> dict:
-    """cProfile of 200 graph-replayed decode steps of one request: where the host time goes."""
-    core = make_core(shape, max_num_seqs=8)
-    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-    core.add_request(Request("p", list(range(100, 228)), params))
-    for _ in range(20):
-        core.step()
-    per_step_ms, text = cprofile_steps(core, 200, 25)
-    release(core)
-    print(text[-6000:])
-    return {"step_ms_under_profiler": per_step_ms}
-
-
-def profile_w3_decode() -> dict:
-    """torch.profiler over 10 decode steps of a W3-like batch (256 requests, ~600-token
-    contexts): the CUDA kernels that take the step's time."""
-    core = make_core("qwen3-0.6b", max_num_seqs=256, max_num_batched_tokens=8192)
+def profile_kernels(shape: str, requests: int, prompt_len: int, temperature: float) -> dict:
+    """torch.profiler over 10 decode steps of ``requests`` running requests: the CUDA
+    kernels that take the step's time (calls / 10 = launches per step), then cProfile
+    of the host side of 10 more steps."""
+    core = make_core(shape, max_num_seqs=max(8, requests), max_num_batched_tokens=8192)
     rng = random.Random(0)
-    params = SamplingParams(temperature=0.6, max_tokens=400, ignore_eos=True)
-    for i in range(256):
-        core.add_request(Request(f"w{i}", random_prompt(rng, 600, 151936), params))
+    params = SamplingParams(temperature=temperature, max_tokens=400, ignore_eos=True)
+    for i in range(requests):
+        core.add_request(Request(f"w{i}", random_prompt(rng, prompt_len, 32000), params))
     for _ in range(40):  # prefill, then settle into decode
         core.step()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -387,9 +375,8 @@ def profile_w3_decode() -> dict:
         for _ in range(10):
             core.step()
     step_ms = (time.perf_counter() - started) / 10 * 1e3
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
     print(table)
-    # The host side of the same steps: where Python spends a 256-request step.
     host_step_ms, text = cprofile_steps(core, 10, 22)
     release(core)
     print(text[-5000:])
@@ -412,9 +399,11 @@ def main() -> None:
         "W2": lambda: single_stream("qwen3-0.6b", args.enforce_eager),
         "W3": lambda: w3(args.enforce_eager),
         "W4": lambda: w4(args.enforce_eager),
-        "profile-W2": lambda: profile_decode("qwen3-0.6b"),
         "W6": w6,
-        "profile-W3": profile_w3_decode,
+        # W3-like: 256 requests at ~600-token contexts; W1/W2: one request.
+        "profile-W3": lambda: profile_kernels("qwen3-0.6b", 256, 600, 0.6),
+        "profile-W2": lambda: profile_kernels("qwen3-0.6b", 1, 128, 0.0),
+        "profile-W1": lambda: profile_kernels("llama3-8b", 1, 128, 0.0),
         "chat": multi_turn_chat,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
