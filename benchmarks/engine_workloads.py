@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 from lanner.engine.config import EngineConfig
 from lanner.engine.core import EngineCore
@@ -32,6 +33,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # Options every engine of this run gets (--kv-cache-dtype).
 RUN_OPTIONS: dict[str, object] = {}
+
+# Triton kernel variants built (or loaded from Triton's disk cache) since the process
+# began: one inside a timed run is a compile landing in some request's latency.
+COMPILED: list[str] = []
+
+
+def _note_compile(*, fn, compile, **_) -> None:
+    constants = {k[0] if isinstance(k, tuple) else k: v for k, v in compile["constants"].items()}
+    shown = {k: v for k, v in constants.items() if isinstance(v, (int, bool))}
+    COMPILED.append(f"{fn.name}{shown}")
+
+
+triton.knobs.runtime.jit_post_compile_hook = _note_compile
 
 
 def make_core(shape: str, **options) -> EngineCore:
@@ -112,6 +126,7 @@ def run_offline(
     for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
         core.add_request(Request(f"x{i}-{time.monotonic_ns()}", prompt, param))
     torch.cuda.synchronize()
+    compiled_before = len(COMPILED)
     started = last = time.perf_counter()
     output_tokens = steps = 0
     timed_out = False
@@ -127,11 +142,17 @@ def run_offline(
             timed_out = True
             break
     elapsed = time.perf_counter() - started
+    slowest = sorted(range(len(timeline)), key=lambda i: -timeline[i][1])[:8]
     return {
         "seconds": elapsed,
         "output_tokens": output_tokens,
         "steps": steps,
         "time_by_running_requests": time_by_batch(timeline),
+        "slowest_steps": [
+            {"step": i, "running": timeline[i][0], "ms": round(timeline[i][1] * 1e3, 2)}
+            for i in sorted(slowest)
+        ],
+        "kernels_compiled_during_run": COMPILED[compiled_before:],
         "output_tok_per_s": output_tokens / elapsed,
         "timed_out": timed_out,
     }

@@ -22,14 +22,21 @@ import triton
 from lanner.bench.roofline import copy_rate
 from lanner.kernels import reference
 from lanner.kernels.attention_metadata import AttentionMetadata
-from lanner.kernels.paged_attention import paged_attention, prefill_attention
+from lanner.kernels.paged_attention import (
+    choose_num_kv_splits,
+    decode_attention,
+    paged_attention,
+    prefill_attention,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK_SIZE = 16
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # llama3-8b
 
 
-def paged_case(query_lens: list[int], seq_lens: list[int], dtype=torch.bfloat16):
+def paged_case(
+    query_lens: list[int], seq_lens: list[int], dtype=torch.bfloat16, heads: int = HEADS
+):
     """A cache with each sequence's blocks scattered, and queries for the new tokens."""
     blocks = [-(-n // BLOCK_SIZE) for n in seq_lens]
     total = sum(blocks)
@@ -39,7 +46,7 @@ def paged_case(query_lens: list[int], seq_lens: list[int], dtype=torch.bfloat16)
         tables.append(order[start : start + count])
         start += count
     kv_cache = torch.randn(2, total, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
-    query = torch.randn(sum(query_lens), HEADS, HEAD_DIM, dtype=dtype, device="cuda")
+    query = torch.randn(sum(query_lens), heads, HEAD_DIM, dtype=dtype, device="cuda")
     metadata = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK_SIZE, "cuda")
     return query, kv_cache, metadata
 
@@ -187,14 +194,56 @@ def sweep_prefill() -> None:
         )
 
 
+def sweep_decode() -> None:
+    """Time the decode kernel's tile and launch settings, and twice the default number
+    of splits, in bf16 and fp8 at llama3-8b (group 4) and qwen3-0.6b (group 2) shapes;
+    print ms per case."""
+    scale = HEAD_DIM**-0.5
+    shapes = [(256, 512, HEADS), (32, 4096, HEADS), (256, 768, 16)]
+    cases = []
+    for batch, context, heads in shapes:
+        query, kv_cache, metadata = paged_case([1] * batch, [context] * batch, heads=heads)
+        for cache in (kv_cache, kv_cache.to(torch.float8_e4m3fn)):
+            cases.append((f"{batch}x{context}/g{heads // KV_HEADS}", query, cache, metadata))
+    print("decode sweep cases: " + "  ".join(f"{c[0]}-{c[2].dtype}" for c in cases))
+    configs = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
+    configs += [(128, 8, 3), (32, 4, 3), (64, 2, 3), (128, 2, 2)]
+    for block_n, warps, stages in configs:
+        for factor in (1, 2):
+            times = []
+            for _, query, kv_cache, metadata in cases:
+                out = torch.empty_like(query)
+                metadata.num_kv_splits = factor * choose_num_kv_splits(
+                    metadata.num_decode, KV_HEADS, metadata.max_seq_len
+                )
+                run = functools.partial(
+                    decode_attention, query, kv_cache, metadata, scale, None, out
+                )
+                run = functools.partial(run, block_n=block_n, num_warps=warps, num_stages=stages)
+                try:
+                    times.append(triton.testing.do_bench(run, warmup=10, rep=60))
+                except Exception as err:  # a config may not fit in shared memory
+                    times.append(float("nan"))
+                    print(f"config {block_n, warps, stages} failed: {str(err)[:200]}")
+            print(
+                f"decode N{block_n} w{warps} s{stages} splits x{factor}: "
+                + "  ".join(f"{t:.4f}" for t in times),
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--sweep-prefill", action="store_true")
+    parser.add_argument("--sweep-decode", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.sweep_prefill:
-        sweep_prefill()
+    if args.sweep_prefill or args.sweep_decode:
+        if args.sweep_decode:
+            sweep_decode()
+        if args.sweep_prefill:
+            sweep_prefill()
         return
     bandwidth = copy_rate()
     rows = [

@@ -147,6 +147,7 @@ def _decode_partial_kernel(
     prefix_len_ptr,
     part_out_ptr,
     part_lse_ptr,
+    out_ptr,
     qk_scale,
     sliding_window,
     stride_q_tok,
@@ -160,6 +161,8 @@ def _decode_partial_kernel(
     stride_po_split,
     stride_pl_seq,
     stride_pl_head,
+    stride_out_tok,
+    stride_out_head,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -171,7 +174,9 @@ def _decode_partial_kernel(
 ):
     """Stage 1: one (sequence, KV head, split) attends its query heads over one slice
     of the context. With CASCADE, the shared prefix is left to the cascade kernel and
-    the slices cover only the sequence's own suffix."""
+    the slices cover only the sequence's own suffix. With one split and no shared
+    prefix the slice is the whole context: the program writes the final output itself
+    and the reduction skips the sequence."""
     index = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -191,6 +196,7 @@ def _decode_partial_kernel(
     first = seq_len * 0  # a tensor, so both branches agree in type
     if sliding_window > 0:
         first = tl.maximum(seq_len - sliding_window, 0)
+    prefix_len = seq_len * 0
     if CASCADE:
         prefix_len = tl.load(prefix_len_ptr)
         if seq_len > prefix_len:
@@ -226,23 +232,28 @@ def _decode_partial_kernel(
         MASK_BOUNDS,
         IEEE_DOT,
     )
-    _store_partial(
-        part_out_ptr,
-        part_lse_ptr,
-        index,
-        heads,
-        split,
-        m_i,
-        l_i,
-        acc,
-        head_mask,
-        stride_po_seq,
-        stride_po_head,
-        stride_po_split,
-        stride_pl_seq,
-        stride_pl_head,
-        HEAD_DIM,
-    )
+    if NUM_SPLITS == 1 and prefix_len == 0:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key (padding): zeros
+        target = out_ptr + q_row.to(tl.int64) * stride_out_tok + heads[:, None] * stride_out_head
+        tl.store(target + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        _store_partial(
+            part_out_ptr,
+            part_lse_ptr,
+            index,
+            heads,
+            split,
+            m_i,
+            l_i,
+            acc,
+            head_mask,
+            stride_po_seq,
+            stride_po_head,
+            stride_po_split,
+            stride_pl_seq,
+            stride_pl_head,
+            HEAD_DIM,
+        )
 
 
 @triton.jit
@@ -282,11 +293,14 @@ def _cascade_prefix_kernel(
     """Cascade attention's shared stage: the KV prefix every decode sequence shares is
     read once per (KV head, prefix slice) for a whole tile of query rows (sequence x
     head of the group), a matrix product instead of one KV read per sequence. Writes
-    the partial into split slot first_slot + slice, after the per-sequence splits."""
+    the partial into split slot first_slot + slice, after the per-sequence splits.
+    With nothing shared it writes nothing: the reduction then reads only those."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     prefix_len = tl.load(prefix_len_ptr)
+    if prefix_len == 0:
+        return
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     index = rows // GROUP
     heads = kv_head * GROUP + rows % GROUP
@@ -360,6 +374,7 @@ def _decode_reduce_kernel(
     out_ptr,
     seq_indices_ptr,
     query_start_ptr,
+    prefix_len_ptr,
     stride_po_seq,
     stride_po_head,
     stride_po_split,
@@ -369,18 +384,28 @@ def _decode_reduce_kernel(
     stride_out_head,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    NUM_PREFIX_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    """Stage 2: merge the splits of one (sequence, head) by their log2-sum-exp."""
+    """Stage 2: merge the splits of one (sequence, head) by their log2-sum-exp: the
+    sequence's own NUM_SPLITS, then the cascade's NUM_PREFIX_SPLITS when a prefix is
+    shared this step (its kernel wrote nothing otherwise)."""
     index = tl.program_id(0)
     head = tl.program_id(1)
+    count = NUM_SPLITS
+    prefix_len = 0
+    if NUM_PREFIX_SPLITS > 0:
+        prefix_len = tl.load(prefix_len_ptr)
+        count = NUM_SPLITS + tl.where(prefix_len > 0, NUM_PREFIX_SPLITS, 0)
+    if NUM_SPLITS == 1 and prefix_len == 0:
+        return  # the decode program wrote this sequence's output
     seq = tl.load(seq_indices_ptr + index)
     row = tl.load(query_start_ptr + seq)
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM)
     lse = tl.load(
         part_lse_ptr + index * stride_pl_seq + head * stride_pl_head + splits,
-        mask=splits < NUM_SPLITS,
+        mask=splits < count,
         other=float("-inf"),
     )
     m = tl.max(lse, 0)
@@ -552,8 +577,12 @@ def decode_attention(
     scale: float,
     sliding_window: int | None,
     out: torch.Tensor,
+    block_n: int = DECODE_BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> None:
-    """Attention of the one-token queries of ``metadata.decode_seq_indices`` into ``out``."""
+    """Attention of the one-token queries of ``metadata.decode_seq_indices`` into ``out``.
+    The tile and launch settings are for benchmarks' sweeps."""
     num_decode = metadata.num_decode
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -608,19 +637,22 @@ def decode_attention(
     )
     _decode_partial_kernel[(num_decode, num_kv_heads, splits)](
         *common,
+        out,
         qk_scale,
         sliding_window or 0,
         *strides,
+        out.stride(0),
+        out.stride(1),
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
-        BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_N=block_n,
         BLOCK_SIZE=block_size,
         NUM_SPLITS=splits,
         CASCADE=cascade,
         IEEE_DOT=ieee,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if cascade:
         row_tiles = triton.cdiv(num_decode * group, CASCADE_BLOCK_M)
@@ -640,6 +672,8 @@ def decode_attention(
             num_warps=CASCADE_NUM_WARPS,
             num_stages=2,
         )
+    elif splits == 1:
+        return  # the decode kernel wrote the output
     total = splits + prefix_splits
     _decode_reduce_kernel[(num_decode, num_heads)](
         part_out,
@@ -647,6 +681,7 @@ def decode_attention(
         out,
         metadata.decode_seq_indices,
         metadata.query_start_loc,
+        prefix_len,
         part_out.stride(0),
         part_out.stride(1),
         part_out.stride(2),
@@ -655,7 +690,8 @@ def decode_attention(
         out.stride(0),
         out.stride(1),
         HEAD_DIM=head_dim,
-        NUM_SPLITS=total,
+        NUM_SPLITS=splits,
+        NUM_PREFIX_SPLITS=prefix_splits,
         SPLITS_PAD=max(2, triton.next_power_of_2(total)),
         num_warps=4,
     )

@@ -85,6 +85,13 @@ def test_decode_with_many_splits_and_long_context() -> None:
     check(query, kv_cache, metadata)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_one_split_decode_writes_the_output_without_a_reduction(window: int | None) -> None:
+    query, kv_cache, metadata = make_case([1, 1, 1], [9, 33, 1], 8, 2, 32, torch.float32)
+    metadata.num_kv_splits = 1
+    check(query, kv_cache, metadata, sliding_window=window)
+
+
 def test_sliding_window() -> None:
     query, kv_cache, metadata = make_case([1, 12, 1], [40, 30, 9], 4, 2, 32, torch.float32)
     check(query, kv_cache, metadata, sliding_window=10)
@@ -190,15 +197,17 @@ def test_cascade_with_many_prefix_slices_and_fixed_splits() -> None:
     check(query, kv_cache, metadata)
 
 
-def test_cascade_metadata_as_cuda_graphs_set_it() -> None:
+@pytest.mark.parametrize("splits", [1, 4])
+def test_cascade_metadata_as_cuda_graphs_set_it(splits: int) -> None:
     """Under graphs the cascade kernel always runs with a device-side prefix length:
-    0 when the step shares nothing, and padding rows (seq_len 0) must stay zeros."""
+    0 when the step shares nothing, and padding rows (seq_len 0) must stay zeros. With
+    one split and nothing shared, the decode kernel writes the output itself."""
     query, kv_cache, query_lens, seq_lens, tables = make_shared_prefix_case(
         [1, 6, 3, 1], 3, 8, 2, seed=2
     )
     metadata = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK_SIZE, "cpu")
     metadata.seq_lens[3] = 0  # a padding row
-    metadata.num_kv_splits = 4
+    metadata.num_kv_splits = splits
     metadata.shared_prefix_len_cpu = 100  # an upper bound, as a captured graph has
     for prefix_len in (0, 12):
         metadata.shared_prefix_len = torch.tensor([prefix_len], dtype=torch.int32)
