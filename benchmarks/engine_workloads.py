@@ -34,6 +34,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Options every engine of this run gets (--kv-cache-dtype).
 RUN_OPTIONS: dict[str, object] = {}
 
+# --gc-freeze: move everything alive once an engine is built out of the collector's view.
+GC_FREEZE = False
+
 # Triton kernel variants built (or loaded from Triton's disk cache) since the process
 # began: one inside a timed run is a compile landing in some request's latency.
 COMPILED: list[str] = []
@@ -47,6 +50,22 @@ def _note_compile(*, fn, compile, **_) -> None:
 
 triton.knobs.runtime.jit_post_compile_hook = _note_compile
 
+# Python's full (generation 2) collections: how many, and the time they held the host.
+GC_PAUSES: list[float] = []
+_gc_started: list[float] = []
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    if info["generation"] != 2:
+        return
+    if phase == "start":
+        _gc_started[:] = [time.perf_counter()]
+    elif _gc_started:
+        GC_PAUSES.append(time.perf_counter() - _gc_started[0])
+
+
+gc.callbacks.append(_time_gc)
+
 
 def make_core(shape: str, **options) -> EngineCore:
     options.setdefault("max_model_len", 4096)
@@ -58,7 +77,11 @@ def make_core(shape: str, **options) -> EngineCore:
         device="cuda",
         **options,
     )
-    return EngineCore(config)
+    core = EngineCore(config)
+    if GC_FREEZE:
+        gc.collect()
+        gc.freeze()
+    return core
 
 
 def release(core: EngineCore) -> None:
@@ -126,7 +149,7 @@ def run_offline(
     for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
         core.add_request(Request(f"x{i}-{time.monotonic_ns()}", prompt, param))
     torch.cuda.synchronize()
-    compiled_before = len(COMPILED)
+    compiled_before, gc_before = len(COMPILED), len(GC_PAUSES)
     started = last = time.perf_counter()
     output_tokens = steps = 0
     timed_out = False
@@ -153,6 +176,7 @@ def run_offline(
             for i in sorted(slowest)
         ],
         "kernels_compiled_during_run": COMPILED[compiled_before:],
+        "full_gc_pauses_ms": [round(t * 1e3, 1) for t in GC_PAUSES[gc_before:]],
         "output_tok_per_s": output_tokens / elapsed,
         "timed_out": timed_out,
     }
@@ -410,7 +434,10 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    parser.add_argument("--gc-freeze", action="store_true")
     args = parser.parse_args()
+    global GC_FREEZE
+    GC_FREEZE = args.gc_freeze
     RUN_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
     card = torch.cuda.get_device_name()
     runners = {
@@ -438,7 +465,8 @@ def main() -> None:
             "commit": args.commit,
             "command": "PYTHONPATH=. python3 benchmarks/engine_workloads.py "
             f"--workloads {name} --kv-cache-dtype {args.kv_cache_dtype}"
-            + (" --enforce-eager" if args.enforce_eager else ""),
+            + (" --enforce-eager" if args.enforce_eager else "")
+            + (" --gc-freeze" if args.gc_freeze else ""),
             "path": "reference"
             if ops.FORCE_REFERENCE
             else "triton" + ("" if args.enforce_eager else " + cuda graphs"),

@@ -206,8 +206,8 @@ def sweep_decode() -> None:
         for cache in (kv_cache, kv_cache.to(torch.float8_e4m3fn)):
             cases.append((f"{batch}x{context}/g{heads // KV_HEADS}", query, cache, metadata))
     print("decode sweep cases: " + "  ".join(f"{c[0]}-{c[2].dtype}" for c in cases))
-    configs = [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
-    configs += [(128, 8, 3), (32, 4, 3), (64, 2, 3), (128, 2, 2)]
+    configs = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 2, 3), (64, 2, 4), (128, 2, 3)]
+    configs += [(32, 2, 3), (32, 2, 4), (64, 1, 3), (32, 1, 4)]
     for block_n, warps, stages in configs:
         for factor in (1, 2):
             times = []

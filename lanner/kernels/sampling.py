@@ -65,8 +65,10 @@ def _race_chunk_kernel(
     stride_column,
     num_chunks,
     BLOCK: tl.constexpr,
+    ALL_GREEDY: tl.constexpr,
 ):
-    """The best (score, column) of one row's chunk of BLOCK columns."""
+    """The best (score, column) of one row's chunk of BLOCK columns. With ALL_GREEDY
+    every row takes its argmax and the temperature and seed pointers are not read."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     columns = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -75,7 +77,7 @@ def _race_chunk_kernel(
         mask=columns < vocab_size,
         other=float("-inf"),
     ).to(tl.float32)
-    temperature = tl.load(temperatures_ptr + row)
+    temperature = 0.0 if ALL_GREEDY else tl.load(temperatures_ptr + row)
     if temperature > 0:
         # div_rn rounds as torch's logits / T does (Triton's `/` is approximate), so the
         # kernel and the reference agree given the same noise.
@@ -106,15 +108,18 @@ def _race_row_kernel(best_score_ptr, best_column_ptr, out_ptr, num_chunks, CHUNK
 
 
 def exponential_race(
-    logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor
+    logits: torch.Tensor, temperatures: torch.Tensor | None, seeds: torch.Tensor | None
 ) -> torch.Tensor:
     """One token id per row (int64 [B] on the logits' device).
 
     Row i takes argmax_j(logits[i, j] / temperatures[i] - log E_ij), E_ij ~ Exp(1) from
     seeds[i] (the draws ``exponential_noise`` writes out), which is a draw from
     softmax(logits[i] / temperatures[i]); a row at temperature 0 takes argmax_j logits[i, j].
-    ``temperatures`` is float32 [B], ``seeds`` int64 [B], both on the logits' device.
+    ``temperatures`` is float32 [B], ``seeds`` int64 [B], both on the logits' device, or
+    both None when every row is greedy (a chunked argmax: torch's single-row argmax over
+    a 128k vocabulary took 37 µs on the H100).
     """
+    greedy = temperatures is None
     num_rows, vocab_size = logits.shape
     num_chunks = triton.cdiv(vocab_size, BLOCK)
     device = logits.device
@@ -125,8 +130,8 @@ def exponential_race(
     best_columns = torch.empty((num_rows, num_chunks), dtype=torch.int32, device=device)
     _race_chunk_kernel[(num_rows, num_chunks)](
         logits,
-        temperatures,
-        seeds,
+        logits if greedy else temperatures,  # not read when greedy
+        logits if greedy else seeds,
         best_scores,
         best_columns,
         vocab_size,
@@ -134,6 +139,7 @@ def exponential_race(
         logits.stride(1),
         num_chunks,
         BLOCK=BLOCK,
+        ALL_GREEDY=greedy,
         num_warps=4,
     )
     _race_row_kernel[(num_rows,)](

@@ -238,7 +238,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """
     greedy = [r.params.is_greedy for r in rows]
     if all(greedy):
-        return logits.argmax(dim=-1)
+        return exponential_race(logits, None, None) if logits.is_cuda else logits.argmax(-1)
     # Temperature 0 tells the race that a row is greedy.
     temperatures = [0.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
     seeds = [

@@ -85,6 +85,13 @@ def test_decode_with_many_splits_and_long_context() -> None:
     check(query, kv_cache, metadata)
 
 
+def test_reduction_merges_more_splits_than_one_tile() -> None:
+    # 11 splits: the reduction's loop takes a full tile of 8, then a partial one.
+    query, kv_cache, metadata = make_case([1, 1], [200, 97], 4, 2, 32, torch.float32)
+    metadata.num_kv_splits = 11
+    check(query, kv_cache, metadata)
+
+
 @pytest.mark.parametrize("window", [None, 5])
 def test_one_split_decode_writes_the_output_without_a_reduction(window: int | None) -> None:
     query, kv_cache, metadata = make_case([1, 1, 1], [9, 33, 1], 8, 2, 32, torch.float32)

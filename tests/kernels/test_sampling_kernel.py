@@ -78,6 +78,16 @@ def test_ties_go_to_the_lowest_column() -> None:
     assert reference(logits, temperatures, seeds) == expected
 
 
+def test_all_greedy_batch_is_a_chunked_argmax() -> None:
+    vocab_size = 3 * BLOCK + 5
+    logits = torch.randn(4, vocab_size, generator=torch.Generator().manual_seed(2))
+    logits[0, [BLOCK + 2, 2 * BLOCK]] = 10.0  # a tie across chunks: the lower column
+    logits[1] = -INF  # nothing left: column 0, as torch.argmax
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = logits.to(dtype)
+        assert exponential_race(rows, None, None).tolist() == rows.argmax(-1).tolist()
+
+
 def test_strided_and_half_precision_logits() -> None:
     wide = torch.randn(4, 2 * BLOCK + 40, generator=torch.Generator().manual_seed(1)) * 3
     logits = wide[:, 3 : 2 * BLOCK + 3]  # a row stride past the vocabulary
