@@ -34,9 +34,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Options every engine of this run gets (--kv-cache-dtype).
 RUN_OPTIONS: dict[str, object] = {}
 
-# --gc-freeze: move everything alive once an engine is built out of the collector's view.
-GC_FREEZE = False
-
 # Triton kernel variants built (or loaded from Triton's disk cache) since the process
 # began: one inside a timed run is a compile landing in some request's latency.
 COMPILED: list[str] = []
@@ -77,11 +74,7 @@ def make_core(shape: str, **options) -> EngineCore:
         device="cuda",
         **options,
     )
-    core = EngineCore(config)
-    if GC_FREEZE:
-        gc.collect()
-        gc.freeze()
-    return core
+    return EngineCore(config)
 
 
 def release(core: EngineCore) -> None:
@@ -434,10 +427,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
-    parser.add_argument("--gc-freeze", action="store_true")
     args = parser.parse_args()
-    global GC_FREEZE
-    GC_FREEZE = args.gc_freeze
     RUN_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
     card = torch.cuda.get_device_name()
     runners = {
@@ -465,8 +455,7 @@ def main() -> None:
             "commit": args.commit,
             "command": "PYTHONPATH=. python3 benchmarks/engine_workloads.py "
             f"--workloads {name} --kv-cache-dtype {args.kv_cache_dtype}"
-            + (" --enforce-eager" if args.enforce_eager else "")
-            + (" --gc-freeze" if args.gc_freeze else ""),
+            + (" --enforce-eager" if args.enforce_eager else ""),
             "path": "reference"
             if ops.FORCE_REFERENCE
             else "triton" + ("" if args.enforce_eager else " + cuda graphs"),

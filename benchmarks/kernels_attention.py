@@ -195,41 +195,43 @@ def sweep_prefill() -> None:
 
 
 def sweep_decode() -> None:
-    """Time the decode kernel's tile and launch settings, and twice the default number
-    of splits, in bf16 and fp8 at llama3-8b (group 4) and qwen3-0.6b (group 2) shapes;
-    print ms per case."""
+    """Time the decode kernel's tile and launch settings, with the default and twice the
+    default number of splits, at llama3-8b (group 4) and qwen3-0.6b (group 2) shapes:
+    a bf16 cache, then an fp8 cache widened to bf16 and to fp16; print ms per case."""
     scale = HEAD_DIM**-0.5
-    shapes = [(256, 512, HEADS), (32, 4096, HEADS), (256, 768, 16)]
+    shapes = [(256, 512, HEADS), (32, 4096, HEADS), (256, 768, 16), (48, 1800, 16)]
     cases = []
     for batch, context, heads in shapes:
         query, kv_cache, metadata = paged_case([1] * batch, [context] * batch, heads=heads)
-        for cache in (kv_cache, kv_cache.to(torch.float8_e4m3fn)):
-            cases.append((f"{batch}x{context}/g{heads // KV_HEADS}", query, cache, metadata))
-    print("decode sweep cases: " + "  ".join(f"{c[0]}-{c[2].dtype}" for c in cases))
-    configs = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 2, 3), (64, 2, 4), (128, 2, 3)]
-    configs += [(32, 2, 3), (32, 2, 4), (64, 1, 3), (32, 1, 4)]
-    for block_n, warps, stages in configs:
-        for factor in (1, 2):
-            times = []
-            for _, query, kv_cache, metadata in cases:
-                out = torch.empty_like(query)
-                metadata.num_kv_splits = factor * choose_num_kv_splits(
-                    metadata.num_decode, KV_HEADS, metadata.max_seq_len
-                )
-                run = functools.partial(
-                    decode_attention, query, kv_cache, metadata, scale, None, out
-                )
-                run = functools.partial(run, block_n=block_n, num_warps=warps, num_stages=stages)
-                try:
-                    times.append(triton.testing.do_bench(run, warmup=10, rep=60))
-                except Exception as err:  # a config may not fit in shared memory
-                    times.append(float("nan"))
-                    print(f"config {block_n, warps, stages} failed: {str(err)[:200]}")
-            print(
-                f"decode N{block_n} w{warps} s{stages} splits x{factor}: "
-                + "  ".join(f"{t:.4f}" for t in times),
-                flush=True,
+        name = f"{batch}x{context}/g{heads // KV_HEADS}"
+        cases.append((f"{name}-bf16", query, kv_cache, metadata, False))
+        fp8 = kv_cache.to(torch.float8_e4m3fn)
+        cases.append((f"{name}-fp8-as-bf16", query, fp8, metadata, False))
+        cases.append((f"{name}-fp8-as-fp16", query, fp8, metadata, True))
+    print("decode sweep cases: " + "  ".join(c[0] for c in cases))
+    configs = [(64, 2, 3, 1), (64, 2, 3, 2), (64, 4, 3, 1), (128, 4, 3, 1), (64, 2, 4, 1)]
+    configs += [(32, 2, 3, 1), (128, 2, 3, 1), (64, 1, 3, 1)]
+    for block_n, warps, stages, factor in configs:
+        times = []
+        for _, query, kv_cache, metadata, fp16 in cases:
+            out = torch.empty_like(query)
+            metadata.num_kv_splits = factor * choose_num_kv_splits(
+                metadata.num_decode, KV_HEADS, metadata.max_seq_len
             )
+            run = functools.partial(decode_attention, query, kv_cache, metadata, scale, None, out)
+            run = functools.partial(
+                run, block_n=block_n, num_warps=warps, num_stages=stages, fp8_as_fp16=fp16
+            )
+            try:
+                times.append(triton.testing.do_bench(run, warmup=10, rep=60))
+            except Exception as err:  # a config may not fit in shared memory
+                times.append(float("nan"))
+                print(f"config {block_n, warps, stages} failed: {str(err)[:200]}")
+        print(
+            f"decode N{block_n} w{warps} s{stages} splits x{factor}: "
+            + "  ".join(f"{t:.4f}" for t in times),
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -30,6 +30,24 @@ MASK_BOUNDS = tl.constexpr(1)  # every key of [first, last) is visible; last til
 MASK_CAUSAL = tl.constexpr(2)  # each row sees keys up to its position, within the window
 
 
+# Under bf16 queries a float8 cache is widened to fp16, a single conversion per pair of
+# values on Hopper (to bf16 it takes three), with the queries rounded to fp16 for the
+# products: fp16 keeps more mantissa than bf16, and queries are clamped to its range.
+FP8_VIA_FP16 = tl.constexpr(True)
+
+
+@triton.jit
+def _compute_query(q, k_cache_ptr, FP8_AS_FP16: tl.constexpr):
+    """The queries in the dtype the K/V tiles are widened to (``_attend_tiles`` widens
+    them to the queries' dtype)."""
+    # Nested: each test must stay a compile-time one (a chain of `and` is not).
+    if FP8_AS_FP16:
+        if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+            if q.dtype == tl.bfloat16:
+                q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
 @triton.jit
 def _attend_tiles(
     q,
@@ -180,6 +198,7 @@ def _decode_partial_kernel(
     ONE_SPLIT: tl.constexpr,
     CASCADE: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr,
 ):
     """Stage 1: one (sequence, KV head, split) attends its query heads over one slice
     of the context. With CASCADE, the shared prefix is left to the cascade kernel and
@@ -202,6 +221,7 @@ def _decode_partial_kernel(
         mask=head_mask[:, None],
         other=0.0,
     )
+    q = _compute_query(q, k_cache_ptr, FP8_AS_FP16)
     first = seq_len * 0  # a tensor, so both branches agree in type
     if sliding_window > 0:
         first = tl.maximum(seq_len - sliding_window, 0)
@@ -325,6 +345,7 @@ def _cascade_prefix_kernel(
         mask=uses_prefix[:, None],
         other=0.0,
     )
+    q = _compute_query(q, k_cache_ptr, FP8_VIA_FP16)
     per_split = tl.cdiv(tl.cdiv(prefix_len, num_prefix_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(lo + per_split, prefix_len)
@@ -484,6 +505,7 @@ def _prefill_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q_offsets = (q_start + rows).to(tl.int64)[:, None] * stride_q_tok + head * stride_q_head
     q = tl.load(q_ptr + q_offsets + dims[None, :], mask=row_valid[:, None], other=0.0)
+    q = _compute_query(q, k_cache_ptr, FP8_VIA_FP16)
     kv_head = head // GROUP
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -592,6 +614,7 @@ def decode_attention(
     block_n: int = DECODE_BLOCK_N,
     num_warps: int = 2,
     num_stages: int = 3,
+    fp8_as_fp16: bool = bool(FP8_VIA_FP16),
 ) -> None:
     """Attention of the one-token queries of ``metadata.decode_seq_indices`` into ``out``.
     The tile and launch settings are for benchmarks' sweeps; the defaults were the
@@ -666,6 +689,7 @@ def decode_attention(
         ONE_SPLIT=splits == 1,
         CASCADE=cascade,
         IEEE_DOT=ieee,
+        FP8_AS_FP16=fp8_as_fp16,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -77,15 +77,18 @@ def _race_chunk_kernel(
         mask=columns < vocab_size,
         other=float("-inf"),
     ).to(tl.float32)
-    temperature = 0.0 if ALL_GREEDY else tl.load(temperatures_ptr + row)
-    if temperature > 0:
-        # div_rn rounds as torch's logits / T does (Triton's `/` is approximate), so the
-        # kernel and the reference agree given the same noise.
-        scores = tl.math.div_rn(logits, temperature) - tl.log(
-            _exponential(tl.load(seeds_ptr + row), columns)
-        )
+    if ALL_GREEDY:
+        scores = logits
     else:
-        scores = logits  # a greedy row
+        temperature = tl.load(temperatures_ptr + row)
+        if temperature > 0:
+            # div_rn rounds as torch's logits / T does (Triton's `/` is approximate), so
+            # the kernel and the reference agree given the same noise.
+            scores = tl.math.div_rn(logits, temperature) - tl.log(
+                _exponential(tl.load(seeds_ptr + row), columns)
+            )
+        else:
+            scores = logits  # a greedy row
     # Ties go to the lowest lane, i.e. the lowest column; padding (-inf) lies past them all.
     best_score, best_lane = tl.max(scores, 0, return_indices=True)
     tl.store(best_score_ptr + row * num_chunks + chunk, best_score)

@@ -249,10 +249,10 @@ def test_shared_prefix_needs_enough_sequences_and_tokens(monkeypatch) -> None:
     assert shared_prefix_tokens(tables[:1], [20], 4) == 0  # one sequence: nothing to share
 
 
-@pytest.mark.parametrize("query_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_float8_cache_is_widened_to_the_query_dtype(query_dtype: torch.dtype) -> None:
-    """kv_cache_dtype="fp8": the kernels read e4m3 K/V and compute in the queries' dtype;
-    the reference reads the same float8 values."""
+    """kv_cache_dtype="fp8": the kernels read e4m3 K/V and compute in the queries' dtype
+    (fp16 for bf16 queries); the reference reads the same float8 values."""
     query, kv_cache, metadata = make_case(
         [1, 9, 1, 6], [40, 9, 3, 20], 8, 2, 32, torch.float32, seed=7
     )
