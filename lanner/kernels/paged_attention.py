@@ -41,8 +41,8 @@ def _compute_query(q, k_cache_ptr, FP8_AS_FP16: tl.constexpr):
     """The queries in the dtype the K/V tiles are widened to (``_attend_tiles`` widens
     them to the queries' dtype)."""
     # Nested: each test must stay a compile-time one (a chain of `and` is not).
-    if FP8_AS_FP16:
-        if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+    if FP8_AS_FP16:  # noqa: SIM102
+        if k_cache_ptr.dtype.element_ty == tl.float8e4nv:  # noqa: SIM102
             if q.dtype == tl.bfloat16:
                 q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     return q

@@ -184,4 +184,4 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, metadata, kv_caches)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden_states, self.lm_head_weight)
+        return ops.linear(hidden_states, self.lm_head_weight)

@@ -1,0 +1,541 @@
+"""Triton skinny matmul: ``x @ weight.T (+ bias)`` for a few rows of x (decode at batch
+1-16), streaming the [N, K] nn.Linear weight once at close to copy bandwidth.
+
+At M = 1-16 a linear is a GEMV whose only cost is reading the weight, and cuBLAS's tilings
+(built for M >= 64) reach about 40 % of copy bandwidth there. Here every program owns
+BLOCK_N weight rows (and, with split-K, one K range of them), streams [BLOCK_N, BLOCK_K]
+tiles global -> shared memory through a cp.async pipeline NUM_STAGES deep, and multiplies
+each tile by all rows of x, so the weight is read once whatever M is. Two inner products:
+
+- ``use_dot`` (default): x padded to 16 rows (the padding is masked, so it costs no
+  memory traffic) and ``tl.dot`` on tensor cores. The tensor-core work is wasted 16x at
+  M = 1 but is still far below their rate at HBM speed, and it is the cheapest in issue
+  slots: about 1.5-3.5 SASS instructions per weight element on sm_90 (ldmatrix + mma)
+  against 3.5 for the elementwise M = 1 loop and 15-30 for elementwise M = 8 (8 FMAs
+  per weight element plus the conversions), where the loop would become issue-bound.
+  fp32 inputs take Triton's exact "ieee" dot (CUDA-core FMAs): correct but slow, for
+  tests and references rather than serving.
+- elementwise (``use_dot=False``): [BLOCK_M, BLOCK_N, BLOCK_K] fp32 products accumulated
+  in registers and summed over K once, after the loop. Registers grow with BLOCK_M, so it
+  suits M = 1-2; kept so that GPU sweeps can compare it.
+
+Split-K: when N / BLOCK_N gives too few programs to fill the SMs, the K range is cut into
+``split_k`` chunks of whole BLOCK_K tiles and each program writes fp32 partials to a
+workspace [split_k, M, N]. With ``fused_reduce`` (default) the last program of an output
+tile to arrive (an int32 atomic counter per tile, release/acquire) adds the partials,
+adds the bias, casts, and zeroes its counter for the next launch; without it a second
+small kernel does the same. Either way the splits are added in index order whichever
+program arrives last, so results are deterministic and the two modes agree bitwise. No
+host syncs: the launch is CUDA-graph capturable (the counter buffer is allocated by the
+first split-K call, which must come before capture). Two fused split-K launches running
+at the same time on different streams of one device would share counters: don't.
+
+Batch invariance (row i of an M-row call equals a 1-row call on row i, bitwise): for the
+dot path it holds by construction for M <= 16 at a fixed config. BLOCK_M is 16 for every
+M and M is not specialized on, so every such M runs the same binary; each output row is
+its own x row times the same weight tiles in the same K order, and padded or masked rows
+never mix into it. For the elementwise path BLOCK_M follows M, so M = 1 and M = 8 run
+different binaries; their K order matches as long as Triton lays out the K axis the same
+for both (benchmarks/kernels_linear.py checks it on the GPU). Across configs: split_k
+and use_dot change the rounding; on the dot path block_n, block_k, num_warps and
+num_stages should not, since the sum runs through the same 16-wide MMA k-steps in K order
+whatever the tiles (the benchmark's sweep reports which configs match the default's bits;
+the CPU interpreter's numpy matmul does not keep this). choose_config gives every
+M <= 16 the same config, which keeps the dot path batch invariant end to end.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lanner.kernels.rms_norm import cast_rounded
+
+# Rows of x one program multiplies; a larger M launches cdiv(M, 16) program rows, each
+# streaming the weight again (use_skinny hands such batches to cuBLAS).
+MAX_BLOCK_M = 16
+# tl.dot needs at least 16 along each dim.
+DOT_BLOCK = 16
+# Streaming multiprocessors of the card choose_config plans for (H100 SXM).
+NUM_SMS = 132
+# Arrival counters for fused split-K, one per (N block, M block) tile; tiles beyond this
+# fall back to the separate reduce kernel.
+MAX_TILES = 1 << 16
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Rows up to which use_skinny picks this kernel over cuBLAS.
+SKINNY_MAX_M = 16
+# Triton's CPU interpreter multiplies bf16 tl.dot operands as their raw uint16 bits; under
+# it the dot path upcasts them to fp32 first (exact: the GPU's MMA multiplies bf16 exactly
+# and accumulates in fp32 too).
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Launch parameters of one skinny_matmul call (which of them change the rounding: see
+    the module docstring)."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    use_dot: bool = True
+    fused_reduce: bool = True
+
+
+@triton.jit
+def _dot_tiles(
+    x_rows,
+    x_row_mask,
+    w_rows,
+    k_start,
+    k_stop,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """sum over k in [k_start, k_stop) of x[m, k] * w[n, k] -> fp32 [BLOCK_M, BLOCK_N] on
+    tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements."""
+    k_offsets = tl.arange(0, BLOCK_K)
+    w_ptrs = w_rows[:, None] + (k_start + k_offsets)[None, :]
+    x_ptrs = x_rows[:, None] + (k_start + k_offsets)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None], other=0.0)
+        else:
+            in_range = (k + k_offsets < k_stop)[None, :]
+            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
+        if _INTERPRETED and w.dtype == tl.bfloat16:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _elementwise_tiles(
+    x_rows,
+    x_row_mask,
+    w_rows,
+    k_start,
+    k_stop,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """The same sum as _dot_tiles with fp32 multiply-adds on the CUDA cores."""
+    k_offsets = tl.arange(0, BLOCK_K)
+    # Both operands are 3-D from the start ([1, N, K] and [M, 1, K]): a broadcast keeps the
+    # weight load's coalesced layout, where expanding a 2-D load would fall back to
+    # Triton's default layout, which splits each 16-byte vector across threads.
+    w_ptrs = w_rows[None, :, None] + (k_start + k_offsets)[None, None, :]
+    x_ptrs = x_rows[:, None, None] + (k_start + k_offsets)[None, None, :]
+    x_mask = x_row_mask[:, None, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        else:
+            in_range = (k + k_offsets < k_stop)[None, None, :]
+            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            x = tl.load(x_ptrs, mask=x_mask & in_range, other=0.0)
+        # Summed across threads once after the loop: a per-step tl.sum would shuffle
+        # every step.
+        acc += x.to(tl.float32) * w.to(tl.float32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    return tl.sum(acc, axis=2)
+
+
+# M is not specialized on (Triton would otherwise compile M == 1 apart), so that every
+# M <= BLOCK_M runs one binary: part of the batch-invariance argument above. Nor is the
+# split stride M * N, which would otherwise compile per divisibility inside a step.
+@triton.jit(do_not_specialize=["M", "partial_stride_split"])
+def _skinny_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    x_stride_row,
+    w_stride_row,
+    partial_stride_split,
+    out_stride_row,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    # Grid: (N blocks, K splits, M blocks); neighbouring programs read neighbouring rows.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_row_mask = rows_m < M
+    x_rows = x_ptr + rows_m.to(tl.int64) * x_stride_row
+    # Weight rows past N read a copy of the last row instead of being masked, so the
+    # weight loads carry no row mask; their results are never stored.
+    w_rows = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * w_stride_row
+
+    if USE_DOT:
+        acc = _dot_tiles(
+            x_rows,
+            x_row_mask,
+            w_rows,
+            k_start,
+            k_stop,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
+            IEEE,
+            NUM_STAGES,
+        )
+    else:
+        acc = _elementwise_tiles(
+            x_rows,
+            x_row_mask,
+            w_rows,
+            k_start,
+            k_stop,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
+            NUM_STAGES,
+        )
+
+    mask = x_row_mask[:, None] & (rows_n < N)[None, :]
+    offsets = rows_m.to(tl.int64)[:, None] * out_stride_row + rows_n[None, :]
+    if not PARTIAL:
+        _finish(acc, bias_ptr, out_ptr, rows_n, N, offsets, mask, HAS_BIAS)
+    else:
+        # fp32 sums over this program's K chunk.
+        split_offset = pid_k.to(tl.int64) * partial_stride_split
+        tl.store(partial_ptr + split_offset + offsets, acc, mask=mask)
+        if FUSED_REDUCE:
+            # The last of the tile's split programs to arrive adds all splits. The barrier
+            # orders every thread's partial stores before the (one-thread) release below;
+            # the acquire side reads the partials from L2 (.cg), past any stale L1 line.
+            tl.debug_barrier()
+            counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+            num_splits = tl.num_programs(1)
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                partial_ptrs = partial_ptr + offsets
+                for _ in range(num_splits):
+                    total += tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                    partial_ptrs += partial_stride_split
+                _finish(total, bias_ptr, out_ptr, rows_n, N, offsets, mask, HAS_BIAS)
+                # Zero again for the next launch (and the next replay of a CUDA graph).
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _finish(acc, bias_ptr, out_ptr, rows_n, N, offsets, mask, HAS_BIAS: tl.constexpr):
+    """Adds the bias to fp32 sums and stores them rounded to the output dtype."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(out_ptr + offsets, cast_rounded(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    partial_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    num_splits,
+    partial_stride_split,
+    out_stride_row,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per (row, column block); the splits are added in index order, so the
+    # sum is the same on every run.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    partial_ptrs = partial_ptr + row * N + cols
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(num_splits):
+        acc += tl.load(partial_ptrs, mask=mask, other=0.0)
+        partial_ptrs += partial_stride_split
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = cast_rounded(acc, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * out_stride_row + cols, out, mask=mask)
+
+
+@functools.cache
+def choose_config(m: int, n: int, k: int) -> SkinnyConfig:
+    """Launch parameters for x [m, k] @ weight[n, k].T in bf16/fp16, from the H100 sweep
+    of benchmarks/kernels_linear.py (results 20261127-0946*, the 0.6B and 8B shapes):
+
+    - m == 1: the elementwise path with 1024-wide K tiles, 4 rows a program (8 for
+      K <= 1024, and 16 x 512 for the 8B down projection's K = 14336), 4 warps. It beat
+      cuBLAS on every shape (llama3-8b: 0.85-1.07 of copy bandwidth with the weight cold
+      in L2 vs 0.77-0.96 for cuBLAS).
+    - m >= 2: the dot path with [16, 512] tiles, 2 warps, 3 stages; an N too small to
+      give every SM a program (the 0.6B o and down projections) takes [32, 256] tiles
+      and 4-way split-K instead.
+    One binary serves every m in 2..16, which keeps those rows batch invariant; m == 1
+    rounds differently (its own inner product), as cuBLAS's kernels for different m do.
+    """
+    if m == 1:
+        block_k = min(1024, max(16, triton.next_power_of_2(k)))
+        if k > 8192:
+            return SkinnyConfig(16, 512, 1, num_warps=4, num_stages=4, use_dot=False)
+        if k <= 1024:
+            return SkinnyConfig(8, block_k, 1, num_warps=4, num_stages=4, use_dot=False)
+        return SkinnyConfig(4, block_k, 1, num_warps=4, num_stages=6, use_dot=False)
+    block_k = min(512, max(DOT_BLOCK, triton.next_power_of_2(k)))
+    if triton.cdiv(n, DOT_BLOCK) < NUM_SMS:
+        block_k = min(256, block_k)
+        split_k = default_split_k(n, k, 32, block_k)
+        return SkinnyConfig(32, block_k, split_k, num_warps=4, num_stages=4, use_dot=True)
+    return SkinnyConfig(DOT_BLOCK, block_k, 1, num_warps=2, num_stages=3, use_dot=True)
+
+
+def default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
+    """The smallest power-of-two split that gives about 3/4 of a program per SM, keeping
+    at least two block_k tiles per split."""
+    split_k = 1
+    k_tiles = triton.cdiv(k, block_k)
+    while triton.cdiv(n, block_n) * split_k < 3 * NUM_SMS // 4 and 2 * split_k <= k_tiles // 2:
+        split_k *= 2
+    return split_k
+
+
+def use_skinny(m: int, n: int, k: int) -> bool:
+    """Whether a linear of m rows over an [n, k] weight should run skinny_matmul rather
+    than cuBLAS: every batch of 1 to SKINNY_MAX_M rows. On the H100 it matched or beat
+    cuBLAS for every 0.6B and 8B projection and LM head at m = 1-16 (the 0.6B o
+    projection at m = 8 within 1 %); above 16 rows each extra 16 re-reads the weight."""
+    del n, k
+    return 0 < m <= SKINNY_MAX_M
+
+
+def skinny_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_dot: bool | None = None,
+    fused_reduce: bool | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)`` for x [..., K] with few rows and an
+    [N, K] weight, in fp32/fp16/bf16 with fp32 accumulation; the output has x's dtype.
+
+    Parameters left None come from ``choose_config(M, N, K)``. block_n and block_k are
+    powers of two (with use_dot at least 16); split_k > 1 cuts K into that many chunks of
+    whole block_k tiles (fewer if K has fewer tiles), summed by the last program of each
+    output tile (fused_reduce) or by a second kernel. Capturable in a CUDA graph once one
+    split-K call has run outside the capture (it allocates the tile counters).
+    """
+    dtype = x.dtype
+    if dtype != weight.dtype:
+        raise ValueError(f"x is {dtype} but weight is {weight.dtype}; cast one of them")
+    if dtype not in _DTYPES:
+        raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16, not {dtype}")
+    x_shape, w_shape = x.shape, weight.shape
+    if len(w_shape) != 2 or x_shape[-1] != w_shape[1]:
+        raise ValueError(f"x {tuple(x_shape)} and weight {tuple(w_shape)} do not fit x @ weight.T")
+    n, k = w_shape
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+    # The usual 2-D x skips reshape and view (about a microsecond each).
+    flat = len(x_shape) == 2
+    m = x_shape[0] if flat else math.prod(x_shape[:-1])
+    rows = x if flat else x.reshape(m, k)  # a view unless the leading dims cannot be merged
+    out = torch.empty((m, n), dtype=dtype, device=x.device)
+    if m == 0 or n == 0 or k == 0:
+        if k == 0:
+            out.zero_()
+            if bias is not None:
+                out += bias
+        return out if flat else out.view(*x_shape[:-1], n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+
+    plan = _plan(m, n, k, block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce)
+    workspace = out
+    if plan.partial:
+        workspace = torch.empty((plan.grid[1], m, n), dtype=torch.float32, device=out.device)
+    counters = _tile_counters(x.device) if plan.fused_reduce else out
+    _skinny_matmul_kernel[plan.grid](
+        rows,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        workspace,
+        counters,
+        m,
+        n,
+        k,
+        plan.k_per_split,
+        rows.stride(0),
+        weight.stride(0),
+        m * n,
+        n,
+        HAS_BIAS=bias is not None,
+        PARTIAL=plan.partial,
+        FUSED_REDUCE=plan.fused_reduce,
+        BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k,
+        EVEN_K=plan.even_k,
+        USE_DOT=plan.use_dot,
+        IEEE=x.dtype == torch.float32,
+        NUM_STAGES=plan.num_stages,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )
+    if plan.partial and not plan.fused_reduce:
+        _split_k_reduce_kernel[plan.reduce_grid](
+            workspace,
+            bias if bias is not None else workspace,
+            out,
+            n,
+            plan.grid[1],
+            m * n,
+            n,
+            HAS_BIAS=bias is not None,
+            BLOCK=plan.reduce_block,
+            num_warps=4,
+        )
+    return out if flat else out.view(*x_shape[:-1], n)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a launch that follows from the shapes and the config."""
+
+    grid: tuple[int, int, int]
+    k_per_split: int
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    use_dot: bool
+    even_k: bool
+    partial: bool
+    fused_reduce: bool
+    reduce_grid: tuple[int, int]
+    reduce_block: int
+
+
+# Cached: this runs every eager decode step, and a Python-level cdiv costs microseconds.
+@functools.lru_cache(maxsize=4096)
+def _plan(
+    m: int,
+    n: int,
+    k: int,
+    block_n: int | None,
+    block_k: int | None,
+    split_k: int | None,
+    num_warps: int | None,
+    num_stages: int | None,
+    use_dot: bool | None,
+    fused_reduce: bool | None,
+) -> _Plan:
+    config = choose_config(min(m, MAX_BLOCK_M), n, k)
+    block_n = config.block_n if block_n is None else block_n
+    block_k = config.block_k if block_k is None else block_k
+    split_k = config.split_k if split_k is None else split_k
+    use_dot = config.use_dot if use_dot is None else use_dot
+    for name, value in (("block_n", block_n), ("block_k", block_k)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value}")
+    if use_dot and min(block_n, block_k) < DOT_BLOCK:
+        raise ValueError(
+            f"use_dot needs block_n and block_k >= {DOT_BLOCK}, got {block_n}, {block_k}"
+        )
+    if split_k < 1:
+        raise ValueError(f"split_k must be at least 1, got {split_k}")
+
+    block_m = DOT_BLOCK if use_dot else min(triton.next_power_of_2(m), MAX_BLOCK_M)
+    # Whole tiles per split, so only the very last tile of K can be partial.
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
+    partial = split_k > 1
+    fused_reduce = config.fused_reduce if fused_reduce is None else fused_reduce
+    reduce_block = min(triton.next_power_of_2(n), 1024)
+    return _Plan(
+        grid=grid,
+        k_per_split=k_per_split,
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        num_warps=config.num_warps if num_warps is None else num_warps,
+        num_stages=config.num_stages if num_stages is None else num_stages,
+        use_dot=use_dot,
+        even_k=k % block_k == 0,
+        partial=partial,
+        fused_reduce=partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES,
+        reduce_grid=(m, triton.cdiv(n, reduce_block)),
+        reduce_block=reduce_block,
+    )
+
+
+def _tile_counters(device: torch.device) -> torch.Tensor:
+    """The device's arrival counters for fused split-K, all zero between launches (the
+    last program of each tile resets its own). Allocated on first use, which must not be
+    inside a CUDA graph capture: the buffer outlives every graph that uses it."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "skinny_matmul's split-K counters are allocated on the first split-K call, "
+                "which must not be inside a CUDA graph capture: run one eager step first"
+            )
+        counters = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
