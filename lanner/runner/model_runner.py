@@ -121,13 +121,16 @@ class ModelRunner:
         self.execute(chunks)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        # A chunk on top of a cached prefix and a decode: the remaining kernel variants.
+        # A chunk on top of a cached prefix and a decode, then an all-greedy step (its
+        # own sampling kernel): the remaining kernel variants.
         self.execute(
             [
                 SequenceChunk("extend", [0] * 3, self.block_size - 1, table, row),
                 SequenceChunk("decode", [0], self.block_size, table, row),
             ]
         )
+        greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], ())
+        self.execute([SequenceChunk("greedy", [0], self.block_size, table, greedy)])
         self.kv_caches = []
         torch.cuda.empty_cache()
         return peak
