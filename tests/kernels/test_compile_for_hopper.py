@@ -1,0 +1,529 @@
+"""Every kernel variant the engine launches, compiled for the H100 (sm_90) on the CPU.
+
+CI runs the kernels in Triton's CPU interpreter, which executes a kernel's body as
+Python: a branch that is not taken is never type-checked, and a plain (non-constexpr)
+module global reads fine. The real compiler type-checks every branch and rejects such
+globals, so these bugs first showed on the GPU, each costing a GPU session (a bf16 dummy
+seed pointer in the all-greedy sampling kernel; a kernel reading a plain global).
+
+Triton compiles for a GPU it does not have, so this test does. A subprocess without
+TRITON_INTERPRET (where ``@triton.jit`` gives real JITFunctions) replaces
+``JITFunction.run``: a launch, instead of running, records the signature, the
+specializations (dtypes, 16-byte alignment, ints equal to 1 or divisible by 16),
+constexprs and options (num_warps, num_stages) that the launch would have compiled. The
+engine's wrappers are driven with CPU tensors standing in for device tensors; nothing
+executes, so their outputs are garbage. Each distinct variant is then compiled for
+``GPUTarget("cuda", 90, 32)`` through the ``STOP_AFTER`` stage (LLVM IR: front end and
+lowering, no PTX or cubin, see there why), with an empty cache, in one process a core.
+The test fails on a compile error, on shared memory beyond the H100's, on a wrapper
+that raises, and on a ``*_kernel`` of ``lanner.kernels`` that no scenario launched: a
+new kernel needs a scenario in ``engine_scenarios``.
+
+By hand, from the repository root with TRITON_INTERPRET unset:
+``python -m tests.kernels.test_compile_for_hopper --out summary.json [--stop-after cubin]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import multiprocessing
+import os
+import pkgutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: the H100
+# Last compile stage run. "llir" has run the front end (ttir: typing, where both bugs
+# above fail), the lowering to the GPU dialect (ttgir) and to LLVM IR. The ~130 variants
+# took, on 2 cores: 4 s through ttir, 21 s through llir, 25 s through ptx (LLVM's NVPTX
+# backend), 37 s through cubin (ptxas). The last two rarely reject what lowered, so CI
+# stops at llir; ``--stop-after cubin`` runs everything.
+STOP_AFTER = "llir"
+# Dynamic shared memory one block may opt into on the H100; launch checks it.
+H100_MAX_SHARED_BYTES = 232448
+BLOCK_SIZE = 16  # the engine's default KV cache block size
+# Kernels every run must compile, whatever else lanner.kernels defines.
+REQUIRED_KERNELS = {
+    "_decode_partial_kernel",
+    "_cascade_prefix_kernel",
+    "_decode_reduce_kernel",
+    "_prefill_kernel",
+    "_qkv_prepare_kernel",
+    "_rms_norm_kernel",
+    "_silu_and_mul_kernel",
+    "_race_chunk_kernel",
+    "_race_row_kernel",
+    "_exponential_noise_kernel",
+}
+
+
+# -- known-bad kernels: the interpreter runs them, the compiler must reject them ----------
+
+_PLAIN_GLOBAL = 2.0  # not a tl.constexpr: the compiler refuses to read it
+
+
+@triton.jit
+def _bad_dead_branch_kernel(
+    out_ptr, temperatures_ptr, seeds_ptr, BLOCK: tl.constexpr, ALL_GREEDY: tl.constexpr
+):
+    # The pattern of the sampling bug: with ALL_GREEDY the interpreter never enters the
+    # branch, but the compiler type-checks it, and tl.rand takes no bf16 seed.
+    row = tl.program_id(0)
+    columns = tl.arange(0, BLOCK)
+    scores = tl.load(out_ptr + row * BLOCK + columns)
+    temperature = 0.0 if ALL_GREEDY else tl.load(temperatures_ptr + row)
+    if temperature > 0:
+        scores = scores / temperature - tl.log(tl.rand(tl.load(seeds_ptr + row), columns))
+    tl.store(out_ptr + row * BLOCK + columns, scores)
+
+
+@triton.jit
+def _bad_plain_global_kernel(out_ptr, BLOCK: tl.constexpr):
+    columns = tl.arange(0, BLOCK)
+    tl.store(out_ptr + columns, tl.load(out_ptr + columns) * _PLAIN_GLOBAL)
+
+
+def launch_known_bad_kernels() -> None:
+    """Launch both bad kernels as the sampling wrapper did: bf16 logits as dummy pointers."""
+    import torch
+
+    scores = torch.zeros(4, 16, dtype=torch.float32)
+    dummy = torch.zeros(4, 16, dtype=torch.bfloat16)
+    _bad_dead_branch_kernel[(4,)](scores, dummy, dummy, BLOCK=16, ALL_GREEDY=True)
+    _bad_plain_global_kernel[(1,)](scores, BLOCK=16)
+
+
+# -- harness (runs in the subprocess) ------------------------------------------------------
+
+
+class StopCompile(Exception):
+    """Raised by the stage appended after the last one wanted: compiling got that far."""
+
+
+class CompileRecorder:
+    """Stands in for JITFunction.run: records each distinct launched variant, to be
+    compiled for TARGET by ``compile_all``."""
+
+    def __init__(self) -> None:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self.target = GPUTarget(*TARGET)
+        self.backend = make_backend(self.target)
+        self.scenario = ""
+        self.variants: dict[str, dict] = {}  # description (JSON) -> variant
+        self.sources: list[tuple] = []  # (ASTSource, options) of each variant, in order
+        self.scenario_errors: list[dict] = []
+
+    def run(self, kernel, *args, grid, warmup, **kwargs):
+        from triton import knobs
+        from triton.runtime import jit
+
+        # What JITFunction.run does up to the compile, with the CUDA backend in place of
+        # the (absent) active driver's.
+        kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        binder = jit.create_function_from_signature(kernel.signature, kernel.params, self.backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(
+            self.backend, kwargs, bound_args, specialization, options
+        )
+        names = list(bound_args)
+        variant = {
+            "kernel": kernel.fn.__name__,
+            "module": kernel.module,
+            "signature": signature,
+            "constexprs": {names[path[0]]: repr(value) for path, value in constexprs.items()},
+            "attrs": {names[path[0]]: value for path, value in attrs.items() if value},
+            "num_warps": options.num_warps,
+            "num_stages": options.num_stages,
+        }
+        key = json.dumps(variant, sort_keys=True, default=repr)
+        if key not in self.variants:
+            variant["scenarios"] = []
+            self.variants[key] = variant
+            source = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
+            self.sources.append((source, options.__dict__))
+        self.variants[key]["scenarios"].append(self.scenario)
+        return None
+
+    @contextlib.contextmanager
+    def scenario_named(self, name: str) -> Iterator[None]:
+        self.scenario = name
+        try:
+            yield
+        except Exception:  # a wrapper that fails on CPU tensors: report it, go on
+            self.scenario_errors.append({"scenario": name, "error": traceback.format_exc()})
+
+    def compile_all(self, stop_after: str, jobs: int) -> list[dict]:
+        """Compile every recorded variant, in ``jobs`` forked processes; returns the
+        variants with their results."""
+        # Forked workers inherit this: the sources hold JITFunctions, which don't pickle.
+        _WORK.update(sources=self.sources, target=self.target, stop_after=stop_after)
+        indices = range(len(self.sources))
+        if jobs > 1 and len(self.sources) > 1:
+            with multiprocessing.get_context("fork").Pool(min(jobs, len(self.sources))) as pool:
+                results = pool.map(_compile_one, indices, chunksize=1)
+        else:
+            results = [_compile_one(index) for index in indices]
+        variants = list(self.variants.values())
+        for variant, result in zip(variants, results, strict=True):
+            variant.update(result)
+        return variants
+
+
+_WORK: dict = {}  # what compile_all hands its workers
+
+
+def _compile_one(index: int) -> dict:
+    """Compile one recorded variant; its error text, seconds and shared memory."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    source, options = _WORK["sources"][index]
+    stop = _WORK["stop_after"]
+    add_stages = CUDABackend.add_stages
+    reached: dict = {}
+
+    def stop_early(module, metadata):
+        reached.update(metadata)
+        raise StopCompile
+
+    def truncated(self, stages, options, language):
+        add_stages(self, stages, options, language)
+        names = list(stages)
+        for name in names[names.index(stop) + 1 :]:
+            del stages[name]
+        stages["stop"] = stop_early
+
+    CUDABackend.add_stages = truncated
+    start = time.perf_counter()
+    error = None
+    try:
+        triton.compile(source, target=_WORK["target"], options=options)
+    except StopCompile:
+        pass
+    except Exception as caught:  # a compile error is the finding, whatever its type
+        error = error_text(caught)
+    finally:
+        CUDABackend.add_stages = add_stages
+    shared = reached.get("shared")
+    # Launch would fail: Triton checks the block's shared memory against the device's.
+    if error is None and shared is not None and shared > H100_MAX_SHARED_BYTES:
+        error = f"OutOfResources: shared memory {shared} > {H100_MAX_SHARED_BYTES} bytes"
+    return {
+        "error": error,
+        "seconds": round(time.perf_counter() - start, 3),
+        "shared": shared,
+        "reached": None if error else stop,
+    }
+
+
+def error_text(error: BaseException) -> str:
+    """The error and its causes: the outermost CompilationError shows the kernel's line,
+    the innermost exception why (those between are Triton's own library code)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 50:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    shown = chain if len(chain) <= 3 else [*chain[:2], chain[-1]]
+    parts = [f"{type(e).__name__}: {e}"[-2000:] for e in shown]
+    return "\n-- caused by --\n".join(parts)
+
+
+def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
+    """(name, call) for each wrapper call: the variants the engine's steps launch."""
+    import torch
+
+    from lanner.kernels import activation, qkv_prepare, rms_norm, sampling
+    from lanner.kernels.attention_metadata import CASCADE_MIN_SEQS, AttentionMetadata
+    from lanner.kernels.paged_attention import paged_attention
+
+    bf16, fp16, fp32, fp8 = torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn
+
+    def tables_for(seq_lens: list[int], first: int = 0) -> list[list[int]]:
+        tables = []
+        for length in seq_lens:
+            count = -(-length // BLOCK_SIZE)
+            tables.append(list(range(first, first + count)))
+            first += count
+        return tables
+
+    # (query dtype, cache dtype, head_dim, heads, KV heads): the engine's dtypes and
+    # head dims, GQA groups 1 to 8, fp8 caches under both half-precision query dtypes.
+    layouts = [
+        (bf16, bf16, 128, 32, 8),
+        (bf16, fp8, 128, 64, 8),
+        (fp16, fp16, 64, 16, 16),
+        (fp16, fp8, 64, 16, 8),
+        (bf16, bf16, 64, 8, 2),
+        (fp32, fp32, 64, 8, 2),  # dtype="float32" on CUDA: the IEEE tl.dot path
+    ]
+    # Decodes (long enough for several KV splits), a prefill and an extend.
+    mixed = ([1, 37, 1, 5, 1], [700, 37, 90, 300, 1])
+    # Cascade: CASCADE_MIN_SEQS decodes sharing 20 blocks, and a prefill chunk.
+    prefix = list(range(20))
+    own = tables_for([BLOCK_SIZE] * CASCADE_MIN_SEQS, first=len(prefix))
+    cascade_tables = [prefix + blocks for blocks in own] + tables_for([40], first=own[-1][-1] + 1)
+    cascade = (
+        [1] * CASCADE_MIN_SEQS + [40],
+        [len(prefix) * BLOCK_SIZE + 1 + i % BLOCK_SIZE for i in range(CASCADE_MIN_SEQS)] + [40],
+    )
+    for q_dtype, cache_dtype, head_dim, heads, kv_heads in layouts:
+        layout = f"{q_dtype} q, {cache_dtype} cache, head_dim {head_dim}, {heads}/{kv_heads} heads"
+        batches = [("mixed", *mixed, tables_for(mixed[1]), window) for window in (None, 4096)]
+        batches.append(("cascade", *cascade, cascade_tables, None))
+        for kind, query_lens, seq_lens, tables, window in batches:
+            for splits in (None, 1):  # chosen per step, or fixed (CUDA graphs) at one
+                metadata = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK_SIZE, "cpu")
+                assert kind != "cascade" or metadata.shared_prefix_len_cpu, "no shared prefix"
+                metadata.num_kv_splits = splits
+                num_blocks = max(max(t) for t in tables) + 1
+                kv_cache = torch.empty(
+                    2, num_blocks, BLOCK_SIZE, kv_heads, head_dim, dtype=cache_dtype
+                )
+                query = torch.empty(sum(query_lens), heads, head_dim, dtype=q_dtype)
+                yield (
+                    f"paged_attention {layout}: {kind}, splits {splits}, window {window}",
+                    partial(paged_attention, query, kv_cache, metadata, 0.1, window),
+                )
+
+    # q/k/v are views of the qkv projection's output, as llama.py passes them.
+    for dtype, cache_dtype, head_dim, heads, kv_heads, norm in [
+        (bf16, bf16, 128, 32, 8, False),
+        (bf16, bf16, 128, 16, 8, True),  # Qwen3's q/k norm
+        (bf16, fp8, 128, 32, 8, True),
+        (fp16, fp16, 64, 16, 4, False),
+        (fp16, fp8, 64, 16, 4, True),
+        (fp32, fp32, 64, 8, 2, True),
+    ]:
+        tokens = 5
+        qkv = torch.empty(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+        norm_weight = torch.empty(head_dim, dtype=dtype) if norm else None
+        yield (
+            f"qkv_prepare {dtype}, {cache_dtype} cache, head_dim {head_dim}, norm {norm}",
+            partial(
+                qkv_prepare.qkv_prepare,
+                q.reshape(tokens, heads, head_dim),
+                k.reshape(tokens, kv_heads, head_dim),
+                v.reshape(tokens, kv_heads, head_dim),
+                torch.zeros(tokens, dtype=torch.long),  # positions
+                torch.empty(4096, head_dim, dtype=fp32),  # cos|sin table
+                torch.empty(2, 8, BLOCK_SIZE, kv_heads, head_dim, dtype=cache_dtype),
+                torch.zeros(tokens, dtype=torch.long),  # slot mapping
+                norm_weight,
+                norm_weight,
+                1e-6,
+            ),
+        )
+
+    # RMSNorm of hidden states (with and without the residual add), and per head of a
+    # view of the qkv output.
+    for dtype in (bf16, fp16, fp32):
+        for hidden in (896, 4096):
+            x, residual = torch.empty(7, hidden, dtype=dtype), torch.empty(7, hidden, dtype=dtype)
+            weight = torch.empty(hidden, dtype=dtype)
+            yield f"rms_norm {dtype} {hidden}", partial(rms_norm.rms_norm, x, weight, 1e-6)
+            yield (
+                f"fused_add_rms_norm {dtype} {hidden}",
+                partial(rms_norm.fused_add_rms_norm, x, residual, weight, 1e-6),
+            )
+        heads = torch.empty(7, 48 * 128, dtype=dtype)[:, : 32 * 128].view(7, 32, 128)
+        weight = torch.empty(128, dtype=dtype)
+        yield f"rms_norm {dtype} per head", partial(rms_norm.rms_norm, heads, weight, 1e-6)
+
+    for dtype in (bf16, fp16, fp32):
+        for width in (4864, 11008, 320):
+            x = torch.empty(7, 2 * width, dtype=dtype)
+            yield f"silu_and_mul {dtype} {width}", partial(activation.silu_and_mul, x)
+
+    # Sampling: all greedy (no temperature or seed tensors) and sampled, over the logits'
+    # dtypes (the model's, or float32 after a logits processor).
+    for dtype in (bf16, fp16, fp32):
+        for vocab in (151936, 32000):
+            logits = torch.empty(6, vocab, dtype=dtype)
+            temperatures = torch.ones(6, dtype=fp32)
+            seeds = torch.zeros(6, dtype=torch.int64)
+            race = sampling.exponential_race
+            yield f"exponential_race {dtype} {vocab} greedy", partial(race, logits, None, None)
+            yield (
+                f"exponential_race {dtype} {vocab} sampled",
+                partial(race, logits, temperatures, seeds),
+            )
+    yield (
+        "exponential_noise",
+        partial(sampling.exponential_noise, [1, 2, 3], 151936, torch.device("cpu")),
+    )
+
+
+def skinny_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
+    """skinny_matmul's variants, when that module exists (it is being written)."""
+    import torch
+
+    from lanner.kernels.skinny_matmul import skinny_matmul
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for m, n, k in [(1, 4096, 4096), (8, 4096, 4096), (16, 151936, 896), (3, 896, 4864)]:
+            x, weight = torch.empty(m, k, dtype=dtype), torch.empty(n, k, dtype=dtype)
+            bias = torch.empty(n, dtype=dtype)
+            name = f"skinny_matmul {dtype} {m}x{n}x{k}"
+            yield name, partial(skinny_matmul, x, weight)
+            yield f"{name} bias", partial(skinny_matmul, x, weight, bias)
+        # Configs that benchmarks sweep: elementwise products; split-K reduced by the
+        # separate kernel or fused.
+        x, weight = torch.empty(2, 4096, dtype=dtype), torch.empty(4096, 4096, dtype=dtype)
+        for options in [
+            {"use_dot": False, "block_n": 16, "block_k": 128},
+            {"split_k": 4, "fused_reduce": False},
+            {"split_k": 4, "fused_reduce": True},
+            {"use_dot": False, "split_k": 2, "fused_reduce": False},
+        ]:
+            yield (
+                f"skinny_matmul {dtype} 2x4096x4096 {options}",
+                partial(skinny_matmul, x, weight, **options),
+            )
+
+
+def defined_kernels() -> set[str]:
+    """``*_kernel`` jit functions of lanner.kernels: what engine_scenarios must launch."""
+    import lanner.kernels
+
+    found = set()
+    for info in pkgutil.iter_modules(lanner.kernels.__path__, "lanner.kernels."):
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:  # a module still being written (skinny_scenarios says so)
+            continue
+        for name, value in vars(module).items():
+            if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel"):
+                found.add(name)
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="where to write the JSON summary")
+    parser.add_argument(
+        "--known-bad", action="store_true", help="launch only this module's bad kernels"
+    )
+    parser.add_argument("--stop-after", default=STOP_AFTER, help="last compile stage to run")
+    parser.add_argument(
+        "--jobs", type=int, default=len(os.sched_getaffinity(0)), help="compile processes"
+    )
+    args = parser.parse_args(argv)
+    if triton.knobs.runtime.interpret:
+        sys.exit("unset TRITON_INTERPRET: under it @triton.jit gives interpreter functions")
+
+    start = time.perf_counter()
+    recorder = CompileRecorder()
+    scenarios: list[tuple[str, Callable[[], object]]] = []
+    skinny = "not run"
+    if args.known_bad:
+        scenarios.append(("known-bad kernels", launch_known_bad_kernels))
+    else:
+        scenarios.extend(engine_scenarios())
+        try:
+            scenarios.extend(skinny_scenarios())
+            skinny = "run"
+        except ImportError as error:
+            skinny = f"skipped: {error}"
+
+    run = triton.runtime.JITFunction.run
+    triton.runtime.JITFunction.run = lambda kernel, *a, **kw: recorder.run(kernel, *a, **kw)
+    try:
+        for name, call in scenarios:
+            with recorder.scenario_named(name):
+                call()
+    finally:
+        triton.runtime.JITFunction.run = run
+    variants = recorder.compile_all(args.stop_after, args.jobs)
+    summary = {
+        "target": TARGET,
+        "stop_after": args.stop_after,
+        "seconds": round(time.perf_counter() - start, 2),
+        "compile_seconds": round(sum(v["seconds"] for v in variants), 2),
+        "scenarios": len(scenarios),
+        "skinny_matmul": skinny,
+        "defined_kernels": sorted(defined_kernels()) if not args.known_bad else [],
+        "compiled_kernels": sorted({v["kernel"] for v in variants if v["error"] is None}),
+        "variants": variants,
+        "failures": [v for v in variants if v["error"] is not None],
+        "scenario_errors": recorder.scenario_errors,
+    }
+    Path(args.out).write_text(json.dumps(summary, indent=1, default=repr))
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+def run_harness(tmp_path: Path, *args: str) -> dict:
+    """The harness in a subprocess, outside the interpreter, with an empty Triton cache."""
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("Triton's NVIDIA backend is not installed: nothing to compile for sm_90 with")
+    out = tmp_path / "summary.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp_path, prefix="triton-cache-")
+    command = [sys.executable, "-m", "tests.kernels.test_compile_for_hopper", "--out", str(out)]
+    done = subprocess.run(
+        [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and out.exists(), f"harness failed:\n{done.stdout}{done.stderr}"
+    return json.loads(out.read_text())
+
+
+def describe(variant: dict) -> str:
+    return (
+        f"{variant['module']}.{variant['kernel']} {variant['signature']} "
+        f"constexprs={variant['constexprs']} num_warps={variant['num_warps']} "
+        f"(launched by: {'; '.join(variant['scenarios'][:3])})\n{variant['error']}"
+    )
+
+
+def test_every_launched_kernel_variant_compiles_for_sm90(tmp_path: Path) -> None:
+    summary = run_harness(tmp_path)
+    failures = [describe(v) for v in summary["failures"]]
+    assert not failures, "\n\n".join(failures)
+    errors = [f"{e['scenario']}:\n{e['error']}" for e in summary["scenario_errors"]]
+    assert not errors, "wrappers failed before launching:\n" + "\n".join(errors)
+    compiled = set(summary["compiled_kernels"])
+    assert compiled >= REQUIRED_KERNELS, REQUIRED_KERNELS - compiled
+    # A kernel that no scenario launches is never checked: it needs a scenario above.
+    unlaunched = set(summary["defined_kernels"]) - compiled
+    assert not unlaunched, f"add scenarios that launch {sorted(unlaunched)}"
+    assert len(summary["variants"]) >= 40, len(summary["variants"])
+    if summary["skinny_matmul"] != "run":
+        warnings.warn(f"skinny_matmul not compiled: {summary['skinny_matmul']}", stacklevel=1)
+    assert all(v["reached"] == STOP_AFTER for v in summary["variants"])
+
+
+def test_harness_rejects_what_the_interpreter_accepts(tmp_path: Path) -> None:
+    """Both bad kernels run under the interpreter (when this process has it), and the
+    harness reports both as compile failures."""
+    if triton.knobs.runtime.interpret:
+        launch_known_bad_kernels()  # raises nothing: the interpreter accepts them
+    summary = run_harness(tmp_path, "--known-bad")
+    errors = {v["kernel"]: v["error"] for v in summary["failures"]}
+    assert set(errors) == {"_bad_dead_branch_kernel", "_bad_plain_global_kernel"}, summary
+    assert "seed.dtype.is_int()" in errors["_bad_dead_branch_kernel"]
+    assert "_PLAIN_GLOBAL" in errors["_bad_plain_global_kernel"]
+    assert not summary["scenario_errors"], summary["scenario_errors"]
+
+
+if __name__ == "__main__":
+    main()
