@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels.pdl import launch_options, pdl_start
 from lanner.kernels.rms_norm import cast_rounded
 
 
@@ -18,7 +19,9 @@ def _silu_and_mul_kernel(
     width,
     x_stride_row,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     # Rows on grid axis 0 (up to 2**31 - 1 of them), column blocks on axis 1.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -52,5 +55,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         rows = rows.contiguous()
     block, num_warps = _launch_config(width)
     grid = (rows.shape[0], triton.cdiv(width, block))
-    _silu_and_mul_kernel[grid](rows, out, width, rows.stride(0), BLOCK=block, num_warps=num_warps)
+    _silu_and_mul_kernel[grid](
+        rows, out, width, rows.stride(0), BLOCK=block, num_warps=num_warps, **launch_options(x)
+    )
     return out

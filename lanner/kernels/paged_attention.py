@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.kernels.pdl import launch_options, pdl_start
 
 # KV tokens each program step reads; one decode program spans ceil(len/splits) tokens.
 DECODE_BLOCK_N = 64
@@ -199,12 +200,14 @@ def _decode_partial_kernel(
     CASCADE: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     FP8_AS_FP16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Stage 1: one (sequence, KV head, split) attends its query heads over one slice
     of the context. With CASCADE, the shared prefix is left to the cascade kernel and
     the slices cover only the sequence's own suffix. With one split and no shared
     prefix the slice is the whole context: the program writes the final output itself
     and the reduction skips the sequence."""
+    pdl_start(PDL)
     index = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -318,12 +321,14 @@ def _cascade_prefix_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Cascade attention's shared stage: the KV prefix every decode sequence shares is
     read once per (KV head, prefix slice) for a whole tile of query rows (sequence x
     head of the group), a matrix product instead of one KV read per sequence. Writes
     the partial into split slot first_slot + slice, after the per-sequence splits.
     With nothing shared it writes nothing: the reduction then reads only those."""
+    pdl_start(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -418,10 +423,12 @@ def _decode_reduce_kernel(
     SPLIT_TILE: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
     CASCADE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Stage 2: merge the splits of one (sequence, head) by their log2-sum-exp, SPLIT_TILE
     at a time: the sequence's own num_splits, then the cascade's num_prefix_splits when
     a prefix is shared this step (its kernel wrote nothing otherwise)."""
+    pdl_start(PDL)
     index = tl.program_id(0)
     head = tl.program_id(1)
     count = num_splits
@@ -485,9 +492,11 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (sequence, query head, block of query rows): causal attention over the
     sequence's cached context, the rows' own new tokens included."""
+    pdl_start(PDL)
     index = tl.program_id(0)
     head = tl.program_id(1)
     # Highest row blocks first: they see the most keys, so the long programs start early.
@@ -692,6 +701,7 @@ def decode_attention(
         FP8_AS_FP16=fp8_as_fp16,
         num_warps=num_warps,
         num_stages=num_stages,
+        **launch_options(query),
     )
     if cascade:
         row_tiles = triton.cdiv(num_decode * group, CASCADE_BLOCK_M)
@@ -710,6 +720,7 @@ def decode_attention(
             IEEE_DOT=ieee,
             num_warps=CASCADE_NUM_WARPS,
             num_stages=2,
+            **launch_options(query),
         )
     elif splits == 1:
         return  # the decode kernel wrote the output
@@ -734,6 +745,7 @@ def decode_attention(
         ONE_SPLIT=splits == 1,
         CASCADE=cascade,
         num_warps=4,
+        **launch_options(query),
     )
 
 
@@ -782,6 +794,7 @@ def prefill_attention(
         IEEE_DOT=query.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,
+        **launch_options(query),
     )
 
 

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels.pdl import launch_options, pdl_start
 from lanner.kernels.reference import FP8_MAX
 from lanner.kernels.rms_norm import cast_rounded
 
@@ -85,7 +86,9 @@ def _qkv_prepare_kernel(
     Q_HEADS_PAD: tl.constexpr,
     KV_HEADS_PAD: tl.constexpr,
     NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
@@ -200,5 +203,6 @@ def qkv_prepare(
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         NORM=norm,
         num_warps=4,
+        **launch_options(query),
     )
     return q_out

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels.pdl import launch_options, pdl_start
+
 # The whole row lives in registers; wider rows would spill badly (no model has one).
 MAX_ROW_LENGTH = 65536
 
@@ -45,7 +47,9 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     # Row r of the flattened input sits at (r // inner_rows) * stride_outer +
     # (r % inner_rows) * stride_inner: this covers contiguous inputs (inner_rows == 1)
     # and [tokens, heads, head_dim] views cut out of a wider qkv tensor.
@@ -178,6 +182,7 @@ def _launch(
         BLOCK_ROWS=block_rows,
         BLOCK_COLS=block_cols,
         num_warps=num_warps,
+        **launch_options(x),
     )
     return out, summed
 

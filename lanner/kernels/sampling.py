@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels.pdl import launch_options, pdl_start
 from lanner.kernels.transfer import to_device
 
 # Columns per program: a [256, 151936] batch makes ~38k programs, a single row still ~150.
@@ -34,7 +35,10 @@ def _exponential(seed, columns):
 
 
 @triton.jit
-def _exponential_noise_kernel(out_ptr, seeds_ptr, vocab_size, stride_row, BLOCK: tl.constexpr):
+def _exponential_noise_kernel(
+    out_ptr, seeds_ptr, vocab_size, stride_row, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    pdl_start(PDL)
     row = tl.program_id(0)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     noise = _exponential(tl.load(seeds_ptr + row), columns)
@@ -48,7 +52,7 @@ def exponential_noise(seeds: list[int], vocab_size: int, device: torch.device) -
     seed_tensor = to_device(seeds, torch.int64, device)
     out = torch.empty((len(seeds), vocab_size), dtype=torch.float32, device=device)
     _exponential_noise_kernel[(len(seeds), triton.cdiv(vocab_size, BLOCK))](
-        out, seed_tensor, vocab_size, out.stride(0), BLOCK=BLOCK, num_warps=4
+        out, seed_tensor, vocab_size, out.stride(0), BLOCK=BLOCK, num_warps=4, **launch_options(out)
     )
     return out
 
@@ -66,9 +70,11 @@ def _race_chunk_kernel(
     num_chunks,
     BLOCK: tl.constexpr,
     ALL_GREEDY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """The best (score, column) of one row's chunk of BLOCK columns. With ALL_GREEDY
     every row takes its argmax and the temperature and seed pointers are not read."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     columns = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -96,8 +102,11 @@ def _race_chunk_kernel(
 
 
 @triton.jit
-def _race_row_kernel(best_score_ptr, best_column_ptr, out_ptr, num_chunks, CHUNKS: tl.constexpr):
+def _race_row_kernel(
+    best_score_ptr, best_column_ptr, out_ptr, num_chunks, CHUNKS: tl.constexpr, PDL: tl.constexpr
+):
     """A row's token: the best of its chunks' winners."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     chunks = tl.arange(0, CHUNKS)
     scores = tl.load(
@@ -144,6 +153,7 @@ def exponential_race(
         BLOCK=BLOCK,
         ALL_GREEDY=greedy,
         num_warps=4,
+        **launch_options(logits),
     )
     _race_row_kernel[(num_rows,)](
         best_scores,
@@ -152,6 +162,7 @@ def exponential_race(
         num_chunks,
         CHUNKS=triton.next_power_of_2(num_chunks),
         num_warps=1,
+        **launch_options(logits),
     )
     return token_ids
 

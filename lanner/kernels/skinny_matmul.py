@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lanner.kernels.pdl import launch_options, pdl_start
 from lanner.kernels.rms_norm import cast_rounded
 
 # Rows of x one program multiplies; a larger M launches cdiv(M, 16) program rows, each
@@ -197,7 +198,9 @@ def _skinny_matmul_kernel(
     USE_DOT: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     # Grid: (N blocks, K splits, M blocks); neighbouring programs read neighbouring rows.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -288,7 +291,9 @@ def _split_k_reduce_kernel(
     out_stride_row,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     # One program per (row, column block); the splits are added in index order, so the
     # sum is the same on every run.
     row = tl.program_id(0).to(tl.int64)
@@ -435,6 +440,7 @@ def skinny_matmul(
         NUM_STAGES=plan.num_stages,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
+        **launch_options(out),
     )
     if plan.partial and not plan.fused_reduce:
         _split_k_reduce_kernel[plan.reduce_grid](
@@ -448,6 +454,7 @@ def skinny_matmul(
             HAS_BIAS=bias is not None,
             BLOCK=plan.reduce_block,
             num_warps=4,
+            **launch_options(out),
         )
     return out if flat else out.view(*x_shape[:-1], n)
 
