@@ -460,6 +460,8 @@ def main() -> None:
             if ops.FORCE_REFERENCE
             else "triton" + ("" if args.enforce_eager else " + cuda graphs"),
             "kv_cache_dtype": args.kv_cache_dtype,
+            # Programmatic dependent launch (lanner/kernels/pdl.py), off with LANNER_PDL=0.
+            "programmatic_launch": os.environ.get("LANNER_PDL", "1") != "0",
             **figures,
             "wall_s": time.perf_counter() - started,
         }
