@@ -92,26 +92,6 @@ class SkinnyConfig:
 
 
 @triton.jit
-def _load_weight(ptrs, k, k_offsets, k_stop, EVEN_K: tl.constexpr):
-    """One K tile of the weight (rows are clamped, never masked); past k_stop reads 0."""
-    if EVEN_K:  # noqa: SIM108 (a compile-time branch)
-        tile = tl.load(ptrs)
-    else:
-        tile = tl.load(ptrs, mask=k + k_offsets < k_stop, other=0.0)
-    return tile
-
-
-@triton.jit
-def _load_x(ptrs, row_mask, k, k_offsets, k_stop, EVEN_K: tl.constexpr):
-    """One K tile of x's rows; masked rows and columns past k_stop read 0."""
-    if EVEN_K:
-        tile = tl.load(ptrs, mask=row_mask, other=0.0)
-    else:
-        tile = tl.load(ptrs, mask=row_mask & (k + k_offsets < k_stop), other=0.0)
-    return tile
-
-
-@triton.jit
 def _dot_tiles(
     x_rows,
     x_row_mask,
@@ -124,39 +104,31 @@ def _dot_tiles(
     EVEN_K: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """sum over k in [k_start, k_stop) of x[m, k] * w[n, k] -> fp32 [BLOCK_M, BLOCK_N] on
-    tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements.
-    The first weight tile is read before waiting for the kernel before (``pdl_start``):
-    no kernel of a step writes weights, and under programmatic launch that read overlaps
-    it. For K up to one tile (the 0.6B qkv and gate_up) that is the whole weight."""
-    k_offsets = tl.arange(0, BLOCK_K)[None, :]
-    w_ptrs = w_rows[:, None] + k_start + k_offsets
-    x_ptrs = x_rows[:, None] + k_start + k_offsets
-    x_mask = x_row_mask[:, None]
+    tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements."""
+    k_offsets = tl.arange(0, BLOCK_K)
+    w_ptrs = w_rows[:, None] + (k_start + k_offsets)[None, :]
+    x_ptrs = x_rows[:, None] + (k_start + k_offsets)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w = _load_weight(w_ptrs, k_start, k_offsets, k_stop, EVEN_K)
-    pdl_start(PDL)
-    x = _load_x(x_ptrs, x_mask, k_start, k_offsets, k_stop, EVEN_K)
-    acc = _dot_step(acc, x, w, IEEE)
-    for k in tl.range(k_start + BLOCK_K, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+    for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None], other=0.0)
+        else:
+            in_range = (k + k_offsets < k_stop)[None, :]
+            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
+        if _INTERPRETED and w.dtype == tl.bfloat16:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        w = _load_weight(w_ptrs, k, k_offsets, k_stop, EVEN_K)
-        x = _load_x(x_ptrs, x_mask, k, k_offsets, k_stop, EVEN_K)
-        acc = _dot_step(acc, x, w, IEEE)
     return acc
-
-
-@triton.jit
-def _dot_step(acc, x, w, IEEE: tl.constexpr):
-    if _INTERPRETED and w.dtype == tl.bfloat16:
-        w = w.to(tl.float32)
-        x = x.to(tl.float32)
-    if IEEE:
-        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-    return tl.dot(x, tl.trans(w), acc)
 
 
 @triton.jit
@@ -171,28 +143,29 @@ def _elementwise_tiles(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    """The same sum as _dot_tiles with fp32 multiply-adds on the CUDA cores (the first
-    weight tile likewise read before the wait)."""
-    k_offsets = tl.arange(0, BLOCK_K)[None, None, :]
+    """The same sum as _dot_tiles with fp32 multiply-adds on the CUDA cores."""
+    k_offsets = tl.arange(0, BLOCK_K)
     # Both operands are 3-D from the start ([1, N, K] and [M, 1, K]): a broadcast keeps the
     # weight load's coalesced layout, where expanding a 2-D load would fall back to
     # Triton's default layout, which splits each 16-byte vector across threads.
-    w_ptrs = w_rows[None, :, None] + k_start + k_offsets
-    x_ptrs = x_rows[:, None, None] + k_start + k_offsets
+    w_ptrs = w_rows[None, :, None] + (k_start + k_offsets)[None, None, :]
+    x_ptrs = x_rows[:, None, None] + (k_start + k_offsets)[None, None, :]
     x_mask = x_row_mask[:, None, None]
-    w = _load_weight(w_ptrs, k_start, k_offsets, k_stop, EVEN_K)
-    pdl_start(PDL)
-    x = _load_x(x_ptrs, x_mask, k_start, k_offsets, k_stop, EVEN_K)
-    # Summed across threads once after the loop: a per-step tl.sum would shuffle every step.
-    acc = x.to(tl.float32) * w.to(tl.float32)
-    for k in tl.range(k_start + BLOCK_K, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        else:
+            in_range = (k + k_offsets < k_stop)[None, None, :]
+            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            x = tl.load(x_ptrs, mask=x_mask & in_range, other=0.0)
+        # Summed across threads once after the loop: a per-step tl.sum would shuffle
+        # every step.
+        acc += x.to(tl.float32) * w.to(tl.float32)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        w = _load_weight(w_ptrs, k, k_offsets, k_stop, EVEN_K)
-        x = _load_x(x_ptrs, x_mask, k, k_offsets, k_stop, EVEN_K)
-        acc += x.to(tl.float32) * w.to(tl.float32)
     return tl.sum(acc, axis=2)
 
 
@@ -227,8 +200,8 @@ def _skinny_matmul_kernel(
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     # Grid: (N blocks, K splits, M blocks); neighbouring programs read neighbouring rows.
-    # Nothing before the tile helpers' pdl_start touches memory but the weights.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -256,7 +229,6 @@ def _skinny_matmul_kernel(
             EVEN_K,
             IEEE,
             NUM_STAGES,
-            PDL,
         )
     else:
         acc = _elementwise_tiles(
@@ -270,7 +242,6 @@ def _skinny_matmul_kernel(
             BLOCK_K,
             EVEN_K,
             NUM_STAGES,
-            PDL,
         )
 
     mask = x_row_mask[:, None] & (rows_n < N)[None, :]
