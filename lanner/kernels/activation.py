@@ -13,15 +13,6 @@ from lanner.kernels.rms_norm import cast_rounded
 
 
 @triton.jit
-def silu_mul(gate, up, dtype: tl.constexpr):
-    """silu(gate) * up in ``dtype``: silu in fp32 rounded to dtype, then the product
-    rounded again, the rounding points of F.silu(gate) * up in that dtype."""
-    gate = gate.to(tl.float32)
-    activated = cast_rounded(gate / (1.0 + tl.exp(-gate)), dtype).to(tl.float32)
-    return cast_rounded(activated * up.to(tl.float32), dtype)
-
-
-@triton.jit
 def _silu_and_mul_kernel(
     x_ptr,
     out_ptr,
@@ -36,10 +27,13 @@ def _silu_and_mul_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
     x_row = x_ptr + row * x_stride_row
-    gate = tl.load(x_row + cols, mask=mask, other=0.0)
-    up = tl.load(x_row + width + cols, mask=mask, other=0.0)
-    out = silu_mul(gate, up, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * width + cols, out, mask=mask)
+    gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row + width + cols, mask=mask, other=0.0).to(tl.float32)
+    # silu in fp32, rounded to the input dtype, then the product rounded again: the same
+    # rounding points as F.silu(gate) * up in the input dtype.
+    out_dtype = out_ptr.dtype.element_ty
+    activated = cast_rounded(gate / (1.0 + tl.exp(-gate)), out_dtype).to(tl.float32)
+    tl.store(out_ptr + row * width + cols, cast_rounded(activated * up, out_dtype), mask=mask)
 
 
 @functools.cache

@@ -32,17 +32,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def silu_and_mul_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """linear(silu_and_mul(x), weight, bias): for few rows one skinny launch computes the
-    activation as it reads x (same bits as the two kernels), else the two steps."""
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if use_triton(x) and skinny_kernels.use_skinny(m, *weight.shape):
-        return skinny_kernels.skinny_matmul(x, weight, bias, gated=True)
-    return linear(silu_and_mul(x), weight, bias)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x):
         return norm_kernels.rms_norm(x, weight, eps)

@@ -54,7 +54,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lanner.kernels.activation import silu_mul
 from lanner.kernels.pdl import launch_options, pdl_start
 from lanner.kernels.rms_norm import cast_rounded
 
@@ -93,16 +92,6 @@ class SkinnyConfig:
 
 
 @triton.jit
-def _load_x(ptrs, mask, up_offset, GATED: tl.constexpr):
-    """One tile of x; GATED: x is [gate | up] and the tile is silu(gate) * up, rounded as
-    the separate silu_and_mul kernel rounds it (so fusing changes no bits)."""
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    if GATED:
-        x = silu_mul(x, tl.load(ptrs + up_offset, mask=mask, other=0.0), x.dtype)
-    return x
-
-
-@triton.jit
 def _dot_tiles(
     x_rows,
     x_row_mask,
@@ -115,8 +104,6 @@ def _dot_tiles(
     EVEN_K: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    up_offset,
-    GATED: tl.constexpr,
 ):
     """sum over k in [k_start, k_stop) of x[m, k] * w[n, k] -> fp32 [BLOCK_M, BLOCK_N] on
     tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements."""
@@ -127,11 +114,11 @@ def _dot_tiles(
     for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            x = _load_x(x_ptrs, x_row_mask[:, None], up_offset, GATED)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None], other=0.0)
         else:
             in_range = (k + k_offsets < k_stop)[None, :]
             w = tl.load(w_ptrs, mask=in_range, other=0.0)
-            x = _load_x(x_ptrs, x_row_mask[:, None] & in_range, up_offset, GATED)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
         if _INTERPRETED and w.dtype == tl.bfloat16:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -156,8 +143,6 @@ def _elementwise_tiles(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    up_offset,
-    GATED: tl.constexpr,
 ):
     """The same sum as _dot_tiles with fp32 multiply-adds on the CUDA cores."""
     k_offsets = tl.arange(0, BLOCK_K)
@@ -171,11 +156,11 @@ def _elementwise_tiles(
     for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            x = _load_x(x_ptrs, x_mask, up_offset, GATED)
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         else:
             in_range = (k + k_offsets < k_stop)[None, None, :]
             w = tl.load(w_ptrs, mask=in_range, other=0.0)
-            x = _load_x(x_ptrs, x_mask & in_range, up_offset, GATED)
+            x = tl.load(x_ptrs, mask=x_mask & in_range, other=0.0)
         # Summed across threads once after the loop: a per-step tl.sum would shuffle
         # every step.
         acc += x.to(tl.float32) * w.to(tl.float32)
@@ -213,7 +198,6 @@ def _skinny_matmul_kernel(
     USE_DOT: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    GATED: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_start(PDL)
@@ -245,8 +229,6 @@ def _skinny_matmul_kernel(
             EVEN_K,
             IEEE,
             NUM_STAGES,
-            K,
-            GATED,
         )
     else:
         acc = _elementwise_tiles(
@@ -260,8 +242,6 @@ def _skinny_matmul_kernel(
             BLOCK_K,
             EVEN_K,
             NUM_STAGES,
-            K,
-            GATED,
         )
 
     mask = x_row_mask[:, None] & (rows_n < N)[None, :]
@@ -391,12 +371,9 @@ def skinny_matmul(
     num_stages: int | None = None,
     use_dot: bool | None = None,
     fused_reduce: bool | None = None,
-    gated: bool = False,
 ) -> torch.Tensor:
     """``torch.nn.functional.linear(x, weight, bias)`` for x [..., K] with few rows and an
     [N, K] weight, in fp32/fp16/bf16 with fp32 accumulation; the output has x's dtype.
-    ``gated``: x is [..., 2K] holding gate then up, and the input is silu(gate) * up
-    (the MLP's down projection with silu_and_mul fused in: one launch fewer a layer).
 
     Parameters left None come from ``choose_config(M, N, K)``. block_n and block_k are
     powers of two (with use_dot at least 16); split_k > 1 cuts K into that many chunks of
@@ -410,19 +387,15 @@ def skinny_matmul(
     if dtype not in _DTYPES:
         raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16, not {dtype}")
     x_shape, w_shape = x.shape, weight.shape
-    width = 2 * w_shape[1] if gated and len(w_shape) == 2 else w_shape[-1]
-    if len(w_shape) != 2 or x_shape[-1] != width:
-        raise ValueError(
-            f"x {tuple(x_shape)} and weight {tuple(w_shape)} do not fit x @ weight.T"
-            + (" (gated: x holds gate then up, twice the weight's columns)" if gated else "")
-        )
+    if len(w_shape) != 2 or x_shape[-1] != w_shape[1]:
+        raise ValueError(f"x {tuple(x_shape)} and weight {tuple(w_shape)} do not fit x @ weight.T")
     n, k = w_shape
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     # The usual 2-D x skips reshape and view (about a microsecond each).
     flat = len(x_shape) == 2
     m = x_shape[0] if flat else math.prod(x_shape[:-1])
-    rows = x if flat else x.reshape(m, width)  # a view unless the leading dims cannot merge
+    rows = x if flat else x.reshape(m, k)  # a view unless the leading dims cannot be merged
     out = torch.empty((m, n), dtype=dtype, device=x.device)
     if m == 0 or n == 0 or k == 0:
         if k == 0:
@@ -465,7 +438,6 @@ def skinny_matmul(
         USE_DOT=plan.use_dot,
         IEEE=x.dtype == torch.float32,
         NUM_STAGES=plan.num_stages,
-        GATED=gated,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         **launch_options(out),

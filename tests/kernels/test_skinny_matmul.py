@@ -197,24 +197,3 @@ def test_choose_config_is_valid_and_the_same_for_every_m_above_one(n: int, k: in
 def test_use_skinny_threshold() -> None:
     assert use_skinny(1, 4096, 4096) and use_skinny(16, 1024, 1024)
     assert not use_skinny(0, 4096, 4096) and not use_skinny(17, 4096, 4096)
-
-
-@pytest.mark.parametrize("use_dot", [True, False])
-@pytest.mark.parametrize("split_k", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_input_equals_silu_and_mul_then_matmul(
-    use_dot: bool, split_k: int, dtype: torch.dtype
-) -> None:
-    """gated=True fuses silu_and_mul into the x loads: the same bits as running the
-    silu_and_mul kernel first, K not a multiple of the tile included."""
-    from lanner.kernels.activation import silu_and_mul
-
-    gate_up = randn(3, 2 * 72, dtype=dtype, seed=5, scale=2.0)
-    weight = randn(40, 72, dtype=dtype, seed=6, scale=72**-0.5)
-    bias = randn(40, dtype=dtype, seed=7)
-    config = {**SMALL, "use_dot": use_dot, "split_k": split_k}
-    fused = skinny_matmul(gate_up, weight, bias, gated=True, **config)
-    separate = skinny_matmul(silu_and_mul(gate_up), weight, bias, **config)
-    assert torch.equal(fused, separate)
-    with pytest.raises(ValueError, match="gated"):
-        skinny_matmul(gate_up[:, :72], weight, gated=True)

@@ -13,6 +13,7 @@ from torch import nn
 from lanner.kernels import ops
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.model.config import ModelConfig
+from lanner.model.layers.activation import SiluAndMul
 from lanner.model.layers.attention import PagedAttention
 from lanner.model.layers.linear import PackedLinear
 from lanner.model.layers.norm import RMSNorm
@@ -84,11 +85,10 @@ class LlamaMLP(nn.Module):
             config.hidden_size, {"gate": size, "up": size}, bias=config.mlp_bias
         )
         self.down_proj = PackedLinear(size, {None: config.hidden_size}, bias=config.mlp_bias)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SiLU-and-mul and the down projection in one call (one kernel for decode batches).
-        down = self.down_proj
-        return ops.silu_and_mul_linear(self.gate_up_proj(x), down.weight, down.bias)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
