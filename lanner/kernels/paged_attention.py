@@ -118,6 +118,20 @@ def _attend_tiles(
 
 
 @triton.jit
+def _own_slices(seq_len, sliding_window, prefix_len, num_splits, BLOCK_N: tl.constexpr):
+    """Where a decode sequence's own keys start (after a window's cut or the cascade's
+    shared prefix) and how many each of its num_splits slices takes (whole tiles; 0 for
+    an empty sequence). The decode kernel and the reduction agree through this."""
+    first = seq_len * 0  # a tensor, so both branches agree in type
+    if sliding_window > 0:
+        first = tl.maximum(seq_len - sliding_window, 0)
+    if seq_len > prefix_len:
+        first = tl.maximum(first, prefix_len)
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    return first, per_split
+
+
+@triton.jit
 def _store_partial(
     part_out_ptr,
     part_lse_ptr,
@@ -213,6 +227,12 @@ def _decode_partial_kernel(
     split = tl.program_id(2)
     seq = tl.load(seq_indices_ptr + index)
     seq_len = tl.load(seq_lens_ptr + seq)
+    prefix_len = tl.load(prefix_len_ptr) if CASCADE else seq_len * 0
+    first, per_split = _own_slices(seq_len, sliding_window, prefix_len, num_splits, BLOCK_N)
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    if not ONE_SPLIT and hi <= lo:
+        return  # an empty slice: the reduction merges only the non-empty ones
     q_row = tl.load(query_start_ptr + seq)
 
     group = tl.arange(0, GROUP_PAD)
@@ -225,18 +245,6 @@ def _decode_partial_kernel(
         other=0.0,
     )
     q = _compute_query(q, k_cache_ptr, FP8_AS_FP16)
-    first = seq_len * 0  # a tensor, so both branches agree in type
-    if sliding_window > 0:
-        first = tl.maximum(seq_len - sliding_window, 0)
-    prefix_len = seq_len * 0
-    if CASCADE:
-        prefix_len = tl.load(prefix_len_ptr)
-        if seq_len > prefix_len:
-            first = tl.maximum(first, prefix_len)
-    span = seq_len - first
-    per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-    lo = first + split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -402,14 +410,38 @@ def _cascade_prefix_kernel(
     )
 
 
+@triton.jit
+def _merge_splits(lse_row, out_row, start, stop, m, total, acc, stride_po_split, dims, TILE):
+    """Fold splits [start, stop) into the running (max, sum, weighted output), TILE at a
+    time, by their log2-sum-exp."""
+    for first in range(start, stop, TILE):
+        splits = first + tl.arange(0, TILE)
+        lse = tl.load(lse_row + splits, mask=splits < stop, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet
+        alpha = tl.exp2(m - m_safe)
+        weights = tl.exp2(lse - m_safe)
+        parts = tl.load(
+            out_row + splits[:, None] * stride_po_split + dims[None, :],
+            mask=(lse > float("-inf"))[:, None],  # a row that saw no key wrote no output
+            other=0.0,
+        )
+        acc = acc * alpha + tl.sum(parts * weights[:, None], 0)
+        total = total * alpha + tl.sum(weights, 0)
+        m = m_new
+    return m, total, acc
+
+
 @triton.jit(do_not_specialize=_VARYING + ["num_prefix_splits"])
 def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
     out_ptr,
+    seq_lens_ptr,
     seq_indices_ptr,
     query_start_ptr,
     prefix_len_ptr,
+    sliding_window,
     num_splits,
     num_prefix_splits,
     stride_po_seq,
@@ -420,25 +452,26 @@ def _decode_reduce_kernel(
     stride_out_tok,
     stride_out_head,
     HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SPLIT_TILE: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
     CASCADE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Stage 2: merge the splits of one (sequence, head) by their log2-sum-exp, SPLIT_TILE
-    at a time: the sequence's own num_splits, then the cascade's num_prefix_splits when
-    a prefix is shared this step (its kernel wrote nothing otherwise)."""
+    """Stage 2: merge the splits of one (sequence, head): the sequence's own non-empty
+    slices (a short context in a graph sized for long ones fills few of them), then the
+    cascade's num_prefix_splits when a prefix is shared this step."""
     pdl_start(PDL)
     index = tl.program_id(0)
     head = tl.program_id(1)
-    count = num_splits
-    prefix_len = 0
-    if CASCADE:
-        prefix_len = tl.load(prefix_len_ptr)
-        count = num_splits + tl.where(prefix_len > 0, num_prefix_splits, 0)
+    seq = tl.load(seq_indices_ptr + index)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix_len = tl.load(prefix_len_ptr) if CASCADE else seq_len * 0
     if ONE_SPLIT and prefix_len == 0:
         return  # the decode program wrote this sequence's output
-    seq = tl.load(seq_indices_ptr + index)
+    first, per_split = _own_slices(seq_len, sliding_window, prefix_len, num_splits, BLOCK_N)
+    own = tl.cdiv(seq_len - first, tl.maximum(per_split, 1))
+    prefix_stop = num_splits + tl.where(prefix_len > 0, num_prefix_splits, 0)
     row = tl.load(query_start_ptr + seq)
     dims = tl.arange(0, HEAD_DIM)
     lse_row = part_lse_ptr + index * stride_pl_seq + head * stride_pl_head
@@ -446,21 +479,12 @@ def _decode_reduce_kernel(
     m = tl.full([], float("-inf"), dtype=tl.float32)
     total = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start in range(0, count, SPLIT_TILE):
-        splits = start + tl.arange(0, SPLIT_TILE)
-        lse = tl.load(lse_row + splits, mask=splits < count, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet
-        alpha = tl.exp2(m - m_safe)
-        weights = tl.exp2(lse - m_safe)
-        parts = tl.load(
-            out_row + splits[:, None] * stride_po_split + dims[None, :],
-            mask=(lse > float("-inf"))[:, None],  # empty splits wrote no output
-            other=0.0,
-        )
-        acc = acc * alpha + tl.sum(parts * weights[:, None], 0)
-        total = total * alpha + tl.sum(weights, 0)
-        m = m_new
+    m, total, acc = _merge_splits(
+        lse_row, out_row, 0, own, m, total, acc, stride_po_split, dims, SPLIT_TILE
+    )
+    m, total, acc = _merge_splits(
+        lse_row, out_row, num_splits, prefix_stop, m, total, acc, stride_po_split, dims, SPLIT_TILE
+    )
     out = acc / tl.where(total > 0, total, 1.0)  # an empty (padding) sequence: zeros
     target = out_ptr + row.to(tl.int64) * stride_out_tok + head * stride_out_head + dims
     tl.store(target, out.to(out_ptr.dtype.element_ty))
@@ -728,9 +752,11 @@ def decode_attention(
         part_out,
         part_lse,
         out,
+        metadata.seq_lens,
         metadata.decode_seq_indices,
         metadata.query_start_loc,
         prefix_len,
+        sliding_window or 0,
         splits,
         prefix_splits,
         part_out.stride(0),
@@ -741,6 +767,7 @@ def decode_attention(
         out.stride(0),
         out.stride(1),
         HEAD_DIM=head_dim,
+        BLOCK_N=block_n,
         SPLIT_TILE=REDUCE_SPLIT_TILE,
         ONE_SPLIT=splits == 1,
         CASCADE=cascade,
