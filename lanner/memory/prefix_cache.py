@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from lanner.memory.block_pool import BlockPool
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PrefixNode:
     """One cached block: the tokens it covers and where its K/V lives."""
 
