@@ -30,18 +30,19 @@ host syncs: the launch is CUDA-graph capturable (the counter buffer is allocated
 first split-K call, which must come before capture). Two fused split-K launches running
 at the same time on different streams of one device would share counters: don't.
 
-Batch invariance (row i of an M-row call equals a 1-row call on row i, bitwise): for the
-dot path it holds by construction for M <= 16 at a fixed config. BLOCK_M is 16 for every
-M and M is not specialized on, so every such M runs the same binary; each output row is
+Batch invariance (row i of an M-row call equals that row alone, bitwise): for the dot
+path it holds by construction for M <= 16 at a fixed config. BLOCK_M is 16 for every M
+and M is not specialized on, so every such M runs the same binary; each output row is
 its own x row times the same weight tiles in the same K order, and padded or masked rows
 never mix into it. For the elementwise path BLOCK_M follows M, so M = 1 and M = 8 run
 different binaries; their K order matches as long as Triton lays out the K axis the same
-for both (benchmarks/kernels_linear.py checks it on the GPU). Across configs: split_k
-and use_dot change the rounding; on the dot path block_n, block_k, num_warps and
-num_stages should not, since the sum runs through the same 16-wide MMA k-steps in K order
-whatever the tiles (the benchmark's sweep reports which configs match the default's bits;
-the CPU interpreter's numpy matmul does not keep this). choose_config gives every
-M <= 16 the same config, which keeps the dot path batch invariant end to end.
+for both. Across configs: split_k and use_dot change the rounding; on the dot path
+block_n, block_k, num_warps and num_stages should not, since the sum runs through the
+same 16-wide MMA k-steps in K order whatever the tiles (the CPU interpreter's numpy
+matmul does not keep this). choose_config gives M = 2..16 one dot config, so those rows
+are batch invariant end to end (benchmarks/kernels_linear.py checks each row against a
+2-row call on the GPU); a single row takes the elementwise path, faster there, and
+rounds differently, as cuBLAS's kernels for different M do.
 """
 
 from __future__ import annotations

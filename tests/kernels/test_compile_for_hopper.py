@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -373,7 +372,7 @@ def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
 
 
 def skinny_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
-    """skinny_matmul's variants, when that module exists (it is being written)."""
+    """skinny_matmul's variants."""
     import torch
 
     from lanner.kernels.skinny_matmul import skinny_matmul
@@ -406,10 +405,7 @@ def defined_kernels() -> set[str]:
 
     found = set()
     for info in pkgutil.iter_modules(lanner.kernels.__path__, "lanner.kernels."):
-        try:
-            module = importlib.import_module(info.name)
-        except ImportError:  # a module still being written (skinny_scenarios says so)
-            continue
+        module = importlib.import_module(info.name)
         for name, value in vars(module).items():
             if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel"):
                 found.add(name)
@@ -445,16 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     force_programmatic_launch()
     recorder = CompileRecorder()
     scenarios: list[tuple[str, Callable[[], object]]] = []
-    skinny = "not run"
     if args.known_bad:
         scenarios.append(("known-bad kernels", launch_known_bad_kernels))
     else:
         scenarios.extend(engine_scenarios())
-        try:
-            scenarios.extend(skinny_scenarios())
-            skinny = "run"
-        except ImportError as error:
-            skinny = f"skipped: {error}"
+        scenarios.extend(skinny_scenarios())
 
     run = triton.runtime.JITFunction.run
     triton.runtime.JITFunction.run = lambda kernel, *a, **kw: recorder.run(kernel, *a, **kw)
@@ -471,7 +462,6 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(time.perf_counter() - start, 2),
         "compile_seconds": round(sum(v["seconds"] for v in variants), 2),
         "scenarios": len(scenarios),
-        "skinny_matmul": skinny,
         "defined_kernels": sorted(defined_kernels()) if not args.known_bad else [],
         "compiled_kernels": sorted({v["kernel"] for v in variants if v["error"] is None}),
         "variants": variants,
@@ -519,8 +509,6 @@ def test_every_launched_kernel_variant_compiles_for_sm90(tmp_path: Path) -> None
     unlaunched = set(summary["defined_kernels"]) - compiled
     assert not unlaunched, f"add scenarios that launch {sorted(unlaunched)}"
     assert len(summary["variants"]) >= 40, len(summary["variants"])
-    if summary["skinny_matmul"] != "run":
-        warnings.warn(f"skinny_matmul not compiled: {summary['skinny_matmul']}", stacklevel=1)
     assert all(v["reached"] == STOP_AFTER for v in summary["variants"])
 
 
