@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
+from lanner.bench.report import save_copies
 from lanner.engine.config import EngineConfig
 from lanner.engine.core import EngineCore
 from lanner.engine.request import Request
@@ -445,7 +446,6 @@ def main() -> None:
         "chat": multi_turn_chat,
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dirs = [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for name in args.workloads.split(","):
         started = time.perf_counter()
         figures = runners[name]()
@@ -465,8 +465,7 @@ def main() -> None:
             **figures,
             "wall_s": time.perf_counter() - started,
         }
-        for folder in out_dirs:
-            (folder / f"{stamp}-{name}.json").write_text(json.dumps(result, indent=2))
+        save_copies(result, RESULTS, f"{stamp}-{name}.json")
         shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
         print(f"{name}: {json.dumps(shown)}", flush=True)
 

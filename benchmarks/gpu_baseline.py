@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from lanner.bench.report import save_copies
 from lanner.bench.roofline import copy_rate
 from lanner.engine.config import EngineConfig
 from lanner.engine.core import EngineCore
@@ -114,12 +114,9 @@ def main() -> None:
             "share_of_floor": floor_ms / figures["tpot_median_ms"],
             **common,
         }
-    RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dirs = [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for name, result in results.items():
-        for out_dir in out_dirs:
-            (out_dir / f"{stamp}-{name}-baseline.json").write_text(json.dumps(result, indent=2))
+        save_copies(result, RESULTS, f"{stamp}-{name}-baseline.json")
     print(f"{'run':<16}{'figure':>40}")
     for name, result in results.items():
         shown = {

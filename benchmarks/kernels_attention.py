@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from lanner.bench.report import save_copies
 from lanner.bench.roofline import copy_rate
 from lanner.kernels import reference
 from lanner.kernels.attention_metadata import AttentionMetadata
@@ -272,9 +271,7 @@ def main() -> None:
         "rows": rows,
         "extend_rel_error": extend_error,
     }
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-kernels-attention.json"
-    for folder in [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
-        (folder / name).write_text(json.dumps(result, indent=2))
+    save_copies(result, RESULTS, f"{time.strftime('%Y%m%d-%H%M%S')}-kernels-attention.json")
     for row in rows:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     print(

@@ -15,8 +15,6 @@ when set); exits 1 if any check failed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +25,7 @@ import torch
 import triton
 import triton.testing
 
+from lanner.bench.report import save_copies
 from lanner.bench.roofline import copy_rate
 from lanner.kernels import reference
 from lanner.kernels.activation import silu_and_mul
@@ -309,11 +308,8 @@ def main() -> None:
         ),
         "rows": rows,
     }
-    RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dirs = [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    for out_dir in out_dirs:
-        (out_dir / f"{stamp}-kernels-elementwise.json").write_text(json.dumps(result, indent=2))
+    save_copies(result, RESULTS, f"{stamp}-kernels-elementwise.json")
     failed = [f"{r['kernel']} {r['dtype']} x{r['tokens']}" for r in rows if not r["ok"]]
     print(f"card: {card}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print("all checks passed" if not failed else f"FAILED: {failed}")

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+from lanner.bench.report import save_copies
 from lanner.bench.roofline import copy_rate
 from lanner.kernels.skinny_matmul import (
     NUM_SMS,
@@ -388,11 +387,7 @@ def main() -> None:
         "sweep_truncated": truncated,
         "wall_s": time.monotonic() - started,
     }
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dirs = [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    for out_dir in out_dirs:
-        (out_dir / f"{stamp}-kernels-linear.json").write_text(json.dumps(result, indent=2))
+    save_copies(result, RESULTS, f"{time.strftime('%Y%m%d-%H%M%S')}-kernels-linear.json")
     failed = [f"{r['model']}:{r['linear']} M={r['M']}" for r in rows if not r["ok"]]
     sweep_failed = [f"{r['linear']} M={r['M']} {r['label']}" for r in sweep_rows if not r["ok"]]
     print(f"card: {card}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")

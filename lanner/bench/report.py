@@ -95,6 +95,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def save_copies(result: dict[str, Any], results_dir: Path, name: str) -> None:
+    """Write ``result`` as ``name`` into ``results_dir`` and, when set, into $OUT: what a
+    device-machine run leaves there comes back to the development machine."""
+    folders = [results_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(result, indent=2))
+
+
 def write_json(result: dict[str, Any], path: str | Path | None) -> Path:
     target = Path(path) if path else default_json_path(result["workload"])
     target.parent.mkdir(parents=True, exist_ok=True)
