@@ -9,19 +9,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from lanner.kernels import reference  # noqa: E402
 from lanner.kernels import rms_norm as norm_module  # noqa: E402
+from tests.kernels import skip_unless_interpreted  # noqa: E402
 
-if not isinstance(norm_module._rms_norm_kernel, InterpretedFunction):
-    # Triton fixes interpreter mode when it is first imported (its own tl.sum combine
-    # functions included), so the kernels cannot be switched to the CPU after the fact.
-    pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 was set (an earlier test module "
-        "imported the engine); export TRITON_INTERPRET=1 to run these CPU kernel tests",
-        allow_module_level=True,
-    )
+skip_unless_interpreted(norm_module._rms_norm_kernel)
 
 from lanner.kernels.activation import silu_and_mul  # noqa: E402
 from lanner.kernels.rms_norm import fused_add_rms_norm, rms_norm  # noqa: E402

@@ -12,16 +12,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from lanner.kernels import skinny_matmul as skinny_module  # noqa: E402
+from tests.kernels import skip_unless_interpreted  # noqa: E402
 
-if not isinstance(skinny_module._skinny_matmul_kernel, InterpretedFunction):
-    pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 was set (an earlier test module "
-        "imported the engine); export TRITON_INTERPRET=1 to run these CPU kernel tests",
-        allow_module_level=True,
-    )
+skip_unless_interpreted(skinny_module._skinny_matmul_kernel)
 
 from lanner.kernels.skinny_matmul import (  # noqa: E402
     SkinnyConfig,
