@@ -54,6 +54,7 @@ class EngineCoreStats:
     kv_cache_usage: float = 0.0  # share of KV blocks requests hold, 0..1
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0  # since the core started
 
 
 def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
@@ -164,6 +165,7 @@ class EngineCore:
             kv_cache_usage=self.kv_manager.usage,
             prefix_cache_queried_tokens=prefix.queried_tokens if prefix else 0,
             prefix_cache_hit_tokens=prefix.hit_tokens if prefix else 0,
+            num_preemptions=self.scheduler.num_preemptions,
         )
 
     def add_request(self, request: Request) -> None:

@@ -24,7 +24,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -36,7 +42,12 @@ class ServerProcess:
         self._log = log_path.open("wb")
         # Its own session, so teardown can end the server and its engine core together.
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # One intra-op thread: the server's processes share the test machine's 2 cores.
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         )
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
