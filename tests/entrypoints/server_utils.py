@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 import os
 import signal
 import socket
@@ -88,3 +89,16 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
+
+
+@contextlib.contextmanager
+def running(servers: dict[str, ServerProcess]) -> Iterator[dict[str, ServerProcess]]:
+    """Servers already started (they load together) once each is ready; all stopped at
+    the end, whatever happens."""
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lanner import LLM, SamplingParams
-from tests.entrypoints.server_utils import ServerProcess
+from tests.entrypoints.server_utils import ServerProcess, running
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512  # the tiny models' max_position_embeddings
@@ -69,13 +69,8 @@ def servers(
             logs / "guarded.log",
         ),  # fmt: skip
     }
-    try:
-        for server in started.values():
-            server.wait_ready()
+    with running(started):
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

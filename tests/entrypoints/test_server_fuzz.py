@@ -16,7 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.entrypoints.server_utils import ServerProcess
+from tests.entrypoints.server_utils import ServerProcess, running
 from tests.entrypoints.test_server_hardening import HealthWatch
 
 MODEL = "tiny"
@@ -41,11 +41,8 @@ def fuzz_server(
          "--trust-request-chat-template", "--prepare-timeout", "2"],
         tmp_path_factory.mktemp("fuzz_logs") / "fuzz.log",
     )  # fmt: skip
-    try:
-        server.wait_ready()
+    with running({"fuzz": server}):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
