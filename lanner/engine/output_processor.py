@@ -154,8 +154,6 @@ class OutputProcessor:
         requests = []
         for index in range(params.n):
             child_params = params.child(index)
-            if index:  # the prompt's logprobs come once, from the first sample
-                child_params = child_params.clone(prompt_logprobs=None)
             detokenizer = (
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child_params)
                 if params.detokenize
