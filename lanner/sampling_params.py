@@ -35,7 +35,8 @@ class SamplingParams:
     """vLLM's sampling parameters, with its names and defaults.
 
     ``stop`` and ``stop_token_ids`` accept None or a single value and are always lists
-    after construction; ``top_k=-1`` is stored as 0 (off).
+    after construction; ``top_k=-1`` is stored as 0 (off). ``bad_words`` become token
+    sequences (``bad_words_token_ids``) when the engine's front end takes the request.
     """
 
     n: int = 1
@@ -58,6 +59,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    # token id -> a number added to its logit before sampling (OpenAI's: in [-100, 100])
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # when set, only these may be sampled
+    bad_words: list[str] | None = None  # text the output must never contain as tokens
+    # bad_words as token sequences (the front end fills it); a sequence's last token is
+    # barred whenever the output ends with the ones before it.
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SamplingParams:
         # The generated __init__ would raise TypeError("unexpected keyword argument"), which
@@ -122,6 +130,17 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+    @property
+    def uses_token_constraints(self) -> bool:
+        """logit_bias, allowed_token_ids or bad words change this row's logits."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
+
+    @property
+    def uses_output_history(self) -> bool:
+        """The logits' processing reads earlier outputs (penalties, multi-token bad words),
+        so a step cannot be launched before the previous one's tokens are known."""
+        return self.uses_penalties or any(len(w) > 1 for w in self.bad_words_token_ids or [])
 
     @property
     def uses_truncation(self) -> bool:
@@ -196,12 +215,55 @@ class SamplingParams:
                 f"stop strings {self.stop!r} need detokenize=True: lanner finds them in the "
                 f"output text; use stop_token_ids to stop on tokens without detokenizing"
             )
+        self._validate_token_constraints()
         for token_id in self.stop_token_ids:
             if not _is_int(token_id) or not 0 <= token_id <= INT64_MAX:
                 raise ValueError(
                     f"stop_token_ids must be non-negative 64-bit integers, got {token_id!r} "
                     f"in {self.stop_token_ids!r}"
                 )
+
+    def _validate_token_constraints(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise ValueError(
+                    f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
+                )
+            for token_id, bias in self.logit_bias.items():
+                if not _is_token_id(token_id):
+                    raise ValueError(
+                        f"logit_bias keys must be token ids (integers >= 0), got {token_id!r}"
+                    )
+                _check_number(
+                    f"logit_bias[{token_id}]", bias, "in [-100, 100]", lambda v: -100 <= v <= 100
+                )
+        if self.allowed_token_ids is not None:
+            _check_token_ids("allowed_token_ids", self.allowed_token_ids)
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+                raise ValueError(f"bad_words must be a list of non-empty strings, got {words!r}")
+            for word in words:
+                check_unicode("bad_words", word)
+        if self.bad_words_token_ids is not None:
+            if not isinstance(self.bad_words_token_ids, list):
+                raise ValueError(
+                    f"bad_words_token_ids must be a list of token id lists, got "
+                    f"{self.bad_words_token_ids!r}"
+                )
+            for sequence in self.bad_words_token_ids:
+                _check_token_ids("bad_words_token_ids", sequence)
+
+
+def _is_token_id(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= INT64_MAX
+
+
+def _check_token_ids(name: str, ids: Any) -> None:
+    if not isinstance(ids, list) or not ids or not all(_is_token_id(t) for t in ids):
+        raise ValueError(
+            f"{name} must be a non-empty list of token ids (integers >= 0), got {ids!r}"
+        )
 
 
 def _reject_unknown(names: Iterable[str]) -> None:

@@ -7,5 +7,5 @@ bash "$root/scripts/setup_env.sh"
 cd "$root"
 .venv/bin/ruff check lanner tests scripts benchmarks
 .venv/bin/ruff format --check lanner tests scripts benchmarks
-export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"

@@ -17,6 +17,7 @@ from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
 from lanner.runner.model_runner import ModelRunner, PendingStep, SequenceChunk
 from lanner.runner.sampler import SamplingRow, TokenLogprobs
+from lanner.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,22 @@ def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size:
             f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); check the "
             f"prompt_token_ids"
         )
+
+
+def validate_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ValueError naming the field when a request's token ids (logit_bias keys,
+    allowed_token_ids, stop_token_ids) lie outside the vocabulary."""
+    fields = {
+        "logit_bias": list(params.logit_bias or ()),
+        "allowed_token_ids": params.allowed_token_ids or [],
+    }
+    for name, ids in fields.items():
+        outside = sorted({t for t in ids if not 0 <= t < vocab_size})
+        if outside:
+            raise ValueError(
+                f"{name} has token ids {outside[:5]} outside the vocabulary of {vocab_size} "
+                f"tokens ([0, {vocab_size}))"
+            )
 
 
 class EngineCore:
@@ -176,6 +193,7 @@ class EngineCore:
         ids = [r.request_id for r in requests]
         for request in requests:
             self.validate_prompt(request.prompt_token_ids)
+            validate_token_ids(request.sampling_params, self.model_config.vocab_size)
             if request.request_id in self.scheduler.requests or ids.count(request.request_id) > 1:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             if not isinstance(request.priority, int) or isinstance(request.priority, bool):
@@ -213,7 +231,7 @@ class EngineCore:
         penalties count the output tokens, so their requests make the engine wait."""
         if not self.async_scheduling:
             return False
-        return not any(r.sampling_params.uses_penalties for r in self.scheduler.running)
+        return not any(r.sampling_params.uses_output_history for r in self.scheduler.running)
 
     def _launch(self, previous: _LaunchedStep | None) -> _LaunchedStep | None:
         schedule = self.scheduler.schedule()

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lanner.engine.config import EngineConfig
-from lanner.engine.core import EngineCore
+from lanner.engine.core import EngineCore, validate_token_ids
 from lanner.engine.output_processor import (
     OutputProcessor,
     PromptType,
@@ -57,6 +57,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, prompt_ids = self.tokenize_prompt(prompt)
         self.core.validate_prompt(prompt_ids)
+        validate_token_ids(params, self.core.model_config.vocab_size)
         return text, prompt_ids
 
     def add_request(

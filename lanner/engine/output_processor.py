@@ -21,6 +21,7 @@ from lanner.engine.outputs import (
     RequestOutput,
 )
 from lanner.engine.request import FinishReason, Request
+from lanner.model.tokenizer import bad_words_token_ids
 from lanner.runner.sampler import TokenLogprobs
 from lanner.sampling_params import SamplingParams, check_unicode
 
@@ -141,6 +142,9 @@ class OutputProcessor:
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.bad_words and params.bad_words_token_ids is None:
+            ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+            params = params.clone(bad_words_token_ids=ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         state = RequestState(
             request_id,

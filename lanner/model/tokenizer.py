@@ -32,6 +32,18 @@ def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
     return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
+def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: list[str]) -> list[list[int]]:
+    """Each bad word as the token sequences it may appear as: alone, and after a space
+    (BPE tokenizers spell " word" with other tokens than "word")."""
+    sequences: list[list[int]] = []
+    for word in words:
+        for spelling in (word, " " + word) if not word.startswith(" ") else (word,):
+            ids = tokenizer.encode(spelling, add_special_tokens=False)
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences
+
+
 def conversation_from_messages(messages: Any) -> list[dict[str, str]]:
     """Check a list of chat messages ({"role": str, "content": str | None | text parts})
     and return it as role/content strings; ValueError saying what is wrong."""
@@ -83,6 +95,7 @@ def render_chat_template(
     conversation: list[dict[str, str]],
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The conversation as prompt text, through ``chat_template`` or the tokenizer's own.
     Raises ChatTemplateError when the template fails (transformers renders it in Jinja's
@@ -98,6 +111,7 @@ def render_chat_template(
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             chat_template=chat_template,
+            tools=tools,
         )
     except Exception as err:  # noqa: BLE001 - whatever the template does is its own error
         detail = str(err)

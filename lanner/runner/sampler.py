@@ -85,6 +85,7 @@ class Sampler:
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
 
+        logits = apply_token_constraints(logits, rows)
         logits = apply_penalties(logits, rows)
         logits = apply_min_tokens(logits, rows)
         token_ids = sample(logits, rows)
@@ -136,6 +137,71 @@ def decode_seed(seed: int, step: int) -> int:
 
 
 # -- logits processing: each step takes [B, V] logits and returns them (float32 if changed) --
+
+
+def apply_token_constraints(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """logit_bias (added), allowed_token_ids (all others to -inf) and bad words (a bad
+    sequence's last token to -inf where the output ends with the rest of it).
+
+    Each row's change depends on that row alone, so batch invariance holds. Token ids past
+    the logits (a tokenizer larger than the head) are skipped: they cannot be sampled.
+    """
+    constrained = [i for i, r in enumerate(rows) if r.params.uses_token_constraints]
+    if not constrained:
+        return logits
+    vocab_size = logits.shape[1]
+    device = logits.device
+    bias_rows: list[int] = []
+    bias_tokens: list[int] = []
+    bias_values: list[float] = []
+    barred_rows: list[int] = []
+    barred_tokens: list[int] = []
+    allowed_rows: list[int] = []
+    allowed_tokens: list[int] = []
+    for i in constrained:
+        params = rows[i].params
+        for token_id, bias in (params.logit_bias or {}).items():
+            if token_id < vocab_size:
+                bias_rows.append(i)
+                bias_tokens.append(token_id)
+                bias_values.append(float(bias))
+        for token_id in set(params.allowed_token_ids or ()):
+            if token_id < vocab_size:
+                allowed_rows.append(i)
+                allowed_tokens.append(token_id)
+        for token_id in _barred_by_bad_words(rows[i]):
+            if token_id < vocab_size:
+                barred_rows.append(i)
+                barred_tokens.append(token_id)
+    # A float32 copy: edited in place below, while the caller's logits stay as they were.
+    logits = logits.to(torch.float32, copy=True)
+
+    def index(values: list[int]) -> torch.Tensor:
+        return to_device(values, torch.long, device)
+
+    if bias_rows:
+        biases = to_device(bias_values, torch.float32, device)
+        logits.index_put_((index(bias_rows), index(bias_tokens)), biases, accumulate=True)
+    if allowed_rows:
+        keep = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        keep[index(allowed_rows), index(allowed_tokens)] = True
+        keep[index(sorted(set(range(len(rows))) - set(allowed_rows)))] = True  # unlimited rows
+        logits.masked_fill_(~keep, float("-inf"))
+    if barred_rows:
+        logits[index(barred_rows), index(barred_tokens)] = float("-inf")
+    return logits
+
+
+def _barred_by_bad_words(row: SamplingRow) -> set[int]:
+    """Tokens this row may not pick now: a one-token bad word always, a longer one's last
+    token when the output so far ends with the rest of it."""
+    barred: set[int] = set()
+    output = row.output_token_ids
+    for sequence in row.params.bad_words_token_ids or ():
+        *head, last = sequence
+        if not head or (len(output) >= len(head) and output[len(output) - len(head) :] == head):
+            barred.add(last)
+    return barred
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

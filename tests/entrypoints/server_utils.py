@@ -51,7 +51,7 @@ class ServerProcess:
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         )
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

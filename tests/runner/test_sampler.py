@@ -13,6 +13,7 @@ from lanner.runner.sampler import (
     SamplingRow,
     apply_min_tokens,
     apply_penalties,
+    apply_token_constraints,
     apply_top_k_top_p_min_p,
     decode_seed,
     prompt_logprobs,
@@ -399,3 +400,35 @@ def test_one_host_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     calls.clear()
     prompt_logprobs(logits, [1, 2, 3, 4], 2)
     assert calls == ["tolist"]
+
+
+def test_token_constraints_follow_their_definitions() -> None:
+    logits = torch.randn(4, VOCAB)
+    rows = [
+        row(logit_bias={7: 5.0, 9: -3.0}),
+        row(allowed_token_ids=[3, 4, 5]),
+        row(output=[10, 11], bad_words_token_ids=[[12], [11, 13], [10, 14]]),
+        row(),
+    ]
+    out = apply_token_constraints(logits, rows)
+    assert out.dtype == torch.float32
+    expected = logits.clone()
+    expected[0, 7] += 5.0
+    expected[0, 9] -= 3.0
+    expected[1, [i for i in range(VOCAB) if i not in (3, 4, 5)]] = float("-inf")
+    # 12 always; 13 follows "11", which the output ends with; 14 needs "10" last: free.
+    expected[2, [12, 13]] = float("-inf")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert apply_token_constraints(logits, [row()] * 4) is logits  # nothing to do, no copy
+
+
+def test_token_constraints_decide_and_ignore_neighbours() -> None:
+    logits = torch.randn(3, VOCAB)
+    rows = [row(temperature=0.0, logit_bias={17: 100.0}), row(temperature=0.0), row(
+        temperature=1.0, seed=5, allowed_token_ids=[20, 21])]  # fmt: skip
+    out = Sampler()(logits, rows).token_ids
+    assert out[0] == 17 and out[1] == logits[1].argmax().item() and out[2] in (20, 21)
+    # A constrained seeded row draws the same alone as in the batch.
+    assert Sampler()(logits[2:], rows[2:]).token_ids == [out[2]]
+    # Ids past the logits (a tokenizer larger than the head) are skipped, not an error.
+    assert Sampler()(logits[:1], [row(temperature=0.0, logit_bias={VOCAB + 5: 100.0})])

@@ -26,11 +26,13 @@ class ServerLimits:
     max_n: int = 128
     # Top logprobs per token (vLLM's --max-logprobs); at most the engine's MAX_LOGPROBS.
     max_logprobs: int = MAX_LOGPROBS
-    # Stop strings per request and characters per stop string.
+    # Stop strings (and bad words) per request, and characters in each.
     max_stop_strings: int = 16
     max_stop_string_chars: int = 1024
     # stop_token_ids per request (each step checks the newest token against them).
     max_stop_token_ids: int = 1024
+    # logit_bias entries per request (each step adds them on the device).
+    max_logit_bias: int = 1024
     # Bytes of one request body, read before anything parses it.
     max_request_body_bytes: int = 16 * MiB
     # Characters of prompt text (or chat messages) before tokenizing. None: the most
@@ -51,6 +53,7 @@ class ServerLimits:
             "max_stop_strings",
             "max_stop_string_chars",
             "max_stop_token_ids",
+            "max_logit_bias",
             "prepare_workers",
         ):
             if getattr(self, name) < 1:
@@ -78,9 +81,10 @@ class ServerLimits:
 _HELP = {
     "max_n": "most sequences one request may ask for (n, times the number of prompts)",
     "max_logprobs": "most top logprobs per token (logprobs, top_logprobs, prompt_logprobs)",
-    "max_stop_strings": "most stop strings per request",
-    "max_stop_string_chars": "most characters in one stop string",
+    "max_stop_strings": "most stop strings (and bad_words) per request",
+    "max_stop_string_chars": "most characters in one stop string (or bad word)",
     "max_stop_token_ids": "most stop_token_ids per request",
+    "max_logit_bias": "most logit_bias entries per request",
     "max_request_body_bytes": "largest request body in bytes; larger ones get 413",
     "max_prompt_chars": "most prompt (or chat message) characters before tokenizing "
     "(default: max_model_len x the longest token's characters)",

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from lanner.engine.core import validate_prompt
+from lanner.engine.core import validate_prompt, validate_token_ids
+from lanner.engine.detokenizer import decode_token
 from lanner.entrypoints.openai.errors import OpenAIError, bad_request
 from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.protocol import (
@@ -21,7 +22,7 @@ from lanner.entrypoints.openai.protocol import (
     CompletionRequest,
     _SamplingFields,
 )
-from lanner.model.tokenizer import render_chat_template
+from lanner.model.tokenizer import bad_words_token_ids, render_chat_template
 from lanner.sampling_params import SamplingParams, check_unicode
 
 # Characters of a bad value quoted back in an error message.
@@ -46,12 +47,16 @@ class PreparedPrompt:
     text: str | None
     token_ids: list[int]
     params: SamplingParams
+    echo_text: str | None = None  # what the reply begins with (echo)
+    first_token_text: str = ""  # the first prompt token's text (echoed logprobs show it)
 
 
 @dataclass
 class PreparedRequest:
     body: CompletionRequest | ChatCompletionRequest
     prompts: list[PreparedPrompt]
+    # echo with max_tokens 0: the engine samples one token, which the reply leaves out.
+    echo_only: bool = False
 
     @property
     def num_sequences(self) -> int:
@@ -151,6 +156,33 @@ def _check_common(body: _SamplingFields, context: PrepareContext) -> None:
                 f"{limits.max_stop_string_chars} (--max-stop-string-chars)",
                 "stop",
             )
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    bad_words = body.bad_words or []
+    if len(bad_words) > limits.max_stop_strings:
+        raise bad_request(
+            f"bad_words has {len(bad_words)} entries; this server takes at most "
+            f"{limits.max_stop_strings} (--max-stop-strings)",
+            "bad_words",
+        )
+    if any(len(word) > limits.max_stop_string_chars for word in bad_words):
+        raise bad_request(
+            f"a bad word is longer than this server's {limits.max_stop_string_chars} "
+            f"characters (--max-stop-string-chars)",
+            "bad_words",
+        )
+    if len(body.logit_bias or {}) > limits.max_logit_bias:
+        raise bad_request(
+            f"logit_bias has {len(body.logit_bias or {})} entries; this server takes at most "
+            f"{limits.max_logit_bias} (--max-logit-bias)",
+            "logit_bias",
+        )
+    _check_logprobs(body.prompt_logprobs, "prompt_logprobs", limits)
+    if body.truncate_prompt_tokens is not None and body.truncate_prompt_tokens < 1:
+        raise bad_request(
+            f"truncate_prompt_tokens must be >= 1, got {body.truncate_prompt_tokens}",
+            "truncate_prompt_tokens",
+        )
     num_stop_ids = len(body.stop_token_ids or [])
     if num_stop_ids > limits.max_stop_token_ids:
         raise bad_request(
@@ -210,7 +242,7 @@ def _max_tokens(
 
 def _param_of(message: str) -> str | None:
     """The SamplingParams field a validation message is about (they start with it)."""
-    first = message.split(" ", 1)[0]
+    first = message.split(" ", 1)[0].split("[", 1)[0]  # "logit_bias[5] must ..."
     return first if first in SamplingParams.field_names() else None
 
 
@@ -218,7 +250,9 @@ def _sampling_params(
     body: _SamplingFields,
     max_tokens: int,
     logprobs: int | None,
-    prompt_logprobs: int | None = None,
+    prompt_logprobs: int | None,
+    context: PrepareContext,
+    tokenizer: Any,
 ) -> SamplingParams:
     kwargs = body.sampling_kwargs()
     kwargs["max_tokens"] = max_tokens
@@ -228,10 +262,39 @@ def _sampling_params(
         kwargs["logprobs"] = logprobs
     if kwargs.get("min_tokens", 0) > max_tokens:
         kwargs["min_tokens"] = max_tokens
+    if body.logit_bias:
+        kwargs["logit_bias"] = _logit_bias(body.logit_bias)
+    if body.bad_words:
+        kwargs["bad_words_token_ids"] = bad_words_token_ids(tokenizer, body.bad_words)
     try:
-        return SamplingParams(**kwargs)
+        params = SamplingParams(**kwargs)
+        validate_token_ids(params, context.vocab_size)
     except ValueError as err:
         raise bad_request(str(err), _param_of(str(err))) from None
+    return params
+
+
+def _logit_bias(raw: dict[str, float]) -> dict[int, float]:
+    """JSON object keys are strings: "42" -> 42."""
+    bias = {}
+    for key, value in raw.items():
+        token_id = key.strip()
+        if not token_id.isdigit() or not token_id.isascii():
+            raise bad_request(
+                f"logit_bias keys must be token ids (non-negative integers), got {key[:50]!r}",
+                "logit_bias",
+            )
+        bias[int(token_id)] = value
+    return bias
+
+
+def _token_ids(ids: list[int], body: _SamplingFields, context: PrepareContext) -> list[int]:
+    """The prompt's ids, cut to their last truncate_prompt_tokens, checked."""
+    if body.truncate_prompt_tokens is not None:
+        ids = ids[-body.truncate_prompt_tokens :]
+    return _checked_ids(
+        ids, context, "prompt" if isinstance(body, CompletionRequest) else "messages"
+    )
 
 
 # -- completions ------------------------------------------------------------------------
@@ -240,14 +303,23 @@ def _sampling_params(
 def prepare_completion(raw: bytes, context: PrepareContext, tokenizer: Any) -> PreparedRequest:
     body = parse_body(raw, CompletionRequest)
     _check_common(body, context)
-    if body.echo:
-        raise bad_request("echo is not supported", "echo")
     if body.suffix:
-        raise bad_request("suffix is not supported", "suffix")
+        raise bad_request(
+            "suffix (fill-in-the-middle) is not supported: it needs a model trained with FIM "
+            "tokens (such as StarCoder or Qwen2.5-Coder) and its prompt format, which lanner "
+            "does not build yet; send the prefix as the prompt",
+            "suffix",
+        )
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of is not supported (use n)", "best_of")
     _check_logprobs(body.logprobs, "logprobs", context.limits)
-    _check_logprobs(body.prompt_logprobs, "prompt_logprobs", context.limits)
+    echo_only = body.max_tokens == 0
+    if echo_only and not body.echo:
+        raise bad_request("max_tokens must be >= 1 (0 only with echo: true)", "max_tokens")
+    # Echoed logprobs cover the prompt too: its positions are scored as prompt logprobs.
+    prompt_logprobs = body.prompt_logprobs
+    if body.echo and body.logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
     raw_prompt = body.prompt
     if isinstance(raw_prompt, str):
         items: list[str | list[int]] = [raw_prompt]
@@ -275,11 +347,25 @@ def prepare_completion(raw: bytes, context: PrepareContext, tokenizer: Any) -> P
             text: str | None = item
         else:
             text, ids = None, list(item)
-        ids = _checked_ids(ids, context, "prompt")
-        max_tokens = _max_tokens(body.max_tokens, "max_tokens", len(ids), "prompt", context)
-        params = _sampling_params(body, max_tokens, body.logprobs, body.prompt_logprobs)
-        prompts.append(PreparedPrompt(text, ids, params))
-    return PreparedRequest(body, prompts)
+        untruncated = len(ids)
+        ids = _token_ids(ids, body, context)
+        if len(ids) < untruncated:
+            text = None  # the text is of the whole prompt
+        requested = 1 if echo_only else body.max_tokens
+        max_tokens = _max_tokens(requested, "max_tokens", len(ids), "prompt", context)
+        params = _sampling_params(
+            body, max_tokens, body.logprobs, prompt_logprobs, context, tokenizer
+        )
+        prompt = PreparedPrompt(text, ids, params)
+        if body.echo:
+            prompt.echo_text = text if text is not None else _decode(tokenizer, ids, body)
+            prompt.first_token_text = decode_token(tokenizer, ids[0])
+        prompts.append(prompt)
+    return PreparedRequest(body, prompts, echo_only=echo_only)
+
+
+def _decode(tokenizer: Any, ids: list[int], body: _SamplingFields) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens)
 
 
 # -- chat -------------------------------------------------------------------------------
@@ -288,8 +374,14 @@ def prepare_completion(raw: bytes, context: PrepareContext, tokenizer: Any) -> P
 def prepare_chat(raw: bytes, context: PrepareContext, tokenizer: Any) -> PreparedRequest:
     body = parse_body(raw, ChatCompletionRequest)
     _check_common(body, context)
-    if body.tools:
-        raise bad_request("tools are not supported", "tools")
+    _check_tools(body)
+    format_type = (body.response_format or {}).get("type", "text")
+    if format_type != "text":
+        raise bad_request(
+            f"response_format type {str(format_type)[:50]!r} is not supported by this server "
+            f"yet (structured outputs); leave response_format out or use type 'text'",
+            "response_format",
+        )
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
@@ -303,24 +395,41 @@ def prepare_chat(raw: bytes, context: PrepareContext, tokenizer: Any) -> Prepare
             )
         _check_text(body.chat_template, "chat_template", context)
     try:
-        conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
+        conversation = [message.as_template_input() for message in body.messages]
     except ValueError as err:
         raise bad_request(str(err), "messages") from None
     _check_text("".join(m["role"] + m["content"] for m in conversation), "messages", context)
     try:
+        tools = body.tools if body.tool_choice == "none" else None
         text = render_chat_template(
-            tokenizer, conversation, body.add_generation_prompt, body.chat_template
+            tokenizer, conversation, body.add_generation_prompt, body.chat_template, tools
         )
     except ValueError as err:  # ChatTemplateError, or the model has no template
         raise bad_request(str(err), "chat_template") from None
     # The template's output is a prompt like any other (and bounds what a template makes).
     _check_text(text, "chat_template" if body.chat_template else "messages", context)
-    ids = _checked_ids(tokenizer.encode(text, add_special_tokens=False), context, "messages")
+    ids = _token_ids(tokenizer.encode(text, add_special_tokens=False), body, context)
     if body.max_completion_tokens is not None:
         requested, field = body.max_completion_tokens, "max_completion_tokens"
     else:
         requested, field = body.max_tokens, "max_tokens"
     max_tokens = _max_tokens(requested, field, len(ids), "messages", context)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _sampling_params(body, max_tokens, logprobs)
-    return PreparedRequest(body, [PreparedPrompt(text, ids, params)])
+    params = _sampling_params(body, max_tokens, logprobs, body.prompt_logprobs, context, tokenizer)
+    prompt = PreparedPrompt(text, ids, params)
+    if body.echo and conversation[-1]["role"] == "assistant":
+        prompt.echo_text = conversation[-1]["content"]
+    return PreparedRequest(body, [prompt])
+
+
+def _check_tools(body: ChatCompletionRequest) -> None:
+    """Tool calling is not built yet: tools may come only with tool_choice "none" (the
+    template still sees them, as vLLM passes them)."""
+    if body.tool_choice not in (None, "none") and not body.tools:
+        raise bad_request("tool_choice needs tools", "tool_choice")
+    if body.tools and body.tool_choice != "none":
+        raise bad_request(
+            "tool calling is not supported by this server yet; send tool_choice: 'none' to "
+            "answer without tool calls, or leave tools out",
+            "tool_choice" if body.tool_choice is not None else "tools",
+        )

@@ -69,6 +69,14 @@ class _SamplingFields(OpenAIBaseModel):
     spaces_between_special_tokens: bool = True
     priority: Int64 = 0
     request_id: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    allowed_token_ids: list[Int64] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: Int64 | None = documented(minimum=0)
+    # Keep only the prompt's last k tokens (vLLM's left truncation).
+    truncate_prompt_tokens: Int64 | None = documented(minimum=1)
+    # Add prompt_token_ids and each choice's token_ids to the response (vLLM's extra).
+    return_token_ids: bool = False
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams fields this body sets (None means the default)."""
@@ -89,18 +97,19 @@ class _SamplingFields(OpenAIBaseModel):
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "skip_special_tokens": self.skip_special_tokens,
             "spaces_between_special_tokens": self.spaces_between_special_tokens,
+            "allowed_token_ids": self.allowed_token_ids,
+            "bad_words": self.bad_words,
         }
         return {name: value for name, value in values.items() if value is not None}
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[Int64] | list[list[Int64]]
-    max_tokens: Int64 | None = Field(default=16, json_schema_extra={"minimum": 1})
+    max_tokens: Int64 | None = Field(default=16, json_schema_extra={"minimum": 0})
     logprobs: Int64 | None = documented(minimum=0)
-    echo: bool = False
+    echo: bool = False  # the prompt, then the completion (max_tokens may be 0)
     suffix: str | None = None
     best_of: Int64 | None = None
-    prompt_logprobs: Int64 | None = documented(minimum=0)
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -111,6 +120,13 @@ class ChatMessage(OpenAIBaseModel):
     def text(self) -> str:
         return message_text(self.content)
 
+    def as_template_input(self) -> dict[str, str]:
+        """The message as chat templates read it (role, content, and name when given)."""
+        message = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -119,6 +135,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Int64 | None = documented(minimum=0)
     add_generation_prompt: bool = True
+    # vLLM's: the reply begins with the last message when it is the assistant's own
+    # (continuing a message the client started).
+    echo: bool = False
     chat_template: str | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None

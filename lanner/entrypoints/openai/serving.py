@@ -12,10 +12,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
-from lanner.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from lanner.engine.outputs import RequestOutput
 from lanner.entrypoints.openai.errors import OpenAIError, bad_request, error_body
 from lanner.entrypoints.openai.prepare import PreparedPrompt, PreparedRequest
 from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from lanner.entrypoints.openai.responses import (
+    ChatFormat,
+    CompletionFormat,
+    ResponseFormat,
+    ResponseOptions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,17 @@ async def merge_outputs(
                 await close()
 
 
+def _log_admitted(request_id: str, prepared: PreparedRequest) -> None:
+    # `user` is OpenAI's end-user id, for tracing abuse: it goes to the log with the request.
+    logger.debug(
+        "admitted %s for user %r: %d sequences, %d prompt tokens",
+        request_id,
+        prepared.body.user,
+        prepared.num_sequences,
+        sum(len(p.token_ids) for p in prepared.prompts),
+    )
+
+
 class OpenAIServing:
     def __init__(
         self,
@@ -88,7 +105,7 @@ class OpenAIServing:
     def model_name(self) -> str:
         return self.served_model_names[0]
 
-    def check_capacity(self, num_sequences: int) -> None:
+    def check_capacity(self, num_sequences: int, user: str | None = None) -> None:
         """Admission counts sequences (each prompt's n samples), not requests: the
         queue cap bounds what the engine will hold."""
         if self.engine.is_dead:
@@ -108,6 +125,7 @@ class OpenAIServing:
             )
         in_flight = self.engine.num_unfinished_sequences
         if in_flight + num_sequences > limit:
+            logger.info("at capacity: refused %d sequences for user %r", num_sequences, user)
             raise OpenAIError(
                 429,
                 f"the server is at capacity ({in_flight} sequences in flight, at most "
@@ -123,16 +141,16 @@ class OpenAIServing:
     ) -> dict[str, Any] | AsyncIterator[str]:
         body = prepared.body
         assert isinstance(body, CompletionRequest)
-        self.check_capacity(prepared.num_sequences)
+        self.check_capacity(prepared.num_sequences, body.user)
         request_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
+        _log_admitted(request_id, prepared)
         created = int(time.time())
         streams = self._start(
             [(f"{request_id}-{i}", p) for i, p in enumerate(prepared.prompts)], body.priority
         )
-        formatter = _CompletionFormat(request_id, created, self.model_name, body.n)
+        formatter = CompletionFormat(self._options(prepared, request_id, created, body.logprobs))
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._stream(streams, formatter, include_usage)
+            return self._stream(streams, formatter)
         finals = await self._collect(streams, is_disconnected)
         return formatter.response(finals)
 
@@ -143,17 +161,35 @@ class OpenAIServing:
     ) -> dict[str, Any] | AsyncIterator[str]:
         body = prepared.body
         assert isinstance(body, ChatCompletionRequest)
-        self.check_capacity(prepared.num_sequences)
+        self.check_capacity(prepared.num_sequences, body.user)
         request_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        formatter = _ChatFormat(
-            request_id, int(time.time()), self.model_name, body.n, body.top_logprobs or 0
-        )
+        _log_admitted(request_id, prepared)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        formatter = ChatFormat(self._options(prepared, request_id, int(time.time()), logprobs))
         streams = self._start([(request_id, prepared.prompts[0])], body.priority)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._stream(streams, formatter, include_usage)
+            return self._stream(streams, formatter)
         finals = await self._collect(streams, is_disconnected)
         return formatter.response(finals)
+
+    def _options(
+        self, prepared: PreparedRequest, request_id: str, created: int, logprobs: int | None
+    ) -> ResponseOptions:
+        body = prepared.body
+        stream_options = body.stream_options
+        return ResponseOptions(
+            request_id=request_id,
+            created=created,
+            model=self.model_name,
+            n=body.n,
+            echo_texts=tuple(p.echo_text for p in prepared.prompts),
+            first_token_texts=tuple(p.first_token_text for p in prepared.prompts),
+            echo_only=prepared.echo_only,
+            logprobs=logprobs,
+            return_token_ids=body.return_token_ids,
+            include_usage=bool(stream_options and stream_options.include_usage),
+            continuous_usage=bool(stream_options and stream_options.continuous_usage_stats),
+        )
 
     # -- shared --------------------------------------------------------------------------
 
@@ -222,20 +258,15 @@ class OpenAIServing:
         raise error
 
     async def _stream(
-        self,
-        streams: list[AsyncIterator[RequestOutput]],
-        formatter: _CompletionFormat | _ChatFormat,
-        include_usage: bool,
+        self, streams: list[AsyncIterator[RequestOutput]], formatter: ResponseFormat
     ) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
         try:
-            for chunk in formatter.start(len(streams)):
-                yield sse(chunk)
             async for index, output in merge_outputs(streams):
                 finals[index] = output
                 for chunk in formatter.chunks(index, output):
                     yield sse(chunk)
-            if include_usage:
+            if formatter.options.include_usage:
                 yield sse(formatter.usage_chunk([finals[i] for i in range(len(streams))]))
         except (EngineDeadError, ValueError) as err:
             dead = isinstance(err, EngineDeadError)
@@ -245,236 +276,3 @@ class OpenAIServing:
             logger.exception("a streamed response failed")
             yield sse(error_body("internal server error", "InternalServerError", None, 500))
         yield sse("[DONE]")
-
-
-# -- response shapes --------------------------------------------------------------------
-
-
-def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-class _StreamState:
-    """What one choice has streamed so far."""
-
-    def __init__(self) -> None:
-        self.chars = 0
-        self.tokens = 0
-        self.done = False
-
-
-class _BaseFormat:
-    object_name = ""
-    chunk_object_name = ""
-
-    def __init__(self, request_id: str, created: int, model: str, n: int) -> None:
-        self.request_id = request_id
-        self.created = created
-        self.model = model
-        self.n = n
-        self._sent: dict[int, _StreamState] = {}
-
-    def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
-        return {
-            "id": self.request_id,
-            "object": self.chunk_object_name if chunk else self.object_name,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    def start(self, num_prompts: int) -> list[dict[str, Any]]:
-        return []
-
-    def usage_chunk(self, outputs: list[RequestOutput]) -> dict[str, Any]:
-        chunk = self._envelope([], chunk=True)
-        chunk["usage"] = _usage(outputs)
-        return chunk
-
-    def chunks(self, prompt_index: int, output: RequestOutput) -> list[dict[str, Any]]:
-        """The stream chunks for whatever moved since the last call."""
-        chunks = []
-        for completion in output.outputs:
-            index = prompt_index * self.n + completion.index
-            state = self._sent.setdefault(index, _StreamState())
-            if state.done:
-                continue
-            delta = completion.released_text[state.chars :]
-            new_tokens = len(completion.token_ids) - state.tokens
-            finished = completion.finish_reason is not None
-            if not delta and new_tokens <= 0 and not finished:
-                continue
-            choice = self._choice_delta(index, completion, delta, state.tokens)
-            state.chars = len(completion.released_text)
-            state.tokens = len(completion.token_ids)
-            state.done = finished
-            chunks.append(self._envelope([choice], chunk=True))
-        return chunks
-
-    def _choice_delta(
-        self, index: int, completion: CompletionOutput, delta: str, first_token: int
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class _CompletionFormat(_BaseFormat):
-    object_name = "text_completion"
-    chunk_object_name = "text_completion"
-
-    def _logprobs(self, completion: CompletionOutput, start: int) -> dict[str, Any] | None:
-        if completion.logprobs is None:
-            return None
-        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        offset = 0
-        for token_id, position in zip(
-            completion.token_ids[start:], completion.logprobs[start:], strict=False
-        ):
-            sampled = position[token_id]
-            text = sampled.decoded_token or ""
-            tokens.append(text)
-            token_logprobs.append(sampled.logprob)
-            top_logprobs.append({(lp.decoded_token or ""): lp.logprob for lp in position.values()})
-            offsets.append(offset)
-            offset += len(text)
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": top_logprobs,
-            "text_offset": offsets,
-        }
-
-    def _choice_delta(
-        self, index: int, completion: CompletionOutput, delta: str, first_token: int
-    ) -> dict[str, Any]:
-        return {
-            "index": index,
-            "text": delta,
-            "logprobs": self._logprobs(completion, first_token),
-            "finish_reason": completion.finish_reason,
-            "stop_reason": completion.stop_reason,
-        }
-
-    def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
-        choices = []
-        for prompt_index, output in enumerate(outputs):
-            for completion in output.outputs:
-                choices.append(
-                    {
-                        "index": prompt_index * self.n + completion.index,
-                        "text": completion.text,
-                        "logprobs": self._logprobs(completion, 0),
-                        "finish_reason": completion.finish_reason,
-                        "stop_reason": completion.stop_reason,
-                        "prompt_logprobs": _prompt_logprobs(output),
-                    }
-                )
-        body = self._envelope(choices, chunk=False)
-        body["usage"] = _usage(outputs)
-        return body
-
-
-def _prompt_logprobs(output: RequestOutput) -> list[dict[str, Any] | None] | None:
-    """vLLM's shape: per prompt position, None for the first, else token id -> logprob."""
-    if output.prompt_logprobs is None:
-        return None
-    return [
-        None
-        if position is None
-        else {
-            str(token_id): {
-                "logprob": lp.logprob,
-                "rank": lp.rank,
-                "decoded_token": lp.decoded_token,
-            }
-            for token_id, lp in position.items()
-        }
-        for position in output.prompt_logprobs
-    ]
-
-
-def _token_entry(text: str, logprob: float) -> dict[str, Any]:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-
-class _ChatFormat(_BaseFormat):
-    object_name = "chat.completion"
-    chunk_object_name = "chat.completion.chunk"
-
-    def __init__(self, request_id: str, created: int, model: str, n: int, top: int) -> None:
-        super().__init__(request_id, created, model, n)
-        self.top = top
-
-    def start(self, num_prompts: int) -> list[dict[str, Any]]:
-        return [
-            self._envelope(
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-                chunk=True,
-            )
-            for i in range(self.n * num_prompts)
-        ]
-
-    def _logprobs(self, completion: CompletionOutput, start: int) -> dict[str, Any] | None:
-        if completion.logprobs is None:
-            return None
-        content = []
-        for token_id, position in zip(
-            completion.token_ids[start:], completion.logprobs[start:], strict=False
-        ):
-            sampled = position[token_id]
-            entry = _token_entry(sampled.decoded_token or "", sampled.logprob)
-            ranked = sorted(
-                (lp for lp in position.values() if lp.rank is not None and lp.rank <= self.top),
-                key=_rank,
-            )
-            entry["top_logprobs"] = [
-                _token_entry(lp.decoded_token or "", lp.logprob) for lp in ranked[: self.top]
-            ]
-            content.append(entry)
-        return {"content": content}
-
-    def _choice_delta(
-        self, index: int, completion: CompletionOutput, delta: str, first_token: int
-    ) -> dict[str, Any]:
-        return {
-            "index": index,
-            "delta": {"content": delta} if delta else {},
-            "logprobs": self._logprobs(completion, first_token),
-            "finish_reason": completion.finish_reason,
-            "stop_reason": completion.stop_reason,
-        }
-
-    def response(self, outputs: list[RequestOutput]) -> dict[str, Any]:
-        choices = [
-            {
-                "index": completion.index,
-                "message": {"role": "assistant", "content": completion.text},
-                "logprobs": self._logprobs(completion, 0),
-                "finish_reason": completion.finish_reason,
-                "stop_reason": completion.stop_reason,
-            }
-            for output in outputs
-            for completion in output.outputs
-        ]
-        body = self._envelope(choices, chunk=False)
-        body["usage"] = _usage(outputs)
-        return body
-
-
-def _rank(logprob: Any) -> int:
-    return logprob.rank
-
-
-__all__ = ["OpenAIError", "OpenAIServing", "PositionLogprobs"]
