@@ -16,6 +16,7 @@ DATASETS = ("random", "fixed", "prefix", "sharegpt")
 class BenchRequest:
     prompt_token_ids: list[int]
     output_len: int
+    prompt: str | None = None  # the ids as text, for endpoints that take text (chat)
 
     @property
     def input_len(self) -> int:

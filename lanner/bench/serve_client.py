@@ -11,7 +11,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,14 @@ async def _one_request(
     headers: dict[str, str],
 ) -> RequestResult:
     result = RequestResult(request.input_len, request.output_len)
+    if url.endswith("/chat/completions"):
+        # Chat takes text: the prompt's ids decoded (run_serve_bench does it), as one turn.
+        prompt: dict[str, Any] = {"messages": [{"role": "user", "content": request.prompt}]}
+    else:
+        prompt = {"prompt": request.prompt_token_ids}
     body = {
         "model": model,
-        "prompt": request.prompt_token_ids,
+        **prompt,
         "max_tokens": request.output_len,
         "ignore_eos": True,
         "stream": True,
@@ -266,6 +271,14 @@ def _tokenizer(args: argparse.Namespace) -> Any:
     return load_tokenizer(args.tokenizer, trust_remote_code=False)
 
 
+def _as_text(requests: list[BenchRequest], tokenizer: Any) -> list[BenchRequest]:
+    if tokenizer is None:
+        raise ValueError("a chat endpoint takes text: pass --tokenizer to decode the prompts")
+    return [
+        replace(request, prompt=tokenizer.decode(request.prompt_token_ids)) for request in requests
+    ]
+
+
 def _shape(args: argparse.Namespace) -> roofline.ModelShape | None:
     folder = args.model_config or args.tokenizer
     if folder and (Path(folder) / "config.json").exists():
@@ -290,6 +303,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                                num_prompts=args.num_warmups)  # fmt: skip
             asyncio.run(run_rate(args.base_url, model, warmup, math.inf, _quiet(args)))
         requests = _requests(args, vocab, tokenizer, index)
+        if args.endpoint.endswith("/chat/completions"):
+            requests = _as_text(requests, tokenizer)
         results, duration = asyncio.run(run_rate(args.base_url, model, requests, rate, args))
         summary = summarize_run(results, duration, rate, slos)
         series_by_rate.append(summary.pop("_series"))

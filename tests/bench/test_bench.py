@@ -177,8 +177,19 @@ def test_serve_bench_against_a_real_server(
              "50,inf", "--max-concurrency", "4", "--goodput", "ttft:60000", "tpot:60000",
              "--tokenizer", str(tiny_model_dirs["llama"]), "--num-warmups", "2", "--plot"],
         )  # fmt: skip
+        # The chat endpoint takes the same prompts as text, each one user turn.
+        chat = run_bench(
+            tmp_path,
+            "serve",
+            ["serve", "--base-url", server.url, "--endpoint", "/v1/chat/completions",
+             "--num-prompts", "4", "--input-len-range", "4:10", "--output-len-range", "2:6",
+             "--tokenizer", str(tiny_model_dirs["llama"])],
+        )["results"]["runs"][0]  # fmt: skip
     finally:
         server.stop()
+    wanted = datasets.random_requests(4, 0, 0, 384, 0, (4, 10), (2, 6))
+    assert (chat["completed"], chat["failed"]) == (4, 0)
+    assert chat["total_output_tokens"] == sum(r.output_len for r in wanted)
     assert [run["request_rate"] for run in result["results"]["runs"]] == [50.0, "inf"]
     for seed, run in enumerate(result["results"]["runs"]):
         # Each rate draws its own prompts (seed + its index), so no run hits the prefix
