@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from lanner.kernels import activation, reference
+from lanner.kernels import activation, quant_reference, reference
 from lanner.kernels import paged_attention as attention_kernels
 from lanner.kernels import qkv_prepare as qkv_kernels
 from lanner.kernels import rms_norm as norm_kernels
@@ -30,6 +30,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if use_triton(x) and skinny_kernels.use_skinny(m, *weight.shape):
         return skinny_kernels.skinny_matmul(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_qmax: float,
+) -> torch.Tensor:
+    """x @ dequant(weight).T (+ bias) with x quantized per token to weight's dtype (fp8 or
+    int8, scale absmax / x_qmax) and weight [N, K] scaled per channel by weight_scale [N]."""
+    return quant_reference.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    perm: torch.Tensor | None,
+) -> torch.Tensor:
+    """x[..., perm] @ W.T (+ bias) for W in lanner's packed int4 layout
+    (kernels/quant_reference.py), with its per-group scales and zero points."""
+    return quant_reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, perm)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
