@@ -37,6 +37,22 @@ class LoadedModel:
     device: torch.device
     quant_config: QuantConfig | None = None
 
+    @property
+    def matmul_weight_bytes(self) -> int:
+        """Bytes a decode step reads of weights: every linear layer's parameters as stored
+        (quantized codes, scales, zero points, biases) and the LM head (the embedding
+        table when tied; otherwise the embedding is a row lookup and not counted)."""
+        total = sum(
+            param.numel() * param.element_size()
+            for module in self.model.modules()
+            if isinstance(module, PackedLinear)
+            for param in module.parameters(recurse=False)
+        )
+        if self.config.tie_word_embeddings:
+            embedding = self.model.get_submodule("model.embed_tokens").weight
+            total += embedding.numel() * embedding.element_size()
+        return total
+
 
 def resolve_model_path(model: str | os.PathLike[str], revision: str | None = None) -> Path:
     """A local folder as is; otherwise a Hub id, fetched into (or found in) the HF cache."""

@@ -80,9 +80,15 @@ class CompressedTensorsLayout(Int4Layout):
 
     def load_tensor(self, layer, name, loaded, part):
         if name == "weight_shape":
-            expected = (layer.part_spans[part][1], layer.int4_input_size)
-            if tuple(loaded.tolist()) != expected:
-                raise ValueError(f"weight_shape says {tuple(loaded.tolist())}, expected {expected}")
+            # The unsplit part's [rows, inputs]; under tensor parallelism the layer holds a
+            # 1/world share of one of them, so only divisibility is checked.
+            rows, inputs = loaded.tolist()
+            part_rows, layer_inputs = layer.part_spans[part][1], layer.int4_input_size
+            if rows % part_rows or inputs % layer_inputs:
+                raise ValueError(
+                    f"weight_shape says ({rows}, {inputs}), which the layer's ({part_rows}, "
+                    f"{layer_inputs}) is no share of"
+                )
             return name
         if name == "weight_scale":
             layer.weight_scale.data = layer.weight_scale.data.to(loaded.dtype)

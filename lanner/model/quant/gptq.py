@@ -89,6 +89,13 @@ class GptqLayout(Int4Layout):
             seen.add(part)
             layer.g_idx.data.copy_(loaded)
             return name
+        splits_groups = loaded.shape[0] != getattr(layer, name, loaded).shape[0]
+        if name in ("scales", "qzeros") and self.desc_act and splits_groups:
+            raise ValueError(
+                f"{name} has {loaded.shape[0]} groups for {layer.in_features} inputs: an "
+                f"act-order (desc_act) layer split along its input features across ranks "
+                f"keeps groups that no reordering makes contiguous; lanner cannot run it"
+            )
         if name == "scales":
             layer.scales.data = layer.scales.data.to(loaded.dtype)
         return None
