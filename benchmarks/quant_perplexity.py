@@ -4,13 +4,15 @@ by llmcompressor from the demo model (cached under --cache-dir).
 
 Held-out text: Python files of this machine's standard library that the demo model's
 training script (scripts/train_demo_model.py) holds out by the hash of their key
-("stdlib/<path>"). Its split keeps the lowest 5 % of hashes among the files it kept; a
-file below --heldout-below (default 2 %) is held out whatever the machine, since keys hash
-the same everywhere. Each method scores the same windows of --window tokens through the
-engine (prompt logprobs of LLM.generate), on the CPU's reference path or the GPU's kernels.
+("stdlib/<path>"). Its split keeps the lowest 5 % of hashes among the ~19k files it kept;
+a file below --heldout-below (default 4 %) is held out whatever the machine, since keys
+hash the same everywhere. Each file gives at most --file-tokens tokens (so that a few long
+or repetitive files do not dominate), cut into windows of --window tokens; each method
+scores the same windows through the engine (prompt logprobs of LLM.generate), on the CPU's
+reference path or the GPU's kernels.
 
     PYTHONPATH=. python3 benchmarks/quant_perplexity.py --commit $(git rev-parse --short HEAD)
-    [--methods bf16,fp8,int8,int4-g128,int4-g128-gptq] [--max-tokens 60000] [--device cpu]
+    [--methods bf16,fp8,int8,int4-g128,int4-g128-gptq] [--max-tokens 32768] [--device cpu]
 
 Prints a table (perplexity, its ratio to bf16) and writes one JSON to benchmarks/results/
 (and $OUT when set). Targets (issue 16): fp8 within 1 % of bf16, int4 within 5 %.
@@ -72,20 +74,27 @@ def calibration_files(count: int) -> list[Path]:
     return chosen
 
 
-def windows(tokenizer, files: list[Path], window: int, max_tokens: int) -> list[list[int]]:  # noqa: ANN001
-    """The files' tokens (each file's text, then the end-of-text token) cut into windows."""
-    stream: list[int] = []
+def windows(
+    tokenizer,
+    files: list[Path],
+    window: int,
+    file_tokens: int,
+    max_tokens: int,  # noqa: ANN001
+) -> list[list[int]]:
+    """Up to file_tokens of each file (its text, then the end-of-text token), in whole
+    windows, until max_tokens."""
+    chunks: list[list[int]] = []
     eos = tokenizer.eos_token_id
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        stream += tokenizer.encode(text, add_special_tokens=False) + [eos]
-        if len(stream) >= max_tokens + 1:
+        tokens = (tokenizer.encode(text, add_special_tokens=False) + [eos])[:file_tokens]
+        chunks += [tokens[i : i + window] for i in range(0, len(tokens) - window + 1, window)]
+        if len(chunks) * window >= max_tokens:
             break
-    count = min(len(stream) - 1, max_tokens) // window
-    return [stream[i * window : (i + 1) * window] for i in range(count)]
+    return chunks[: max_tokens // window]
 
 
 def write_checkpoint(method: str, cache_dir: Path, calibration: list[str]) -> Path:
@@ -164,10 +173,11 @@ def perplexity(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="bf16,fp8,int8,int4-g128,int4-g128-gptq")
-    parser.add_argument("--max-tokens", type=int, default=60000)
+    parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="windows per generate call")
-    parser.add_argument("--heldout-below", type=float, default=0.02)
+    parser.add_argument("--heldout-below", type=float, default=0.04)
+    parser.add_argument("--file-tokens", type=int, default=1024)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "lanner" / "quant"))
@@ -180,7 +190,7 @@ def main() -> None:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
-    chunks = windows(tokenizer, files, args.window, args.max_tokens)
+    chunks = windows(tokenizer, files, args.window, args.file_tokens, args.max_tokens)
     calibration = [p.read_text(encoding="utf-8", errors="replace") for p in calibration_files(64)]
     print(
         f"{len(files)} held-out files, {len(chunks)} windows of {args.window} tokens, on "
@@ -213,6 +223,8 @@ def main() -> None:
         "commit": args.commit,
         "command": "PYTHONPATH=. python3 benchmarks/quant_perplexity.py " + " ".join(sys.argv[1:]),
         "heldout_files": len(files),
+        "heldout_below": args.heldout_below,
+        "file_tokens": args.file_tokens,
         "windows": len(chunks),
         "window_tokens": args.window,
         "dtype": args.dtype,
