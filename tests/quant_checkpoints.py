@@ -23,7 +23,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from tests.tiny_models import _COMMON, FAMILIES, build_tokenizer
+from tests.tiny_models import build_hf_model, build_tokenizer
 
 # Every projection's input size is a multiple of 128, so every group size divides it.
 QUANT_SHAPES: dict[str, dict[str, Any]] = {
@@ -37,21 +37,7 @@ CALIBRATION_TEXT = ["def fibonacci(n):\n    if n < 2:\n        return n\n" * 4] 
 
 def build_base_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     """A tiny random model of ``family`` (its quirks kept) with quantizable shapes."""
-    config_class, overrides = FAMILIES[family]
-    config = getattr(transformers, config_class)(
-        **_COMMON, **{**overrides, "num_attention_heads": 4, **QUANT_SHAPES[family]}
-    )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.3 if "embed" in name else param.shape[1] ** -0.5)
-            elif "norm" in name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.1)
-    return model.float().eval()
+    return build_hf_model(family, seed, num_attention_heads=4, **QUANT_SHAPES[family])
 
 
 @contextlib.contextmanager

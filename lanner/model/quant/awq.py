@@ -20,7 +20,7 @@ from lanner.model.quant.base import (
     ShardLayout,
     UnquantizedLinearMethod,
     layer_parameter,
-    matches_module,
+    parts_skipped,
 )
 from lanner.model.quant.int4 import (
     ZERO_EIGHT_WORD,
@@ -117,14 +117,8 @@ class AwqConfig(QuantConfig):
         return f"awq (4-bit, group {self.group_size}, {zeros})"
 
     def linear_method(self, prefix: str, part_names: list[str]) -> LinearMethod:
-        skipped = [matches_module(name, self.skipped, substring=True) for name in part_names]
-        if all(skipped) or prefix == "lm_head":
+        if parts_skipped(prefix, part_names, self.skipped) or prefix == "lm_head":
             return UnquantizedLinearMethod()
-        if any(skipped):
-            raise ValueError(
-                f"modules_to_not_convert leaves some of {part_names} unquantized but not all; "
-                f"lanner packs them into one weight ({prefix}) and needs them alike"
-            )
         return Int4LinearMethod(
             AwqLayout(not self.zero_point),
             self.group_size,

@@ -232,3 +232,16 @@ def matches_module(name: str, patterns: list[str], substring: bool = False) -> b
         elif pattern == "Linear" or pattern == name or substring and pattern in name:
             return True
     return False
+
+
+def parts_skipped(prefix: str, part_names: list[str], patterns: list[str]) -> bool:
+    """Whether a checkpoint leaves the parts of layer ``prefix`` unquantized (AWQ's, GPTQ's
+    and hub fp8's modules_to_not_convert, matched as substrings). Parts packed into one
+    weight must agree: a mix fails."""
+    skipped = [matches_module(name, patterns, substring=True) for name in part_names]
+    if any(skipped) and not all(skipped):
+        raise ValueError(
+            f"modules_to_not_convert leaves some of {part_names} unquantized but not all; "
+            f"lanner packs them into one weight ({prefix}) and needs them alike"
+        )
+    return all(skipped)

@@ -16,7 +16,7 @@ from lanner.model.quant.base import (
     LinearMethod,
     QuantConfig,
     UnquantizedLinearMethod,
-    matches_module,
+    parts_skipped,
 )
 from lanner.model.quant.w8a8 import W8A8LinearMethod
 
@@ -54,14 +54,8 @@ class Fp8Config(QuantConfig):
             return UnquantizedLinearMethod()
         if self.online:
             return W8A8LinearMethod(FP8_DTYPE, FP8_MAX, online=True)
-        skipped = [matches_module(name, self.skipped, substring=True) for name in part_names]
-        if all(skipped):
+        if parts_skipped(prefix, part_names, self.skipped):
             return UnquantizedLinearMethod()
-        if any(skipped):
-            raise ValueError(
-                f"modules_to_not_convert leaves some of {part_names} unquantized but not all; "
-                f"lanner packs them into one weight ({prefix}) and needs them alike"
-            )
         return Fp8CheckpointMethod()
 
 

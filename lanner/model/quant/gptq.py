@@ -25,7 +25,7 @@ from lanner.model.quant.base import (
     ShardLayout,
     UnquantizedLinearMethod,
     layer_parameter,
-    matches_module,
+    parts_skipped,
 )
 from lanner.model.quant.int4 import (
     Int4Layout,
@@ -159,13 +159,7 @@ class GptqConfig(QuantConfig):
     def linear_method(self, prefix: str, part_names: list[str]) -> LinearMethod:
         if prefix == "lm_head" and not self.quantize_lm_head:
             return UnquantizedLinearMethod()
-        skipped = [matches_module(name, self.skipped, substring=True) for name in part_names]
-        if all(skipped):
+        if parts_skipped(prefix, part_names, self.skipped):
             return UnquantizedLinearMethod()
-        if any(skipped):
-            raise ValueError(
-                f"modules_to_not_convert leaves some of {part_names} unquantized but not all; "
-                f"lanner packs them into one weight ({prefix}) and needs them alike"
-            )
         layout = GptqLayout(self.zeros_minus_one, self.desc_act)
         return Int4LinearMethod(layout, self.group_size, self.symmetric, format_name="gptq")
