@@ -4,6 +4,7 @@ engine generating from quantized checkpoints as HF transformers does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -151,3 +152,24 @@ def test_engine_greedy_tokens_match_hf_generate(
 def test_cli_takes_quantization_beside_the_engine_flags() -> None:
     args = build_parser().parse_args(["generate", "hi", "--quantization", "fp8"])
     assert engine_kwargs(args)["quantization"] == "fp8"
+
+
+def test_matmul_weight_bytes_count_what_the_layers_store(tiny_model_dirs: dict[str, Path]) -> None:
+    """The roofline's bytes per decode step: fp8 linears are a byte a weight (plus one
+    fp32 scale a row), the tied head (the embedding table) stays at the model dtype's 4."""
+    from lanner.bench.roofline import ModelShape
+
+    model_dir = tiny_model_dirs["qwen3"]
+    full = load_model(model_dir, dtype="float32", device="cpu")
+    fp8 = load_model(model_dir, dtype="float32", device="cpu", quantization="fp8")
+    config = full.config
+    shape = ModelShape.from_config(config, "float32")
+    embedding = config.vocab_size * config.hidden_size
+    linears = shape.matmul_params - embedding
+    assert full.matmul_weight_bytes == 4 * shape.matmul_params
+    rows = sum(
+        m.out_features for m in fp8.model.modules() if m.__class__.__name__ == "PackedLinear"
+    )
+    assert fp8.matmul_weight_bytes == linears + 4 * rows + 4 * embedding
+    quantized = dataclasses.replace(shape, matmul_weight_bytes=fp8.matmul_weight_bytes)
+    assert quantized.weight_bytes == fp8.matmul_weight_bytes < shape.weight_bytes
