@@ -5,6 +5,11 @@ eager reference path.
 Run on the GPU machine from the repository root:
     PYTHONPATH=. python3 benchmarks/engine_workloads.py --workloads parity,W1,W2,W3,W4
 Each workload writes one JSON file to benchmarks/results/ (and $OUT when set).
+--quantization METHOD gives every engine quantized random weights (fp8, int8: quantized
+while loading; gptq, awq: random 4-bit codes, group 128). W8-decode runs W1 with bf16,
+fp8 and int4 (gptq) weights in one call (speed-ups over bf16, each against its floor:
+the matmul bytes as loaded over the copy bandwidth measured in the same call);
+parity-quant checks the quantized fast path against the quantized eager reference.
 """
 
 from __future__ import annotations
@@ -89,9 +94,9 @@ def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(length)]
 
 
-def single_stream(shape: str, enforce_eager: bool) -> dict:
+def single_stream(shape: str, enforce_eager: bool, **options) -> dict:
     """W1/W2: one request, 128-token prompt, 256 greedy tokens; TPOT from step times."""
-    core = make_core(shape, max_num_seqs=8, enforce_eager=enforce_eager)
+    core = make_core(shape, max_num_seqs=8, enforce_eager=enforce_eager, **options)
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
     step_times: list[float] = []
@@ -106,6 +111,8 @@ def single_stream(shape: str, enforce_eager: bool) -> dict:
             ttft = ttft or time.perf_counter() - started
         step_times = times[1:]
     weight_bytes = sum(p.numel() * p.element_size() for p in core.loaded.model.parameters())
+    matmul_bytes = core.loaded.matmul_weight_bytes
+    quantization = core.loaded.quant_config.describe() if core.loaded.quant_config else None
     release(core)
     tpot = statistics.median(step_times)
     return {
@@ -114,6 +121,34 @@ def single_stream(shape: str, enforce_eager: bool) -> dict:
         "ttft_ms": ttft * 1e3,
         "tpot_p99_ms": sorted(step_times)[int(0.99 * len(step_times))] * 1e3,
         "weight_bytes": weight_bytes,
+        # What a decode step reads of weights: the linears as stored and the LM head.
+        "matmul_weight_bytes": matmul_bytes,
+        "quantization": quantization,
+    }
+
+
+def w8_decode(enforce_eager: bool, methods: list[str | None]) -> dict:
+    """W8's W1 rows: W1 with each weight method, speed-up over bf16, and each run's TPOT
+    against its floor (matmul bytes read per token over the copy bandwidth)."""
+    from lanner.bench.roofline import copy_rate
+
+    bandwidth = copy_rate()
+    torch.cuda.empty_cache()
+    figures: dict[str, dict] = {}
+    for method in methods:
+        run = single_stream("llama3-8b", enforce_eager, quantization=method)
+        run["floor_ms"] = run["matmul_weight_bytes"] / bandwidth * 1e3
+        run["bandwidth_share"] = run["floor_ms"] / run["tpot_median_ms"]
+        figures[method or "bf16"] = run
+        print(f"  W1 {method or 'bf16'}: {json.dumps({k: v for k, v in run.items()})}", flush=True)
+    base = figures.get("bf16")
+    for run in figures.values():
+        if base:
+            run["speedup_over_bf16"] = run["tokens_per_s"] / base["tokens_per_s"]
+    return {
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "runs": figures,
+        "targets": {"fp8": 1.75, "gptq": 2.8},
     }
 
 
@@ -352,15 +387,21 @@ def compare_greedy(reference: tuple[dict, dict], candidate: tuple[dict, dict]) -
     }
 
 
-def parity() -> dict:
+def parity(steps: int = 256, **options) -> dict:
     """The fast path (Triton + CUDA graphs) vs the eager reference path on the 8B shape:
     4 requests, 256 greedy steps each."""
     rng = random.Random(1)
     prompts = [random_prompt(rng, n, 128256) for n in (17, 128, 300, 1000)]
     ops.FORCE_REFERENCE = True
-    reference = greedy_tokens(prompts, 256, max_num_seqs=8, enforce_eager=True)
+    reference = greedy_tokens(prompts, steps, max_num_seqs=8, enforce_eager=True, **options)
     ops.FORCE_REFERENCE = False
-    return compare_greedy(reference, greedy_tokens(prompts, 256, max_num_seqs=8))
+    return compare_greedy(reference, greedy_tokens(prompts, steps, max_num_seqs=8, **options))
+
+
+def parity_quant(methods: list[str]) -> dict:
+    """parity for quantized weights: per method, the Triton kernels (skinny decode, prefill
+    paths) + CUDA graphs against the pure-torch quantized reference, 64 greedy steps."""
+    return {method: parity(64, quantization=method) for method in methods}
 
 
 def parity_cascade() -> dict:
@@ -428,8 +469,17 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    parser.add_argument(
+        "--quantization", default=None, help="weights of every engine: fp8, int8, gptq or awq"
+    )
+    parser.add_argument(
+        "--w8-methods", default="bf16,fp8,gptq", help="W8-decode / parity-quant methods"
+    )
     args = parser.parse_args()
     RUN_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.quantization:
+        RUN_OPTIONS["quantization"] = args.quantization
+    w8_methods = [None if m == "bf16" else m for m in args.w8_methods.split(",")]
     card = torch.cuda.get_device_name()
     runners = {
         "parity": parity,
@@ -444,6 +494,8 @@ def main() -> None:
         "profile-W2": lambda: profile_kernels("qwen3-0.6b", 1, 128, 0.0),
         "profile-W1": lambda: profile_kernels("llama3-8b", 1, 128, 0.0),
         "chat": multi_turn_chat,
+        "W8-decode": lambda: w8_decode(args.enforce_eager, w8_methods),
+        "parity-quant": lambda: parity_quant([m for m in w8_methods if m]),
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in args.workloads.split(","):
@@ -455,11 +507,14 @@ def main() -> None:
             "commit": args.commit,
             "command": "PYTHONPATH=. python3 benchmarks/engine_workloads.py "
             f"--workloads {name} --kv-cache-dtype {args.kv_cache_dtype}"
+            + (f" --quantization {args.quantization}" if args.quantization else "")
+            + (f" --w8-methods {args.w8_methods}" if name.startswith(("W8", "parity-q")) else "")
             + (" --enforce-eager" if args.enforce_eager else ""),
             "path": "reference"
             if ops.FORCE_REFERENCE
             else "triton" + ("" if args.enforce_eager else " + cuda graphs"),
             "kv_cache_dtype": args.kv_cache_dtype,
+            "quantization": args.quantization,
             # Programmatic dependent launch (lanner/kernels/pdl.py), off with LANNER_PDL=0.
             "programmatic_launch": os.environ.get("LANNER_PDL", "1") != "0",
             **figures,

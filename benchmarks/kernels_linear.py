@@ -1,9 +1,11 @@
 """GPU check and timing of the Triton skinny matmul (lanner/kernels/skinny_matmul.py)
 against torch.nn.functional.linear (cuBLAS) at the decode linears of qwen3-0.6b and
-llama3-8b (qkv, o, gate_up, down, lm_head), M = 1, 2, 4, 8, 16 rows, bf16.
+llama3-8b (qkv, o, gate_up, down, lm_head), M = 1, 2, 4, 8, 16 rows, bf16; with --quant,
+the quantized linears instead (see quant_main below: W8A8 fp8/int8 and W4A16 int4).
 
 Run on the GPU machine from the repository root:
     PYTHONPATH=. python3 benchmarks/kernels_linear.py --commit $(git rev-parse HEAD) [--sweep]
+    PYTHONPATH=. python3 benchmarks/kernels_linear.py --quant fp8,int8,int4 [--sweep]
 Every case is checked against F.linear (relative error, bf16 tolerance), for bitwise batch
 invariance (each row of the M-row call against a 2-row call on that row, same config)
 and, with split-K, for run-to-run determinism (50 launches bit-equal). Both are timed with
@@ -329,8 +331,18 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time a grid of configs")
     parser.add_argument("--sweep-budget-s", type=float, default=150.0)
     parser.add_argument("--rep-ms", type=int, default=20, help="do_bench_cudagraph rep")
+    parser.add_argument(
+        "--quant", default="", help="time the quantized linears instead: fp8,int8,int4"
+    )
+    parser.add_argument(
+        "--quant-rows", default="1,2,4,8,16,64,512,2048", help="M values of --quant"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.quant:
+        from benchmarks.kernels_quant import quant_main
+
+        sys.exit(quant_main(args))
     started = time.monotonic()
     card = torch.cuda.get_device_name()
     bandwidth = copy_rate()

@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.quant_checkpoints import QuantCheckpoints  # noqa: E402
 from tests.tiny_models import FAMILIES, save_tiny_model  # noqa: E402
 
 
@@ -27,6 +28,13 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 @pytest.fixture(scope="session")
 def sharded_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("sharded") / "llama", shard_kb=20)
+
+
+@pytest.fixture(scope="session")
+def quant_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> QuantCheckpoints:
+    """Quantized tiny checkpoints written by llmcompressor, auto-round and transformers,
+    each built on first use (tests/quant_checkpoints.py)."""
+    return QuantCheckpoints(tmp_path_factory.mktemp("quant_checkpoints"))
 
 
 @pytest.fixture(autouse=True)

@@ -123,9 +123,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+def build_hf_model(family: str, seed: int = 0, **shape: Any) -> transformers.PreTrainedModel:
+    """A random model of ``family``; ``shape`` overrides its config's sizes."""
     config_class, overrides = FAMILIES[family]
-    config = getattr(transformers, config_class)(**_COMMON, **overrides)
+    config = getattr(transformers, config_class)(**_COMMON, **{**overrides, **shape})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     # HF initializes with std 0.02; larger weights make logits (and bugs) visible.

@@ -111,6 +111,9 @@ class ModelShape:
     vocab: int
     tied: bool
     dtype_bytes: int = 2
+    # Bytes of the matmul weights as loaded (quantized ones with their scales); None: every
+    # matmul parameter at dtype_bytes.
+    matmul_weight_bytes: int | None = None
 
     @classmethod
     def from_config(cls, config: Any, dtype: str | None = None) -> ModelShape:
@@ -147,6 +150,8 @@ class ModelShape:
 
     @property
     def weight_bytes(self) -> int:
+        if self.matmul_weight_bytes is not None:
+            return self.matmul_weight_bytes
         return self.matmul_params * self.dtype_bytes
 
     @property

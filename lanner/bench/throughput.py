@@ -4,6 +4,7 @@ requests/s, output tok/s and total tok/s over the wall time (prefill included)."
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Any
 
@@ -19,7 +20,11 @@ def make_llm(args: argparse.Namespace) -> Any:
 
 
 def model_shape(llm: Any, args: argparse.Namespace) -> roofline.ModelShape:
-    return roofline.ModelShape.from_config(llm.engine.core.model_config, args.dtype)
+    """The served model's shape, its matmul weights counted in the bytes they were loaded
+    as (quantized weights and their scales)."""
+    core = llm.engine.core
+    shape = roofline.ModelShape.from_config(core.model_config, args.dtype)
+    return dataclasses.replace(shape, matmul_weight_bytes=core.loaded.matmul_weight_bytes)
 
 
 def llm_device(llm: Any) -> str:

@@ -23,6 +23,8 @@ class LoadConfig:
     dtype: str = "auto"
     device: str | None = None  # cuda when available, else cpu
     load_format: str = "auto"
+    # None: the checkpoint's quantization_config (if any); else a method (lanner.model.quant).
+    quantization: str | None = None
     seed: int = 0
     trust_remote_code: bool = False
 

@@ -98,7 +98,13 @@ class EngineCore:
         load = config.load
         started = time.perf_counter()
         self.loaded = load_model(
-            load.model, load.dtype, load.device, load.load_format, load.revision, load.seed
+            load.model,
+            load.dtype,
+            load.device,
+            load.load_format,
+            load.revision,
+            load.seed,
+            quantization=load.quantization,
         )
         self.model_config = self.loaded.config
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings

@@ -18,6 +18,7 @@ _ENGINE_FLAGS: list[tuple[str, type, str]] = [
     ("--dtype", str, "auto, float32, bfloat16 or float16"),
     ("--device", str, "cuda or cpu (default: cuda when available)"),
     ("--load-format", str, "auto, safetensors or dummy (random weights)"),
+    ("--quantization", str, "fp8 or int8 (quantize while loading), or the checkpoint's method"),
     ("--seed", int, "seed for dummy weights"),
     ("--max-model-len", int, "context limit per request, prompt plus output"),
     ("--max-num-seqs", int, "most requests in one batch"),

@@ -20,7 +20,7 @@ _PROGRESS_MIN_PROMPTS = 8
 class LLM:
     """Generate from many prompts at once with continuous batching.
 
-    Engine options take vLLM's names: dtype, device, load_format, seed,
+    Engine options take vLLM's names: dtype, device, load_format, quantization, seed,
     max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
     gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override,
     enable_prefix_caching (default True), scheduling_policy ("fcfs", "priority" or

@@ -3,15 +3,18 @@ pure-torch reference otherwise (the CPU, or LANNER_KERNELS=reference to compare)
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-from lanner.kernels import activation, reference
+from lanner.kernels import activation, quant_reference, reference
 from lanner.kernels import paged_attention as attention_kernels
 from lanner.kernels import qkv_prepare as qkv_kernels
 from lanner.kernels import rms_norm as norm_kernels
 from lanner.kernels import skinny_matmul as skinny_kernels
+from lanner.kernels import w4a16_matmul as w4a16_kernels
+from lanner.kernels import w8a8_matmul as w8a8_kernels
 from lanner.kernels.attention_metadata import AttentionMetadata
 
 # Set from the environment at import; tests and benchmarks may flip it to compare paths.
@@ -30,6 +33,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if use_triton(x) and skinny_kernels.use_skinny(m, *weight.shape):
         return skinny_kernels.skinny_matmul(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_qmax: float,
+) -> torch.Tensor:
+    """x @ dequant(weight).T (+ bias) with x quantized per token to weight's dtype (fp8 or
+    int8, scale absmax / x_qmax) and weight [N, K] scaled per channel by weight_scale [N].
+    On CUDA cards without fp8 tensor cores (before sm_89) fp8 runs the reference."""
+    if use_triton(x) and _has_8bit_mma(x.device, weight.dtype):
+        return w8a8_kernels.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
+    return quant_reference.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
+
+
+@functools.cache
+def _has_8bit_mma(device: torch.device, dtype: torch.dtype) -> bool:
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) >= ((8, 9) if dtype == torch.float8_e4m3fn else (8, 0))
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+    perm: torch.Tensor | None,
+) -> torch.Tensor:
+    """x[..., perm] @ W.T (+ bias) for W in lanner's packed int4 layout
+    (kernels/quant_reference.py), with its per-group scales and zero points."""
+    if use_triton(x):
+        return w4a16_kernels.w4a16_linear(x, packed, scales, zeros, group_size, bias, perm)
+    return quant_reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, perm)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

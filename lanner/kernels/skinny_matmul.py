@@ -245,6 +245,53 @@ def _skinny_matmul_kernel(
             NUM_STAGES,
         )
 
+    split_k_epilogue(
+        acc,
+        bias_ptr,
+        out_ptr,
+        partial_ptr,
+        counter_ptr,
+        rows_m,
+        rows_n,
+        x_row_mask,
+        N,
+        partial_stride_split,
+        out_stride_row,
+        HAS_BIAS,
+        PARTIAL,
+        FUSED_REDUCE,
+        BLOCK_M,
+        BLOCK_N,
+    )
+
+
+@triton.jit
+def split_k_epilogue(
+    acc,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    rows_m,
+    rows_n,
+    x_row_mask,
+    N,
+    partial_stride_split,
+    out_stride_row,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Stores a program's fp32 sums acc [BLOCK_M, BLOCK_N] (rows rows_m, columns rows_n):
+    with the bias and rounded to the output dtype, or, under split-K (PARTIAL), as this
+    split's partial, the last split of the tile to arrive adding them (FUSED_REDUCE; see
+    the module docstring). Grid: (N blocks, K splits, M blocks). Shared by the quantized
+    skinny kernels (w8a8_matmul, w4a16_matmul)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     mask = x_row_mask[:, None] & (rows_n < N)[None, :]
     offsets = rows_m.to(tl.int64)[:, None] * out_stride_row + rows_n[None, :]
     if not PARTIAL:

@@ -15,7 +15,9 @@ from safetensors import safe_open
 from torch import nn
 
 from lanner.model.config import ModelConfig, parse_dtype
-from lanner.model.layers.linear import PackedLinear
+from lanner.model.layers.linear import PackedLinear, deferred_linear_weights
+from lanner.model.quant import resolve_quant_config
+from lanner.model.quant.base import LinearMethod, QuantConfig, UnquantizedLinearMethod
 from lanner.model.registry import get_model_class
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -33,6 +35,23 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    quant_config: QuantConfig | None = None
+
+    @property
+    def matmul_weight_bytes(self) -> int:
+        """Bytes a decode step reads of weights: every linear layer's parameters as stored
+        (quantized codes, scales, zero points, biases) and the LM head (the embedding
+        table when tied; otherwise the embedding is a row lookup and not counted)."""
+        total = sum(
+            param.numel() * param.element_size()
+            for module in self.model.modules()
+            if isinstance(module, PackedLinear)
+            for param in module.parameters(recurse=False)
+        )
+        if self.config.tie_word_embeddings:
+            embedding = self.model.get_submodule("model.embed_tokens").weight
+            total += embedding.numel() * embedding.element_size()
+        return total
 
 
 def resolve_model_path(model: str | os.PathLike[str], revision: str | None = None) -> Path:
@@ -115,26 +134,69 @@ def iterate_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, torch.Ten
 def _expected_weights(model: nn.Module) -> dict[tuple[str, str | None], str]:
     """(parameter name, shard id) -> checkpoint tensor name, for every tensor a full
     checkpoint must provide."""
-    inverse = {dst + "/" + shard: src for src, (dst, shard) in _packed_mapping(model).items()}
     expected: dict[tuple[str, str | None], str] = {}
     for module_name, module in model.named_modules():
+        if isinstance(module, PackedLinear):
+            for shard, source in packed_part_names(model, module_name, module).items():
+                for param_name in module.checkpoint_tensors():
+                    expected[(f"{module_name}.{param_name}", shard)] = f"{source}.{param_name}"
+            continue
+        if _inside_packed_linear(module_name, model):
+            continue
         for param_name, _ in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module, PackedLinear):
-                parent, _, leaf = module_name.rpartition(".")
-                for shard in module.shard_offsets:
-                    src = leaf if shard is None else inverse[f"{leaf}/{shard}"]
-                    expected[(full, shard)] = f"{parent}.{src}.{param_name}"
-            else:
-                expected[(full, None)] = full
+            expected[(full, None)] = full
     return expected
+
+
+def _inside_packed_linear(module_name: str, model: nn.Module) -> bool:
+    parent = module_name.rpartition(".")[0]
+    return bool(module_name) and isinstance(model.get_submodule(parent), PackedLinear)
 
 
 def _packed_mapping(model: nn.Module) -> dict[str, tuple[str, str]]:
     return getattr(model, "packed_modules_mapping", {})
 
 
-def load_weights(model: nn.Module, model_dir: Path) -> None:
+def packed_part_names(
+    model: nn.Module, module_name: str, module: PackedLinear
+) -> dict[str | None, str]:
+    """shard id -> the checkpoint module it loads from, for one PackedLinear (e.g. "q" ->
+    model.layers.0.self_attn.q_proj for model.layers.0.self_attn.qkv_proj)."""
+    inverse = {dst + "/" + shard: src for src, (dst, shard) in _packed_mapping(model).items()}
+    parent, _, leaf = module_name.rpartition(".")
+    names = {}
+    for shard in module.shard_offsets:
+        source = leaf if shard is None else inverse[f"{leaf}/{shard}"]
+        names[shard] = f"{parent}.{source}" if parent else source
+    return names
+
+
+def assign_linear_methods(
+    model: nn.Module, quant_config: QuantConfig | None, dtype: torch.dtype
+) -> None:
+    """Give every PackedLinear its method: unquantized, or what ``quant_config`` says for
+    the checkpoint modules it packs."""
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLinear) and module.method is None:
+            if quant_config is None:
+                method: LinearMethod = UnquantizedLinearMethod()
+            else:
+                method = quant_config.linear_method(
+                    name, list(packed_part_names(model, name, module).values())
+                )
+            module.set_method(method, dtype)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module.process_weights_after_loading()
+
+
+def load_weights(
+    model: nn.Module, model_dir: Path, quant_config: QuantConfig | None = None
+) -> None:
     """Copy a checkpoint's tensors into the model, packing q/k/v and gate/up.
 
     Every parameter must be filled exactly by a tensor of the right shape; a wrong
@@ -146,6 +208,7 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     packed = _packed_mapping(model)
     loaded: set[tuple[str, str | None]] = set()
     unexpected: list[str] = []
+    quant_note = f", quantization={quant_config.describe()}" if quant_config else ""
     for path, name, tensor in iterate_checkpoint(files):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
@@ -158,14 +221,21 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
             target, shard = packed[leaf]
             module_name = f"{parent}.{target}" if parent else target
         module = modules.get(module_name)
-        param = getattr(module, param_name, None) if module is not None else None
-        if not isinstance(param, nn.Parameter):
+        if module is None:
             unexpected.append(name)
             continue
+        param = getattr(module, param_name, None)
         key = (f"{module_name}.{param_name}", shard)
         try:
             if isinstance(module, PackedLinear):
-                module.load_shard(param, tensor, shard)
+                filled = module.load_shard(param_name, tensor, shard)
+                if filled is None:
+                    unexpected.append(name)
+                    continue
+                key = (f"{module_name}.{filled}", shard)
+            elif not isinstance(param, nn.Parameter):
+                unexpected.append(name)
+                continue
             elif tensor.shape != param.shape:
                 raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
             else:
@@ -175,16 +245,18 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                 f"{path}: tensor {name} does not fit this config.json "
                 f"(hidden_size={config.hidden_size}, heads={config.num_attention_heads}, "
                 f"kv_heads={config.num_key_value_heads}, head_dim={config.head_dim}, "
-                f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}): "
-                f"{err}"
+                f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}"
+                f"{quant_note}): {err}"
             ) from None
         loaded.add(key)
     if unexpected:
         # A tensor with no home means the config and the weights disagree (or lanner
         # lacks a feature the checkpoint uses): running anyway would give wrong outputs.
+        hint = _unexpected_hint(unexpected, quant_config)
         raise ValueError(
             f"checkpoint in {model_dir} has {len(unexpected)} tensors that this config.json's "
-            f"{config.architecture} has no place for, e.g. {unexpected[:3]}"
+            f"{config.architecture}{quant_note.replace(', ', ' with ')} has no place for, "
+            f"e.g. {unexpected[:3]}{hint}"
         )
     missing = [src for key, src in expected.items() if key not in loaded]
     if missing:
@@ -198,22 +270,51 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
         )
 
 
+def _unexpected_hint(unexpected: list[str], quant_config: QuantConfig | None) -> str:
+    """Why tensors may have no home: a quantized checkpoint read without its method, or a
+    quantized embedding (lanner keeps embeddings in the model dtype)."""
+    quantized_suffixes = ("qweight", "qzeros", "scales", "weight_packed", "weight_scale")
+    if quant_config is None and any(n.endswith(quantized_suffixes) for n in unexpected):
+        return (
+            "; these look like quantized weights, but config.json has no quantization_config "
+            "(pass quantization= naming the checkpoint's method)"
+        )
+    if any("embed_tokens" in n for n in unexpected):
+        return "; lanner keeps embeddings in the model dtype and cannot load quantized ones"
+    return ""
+
+
 @torch.no_grad()
 def dummy_init(model: nn.Module, seed: int = 0) -> None:
     """Fill weights with random values on their own device (no host copy).
 
     Projections get uniform values scaled by 1/sqrt(fan_in) so activations keep unit
-    scale through the network; norm weights are one; biases are small."""
+    scale through the network (quantized layers: their method's equivalent); norm weights
+    are one; biases are small."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        elif param.dim() == 1:
-            param.uniform_(-0.02, 0.02, generator=generator)
-        else:
-            bound = 1.0 if "embed_tokens" in name else (3.0 / param.shape[1]) ** 0.5
-            param.uniform_(-bound, bound, generator=generator)
+    for module_name, module in model.named_modules():
+        if isinstance(module, PackedLinear):
+            assert module.method is not None
+            module.method.dummy_fill(module, generator)
+            if module.bias is not None:
+                module.bias.uniform_(-0.02, 0.02, generator=generator)
+            continue
+        if _inside_packed_linear(module_name, model):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            _dummy_fill(name, param, generator)
+
+
+def _dummy_fill(name: str, param: torch.Tensor, generator: torch.Generator) -> None:
+    if name.endswith("norm.weight"):
+        param.fill_(1.0)
+    elif param.dim() == 1:
+        param.uniform_(-0.02, 0.02, generator=generator)
+    else:
+        bound = 1.0 if "embed_tokens" in name else (3.0 / param.shape[1]) ** 0.5
+        param.uniform_(-bound, bound, generator=generator)
 
 
 def resolve_dtype(
@@ -248,8 +349,10 @@ def load_model(
     load_format: str = "auto",
     revision: str | None = None,
     seed: int = 0,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """Build the model for a checkpoint on ``device`` and fill its weights."""
+    """Build the model for a checkpoint on ``device`` and fill its weights; ``quantization``
+    names a method for an unquantized checkpoint (or must match the checkpoint's)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is unknown; use one of {LOAD_FORMATS}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -257,13 +360,18 @@ def load_model(
     config = ModelConfig.from_pretrained(model_dir)
     model_class = get_model_class(config)
     torch_dtype = resolve_dtype(dtype, config, device)
+    quant_config = resolve_quant_config(config.raw, quantization, load_format == "dummy")
     if load_format != "dummy":
         checkpoint_files(model_dir)  # fail on a missing shard before allocating anything
     with _default_dtype(torch_dtype), device:
-        network = model_class(config)
+        with deferred_linear_weights():
+            network = model_class(config)
+        assign_linear_methods(network, quant_config, torch_dtype)
     network.eval()
     if load_format == "dummy":
         dummy_init(network, seed)
     else:
-        load_weights(network, model_dir)
-    return LoadedModel(network, config, model_dir, torch_dtype, device)
+        load_weights(network, model_dir, quant_config)
+    with torch.no_grad():
+        process_weights_after_loading(network)
+    return LoadedModel(network, config, model_dir, torch_dtype, device, quant_config)

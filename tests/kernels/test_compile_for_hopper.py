@@ -68,6 +68,10 @@ REQUIRED_KERNELS = {
     "_race_chunk_kernel",
     "_race_row_kernel",
     "_exponential_noise_kernel",
+    "_w4a16_matmul_kernel",
+    "_dequantize_int4_kernel",
+    "_w8a8_matmul_kernel",
+    "_quantize_rows_kernel",
 }
 
 
@@ -399,6 +403,107 @@ def skinny_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
             )
 
 
+def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
+    """The quantized linears' variants: W4A16 in each activation dtype (decode with and
+    without split-K, prefill tiles of 64 and 128 rows, groups below, at and above one
+    128-code chunk, zero points or not), the int4 dequantizer, W8A8 fp8/int8 (rows
+    quantized in the kernel for decode, with and without split-K and bias; pre-quantized
+    for the tiled path) and the row quantizer."""
+    import torch
+
+    from lanner.kernels import w4a16_matmul, w8a8_matmul
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    fp8, int8 = torch.float8_e4m3fn, torch.int8
+    # (dtype, rows, (N, K), group, zero points): llama3-8b's qkv (split-K at 1 row), gate_up
+    # (none) and down, qwen3-0.6b's qkv.
+    w4a16_cases = [
+        (bf16, 1, (6144, 4096), 128, False),
+        (bf16, 16, (28672, 4096), 32, True),
+        (bf16, 8, (4096, 14336), 64, False),
+        (bf16, 40, (6144, 4096), 128, True),
+        (bf16, 600, (4096, 1024), 256, False),
+        (fp16, 1, (6144, 4096), 128, True),
+        (fp16, 300, (6144, 4096), 32, False),
+        (fp32, 4, (4096, 1024), 128, False),
+    ]
+    for dtype, m, (n, k), group, zero_points in w4a16_cases:
+        packed = torch.empty(n, k // 8, dtype=torch.int32)
+        scales = torch.empty(k // group, n, dtype=fp16 if dtype == fp16 else bf16)
+        zeros = torch.empty(k // group, n, dtype=torch.uint8) if zero_points else None
+        bias = torch.empty(n, dtype=dtype) if zero_points else None
+        yield (
+            f"w4a16 {dtype} {m}x{n}x{k} group {group} zeros {zero_points}",
+            partial(
+                w4a16_matmul.w4a16_matmul,
+                torch.empty(m, k, dtype=dtype),
+                packed,
+                scales,
+                zeros,
+                group,
+                bias,
+            ),
+        )
+    for dtype, zero_points in ((bf16, True), (fp16, False)):
+        packed, scales = torch.empty(4096, 512, dtype=torch.int32), torch.empty(32, 4096)
+        zeros = torch.empty(32, 4096, dtype=torch.uint8) if zero_points else None
+        yield (
+            f"dequantize_int4 {dtype} zeros {zero_points}",
+            partial(w4a16_matmul.dequantize_int4, packed, scales, zeros, 128, 4096, dtype),
+        )
+    # (weight dtype, activation dtype, rows, (N, K)): split-K at (4096, 4096), bias at 8 rows
+    w8a8_cases = [
+        (fp8, bf16, 1, (4096, 4096)),
+        (fp8, bf16, 8, (28672, 4096)),
+        (fp8, fp16, 16, (6144, 4096)),
+        (fp8, fp32, 3, (6144, 4096)),
+        (int8, bf16, 1, (4096, 14336)),
+        (int8, bf16, 8, (6144, 4096)),
+    ]
+    for weight_dtype, dtype, m, (n, k) in w8a8_cases:
+        qmax = 448.0 if weight_dtype == fp8 else 127.0
+        weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
+        bias = torch.empty(n, dtype=dtype) if m == 8 else None
+        yield (
+            f"w8a8 {weight_dtype} {dtype} {m}x{n}x{k}",
+            partial(
+                w8a8_matmul.w8a8_matmul,
+                torch.empty(m, k, dtype=dtype),
+                weight,
+                w_scale,
+                bias,
+                qmax,
+            ),
+        )
+    for weight_dtype, qmax in ((fp8, 448.0), (int8, 127.0)):
+        for dtype in (bf16, fp16):
+            yield (
+                f"quantize_rows {weight_dtype} {dtype}",
+                partial(
+                    w8a8_matmul.quantize_rows,
+                    torch.empty(300, 4096, dtype=dtype),
+                    weight_dtype,
+                    qmax,
+                ),
+            )
+        for m in (40, 600):
+            codes, x_scale = torch.empty(m, 4096, dtype=weight_dtype), torch.empty(m)
+            weight, w_scale = torch.empty(6144, 4096, dtype=weight_dtype), torch.empty(6144)
+            yield (
+                f"w8a8 tiled {weight_dtype} {m}x6144x4096",
+                partial(
+                    w8a8_matmul.w8a8_matmul,
+                    codes,
+                    weight,
+                    w_scale,
+                    None,
+                    qmax,
+                    x_scale=x_scale,
+                    out_dtype=bf16,
+                ),
+            )
+
+
 def defined_kernels() -> set[str]:
     """``*_kernel`` jit functions of lanner.kernels: what engine_scenarios must launch."""
     import lanner.kernels
@@ -446,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         scenarios.extend(engine_scenarios())
         scenarios.extend(skinny_scenarios())
+        scenarios.extend(quant_scenarios())
 
     run = triton.runtime.JITFunction.run
     triton.runtime.JITFunction.run = lambda kernel, *a, **kw: recorder.run(kernel, *a, **kw)

@@ -164,12 +164,13 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-            self.lm_head.weight.requires_grad_(False)
+            # A PackedLinear of one part, so a checkpoint that quantizes its head loads it.
+            self.lm_head = PackedLinear(config.hidden_size, {None: config.vocab_size})
         self.model.embed_tokens.weight.requires_grad_(False)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
+        """The head's [vocab, hidden] matrix in the model dtype (not for a quantized head)."""
         if self.lm_head is None:
             return self.model.embed_tokens.weight
         return self.lm_head.weight
@@ -184,4 +185,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, metadata, kv_caches)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return ops.linear(hidden_states, self.lm_head_weight)
+        if self.lm_head is None:
+            return ops.linear(hidden_states, self.model.embed_tokens.weight)
+        return self.lm_head(hidden_states)

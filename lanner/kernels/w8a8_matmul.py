@@ -1,0 +1,400 @@
+"""Triton W8A8 matmul: ``dequant(quantize_rows(x)) @ dequant(weight).T (+ bias)`` for fp8
+e4m3 or int8 weights [N, K] with one fp32 scale per output channel, the activations
+quantized per token (scale absmax / x_qmax) to the weight's dtype, products on tensor
+cores (fp8 or int8 MMA, fp32 or int32 accumulation), then scaled by x_scale[m] *
+w_scale[n] in fp32 and rounded to x's dtype.
+
+Two ways in, one kernel:
+- skinny (decode, 1-16 rows; ``quantize_x``): x stays in the model dtype and every
+  program quantizes the rows itself, first reading them once over the whole K for their
+  absmax (from L2: x is 1-16 rows), so the step pays no extra launch. The [N, K] weight
+  streams once as in skinny_matmul, with split-K and the same fused reduction.
+- tiled (larger batches): ``quantize_rows`` writes the quantized rows and their scales
+  once (one program per row), and the kernel reads them in [BLOCK_M, BLOCK_K] tiles. For
+  fp8, ``w8a8_linear`` hands such batches to torch._scaled_mm (cuBLAS, rowwise scales)
+  where the shapes allow; int8 stays here (torch._int_mm returns int32 [M, N], whose
+  scaling would cost passes over 4 bytes a value).
+
+The rounding of x matches the reference (kernels/quant_reference.quantize_rows): fp8
+round-to-nearest-even of x / scale clamped to +-448; int8 round-half-even (by adding and
+subtracting 1.5 * 2^23) clamped to [-128, 127].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lanner.kernels.pdl import launch_options, pdl_start
+from lanner.kernels.skinny_matmul import NUM_SMS, _tile_counters, split_k_epilogue
+
+FP8_DTYPE = torch.float8_e4m3fn
+SKINNY_MAX_M = 16
+DOT_BLOCK = 16
+MAX_TILES = 1 << 16
+# Triton's interpreter multiplies fp8/int8 tl.dot operands as raw integers or not at all:
+# under it the products run in fp32 (exact: |x_q * w_q| <= 448^2, sums in the tests stay
+# far inside fp32's 24 bits for int8).
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it - it rounds half to even
+
+
+@dataclass(frozen=True)
+class W8A8Config:
+    """Launch parameters of one w8a8_matmul call."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@triton.jit
+def _quantize_tile(x, x_scale, x_qmax, IS_FP8: tl.constexpr):
+    """x [rows, cols] (fp32) / x_scale [rows] -> fp8 e4m3 or int8 codes."""
+    scaled = x / x_scale[:, None]
+    if IS_FP8:
+        clamped = tl.minimum(tl.maximum(scaled, -448.0), 448.0)
+        if _INTERPRETED:
+            clamped = _round_to_e4m3(clamped)
+        codes = clamped.to(tl.float8e4nv)
+    else:
+        rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC
+        codes = tl.minimum(tl.maximum(rounded, -128.0), 127.0).to(tl.int8)
+    return codes
+
+
+@triton.jit
+def _round_to_e4m3(value):
+    """value (fp32, |value| <= 448) rounded to the nearest e4m3 number, ties to even, by
+    arithmetic. Only the interpreter needs it: its float-to-fp8 cast drops the carry when
+    rounding up crosses a power of two (124.3 becomes 64); the GPU's cvt is exact."""
+    bits = value.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # subnormals step as 2^-6
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return ((value / step + _ROUND_MAGIC) - _ROUND_MAGIC) * step
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr,
+    out_ptr,
+    scale_ptr,
+    K,
+    x_stride_row,
+    out_stride_row,
+    x_qmax,
+    IS_FP8: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_start(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    absmax = tl.zeros((1, BLOCK), dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        mask = (start + offsets < K)[None, :]
+        x = tl.load(x_ptr + row * x_stride_row + start + offsets[None, :], mask=mask, other=0.0)
+        absmax = tl.maximum(absmax, tl.abs(x.to(tl.float32)))
+    row_max = tl.max(absmax, axis=1)
+    scale = tl.where(row_max > 0, row_max / x_qmax, 1.0)
+    tl.store(scale_ptr + row + tl.arange(0, 1), scale)
+    for start in range(0, K, BLOCK):
+        mask = (start + offsets < K)[None, :]
+        x = tl.load(x_ptr + row * x_stride_row + start + offsets[None, :], mask=mask, other=0.0)
+        codes = _quantize_tile(x.to(tl.float32), scale, x_qmax, IS_FP8)
+        tl.store(out_ptr + row * out_stride_row + start + offsets[None, :], codes, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "partial_stride_split"])
+def _w8a8_matmul_kernel(
+    x_ptr,
+    x_scale_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    partial_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    x_stride_row,
+    w_stride_row,
+    partial_stride_split,
+    out_stride_row,
+    x_qmax,
+    QUANTIZE_X: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_start(PDL)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_row_mask = rows_m < M
+    x_rows = x_ptr + rows_m.to(tl.int64) * x_stride_row
+    w_rows = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * w_stride_row
+    k_offsets = tl.arange(0, BLOCK_K)
+
+    if QUANTIZE_X:
+        # Each row's scale comes from its whole K, whichever split this program runs.
+        absmax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            in_range = (k + k_offsets < K)[None, :]
+            x = tl.load(
+                x_rows[:, None] + (k + k_offsets)[None, :],
+                mask=x_row_mask[:, None] & in_range,
+                other=0.0,
+            )
+            absmax = tl.maximum(absmax, tl.abs(x.to(tl.float32)))
+        row_max = tl.max(absmax, axis=1)
+        x_scale = tl.where(row_max > 0, row_max / x_qmax, 1.0)
+    else:
+        x_scale = tl.load(x_scale_ptr + rows_m, mask=x_row_mask, other=1.0)
+
+    ACC_INT: tl.constexpr = not IS_FP8 and not _INTERPRETED
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if ACC_INT else tl.float32)
+    w_ptrs = w_rows[:, None] + (k_start + k_offsets)[None, :]
+    x_ptrs = x_rows[:, None] + (k_start + k_offsets)[None, :]
+    for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None], other=0.0)
+        else:
+            in_range = (k + k_offsets < k_stop)[None, :]
+            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
+        if QUANTIZE_X:
+            x = _quantize_tile(x.to(tl.float32), x_scale, x_qmax, IS_FP8)
+        if _INTERPRETED:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        elif IS_FP8:
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    w_scale = tl.load(w_scale_ptr + rows_n, mask=rows_n < N, other=0.0)
+    scaled = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
+    split_k_epilogue(
+        scaled,
+        bias_ptr,
+        out_ptr,
+        partial_ptr,
+        counter_ptr,
+        rows_m,
+        rows_n,
+        x_row_mask,
+        N,
+        partial_stride_split,
+        out_stride_row,
+        HAS_BIAS,
+        PARTIAL,
+        FUSED_REDUCE,
+        BLOCK_M,
+        BLOCK_N,
+    )
+
+
+def quantize_rows(
+    x: torch.Tensor, dtype: torch.dtype, x_qmax: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization of x [M, K] on the device: (codes [M, K], scales [M] fp32),
+    as kernels/quant_reference.quantize_rows."""
+    m, k = x.shape
+    codes = torch.empty((m, k), dtype=dtype, device=x.device)
+    scales = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, scales
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    block = min(triton.next_power_of_2(max(k, 16)), 2048)
+    _quantize_rows_kernel[(m,)](
+        x,
+        codes,
+        scales,
+        k,
+        x.stride(0),
+        codes.stride(0),
+        float(x_qmax),
+        IS_FP8=dtype == FP8_DTYPE,
+        BLOCK=block,
+        num_warps=4,
+        **launch_options(codes),
+    )
+    return codes, scales
+
+
+@functools.cache
+def choose_config(m: int, n: int, k: int) -> W8A8Config:
+    """Launch parameters for m rows over an [n, k] 8-bit weight (a first guess from the
+    bf16 skinny kernel's H100 sweep at half the bytes per weight: tiles twice as wide in K;
+    benchmarks/kernels_linear.py --quant --sweep measures the alternatives)."""
+    if m <= SKINNY_MAX_M:
+        block_k = min(512, max(32, triton.next_power_of_2(k)))
+        block_n = 32 if triton.cdiv(n, 32) < NUM_SMS else 16
+        split_k = _default_split_k(n, k, block_n, block_k)
+        return W8A8Config(DOT_BLOCK, block_n, block_k, split_k, num_warps=4, num_stages=4)
+    block_m = 64 if m <= 64 else 128
+    return W8A8Config(block_m, 128, 128, 1, num_warps=8 if block_m == 128 else 4, num_stages=3)
+
+
+def _default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
+    """The smallest power-of-two split giving about 1.5 programs per SM, keeping at least
+    two block_k tiles per split."""
+    split_k = 1
+    k_tiles = triton.cdiv(k, block_k)
+    while triton.cdiv(n, block_n) * split_k < 3 * NUM_SMS // 2 and 2 * split_k <= k_tiles // 2:
+        split_k *= 2
+    return split_k
+
+
+def w8a8_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_qmax: float,
+    *,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    fused_reduce: bool = True,
+) -> torch.Tensor:
+    """The Triton W8A8 product of x [M, K] and weight [N, K] (fp8 e4m3 or int8) with
+    per-channel weight_scale [N] (fp32). x in the model dtype is quantized in the kernel
+    (``x_scale`` None); x already in the weight's dtype comes with its per-row ``x_scale``.
+    Parameters left None come from choose_config(M, N, K); out_dtype defaults to x's
+    dtype (that of the rows before quantization)."""
+    if weight.dtype not in (FP8_DTYPE, torch.int8) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D fp8 e4m3 or int8 tensor, got {weight.dtype}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
+    quantize_x = x_scale is None
+    if not quantize_x and x.dtype != weight.dtype:
+        raise ValueError(f"pre-quantized x must be {weight.dtype}, got {x.dtype}")
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    config = choose_config(min(m, 4096), n, k)
+    block_m = block_m or config.block_m
+    block_n = block_n or config.block_n
+    block_k = block_k or config.block_k
+    split_k = split_k or config.split_k
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
+    partial = split_k > 1
+    fused = partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES
+    if partial and not fused:
+        raise ValueError("w8a8_matmul's split-K reduces in the kernel; lower split_k")
+    workspace = (
+        torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if partial else out
+    )
+    counters = _tile_counters(x.device) if fused else out
+    _w8a8_matmul_kernel[grid](
+        x,
+        x_scale if x_scale is not None else weight_scale,
+        weight,
+        weight_scale,
+        bias if bias is not None else weight_scale,
+        out,
+        workspace,
+        counters,
+        m,
+        n,
+        k,
+        k_per_split,
+        x.stride(0),
+        weight.stride(0),
+        m * n,
+        n,
+        float(x_qmax),
+        QUANTIZE_X=quantize_x,
+        IS_FP8=weight.dtype == FP8_DTYPE,
+        HAS_BIAS=bias is not None,
+        PARTIAL=partial,
+        FUSED_REDUCE=fused,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0 and k_per_split % block_k == 0,
+        NUM_STAGES=num_stages or config.num_stages,
+        num_warps=num_warps or config.num_warps,
+        num_stages=num_stages or config.num_stages,
+        **launch_options(out),
+    )
+    return out
+
+
+def scaled_mm_fits(m: int, n: int, k: int) -> bool:
+    """torch._scaled_mm's shape rule (cuBLASLt): K and N multiples of 16."""
+    return k % 16 == 0 and n % 16 == 0 and m > 0
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_qmax: float,
+) -> torch.Tensor:
+    """ops.w8a8_linear on CUDA: the skinny kernel for 1-16 rows; larger batches quantize
+    the rows once, then fp8 goes to torch._scaled_mm (rowwise scales, bf16 out) and int8
+    to the tiled kernel."""
+    shape = x.shape
+    k = shape[-1]
+    m = math.prod(shape[:-1])
+    n = weight.shape[0]
+    rows = x.reshape(m, k)
+    if m <= SKINNY_MAX_M:
+        out = w8a8_matmul(rows, weight, weight_scale, bias, x_qmax)
+    else:
+        codes, scales = quantize_rows(rows, weight.dtype, x_qmax)
+        if weight.dtype == FP8_DTYPE and scaled_mm_fits(m, n, k):
+            out = torch._scaled_mm(
+                codes,
+                weight.t(),
+                scale_a=scales[:, None],
+                scale_b=weight_scale[None, :],
+                bias=None if bias is None else bias.to(torch.bfloat16),
+                out_dtype=torch.bfloat16,
+            )
+            out = out if x.dtype == torch.bfloat16 else out.to(x.dtype)
+        else:
+            out = w8a8_matmul(
+                codes, weight, weight_scale, bias, x_qmax, x_scale=scales, out_dtype=x.dtype
+            )
+    return out.view(*shape[:-1], n)
