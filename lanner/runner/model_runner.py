@@ -353,9 +353,7 @@ class ModelRunner:
                 "them (build it with lanner.spec's RejectionSampler)"
             )
         proposed = [c.token_ids[len(c.token_ids) - c.num_draft_tokens :] for c in sampling_chunks]
-        sample = verify(
-            logits, rows, proposed, drafts, [c.draft_row for c in sampling_chunks]
-        )
+        sample = verify(logits, rows, proposed, drafts, [c.draft_row for c in sampling_chunks])
         return PendingStep(sample, seq_ids, prompt_logprob_rows, hidden, first_rows)
 
     @staticmethod

@@ -273,7 +273,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seed_salt: int = 0) ->
     # Temperature 0 tells the race that a row is greedy.
     temperatures = [0.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
     seeds = [
-        None if g or r.params.seed is None else decode_seed(r.params.seed ^ seed_salt, r.num_outputs)
+        None
+        if g or r.params.seed is None
+        else decode_seed(r.params.seed ^ seed_salt, r.num_outputs)
         for r, g in zip(rows, greedy, strict=True)
     ]
     truncated = [i for i, r in enumerate(rows) if r.params.uses_truncation and not greedy[i]]

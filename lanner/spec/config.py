@@ -101,7 +101,9 @@ class SpeculativeConfig:
             )
 
     @classmethod
-    def from_value(cls, value: SpeculativeConfig | Mapping[str, Any] | None) -> SpeculativeConfig | None:
+    def from_value(
+        cls, value: SpeculativeConfig | Mapping[str, Any] | None
+    ) -> SpeculativeConfig | None:
         """Accept a config, a dict (as ``LLM(speculative_config={...})`` and the CLI's JSON
         give it) or None; unknown keys fail with the list of valid ones."""
         if value is None or isinstance(value, SpeculativeConfig):

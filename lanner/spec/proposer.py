@@ -66,7 +66,9 @@ class Proposer(abc.ABC):
         return 0
 
     def initialize_cache(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
-        """Allocate the proposer's KV cache (num_blocks blocks, like the target's)."""
+        """Allocate the proposer's KV cache (num_blocks blocks, like the target's); a
+        proposer without one has nothing to do."""
+        return None
 
     @abc.abstractmethod
     def propose(self, slots: list[ProposalSlot], previous: PendingStep | None) -> Proposal:

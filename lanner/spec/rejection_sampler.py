@@ -153,7 +153,9 @@ class RejectionSampler(Sampler):
 
         # [R, max_k + 1] layouts of the rows; positions past a request's drafts repeat
         # its last row (masked below).
-        grid = [first_rows[i] + min(j, counts[i]) for i in range(num_requests) for j in range(max_k + 1)]
+        grid = [
+            first_rows[i] + min(j, counts[i]) for i in range(num_requests) for j in range(max_k + 1)
+        ]
         target_grid = targets[to_device(grid, torch.long, device)].view(num_requests, max_k + 1)
         if device_drafts is None:
             padded = [list(d) + [-1] * (max_k - len(d)) for d in drafts]
@@ -183,11 +185,19 @@ class RejectionSampler(Sampler):
         if sampled_drafts:
             probs_rows = [draft_rows[i] for i in sampled_drafts]
             passes, residual = self._check_sampled_drafts(
-                logits, expanded, first_rows, counts, sampled_drafts, probs_rows, draft_grid,
+                logits,
+                expanded,
+                first_rows,
+                counts,
+                sampled_drafts,
+                probs_rows,
+                draft_grid,
                 draft_probs,
             )
             flat = to_device(
-                [i * max_k + j for i in sampled_drafts for j in range(counts[i])], torch.long, device
+                [i * max_k + j for i in sampled_drafts for j in range(counts[i])],
+                torch.long,
+                device,
             )
             accepted_mask.view(-1)[flat] = self.accept(passes)
             residual_grid = torch.full((num_requests * max_k,), -1, dtype=torch.long, device=device)
@@ -218,7 +228,9 @@ class RejectionSampler(Sampler):
             chosen = token_ids.view(-1)[to_device(row_tokens, torch.long, device)].clamp(min=0)
             logprob_source = pack_logprobs(raw_logprobs, chosen, num_top)
         return _start_copy(
-            DeviceVerify(token_ids, num_tokens, host_source, logprob_source, None, list(rows), first_rows)
+            DeviceVerify(
+                token_ids, num_tokens, host_source, logprob_source, None, list(rows), first_rows
+            )
         )
 
     @staticmethod
@@ -239,7 +251,9 @@ class RejectionSampler(Sampler):
         width = draft_probs.shape[1]
         row_index = [first_rows[i] + j for i in requests for j in range(counts[i])]
         probs_index = [
-            r * width + j for i, r in zip(requests, probs_rows, strict=True) for j in range(counts[i])
+            r * width + j
+            for i, r in zip(requests, probs_rows, strict=True)
+            for j in range(counts[i])
         ]
         rows = [expanded[r] for r in row_index]
         index = to_device(row_index, torch.long, device)

@@ -24,23 +24,43 @@ DEMO_DRAFT = Path(__file__).resolve().parents[2] / "lanner/assets/demo-draft"
         ({"method": "ngram"}, "num_speculative_tokens is required"),
         ({"method": "ngram", "num_speculative_tokens": 2, "k": 3}, "unknown speculative_config"),
         (
-            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
-             "prompt_lookup_max": 2},
+            {
+                "method": "ngram",
+                "num_speculative_tokens": 2,
+                "prompt_lookup_min": 4,
+                "prompt_lookup_max": 2,
+            },
             "prompt_lookup_min (4) must be <= prompt_lookup_max (2)",
         ),
-        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0}, "prompt_lookup_min"),
-        ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "speculative_config.model"),
-        ({"method": "draft_model", "num_speculative_tokens": 2}, "speculative_config.model is required"),
         (
-            {"method": "draft_model", "model": "x", "num_speculative_tokens": 2,
-             "prompt_lookup_max": 3},
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0},
+            "prompt_lookup_min",
+        ),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "model": "x"},
+            "speculative_config.model",
+        ),
+        (
+            {"method": "draft_model", "num_speculative_tokens": 2},
+            "speculative_config.model is required",
+        ),
+        (
+            {
+                "method": "draft_model",
+                "model": "x",
+                "num_speculative_tokens": 2,
+                "prompt_lookup_max": 3,
+            },
             "prompt_lookup_max is only for method 'ngram'",
         ),
-        ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
+            "disable_by_batch_size",
+        ),
         ({"method": "ngram", "num_speculative_tokens": 2, "draft_cost": -1}, "draft_cost"),
         ("ngram", "must be a dict"),
     ],
-)  # fmt: skip
+)
 def test_bad_configs_name_the_field(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         EngineConfig.from_kwargs(speculative_config=value)

@@ -114,17 +114,23 @@ def min_p_value(plain: list[list[int]], speculative: list[list[int]]) -> float:
     return min(values)
 
 
+_COMMON = dict(max_tokens=NUM_TOKENS, ignore_eos=True, detokenize=False)
 SETTINGS = {
-    "temperature": SamplingParams(temperature=1.0, max_tokens=NUM_TOKENS, ignore_eos=True, detokenize=False),
-    "top_k": SamplingParams(temperature=1.0, top_k=4, max_tokens=NUM_TOKENS, ignore_eos=True, detokenize=False),
-    "top_p": SamplingParams(temperature=0.9, top_p=0.8, max_tokens=NUM_TOKENS, ignore_eos=True, detokenize=False),
-}  # fmt: skip
+    "temperature": SamplingParams(temperature=1.0, **_COMMON),
+    "top_k": SamplingParams(temperature=1.0, top_k=4, **_COMMON),
+    "top_p": SamplingParams(temperature=0.9, top_p=0.8, **_COMMON),
+}
 
 
 def spec_config(method: str, draft: Path) -> dict:
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
-    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3, "draft_cost": 0.1}
+    return {
+        "method": "draft_model",
+        "model": str(draft),
+        "num_speculative_tokens": 3,
+        "draft_cost": 0.1,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +152,7 @@ def test_sampled_tokens_follow_the_target(
 @pytest.mark.parametrize(
     ("method", "setting"),
     [("draft_model", "temperature"), ("draft_model", "top_p"), ("ngram", "temperature")],
-)  # fmt: skip
+)
 def test_the_test_fails_an_accept_always_rule(
     models: tuple[Path, Path],
     plain_tokens: dict[str, list[list[int]]],

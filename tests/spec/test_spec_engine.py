@@ -54,13 +54,17 @@ def greedy_params(count: int, seed: int = 0) -> list[SamplingParams]:
     params = []
     for i in range(count):
         if i % 5 == 4:
-            params.append(SamplingParams(temperature=0, max_tokens=rng.randint(1, 2), ignore_eos=True))
+            params.append(
+                SamplingParams(temperature=0, max_tokens=rng.randint(1, 2), ignore_eos=True)
+            )
         elif i % 5 == 3:
             params.append(
                 SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[rng.randrange(384)])
             )
         else:
-            params.append(SamplingParams(temperature=0, max_tokens=rng.randint(10, 30), ignore_eos=True))
+            params.append(
+                SamplingParams(temperature=0, max_tokens=rng.randint(10, 30), ignore_eos=True)
+            )
     return params
 
 
@@ -109,7 +113,9 @@ def test_greedy_equals_no_speculation(
     assert_pool_full(llm)
 
 
-def test_seeded_sampling_penalties_logprobs_and_n_with_ngram(tiny_model_dirs: dict[str, Path]) -> None:
+def test_seeded_sampling_penalties_logprobs_and_n_with_ngram(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
     """n-gram drafts are point masses, accepted when the target's own seeded draw equals
     them: every sampled request gets the tokens it gets without speculation, and the
     logprobs and prompt logprobs are the target's."""
@@ -208,7 +214,9 @@ def test_stop_strings_inside_a_verified_run(
 ) -> None:
     model = tiny_model_dirs["qwen3"]
     prompt = repetitive_prompts(1, seed=9)[0]
-    free = make_llm(model).generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    free = make_llm(model).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    )
     text = free[0].outputs[0].text
     cases = [
         SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[text[i : i + 2]])
@@ -216,7 +224,11 @@ def test_stop_strings_inside_a_verified_run(
     ]
     cases.append(
         SamplingParams(
-            temperature=0, max_tokens=40, ignore_eos=True, stop=[text[10:12]], include_stop_str_in_output=True
+            temperature=0,
+            max_tokens=40,
+            ignore_eos=True,
+            stop=[text[10:12]],
+            include_stop_str_in_output=True,
         )
     )
     llm = make_llm(model, speculative_config=spec_config(method, draft_dirs["qwen3"]))
@@ -281,7 +293,8 @@ def test_demo_model_with_demo_draft_and_ngram() -> None:
     prompts = [
         "def fibonacci(n):",
         "import os\n\ndef list_files(path):",
-        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+        "    def push(self, item):",
     ]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     options = dict(dtype="float32", device="cpu", max_model_len=512, block_size=16)
