@@ -53,7 +53,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = Path(__file__).resolve().parent / "shapes"
 DEMO_DRAFT = DEFAULT_MODEL_DIR.parent / "demo-draft"
 PROMPT_TOKENS = 256
+REPEATS = 30  # timed verify steps per point (8B part)
 MAX_MODEL_LEN = 1024
+
+
+DEVICE = "cuda"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 # -- W7 prompts ----------------------------------------------------------------------------
@@ -104,7 +113,7 @@ def make_core(model: str, batch: int, speculative_config: dict | None, **extra) 
     config = EngineConfig.from_kwargs(
         model=model,
         dtype="bfloat16",
-        device="cuda",
+        device=DEVICE,
         max_model_len=MAX_MODEL_LEN,
         max_num_seqs=batch,
         max_num_batched_tokens=max(2048, batch * 16),
@@ -146,13 +155,13 @@ def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature
     for i, prompt in enumerate(prompts):
         core.add_request(Request(f"r{i}", list(prompt), params))
     step_times = []
-    torch.cuda.synchronize()
+    _sync()
     started = time.perf_counter()
     while core.has_unfinished_requests():
         before_step = time.perf_counter()
         core.step()
         step_times.append(time.perf_counter() - before_step)
-    torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - started
     tokens = len(prompts) * output_len
     result = {
@@ -284,12 +293,13 @@ def verify_steps_8b(args: argparse.Namespace, measured_rates: dict[str, float]) 
     params = SamplingParams(temperature=0.0)
     row = SamplingRow(params, [0], [1] * 8, ())
     rng = random.Random(0)
+    vocab = core.model_config.vocab_size
 
     def chunks(batch: int, k: int) -> list[SequenceChunk]:
         return [
             SequenceChunk(
                 f"s{i}",
-                [rng.randrange(32000) for _ in range(k + 1)],
+                [rng.randrange(vocab) for _ in range(k + 1)],
                 context,
                 tables[i],
                 row,
@@ -298,11 +308,11 @@ def verify_steps_8b(args: argparse.Namespace, measured_rates: dict[str, float]) 
             for i in range(batch)
         ]
 
-    def time_step(batch: int, k: int, repeats: int = 30) -> float:
+    def time_step(batch: int, k: int, repeats: int = REPEATS) -> float:
         step = chunks(batch, k)
         for _ in range(3):
             runner.execute(step)
-        torch.cuda.synchronize()
+        _sync()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -324,12 +334,12 @@ def verify_steps_8b(args: argparse.Namespace, measured_rates: dict[str, float]) 
             entry["verify_ms"][k + 1] = time_step(batch, k)
         graphs, runner.decode_graphs = runner.decode_graphs, None
         for k in (1, 3, 5, 8):
-            entry["verify_eager_decode_kernel_ms"][k + 1] = time_step(batch, k, repeats=10)
+            entry["verify_eager_decode_kernel_ms"][k + 1] = time_step(batch, k, repeats=max(1, REPEATS // 3))
         flattened = model_runner.SequenceChunk.flattened
         model_runner.SequenceChunk.flattened = property(lambda c: len(c.token_ids) == 1)  # type: ignore[method-assign]
         try:
             for k in (1, 3, 5, 8):
-                entry["verify_eager_extend_kernel_ms"][k + 1] = time_step(batch, k, repeats=10)
+                entry["verify_eager_extend_kernel_ms"][k + 1] = time_step(batch, k, repeats=max(1, REPEATS // 3))
         finally:
             model_runner.SequenceChunk.flattened = flattened  # type: ignore[method-assign]
             runner.decode_graphs = graphs
