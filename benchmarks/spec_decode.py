@@ -333,13 +333,14 @@ def verify_steps_8b(args: argparse.Namespace, measured_rates: dict[str, float]) 
         for k in range(1, max_k + 1):
             entry["verify_ms"][k + 1] = time_step(batch, k)
         graphs, runner.decode_graphs = runner.decode_graphs, None
+        eager_repeats = max(1, REPEATS // 3)
         for k in (1, 3, 5, 8):
-            entry["verify_eager_decode_kernel_ms"][k + 1] = time_step(batch, k, repeats=max(1, REPEATS // 3))
+            entry["verify_eager_decode_kernel_ms"][k + 1] = time_step(batch, k, eager_repeats)
         flattened = model_runner.SequenceChunk.flattened
         model_runner.SequenceChunk.flattened = property(lambda c: len(c.token_ids) == 1)  # type: ignore[method-assign]
         try:
             for k in (1, 3, 5, 8):
-                entry["verify_eager_extend_kernel_ms"][k + 1] = time_step(batch, k, repeats=max(1, REPEATS // 3))
+                entry["verify_eager_extend_kernel_ms"][k + 1] = time_step(batch, k, eager_repeats)
         finally:
             model_runner.SequenceChunk.flattened = flattened  # type: ignore[method-assign]
             runner.decode_graphs = graphs
