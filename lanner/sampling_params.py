@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -15,6 +16,12 @@ GREEDY_TEMPERATURE = 1e-5
 # Top logprobs per token are copied to the host every step; past 20 that copy (and the
 # response) grows with little use, and OpenAI's API caps top_logprobs at 20 as well.
 MAX_LOGPROBS = 20
+# Each of a request's n samples is a sequence of its own in the engine (a detokenizer,
+# blocks, a scheduler entry): past this, one call would build millions of them. For more
+# samples of one prompt, pass the prompt several times.
+MAX_N = 1024
+# Integers travel to the engine core and the device as 64-bit values.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class SamplingType(enum.Enum):
@@ -85,9 +92,18 @@ class SamplingParams:
 
         Each child samples one sequence. A seeded request gives child i the seed
         ``seed + i``: with one shared seed all n children would draw the same tokens.
+        The prompt's logprobs come once, with the first child.
         """
-        seed = None if self.seed is None else self.seed + index
-        return self.clone(n=1, seed=seed)
+        # A copy, not a re-validated clone: these values are valid by construction, and
+        # a request of n samples builds n of them (revalidating cost ~150 us each).
+        child = copy.copy(self)
+        child.n = 1
+        child.seed = None if self.seed is None else _wrap_int64(self.seed + index)
+        child.stop = list(self.stop or [])
+        child.stop_token_ids = list(self.stop_token_ids or [])
+        if index:
+            child.prompt_logprobs = None
+        return child
 
     @property
     def is_greedy(self) -> bool:
@@ -131,10 +147,14 @@ class SamplingParams:
             self.top_k = 0
 
     def _validate(self) -> None:
-        _check_int("n", self.n, minimum=1)
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(
+                f"n must be an integer in [1, {MAX_N}], got {self.n!r}; for more samples of "
+                f"one prompt, pass the prompt several times"
+            )
         _check_number("temperature", self.temperature, ">= 0", lambda v: v >= 0)
         _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= INT64_MAX:
             raise ValueError(f"top_k must be an integer: 0 or -1 (off) or >= 1, got {self.top_k!r}")
         _check_number("min_p", self.min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
         _check_number(
@@ -157,8 +177,12 @@ class SamplingParams:
                     f"the top logprobs are copied to the host for every token, so lanner "
                     f"caps them at {MAX_LOGPROBS} (as OpenAI's API does)"
                 )
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        if self.seed is not None and not (
+            _is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX
+        ):
+            raise ValueError(
+                f"seed must be None or a 64-bit integer (in [-2**63, 2**63 - 1]), got {self.seed!r}"
+            )
         assert isinstance(self.stop, list) and isinstance(self.stop_token_ids, list)
         for stop in self.stop:
             if not isinstance(stop, str) or not stop:
@@ -166,15 +190,16 @@ class SamplingParams:
                     f"stop must be a non-empty string or a list of non-empty strings, "
                     f"got {stop!r} in {self.stop!r}"
                 )
+            check_unicode("stop", stop)
         if self.stop and not self.detokenize:
             raise ValueError(
                 f"stop strings {self.stop!r} need detokenize=True: lanner finds them in the "
                 f"output text; use stop_token_ids to stop on tokens without detokenizing"
             )
         for token_id in self.stop_token_ids:
-            if not _is_int(token_id) or token_id < 0:
+            if not _is_int(token_id) or not 0 <= token_id <= INT64_MAX:
                 raise ValueError(
-                    f"stop_token_ids must be non-negative integers, got {token_id!r} "
+                    f"stop_token_ids must be non-negative 64-bit integers, got {token_id!r} "
                     f"in {self.stop_token_ids!r}"
                 )
 
@@ -195,10 +220,30 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, minimum: int, none_ok: bool = False) -> None:
-    if not _is_int(value) or value < minimum:
-        allowed = f"None or an integer >= {minimum}" if none_ok else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+def _wrap_int64(value: int) -> int:
+    """``value`` wrapped into the signed 64-bit range (seed + i of the last sample)."""
+    return (value - INT64_MIN) % 2**64 + INT64_MIN
+
+
+def _check_int(
+    name: str, value: Any, minimum: int, maximum: int = INT64_MAX, none_ok: bool = False
+) -> None:
+    if not _is_int(value) or not minimum <= value <= maximum:
+        bound = f"in [{minimum}, {maximum}]" if maximum < INT64_MAX else f">= {minimum}"
+        allowed = f"an integer {bound}" if maximum < INT64_MAX else f"a 64-bit integer {bound}"
+        raise ValueError(f"{name} must be {'None or ' if none_ok else ''}{allowed}, got {value!r}")
+
+
+def check_unicode(name: str, text: str) -> None:
+    """Raise ValueError when ``text`` cannot be encoded as UTF-8: JSON's escapes can
+    carry a lone surrogate (``"\\ud800"``), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{name} is not valid Unicode: {text[err.start : err.end]!a} at index {err.start} "
+            f"is a lone surrogate; send well-formed UTF-8 text"
+        ) from None
 
 
 def _check_number(name: str, value: Any, allowed: str, in_range: Callable[[float], bool]) -> None:

@@ -140,6 +140,12 @@ class AsyncLLM:
         assert self.processor is not None
         return len(self.processor.states)
 
+    @property
+    def num_unfinished_sequences(self) -> int:
+        """Samples of unfinished requests (n each): what the engine holds or will."""
+        assert self.processor is not None
+        return self.processor.num_unfinished_samples
+
     # -- requests ------------------------------------------------------------------------
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:

@@ -59,6 +59,7 @@ class EngineCoreStats:
     kv_cache_usage: float = 0.0  # share of KV blocks requests hold, 0..1
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0  # since the core started
     # Speculative decoding, cumulative (vLLM's spec_decode counters); zero when off.
     spec_num_drafts: int = 0
     spec_num_draft_tokens: int = 0
@@ -210,6 +211,7 @@ class EngineCore:
             kv_cache_usage=self.kv_manager.usage,
             prefix_cache_queried_tokens=prefix.queried_tokens if prefix else 0,
             prefix_cache_hit_tokens=prefix.hit_tokens if prefix else 0,
+            num_preemptions=self.scheduler.num_preemptions,
         )
         if self.spec is not None:
             spec = self.spec.policy.stats

@@ -22,7 +22,7 @@ from lanner.engine.outputs import (
 )
 from lanner.engine.request import FinishReason, Request
 from lanner.runner.sampler import TokenLogprobs
-from lanner.sampling_params import SamplingParams
+from lanner.sampling_params import SamplingParams, check_unicode
 
 if TYPE_CHECKING:
     from lanner.engine.core import EngineCoreOutput
@@ -103,6 +103,7 @@ class OutputProcessor:
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            check_unicode("the prompt", prompt)
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             unknown = set(prompt) - {"prompt", "prompt_token_ids"}
@@ -153,8 +154,6 @@ class OutputProcessor:
         requests = []
         for index in range(params.n):
             child_params = params.child(index)
-            if index:  # the prompt's logprobs come once, from the first sample
-                child_params = child_params.clone(prompt_logprobs=None)
             detokenizer = (
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child_params)
                 if params.detokenize

@@ -182,9 +182,11 @@ def run_serve(args: argparse.Namespace) -> int:
             f"`lanner serve` needs the server's packages ({err.name} is missing); "
             f"install them with: pip install 'lanner[serve]'"
         ) from err
+    from lanner.entrypoints.openai.limits import limits_from_args
+
     if args.model_tag is not None:
         args.model = args.model_tag
-    return run_server(args, engine_kwargs(args))
+    return run_server(args, engine_kwargs(args), limits_from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,11 +270,23 @@ def _bench_handler(module: str, function: str) -> Any:
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     # Spelled here rather than imported, so `lanner --help` works without the server's
-    # packages installed.
+    # packages installed (limits.py imports only the standard library and SamplingParams).
+    from lanner.entrypoints.openai.limits import add_limit_args
+
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on all but /health"
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on all but /health (default: the "
+        "LANNER_API_KEY environment variable, which other users cannot read)",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        help="Host header names the server answers ('*': any; default: the loopback names "
+        "when --host is a loopback address, any otherwise)",
     )
     parser.add_argument(
         "--served-model-name",
@@ -295,6 +309,7 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds in-flight requests get to finish (default: unlimited)",
     )
     parser.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level")
+    add_limit_args(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

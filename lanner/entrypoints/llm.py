@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from lanner.engine.llm_engine import LLMEngine, PromptType
 from lanner.engine.outputs import RequestOutput
-from lanner.sampling_params import SamplingParams
+from lanner.model.tokenizer import conversation_from_messages, render_chat_template
+from lanner.sampling_params import SamplingParams, check_unicode
 
 # Batches at least this large show a progress bar when use_tqdm is left at its default.
 _PROGRESS_MIN_PROMPTS = 8
@@ -53,6 +54,11 @@ class LLM:
         A prompt that fails validation raises ValueError before anything runs."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, Sequence):
+            raise ValueError(
+                f"prompts must be a string, a prompt dict or a list of them, got "
+                f"{type(prompts).__name__}"
+            )
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -102,18 +108,21 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the
         tokenizer's chat template."""
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        is_batch = isinstance(messages, Sequence) and messages and isinstance(messages[0], list)
+        conversations = messages if is_batch else [messages]
         tokenizer = self.engine.tokenizer
-        if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
         prompts: list[PromptType] = []
-        for conversation in conversations:
-            text = tokenizer.apply_chat_template(
-                conversation,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template,
-            )
+        for index, messages_of_one in enumerate(conversations):
+            try:
+                conversation = conversation_from_messages(messages_of_one)
+                for message in conversation:
+                    check_unicode("message content", message["content"])
+                text = render_chat_template(
+                    tokenizer, conversation, add_generation_prompt, chat_template
+                )
+            except ValueError as err:
+                where = f"conversation {index}: " if is_batch else ""
+                raise ValueError(f"{where}{err}") from None
             ids = tokenizer.encode(text, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -5,6 +5,9 @@ Only the server imports this module (it needs prometheus_client).
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from lanner.engine.core import EngineCoreStats
@@ -80,6 +83,8 @@ _REQUEST_BUCKETS = (
     7680.0,
 )
 
+_LOOP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
 FINISHED_REASONS = ("stop", "length", "abort")
 
 
@@ -139,6 +144,26 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "lanner:generation_tokens", "Generated tokens.", labels, registry=self.registry
         )
+        self.num_preemptions = Counter(
+            "lanner:num_preemptions",
+            "Requests preempted (their KV cache freed, to be recomputed).",
+            labels,
+            registry=self.registry,
+        )
+        self._preemptions_seen = 0
+        self.event_loop_lag = Histogram(
+            "lanner:api_event_loop_lag_seconds",
+            "How late the API server's event loop woke a 10 ms timer (load or blocking).",
+            buckets=_LOOP_BUCKETS,
+            registry=self.registry,
+        )
+        self.event_loop_max_busy = Gauge(
+            "lanner:api_event_loop_max_busy_seconds",
+            "Longest the event loop's thread ran without coming back to a 10 ms timer "
+            "(CPU time, so a busy machine does not count): what a slow handler would hold "
+            "every other request for.",
+            registry=self.registry,
+        )
         self.request_success = Counter(
             "lanner:request_success",
             "Finished requests, by why they finished.",
@@ -179,6 +204,7 @@ class ServerMetrics:
             self.prefix_cache_hit_rate,
             self.prompt_tokens,
             self.generation_tokens,
+            self.num_preemptions,
             self.spec_decode_num_drafts,
             self.spec_decode_num_draft_tokens,
             self.spec_decode_num_accepted_tokens,
@@ -196,6 +222,11 @@ class ServerMetrics:
         queried = stats.prefix_cache_queried_tokens
         rate = stats.prefix_cache_hit_tokens / queried if queried else 0.0
         self.prefix_cache_hit_rate.labels(self._model).set(rate)
+        # The core counts from its start; the counter takes what is new since last time.
+        new_preemptions = stats.num_preemptions - self._preemptions_seen
+        if new_preemptions > 0:
+            self.num_preemptions.labels(self._model).inc(new_preemptions)
+            self._preemptions_seen = stats.num_preemptions
         self._count_spec_decode(stats)
 
     def _count_spec_decode(self, stats: EngineCoreStats) -> None:
@@ -244,6 +275,18 @@ class ServerMetrics:
             )
         if metrics.queue_time is not None:
             self.request_queue_time.labels(model).observe(metrics.queue_time)
+
+    async def watch_event_loop(self, interval_s: float = 0.01) -> None:
+        """Runs as a task for the server's life, timing each wake-up of a short sleep."""
+        max_busy = 0.0
+        while True:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            await asyncio.sleep(interval_s)
+            self.event_loop_lag.observe(max(0.0, time.perf_counter() - wall - interval_s))
+            busy = time.thread_time() - cpu
+            if busy > max_busy:
+                max_busy = busy
+                self.event_loop_max_busy.set(busy)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -36,7 +43,12 @@ class ServerProcess:
         self._log = log_path.open("wb")
         # Its own session, so teardown can end the server and its engine core together.
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # One intra-op thread: the server's processes share the test machine's 2 cores.
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         )
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -77,3 +89,16 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
+
+
+@contextlib.contextmanager
+def running(servers: dict[str, ServerProcess]) -> Iterator[dict[str, ServerProcess]]:
+    """Servers already started (they load together) once each is ready; all stopped at
+    the end, whatever happens."""
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()

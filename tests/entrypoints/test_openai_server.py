@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lanner import LLM, SamplingParams
-from tests.entrypoints.server_utils import ServerProcess
+from tests.entrypoints.server_utils import ServerProcess, running
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512  # the tiny models' max_position_embeddings
@@ -69,13 +69,8 @@ def servers(
             logs / "guarded.log",
         ),  # fmt: skip
     }
-    try:
-        for server in started.values():
-            server.wait_ready()
+    with running(started):
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +364,7 @@ def _post(server: ServerProcess, path: str, body: object, **kwargs) -> httpx.Res
         ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model", "gpt-4"),
         ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", ">= 0"),
         ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
-        ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", ">= 1"),
+        ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n", "[1, 128]"),
         ("/v1/completions", {"prompt": "hi", "top_k": "x"}, 400, "top_k", "integer"),
         ("/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs", "20"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", ">= 1"),

@@ -1,40 +1,54 @@
 """`lanner serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn).
 
-This process speaks HTTP, tokenizes and detokenizes; the engine core runs in a child
-process (see engine/core_process.py), so HTTP work never stalls the device loop.
+This process speaks HTTP and detokenizes; request bodies are parsed, rendered and
+tokenized in worker processes (workers.py) and the engine core runs in a child process
+(engine/core_process.py), so neither a hostile request nor the device loop stalls the
+event loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hmac
-import json
+import ipaddress
 import logging
+import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lanner
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
+from lanner.entrypoints.openai.errors import OpenAIError, error_body
+from lanner.entrypoints.openai.limits import ServerLimits
+from lanner.entrypoints.openai.prepare import PrepareContext
 from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from lanner.entrypoints.openai.serving import OpenAIError, OpenAIServing, error_body
+from lanner.entrypoints.openai.serving import OpenAIServing
+from lanner.entrypoints.openai.workers import PrepareWorkers
 from lanner.metrics.prometheus import ServerMetrics
+from lanner.model.tokenizer import longest_token_chars
 
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "lanner-demo"
+API_KEY_ENV = "LANNER_API_KEY"
+_JSON_TYPES = ("application/json", "application/x-ndjson")
 
 
 @dataclass
@@ -43,10 +57,70 @@ class ServerOptions:
     served_model_names: list[str]
     api_key: str | None = None
     max_queued_requests: int | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    # Host header values answered; None answers any (see default_allowed_hosts).
+    allowed_hosts: frozenset[str] | None = None
 
 
 def default_model_name(model: str) -> str:
     return DEMO_MODEL_NAME if model == str(DEFAULT_MODEL_DIR) else model
+
+
+def default_allowed_hosts(host: str) -> frozenset[str] | None:
+    """Bound to loopback, answer only loopback names: a web page that rebinds its own
+    domain to 127.0.0.1 (DNS rebinding) then reaches nothing. Bound elsewhere, the names
+    clients use are not known here (--allowed-hosts sets them)."""
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    try:
+        is_loopback = host in loopback or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        is_loopback = False
+    return frozenset(loopback | {host.lower()}) if is_loopback else None
+
+
+class _RequestPreparer:
+    """Turns an HTTP request's body into a PreparedRequest in a worker process."""
+
+    def __init__(self, engine: AsyncLLM, options: ServerOptions) -> None:
+        self.engine = engine
+        self.options = options
+        config = engine.config
+        self.workers = PrepareWorkers(
+            config.load.tokenizer or config.load.model,
+            config.load.trust_remote_code,
+            options.limits.prepare_workers,
+            options.limits.prepare_timeout_s,
+        )
+        self.context: PrepareContext | None = None
+
+    def set_engine_ready(self) -> None:
+        limits = self.options.limits
+        max_chars = limits.max_prompt_chars or (
+            self.engine.max_model_len * longest_token_chars(self.engine.tokenizer)
+        )
+        self.context = PrepareContext(
+            tuple(self.options.served_model_names),
+            self.engine.max_model_len,
+            self.engine.ready.vocab_size,  # type: ignore[union-attr]
+            limits,
+            max_chars,
+        )
+
+    async def prepare(self, kind: str, request: Request) -> Any:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and content_type not in _JSON_TYPES and not content_type.endswith("+json"):
+            # A browser sends text/plain or form bodies cross-site without asking first;
+            # JSON only means a page on another site cannot make a visitor's browser post.
+            raise OpenAIError(
+                415,
+                f"the request body must be JSON (Content-Type: application/json), got "
+                f"{content_type[:100]!r}",
+                "UnsupportedMediaType",
+            )
+        raw = await request.body()  # bounded by BodyLimitMiddleware
+        if self.context is None:
+            raise OpenAIError(503, "the server is still starting", "ServiceUnavailable")
+        return await self.workers.prepare(kind, raw, self.context)
 
 
 def build_app(options: ServerOptions) -> FastAPI:
@@ -56,48 +130,75 @@ def build_app(options: ServerOptions) -> FastAPI:
     serving = OpenAIServing(
         engine, options.served_model_names, config.max_num_seqs, options.max_queued_requests
     )
+    preparer = _RequestPreparer(engine, options)
+    watchers: list[asyncio.Future[None]] = []
+
+    async def start() -> None:
+        """Start the engine core and the request workers together."""
+        results = await asyncio.gather(
+            engine.start(), preparer.workers.start(), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        preparer.set_engine_ready()
+        # What is alive now lives as long as the server: out of the collector's view, a
+        # full collection scans only requests' objects. Otherwise each one held the event
+        # loop ~170 ms (the imported libraries' 380k objects; the CPU machine).
+        gc.collect()
+        gc.freeze()
+        watchers.append(asyncio.ensure_future(metrics.watch_event_loop()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # run_server starts the engine before uvicorn (so a failed start is one clear
         # error, not a lifespan traceback); anyone else serving the app gets it here.
         if engine.ready is None:
-            await engine.start()
+            await start()
         logger.info("serving %s", ", ".join(options.served_model_names))
         try:
             yield
         finally:
             # Runs after uvicorn has drained in-flight requests (SIGTERM, Ctrl-C).
+            for watcher in watchers:
+                watcher.cancel()
+            preparer.workers.shutdown()
             await engine.shutdown()
 
     app = FastAPI(title="lanner", version=lanner.__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.serving = serving
+    app.state.start = start
+    app.state.workers = preparer.workers
+    # Added innermost first: errors outermost, so nothing below escapes as a bare 500.
     if options.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=options.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.limits.max_request_body_bytes)
+    if options.allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed=options.allowed_hosts)
+    app.add_middleware(ErrorMiddleware)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        # No route parses a body through FastAPI; query parameters could still fail.
         first = err.errors()[0] if err.errors() else {}
-        loc = [str(part) for part in first.get("loc", ())]
-        if first.get("type") == "json_invalid":
-            message = f"malformed JSON in the request body: {first.get('ctx', {}).get('error')}"
-            return JSONResponse(error_body(message, "BadRequestError", None, 400), 400)
-        param = ".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(err)
-        if "input" in first and param:
-            message += f" (got {json.dumps(first['input'], default=str)[:200]})"
+        param = ".".join(str(part) for part in first.get("loc", ())) or None
+        message = f"{param}: {first.get('msg', 'invalid value')}"
         return JSONResponse(error_body(message, "BadRequestError", param, 400), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        kind = "NotFoundError" if err.status_code == 404 else "BadRequestError"
+        kind = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(
+            err.status_code, "BadRequestError"
+        )
         return JSONResponse(
-            error_body(str(err.detail), kind, None, err.status_code), err.status_code
+            error_body(str(err.detail), kind, None, err.status_code),
+            err.status_code,
+            headers=err.headers,  # 405 carries Allow
         )
 
     @app.get("/health")
@@ -106,7 +207,7 @@ def build_app(options: ServerOptions) -> FastAPI:
             return JSONResponse(
                 error_body("the engine core is not running", "EngineDeadError", None, 503), 503
             )
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -139,23 +240,194 @@ def build_app(options: ServerOptions) -> FastAPI:
     async def reset_prefix_cache() -> dict[str, bool]:
         return {"emptied": await engine.reset_prefix_cache()}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: Request) -> Response:
-        result = await serving.create_completion(body, raw.is_disconnected)
-        return _respond(result)
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
+    async def completions(raw: Request) -> Response:
+        request = await preparer.prepare("completion", raw)
+        return _respond(await serving.create_completion(request, raw.is_disconnected))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        result = await serving.create_chat_completion(body, raw.is_disconnected)
-        return _respond(result)
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
+    async def chat_completions(raw: Request) -> Response:
+        request = await preparer.prepare("chat", raw)
+        return _respond(await serving.create_chat_completion(request, raw.is_disconnected))
 
+    app.openapi = lambda: _openapi(app, preparer.context)  # type: ignore[method-assign]
     return app
+
+
+def _json_body(model: type) -> dict[str, Any]:
+    """The route's request body, for /openapi.json: routes read the body themselves (in a
+    worker), so FastAPI cannot see its model."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    }
+
+
+def _openapi(app: FastAPI, context: PrepareContext | None) -> dict[str, Any]:
+    """The schema, with this server's own bounds once the engine is up (its model names,
+    n, context length and logprobs limits), so a client or a fuzzer reads what holds."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    _, definitions = models_json_schema(
+        [(m, "validation") for m in (CompletionRequest, ChatCompletionRequest)],
+        ref_template="#/components/schemas/{model}",
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(definitions.get("$defs", {}))
+    if context is None:
+        return schema  # not cached: the bounds come once the engine is up
+    bounds = {
+        "model": {"enum": [*context.served_model_names, None]},
+        "n": {"maximum": context.limits.max_n},
+        "max_tokens": {"maximum": context.max_model_len - 1},
+        "max_completion_tokens": {"maximum": context.max_model_len - 1},
+        "logprobs": {"maximum": context.limits.max_logprobs},
+        "top_logprobs": {"maximum": context.limits.max_logprobs},
+        "prompt_logprobs": {"maximum": context.limits.max_logprobs},
+    }
+    for name in (CompletionRequest.__name__, ChatCompletionRequest.__name__):
+        properties = components[name]["properties"]
+        for field_name, extra in bounds.items():
+            if field_name in properties and properties[field_name].get("type") != "boolean":
+                properties[field_name].update(extra)
+    app.openapi_schema = schema
+    return schema
 
 
 def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
     if isinstance(result, dict):
         return JSONResponse(result)
     return StreamingResponse(result, media_type="text/event-stream")
+
+
+async def _send_error(
+    scope: dict, send: Any, status: int, body: dict[str, Any], headers: dict[str, str]
+) -> None:
+    """A whole JSON error response, straight through ASGI (for the middleware)."""
+    await JSONResponse(body, status, headers=headers)(scope, _no_receive, send)
+
+
+async def _no_receive() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
+
+
+class ErrorMiddleware:
+    """Every exception nothing below handled becomes an OpenAI-style 500 (no paths, no
+    input echoed), logged with its traceback; the connection stays usable. Starlette's
+    own last-resort handler would re-raise, and uvicorn then drops the connection, so the
+    client's next request on it fails too."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = ended = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started, ended
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except BodyTooLarge as err:
+            if not started:
+                body = error_body(str(err), "RequestTooLarge", None, 413)
+                await _send_error(scope, send, 413, body, {"Connection": "close"})
+        except Exception:  # noqa: BLE001 - the one place unexpected errors end up
+            error_id = uuid.uuid4().hex[:12]
+            logger.exception("unhandled error in %s %s (error id %s)", scope.get("method"),
+                             scope.get("path"), error_id)  # fmt: skip
+            if started:
+                # The status line is out: end the body, so the framing stays intact.
+                if not ended:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            message = f"internal server error (error id {error_id}; the server log has details)"
+            body = error_body(message, "InternalServerError", None, 500)
+            await _send_error(scope, send, 500, body, {})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, by Content-Length before reading and by
+    counting while reading (chunked uploads have no length)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self, size: str) -> str:
+        return (
+            f"the request body is {size} bytes, over this server's limit of {self.max_bytes} "
+            f"(--max-request-body-bytes)"
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            body = error_body(self._message(length.decode()), "RequestTooLarge", None, 413)
+            await _send_error(scope, send, 413, body, {"Connection": "close"})
+            return
+        received = 0
+
+        async def counted_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self._message(f"over {self.max_bytes}"))
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+class HostCheckMiddleware:
+    """Answer only requests whose Host header names this server (see default_allowed_hosts)."""
+
+    def __init__(self, app: Any, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if _host_name(host) in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        message = (
+            f"the Host header {host[:100]!r} does not name this server; allowed: "
+            f"{', '.join(sorted(self.allowed))} (--allowed-hosts)"
+        )
+        await _send_error(scope, send, 400, error_body(message, "BadRequestError", None, 400), {})
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port ('[::1]:8000' -> '::1')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class ApiKeyMiddleware:
@@ -180,18 +452,27 @@ class ApiKeyMiddleware:
             None,
             401,
         )
-        response = JSONResponse(body, status_code=401)
-        await response(scope, receive, send)
+        await _send_error(scope, send, 401, body, {"WWW-Authenticate": "Bearer"})
 
 
-def run_server(args: argparse.Namespace, engine_options: dict[str, Any]) -> int:
+def run_server(
+    args: argparse.Namespace, engine_options: dict[str, Any], limits: ServerLimits
+) -> int:
     """Serve until SIGTERM or Ctrl-C; in-flight requests finish first."""
     model = engine_options["model"]
+    if args.allowed_hosts is None:
+        allowed = default_allowed_hosts(args.host)
+    elif "*" in args.allowed_hosts:
+        allowed = None
+    else:
+        allowed = frozenset(_host_name(h) for h in args.allowed_hosts)
     options = ServerOptions(
         engine=engine_options,
         served_model_names=args.served_model_name or [default_model_name(model)],
-        api_key=args.api_key,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_queued_requests=args.max_queued_requests,
+        limits=limits,
+        allowed_hosts=allowed,
     )
     if options.max_queued_requests is not None and options.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
@@ -209,11 +490,11 @@ def run_server(args: argparse.Namespace, engine_options: dict[str, Any]) -> int:
     )
 
     async def serve() -> int:
-        engine: AsyncLLM = app.state.engine
         try:
-            await engine.start()
-        except EngineDeadError as err:
-            await engine.shutdown()
+            await app.state.start()
+        except (EngineDeadError, ValueError, RuntimeError) as err:
+            app.state.workers.shutdown()
+            await app.state.engine.shutdown()
             print(f"lanner: error: {err}", file=sys.stderr)
             return 1
         await server.serve()

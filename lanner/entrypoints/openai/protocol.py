@@ -1,10 +1,25 @@
-"""Request bodies of the OpenAI API (pydantic), with vLLM's extra sampling fields."""
+"""Request bodies of the OpenAI API (pydantic), with vLLM's extra sampling fields.
+
+Every integer field is bounded to 64 bits here (``Int64``): past that, nothing downstream
+(msgpack to the engine core, torch on the device) can carry it, and it must be a 400.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from lanner.model.tokenizer import message_text
+from lanner.sampling_params import INT64_MAX, INT64_MIN
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+def documented(**bounds: float) -> Any:
+    """A field whose range /openapi.json states (``minimum``, ``maximum``, ...) while the
+    check itself stays with SamplingParams, whose errors say what to change."""
+    return Field(default=None, json_schema_extra=bounds)  # type: ignore[arg-type]
 
 
 class OpenAIBaseModel(BaseModel):
@@ -32,27 +47,27 @@ class _SamplingFields(OpenAIBaseModel):
     """Fields both endpoints share; the sampling ones map onto SamplingParams."""
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
+    n: Int64 = Field(default=1, json_schema_extra={"minimum": 1})
+    temperature: float | None = documented(minimum=0)
+    top_p: float | None = documented(exclusiveMinimum=0, maximum=1)
+    presence_penalty: float | None = documented(minimum=-2, maximum=2)
+    frequency_penalty: float | None = documented(minimum=-2, maximum=2)
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: Int64 | None = documented(minimum=-1)
+    min_p: float | None = documented(minimum=0, maximum=1)
+    repetition_penalty: float | None = documented(exclusiveMinimum=0)
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Int64 = Field(default=0, json_schema_extra={"minimum": 0})
+    stop_token_ids: list[Int64] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    priority: int = 0
+    priority: Int64 = 0
     request_id: str | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
@@ -79,13 +94,13 @@ class _SamplingFields(OpenAIBaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[Int64] | list[list[Int64]]
+    max_tokens: Int64 | None = Field(default=16, json_schema_extra={"minimum": 1})
+    logprobs: Int64 | None = documented(minimum=0)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
-    prompt_logprobs: int | None = None
+    best_of: Int64 | None = None
+    prompt_logprobs: Int64 | None = documented(minimum=0)
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -94,27 +109,15 @@ class ChatMessage(OpenAIBaseModel):
     name: str | None = None
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(
-                    f"message content parts must be of type 'text' (this server has no "
-                    f"multimodal models), got {part.get('type')!r}"
-                )
-            parts.append(part["text"])
-        return "".join(parts)
+        return message_text(self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # deprecated by OpenAI, still accepted
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = documented(minimum=1)  # deprecated by OpenAI, still accepted
+    max_completion_tokens: Int64 | None = documented(minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = documented(minimum=0)
     add_generation_prompt: bool = True
     chat_template: str | None = None
     response_format: dict[str, Any] | None = None

@@ -1,60 +1,23 @@
-"""The OpenAI endpoints' logic: a request body becomes engine requests, and their outputs
-become OpenAI responses or server-sent-event streams."""
+"""The OpenAI endpoints' logic: a prepared request (prepare.py) is admitted and queued in
+the engine, and its outputs become OpenAI responses or server-sent-event streams."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from lanner.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    _SamplingFields,
-)
-from lanner.sampling_params import MAX_LOGPROBS, SamplingParams
+from lanner.entrypoints.openai.errors import OpenAIError, bad_request, error_body
+from lanner.entrypoints.openai.prepare import PreparedPrompt, PreparedRequest
+from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 
-
-class OpenAIError(Exception):
-    """An error the client gets as ``{"error": {message, type, param, code}}``."""
-
-    def __init__(
-        self, status: int, message: str, error_type: str, param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.error_type, self.param, self.status)
-
-
-def error_body(message: str, error_type: str, param: str | None, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def bad_request(message: str, param: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, "BadRequestError", param)
-
-
-def _param_of(message: str) -> str | None:
-    """The SamplingParams field a validation message is about (they start with it)."""
-    first = message.split(" ", 1)[0]
-    return first if first in SamplingParams.field_names() else None
-
-
-@dataclass
-class _Prompt:
-    text: str | None
-    token_ids: list[int]
+logger = logging.getLogger(__name__)
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -125,143 +88,48 @@ class OpenAIServing:
     def model_name(self) -> str:
         return self.served_model_names[0]
 
-    # -- checks --------------------------------------------------------------------------
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.served_model_names:
-            raise OpenAIError(
-                404,
-                f"The model `{model}` does not exist; this server serves "
-                f"{', '.join(repr(m) for m in self.served_model_names)}.",
-                "NotFoundError",
-                "model",
-            )
-
-    def check_capacity(self, num_requests: int) -> None:
+    def check_capacity(self, num_sequences: int) -> None:
+        """Admission counts sequences (each prompt's n samples), not requests: the
+        queue cap bounds what the engine will hold."""
         if self.engine.is_dead:
             raise OpenAIError(
                 503, "the engine core is not running; restart the server", "EngineDeadError"
             )
         if self.max_queued_requests is None:
             return
-        # Requests beyond what one batch runs wait in the queue; past the cap, refuse.
+        # Sequences beyond what one batch runs wait in the queue; past the cap, refuse.
         limit = self.max_num_seqs + self.max_queued_requests
-        if self.engine.num_unfinished_requests + num_requests > limit:
+        if num_sequences > limit:
+            raise bad_request(
+                f"this request asks for {num_sequences} sequences (n per prompt), more than "
+                f"this server ever holds at once ({limit}: --max-num-seqs plus "
+                f"--max-queued-requests); lower n or send fewer prompts",
+                "n",
+            )
+        in_flight = self.engine.num_unfinished_sequences
+        if in_flight + num_sequences > limit:
             raise OpenAIError(
                 429,
-                f"the server is at capacity ({self.engine.num_unfinished_requests} requests "
-                f"in flight, at most {self.max_queued_requests} may wait); retry later",
+                f"the server is at capacity ({in_flight} sequences in flight, at most "
+                f"{self.max_queued_requests} may wait beyond a full batch); retry later",
                 "RateLimitError",
+                headers={"Retry-After": "1"},
             )
-
-    def _max_tokens(self, requested: int | None, field: str, prompt_len: int, where: str) -> int:
-        limit = self.engine.max_model_len
-        if prompt_len >= limit:
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens, but the {where} has "
-                f"{prompt_len} tokens, leaving no room for output; shorten the {where}.",
-                "prompt" if where == "prompt" else "messages",
-            )
-        if requested is None:
-            return limit - prompt_len
-        if isinstance(requested, bool) or requested < 1:
-            raise bad_request(f"{field} must be an integer >= 1, got {requested!r}", field)
-        if prompt_len + requested > limit:
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens. However, you "
-                f"requested {prompt_len + requested} tokens ({prompt_len} in the {where}, "
-                f"{requested} in the completion). Please reduce the length of the {where} "
-                f"or {field}.",
-                field,
-            )
-        return requested
-
-    def _sampling_params(
-        self, body: _SamplingFields, max_tokens: int, logprobs: int | None
-    ) -> SamplingParams:
-        kwargs = body.sampling_kwargs()
-        kwargs["max_tokens"] = max_tokens
-        if getattr(body, "prompt_logprobs", None) is not None:
-            kwargs["prompt_logprobs"] = body.prompt_logprobs  # type: ignore[attr-defined]
-        if logprobs is not None:
-            kwargs["logprobs"] = logprobs
-        if kwargs.get("min_tokens", 0) > max_tokens:
-            kwargs["min_tokens"] = max_tokens
-        try:
-            return SamplingParams(**kwargs)
-        except ValueError as err:
-            raise bad_request(str(err), _param_of(str(err))) from None
-
-    def _prompt_from_ids(self, token_ids: list[int], param: str) -> _Prompt:
-        try:
-            self.engine.validate_prompt(token_ids)
-        except ValueError as err:
-            raise bad_request(str(err), param) from None
-        return _Prompt(None, token_ids)
 
     # -- completions ---------------------------------------------------------------------
 
-    def completion_prompts(self, body: CompletionRequest) -> list[_Prompt]:
-        raw = body.prompt
-        if isinstance(raw, str):
-            items: list[str | list[int]] = [raw]
-        elif raw and all(isinstance(t, int) for t in raw):
-            items = [list(raw)]  # type: ignore[arg-type]
-        else:
-            items = list(raw)  # type: ignore[arg-type]
-        if not items:
-            raise bad_request(
-                "prompt is empty; give a string, a list of them or token ids", "prompt"
-            )
-        prompts = []
-        tokenizer = self.engine.tokenizer
-        for item in items:
-            if isinstance(item, str):
-                ids = tokenizer.encode(item)
-                if not ids:
-                    raise bad_request("the prompt is empty; give at least one token", "prompt")
-                prompt = self._prompt_from_ids(ids, "prompt")
-                prompt.text = item
-            else:
-                prompt = self._prompt_from_ids(list(item), "prompt")
-            prompts.append(prompt)
-        return prompts
-
     async def create_completion(
-        self, body: CompletionRequest, is_disconnected: Callable[[], Any]
+        self, prepared: PreparedRequest, is_disconnected: Callable[[], Any]
     ) -> dict[str, Any] | AsyncIterator[str]:
-        self.check_model(body.model)
-        if body.echo:
-            raise bad_request("echo is not supported", "echo")
-        if body.suffix:
-            raise bad_request("suffix is not supported", "suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise bad_request("best_of is not supported (use n)", "best_of")
-        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
-            raise bad_request(
-                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {body.logprobs}",
-                "logprobs",
-            )
-        prompts = self.completion_prompts(body)
-        params = [
-            self._sampling_params(
-                body,
-                self._max_tokens(body.max_tokens, "max_tokens", len(p.token_ids), "prompt"),
-                body.logprobs,
-            )
-            for p in prompts
-        ]
-        self.check_capacity(len(prompts))
+        body = prepared.body
+        assert isinstance(body, CompletionRequest)
+        self.check_capacity(prepared.num_sequences)
         request_id = body.request_id or f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = self._start(
-            [
-                (f"{request_id}-{i}", p, s)
-                for i, (p, s) in enumerate(zip(prompts, params, strict=True))
-            ],
-            body.priority,
+            [(f"{request_id}-{i}", p) for i, p in enumerate(prepared.prompts)], body.priority
         )
-        formatter = _CompletionFormat(request_id, created, self.model_name, params[0].n)
+        formatter = _CompletionFormat(request_id, created, self.model_name, body.n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._stream(streams, formatter, include_usage)
@@ -270,61 +138,17 @@ class OpenAIServing:
 
     # -- chat ----------------------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> _Prompt:
-        tokenizer = self.engine.tokenizer
-        if body.chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise bad_request(
-                "this model's tokenizer has no chat template; pass chat_template or use "
-                "/v1/completions",
-                "chat_template",
-            )
-        try:
-            conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = tokenizer.apply_chat_template(
-                conversation,
-                tokenize=False,
-                add_generation_prompt=body.add_generation_prompt,
-                chat_template=body.chat_template,
-            )
-        except ValueError as err:
-            raise bad_request(str(err), "messages") from None
-        except Exception as err:  # noqa: BLE001 - a template error is the request's fault
-            raise bad_request(f"the chat template failed: {err}", "messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        prompt = self._prompt_from_ids(ids, "messages")
-        prompt.text = text
-        return prompt
-
     async def create_chat_completion(
-        self, body: ChatCompletionRequest, is_disconnected: Callable[[], Any]
+        self, prepared: PreparedRequest, is_disconnected: Callable[[], Any]
     ) -> dict[str, Any] | AsyncIterator[str]:
-        self.check_model(body.model)
-        if body.tools:
-            raise bad_request("tools are not supported", "tools")
-        if body.top_logprobs is not None:
-            if not body.logprobs:
-                raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-            if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-                raise bad_request(
-                    f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
-                    f"{body.top_logprobs}",
-                    "top_logprobs",
-                )
-        prompt = self.chat_prompt(body)
-        if body.max_completion_tokens is not None:
-            requested, field = body.max_completion_tokens, "max_completion_tokens"
-        else:
-            requested, field = body.max_tokens, "max_tokens"
-        max_tokens = self._max_tokens(requested, field, len(prompt.token_ids), "messages")
-        params = self._sampling_params(
-            body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None
-        )
-        self.check_capacity(1)
+        body = prepared.body
+        assert isinstance(body, ChatCompletionRequest)
+        self.check_capacity(prepared.num_sequences)
         request_id = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         formatter = _ChatFormat(
-            request_id, int(time.time()), self.model_name, params.n, body.top_logprobs or 0
+            request_id, int(time.time()), self.model_name, body.n, body.top_logprobs or 0
         )
-        streams = self._start([(request_id, prompt, params)], body.priority)
+        streams = self._start([(request_id, prepared.prompts[0])], body.priority)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._stream(streams, formatter, include_usage)
@@ -334,16 +158,16 @@ class OpenAIServing:
     # -- shared --------------------------------------------------------------------------
 
     def _start(
-        self, requests: list[tuple[str, _Prompt, SamplingParams]], priority: int
+        self, requests: list[tuple[str, PreparedPrompt]], priority: int
     ) -> list[AsyncIterator[RequestOutput]]:
         """Queue every request now (all or none), so errors become HTTP errors and the
         load check counts them at once."""
         streams: list[AsyncIterator[RequestOutput]] = []
         try:
-            for request_id, prompt, params in requests:
+            for request_id, prompt in requests:
                 streams.append(
                     self.engine.generate(
-                        request_id, prompt.text, prompt.token_ids, params, priority
+                        request_id, prompt.text, prompt.token_ids, prompt.params, priority
                     )
                 )
         except EngineDeadError as err:
@@ -414,15 +238,12 @@ class OpenAIServing:
             if include_usage:
                 yield sse(formatter.usage_chunk([finals[i] for i in range(len(streams))]))
         except (EngineDeadError, ValueError) as err:
-            status, kind = (
-                (500, "EngineDeadError")
-                if isinstance(err, EngineDeadError)
-                else (
-                    400,
-                    "BadRequestError",
-                )
-            )
+            dead = isinstance(err, EngineDeadError)
+            status, kind = (500, "EngineDeadError") if dead else (400, "BadRequestError")
             yield sse(error_body(str(err), kind, None, status))
+        except Exception:  # noqa: BLE001 - headers are sent: end the stream cleanly
+            logger.exception("a streamed response failed")
+            yield sse(error_body("internal server error", "InternalServerError", None, 500))
         yield sse("[DONE]")
 
 

@@ -1,0 +1,326 @@
+"""A request body becomes engine-ready prompts: parse and validate it, render the chat
+template, tokenize, and build each prompt's SamplingParams.
+
+Everything here is a pure function of the body's bytes, a PrepareContext and a tokenizer.
+The server runs it in worker processes (workers.py), so no request, however large or
+hostile, holds the event loop, and one that runs past its time budget can be stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from lanner.engine.core import validate_prompt
+from lanner.entrypoints.openai.errors import OpenAIError, bad_request
+from lanner.entrypoints.openai.limits import ServerLimits
+from lanner.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    _SamplingFields,
+)
+from lanner.model.tokenizer import render_chat_template
+from lanner.sampling_params import SamplingParams, check_unicode
+
+# Characters of a bad value quoted back in an error message.
+_ECHO_CHARS = 100
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What preparing a request needs to know about the server and its engine."""
+
+    served_model_names: tuple[str, ...]
+    max_model_len: int
+    vocab_size: int
+    limits: ServerLimits
+    max_prompt_chars: int  # limits.max_prompt_chars, resolved for this tokenizer
+
+
+@dataclass
+class PreparedPrompt:
+    text: str | None
+    token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class PreparedRequest:
+    body: CompletionRequest | ChatCompletionRequest
+    prompts: list[PreparedPrompt]
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine will run: n per prompt."""
+        return sum(p.params.n for p in self.prompts)
+
+
+def prepare(kind: str, raw: bytes, context: PrepareContext, tokenizer: Any) -> PreparedRequest:
+    """``kind`` is "completion" or "chat". Raises OpenAIError saying what to change."""
+    if kind == "completion":
+        return prepare_completion(raw, context, tokenizer)
+    if kind == "chat":
+        return prepare_chat(raw, context, tokenizer)
+    raise ValueError(f"unknown request kind {kind!r}")
+
+
+# -- parsing ----------------------------------------------------------------------------
+
+
+def parse_body(raw: bytes, model: type[Body]) -> Body:
+    if not raw.strip():
+        raise bad_request("the request body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        raise bad_request(*_describe(err)) from None
+
+
+def _describe(err: ValidationError) -> tuple[str, str | None]:
+    """A short message and the field it is about, from pydantic's first error; never the
+    whole input (a body may be megabytes)."""
+    first = err.errors(include_url=False)[0]
+    kind = first.get("type")
+    loc = [str(part) for part in first.get("loc", ())]
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        hint = (
+            " (a \\uD800-\\uDFFF escape must be half of a surrogate pair)"
+            if "hex escape" in str(detail) or "surrogate" in str(detail)
+            else ""
+        )
+        return f"malformed JSON in the request body: {detail}{hint}", None
+    if not loc:
+        return (
+            f"the request body must be a JSON object of this endpoint's fields, got "
+            f"{_json_kind(first.get('input'))}",
+            None,
+        )
+    param = ".".join(loc)
+    message = f"{param}: {first.get('msg', 'invalid value')}"
+    if "input" in first and kind != "missing":
+        message += f" (got {_short(first['input'])})"
+    return message, param
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number" if isinstance(value, int | float) else "a value")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "..."
+
+
+# -- checks both endpoints share --------------------------------------------------------
+
+
+def _check_common(body: _SamplingFields, context: PrepareContext) -> None:
+    limits = context.limits
+    if body.model is not None and body.model not in context.served_model_names:
+        raise OpenAIError(
+            404,
+            f"The model `{body.model[:200]}` does not exist; this server serves "
+            f"{', '.join(repr(m) for m in context.served_model_names)}.",
+            "NotFoundError",
+            "model",
+        )
+    if not 1 <= body.n <= limits.max_n:
+        raise bad_request(
+            f"n must be an integer in [1, {limits.max_n}] on this server (--max-n), got {body.n}",
+            "n",
+        )
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > limits.max_stop_strings:
+        raise bad_request(
+            f"stop has {len(stops)} strings; this server takes at most "
+            f"{limits.max_stop_strings} (--max-stop-strings)",
+            "stop",
+        )
+    for stop in stops:
+        if len(stop) > limits.max_stop_string_chars:
+            raise bad_request(
+                f"a stop string has {len(stop)} characters; this server takes at most "
+                f"{limits.max_stop_string_chars} (--max-stop-string-chars)",
+                "stop",
+            )
+    num_stop_ids = len(body.stop_token_ids or [])
+    if num_stop_ids > limits.max_stop_token_ids:
+        raise bad_request(
+            f"stop_token_ids has {num_stop_ids} ids; this server takes at most "
+            f"{limits.max_stop_token_ids} (--max-stop-token-ids)",
+            "stop_token_ids",
+        )
+
+
+def _check_logprobs(value: int | None, name: str, limits: ServerLimits) -> None:
+    if value is not None and not 0 <= value <= limits.max_logprobs:
+        raise bad_request(
+            f"{name} must be an integer in [0, {limits.max_logprobs}], got {value}", name
+        )
+
+
+def _check_text(text: str, name: str, context: PrepareContext) -> None:
+    if len(text) > context.max_prompt_chars:
+        raise bad_request(
+            f"the {name} has {len(text)} characters, more than this server tokenizes "
+            f"({context.max_prompt_chars}: --max-prompt-chars; at most {context.max_model_len} "
+            f"tokens fit the model's context); shorten the {name}",
+            name,
+        )
+    try:
+        check_unicode(f"the {name}", text)
+    except ValueError as err:
+        raise bad_request(str(err), name) from None
+
+
+def _checked_ids(token_ids: list[int], context: PrepareContext, param: str) -> list[int]:
+    try:
+        validate_prompt(token_ids, context.max_model_len, context.vocab_size)
+    except ValueError as err:
+        raise bad_request(str(err), param) from None
+    return token_ids
+
+
+def _max_tokens(
+    requested: int | None, field: str, prompt_len: int, where: str, context: PrepareContext
+) -> int:
+    limit = context.max_model_len
+    if requested is None:
+        return limit - prompt_len
+    if requested < 1:
+        raise bad_request(f"{field} must be an integer >= 1, got {requested!r}", field)
+    if prompt_len + requested > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the {where}, "
+            f"{requested} in the completion). Please reduce the length of the {where} "
+            f"or {field}.",
+            field,
+        )
+    return requested
+
+
+def _param_of(message: str) -> str | None:
+    """The SamplingParams field a validation message is about (they start with it)."""
+    first = message.split(" ", 1)[0]
+    return first if first in SamplingParams.field_names() else None
+
+
+def _sampling_params(
+    body: _SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    kwargs = body.sampling_kwargs()
+    kwargs["max_tokens"] = max_tokens
+    if prompt_logprobs is not None:
+        kwargs["prompt_logprobs"] = prompt_logprobs
+    if logprobs is not None:
+        kwargs["logprobs"] = logprobs
+    if kwargs.get("min_tokens", 0) > max_tokens:
+        kwargs["min_tokens"] = max_tokens
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as err:
+        raise bad_request(str(err), _param_of(str(err))) from None
+
+
+# -- completions ------------------------------------------------------------------------
+
+
+def prepare_completion(raw: bytes, context: PrepareContext, tokenizer: Any) -> PreparedRequest:
+    body = parse_body(raw, CompletionRequest)
+    _check_common(body, context)
+    if body.echo:
+        raise bad_request("echo is not supported", "echo")
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of is not supported (use n)", "best_of")
+    _check_logprobs(body.logprobs, "logprobs", context.limits)
+    _check_logprobs(body.prompt_logprobs, "prompt_logprobs", context.limits)
+    raw_prompt = body.prompt
+    if isinstance(raw_prompt, str):
+        items: list[str | list[int]] = [raw_prompt]
+    elif raw_prompt and all(isinstance(t, int) for t in raw_prompt):
+        items = [list(raw_prompt)]  # type: ignore[arg-type]
+    else:
+        items = list(raw_prompt)  # type: ignore[arg-type]
+    if not items:
+        raise bad_request("prompt is empty; give a string, a list of them or token ids", "prompt")
+    if len(items) * body.n > context.limits.max_n:
+        # Each sequence is an engine request built on the event loop: bound them all.
+        raise bad_request(
+            f"this request asks for {len(items) * body.n} sequences (n={body.n} for each of "
+            f"{len(items)} prompts); this server takes at most {context.limits.max_n} per "
+            f"request (--max-n)",
+            "prompt",
+        )
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            _check_text(item, "prompt", context)
+            ids = tokenizer.encode(item)
+            if not ids:
+                raise bad_request("the prompt is empty; give at least one token", "prompt")
+            text: str | None = item
+        else:
+            text, ids = None, list(item)
+        ids = _checked_ids(ids, context, "prompt")
+        max_tokens = _max_tokens(body.max_tokens, "max_tokens", len(ids), "prompt", context)
+        params = _sampling_params(body, max_tokens, body.logprobs, body.prompt_logprobs)
+        prompts.append(PreparedPrompt(text, ids, params))
+    return PreparedRequest(body, prompts)
+
+
+# -- chat -------------------------------------------------------------------------------
+
+
+def prepare_chat(raw: bytes, context: PrepareContext, tokenizer: Any) -> PreparedRequest:
+    body = parse_body(raw, ChatCompletionRequest)
+    _check_common(body, context)
+    if body.tools:
+        raise bad_request("tools are not supported", "tools")
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        _check_logprobs(body.top_logprobs, "top_logprobs", context.limits)
+    if body.chat_template is not None:
+        if not context.limits.trust_request_chat_template:
+            raise bad_request(
+                "this server does not run chat templates sent with a request; leave out "
+                "chat_template, or start the server with --trust-request-chat-template",
+                "chat_template",
+            )
+        _check_text(body.chat_template, "chat_template", context)
+    try:
+        conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
+    except ValueError as err:
+        raise bad_request(str(err), "messages") from None
+    _check_text("".join(m["role"] + m["content"] for m in conversation), "messages", context)
+    try:
+        text = render_chat_template(
+            tokenizer, conversation, body.add_generation_prompt, body.chat_template
+        )
+    except ValueError as err:  # ChatTemplateError, or the model has no template
+        raise bad_request(str(err), "chat_template") from None
+    # The template's output is a prompt like any other (and bounds what a template makes).
+    _check_text(text, "chat_template" if body.chat_template else "messages", context)
+    ids = _checked_ids(tokenizer.encode(text, add_special_tokens=False), context, "messages")
+    if body.max_completion_tokens is not None:
+        requested, field = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        requested, field = body.max_tokens, "max_tokens"
+    max_tokens = _max_tokens(requested, field, len(ids), "messages", context)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling_params(body, max_tokens, logprobs)
+    return PreparedRequest(body, [PreparedPrompt(text, ids, params)])
