@@ -102,8 +102,8 @@ def test_greedy_equals_no_speculation(
 ) -> None:
     """A mixed batch: prefill chunks in flight beside verify steps (a 96-token budget),
     requests that cannot speculate (one or two tokens left) beside ones that do."""
-    prompts = repetitive_prompts(24, seed=1)
-    params = greedy_params(24)
+    prompts = repetitive_prompts(16, seed=1)
+    params = greedy_params(16)
     model = tiny_model_dirs[family]
     expected = make_llm(model).generate(prompts, params)
     llm = make_llm(model, speculative_config=spec_config(method, draft_dirs[family]))
@@ -160,14 +160,14 @@ def test_draft_model_greedy_rows_in_a_mixed_batch(
 def test_preemption_and_recompute(
     tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
 ) -> None:
-    prompts = repetitive_prompts(32, seed=2)
-    params = greedy_params(32, seed=2)
+    prompts = repetitive_prompts(20, seed=2)
+    params = greedy_params(20, seed=2)
     model = tiny_model_dirs["llama"]
     expected = make_llm(model).generate(prompts, params)
     llm = make_llm(
         model,
-        num_gpu_blocks_override=40,
-        max_model_len=128,
+        num_gpu_blocks_override=28,
+        max_model_len=96,
         speculative_config=spec_config(method, draft_dirs["llama"]),
     )
     got = llm.generate(prompts, params)
@@ -177,35 +177,36 @@ def test_preemption_and_recompute(
     assert_pool_full(llm)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize(
+    ("method", "caching"), [("ngram", True), ("draft_model", True), ("draft_model", False)]
+)
 def test_prefix_cache_hits(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str, caching: bool
 ) -> None:
     """Requests starting on cached blocks (the prefix cache holds only accepted tokens),
     and n > 1 siblings sharing their prompt, with caching on and off."""
-    prompts = shared_prefix_prompts(8, prefix_len=37, seed=3)
+    prompts = shared_prefix_prompts(6, prefix_len=37, seed=3)
     params = [
-        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-        SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=12, ignore_eos=True),
-    ] * 4
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+        SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=10, ignore_eos=True),
+    ] * 3
     model = tiny_model_dirs["llama"]
     expected = make_llm(model).generate(prompts, params)
-    for caching in (True, False):
-        llm = make_llm(
-            model,
-            enable_prefix_caching=caching,
-            speculative_config=spec_config(method, draft_dirs["llama"]),
-        )
-        first = llm.generate(prompts, params)
-        again = llm.generate(prompts, params)  # every prompt block now cached
-        for a, b, e, p in zip(first, again, expected, params, strict=True):
-            if p.is_greedy or method == "ngram":
-                assert summary(a) == summary(e) and summary(b) == summary(e)
-            else:
-                assert summary(a) == summary(b)  # seeded: reproducible
-        if caching:
-            assert llm.engine.core.kv_manager.prefix_cache_stats.hit_tokens > 0
-        assert_pool_full(llm)
+    llm = make_llm(
+        model,
+        enable_prefix_caching=caching,
+        speculative_config=spec_config(method, draft_dirs["llama"]),
+    )
+    first = llm.generate(prompts, params)
+    again = llm.generate(prompts, params)  # every prompt block now cached
+    for a, b, e, p in zip(first, again, expected, params, strict=True):
+        if p.is_greedy or method == "ngram":
+            assert summary(a) == summary(e) and summary(b) == summary(e)
+        else:
+            assert summary(a) == summary(b)  # seeded: reproducible
+    if caching:
+        assert llm.engine.core.kv_manager.prefix_cache_stats.hit_tokens > 0
+    assert_pool_full(llm)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
@@ -291,13 +292,12 @@ def test_overlapped_scheduling_with_speculation_switched_by_batch_size(
 
 def test_demo_model_with_demo_draft_and_ngram() -> None:
     prompts = [
-        "def fibonacci(n):",
         "import os\n\ndef list_files(path):",
         "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
         "    def push(self, item):",
     ]
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    options = dict(dtype="float32", device="cpu", max_model_len=512, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    options = dict(dtype="float32", device="cpu", max_model_len=256, block_size=16)
     expected = LLM(**options).generate(prompts, params, use_tqdm=False)
     for config in (
         {"method": "draft_model", "model": str(DEMO_DRAFT), "num_speculative_tokens": 4},
