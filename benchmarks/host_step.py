@@ -8,6 +8,8 @@ Writes one JSON to benchmarks/results/. Two figures:
   argmax over a stub's 16 logits): scheduling, chunk building, the eager runner's batch
   building (the GPU's decode graphs stage inputs instead, the second figure), collection
   and stop checks;
+- the same with n-gram speculation (k = 4, every draft accepted: 5 tokens a request and
+  step) at 256 rows and at one row, beside a plain step at one row;
 - staging a decode graph's inputs for 256 rows (``cuda_graphs.stage_inputs``) beside
   building the same tensors with torch.tensor from the lists, the way it was done before.
 """
@@ -45,31 +47,49 @@ class ZeroModel(torch.nn.Module):
         return torch.zeros(hidden.shape[0], 16)
 
 
-def core_step_ms(steps: int) -> float:
+def core_step_ms(steps: int, rows: int = ROWS, speculative_config: dict | None = None) -> float:
+    """Host time of one engine step (ms). With ``speculative_config`` (n-gram lookup):
+    the stub's logits make every request repeat token 0, so lookups always match and
+    every draft is accepted: the figure holds the lookup, the draft slots and the
+    bookkeeping of k + 1 tokens a request."""
     core = EngineCore(
         EngineConfig.from_kwargs(
             model=str(DEFAULT_MODEL_DIR),
             dtype="float32",
             device="cpu",
-            max_num_seqs=ROWS,
+            max_num_seqs=rows,
             max_num_batched_tokens=8192,
             max_model_len=2048,
+            speculative_config=speculative_config,
         )
     )
     core.runner.model = ZeroModel()
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
-    for i in range(ROWS):
+    for i in range(rows):
         prompt = [rng.randrange(1000) for _ in range(rng.randint(100, 600))]
         core.add_request(Request(f"r{i}", prompt, params))
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running) or (
         core.scheduler.waiting
     ):
         core.step()  # prefill chunks, until every request decodes
+    for _ in range(3):
+        core.step()  # the first lookups match from here
     started = time.perf_counter()
     for _ in range(steps):
         core.step()
     return (time.perf_counter() - started) / steps * 1e3
+
+
+def spec_step_ms(steps: int) -> dict[str, float]:
+    """The host cost speculation adds: steps with n-gram lookup (k = 4, every draft
+    accepted) against plain ones, at 256 rows and at one."""
+    ngram = {"method": "ngram", "num_speculative_tokens": 4}
+    return {
+        "spec_ngram_k4_256_rows_step_ms": core_step_ms(steps, ROWS, ngram),
+        "plain_1_row_step_ms": core_step_ms(steps, 1),
+        "spec_ngram_k4_1_row_step_ms": core_step_ms(steps, 1, ngram),
+    }
 
 
 def staging_ms(repeats: int) -> dict[str, float]:
@@ -113,6 +133,7 @@ def main() -> None:
         "commit": args.commit,
         "command": "PYTHONPATH=. python3 benchmarks/host_step.py",
         "core_step_ms": core_step_ms(args.steps),
+        **spec_step_ms(args.steps),
         **staging_ms(200),
     }
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-host-step.json"

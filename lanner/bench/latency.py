@@ -13,10 +13,13 @@ from lanner.bench.datasets import random_requests
 from lanner.bench.throughput import (
     _config,
     _request_latencies,
+    format_spec_summary,
     llm_device,
     make_llm,
     model_shape,
     run_batch,
+    spec_counts,
+    spec_summary,
     vocab_for,
 )
 
@@ -32,6 +35,7 @@ def run_latency(args: argparse.Namespace) -> int:
     series: dict[str, list[float]] = {"TTFT": [], "TPOT": [], "E2E": []}
     batch_ms: list[float] = []
     output_tokens: list[int] = []
+    before = spec_counts(llm)
     for _ in tqdm(range(args.num_iters), desc="timed runs", disable=args.disable_tqdm):
         # Every run starts cold: no prompt is served from the previous run's cache.
         llm.reset_prefix_cache()
@@ -51,6 +55,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "e2e_request_ms": report.summarize(series["E2E"]),
         "batch_latency_ms": report.summarize(batch_ms),
         "batch_latencies_ms": batch_ms,
+        **spec_summary(before, spec_counts(llm)),
     }
     median_s = results["batch_latency_ms"]["median"] / 1e3
     section = roofline.roofline_section(
@@ -71,6 +76,9 @@ def run_latency(args: argparse.Namespace) -> int:
             f"  {name:<5} ms: mean {stats['mean']:.2f}  p50 {stats['p50']:.2f}  "
             f"p90 {stats['p90']:.2f}  p99 {stats['p99']:.2f}"
         )
+    spec_line = format_spec_summary(results)
+    if spec_line:
+        print(spec_line)
     print(roofline.format_roofline(section))
     path = report.write_json(result, args.output_json)
     if args.plot:

@@ -46,6 +46,43 @@ def sampling_params(args: argparse.Namespace, output_len: int) -> Any:
     )
 
 
+def spec_counts(llm: Any) -> tuple[int, int, int] | None:
+    """(drafts, draft tokens, accepted tokens) so far, or None without speculation."""
+    spec = llm.engine.core.spec
+    if spec is None:
+        return None
+    stats = spec.policy.stats
+    return stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens
+
+
+def spec_summary(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> dict:
+    """Speculation over a timed run: counts, mean acceptance length (accepted + 1 per
+    verify step, vLLM's definition) and the acceptance rate of proposed tokens."""
+    if before is None or after is None:
+        return {}
+    drafts, tokens, accepted = (b - a for a, b in zip(before, after, strict=True))
+    return {
+        "spec_decode": {
+            "num_drafts": drafts,
+            "num_draft_tokens": tokens,
+            "num_accepted_tokens": accepted,
+            "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+            "acceptance_rate": accepted / tokens if tokens else None,
+        }
+    }
+
+
+def format_spec_summary(summary: dict) -> str | None:
+    spec = summary.get("spec_decode")
+    if not spec or not spec["num_drafts"]:
+        return None
+    return (
+        f"Speculative decoding: mean acceptance length {spec['mean_acceptance_length']:.2f}, "
+        f"{spec['num_accepted_tokens']} of {spec['num_draft_tokens']} proposed tokens accepted "
+        f"({spec['num_drafts']} verify steps)"
+    )
+
+
 def vocab_for(llm: Any) -> int:
     """Random prompt ids come from the model's vocabulary."""
     return int(llm.engine.core.model_config.vocab_size)
@@ -65,6 +102,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     if args.num_warmups > 0:
         run_batch(llm, requests[: args.num_warmups], args, tqdm=False)
         llm.reset_prefix_cache()
+    before = spec_counts(llm)
     outputs, elapsed = run_batch(llm, requests, args, tqdm=not args.disable_tqdm)
     input_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -78,6 +116,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "requests_per_s": len(outputs) / elapsed,
         "output_tok_per_s": output_tokens / elapsed,
         "total_tok_per_s": (input_tokens + output_tokens) / elapsed,
+        **spec_summary(before, spec_counts(llm)),
     }
     shape = model_shape(llm, args)
     batch = llm.engine.config.max_num_seqs
@@ -98,6 +137,9 @@ def run_throughput(args: argparse.Namespace) -> int:
         f"({len(outputs)} requests, {input_tokens} prompt + {output_tokens} output tokens "
         f"in {elapsed:.2f} s)"
     )
+    spec_line = format_spec_summary(results)
+    if spec_line:
+        print(spec_line)
     print(roofline.format_roofline(section))
     if args.plot:
         series = _request_latencies(outputs)

@@ -9,6 +9,7 @@ from typing import Any
 
 from lanner.engine.scheduler import SchedulerConfig
 from lanner.memory.kv_cache import CacheConfig
+from lanner.spec.config import SpeculativeConfig
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
@@ -42,6 +43,13 @@ class EngineConfig:
     enforce_eager: bool = False
     # Launch step N+1 before reading step N's samples; None: on for CUDA, off elsewhere.
     async_scheduling: bool | None = None
+    # Speculative decoding (None: off); LLM(...) and the CLI also take it as a dict.
+    speculative_config: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "speculative_config", SpeculativeConfig.from_value(self.speculative_config)
+        )
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

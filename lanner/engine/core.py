@@ -15,9 +15,12 @@ from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
-from lanner.runner.model_runner import ModelRunner, PendingStep, SequenceChunk
+from lanner.runner.model_runner import DeviceDrafts, ModelRunner, PendingStep, SequenceChunk
 from lanner.runner.sampler import SamplingRow, TokenLogprobs
 from lanner.sampling_params import SamplingParams
+from lanner.spec.factory import SpeculativeDecoding
+from lanner.spec.policy import RequestSpecState
+from lanner.spec.proposer import ProposalSlot
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class EngineCoreOutput:
 class _LaunchedStep:
     schedule: SchedulerOutput
     step: PendingStep
+    # request id -> drafts verified in this step (speculation)
+    num_drafts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,6 +61,11 @@ class EngineCoreStats:
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
     num_preemptions: int = 0  # since the core started
+    # Speculative decoding, cumulative (vLLM's spec_decode counters); zero when off.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
 
 
 def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
@@ -116,8 +126,26 @@ class EngineCore:
         scheduler_config = config.scheduler_config(self.max_model_len)
         block_size = config.cache.block_size
         cache_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, self.loaded.dtype)
+        # Speculative decoding: the proposer (a draft model loads here) and the
+        # rejection sampler that takes the target's sampler's place.
+        self.spec: SpeculativeDecoding | None = None
+        if config.speculative_config is not None:
+            self.spec = SpeculativeDecoding.build(
+                config.speculative_config,
+                self.loaded,
+                config.cache.kv_cache_dtype,
+                block_size,
+                self.max_model_len,
+                config.enforce_eager,
+                load.load_format,
+                load.seed,
+            )
         self.runner = ModelRunner(
-            self.loaded, block_size, cache_dtype, enforce_eager=config.enforce_eager
+            self.loaded,
+            block_size,
+            cache_dtype,
+            enforce_eager=config.enforce_eager,
+            sampler=self.spec.sampler if self.spec is not None else None,
         )
         # Overlapped scheduling: prepare and launch step N+1 while the device runs N.
         self.async_scheduling = (
@@ -126,8 +154,11 @@ class EngineCore:
             else self.loaded.device.type == "cuda"
         )
         self._pending: _LaunchedStep | None = None
+        # The target's last step read, for proposers that use its hidden states.
+        self._last_step: PendingStep | None = None
+        num_spec_tokens = self.spec.num_speculative_tokens if self.spec is not None else 0
         peak = self.runner.profile_peak_memory(
-            scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs
+            scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs, num_spec_tokens
         )
         useful_blocks = scheduler_config.max_num_seqs * -(-self.max_model_len // block_size)
         num_blocks = num_blocks_for_memory(
@@ -137,8 +168,19 @@ class EngineCore:
             self.loaded.device,
             peak,
             useful_blocks,
+            self.spec.proposer.kv_cache_bytes_per_block() if self.spec is not None else 0,
         )
-        self.runner.initialize_cache(num_blocks, scheduler_config.max_num_seqs, self.max_model_len)
+        max_num_seqs = scheduler_config.max_num_seqs
+        # A verified token is one row of the decode graphs: k + 2 rows a request at most
+        # (one more after a full acceptance), captured up to 512 rows.
+        graph_rows = (
+            min(max_num_seqs * (num_spec_tokens + 2), max(max_num_seqs, 512))
+            if num_spec_tokens
+            else None
+        )
+        self.runner.initialize_cache(num_blocks, max_num_seqs, self.max_model_len, graph_rows)
+        if self.spec is not None:
+            self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
@@ -148,7 +190,11 @@ class EngineCore:
                 f"the KV cache holds {capacity} tokens, fewer than max_model_len "
                 f"{self.max_model_len}; lower max_model_len or give the cache more memory"
             )
-        self.scheduler = Scheduler(scheduler_config, self.kv_manager)
+        self.scheduler = Scheduler(
+            scheduler_config,
+            self.kv_manager,
+            self.spec.draft_length if self.spec is not None else None,
+        )
         logger.info(
             "engine ready in %.1fs on %s (%s, KV cache %s): %d blocks x %d = %d tokens, "
             "max concurrency %.1fx at %d tokens per request",
@@ -182,7 +228,7 @@ class EngineCore:
 
     def stats(self) -> EngineCoreStats:
         prefix = self.kv_manager.prefix_cache_stats
-        return EngineCoreStats(
+        stats = EngineCoreStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.kv_manager.usage,
@@ -190,6 +236,13 @@ class EngineCore:
             prefix_cache_hit_tokens=prefix.hit_tokens if prefix else 0,
             num_preemptions=self.scheduler.num_preemptions,
         )
+        if self.spec is not None:
+            spec = self.spec.policy.stats
+            stats.spec_num_drafts = spec.num_drafts
+            stats.spec_num_draft_tokens = spec.num_draft_tokens
+            stats.spec_num_accepted_tokens = spec.num_accepted_tokens
+            stats.spec_num_accepted_tokens_per_pos = list(spec.num_accepted_tokens_per_pos)
+        return stats
 
     def add_request(self, request: Request) -> None:
         self.add_requests([request])
@@ -207,6 +260,8 @@ class EngineCore:
         for request in requests:
             if not request.eos_token_ids:
                 request.eos_token_ids = self.model_config.eos_token_ids
+            if self.spec is not None and request.spec_state is None:
+                request.spec_state = RequestSpecState()
             self.scheduler.add_request(request)
 
     def reset_prefix_cache(self) -> bool:
@@ -228,14 +283,19 @@ class EngineCore:
         previous, self._pending = self._pending, None
         if previous is None or self._can_launch_ahead():
             self._pending = self._launch(previous)
-        if previous is None and not self.async_scheduling and self._pending is not None:
+        if previous is None and self._pending is not None and not self._can_launch_ahead():
+            # Nothing may run ahead of this step: read it now.
             previous, self._pending = self._pending, None
         return self._collect(previous) if previous is not None else []
 
     def _can_launch_ahead(self) -> bool:
         """Launching before the previous step is read needs every sampler input known:
-        penalties count the output tokens, so their requests make the engine wait."""
+        penalties count the output tokens, so their requests make the engine wait, and
+        so does speculation (proposals start from the last accepted token, and the
+        tokens a step yields are known only once it is read) while it is enabled."""
         if not self.async_scheduling:
+            return False
+        if self.spec is not None and self.spec.policy.enabled(len(self.scheduler.running)):
             return False
         return not any(r.sampling_params.uses_output_history for r in self.scheduler.running)
 
@@ -250,7 +310,10 @@ class EngineCore:
             if scheduled.request.scheduled_time is None:
                 scheduled.request.scheduled_time = now
             chunks.append(self._chunk(scheduled, previous_rows))
-        launched = self.runner.launch(chunks, previous.step if previous is not None else None)
+        drafts, num_drafts = self._propose(schedule, chunks) if self.spec else (None, {})
+        launched = self.runner.launch(
+            chunks, previous.step if previous is not None else None, drafts
+        )
         # Tokens fed are computed once launched: the device runs steps in order. Each
         # sampled token holds a placeholder until the host reads the step.
         sampling = [s.request for s in schedule.scheduled if s.samples]
@@ -258,12 +321,45 @@ class EngineCore:
         for request in sampling:
             request.output_token_ids.append(PLACEHOLDER_TOKEN)
             request.num_pending_outputs += 1
-        return _LaunchedStep(schedule, launched)
+        return _LaunchedStep(schedule, launched, num_drafts)
+
+    def _propose(
+        self, schedule: SchedulerOutput, chunks: list[SequenceChunk]
+    ) -> tuple[DeviceDrafts | None, dict[str, int]]:
+        """Ask the proposer for each request's drafts and append them to its chunk.
+        Returns the drafts still on the device, and how many each request got."""
+        assert self.spec is not None
+        slots = [
+            ProposalSlot(
+                chunk.seq_id,
+                chunk,
+                scheduled.num_draft_tokens,
+                scheduled.request.token_ids,
+                scheduled.request.num_known_tokens,
+                scheduled.request.spec_state,  # type: ignore[arg-type]
+                scheduled.request.num_preemptions,
+            )
+            for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)
+        ]
+        proposal = self.spec.proposer.propose(slots, self._last_step)
+        num_drafts: dict[str, int] = {}
+        for index, (slot, tokens) in enumerate(zip(slots, proposal.token_ids, strict=True)):
+            if not slot.num_draft_slots:
+                continue
+            tokens = tokens[: slot.num_draft_slots]
+            num_drafts[slot.seq_id] = len(tokens)
+            if tokens:
+                chunk = slot.chunk
+                chunk.token_ids += tokens
+                chunk.num_draft_tokens = len(tokens)
+                if proposal.device_rows:
+                    chunk.draft_row = proposal.device_rows[index]
+        return proposal.device, num_drafts
 
     def _chunk(self, scheduled: ScheduledRequest, previous_rows: dict[str, int]) -> SequenceChunk:
         request = scheduled.request
         start = request.num_computed_tokens
-        end = start + scheduled.num_new_tokens
+        end = start + scheduled.num_known_new_tokens
         chunk = SequenceChunk(
             seq_id=request.request_id,
             token_ids=request.token_ids(start, end),
@@ -299,10 +395,11 @@ class EngineCore:
         """Read a launched step's results and apply them: fill each placeholder with its
         token, check stop conditions, and report what changed."""
         result = self.runner.collect(launched.step)
+        self._last_step = launched.step
         outputs = []
         for scheduled in launched.schedule.scheduled:
             request = scheduled.request
-            token = result.sampled_token_ids.get(request.request_id)
+            tokens = result.sampled_token_ids.get(request.request_id)
             if self.scheduler.requests.get(request.request_id) is not request:
                 continue  # finished or aborted while this step ran: nothing to report
             out = EngineCoreOutput(request.request_id)
@@ -311,28 +408,55 @@ class EngineCore:
             if request.request_id in result.prompt_logprobs:
                 out.new_prompt_logprobs = result.prompt_logprobs[request.request_id]
                 request.prompt_logprobs += out.new_prompt_logprobs
-            if token is not None:
-                slot = request.num_output_tokens - request.num_pending_outputs
-                request.output_token_ids[slot] = token
-                request.num_pending_outputs -= 1
-                out.new_token_ids.append(token)
-                if request.request_id in result.logprobs:
-                    out.new_logprobs.append(result.logprobs[request.request_id])
-                stop = self.scheduler.check_stop(request)
-                if stop is not None:
-                    # A step launched after this one may have sampled past the end.
-                    del request.output_token_ids[slot + 1 :]
-                    request.num_pending_outputs = 0
-                    out.finish_reason, out.stop_reason = stop
-                    self.scheduler.finish_request(request.request_id, *stop)
+            if tokens is not None:
+                if scheduled.num_draft_tokens:
+                    self._accept_drafts(
+                        request, launched.num_drafts.get(request.request_id, 0), len(tokens) - 1
+                    )
+                self._append_tokens(request, tokens, result.logprobs.get(request.request_id), out)
             if out.new_token_ids or out.new_prompt_logprobs or out.finished:
                 request.scheduled_time_sent = True
                 outputs.append(out)
         return outputs
 
+    def _accept_drafts(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        assert self.spec is not None and request.spec_state is not None
+        self.spec.policy.observe(request.spec_state, num_drafts, num_accepted)
+        self.scheduler.accept_draft_tokens(request, num_accepted)
+
+    def _append_tokens(
+        self,
+        request: Request,
+        tokens: list[int],
+        logprobs: list[TokenLogprobs] | None,
+        out: EngineCoreOutput,
+    ) -> None:
+        """Put a step's new tokens in place (the first fills the step's placeholder),
+        checking the stop conditions after each: an EOS, stop token or length limit
+        inside a verified run ends the request there."""
+        slot = request.num_output_tokens - request.num_pending_outputs
+        for index, token in enumerate(tokens):
+            if index == 0:
+                request.output_token_ids[slot] = token
+                request.num_pending_outputs -= 1
+            else:  # only a verify step gives several: nothing is in flight after it
+                request.output_token_ids.insert(slot + index, token)
+            out.new_token_ids.append(token)
+            if logprobs is not None:
+                out.new_logprobs.append(logprobs[index])
+            stop = self.scheduler.check_stop(request)
+            if stop is not None:
+                # A step launched after this one may have sampled past the end.
+                del request.output_token_ids[slot + index + 1 :]
+                request.num_pending_outputs = 0
+                out.finish_reason, out.stop_reason = stop
+                self.scheduler.finish_request(request.request_id, *stop)
+                return
+
     @torch.inference_mode()
     def shutdown(self) -> None:
         self.abort_requests(list(self.scheduler.requests))
         self._pending = None
+        self._last_step = None
         self.runner.kv_caches = []
         gc.unfreeze()  # what the engine held may now be collected, cycles included

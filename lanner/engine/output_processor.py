@@ -238,24 +238,32 @@ class OutputProcessor:
 
     def _update_completion(self, completion: _Completion, out: EngineCoreOutput) -> bool:
         """Apply one core output; True when a stop string ended the sample here, so the
-        core must drop it."""
-        completion.token_ids += out.new_token_ids
-        if completion.logprobs is not None:
-            for logprob in out.new_logprobs:
-                completion.logprobs.append(self._position(logprob))
-                completion.cumulative_logprob += logprob.logprob
+        core must drop it. A stop string inside a run of several new tokens (a verified
+        speculative run) ends the sample at the token that completed it, as one token a
+        step would have."""
+        new_ids = out.new_token_ids
+        stopped_here = False
         detokenizer = completion.detokenizer
         if detokenizer is not None:
-            text_ids = out.new_token_ids
+            text_ids = new_ids
             stopped_by_token = out.finish_reason == FinishReason.STOP and text_ids
             if stopped_by_token and not detokenizer.params.include_stop_str_in_output:
                 # Like vLLM: an EOS or stop_token_ids hit stays in token_ids, not the text.
                 text_ids = text_ids[:-1]
+            before = len(detokenizer.token_ids)
             completion.released_text += detokenizer.add_tokens(text_ids, finished=out.finished)
             if detokenizer.stopped and completion.finish_reason is None:
+                new_ids = new_ids[: len(detokenizer.token_ids) - before]
                 completion.finish_reason = FinishReason.STOP.value
                 completion.stop_reason = detokenizer.stop_reason
-                return not out.finished
+                stopped_here = True
+        completion.token_ids += new_ids
+        if completion.logprobs is not None:
+            for logprob in out.new_logprobs[: len(new_ids)]:
+                completion.logprobs.append(self._position(logprob))
+                completion.cumulative_logprob += logprob.logprob
+        if stopped_here:
+            return not out.finished
         if out.finished and completion.finish_reason is None:
             completion.finish_reason = FinishReason(out.finish_reason).value
             completion.stop_reason = out.stop_reason

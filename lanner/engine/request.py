@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from lanner.runner.sampler import TokenLogprobs
 from lanner.sampling_params import SamplingParams
+from lanner.spec.policy import RequestSpecState
 
 # Stands in an output list for a token sampled by a launched step whose result the
 # host has not read yet (overlapped scheduling); replaced once the step is collected.
@@ -51,6 +52,8 @@ class Request:
     scheduled_time_sent: bool = False  # reported in an EngineCoreOutput yet?
     # Trailing entries of output_token_ids that are still PLACEHOLDER_TOKEN.
     num_pending_outputs: int = 0
+    # Speculative decoding's per-request state (None when speculation is off).
+    spec_state: RequestSpecState | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

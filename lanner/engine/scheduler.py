@@ -6,11 +6,16 @@ prefill), then waiting ones, which first take whatever prefix of their tokens th
 prefix cache holds. Decodes and prefill chunks share one batch. When the KV pool
 runs dry, the lowest-priority, newest running request is preempted: its blocks are
 freed (its full ones stay cached) and it recomputes later, producing the same output.
+
+With speculative decoding a decoding request is scheduled for 1 + its draft length
+tokens (slots for the drafts counted in the budget and allocated); once verified, only
+the accepted ones count as computed and blocks past them go back to the pool.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lanner.engine.request import FinishReason, Request, RequestStatus
@@ -42,11 +47,20 @@ class SchedulerConfig:
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # fed this step, starting at request.num_computed_tokens
+    # The last num_draft_tokens of them are slots for proposed tokens (speculation); the
+    # proposer may fill fewer (the step's chunk says how many).
+    num_draft_tokens: int = 0
+
+    @property
+    def num_known_new_tokens(self) -> int:
+        """The fed tokens that are the request's own (not proposals)."""
+        return self.num_new_tokens - self.num_draft_tokens
 
     @property
     def samples(self) -> bool:
         """Does this chunk reach the end of the known tokens, so a new token follows?"""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        request = self.request
+        return request.num_computed_tokens + self.num_known_new_tokens == request.num_tokens
 
 
 @dataclass
@@ -63,10 +77,20 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+# (request, number of running requests) -> draft tokens it should propose this step.
+DraftLength = Callable[[Request, int], int]
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        draft_length: DraftLength | None = None,
+    ) -> None:
         self.config = config
         self.kv_manager = kv_manager
+        self.draft_length = draft_length
         self.requests: dict[str, Request] = {}
         # Both lists stay sorted by `_order`: oldest (or most urgent) first, so the
         # preemption victim is always the last running request.
@@ -108,8 +132,12 @@ class Scheduler:
             if request.num_pending_outputs and self._at_length_limit(request):
                 index += 1
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            total = request.num_computed_tokens + num_new
+            missing = request.num_tokens - request.num_computed_tokens
+            num_new = min(missing, budget)
+            num_draft = 0
+            if self.draft_length is not None and num_new == missing:
+                num_draft = self._num_draft_tokens(request, budget - num_new)
+            total = request.num_computed_tokens + num_new + num_draft
             while not self.kv_manager.allocate_slots(request.request_id, total):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -118,8 +146,8 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 break  # it preempted itself: every request after it is gone too
-            out.scheduled.append(ScheduledRequest(request, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledRequest(request, num_new + num_draft, num_draft))
+            budget -= num_new + num_draft
             index += 1
         # 2. Waiting requests, unless memory was just short.
         if out.preempted:
@@ -149,6 +177,27 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return out
+
+    def _num_draft_tokens(self, request: Request, budget: int) -> int:
+        """Draft slots for a request about to sample: what the proposer policy asks, within
+        the budget, and no more than can be used before max_tokens or max_model_len (the
+        drafts plus the token after them must fit)."""
+        if request.num_pending_outputs or budget <= 0:
+            return 0  # its last token is still in flight: nothing to propose from
+        room = self.config.max_model_len - request.num_tokens - 1
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens - 1)
+        if room <= 0:
+            return 0
+        assert self.draft_length is not None
+        return max(0, min(self.draft_length(request, len(self.running)), budget, room))
+
+    def accept_draft_tokens(self, request: Request, num_accepted: int) -> None:
+        """After verification: the first ``num_accepted`` drafts join the computed tokens
+        (their K/V is the target's own); the blocks past them are released."""
+        request.num_computed_tokens += num_accepted
+        self.kv_manager.trim_slots(request.request_id, request.num_computed_tokens)
 
     def _prefix_source_ready(self, request: Request) -> bool:
         """n > 1 siblings wait until the first one has computed the shared prompt,
@@ -229,7 +278,8 @@ class Scheduler:
         """Count this step's tokens as computed (call before appending sampled tokens)
         and cache the blocks they filled, so requests admitted next step can share them."""
         for scheduled in out.scheduled:
-            scheduled.request.num_computed_tokens += scheduled.num_new_tokens
+            # Drafts count once verified (accept_draft_tokens).
+            scheduled.request.num_computed_tokens += scheduled.num_known_new_tokens
             self._cache_computed_blocks(scheduled.request)
 
     def finish_request(

@@ -61,6 +61,25 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     for flag, text in _ENGINE_SWITCHES:
         parser.add_argument(flag, action="store_true", default=None, help=text)
+    parser.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 3}\' or \'{"method": "draft_model", "model": PATH, '
+        '"num_speculative_tokens": 3}\' (default: off)',
+    )
+
+
+def _speculative_config(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--speculative-config is not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--speculative-config must be a JSON object, got {text!r}")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,6 +96,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         name = flag.removeprefix("--").replace("-", "_")
         if getattr(args, name):
             options[name] = True
+    if getattr(args, "speculative_config", None) is not None:
+        options["speculative_config"] = _speculative_config(args.speculative_config)
     return options
 
 

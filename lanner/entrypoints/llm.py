@@ -24,7 +24,8 @@ class LLM:
     max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
     gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override,
     enable_prefix_caching (default True), scheduling_policy ("fcfs", "priority" or
-    "lpm", longest cached prefix first), tokenizer, revision.
+    "lpm", longest cached prefix first), tokenizer, revision, speculative_config (a
+    dict, e.g. {"method": "ngram", "num_speculative_tokens": 3}; off by default).
     With no model named, the embedded demo model runs.
     """
 
@@ -140,7 +141,12 @@ class LLM:
                         output_tokens += sum(len(c.token_ids) for c in output.outputs)
                         bar.update(1)
                         elapsed = time.perf_counter() - started
-                        bar.set_postfix_str(f"output {output_tokens / elapsed:.0f} tok/s")
+                        postfix = f"output {output_tokens / elapsed:.0f} tok/s"
+                        spec = self.engine.core.spec
+                        if spec is not None and spec.policy.stats.num_drafts:
+                            length = spec.policy.stats.mean_acceptance_length
+                            postfix += f", accepted length {length:.2f}"
+                        bar.set_postfix_str(postfix)
         except BaseException:
             # Leave the engine clean for the next call (e.g. after Ctrl-C).
             self.engine.abort_request(list(wanted - set(finished)))

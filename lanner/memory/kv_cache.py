@@ -87,13 +87,15 @@ def num_blocks_for_memory(
     device: torch.device,
     peak_memory_bytes: int | None,
     useful_blocks: int,
+    extra_bytes_per_block: int = 0,
 ) -> int:
     """How many KV blocks fit. On CUDA: what ``gpu_memory_utilization`` of the device
     leaves after the profiled peak (weights + activations) and other processes' memory.
-    On the CPU: ``kv_cache_memory_bytes``, capped at what can ever be used at once."""
+    On the CPU: ``kv_cache_memory_bytes``, capped at what can ever be used at once.
+    ``extra_bytes_per_block``: another cache in the same blocks (a draft model's)."""
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
-    per_block = kv_cache_bytes_per_block(model, cache.block_size, dtype)
+    per_block = kv_cache_bytes_per_block(model, cache.block_size, dtype) + extra_bytes_per_block
     if cache.kv_cache_memory_bytes is not None:
         return cache.kv_cache_memory_bytes // per_block
     if device.type == "cuda":

@@ -74,6 +74,19 @@ class KVCacheManager:
         table.extend(self.pool.allocate(missing))
         return True
 
+    def trim_slots(self, request_id: str, total_tokens: int) -> None:
+        """Shrink the request's table to the blocks ``total_tokens`` tokens need: after a
+        verification, blocks that held only rejected draft tokens go back to the pool
+        (they are past every computed token, so no other holder shares them)."""
+        table = self.block_tables.get(request_id)
+        if not table:
+            return
+        keep = self.blocks_needed(total_tokens)
+        if len(table) > keep:
+            excess = table[keep:]
+            del table[keep:]
+            self.pool.free(list(reversed(excess)))
+
     def cached_prefix_length(self, token_ids: Sequence[int]) -> int:
         """Tokens of ``token_ids`` the prefix cache could supply now (whole blocks);
         a peek that changes nothing."""

@@ -170,6 +170,33 @@ class ServerMetrics:
             [*labels, "finished_reason"],
             registry=self.registry,
         )
+        # Speculative decoding (vLLM's names); the core sends cumulative counts.
+        self.spec_decode_num_drafts = Counter(
+            "lanner:spec_decode_num_drafts",
+            "Verify steps of requests that proposed at least one token.",
+            labels,
+            registry=self.registry,
+        )
+        self.spec_decode_num_draft_tokens = Counter(
+            "lanner:spec_decode_num_draft_tokens",
+            "Proposed tokens.",
+            labels,
+            registry=self.registry,
+        )
+        self.spec_decode_num_accepted_tokens = Counter(
+            "lanner:spec_decode_num_accepted_tokens",
+            "Proposed tokens the target accepted.",
+            labels,
+            registry=self.registry,
+        )
+        self.spec_decode_num_accepted_tokens_per_pos = Counter(
+            "lanner:spec_decode_num_accepted_tokens_per_pos",
+            "Proposed tokens accepted, by their position in the draft (0 first).",
+            [*labels, "position"],
+            registry=self.registry,
+        )
+        self._spec_seen = (0, 0, 0)
+        self._spec_per_pos_seen: list[int] = []
         for metric in (
             self.num_requests_running,
             self.num_requests_waiting,
@@ -178,6 +205,9 @@ class ServerMetrics:
             self.prompt_tokens,
             self.generation_tokens,
             self.num_preemptions,
+            self.spec_decode_num_drafts,
+            self.spec_decode_num_draft_tokens,
+            self.spec_decode_num_accepted_tokens,
         ):
             metric.labels(model_name)  # present (at zero) before the first request
         for reason in FINISHED_REASONS:
@@ -197,6 +227,32 @@ class ServerMetrics:
         if new_preemptions > 0:
             self.num_preemptions.labels(self._model).inc(new_preemptions)
             self._preemptions_seen = stats.num_preemptions
+        self._count_spec_decode(stats)
+
+    def _count_spec_decode(self, stats: EngineCoreStats) -> None:
+        """Add what the core's cumulative speculation counts grew by since last seen."""
+        totals = (
+            stats.spec_num_drafts,
+            stats.spec_num_draft_tokens,
+            stats.spec_num_accepted_tokens,
+        )
+        counters = (
+            self.spec_decode_num_drafts,
+            self.spec_decode_num_draft_tokens,
+            self.spec_decode_num_accepted_tokens,
+        )
+        for counter, total, seen in zip(counters, totals, self._spec_seen, strict=True):
+            if total > seen:
+                counter.labels(self._model).inc(total - seen)
+        self._spec_seen = totals
+        per_pos = stats.spec_num_accepted_tokens_per_pos
+        seen_per_pos = self._spec_per_pos_seen + [0] * (len(per_pos) - len(self._spec_per_pos_seen))
+        for position, (total, seen) in enumerate(zip(per_pos, seen_per_pos, strict=False)):
+            if total > seen:
+                self.spec_decode_num_accepted_tokens_per_pos.labels(self._model, str(position)).inc(
+                    total - seen
+                )
+        self._spec_per_pos_seen = list(per_pos)
 
     def on_new_tokens(self, num_tokens: int, inter_token_latency: float | None) -> None:
         self.generation_tokens.labels(self._model).inc(num_tokens)

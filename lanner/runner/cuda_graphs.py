@@ -1,5 +1,7 @@
 """CUDA graphs for decode steps: the model forward plus logits, captured once per bucketed
-batch size and replayed with padded inputs, so a decode step costs one launch."""
+batch size and replayed with padded inputs, so a decode step costs one launch. A row is
+one token over its own context: speculative verify steps run their k + 1 tokens per
+request as k + 1 rows (each with its own causal length), so the same graphs replay them."""
 
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 8 up to max_num_seqs (as vLLM buckets)."""
+    """1, 2, 4, 8, then every multiple of 8 up to 256 (as vLLM buckets) and of 32 past
+    it (speculative verify rows), up to max_num_seqs."""
     sizes = [s for s in (1, 2, 4) if s < max_num_seqs]
-    sizes += list(range(8, max_num_seqs + 1, 8))
+    sizes += list(range(8, min(max_num_seqs, 256) + 1, 8))
+    sizes += list(range(288, max_num_seqs + 1, 32))
     if not sizes or sizes[-1] < max_num_seqs:
         sizes.append(max_num_seqs)
     return sizes
@@ -106,6 +110,9 @@ class DecodeGraphs:
         self.num_kv_heads = num_kv_heads
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
+        # The final hidden states of the last replay's rows (for proposers that read them).
+        self.last_hidden: torch.Tensor | None = None
         self.pool = None
 
     def metadata(self, batch: int) -> AttentionMetadata:
@@ -129,11 +136,11 @@ class DecodeGraphs:
             ),
         )
 
-    def _forward(self, batch: int) -> torch.Tensor:
+    def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(
             self.input_ids[:batch], self.positions[:batch], self.metadata(batch), self.kv_caches
         )
-        return self.model.compute_logits(hidden)
+        return hidden, self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -145,7 +152,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[batch] = self._forward(batch)
+                self.hidden[batch], self.logits[batch] = self._forward(batch)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[batch] = graph
@@ -199,4 +206,5 @@ class DecodeGraphs:
         if previous_tokens is not None:
             self.input_ids[previous_tokens[0]] = previous_tokens[1]
         self.graphs[batch].replay()
+        self.last_hidden = self.hidden[batch][:count]
         return self.logits[batch][:count]

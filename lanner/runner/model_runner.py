@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from lanner.runner.sampler import (
     Sampler,
     SamplingRow,
     TokenLogprobs,
+    VerifyOutput,
     prompt_logprobs,
 )
 from lanner.sampling_params import SamplingParams
@@ -41,12 +43,42 @@ class SequenceChunk:
     # Overlapped scheduling: the chunk's one token is the previous step's sample, still on
     # the device; this is its row there (token_ids then holds a placeholder).
     token_from_previous: int | None = None
+    # Speculative decoding: the last num_draft_tokens of token_ids are proposed tokens to
+    # verify (the chunk then samples from each of its last num_draft_tokens + 1 rows).
+    # draft_row: their row in the step's DeviceDrafts when they are still on the device
+    # (token_ids then holds placeholders there).
+    num_draft_tokens: int = 0
+    draft_row: int | None = None
+
+    @property
+    def num_logit_rows(self) -> int:
+        return self.num_draft_tokens + 1 if self.sampling is not None else 0
+
+    @property
+    def flattened(self) -> bool:
+        """A verify chunk of a decode (one or two known tokens, then drafts) runs as one
+        one-token attention row per token, each over its own causal prefix: the decode
+        kernel and the decode CUDA graphs take it as it is."""
+        return len(self.token_ids) == 1 or (
+            self.num_draft_tokens > 0 and len(self.token_ids) <= self.num_draft_tokens + 2
+        )
+
+
+@dataclass
+class DeviceDrafts:
+    """Proposed tokens still on the device (a draft model's), one row per drafting chunk."""
+
+    token_ids: torch.Tensor  # [rows, max_k] int64, -1 past each row's drafts
+    # [rows, max_k, vocab] float32: the distribution each draft was drawn from; None when
+    # every draft is a point mass (greedy drafting).
+    probs: torch.Tensor | None = None
 
 
 @dataclass
 class RunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # per sequence: its new tokens (one, or a verified run of accepted drafts plus one)
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # prompt logprobs computed this step, in prompt order, per sequence
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
@@ -55,9 +87,15 @@ class RunnerOutput:
 class PendingStep:
     """A launched step: the device may still be running it."""
 
-    sample: DeviceSample | None
+    # A DeviceSample, or (when drafts were verified) lanner.spec's DeviceVerify.
+    sample: DeviceSample | Any | None
     sampled_seq_ids: list[str]  # in the order of the sample's rows
     prompt_logprobs: dict[str, list[TokenLogprobs]]
+    # With keep_hidden_states: the model's final hidden states of every fed token [T, H]
+    # (under a CUDA graph a view of its static buffer, valid until the next replay), and
+    # each chunk's first row in them, for proposers that read the target's states.
+    hidden_states: torch.Tensor | None = None
+    first_rows: list[int] = field(default_factory=list)
 
     def sample_rows(self) -> dict[str, int]:
         return {seq_id: row for row, seq_id in enumerate(self.sampled_seq_ids)}
@@ -70,6 +108,7 @@ class ModelRunner:
         block_size: int,
         cache_dtype: torch.dtype,
         enforce_eager: bool = False,
+        sampler: Sampler | None = None,
     ) -> None:
         self.model = loaded.model
         self.config = loaded.config
@@ -79,10 +118,20 @@ class ModelRunner:
         self.enforce_eager = enforce_eager
         self.kv_caches: list[torch.Tensor] = []  # set once the cache is sized
         self.decode_graphs: DecodeGraphs | None = None
-        self.sampler = Sampler()
+        # A RejectionSampler (lanner.spec) when speculation is on: it also verifies drafts.
+        self.sampler = sampler if sampler is not None else Sampler()
+        self.keep_hidden_states = False
 
-    def initialize_cache(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
-        """Allocate the KV cache and, on CUDA unless enforce_eager, capture decode graphs."""
+    def initialize_cache(
+        self,
+        num_blocks: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        max_graph_rows: int | None = None,
+    ) -> None:
+        """Allocate the KV cache and, on CUDA unless enforce_eager, capture decode graphs
+        for up to ``max_graph_rows`` one-token rows (default max_num_seqs; speculation
+        asks for more, a verified token being one row)."""
         self.kv_caches = allocate_kv_caches(
             self.config, num_blocks, self.block_size, self.cache_dtype, self.device
         )
@@ -91,19 +140,22 @@ class ModelRunner:
                 self.model,
                 self.kv_caches,
                 self.block_size,
-                max_num_seqs,
+                max_graph_rows or max_num_seqs,
                 max_model_len,
                 self.config.num_key_value_heads,
             )
             self.decode_graphs.capture()
 
     @torch.inference_mode()
-    def profile_peak_memory(self, num_tokens: int, num_seqs: int) -> int | None:
+    def profile_peak_memory(
+        self, num_tokens: int, num_seqs: int, num_speculative_tokens: int = 0
+    ) -> int | None:
         """Peak device memory (bytes) of the largest step the scheduler may send:
         ``num_tokens`` tokens over ``num_seqs`` sequences, all sampling with top-k/top-p
-        (the sampler's largest temporaries). CUDA only; None elsewhere (the CPU cache is
-        sized in bytes instead). It also compiles every kernel a step can use, so no
-        compilation lands inside a request's latency."""
+        (the sampler's largest temporaries), and with speculation as many of them as the
+        budget allows verifying ``num_speculative_tokens`` drafts each. CUDA only; None
+        elsewhere (the CPU cache is sized in bytes instead). It also compiles every kernel
+        a step can use, so no compilation lands inside a request's latency."""
         if self.device.type != "cuda":
             return None
         num_seqs = max(1, min(num_seqs, num_tokens))
@@ -119,6 +171,16 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self.execute(chunks)
+        k = num_speculative_tokens
+        if k:
+            # A verify step: every row of k + 1 tokens samples k + 1 times.
+            rows = max(1, min(num_seqs, num_tokens // (k + 1)))
+            self.execute(
+                [
+                    SequenceChunk(f"v{i}", [0] * (k + 1), 0, table, row, num_draft_tokens=k)
+                    for i in range(rows)
+                ]
+            )
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         # A chunk on top of a cached prefix and a decode, then an all-greedy step (its
@@ -138,45 +200,73 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return to_device(values, torch.long, self.device)
 
-    def _previous_tokens(
-        self, chunks: list[SequenceChunk], rows: list[int], previous: PendingStep | None
+    def _device_tokens(
+        self,
+        chunks: list[SequenceChunk],
+        first_rows: list[int],
+        previous: PendingStep | None,
+        drafts: DeviceDrafts | None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For chunks whose token is still on the device: (their rows in the flat batch,
-        given each chunk's first row in ``rows``, as a device tensor; the tokens)."""
-        waiting = [i for i, c in enumerate(chunks) if c.token_from_previous is not None]
-        if not waiting:
+        """Input tokens still on the device: the previous step's samples (overlapped
+        scheduling) and a draft model's proposals. Returns (their rows in the flat batch,
+        as a device tensor; the tokens), or None when every token is on the host."""
+        previous_rows: list[int] = []
+        previous_sources: list[int] = []
+        draft_rows: list[int] = []
+        draft_sources: list[int] = []
+        draft_columns: list[int] = []
+        for chunk, first in zip(chunks, first_rows, strict=True):
+            if chunk.token_from_previous is not None:
+                previous_rows.append(first)
+                previous_sources.append(chunk.token_from_previous)
+            if chunk.draft_row is not None:
+                start = first + len(chunk.token_ids) - chunk.num_draft_tokens
+                draft_rows += range(start, start + chunk.num_draft_tokens)
+                draft_sources += [chunk.draft_row] * chunk.num_draft_tokens
+                draft_columns += range(chunk.num_draft_tokens)
+        if not previous_rows and not draft_rows:
             return None
-        if previous is None or previous.sample is None:
-            raise RuntimeError("a chunk waits for a previous sample, but none is pending")
-        sources = self._tensor([chunks[i].token_from_previous for i in waiting])
-        return self._tensor([rows[i] for i in waiting]), previous.sample.token_ids[sources]
+        values = []
+        if previous_rows:
+            sample = previous.sample if previous is not None else None
+            if sample is None or sample.token_ids.dim() != 1:
+                raise RuntimeError("a chunk waits for a previous sample, but none is pending")
+            values.append(previous.sample.token_ids[self._tensor(previous_sources)])
+        if draft_rows:
+            if drafts is None:
+                raise RuntimeError("a chunk reads device drafts, but none were given")
+            values.append(
+                drafts.token_ids[self._tensor(draft_sources), self._tensor(draft_columns)]
+            )
+        tokens = values[0] if len(values) == 1 else torch.cat(values)
+        return self._tensor(previous_rows + draft_rows), tokens
 
     def _graph_logits(
-        self, chunks: list[SequenceChunk], previous: PendingStep | None
+        self, chunks: list[SequenceChunk], layout: _Layout, device_tokens
     ) -> torch.Tensor | None:
-        """Logits from a replayed decode graph when the step is all one-token,
-        all-sampling chunks that fit a captured size; else None (run eagerly)."""
+        """Logits of the sampled rows from a replayed decode graph when every chunk runs
+        as one-token rows, samples, and the rows fit a captured size; else None (eager)."""
         graphs = self.decode_graphs
-        if graphs is None or not graphs.can_run(len(chunks)):
+        if graphs is None or not layout.all_flattened or not graphs.can_run(len(layout.input_ids)):
             return None
-        if any(
-            len(c.token_ids) != 1 or c.sampling is None or c.prompt_logprob_targets for c in chunks
-        ):
+        if any(c.sampling is None or c.prompt_logprob_targets for c in chunks):
             return None
         size = self.block_size
-        positions = [c.start_position for c in chunks]
         slots = [
-            c.block_table[p // size] * size + p % size
-            for c, p in zip(chunks, positions, strict=True)
+            table[p // size] * size + p % size
+            for table, p in zip(layout.block_tables, layout.positions, strict=True)
         ]
-        return graphs.run(
-            [c.token_ids[0] for c in chunks],
-            positions,
+        logits = graphs.run(
+            layout.input_ids,
+            layout.positions,
             slots,
-            [p + 1 for p in positions],
-            [c.block_table for c in chunks],
-            self._previous_tokens(chunks, list(range(len(chunks))), previous),
+            layout.seq_lens,
+            layout.block_tables,
+            device_tokens,
         )
+        if len(layout.sample_rows) == len(layout.input_ids):
+            return logits
+        return logits[self._tensor(layout.sample_rows)]
 
     def execute(self, chunks: list[SequenceChunk]) -> RunnerOutput:
         """Run one flat varlen batch through the model and sample where asked."""
@@ -188,69 +278,83 @@ class ModelRunner:
         if pending.sample is None:
             return out
         sampled = pending.sample.collect()
+        if isinstance(sampled, VerifyOutput):
+            for seq_id, tokens, logprobs in zip(
+                pending.sampled_seq_ids, sampled.token_ids, sampled.logprobs, strict=True
+            ):
+                out.sampled_token_ids[seq_id] = tokens
+                if logprobs is not None:
+                    out.logprobs[seq_id] = logprobs
+            return out
         for seq_id, token, logprob in zip(
             pending.sampled_seq_ids, sampled.token_ids, sampled.logprobs, strict=True
         ):
-            out.sampled_token_ids[seq_id] = token
+            out.sampled_token_ids[seq_id] = [token]
             if logprob is not None:
-                out.logprobs[seq_id] = logprob
+                out.logprobs[seq_id] = [logprob]
         return out
 
     @torch.inference_mode()
-    def launch(self, chunks: list[SequenceChunk], previous: PendingStep | None) -> PendingStep:
+    def launch(
+        self,
+        chunks: list[SequenceChunk],
+        previous: PendingStep | None,
+        drafts: DeviceDrafts | None = None,
+    ) -> PendingStep:
         """Queue one step on the device and return without waiting for it. Chunks may
-        take their token from ``previous``'s samples, still on the device."""
-        logits = self._graph_logits(chunks, previous)
+        take their token from ``previous``'s samples, still on the device, and their
+        drafts from ``drafts``."""
+        layout = _Layout.build(chunks)
+        device_tokens = self._device_tokens(chunks, layout.first_rows, previous, drafts)
+        logits = self._graph_logits(chunks, layout, device_tokens)
         if logits is not None:
-            return self._launch_sample(chunks, logits, {})
-        input_ids: list[int] = []
-        positions: list[int] = []
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        prompt_rows: list[int] = []
-        first_rows: list[int] = []
-        for chunk in chunks:
-            first_row = len(input_ids)
-            first_rows.append(first_row)
-            end = chunk.start_position + len(chunk.token_ids)
-            input_ids += chunk.token_ids
-            positions += range(chunk.start_position, end)
-            seq_lens.append(end)
-            start = first_row + chunk.prompt_logprob_offset
-            prompt_rows += range(start, start + len(chunk.prompt_logprob_targets))
-            if chunk.sampling is not None:
-                sample_rows.append(len(input_ids) - 1)
+            hidden = self.decode_graphs.last_hidden if self.keep_hidden_states else None
+            return self._launch_sample(chunks, logits, {}, drafts, hidden, layout.first_rows)
         metadata = AttentionMetadata.build(
-            [len(c.token_ids) for c in chunks],
-            seq_lens,
-            [c.block_table for c in chunks],
-            self.block_size,
-            self.device,
+            layout.query_lens, layout.seq_lens, layout.block_tables, self.block_size, self.device
         )
-        ids = self._tensor(input_ids)
-        waiting = self._previous_tokens(chunks, first_rows, previous)
-        if waiting is not None:
-            ids[waiting[0]] = waiting[1]
-        hidden = self.model(ids, self._tensor(positions), metadata, self.kv_caches)
+        ids = self._tensor(layout.input_ids)
+        if device_tokens is not None:
+            ids[device_tokens[0]] = device_tokens[1]
+        hidden = self.model(ids, self._tensor(layout.positions), metadata, self.kv_caches)
         prompt_logprob_rows: dict[str, list[TokenLogprobs]] = {}
-        if prompt_rows:
-            logits = self.model.compute_logits(hidden[self._tensor(prompt_rows)])
+        if layout.prompt_rows:
+            logits = self.model.compute_logits(hidden[self._tensor(layout.prompt_rows)])
             self._prompt_logprobs(chunks, logits, prompt_logprob_rows)
-        if not sample_rows:
-            return PendingStep(None, [], prompt_logprob_rows)
-        logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
-        return self._launch_sample(chunks, logits, prompt_logprob_rows)
+        kept = hidden if self.keep_hidden_states else None
+        if not layout.sample_rows:
+            return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows)
+        logits = self.model.compute_logits(hidden[self._tensor(layout.sample_rows)])
+        return self._launch_sample(
+            chunks, logits, prompt_logprob_rows, drafts, kept, layout.first_rows
+        )
 
     def _launch_sample(
         self,
         chunks: list[SequenceChunk],
         logits: torch.Tensor,
         prompt_logprob_rows: dict[str, list[TokenLogprobs]],
+        drafts: DeviceDrafts | None,
+        hidden: torch.Tensor | None,
+        first_rows: list[int],
     ) -> PendingStep:
-        """Sample one token for each chunk that asks, from its row of ``logits``."""
+        """Sample each chunk that asks from its rows of ``logits`` (one, or one per draft
+        plus one when it verifies drafts)."""
         sampling_chunks = [c for c in chunks if c.sampling is not None]
-        sample = self.sampler.launch(logits, [c.sampling for c in sampling_chunks])  # type: ignore[misc]
-        return PendingStep(sample, [c.seq_id for c in sampling_chunks], prompt_logprob_rows)
+        rows: list[SamplingRow] = [c.sampling for c in sampling_chunks]  # type: ignore[misc]
+        seq_ids = [c.seq_id for c in sampling_chunks]
+        if not any(c.num_draft_tokens for c in sampling_chunks):
+            sample = self.sampler.launch(logits, rows)
+            return PendingStep(sample, seq_ids, prompt_logprob_rows, hidden, first_rows)
+        verify = getattr(self.sampler, "verify", None)
+        if verify is None:
+            raise RuntimeError(
+                "a chunk carries draft tokens, but this runner's sampler cannot verify "
+                "them (build it with lanner.spec's RejectionSampler)"
+            )
+        proposed = [c.token_ids[len(c.token_ids) - c.num_draft_tokens :] for c in sampling_chunks]
+        sample = verify(logits, rows, proposed, drafts, [c.draft_row for c in sampling_chunks])
+        return PendingStep(sample, seq_ids, prompt_logprob_rows, hidden, first_rows)
 
     @staticmethod
     def _prompt_logprobs(
@@ -267,3 +371,44 @@ class ModelRunner:
                     rows, chunk.prompt_logprob_targets, chunk.prompt_logprob_top
                 )
                 offset += count
+
+
+@dataclass
+class _Layout:
+    """A step's chunks flattened into the model's inputs, with the rows of each."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    # Attention sequences: a chunk, or one per token of a flattened chunk.
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    first_rows: list[int] = field(default_factory=list)  # each chunk's first input row
+    sample_rows: list[int] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    all_flattened: bool = True
+
+    @classmethod
+    def build(cls, chunks: list[SequenceChunk]) -> _Layout:
+        layout = cls()
+        for chunk in chunks:
+            first = len(layout.input_ids)
+            layout.first_rows.append(first)
+            count = len(chunk.token_ids)
+            start = chunk.start_position
+            end = start + count
+            layout.input_ids += chunk.token_ids
+            layout.positions += range(start, end)
+            if chunk.flattened:
+                layout.query_lens += [1] * count
+                layout.seq_lens += range(start + 1, end + 1)
+                layout.block_tables += [chunk.block_table] * count
+            else:
+                layout.query_lens.append(count)
+                layout.seq_lens.append(end)
+                layout.block_tables.append(chunk.block_table)
+                layout.all_flattened = False
+            offset = first + chunk.prompt_logprob_offset
+            layout.prompt_rows += range(offset, offset + len(chunk.prompt_logprob_targets))
+            layout.sample_rows += range(first + count - chunk.num_logit_rows, first + count)
+        return layout

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from lanner.kernels.sampling import exponential_race, exponential_race_reference
+from lanner.kernels.sampling import (
+    exponential_noise,
+    exponential_race,
+    exponential_race_reference,
+)
 from lanner.kernels.transfer import to_device
 
 if TYPE_CHECKING:
@@ -27,6 +32,22 @@ class SamplingRow:
     # Tokens generated so far: for penalties, min_tokens, and the seeded generator's step.
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...]  # the model's EOS ids, masked until min_tokens is reached
+    # Speculative decoding: proposed tokens that precede this row's position (row j of a
+    # verified run sees the first j drafts as outputs: penalties count them, min_tokens
+    # and the seeded generator's step include them). Placeholders where only their
+    # number matters (no penalties).
+    draft_token_ids: Sequence[int] = ()
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs before this row's position: the generated ones plus its drafts."""
+        return len(self.output_token_ids) + len(self.draft_token_ids)
+
+    def outputs(self) -> list[int]:
+        """The tokens penalties count as generated before this row's position."""
+        if not self.draft_token_ids:
+            return self.output_token_ids
+        return [*self.output_token_ids, *self.draft_token_ids]
 
 
 @dataclass
@@ -43,6 +64,16 @@ class TokenLogprobs:
 class SamplerOutput:
     token_ids: list[int]  # one per row, on the host
     logprobs: list[TokenLogprobs | None]  # per row; None when params.logprobs is None
+
+
+@dataclass
+class VerifyOutput:
+    """What a verification of proposed tokens gives (lanner.spec's rejection sampler), per
+    request: its new tokens (accepted drafts, then one target token) and their logprobs
+    when asked for."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprobs] | None]
 
 
 @dataclass
@@ -92,7 +123,7 @@ class Sampler:
 
         result = token_ids
         if raw_logprobs is not None:
-            result = _pack_logprobs(raw_logprobs, token_ids, num_top)
+            result = pack_logprobs(raw_logprobs, token_ids, num_top)
         if not result.is_cuda:
             return DeviceSample(token_ids, result, None, rows, raw_logprobs is not None)
         host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
@@ -119,8 +150,8 @@ def prompt_logprobs(
         return []
     raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
     targets = to_device(next_token_ids, torch.long, logits.device)
-    packed = _pack_logprobs(raw_logprobs, targets, num_top)
-    return [_unpack_row(values) for values in packed.tolist()]
+    packed = pack_logprobs(raw_logprobs, targets, num_top)
+    return [unpack_logprob_row(values) for values in packed.tolist()]
 
 
 def decode_seed(seed: int, step: int) -> int:
@@ -220,16 +251,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     vocab_size = logits.shape[1]
     device = logits.device
     if use_repetition:
-        seen = _token_counts(
-            [r.prompt_token_ids + r.output_token_ids for r in rows], vocab_size, device
-        )
-        penalty = _column([r.params.repetition_penalty for r in rows], device)
+        seen = _token_counts([r.prompt_token_ids + r.outputs() for r in rows], vocab_size, device)
+        penalty = column([r.params.repetition_penalty for r in rows], device)
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen > 0, penalized, logits)
     if use_additive:
-        counts = _token_counts([r.output_token_ids for r in rows], vocab_size, device)
-        frequency = _column([r.params.frequency_penalty for r in rows], device)
-        presence = _column([r.params.presence_penalty for r in rows], device)
+        counts = _token_counts([r.outputs() for r in rows], vocab_size, device)
+        frequency = column([r.params.frequency_penalty for r in rows], device)
+        presence = column([r.params.presence_penalty for r in rows], device)
         logits = logits - frequency * counts - presence * (counts > 0).float()
     return logits
 
@@ -240,7 +269,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     row_index: list[int] = []
     token_index: list[int] = []
     for i, row in enumerate(rows):
-        if len(row.output_token_ids) >= row.params.min_tokens:
+        if row.num_outputs >= row.params.min_tokens:
             continue
         blocked = set(row.eos_token_ids) | set(row.params.stop_token_ids or ())
         # Ids past the logits (a tokenizer larger than the padded head) cannot be sampled.
@@ -268,7 +297,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     device = logits.device
     vocab_size = logits.shape[1]
     if any(r.params.min_p > 0.0 for r in rows):
-        min_p = _column([r.params.min_p for r in rows], device)
+        min_p = column([r.params.min_p for r in rows], device)
         threshold = logits.max(dim=-1, keepdim=True).values + torch.log(min_p)
         logits = logits.masked_fill(logits < threshold, float("-inf"))
 
@@ -285,7 +314,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     if use_top_p:
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        top_p = _column([r.params.top_p for r in rows], device)
+        top_p = column([r.params.top_p for r in rows], device)
         # Rows at top_p == 1 are left alone: rounding can push the running mass to 1.0
         # before the tail, which would cut tokens a no-op setting must keep.
         cut = (mass_before >= top_p) & (top_p < 1.0) & (positions > 0)
@@ -293,7 +322,7 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def sample(logits: torch.Tensor, rows: list[SamplingRow], seed_salt: int = 0) -> torch.Tensor:
     """One token id per row (int64 on the logits' device) from penalized logits.
 
     Greedy rows take the argmax. The others race: argmax_i(logits_i / T - log E_i) with
@@ -301,6 +330,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     softmax, no cumsum, no sync). Rows with top-k/top-p/min-p race over their logits with the
     cut tokens at -inf. Every sampled row goes through the same arithmetic whatever shares
     its batch, so a seeded row's token depends only on its logits, seed and step.
+    ``seed_salt`` gives a seeded row an independent stream (a draft model's proposals must
+    not reuse the target's noise).
     """
     greedy = [r.params.is_greedy for r in rows]
     if all(greedy):
@@ -308,58 +339,71 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     # Temperature 0 tells the race that a row is greedy.
     temperatures = [0.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
     seeds = [
-        None if g or r.params.seed is None else decode_seed(r.params.seed, len(r.output_token_ids))
+        None
+        if g or r.params.seed is None
+        else decode_seed(r.params.seed ^ seed_salt, r.num_outputs)
         for r, g in zip(rows, greedy, strict=True)
     ]
     truncated = [i for i, r in enumerate(rows) if r.params.uses_truncation and not greedy[i]]
     if not truncated:
-        return _race(logits, temperatures, seeds)
+        return race(logits, temperatures, seeds)
 
     # The cut is decided on the temperature-scaled logits, but only the -inf mask is kept:
     # the race divides by T itself, the same way for every row.
     index = to_device(truncated, torch.long, logits.device)
     cut_logits = logits.index_select(0, index)
     cut_temperatures = [temperatures[i] for i in truncated]
-    scaled = cut_logits / _column(cut_temperatures, logits.device)
+    scaled = cut_logits / column(cut_temperatures, logits.device)
     cut = torch.isneginf(apply_top_k_top_p_min_p(scaled, [rows[i] for i in truncated]))
-    cut_ids = _race(
+    cut_ids = race(
         cut_logits.masked_fill_(cut, float("-inf")), cut_temperatures, [seeds[i] for i in truncated]
     )
     if len(truncated) == len(rows):
         return cut_ids
     # The first race's picks for the truncated rows are overwritten: one launch over all
     # rows is cheaper than gathering the others.
-    return _race(logits, temperatures, seeds).index_copy_(0, index, cut_ids)
+    return race(logits, temperatures, seeds).index_copy_(0, index, cut_ids)
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _race(logits: torch.Tensor, temperatures: list[float], seeds: list[int | None]) -> torch.Tensor:
+def race(logits: torch.Tensor, temperatures: list[float], seeds: list[int | None]) -> torch.Tensor:
     """The exponential race over each row (temperature 0: argmax). A row's Exp(1) noise comes
     from its ``decode_seed`` where given, else from torch's global generator. On CUDA the
     fused Triton kernel draws it in registers; elsewhere the torch reference runs."""
     device = logits.device
     temperature_tensor = to_device(temperatures, torch.float32, device)
     if logits.is_cuda:
-        # Unseeded rows take their seed from torch's (CPU) generator: no device sync.
-        fresh = torch.randint(0, 1 << 62, (len(seeds),)).tolist()
-        # Triton reads the seeds as int64: decode_seed's top bit is dropped.
-        kernel_seeds = [fresh[i] if seed is None else seed >> 1 for i, seed in enumerate(seeds)]
-        seed_tensor = to_device(kernel_seeds, torch.int64, device)
+        seed_tensor = to_device(_kernel_seeds(seeds), torch.int64, device)
         return exponential_race(logits, temperature_tensor, seed_tensor)
-    noise = torch.empty(logits.shape, dtype=torch.float32, device=device).exponential_()
+    noise = exponential_draws(seeds, logits.shape[1], device)
+    return exponential_race_reference(logits, temperature_tensor, noise)
+
+
+def exponential_draws(seeds: list[int | None], width: int, device: torch.device) -> torch.Tensor:
+    """[len(seeds), width] float32 Exp(1) draws, all > 0: row i is a pure function of
+    ``seeds[i]`` where given (the draws ``race`` makes for that seed), else fresh."""
+    if device.type == "cuda":
+        return exponential_noise(_kernel_seeds(seeds), width, device)
+    noise = torch.empty((len(seeds), width), dtype=torch.float32, device=device).exponential_()
     for i, seed in enumerate(seeds):
         if seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed)
             noise[i].exponential_(generator=generator)
     # exponential_ may return exactly 0, whose log would win the race.
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return exponential_race_reference(logits, temperature_tensor, noise)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
+def _kernel_seeds(seeds: list[int | None]) -> list[int]:
+    # Unseeded rows take their seed from torch's (CPU) generator: no device sync.
+    fresh = torch.randint(0, 1 << 62, (len(seeds),)).tolist()
+    # Triton reads the seeds as int64: decode_seed's top bit is dropped.
+    return [fresh[i] if seed is None else seed >> 1 for i, seed in enumerate(seeds)]
+
+
+def column(values: list[float], device: torch.device) -> torch.Tensor:
     return to_device(values, torch.float32, device).unsqueeze(1)
 
 
@@ -376,7 +420,7 @@ def _token_counts(
     return counts[:, :vocab_size]
 
 
-def _pack_logprobs(
+def pack_logprobs(
     raw_logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int
 ) -> torch.Tensor:
     """[B, 3 + 2 * num_top] float64: id, logprob, rank, top ids, top logprobs.
@@ -399,7 +443,7 @@ def _pack_logprobs(
     )
 
 
-def _unpack_row(values: list[float]) -> TokenLogprobs:
+def unpack_logprob_row(values: list[float]) -> TokenLogprobs:
     num_top = (len(values) - 3) // 2
     top_ids, top_logprobs = values[3 : 3 + num_top], values[3 + num_top :]
     return TokenLogprobs(
@@ -419,7 +463,7 @@ def _unpack(packed: list[list[float]], rows: list[SamplingRow]) -> SamplerOutput
         if wanted is None:
             logprobs.append(None)
             continue
-        info = _unpack_row(values)
+        info = unpack_logprob_row(values)
         info.top = info.top[:wanted]
         logprobs.append(info)
     return SamplerOutput(token_ids, logprobs)

@@ -373,6 +373,12 @@ def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         "exponential_noise",
         partial(sampling.exponential_noise, [1, 2, 3], 151936, torch.device("cpu")),
     )
+    # Speculative decoding's acceptance draws: one Exp(1) value a row (a width of 1 is a
+    # specialization of its own).
+    yield (
+        "exponential_noise width 1",
+        partial(sampling.exponential_noise, [1, 2, 3], 1, torch.device("cpu")),
+    )
 
 
 def skinny_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:

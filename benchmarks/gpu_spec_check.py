@@ -1,0 +1,130 @@
+"""On the GPU, before any timing: greedy tokens with speculative decoding equal the tokens
+without it, on the demo model with the demo draft and with n-gram lookup, through the fast
+path (Triton kernels, decode and verify CUDA graphs, the draft's graphs) and eagerly.
+
+Run on the GPU machine from the repository root:
+    PYTHONPATH=. python3 benchmarks/gpu_spec_check.py [--commit SHA]
+Prints one line per case (first differing token per prompt; None = all equal) and writes
+JSON to benchmarks/results/ (and $OUT). In float32 every case must print all None and
+"ok"; in bfloat16 a verify row and a one-token decode round differently, so a prompt may
+part where the top two logits are within a bf16 step: the line shows that margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from lanner import LLM, SamplingParams
+from lanner.bench.report import card_name, save_copies
+from lanner.engine.config import DEFAULT_MODEL_DIR
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEMO_DRAFT = DEFAULT_MODEL_DIR.parent / "demo-draft"
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\n\ndef list_files(path):",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
+    "x = [",
+    "for i in range(10):\n    for j in range(10):\n        print(i, j)\nfor i in range(10):\n",
+    "import json\n\n\ndef load(path):\n    with open(path) as f:\n"
+    "        return json.load(f)\n\n\n",
+]
+CONFIGS = {
+    "draft_model k=4": {
+        "method": "draft_model",
+        "model": str(DEMO_DRAFT),
+        "num_speculative_tokens": 4,
+    },
+    "draft_model k=2 fixed": {
+        "method": "draft_model",
+        "model": str(DEMO_DRAFT),
+        "num_speculative_tokens": 2,
+        "adaptive_draft_length": False,
+    },
+    "ngram k=5": {"method": "ngram", "num_speculative_tokens": 5},
+}
+
+
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+
+
+def top2_margin(llm: LLM, prompt_ids: list[int], prefix: list[int]) -> float:
+    """The plain engine's gap between its top two logprobs at the first differing step."""
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=2)
+    out = llm.generate({"prompt_token_ids": prompt_ids + prefix}, params, use_tqdm=False)[0]
+    top = out.outputs[0].logprobs[0]
+    values = sorted((lp.logprob for lp in top.values()), reverse=True)
+    return values[0] - values[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    cases = []
+    all_equal_fp32 = True
+    for dtype in ("float32", "bfloat16"):
+        for eager in (False, True):
+            options = dict(dtype=dtype, device="cuda", max_model_len=1024, enforce_eager=eager)
+            plain = LLM(**options)
+            expected = plain.generate(PROMPTS, params, use_tqdm=False)
+            for name, config in CONFIGS.items():
+                llm = LLM(**options, speculative_config=config)
+                started = time.perf_counter()
+                got = llm.generate(PROMPTS, params, use_tqdm=False)
+                elapsed = time.perf_counter() - started
+                diffs = [
+                    first_difference(g.outputs[0].token_ids, e.outputs[0].token_ids)
+                    for g, e in zip(got, expected, strict=True)
+                ]
+                margins = [
+                    None
+                    if d is None
+                    else top2_margin(plain, e.prompt_token_ids, e.outputs[0].token_ids[:d])
+                    for d, e in zip(diffs, expected, strict=True)
+                ]
+                stats = llm.engine.core.spec.policy.stats
+                ok = all(d is None for d in diffs)
+                if dtype == "float32" and not ok:
+                    all_equal_fp32 = False
+                case = {
+                    "dtype": dtype,
+                    "enforce_eager": eager,
+                    "config": name,
+                    "first_difference": diffs,
+                    "top2_margin_there": margins,
+                    "mean_acceptance_length": stats.mean_acceptance_length,
+                    "seconds": elapsed,
+                }
+                cases.append(case)
+                print(
+                    f"{dtype:9} eager={eager!s:5} {name:22} first difference {diffs} "
+                    f"margins {[None if m is None else round(m, 4) for m in margins]} "
+                    f"accept len {stats.mean_acceptance_length:.2f} "
+                    f"{'ok' if ok else 'DIFFERS'}",
+                    flush=True,
+                )
+                llm.engine.core.shutdown()
+            plain.engine.core.shutdown()
+            torch.cuda.empty_cache()
+    result = {
+        "workload": "gpu-spec-check (greedy with speculation == without, demo model)",
+        "card": card_name(),
+        "commit": args.commit,
+        "command": "PYTHONPATH=. python3 benchmarks/gpu_spec_check.py",
+        "float32_all_equal": all_equal_fp32,
+        "cases": cases,
+    }
+    save_copies(result, RESULTS, f"{time.strftime('%Y%m%d-%H%M%S')}-spec-check.json")
+    print("float32: all equal" if all_equal_fp32 else "float32: DIFFERENCES (a bug)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""W7 (speculative decoding on the demo model) and the 8B-shape verify-step timing.
+
+Run on the GPU machine from the repository root (all of it fits in ~8 minutes on an H200):
+    PYTHONPATH=. python3 benchmarks/spec_decode.py --commit $(git rev-parse --short HEAD)
+Trim with --ks 2,4 --batches 16,256 --num-prompts 16 --output-len 128, or --skip-8b /
+--skip-w7. Writes one JSON per part to benchmarks/results/ (and $OUT) and prints tables.
+
+W7 (../shared/BENCHMARKS.md): the demo model, 64 prompts cut from the Python files that
+scripts/train_demo_model.py held out (its split is recomputed here from this machine's
+files, as the training run did), 256 greedy output tokens each, ignore_eos.
+- Batch 1 (one request at a time): no speculation, then n-gram lookup and the demo
+  draft at k = 1..6 with a fixed draft length. Per row: output tok/s and the speed-up,
+  mean accepted tokens per verify step (accepted drafts + 1), the measured step costs
+  (the target's one-token decode step and the draft's own decode step, each the median
+  step of a plain run of that model at this batch size; and the speculative run's mean
+  step), and the bound E[tokens/step] / (1 + k * draft_step / target_step) with the
+  share of it reached.
+- Batches 4, 16, 64 and 256 (max(64, batch) requests, the prompts repeated): no
+  speculation, and n-gram and the draft at the best batch-1 k with the default adaptive
+  draft length, so where speculation stops paying it switches itself off.
+8B shape (random weights): one verify step of k + 1 = 2..9 tokens per request against a
+one-token decode step at batch 1 and 16 (CUDA graphs; the verify rows eagerly through
+the one-token decode kernel and through the extend kernel too), and the speed-up those
+step times imply at acceptance rates 0.6 / 0.7 / 0.8 (and the demo model's measured
+ones) with free drafts: E(k) = (1 - a^(k+1)) / (1 - a) tokens per verify step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lanner.bench.report import card_name, save_copies
+from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
+from lanner.engine.core import EngineCore
+from lanner.engine.request import Request
+from lanner.model.tokenizer import load_tokenizer
+from lanner.runner import model_runner
+from lanner.runner.model_runner import SequenceChunk
+from lanner.runner.sampler import SamplingRow
+from lanner.sampling_params import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = Path(__file__).resolve().parent / "shapes"
+DEMO_DRAFT = DEFAULT_MODEL_DIR.parent / "demo-draft"
+PROMPT_TOKENS = 256
+REPEATS = 30  # timed verify steps per point (8B part)
+MAX_MODEL_LEN = 1024
+
+
+DEVICE = "cuda"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- W7 prompts ----------------------------------------------------------------------------
+
+
+def heldout_prompts(count: int, seed: int = 0) -> tuple[list[list[int]], dict]:
+    """``count`` prompts of PROMPT_TOKENS tokens, each cut at a seeded offset from a
+    different held-out file (files of at least 2 * PROMPT_TOKENS tokens)."""
+    spec = importlib.util.spec_from_file_location(
+        "train_demo_model", ROOT / "scripts/train_demo_model.py"
+    )
+    assert spec is not None and spec.loader is not None
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    corpus = trainer.collect_corpus(trainer.parse_args(["--device", "cpu"]))
+    report = json.loads((DEFAULT_MODEL_DIR / "training_report.json").read_text())
+    expected = report["corpus"]["heldout_files"]
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
+    rng = random.Random(seed)
+    files = list(corpus.heldout)
+    rng.shuffle(files)
+    prompts = []
+    for source in files:
+        ids = tokenizer.encode(source.text)
+        if len(ids) < 2 * PROMPT_TOKENS:
+            continue
+        start = rng.randrange(0, len(ids) - 2 * PROMPT_TOKENS + 1)
+        prompts.append(ids[start : start + PROMPT_TOKENS])
+        if len(prompts) == count:
+            break
+    split = {
+        "heldout_files": len(corpus.heldout),
+        "heldout_files_in_training_report": expected,
+        "same_split_size": len(corpus.heldout) == expected,
+    }
+    if not split["same_split_size"]:
+        print(
+            f"WARNING: {len(corpus.heldout)} held-out files here, {expected} in the training "
+            f"report: this machine's files differ from the training machine's"
+        )
+    return prompts, split
+
+
+# -- engine runs ---------------------------------------------------------------------------
+
+
+def make_core(model: str, batch: int, speculative_config: dict | None, **extra) -> EngineCore:
+    config = EngineConfig.from_kwargs(
+        model=model,
+        dtype="bfloat16",
+        device=DEVICE,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=batch,
+        max_num_batched_tokens=max(2048, batch * 16),
+        speculative_config=speculative_config,
+        **extra,
+    )
+    return EngineCore(config)
+
+
+def release(core: EngineCore) -> None:
+    core.shutdown()
+    del core
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature: float) -> dict:
+    """All prompts through the core (at most max_num_seqs at once); output tok/s, the
+    median and mean step times and the speculation counters over the run."""
+    params = SamplingParams(
+        temperature=temperature, max_tokens=output_len, ignore_eos=True, seed=0, detokenize=False
+    )
+    # Warm-up: two requests (compiles whatever the run will use).
+    for i in range(2):
+        core.add_request(Request(f"warm{i}", list(prompts[i % len(prompts)]), params))
+    while core.has_unfinished_requests():
+        core.step()
+    spec = core.spec.policy.stats if core.spec is not None else None
+    before = (
+        (
+            spec.num_drafts,
+            spec.num_draft_tokens,
+            spec.num_accepted_tokens,
+            list(spec.num_accepted_tokens_per_pos),
+        )
+        if spec
+        else None
+    )
+    for i, prompt in enumerate(prompts):
+        core.add_request(Request(f"r{i}", list(prompt), params))
+    step_times = []
+    _sync()
+    started = time.perf_counter()
+    while core.has_unfinished_requests():
+        before_step = time.perf_counter()
+        core.step()
+        step_times.append(time.perf_counter() - before_step)
+    _sync()
+    elapsed = time.perf_counter() - started
+    tokens = len(prompts) * output_len
+    result = {
+        "requests": len(prompts),
+        "output_tokens": tokens,
+        "elapsed_s": elapsed,
+        "output_tok_per_s": tokens / elapsed,
+        "steps": len(step_times),
+        "step_ms_median": statistics.median(step_times) * 1e3,
+        "step_ms_mean": elapsed / max(1, len(step_times)) * 1e3,
+    }
+    if spec is not None and before is not None:
+        drafts = spec.num_drafts - before[0]
+        draft_tokens = spec.num_draft_tokens - before[1]
+        accepted = spec.num_accepted_tokens - before[2]
+        per_pos = [a - b for a, b in zip(spec.num_accepted_tokens_per_pos, before[3], strict=True)]
+        # Steps that accepted every one of k drafts end in no rejection: the per-position
+        # rate is accepted / (accepted + rejections) (exact for a fixed k).
+        rejections = drafts - per_pos[-1]
+        result.update(
+            num_drafts=drafts,
+            num_draft_tokens=draft_tokens,
+            num_accepted_tokens=accepted,
+            num_accepted_tokens_per_pos=per_pos,
+            mean_acceptance_length=1 + accepted / drafts if drafts else None,
+            accepted_share_of_drafts=accepted / draft_tokens if draft_tokens else None,
+            acceptance_rate=accepted / (accepted + rejections) if accepted + rejections else None,
+        )
+    return result
+
+
+def spec_config(method: str, k: int, adaptive: bool) -> dict:
+    config: dict = {
+        "method": method,
+        "num_speculative_tokens": k,
+        "adaptive_draft_length": adaptive,
+    }
+    if method == "draft_model":
+        config["model"] = str(DEMO_DRAFT)
+    return config
+
+
+def w7(args: argparse.Namespace) -> dict:
+    prompts, split = heldout_prompts(args.num_prompts)
+    out_len, temperature = args.output_len, args.temperature
+    print(f"W7: {len(prompts)} held-out prompts of {PROMPT_TOKENS} tokens, {out_len} output tokens")
+    rows = []
+    step_costs: dict[int, dict[str, float]] = {}
+    best_k: dict[str, int] = {}
+
+    def plain_step_ms(model: str, batch: int, batch_prompts: list[list[int]]) -> dict:
+        core = make_core(model, batch, None)
+        figures = run(core, batch_prompts, out_len, temperature)
+        release(core)
+        return figures
+
+    def record(batch: int, method: str, k: int | None, adaptive: bool, figures: dict) -> None:
+        base = step_costs[batch]
+        row = {"batch": batch, "method": method, "k": k, "adaptive": adaptive, **figures}
+        row["speedup"] = figures["output_tok_per_s"] / base["plain_tok_per_s"]
+        length = figures.get("mean_acceptance_length")
+        if method == "draft_model" and k and length:
+            ratio = base["draft_step_ms"] / base["target_step_ms"]
+            row["bound"] = length / (1 + k * ratio)
+            row["share_of_bound"] = row["speedup"] / row["bound"]
+        rows.append(row)
+        print(
+            f"  batch {batch:3} {method:11} k={k!s:4} {'adaptive' if adaptive else 'fixed':8} "
+            f"{figures['output_tok_per_s']:9.0f} tok/s  x{row['speedup']:.2f}  "
+            f"accept len {length if length is None else round(length, 2)}  "
+            f"step {figures['step_ms_mean']:.3f} ms"
+            + (
+                f"  bound x{row['bound']:.2f} ({row['share_of_bound']:.0%})"
+                if "bound" in row
+                else ""
+            ),
+            flush=True,
+        )
+
+    for batch in [1, *args.batches]:
+        batch_prompts = (
+            prompts if batch == 1 else (prompts * -(-batch // len(prompts)))[: max(64, batch)]
+        )
+        target = plain_step_ms(str(DEFAULT_MODEL_DIR), batch, batch_prompts)
+        draft = plain_step_ms(str(DEMO_DRAFT), batch, batch_prompts)
+        step_costs[batch] = {
+            "plain_tok_per_s": target["output_tok_per_s"],
+            "target_step_ms": target["step_ms_median"],
+            "draft_step_ms": draft["step_ms_median"],
+        }
+        print(
+            f"batch {batch}: no speculation {target['output_tok_per_s']:.0f} tok/s; decode "
+            f"step (median) target {target['step_ms_median']:.3f} ms, draft "
+            f"{draft['step_ms_median']:.3f} ms",
+            flush=True,
+        )
+        rows.append({"batch": batch, "method": "none", **target})
+        if batch == 1:
+            settings = [(m, k, False) for m in args.methods for k in args.ks]
+        else:
+            settings = [(m, best_k[m], True) for m in args.methods]
+        for method, k, adaptive in settings:
+            core = make_core(str(DEFAULT_MODEL_DIR), batch, spec_config(method, k, adaptive))
+            figures = run(core, batch_prompts, out_len, temperature)
+            release(core)
+            record(batch, method, k, adaptive, figures)
+        if batch == 1:
+            best_k = {
+                m: max(
+                    (r for r in rows if r["method"] == m and r["batch"] == 1),
+                    key=lambda r: r["speedup"],
+                )["k"]
+                for m in args.methods
+            }
+            print(f"best k at batch 1: {best_k}", flush=True)
+    return {"split": split, "step_costs": step_costs, "rows": rows}
+
+
+# -- 8B verify steps ------------------------------------------------------------------------
+
+
+def verify_steps_8b(args: argparse.Namespace, measured_rates: dict[str, float]) -> dict:
+    max_k = 8
+    core = make_core_8b(max_k)
+    runner = core.runner
+    block = core.kv_manager.block_size
+    context = 512
+    tables = [list(range(i * 40, i * 40 + 40)) for i in range(16)]  # 640 tokens of room each
+    params = SamplingParams(temperature=0.0)
+    row = SamplingRow(params, [0], [1] * 8, ())
+    rng = random.Random(0)
+    vocab = core.model_config.vocab_size
+
+    def chunks(batch: int, k: int) -> list[SequenceChunk]:
+        return [
+            SequenceChunk(
+                f"s{i}",
+                [rng.randrange(vocab) for _ in range(k + 1)],
+                context,
+                tables[i],
+                row,
+                num_draft_tokens=k,
+            )
+            for i in range(batch)
+        ]
+
+    def time_step(batch: int, k: int, repeats: int = REPEATS) -> float:
+        step = chunks(batch, k)
+        for _ in range(3):
+            runner.execute(step)
+        _sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner.execute(step)  # launch, then the host copy's wait: the step's sync
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    assert block * 40 >= context + max_k + 1
+    results: dict = {"context": context, "batches": {}}
+    for batch in (1, 16):
+        decode = time_step(batch, 0)
+        entry = {
+            "decode_ms": decode,
+            "verify_ms": {},
+            "verify_eager_decode_kernel_ms": {},
+            "verify_eager_extend_kernel_ms": {},
+        }
+        for k in range(1, max_k + 1):
+            entry["verify_ms"][k + 1] = time_step(batch, k)
+        graphs, runner.decode_graphs = runner.decode_graphs, None
+        eager_repeats = max(1, REPEATS // 3)
+        for k in (1, 3, 5, 8):
+            entry["verify_eager_decode_kernel_ms"][k + 1] = time_step(batch, k, eager_repeats)
+        flattened = model_runner.SequenceChunk.flattened
+        model_runner.SequenceChunk.flattened = property(lambda c: len(c.token_ids) == 1)  # type: ignore[method-assign]
+        try:
+            for k in (1, 3, 5, 8):
+                entry["verify_eager_extend_kernel_ms"][k + 1] = time_step(batch, k, eager_repeats)
+        finally:
+            model_runner.SequenceChunk.flattened = flattened  # type: ignore[method-assign]
+            runner.decode_graphs = graphs
+        rates = {"0.6": 0.6, "0.7": 0.7, "0.8": 0.8, **measured_rates}
+        entry["implied_speedup"] = {
+            name: {
+                k + 1: (1 - rate ** (k + 1)) / (1 - rate) * decode / entry["verify_ms"][k + 1]
+                for k in range(1, max_k + 1)
+            }
+            for name, rate in rates.items()
+        }
+        results["batches"][batch] = entry
+        print(
+            f"8B batch {batch}: decode {decode:.3f} ms; verify (graphs) "
+            + ", ".join(f"{n}: {t:.3f}" for n, t in entry["verify_ms"].items())
+        )
+        print(
+            "  eager, decode kernel: "
+            + ", ".join(f"{n}: {t:.3f}" for n, t in entry["verify_eager_decode_kernel_ms"].items())
+        )
+        print(
+            "  eager, extend kernel: "
+            + ", ".join(f"{n}: {t:.3f}" for n, t in entry["verify_eager_extend_kernel_ms"].items())
+        )
+        for name, speedups in entry["implied_speedup"].items():
+            best = max(speedups, key=speedups.get)
+            print(
+                f"  acceptance {name}: best {best} tokens/step -> x{speedups[best]:.2f}; "
+                + ", ".join(f"{n}: x{s:.2f}" for n, s in speedups.items())
+            )
+    release(core)
+    return results
+
+
+def make_core_8b(max_k: int) -> EngineCore:
+    config = EngineConfig.from_kwargs(
+        model=str(SHAPES / "llama3-8b"),
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=2048,
+        max_num_seqs=16,
+        max_num_batched_tokens=2048,
+        num_gpu_blocks_override=16 * 40 + 64,
+        # Only to build the verifying sampler and the verify graphs: the steps are timed
+        # directly through the runner.
+        speculative_config={"method": "ngram", "num_speculative_tokens": max_k},
+    )
+    return EngineCore(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--ks", default="1,2,3,4,5,6")
+    parser.add_argument("--batches", default="4,16,64,256")
+    parser.add_argument("--methods", default="ngram,draft_model")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--skip-w7", action="store_true")
+    parser.add_argument("--skip-8b", action="store_true")
+    args = parser.parse_args()
+    args.ks = [int(k) for k in args.ks.split(",") if k]
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.methods = [m for m in args.methods.split(",") if m]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    common = {
+        "card": card_name(),
+        "commit": args.commit,
+        "command": "PYTHONPATH=. python3 benchmarks/spec_decode.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items()
+            if k not in ("commit", "skip_w7", "skip_8b")
+        ),
+    }
+    measured_rates: dict[str, float] = {}
+    started = time.perf_counter()
+    if not args.skip_w7:
+        figures = w7(args)
+        for method in args.methods:
+            at_one = [r for r in figures["rows"] if r["batch"] == 1 and r["method"] == method]
+            if at_one:
+                best = max(at_one, key=lambda r: r["speedup"])
+                if best.get("acceptance_rate"):
+                    measured_rates[f"demo {method} k={best['k']}"] = best["acceptance_rate"]
+        save_copies({"workload": "W7 spec", **common, **figures}, RESULTS, f"{stamp}-W7.json")
+        print(f"W7 done in {time.perf_counter() - started:.0f} s", flush=True)
+    if not args.skip_8b:
+        figures = verify_steps_8b(args, measured_rates)
+        save_copies(
+            {"workload": "spec verify steps, llama3-8b shape", **common, **figures},
+            RESULTS,
+            f"{stamp}-spec-verify-8b.json",
+        )
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

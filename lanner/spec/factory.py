@@ -1,0 +1,69 @@
+"""SpeculativeDecoding: the pieces the engine core holds when speculation is on (the
+proposer, the draft-length policy, the rejection sampler), built from the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lanner.memory.kv_cache import kv_cache_torch_dtype
+from lanner.model.loader import LoadedModel
+from lanner.spec.config import SpeculativeConfig
+from lanner.spec.policy import DraftLengthPolicy
+from lanner.spec.proposer import Proposer, draft_cost_estimate
+from lanner.spec.rejection_sampler import RejectionSampler
+
+# n-gram lookup costs no model step: a proposed token costs only its share of the
+# verify step, a few percent of a target step at the batch sizes speculation runs at.
+NGRAM_DRAFT_COST = 0.02
+
+
+@dataclass
+class SpeculativeDecoding:
+    config: SpeculativeConfig
+    proposer: Proposer
+    policy: DraftLengthPolicy
+    sampler: RejectionSampler
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.config.num_speculative_tokens
+
+    @classmethod
+    def build(
+        cls,
+        config: SpeculativeConfig,
+        target: LoadedModel,
+        kv_cache_dtype: str,
+        block_size: int,
+        max_model_len: int,
+        enforce_eager: bool,
+        load_format: str,
+        seed: int,
+    ) -> SpeculativeDecoding:
+        proposer: Proposer
+        if config.method == "ngram":
+            from lanner.spec.ngram import NgramProposer
+
+            proposer = NgramProposer(config)
+            cost = NGRAM_DRAFT_COST
+        else:
+            from lanner.spec.draft_model import DraftModelProposer, load_draft_model
+
+            draft = load_draft_model(config, target, load_format, seed, max_model_len)
+            proposer = DraftModelProposer(
+                draft,
+                block_size,
+                kv_cache_torch_dtype(kv_cache_dtype, draft.dtype),
+                enforce_eager,
+            )
+            cost = draft_cost_estimate(draft.model, target.model)
+        if config.draft_cost is not None:
+            cost = config.draft_cost
+        return cls(config, proposer, DraftLengthPolicy(config, cost), RejectionSampler())
+
+    def draft_length(self, request: Any, num_running: int) -> int:
+        """The scheduler's question: drafts for this decoding request this step."""
+        if not self.policy.enabled(num_running) or request.spec_state is None:
+            return 0
+        return self.policy.draft_length(request.spec_state)

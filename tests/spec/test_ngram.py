@@ -1,0 +1,41 @@
+"""The batched n-gram lookup against a plain per-request search."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from lanner.spec.ngram import ngram_lookup
+
+
+def lookup_one(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """The definition: the longest suffix (max_n down to min_n) that also occurs earlier,
+    its latest earlier occurrence, and up to k tokens after it."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[-n:]
+        for end in range(len(tokens) - 2, n - 2, -1):
+            if tokens[end - n + 1 : end + 1] == suffix:
+                return tokens[end + 1 : end + 1 + k]
+    return []
+
+
+def test_batched_lookup_equals_the_definition() -> None:
+    rng = random.Random(0)
+    for trial in range(60):
+        histories = []
+        for _ in range(rng.randint(1, 9)):
+            alphabet = rng.randint(2, 6)
+            histories.append([rng.randrange(alphabet) for _ in range(rng.randint(1, 40))])
+        min_n = rng.randint(1, 3)
+        max_n = rng.randint(min_n, 5)
+        ks = [rng.randint(1, 6) for _ in histories]
+        got = ngram_lookup([np.array(h, dtype=np.int32) for h in histories], min_n, max_n, ks)
+        want = [lookup_one(h, min_n, max_n, k) for h, k in zip(histories, ks, strict=True)]
+        assert got == want, (trial, histories, min_n, max_n, ks)
+
+
+def test_no_match_and_short_histories_propose_nothing() -> None:
+    histories = [np.array([1, 2, 3, 4]), np.array([7]), np.array([5, 5])]
+    assert ngram_lookup(histories, 2, 3, [3, 3, 3]) == [[], [], []]
+    assert ngram_lookup(histories, 1, 3, [3, 3, 3]) == [[], [], [5]]

@@ -1,0 +1,311 @@
+"""Speculative decoding end to end: greedy outputs (and, with n-gram lookup, seeded samples)
+equal the outputs without speculation token for token, whatever the batch holds, through
+chunked prefill, preemption, prefix-cache hits, n > 1, stop conditions and aborts; every
+KV block comes back."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lanner import LLM, SamplingParams
+from lanner.engine.outputs import RequestOutput
+from tests.engine.test_llm import assert_pool_full, make_llm, mixed_requests, summary
+from tests.engine.test_prefix_caching import assert_same_logprobs, shared_prefix_prompts
+from tests.tiny_models import build_hf_model, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_DRAFT = ROOT / "lanner/assets/demo-draft"
+FAMILIES = ("llama", "qwen3")
+
+
+def spec_config(method: str, draft_dir: Path | None, k: int = 3, **extra) -> dict:
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, **extra}
+    # The noisy drafts are as large as their targets: the adaptive rule would switch
+    # them off, so their cost is given as a small draft's.
+    return {
+        "method": "draft_model",
+        "model": str(draft_dir),
+        "num_speculative_tokens": k,
+        "draft_cost": 0.1,
+        **extra,
+    }
+
+
+def repetitive_prompts(count: int, seed: int = 0) -> list[dict]:
+    """Prompts that repeat a few segments, so lookups find matches."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        pieces = [[rng.randrange(384) for _ in range(rng.randint(2, 6))] for _ in range(3)]
+        tokens = [t for _ in range(rng.randint(1, 4)) for t in rng.choice(pieces)]
+        prompts.append({"prompt_token_ids": tokens + [rng.randrange(384)]})
+    return prompts
+
+
+def greedy_params(count: int, seed: int = 0) -> list[SamplingParams]:
+    """Mostly long greedy runs; some with a length or stop token that leaves no room to
+    speculate, or lands inside a verified run."""
+    rng = random.Random(seed)
+    params = []
+    for i in range(count):
+        if i % 5 == 4:
+            params.append(
+                SamplingParams(temperature=0, max_tokens=rng.randint(1, 2), ignore_eos=True)
+            )
+        elif i % 5 == 3:
+            params.append(
+                SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[rng.randrange(384)])
+            )
+        else:
+            params.append(
+                SamplingParams(temperature=0, max_tokens=rng.randint(10, 30), ignore_eos=True)
+            )
+    return params
+
+
+def assert_speculated(llm: LLM, rejections: bool = True) -> None:
+    """The run really proposed tokens, accepted some and (with a different draft) rejected
+    some, so equality with the plain run is not vacuous."""
+    stats = llm.engine.core.spec.policy.stats
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0
+    if rejections:
+        assert stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+@pytest.fixture(scope="module")
+def draft_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per family, the tiny target with noise on every weight: a draft that agrees with
+    the target often but not always (a random model of its own would never agree)."""
+    root = tmp_path_factory.mktemp("drafts")
+    dirs = {}
+    for family in FAMILIES:
+        model = build_hf_model(family)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.35 * param.std())
+        model.save_pretrained(root / family)
+        build_tokenizer().save_pretrained(root / family)
+        dirs[family] = root / family
+    return dirs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_greedy_equals_no_speculation(
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], family: str, method: str
+) -> None:
+    """A mixed batch: prefill chunks in flight beside verify steps (a 96-token budget),
+    requests that cannot speculate (one or two tokens left) beside ones that do."""
+    prompts = repetitive_prompts(16, seed=1)
+    params = greedy_params(16)
+    model = tiny_model_dirs[family]
+    expected = make_llm(model).generate(prompts, params)
+    llm = make_llm(model, speculative_config=spec_config(method, draft_dirs[family]))
+    got = llm.generate(prompts, params)
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert_speculated(llm, rejections=method == "draft_model")
+    assert_pool_full(llm)
+
+
+def test_seeded_sampling_penalties_logprobs_and_n_with_ngram(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    """n-gram drafts are point masses, accepted when the target's own seeded draw equals
+    them: every sampled request gets the tokens it gets without speculation, and the
+    logprobs and prompt logprobs are the target's."""
+    prompts, params = mixed_requests(24, seed=5)
+    model = tiny_model_dirs["llama"]
+    expected = make_llm(model).generate(prompts, params)
+    llm = make_llm(model, speculative_config=spec_config("ngram", None))
+    got = llm.generate(prompts, params)
+    for a, b in zip(got, expected, strict=True):
+        assert summary(a) == summary(b)
+        for ca, cb in zip(a.outputs, b.outputs, strict=True):
+            assert_same_logprobs(ca.logprobs, cb.logprobs)
+        assert_same_logprobs(a.prompt_logprobs, b.prompt_logprobs)
+    assert_speculated(llm)
+    assert_pool_full(llm)
+
+
+def test_draft_model_greedy_rows_in_a_mixed_batch(
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path]
+) -> None:
+    """Beside sampled, penalized and n > 1 requests, every greedy request keeps its
+    tokens; the sampled ones are reproducible from their seeds whatever the batch."""
+    prompts, params = mixed_requests(24, seed=6)
+    model = tiny_model_dirs["llama"]
+    expected = make_llm(model).generate(prompts, params)
+    config = spec_config("draft_model", draft_dirs["llama"])
+    llm = make_llm(model, speculative_config=config)
+    got = llm.generate(prompts, params)
+    for a, b, p in zip(got, expected, params, strict=True):
+        if p.is_greedy:
+            assert summary(a) == summary(b)
+        assert [len(c.token_ids) for c in a.outputs] == [len(c.token_ids) for c in b.outputs]
+    assert_speculated(llm)
+    assert_pool_full(llm)
+    # A seeded request alone gives what it gave inside the batch.
+    index = next(i for i, p in enumerate(params) if not p.is_greedy and p.n == 1)
+    alone = make_llm(model, speculative_config=config).generate(prompts[index], params[index])[0]
+    assert summary(alone) == summary(got[index])
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_preemption_and_recompute(
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
+) -> None:
+    prompts = repetitive_prompts(20, seed=2)
+    params = greedy_params(20, seed=2)
+    model = tiny_model_dirs["llama"]
+    expected = make_llm(model).generate(prompts, params)
+    llm = make_llm(
+        model,
+        num_gpu_blocks_override=28,
+        max_model_len=96,
+        speculative_config=spec_config(method, draft_dirs["llama"]),
+    )
+    got = llm.generate(prompts, params)
+    assert llm.engine.core.scheduler.num_preemptions > 0
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert_speculated(llm, rejections=False)
+    assert_pool_full(llm)
+
+
+@pytest.mark.parametrize(
+    ("method", "caching"), [("ngram", True), ("draft_model", True), ("draft_model", False)]
+)
+def test_prefix_cache_hits(
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str, caching: bool
+) -> None:
+    """Requests starting on cached blocks (the prefix cache holds only accepted tokens),
+    and n > 1 siblings sharing their prompt, with caching on and off."""
+    prompts = shared_prefix_prompts(6, prefix_len=37, seed=3)
+    params = [
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+        SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=10, ignore_eos=True),
+    ] * 3
+    model = tiny_model_dirs["llama"]
+    expected = make_llm(model).generate(prompts, params)
+    llm = make_llm(
+        model,
+        enable_prefix_caching=caching,
+        speculative_config=spec_config(method, draft_dirs["llama"]),
+    )
+    first = llm.generate(prompts, params)
+    again = llm.generate(prompts, params)  # every prompt block now cached
+    for a, b, e, p in zip(first, again, expected, params, strict=True):
+        if p.is_greedy or method == "ngram":
+            assert summary(a) == summary(e) and summary(b) == summary(e)
+        else:
+            assert summary(a) == summary(b)  # seeded: reproducible
+    if caching:
+        assert llm.engine.core.kv_manager.prefix_cache_stats.hit_tokens > 0
+    assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_stop_strings_inside_a_verified_run(
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
+) -> None:
+    model = tiny_model_dirs["qwen3"]
+    prompt = repetitive_prompts(1, seed=9)[0]
+    free = make_llm(model).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    )
+    text = free[0].outputs[0].text
+    cases = [
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[text[i : i + 2]])
+        for i in (len(text) // 4, len(text) // 2, 3 * len(text) // 4)
+    ]
+    cases.append(
+        SamplingParams(
+            temperature=0,
+            max_tokens=40,
+            ignore_eos=True,
+            stop=[text[10:12]],
+            include_stop_str_in_output=True,
+        )
+    )
+    llm = make_llm(model, speculative_config=spec_config(method, draft_dirs["qwen3"]))
+    for params in cases:
+        want = make_llm(model).generate(prompt, params)[0]
+        got = llm.generate(prompt, params)[0]
+        assert summary(got) == summary(want)
+        assert got.outputs[0].text == want.outputs[0].text
+        assert got.outputs[0].stop_reason == want.outputs[0].stop_reason
+    assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_abort_between_steps(
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
+) -> None:
+    model = tiny_model_dirs["llama"]
+    llm = make_llm(model, speculative_config=spec_config(method, draft_dirs["llama"]))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = repetitive_prompts(5, seed=4)
+    for i, prompt in enumerate(prompts):
+        llm.engine.add_request(f"r{i}", prompt, params)
+    outputs: dict[str, RequestOutput] = {}
+    for _ in range(4):
+        for out in llm.engine.step():
+            outputs[out.request_id] = out
+    llm.engine.abort_request(["r0", "r3"])
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            outputs[out.request_id] = out
+    expected = make_llm(model).generate(prompts, params)
+    for i in (1, 2, 4):
+        assert summary(outputs[f"r{i}"]) == summary(expected[i])
+    assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_overlapped_scheduling_with_speculation_switched_by_batch_size(
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
+) -> None:
+    """While more than 6 requests run, nothing speculates and steps launch ahead (the
+    draft model skips them and catches up, its skipped blocks marked stale); as the
+    batch drains, the rest speculate."""
+    prompts = repetitive_prompts(16, seed=7)
+    params = greedy_params(16, seed=7)
+    model = tiny_model_dirs["llama"]
+    expected = make_llm(model).generate(prompts, params)
+    llm = make_llm(
+        model,
+        async_scheduling=True,
+        speculative_config=spec_config(method, draft_dirs["llama"], disable_by_batch_size=6),
+    )
+    got = llm.generate(prompts, params)
+    again = llm.generate(prompts, params)  # on cached blocks, some of them written unseen
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert [summary(o) for o in again] == [summary(o) for o in expected]
+    assert_speculated(llm, rejections=False)
+    assert_pool_full(llm)
+
+
+def test_demo_model_with_demo_draft_and_ngram() -> None:
+    prompts = [
+        "import os\n\ndef list_files(path):",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+        "    def push(self, item):",
+    ]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    options = dict(dtype="float32", device="cpu", max_model_len=256, block_size=16)
+    expected = LLM(**options).generate(prompts, params, use_tqdm=False)
+    for config in (
+        {"method": "draft_model", "model": str(DEMO_DRAFT), "num_speculative_tokens": 4},
+        {"method": "ngram", "num_speculative_tokens": 4},
+    ):
+        llm = LLM(**options, speculative_config=config)
+        got = llm.generate(prompts, params, use_tqdm=False)
+        assert [summary(o) for o in got] == [summary(o) for o in expected]
+        assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
+        assert_speculated(llm, rejections=False)
+        assert_pool_full(llm)
