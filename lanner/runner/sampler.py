@@ -227,7 +227,7 @@ def _barred_by_bad_words(row: SamplingRow) -> set[int]:
     """Tokens this row may not pick now: a one-token bad word always, a longer one's last
     token when the output so far ends with the rest of it."""
     barred: set[int] = set()
-    output = row.output_token_ids
+    output = row.outputs()
     for sequence in row.params.bad_words_token_ids or ():
         *head, last = sequence
         if not head or (len(output) >= len(head) and output[len(output) - len(head) :] == head):

@@ -139,9 +139,12 @@ class DraftModelProposer(Proposer):
         lengths = [slots[i].num_draft_slots for i in drafting]
         max_k = max(lengths)
         device = self.draft.device
-        # Penalties count the drafts before each position, so those requests need them
-        # on the host (one sync per draft step).
-        host_tokens = any(slots[i].chunk.sampling.params.uses_penalties for i in drafting)  # type: ignore[union-attr]
+        # Penalties and multi-token bad words read the drafts before each position, so
+        # those requests need them on the host (one sync per draft step).
+        host_tokens = any(
+            slots[i].chunk.sampling.params.uses_output_history  # type: ignore[union-attr]
+            for i in drafting
+        )
         drafted: list[list[int]] = [[] for _ in drafting]
 
         # 1. Every chunk the target computes this step, from where each draft stopped;

@@ -38,6 +38,7 @@ from lanner.runner.sampler import (
     VerifyOutput,
     apply_min_tokens,
     apply_penalties,
+    apply_token_constraints,
     apply_top_k_top_p_min_p,
     column,
     decode_seed,
@@ -116,8 +117,9 @@ class RejectionSampler(Sampler):
         ``drafts[i]`` are request i's proposed tokens on the host; where they are still
         on the device (a draft model's), they are row ``draft_rows[i]`` of
         ``device_drafts`` and ``drafts[i]`` may hold placeholders (their number is what
-        counts, unless the request uses penalties). ``device_drafts.probs``: the
-        distribution each draft was drawn from (None, or a greedy request: point masses).
+        counts, unless the request reads its output history: penalties, bad words).
+        ``device_drafts.probs``: the distribution each draft was drawn from (None, or a
+        greedy request: point masses).
         """
         counts = [len(d) for d in drafts]
         num_requests = len(rows)
@@ -146,6 +148,8 @@ class RejectionSampler(Sampler):
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
         num_top = max((r.params.logprobs or 0 for r in rows), default=0)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
+        # The plain sampler's processing, in its order, for every row.
+        logits = apply_token_constraints(logits, expanded)
         logits = apply_min_tokens(apply_penalties(logits, expanded), expanded)
         # The plain sampler's draw at every row: exactly what each position would sample
         # without speculation.

@@ -113,6 +113,36 @@ def test_greedy_equals_no_speculation(
     assert_pool_full(llm)
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_token_constraints_hold_in_verified_runs(
+    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
+) -> None:
+    """logit_bias, allowed_token_ids and (multi-token) bad words shape every verified
+    position as they shape a plain step, so the tokens are the same."""
+    prompts = repetitive_prompts(8, seed=3)
+    model = tiny_model_dirs["llama"]
+    plain = make_llm(model).generate(prompts, SamplingParams(temperature=0, max_tokens=20))
+    # Bar a two-token sequence the plain run produces: its second token must not follow.
+    first = plain[0].outputs[0].token_ids
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logit_bias={7: 3.0}),
+        SamplingParams(
+            temperature=0, max_tokens=20, ignore_eos=True, allowed_token_ids=list(range(50))
+        ),
+        SamplingParams(
+            temperature=0, max_tokens=20, ignore_eos=True, bad_words_token_ids=[first[2:4]]
+        ),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+    ] * 2
+    expected = make_llm(model).generate(prompts, params)
+    llm = make_llm(model, speculative_config=spec_config(method, draft_dirs["llama"]))
+    got = llm.generate(prompts, params)
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert all(t < 50 for t in got[1].outputs[0].token_ids)
+    assert_speculated(llm, rejections=False)
+    assert_pool_full(llm)
+
+
 def test_seeded_sampling_penalties_logprobs_and_n_with_ngram(
     tiny_model_dirs: dict[str, Path],
 ) -> None:
