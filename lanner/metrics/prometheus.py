@@ -130,6 +130,28 @@ class ServerMetrics:
         self.prefix_cache_hit_rate = gauge(
             "lanner:prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache."
         )
+        # Tokens, as vLLM's counters of the same names: rates over any window come from
+        # these (the gauge above is the share since start).
+        self.prefix_cache_queries = Counter(
+            "lanner:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            labels,
+            registry=self.registry,
+        )
+        self.prefix_cache_hits = Counter(
+            "lanner:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            labels,
+            registry=self.registry,
+        )
+        self._prefix_seen = (0, 0)  # the core's cumulative (queried, hit) last counted
+        # Only a data-parallel server routes (lanner serve --data-parallel-size N).
+        self.data_parallel_requests = Counter(
+            "lanner:data_parallel_requests",
+            "Requests sent to each data-parallel engine core, by why it was chosen.",
+            [*labels, "engine", "reason"],
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "lanner:prompt_tokens",
             "Prompt tokens of finished requests.",
@@ -150,6 +172,8 @@ class ServerMetrics:
             self.num_requests_waiting,
             self.kv_cache_usage,
             self.prefix_cache_hit_rate,
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
             self.prompt_tokens,
             self.generation_tokens,
         ):
@@ -166,6 +190,16 @@ class ServerMetrics:
         queried = stats.prefix_cache_queried_tokens
         rate = stats.prefix_cache_hit_tokens / queried if queried else 0.0
         self.prefix_cache_hit_rate.labels(self._model).set(rate)
+        seen_queried, seen_hit = self._prefix_seen
+        if queried >= seen_queried:  # cumulative in the core; never counted twice
+            self.prefix_cache_queries.labels(self._model).inc(queried - seen_queried)
+            self.prefix_cache_hits.labels(self._model).inc(
+                max(0, stats.prefix_cache_hit_tokens - seen_hit)
+            )
+            self._prefix_seen = (queried, stats.prefix_cache_hit_tokens)
+
+    def on_routed(self, engine: str, reason: str) -> None:
+        self.data_parallel_requests.labels(self._model, engine, reason).inc()
 
     def on_new_tokens(self, num_tokens: int, inter_token_latency: float | None) -> None:
         self.generation_tokens.labels(self._model).inc(num_tokens)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import lanner
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
+from lanner.engine.data_parallel import make_engine
 from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from lanner.entrypoints.openai.serving import OpenAIError, OpenAIServing, error_body
 from lanner.metrics.prometheus import ServerMetrics
@@ -43,6 +44,8 @@ class ServerOptions:
     served_model_names: list[str]
     api_key: str | None = None
     max_queued_requests: int | None = None
+    data_parallel_size: int = 1  # engine cores, routed by data_parallel_policy
+    data_parallel_policy: str = "cache_aware"
 
 
 def default_model_name(model: str) -> str:
@@ -52,7 +55,7 @@ def default_model_name(model: str) -> str:
 def build_app(options: ServerOptions) -> FastAPI:
     config = EngineConfig.from_kwargs(**options.engine)
     metrics = ServerMetrics(options.served_model_names[0])
-    engine = AsyncLLM(config, stat_logger=metrics)
+    engine = make_engine(config, metrics, options.data_parallel_size, options.data_parallel_policy)
     serving = OpenAIServing(
         engine, options.served_model_names, config.max_num_seqs, options.max_queued_requests
     )
@@ -192,6 +195,8 @@ def run_server(args: argparse.Namespace, engine_options: dict[str, Any]) -> int:
         served_model_names=args.served_model_name or [default_model_name(model)],
         api_key=args.api_key,
         max_queued_requests=args.max_queued_requests,
+        data_parallel_size=getattr(args, "data_parallel_size", 1),
+        data_parallel_policy=getattr(args, "data_parallel_policy", "cache_aware"),
     )
     if options.max_queued_requests is not None and options.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
