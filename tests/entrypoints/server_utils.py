@@ -79,18 +79,3 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
-
-
-def scrape_metrics(url: str) -> dict[str, float]:
-    """Every sample of a server's /metrics, as 'name{labels}' -> value (labels sorted,
-    model_name left out)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
-        for sample in family.samples:
-            labels = ",".join(
-                f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name"
-            )
-            samples[f"{sample.name}{{{labels}}}"] = sample.value
-    return samples

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from lanner import LLM, SamplingParams
+from lanner.bench.server_metrics import scrape_metrics as scrape
 from lanner.engine.async_llm import AsyncLLM
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
 from lanner.engine.core import EngineCoreStats
 from lanner.engine.data_parallel import DataParallelAsyncLLM, core_environments, sum_stats
 from tests.entrypoints.server_utils import ServerProcess
-from tests.entrypoints.server_utils import scrape_metrics as scrape
 
 ENGINE = dict(max_model_len=512, num_gpu_blocks_override=128)
 

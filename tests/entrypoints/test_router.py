@@ -21,9 +21,9 @@ import httpx
 import openai
 import pytest
 
+from lanner.bench.server_metrics import scrape_metrics as scrape
 from lanner.engine.config import DEFAULT_MODEL_DIR
 from tests.entrypoints.server_utils import ServerProcess, free_port
-from tests.entrypoints.server_utils import scrape_metrics as scrape
 
 MODEL = "lanner-demo"
 # Small caches (128 blocks of 4 tokens each), so what a worker caches matters.

@@ -1,24 +1,29 @@
-"""The router's parts without processes: route keys of request bodies, Host and URL
-checks, the queue-depth scrape, and the proxy's retry and error paths against workers
-simulated with httpx.MockTransport (refused connections, 503s, streams that break)."""
+"""The router's parts in one process: route keys of request bodies, Host and URL checks,
+the queue-depth scrape, and the proxy's retry and error paths against small fake workers
+on real sockets (refused connections, 503s, 429s, streams that break)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lanner.engine.routing import MAX_KEY_CHARS, text_key, token_key
+from lanner.entrypoints.cli import build_parser
 from lanner.entrypoints.http_guards import api_key_from, default_allowed_hosts, host_name
-from lanner.entrypoints.router.app import RouterOptions, build_router_app
+from lanner.entrypoints.router.app import RouterApp, RouterOptions, build_router_app
 from lanner.entrypoints.router.keys import MAX_PARSED_BODY_BYTES, route_key
 from lanner.entrypoints.router.workers import HealthOptions, normalize_url, parse_waiting
+from tests.entrypoints.server_utils import free_port
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -103,141 +108,203 @@ def test_queue_depth_scrape_sums_lanner_and_vllm_samples() -> None:
     assert parse_waiting("lanner:num_requests_running 1.0\n") is None
 
 
+def test_router_and_data_parallel_flags() -> None:
+    args = build_parser().parse_args(
+        ["router", "--worker-urls", A, B, "--policy", "least_load", "--cache-threshold", "0.7",
+         "--health-check-interval", "0.5", "--allowed-hosts", "*"]
+    )  # fmt: skip
+    assert (args.worker_urls, args.policy, args.cache_threshold) == ([A, B], "least_load", 0.7)
+    assert (args.host, args.port, args.health_check_interval) == ("127.0.0.1", 8000, 0.5)
+    assert args.allowed_hosts == ["*"] and args.max_body_bytes == 8 << 20
+    serve = build_parser().parse_args(["serve", "--data-parallel-size", "2"])
+    assert (serve.data_parallel_size, serve.data_parallel_policy) == (2, "cache_aware")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["router", "--policy", "random"])
+
+
 # -- the proxy against simulated workers --------------------------------------------------
 
-Handler = Callable[[httpx.Request], Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NAME = web.AppKey("name", str)
 
 
-def run_router(
-    handlers: dict[str, Handler], scenario: Callable[[httpx.AsyncClient], Any], **options: Any
-) -> Any:
-    """Build a router over workers whose answers `handlers` give (per worker URL, for
-    the proxied endpoints; /health and /metrics answer 200), run its lifespan, and run
-    `scenario` against it."""
-
-    async def route(request: httpx.Request) -> httpx.Response:
-        worker = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
-        if request.url.path == "/health":
-            return httpx.Response(200, json={})
-        if request.url.path == "/metrics":
-            return httpx.Response(200, text="lanner:num_requests_waiting 0.0\n")
-        result = handlers[worker](request)
-        return await result if asyncio.iscoroutine(result) else result
-
-    settings = {"worker_urls": list(handlers), "policy": "round_robin",
-                "health": HealthOptions(interval_s=60.0), **options}  # fmt: skip
-    app = build_router_app(RouterOptions(**settings), transport=httpx.MockTransport(route))
-
-    async def main() -> Any:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
-                return await scenario(c)
-
-    return asyncio.run(main())
+async def ok(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"served": request.app[NAME]})
 
 
-def answer(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
-    """A JSON response that arrives as a stream, as a real worker's does."""
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield json.dumps(body).encode()
-
-    headers = {"content-type": "application/json", **(headers or {})}
-    return httpx.Response(status, headers=headers, content=chunks())
+async def down(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"error": {"message": "engine core is not running"}}, status=503)
 
 
-def ok(request: httpx.Request) -> httpx.Response:
-    return answer(200, {"served": str(request.url.host)})
+async def broken_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.abort()  # the worker dies mid-stream
+    return response
 
 
-def refuse(request: httpx.Request) -> httpx.Response:
-    raise httpx.ConnectError("connection refused", request=request)
+@contextlib.asynccontextmanager
+async def fake_worker(name: str, handler: Handler) -> AsyncIterator[str]:
+    """A real HTTP server on a free port: /health and /metrics answer, the OpenAI
+    endpoints run `handler`."""
+    app = web.Application()
+    app[NAME] = name
+
+    async def health(_: web.Request) -> web.StreamResponse:
+        return web.json_response({})
+
+    async def metrics(_: web.Request) -> web.StreamResponse:
+        return web.Response(text="lanner:num_requests_waiting 0.0\n")
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_router(**options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """`lanner router` served by uvicorn in this loop; yields a client for it and the
+    router's ASGI app."""
+    settings = {"policy": "round_robin", "health": HealthOptions(interval_s=60.0), **options}
+    app = build_router_app(RouterOptions(**settings))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client, app
+    finally:
+        server.should_exit = True
+        await task
+
+
+def router_of(app: Any) -> RouterApp:
+    while not isinstance(app, RouterApp):
+        app = app.app  # through the API key and Host checks
+    return app
 
 
 def test_a_worker_that_fails_before_its_first_byte_is_replaced_once() -> None:
-    async def scenario(client: httpx.AsyncClient) -> None:
-        for _ in range(3):  # round robin would pick worker-a first at least once
-            response = await client.post(COMPLETIONS, json={"prompt": "x"})
-            assert response.status_code == 200 and response.json() == {"served": "worker-b"}
-        health = (await client.get("/health")).json()
-        assert {w["url"]: w["healthy"] for w in health["workers"]} == {A: False, B: True}
-        metrics = (await client.get("/metrics")).text
-        assert "lanner:router_retries_total 1.0" in metrics
-        assert f'lanner:router_worker_failures_total{{worker="{A}"}} 1.0' in metrics
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
-    run_router({A: refuse, B: ok}, scenario)
+    async def main() -> None:
+        async with (
+            fake_worker("b", ok) as b,
+            running_router(worker_urls=[refused, b]) as (client, app),
+        ):
+            router_of(app).state.pool.workers[refused].healthy = True  # as if it just died
+            for _ in range(3):  # round robin picks the dead one first
+                response = await client.post(COMPLETIONS, json={"prompt": "x"})
+                assert response.status_code == 200 and response.json() == {"served": "b"}
+            health = (await client.get("/health")).json()
+            assert {w["url"]: w["healthy"] for w in health["workers"]} == {refused: False, b: True}
+            metrics = (await client.get("/metrics")).text
+            assert "lanner:router_retries_total 1.0" in metrics
+            assert f'lanner:router_worker_failures_total{{worker="{refused}"}} 1.0' in metrics
+
+    asyncio.run(main())
 
 
 def test_503_is_retried_and_a_second_failure_is_a_clear_502() -> None:
-    def down(request: httpx.Request) -> httpx.Response:
-        return answer(503, {"error": {"message": "engine core is not running"}})
+    async def main() -> None:
+        async with (
+            fake_worker("a", down) as a,
+            fake_worker("b", down) as b,
+            running_router(worker_urls=[a, b]) as (client, _),
+        ):
+            response = await client.post(COMPLETIONS, json={"prompt": "x"})
+            assert response.status_code == 502
+            error = response.json()["error"]
+            assert error["type"] == "BadGatewayError" and error["code"] == 502
+            assert "2 worker(s)" in error["message"] and "HTTP 503" in error["message"]
+            # Both are out now: the next request hears so at once, with Retry-After.
+            response = await client.post(COMPLETIONS, json={"prompt": "x"})
+            assert response.status_code == 503 and response.headers["retry-after"] == "1"
+            assert (await client.get("/health")).status_code == 503
 
-    async def scenario(client: httpx.AsyncClient) -> None:
-        response = await client.post(COMPLETIONS, json={"prompt": "x"})
-        assert response.status_code == 502
-        error = response.json()["error"]
-        assert error["type"] == "BadGatewayError" and error["code"] == 502
-        assert "2 worker(s)" in error["message"] and "HTTP 503" in error["message"]
-        assert "connection refused" in error["message"]
-        # Both are out now: the next request hears so at once, with Retry-After.
-        response = await client.post(COMPLETIONS, json={"prompt": "x"})
-        assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert (await client.get("/health")).status_code == 503
-
-    run_router({A: down, B: refuse}, scenario)
+    asyncio.run(main())
 
 
 def test_client_errors_and_their_headers_pass_through_unretried() -> None:
-    calls = []
+    calls: list[tuple[dict[str, str], bytes]] = []
 
-    def busy(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        return answer(429, {"error": {"code": 429}}, {"Retry-After": "3"})
+    async def busy(request: web.Request) -> web.StreamResponse:
+        calls.append((dict(request.headers), await request.read()))
+        return web.json_response({"error": {"code": 429}}, status=429,
+                                 headers={"Retry-After": "3"})  # fmt: skip
 
-    async def scenario(client: httpx.AsyncClient) -> None:
-        response = await client.post(COMPLETIONS, json={"prompt": "x"},
-                                     headers={"x-custom": "kept"})  # fmt: skip
-        assert response.status_code == 429 and response.headers["retry-after"] == "3"
-        assert len(calls) == 1 and calls[0].headers["x-custom"] == "kept"
-        assert calls[0].content == b'{"prompt":"x"}'  # the body travels unchanged
+    async def main() -> None:
+        async with fake_worker("a", busy) as a, running_router(worker_urls=[a]) as (client, _):
+            response = await client.post(COMPLETIONS, content=b'{"prompt": "x"}',
+                                         headers={"x-custom": "kept"})  # fmt: skip
+            assert response.status_code == 429 and response.headers["retry-after"] == "3"
+            [(headers, body)] = calls
+            assert headers["x-custom"] == "kept" and body == b'{"prompt": "x"}'
 
-    run_router({A: busy}, scenario)
+    asyncio.run(main())
 
 
 def test_a_stream_that_breaks_after_its_first_byte_ends_with_an_error_event() -> None:
-    async def broken(request: httpx.Request) -> httpx.Response:
-        async def body() -> AsyncIterator[bytes]:
-            yield b'data: {"choices": [{"text": "a"}]}\n\n'
-            raise httpx.ReadError("connection reset", request=request)
+    async def main() -> None:
+        async with (
+            fake_worker("a", broken_stream) as a,
+            fake_worker("b", ok) as b,
+            running_router(worker_urls=[a, b]) as (client, _),
+        ):
+            response = await client.post(COMPLETIONS, json={"prompt": "x", "stream": True})
+            assert response.status_code == 200
+            events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+            assert events[0] == 'data: {"choices": [{"text": "a"}]}'
+            assert "failed mid-stream" in json.loads(events[1][6:])["error"]["message"]
+            assert events[2] == "data: [DONE]"
+            assert "lanner:router_retries_total 0.0" in (await client.get("/metrics")).text
 
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
-
-    async def scenario(client: httpx.AsyncClient) -> None:
-        response = await client.post(COMPLETIONS, json={"prompt": "x", "stream": True})
-        assert response.status_code == 200
-        events = [line for line in response.text.splitlines() if line.startswith("data: ")]
-        assert events[0] == 'data: {"choices": [{"text": "a"}]}'
-        assert "failed mid-stream" in json.loads(events[1][6:])["error"]["message"]
-        assert events[2] == "data: [DONE]"
-        assert "lanner:router_retries_total 0.0" in (await client.get("/metrics")).text
-
-    run_router({A: broken, B: ok}, scenario)
+    asyncio.run(main())
 
 
-def test_api_key_and_unexpected_errors() -> None:
-    async def scenario(client: httpx.AsyncClient) -> None:
-        assert (await client.get("/health")).status_code == 200  # open without the key
-        denied = await client.post(COMPLETIONS, json={"prompt": "x"})
-        assert denied.status_code == 401 and denied.json()["error"]["type"] == "AuthenticationError"
-        allowed = await client.post(COMPLETIONS, json={"prompt": "x"},
-                                    headers={"Authorization": "Bearer sekret"})  # fmt: skip
-        assert allowed.status_code == 500  # the worker's handler below raised
-        assert allowed.json()["error"] == {"message": "internal router error (logged)",
-                                           "type": "InternalServerError", "param": None,
-                                           "code": 500}  # fmt: skip
+def test_api_key_host_check_and_unexpected_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        async with (
+            fake_worker("a", ok) as a,
+            running_router(worker_urls=[a], api_key="sekret",
+                           allowed_hosts=["127.0.0.1"]) as (client, app),
+        ):  # fmt: skip
+            key = {"Authorization": "Bearer sekret"}
+            assert (await client.get("/health")).status_code == 200  # open without the key
+            denied = await client.post(COMPLETIONS, json={"prompt": "x"})
+            assert denied.status_code == 401
+            assert denied.json()["error"]["type"] == "AuthenticationError"
+            assert (await client.post(COMPLETIONS, json={"prompt": "x"}, headers=key)).json() == {
+                "served": "a"
+            }
+            rebound = await client.get("/health", headers={"host": "evil.example"})
+            assert rebound.status_code == 400
+            wrong = await client.get(COMPLETIONS, headers=key)
+            assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
 
-    def crash(request: httpx.Request) -> httpx.Response:
-        raise RuntimeError("a bug, not a worker failure")
+            def bug(*_: Any, **__: Any) -> None:
+                raise RuntimeError("a bug in the router")
 
-    run_router({A: crash}, scenario, api_key="sekret")
+            monkeypatch.setattr(router_of(app).state.pool, "choose", bug)
+            crashed = await client.post(COMPLETIONS, json={"prompt": "x"}, headers=key)
+            assert crashed.status_code == 500
+            assert crashed.json()["error"] == {"message": "internal router error (logged)",
+                                               "type": "InternalServerError", "param": None,
+                                               "code": 500}  # fmt: skip
+            # The connection (kept alive by the client) still serves the next request.
+            assert (await client.get("/health")).status_code == 200
+
+    asyncio.run(main())

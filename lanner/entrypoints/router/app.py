@@ -1,7 +1,10 @@
-"""`lanner router`: an OpenAI-compatible front over replicas (FastAPI on uvicorn, httpx to
-the workers). Each request goes to one worker, picked by a routing policy, and its
+"""`lanner router`: an OpenAI-compatible front over replicas (FastAPI on uvicorn, aiohttp
+to the workers). Each request goes to one worker, picked by a routing policy, and its
 response streams back byte for byte; a worker that fails before its first byte is
-replaced by another, once."""
+replaced by another, once.
+
+aiohttp, not httpx, for the workers: httpx's connection pool walks every connection on
+each request and each close, which at 200 streams was most of the router's time."""
 
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import lanner
 from lanner.engine.routing import CacheAwareConfig, make_policy
@@ -74,45 +78,55 @@ class RouterOptions:
 
 
 class RouterState:
-    """What every request handler shares: the options, the workers, the HTTP client."""
+    """What every request handler shares: the options, the workers, the HTTP session."""
 
-    def __init__(
-        self, options: RouterOptions, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, options: RouterOptions) -> None:
         self.options = options
         self.metrics = RouterMetrics()
-        # Keep-alive shorter than uvicorn's 5 s, so a pooled connection is never one the
-        # worker is closing; no pool limit, as streams hold their connection throughout.
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=options.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0
-            ),
-            transport=transport,  # tests pass a mock; otherwise httpx's own
-        )
+        self.session: aiohttp.ClientSession | None = None  # made in the running loop
         worker_headers = (
             {"Authorization": f"Bearer {options.worker_api_key}"} if options.worker_api_key else {}
         )
         self.pool = WorkerPool(
             options.worker_urls,
             make_policy(options.policy, options.cache_aware),
-            self.client,
             self.metrics,
             options.health,
             worker_headers,
         )
 
-    def upstream_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        kept = [(k, v) for k, v in headers if k.decode("latin-1").lower() not in _HOP_HEADERS]
+    async def open(self) -> None:
+        # No connection limit (a stream holds its connection throughout); keep-alive
+        # shorter than uvicorn's 5 s, so a pooled connection is never one the worker is
+        # closing; bytes pass as they come (no decompression).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        )
+        self.pool.session = self.session
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def upstream_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+        kept = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in headers
+            if k.decode("latin-1").lower() not in _HOP_HEADERS
+        ]
         if self.options.worker_api_key:
-            kept = [(k, v) for k, v in kept if k.lower() != b"authorization"]
-            kept.append((b"authorization", f"Bearer {self.options.worker_api_key}".encode()))
+            kept = [(k, v) for k, v in kept if k.lower() != "authorization"]
+            kept.append(("Authorization", f"Bearer {self.options.worker_api_key}"))
         return kept
 
 
-def _response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
     return [
-        (k, v) for k, v in upstream.headers.raw if k.decode("latin-1").lower() not in _RESPONSE_SKIP
+        (k, v) for k, v in upstream.raw_headers if k.decode("latin-1").lower() not in _RESPONSE_SKIP
     ]
 
 
@@ -126,12 +140,16 @@ def _sse_error(message: str) -> bytes:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
 
 
-async def _read_capped(upstream: httpx.Response, limit: int) -> bytes:
+class UpstreamTooLarge(aiohttp.ClientError):
+    """A whole (non-streamed) worker response past MAX_RESPONSE_BYTES."""
+
+
+async def _read_capped(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
     content = bytearray()
-    async for chunk in upstream.aiter_raw():
+    async for chunk in upstream.content.iter_any():
         content += chunk
         if len(content) > limit:
-            raise httpx.DecodingError(f"the worker's response passed {limit} bytes")
+            raise UpstreamTooLarge(f"the worker's response passed {limit} bytes")
     return bytes(content)
 
 
@@ -142,10 +160,10 @@ async def _wait_for_disconnect(receive: Any) -> None:
             return
 
 
-class ProxyResponse(Response):
-    """Forwards one request and relays the answer. Runs as the response, so it holds
-    the client's connection: a client that goes away cancels the forward, which closes
-    the worker's stream, which makes the worker abort the request."""
+class Forward:
+    """Forwards one request and relays the answer over the client's own connection: a
+    client that goes away cancels the forward, which closes the worker's stream, which
+    makes the worker abort the request."""
 
     def __init__(
         self,
@@ -157,7 +175,6 @@ class ProxyResponse(Response):
         key: str | None,
         arrival: float,
     ) -> None:
-        super().__init__()
         self.state = state
         self.method = method
         self.path = path
@@ -166,8 +183,15 @@ class ProxyResponse(Response):
         self.key = key
         self.arrival = arrival
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        forward = asyncio.create_task(self._forward(send))
+    async def run(self, receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        forward = asyncio.create_task(self._forward(tracked_send))
         watch = asyncio.create_task(_wait_for_disconnect(receive))
         try:
             await asyncio.wait({forward, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -175,8 +199,12 @@ class ProxyResponse(Response):
             for task in (forward, watch):
                 task.cancel()
             await asyncio.gather(forward, watch, return_exceptions=True)
-        if not forward.cancelled() and forward.exception() is not None:
-            raise forward.exception()  # type: ignore[misc]
+        if forward.cancelled() or forward.exception() is None:
+            return
+        error = forward.exception()
+        logger.error("unexpected error forwarding %s", self.path, exc_info=error)
+        if not started:
+            await send_json(send, 500, _INTERNAL_ERROR)
 
     async def _forward(self, send: Any) -> None:
         pool, metrics = self.state.pool, self.state.metrics
@@ -211,29 +239,32 @@ class ProxyResponse(Response):
         """Send the request to `worker`. None once the client has its answer; the error
         when the worker failed before anything reached the client (so a retry is safe)."""
         state, pool = self.state, self.state.pool
-        client = state.client
+        assert state.session is not None
         pool.started(worker)
-        upstream: httpx.Response | None = None
+        upstream: aiohttp.ClientResponse | None = None
+        finished = False  # read to its end: the connection may be reused
         try:
             try:
-                request = client.build_request(
-                    self.method, worker.url + self.path, content=self.content,
-                    headers=self.forward_headers,
+                upstream = await state.session.request(
+                    self.method, worker.url + self.path, data=self.content or None,
+                    headers=self.forward_headers, allow_redirects=False,
                 )  # fmt: skip
-                upstream = await client.send(request, stream=True)
-                status = upstream.status_code
+                status = upstream.status
                 if status in RETRY_STATUSES:
                     detail = (await _read_capped(upstream, 4096)).decode(errors="replace")
+                    finished = True
                     pool.failed(worker, f"HTTP {status}", certain=status == 503)
                     return f"{worker.url} answered HTTP {status}: {detail[:300]}"
-                streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
+                streaming = upstream.content_type == "text/event-stream"
                 if streaming:
-                    chunks = upstream.aiter_raw()
+                    chunks = upstream.content.iter_any()
                     first = await anext(chunks, b"")
                 else:
                     first = await _read_capped(upstream, MAX_RESPONSE_BYTES)
-            except httpx.HTTPError as err:
-                pool.failed(worker, _describe(err), certain=isinstance(err, httpx.ConnectError))
+                    finished = True
+            except (aiohttp.ClientError, TimeoutError) as err:
+                certain = isinstance(err, aiohttp.ClientConnectorError | TimeoutError)
+                pool.failed(worker, _describe(err), certain=certain)
                 return f"{worker.url}: {_describe(err)}"
             # From here on the client hears from this worker, whatever happens.
             state.metrics.requests.labels(worker.url, str(status)).inc()
@@ -249,7 +280,8 @@ class ProxyResponse(Response):
             try:
                 async for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.HTTPError as err:
+                finished = True
+            except aiohttp.ClientError as err:
                 pool.failed(worker, _describe(err), certain=False)
                 message = f"worker {worker.url} failed mid-stream: {_describe(err)}"
                 await send({"type": "http.response.body", "body": _sse_error(message),
@@ -259,7 +291,15 @@ class ProxyResponse(Response):
         finally:
             pool.finished(worker)
             if upstream is not None:
-                await upstream.aclose()
+                # An unfinished stream must close its connection: that is how the worker
+                # learns the client left, and aborts.
+                if finished:
+                    upstream.release()
+                else:
+                    upstream.close()
+
+
+_INTERNAL_ERROR = error_body("internal router error (logged)", "InternalServerError", None, 500)
 
 
 class CatchAllMiddleware:
@@ -286,9 +326,7 @@ class CatchAllMiddleware:
         except Exception:  # noqa: BLE001 - the one place unexpected errors end up
             logger.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
-                body = error_body("internal router error (logged)", "InternalServerError", None,
-                                  500)  # fmt: skip
-                await send_json(send, 500, body)
+                await send_json(send, 500, _INTERNAL_ERROR)
 
 
 def _worker_url_from(body: bytes, query_url: str | None) -> str:
@@ -305,14 +343,57 @@ def _worker_url_from(body: bytes, query_url: str | None) -> str:
     return payload["url"]
 
 
-def build_router_app(
-    options: RouterOptions, transport: httpx.AsyncBaseTransport | None = None
-) -> FastAPI:
-    state = RouterState(options, transport)
+# The OpenAI endpoints the router forwards, and the method each takes.
+PROXIED = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET"}
+
+
+class RouterApp:
+    """The ASGI app uvicorn serves. The forwarded endpoints take a short path of plain
+    ASGI (no framework layer sits in the way of each streamed chunk); everything else
+    (health, metrics, workers, errors) goes through FastAPI."""
+
+    def __init__(self, state: RouterState, fastapi_app: FastAPI) -> None:
+        self.state = state
+        self.fastapi = fastapi_app
+        self._framework = CatchAllMiddleware(fastapi_app)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in PROXIED:
+            await self.forward(scope, receive, send)
+        else:
+            await self._framework(scope, receive, send)
+
+    async def forward(self, scope: dict, receive: Any, send: Any) -> None:
+        arrival = time.monotonic()
+        path, method = scope["path"], scope["method"]
+        if method != PROXIED[path]:
+            body = error_body(f"{path} takes {PROXIED[path]}, not {method}",
+                              "MethodNotAllowedError", None, 405)  # fmt: skip
+            await send_json(send, 405, body, {"Allow": PROXIED[path]})
+            return
+        options = self.state.options
+        try:
+            body = await read_body(Request(scope, receive), options.max_body_bytes)
+        except HTTPError as err:
+            await send_json(send, err.status, err.body(), err.headers)
+            return
+        except ClientDisconnect:
+            return
+        key = route_key(path, body) if options.policy == "cache_aware" else None
+        headers = self.state.upstream_headers(scope["headers"])
+        if scope.get("query_string"):
+            path += "?" + scope["query_string"].decode("latin-1")
+        await Forward(self.state, method, path, body, headers, key, arrival).run(receive, send)
+
+
+def build_router_app(options: RouterOptions) -> Any:
+    """The router as an ASGI app (API key and Host checks outermost)."""
+    state = RouterState(options)
     pool = state.pool
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.open()
         await pool.check_all()  # route from the first request on
         pool.start()
         up = [w.url for w in pool.workers.values() if w.healthy]
@@ -322,15 +403,10 @@ def build_router_app(
             yield
         finally:
             await pool.stop()
-            await state.client.aclose()
+            await state.close()
 
     app = FastAPI(title="lanner router", version=lanner.__version__, lifespan=lifespan)
     app.state.router = state
-    if options.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=options.api_key)
-    if options.allowed_hosts is not None:
-        app.add_middleware(HostCheckMiddleware, allowed_hosts=options.allowed_hosts)
-    app.add_middleware(CatchAllMiddleware)
 
     @app.exception_handler(HTTPError)
     async def _http_error(_: Request, err: HTTPError) -> JSONResponse:
@@ -346,20 +422,6 @@ def build_router_app(
             err.status_code,
             headers=dict(err.headers or {}),
         )
-
-    async def forward(request: Request) -> Response:
-        arrival = time.monotonic()
-        path = request.url.path
-        body = await read_body(request, options.max_body_bytes)
-        key = route_key(path, body) if options.policy == "cache_aware" else None
-        headers = state.upstream_headers(request.headers.raw)
-        if request.url.query:
-            path += "?" + request.url.query
-        return ProxyResponse(state, request.method, path, body, headers, key, arrival)
-
-    app.add_api_route("/v1/completions", forward, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", forward, methods=["POST"])
-    app.add_api_route("/v1/models", forward, methods=["GET"])
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -414,7 +476,12 @@ def build_router_app(
                             "url") from None  # fmt: skip
         return {"removed": worker.url, "outstanding": worker.outstanding}
 
-    return app
+    served: Any = RouterApp(state, app)
+    if options.api_key:
+        served = ApiKeyMiddleware(served, api_key=options.api_key)
+    if options.allowed_hosts is not None:
+        served = HostCheckMiddleware(served, allowed_hosts=options.allowed_hosts)
+    return served
 
 
 def run_router(options: RouterOptions, host: str, port: int, log_level: str = "info") -> int:
@@ -423,5 +490,5 @@ def run_router(options: RouterOptions, host: str, port: int, log_level: str = "i
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
     )
-    asyncio.run(server.serve())
+    server.run()  # on uvloop when installed, as uvicorn.run picks it
     return 0

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 
-POLICY_NAMES = ("cache_aware", "least_load", "power_of_two", "round_robin")
+from lanner.engine.routing import POLICIES
+
+POLICY_NAMES = tuple(POLICIES)
 WORKER_API_KEY_ENV = "LANNER_WORKER_API_KEY"
 
 

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
+import yarl
 
 from lanner.engine.routing import RouteDecision, RoutingPolicy, WorkerLoad
 from lanner.metrics.router import RouterMetrics
@@ -29,13 +30,13 @@ def normalize_url(url: str) -> str:
     if not isinstance(url, str) or len(url) > 2048:
         raise ValueError("a worker URL is a string like http://host:8000")
     try:
-        parsed = httpx.URL(url.strip())
-    except (httpx.InvalidURL, TypeError) as err:
+        parsed = yarl.URL(url.strip())
+    except (ValueError, TypeError) as err:
         raise ValueError(f"worker URL {url!r} is not a URL: {err}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"worker URL {url!r} must look like http://host:port")
-    if parsed.query or parsed.fragment:
-        raise ValueError(f"worker URL {url!r} must not carry a query or fragment")
+    if parsed.query_string or parsed.fragment or parsed.user:
+        raise ValueError(f"worker URL {url!r} must not carry a query, fragment or user")
     return str(parsed).rstrip("/")
 
 
@@ -89,13 +90,12 @@ class WorkerPool:
         self,
         urls: Iterable[str],
         policy: RoutingPolicy,
-        client: httpx.AsyncClient,
         metrics: RouterMetrics,
         health: HealthOptions,
         worker_headers: dict[str, str] | None = None,
     ) -> None:
         self.policy = policy
-        self.client = client
+        self.session: aiohttp.ClientSession | None = None  # set by the router once running
         self.metrics = metrics
         self.health = health
         self.worker_headers = worker_headers or {}
@@ -217,13 +217,15 @@ class WorkerPool:
     async def check(self, worker: Worker) -> None:
         """GET /health, then /metrics for the queue depth; never raises."""
         worker.next_check = time.monotonic() + self.health.interval_s  # none run twice
-        timeout = self.health.timeout_s
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=self.health.timeout_s)
         try:
-            response = await self.client.get(
+            async with self.session.get(
                 worker.url + "/health", timeout=timeout, headers=self.worker_headers
-            )
-            if response.status_code != 200:
-                raise RuntimeError(f"/health answered HTTP {response.status_code}")
+            ) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"/health answered HTTP {response.status}")
         except Exception as err:  # noqa: BLE001 - any failure means the worker is down
             if not worker.removed:
                 self._mark_down(worker, f"{type(err).__name__}: {err}"[:300])
@@ -238,19 +240,20 @@ class WorkerPool:
         self.metrics.worker_up.labels(worker.url).set(1)
         await self._poll_load(worker, timeout)
 
-    async def _poll_load(self, worker: Worker, timeout: float) -> None:
+    async def _poll_load(self, worker: Worker, timeout: aiohttp.ClientTimeout) -> None:
+        assert self.session is not None
         try:
-            async with self.client.stream(
-                "GET", worker.url + "/metrics", timeout=timeout, headers=self.worker_headers
+            async with self.session.get(
+                worker.url + "/metrics", timeout=timeout, headers=self.worker_headers
             ) as response:
-                if response.status_code != 200:
+                if response.status != 200:
                     return
                 text = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.content.iter_any():
                     text += chunk
                     if len(text) > MAX_METRICS_BYTES:
                         return
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, TimeoutError):
             return  # load stays as last known; health decides up or down
         waiting = parse_waiting(text.decode("utf-8", errors="replace"))
         if waiting is not None and not worker.removed:
