@@ -171,7 +171,7 @@ class Forward:
         method: str,
         path: str,
         body: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[str, str]],
         key: str | None,
         arrival: float,
     ) -> None:
