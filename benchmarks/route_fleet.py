@@ -12,10 +12,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 CLI = [sys.executable, "-m", "lanner.entrypoints.cli", "--log-level", "WARNING"]
+
+
+def result_header(
+    workload: str, commit: str, started: float, card: str = "cpu", **fields: Any
+) -> dict[str, Any]:
+    """What every routing benchmark's JSON holds besides its figures."""
+    return {
+        "workload": workload,
+        "card": card,
+        "cpu_count": os.cpu_count(),
+        "commit": commit,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        **fields,
+    }
 
 
 def free_port() -> int:

@@ -30,7 +30,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from benchmarks.route_fleet import CLI, free_port, start_replicas, start_router, wait_healthy
+from benchmarks.route_fleet import (
+    CLI,
+    free_port,
+    result_header,
+    start_replicas,
+    start_router,
+    wait_healthy,
+)
 from lanner.bench.report import save_copies
 from lanner.engine.config import DEFAULT_MODEL_DIR
 
@@ -164,22 +171,16 @@ def main() -> None:
             finally:
                 replica.stop()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
-    result = {
-        "workload": "route-overhead",
-        "card": "cpu",
-        "cpu_count": os.cpu_count(),
-        "commit": args.commit,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "config": {
-            **vars(args),
-            "stub_first_token_s": STUB_FIRST_TOKEN_S,
-            "stub_token_gap_s": STUB_TOKEN_GAP_S,
-        },  # fmt: skip
-        "note": "shared CPU machine: client, router and worker share its 2 cores with other "
+    result = result_header(
+        "route-overhead",
+        args.commit,
+        started,
+        config={**vars(args), "stub_first_token_s": STUB_FIRST_TOKEN_S,
+                "stub_token_gap_s": STUB_TOKEN_GAP_S},
+        note="shared CPU machine: client, router and worker share its 2 cores with other "
         "engineers' jobs; added_median_ttft_ms = router's median TTFT - direct's, per round",
-        "results": results,
-    }
+        results=results,
+    )  # fmt: skip
     name = f"{stamp}-route-overhead.json"
     save_copies(result, RESULTS, name)
     print(f"wrote {RESULTS / name}")

@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from benchmarks.route_fleet import CLI, Process, start_replicas, start_router
+from benchmarks.route_fleet import CLI, Process, result_header, start_replicas, start_router
 from lanner.bench.report import save_copies
 from lanner.bench.server_metrics import metric_total, scrape_metrics
 from lanner.engine.config import DEFAULT_MODEL_DIR
@@ -172,19 +171,16 @@ def main() -> None:
         for replica in replicas:
             replica.stop()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
-    result = {
-        "workload": "W9",
-        "model": "demo-model",
-        "card": "cpu",
-        "cpu_count": os.cpu_count(),
-        "commit": args.commit,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "config": {**vars(args), "serve_args": serve_args, "omp_num_threads": 1},
-        "note": "shared CPU machine: other engineers' jobs ran beside this one; "
+    result = result_header(
+        "W9",
+        args.commit,
+        started,
+        model="demo-model",
+        config={**vars(args), "serve_args": serve_args, "omp_num_threads": 1},
+        note="shared CPU machine: other engineers' jobs ran beside this one; "
         "load_average_1m holds the 1-minute load before and after each policy's run",
-        "runs": runs,
-    }
+        runs=runs,
+    )
     name = f"{stamp}-W9-route.json"
     save_copies(result, RESULTS, name)
     print(f"wrote {RESULTS / name}")
