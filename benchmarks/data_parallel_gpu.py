@@ -3,7 +3,7 @@ its own GPU, greedy outputs equal to a one-core server's, every core used, and a
 prefix kept on one core (cache_aware) against spread over all (round_robin): the W9
 workload through each, prefix-cache hit rate and TTFT from the servers' own counters.
 
-Run on the GPU machine from the repository root (about 3-5 minutes):
+Run on the GPU machine from the repository root (about 3-6 minutes):
     PYTHONPATH=. python3 benchmarks/data_parallel_gpu.py --commit "$(git rev-parse --short HEAD)"
 Writes benchmarks/results/<stamp>-data-parallel-gpu.json (and $OUT when set).
 """
@@ -87,30 +87,30 @@ def main() -> None:
     engine = [str(DEFAULT_MODEL_DIR), "--num-gpu-blocks-override", "2048", "--max-model-len",
               "1024"]  # fmt: skip
     prompts = [f"def task_{i}(items):\n    # step {i}\n" for i in range(64)]
-    single = Process(["serve", *engine], logs / "single.log")
-    servers = {
-        policy: Process(["serve", *engine, "--data-parallel-size", str(size),
-                         "--data-parallel-policy", policy], logs / f"dp-{policy}.log")
-        for policy in ("cache_aware", "round_robin")
-    }  # fmt: skip
     result_runs: dict = {}
+    # One server at a time: each would otherwise take its memory share of GPU 0 too.
+    single = Process(["serve", *engine], logs / "single.log")
     try:
-        for process in (single, *servers.values()):
-            process.wait_ready(900)
+        single.wait_ready(900)
         with ThreadPoolExecutor(16) as pool:
             expected = list(pool.map(lambda p: complete(single.url, p), prompts))
-            for policy, server in servers.items():
-                got = list(pool.map(lambda p, s=server: complete(s.url, p), prompts))
-                result_runs[policy] = {
-                    "greedy_equal_to_one_core": got == expected,
-                    "engines_used": per_engine(server.url),
-                }
-        for policy, server in servers.items():
-            result_runs[policy]["w9"] = w9(server.url, logs, policy)
         result_runs["one_core"] = {"w9": w9(single.url, logs, "single")}
     finally:
-        for process in (single, *servers.values()):
-            process.stop()
+        single.stop()
+    for policy in ("cache_aware", "round_robin"):
+        server = Process(["serve", *engine, "--data-parallel-size", str(size),
+                          "--data-parallel-policy", policy], logs / f"dp-{policy}.log")  # fmt: skip
+        try:
+            server.wait_ready(900)
+            with ThreadPoolExecutor(16) as pool:
+                got = list(pool.map(lambda p, s=server: complete(s.url, p), prompts))
+            result_runs[policy] = {
+                "greedy_equal_to_one_core": got == expected,
+                "engines_used": per_engine(server.url),
+                "w9": w9(server.url, logs, policy),
+            }
+        finally:
+            server.stop()
     result = result_header("data-parallel-gpu", args.commit, started,
                         card=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(),
                         data_parallel_size=size, runs=result_runs)  # fmt: skip
