@@ -1,5 +1,5 @@
-"""Benchmark request sets: random, fixed, shared-prefix and ShareGPT-format prompts, each
-as token ids with the number of output tokens wanted. Everything is seeded."""
+"""Benchmark request sets: random, fixed, shared-prefix, multi-tenant and ShareGPT-format
+prompts, each as token ids with the number of output tokens wanted. Everything is seeded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("random", "fixed", "prefix", "sharegpt")
+DATASETS = ("random", "fixed", "prefix", "tenants", "sharegpt")
 
 
 @dataclass
@@ -95,6 +95,34 @@ def prefix_requests(
     ]
 
 
+def tenant_requests(
+    num_prompts: int,
+    num_tenants: int,
+    prefix_len: int,
+    input_len: int,
+    output_len: int,
+    vocab_size: int,
+    seed: int = 0,
+) -> list[BenchRequest]:
+    """Workload W9: each tenant has its own system prompt of `prefix_len` random tokens;
+    each request picks a tenant uniformly at random and adds a user turn of `input_len`
+    random tokens."""
+    if num_tenants < 1 or prefix_len < 0 or input_len < 1:
+        raise ValueError(
+            f"the tenants dataset needs --num-tenants >= 1, --tenant-prefix-len >= 0 and "
+            f"--input-len >= 1, got {num_tenants}, {prefix_len}, {input_len}"
+        )
+    rng = random.Random(seed)
+    prefixes = [_token_ids(rng, prefix_len, vocab_size) for _ in range(num_tenants)]
+    return [
+        BenchRequest(
+            prefixes[rng.randrange(num_tenants)] + _token_ids(rng, input_len, vocab_size),
+            output_len,
+        )
+        for _ in range(num_prompts)
+    ]
+
+
 def sharegpt_requests(
     path: str | Path,
     tokenizer: Any,
@@ -145,6 +173,11 @@ def add_dataset_args(parser: Any, default_input: int = 128, default_output: int 
     parser.add_argument(
         "--sharegpt-output-len", type=int, default=None, help="override ShareGPT output lengths"
     )
+    parser.add_argument("--num-tenants", type=int, default=16,
+                        help="tenants dataset: tenants, each with a system prompt")  # fmt: skip
+    parser.add_argument("--tenant-prefix-len", type=int, default=400,
+                        help="tenants dataset: tokens of each system prompt (then "
+                        "--input-len tokens of user turn)")  # fmt: skip
 
 
 def build_requests(args: Any, vocab_size: int, tokenizer: Any = None) -> list[BenchRequest]:
@@ -168,6 +201,16 @@ def build_requests(args: Any, vocab_size: int, tokenizer: Any = None) -> list[Be
     if name == "prefix":
         return prefix_requests(
             args.num_prompts, args.input_len, args.output_len, vocab_size, args.prefix_share, seed
+        )
+    if name == "tenants":
+        return tenant_requests(
+            args.num_prompts,
+            args.num_tenants,
+            args.tenant_prefix_len,
+            args.input_len,
+            args.output_len,
+            vocab_size,
+            seed,
         )
     if args.dataset_path is None:
         raise ValueError("the sharegpt dataset needs --dataset-path")

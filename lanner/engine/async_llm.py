@@ -95,10 +95,16 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, stat_logger: StatLogger | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        stat_logger: StatLogger | None = None,
+        core_env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.stat_logger = stat_logger
-        self.client = AsyncCoreClient(config)
+        # core_env: variables the core process starts with (a data-parallel rank's GPU).
+        self.client = AsyncCoreClient(config, env=core_env)
         self.ready: CoreReady | None = None
         self.tokenizer: Any = None
         self.processor: OutputProcessor | None = None

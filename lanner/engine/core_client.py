@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -54,11 +55,28 @@ def request_to_dict(request: Request) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _environment(changes: dict[str, str]) -> Iterator[None]:
+    """os.environ with `changes` while the block runs: a spawned child copies the
+    environment when it starts, and nothing awaits in between."""
+    saved = {name: os.environ.get(name) for name in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class AsyncCoreClient:
     """Drives one engine core process over two ZMQ pipes (PUSH in, PULL out)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.env = env or {}
         self._dir = tempfile.mkdtemp(prefix="lanner-core-")
         self._context = zmq.asyncio.Context()
         # Sends are plain (not asyncio) calls, so any thread may send, e.g. the shutdown.
@@ -90,7 +108,8 @@ class AsyncCoreClient:
 
     async def start(self, timeout_s: float = 1800.0) -> CoreReady:
         """Start the core process and wait until its model is loaded."""
-        self.process.start()
+        with _environment(self.env):
+            self.process.start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             message = await self.receive()

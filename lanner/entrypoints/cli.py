@@ -1,5 +1,5 @@
-"""The `lanner` command: serve (the OpenAI-compatible server), generate (one prompt, with a
-timing summary) and chat."""
+"""The `lanner` command: serve (the OpenAI-compatible server), router (a load-balancing
+front over several servers), generate (one prompt, with a timing summary), chat and bench."""
 
 from __future__ import annotations
 
@@ -204,7 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(serve)
     _add_server_args(serve)
+    _add_data_parallel_args(serve)
     serve.set_defaults(handler=run_serve)
+
+    from lanner.entrypoints.router import args as router_args
+
+    router = commands.add_parser("router", help="balance requests over several servers")
+    router_args.add_router_args(router)
+    router.set_defaults(handler=router_args.run_router_command)
 
     generate = commands.add_parser("generate", help="complete one prompt and report timings")
     generate.add_argument("prompt", help="the text to complete")
@@ -267,6 +274,20 @@ def _bench_handler(module: str, function: str) -> Any:
         return getattr(importlib.import_module(f"lanner.bench.{module}"), function)(args)
 
     return handler
+
+
+def _add_data_parallel_args(parser: argparse.ArgumentParser) -> None:
+    from lanner.entrypoints.router.args import POLICY_NAMES
+
+    parser.add_argument(
+        "--data-parallel-size", type=int, default=1,
+        help="engine cores behind this server, each with its own copy of the model: one "
+        "per GPU on CUDA, processes on the CPU (default: 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data-parallel-policy", choices=POLICY_NAMES, default="cache_aware",
+        help="how a request's engine core is picked (lanner router's policies)",
+    )  # fmt: skip
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:

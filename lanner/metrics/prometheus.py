@@ -135,6 +135,28 @@ class ServerMetrics:
         self.prefix_cache_hit_rate = gauge(
             "lanner:prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache."
         )
+        # Tokens, as vLLM's counters of the same names: rates over any window come from
+        # these (the gauge above is the share since start).
+        self.prefix_cache_queries = Counter(
+            "lanner:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            labels,
+            registry=self.registry,
+        )
+        self.prefix_cache_hits = Counter(
+            "lanner:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            labels,
+            registry=self.registry,
+        )
+        self._seen: dict[str, int] = {}  # the core's cumulative counts, as last counted
+        # Only a data-parallel server routes (lanner serve --data-parallel-size N).
+        self.data_parallel_requests = Counter(
+            "lanner:data_parallel_requests",
+            "Requests sent to each data-parallel engine core, by why it was chosen.",
+            [*labels, "engine", "reason"],
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "lanner:prompt_tokens",
             "Prompt tokens of finished requests.",
@@ -150,7 +172,6 @@ class ServerMetrics:
             labels,
             registry=self.registry,
         )
-        self._preemptions_seen = 0
         self.event_loop_lag = Histogram(
             "lanner:api_event_loop_lag_seconds",
             "How late the API server's event loop woke a 10 ms timer (load or blocking).",
@@ -195,13 +216,13 @@ class ServerMetrics:
             [*labels, "position"],
             registry=self.registry,
         )
-        self._spec_seen = (0, 0, 0)
-        self._spec_per_pos_seen: list[int] = []
         for metric in (
             self.num_requests_running,
             self.num_requests_waiting,
             self.kv_cache_usage,
             self.prefix_cache_hit_rate,
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
             self.prompt_tokens,
             self.generation_tokens,
             self.num_preemptions,
@@ -222,37 +243,34 @@ class ServerMetrics:
         queried = stats.prefix_cache_queried_tokens
         rate = stats.prefix_cache_hit_tokens / queried if queried else 0.0
         self.prefix_cache_hit_rate.labels(self._model).set(rate)
-        # The core counts from its start; the counter takes what is new since last time.
-        new_preemptions = stats.num_preemptions - self._preemptions_seen
-        if new_preemptions > 0:
-            self.num_preemptions.labels(self._model).inc(new_preemptions)
-            self._preemptions_seen = stats.num_preemptions
-        self._count_spec_decode(stats)
+        # The core counts these from its start; each counter adds what grew since.
+        self._add_growth(self.prefix_cache_queries, "queries", queried)
+        self._add_growth(self.prefix_cache_hits, "hits", stats.prefix_cache_hit_tokens)
+        self._add_growth(self.num_preemptions, "preemptions", stats.num_preemptions)
+        self._add_growth(self.spec_decode_num_drafts, "drafts", stats.spec_num_drafts)
+        self._add_growth(
+            self.spec_decode_num_draft_tokens, "draft_tokens", stats.spec_num_draft_tokens
+        )
+        self._add_growth(
+            self.spec_decode_num_accepted_tokens, "accepted", stats.spec_num_accepted_tokens
+        )
+        for position, total in enumerate(stats.spec_num_accepted_tokens_per_pos):
+            self._add_growth(
+                self.spec_decode_num_accepted_tokens_per_pos,
+                f"accepted@{position}",
+                total,
+                str(position),
+            )
 
-    def _count_spec_decode(self, stats: EngineCoreStats) -> None:
-        """Add what the core's cumulative speculation counts grew by since last seen."""
-        totals = (
-            stats.spec_num_drafts,
-            stats.spec_num_draft_tokens,
-            stats.spec_num_accepted_tokens,
-        )
-        counters = (
-            self.spec_decode_num_drafts,
-            self.spec_decode_num_draft_tokens,
-            self.spec_decode_num_accepted_tokens,
-        )
-        for counter, total, seen in zip(counters, totals, self._spec_seen, strict=True):
-            if total > seen:
-                counter.labels(self._model).inc(total - seen)
-        self._spec_seen = totals
-        per_pos = stats.spec_num_accepted_tokens_per_pos
-        seen_per_pos = self._spec_per_pos_seen + [0] * (len(per_pos) - len(self._spec_per_pos_seen))
-        for position, (total, seen) in enumerate(zip(per_pos, seen_per_pos, strict=False)):
-            if total > seen:
-                self.spec_decode_num_accepted_tokens_per_pos.labels(self._model, str(position)).inc(
-                    total - seen
-                )
-        self._spec_per_pos_seen = list(per_pos)
+    def _add_growth(self, counter: Counter, key: str, total: int, *labels: str) -> None:
+        """Add to ``counter`` what the core's cumulative ``total`` grew by since last seen."""
+        seen = self._seen.get(key, 0)
+        if total > seen:
+            counter.labels(self._model, *labels).inc(total - seen)
+            self._seen[key] = total
+
+    def on_routed(self, engine: str, reason: str) -> None:
+        self.data_parallel_requests.labels(self._model, engine, reason).inc()
 
     def on_new_tokens(self, num_tokens: int, inter_token_latency: float | None) -> None:
         self.generation_tokens.labels(self._model).inc(num_tokens)

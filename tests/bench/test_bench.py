@@ -61,6 +61,19 @@ def test_datasets_are_seeded_and_shaped() -> None:
         datasets.parse_range("9:5")
 
 
+def test_tenants_dataset_is_workload_w9() -> None:
+    requests = datasets.tenant_requests(200, 4, 40, 8, 5, 1000, seed=2)
+    assert requests == datasets.tenant_requests(200, 4, 40, 8, 5, 1000, seed=2)
+    prefixes = {tuple(r.prompt_token_ids[:40]) for r in requests}
+    assert len(prefixes) == 4  # each tenant's system prompt, shared by its requests
+    assert {r.input_len for r in requests} == {48} and {r.output_len for r in requests} == {5}
+    assert len({tuple(r.prompt_token_ids[40:]) for r in requests}) == 200  # own user turns
+    shares = [sum(tuple(r.prompt_token_ids[:40]) == p for r in requests) for p in prefixes]
+    assert min(shares) > 25  # tenants drawn uniformly: about 50 each
+    with pytest.raises(ValueError, match="--num-tenants"):
+        datasets.tenant_requests(1, 0, 4, 4, 1, 10)
+
+
 def test_goodput_and_summary_figures() -> None:
     results = []
     for i in range(1, 11):

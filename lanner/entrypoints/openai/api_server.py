@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import lanner
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
+from lanner.engine.data_parallel import make_engine
 from lanner.entrypoints.openai.errors import OpenAIError, error_body
 from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.prepare import PrepareContext
@@ -60,6 +61,8 @@ class ServerOptions:
     limits: ServerLimits = field(default_factory=ServerLimits)
     # Host header values answered; None answers any (see default_allowed_hosts).
     allowed_hosts: frozenset[str] | None = None
+    data_parallel_size: int = 1  # engine cores, routed by data_parallel_policy
+    data_parallel_policy: str = "cache_aware"
 
 
 def default_model_name(model: str) -> str:
@@ -126,7 +129,7 @@ class _RequestPreparer:
 def build_app(options: ServerOptions) -> FastAPI:
     config = EngineConfig.from_kwargs(**options.engine)
     metrics = ServerMetrics(options.served_model_names[0])
-    engine = AsyncLLM(config, stat_logger=metrics)
+    engine = make_engine(config, metrics, options.data_parallel_size, options.data_parallel_policy)
     serving = OpenAIServing(
         engine, options.served_model_names, config.max_num_seqs, options.max_queued_requests
     )
@@ -473,6 +476,8 @@ def run_server(
         max_queued_requests=args.max_queued_requests,
         limits=limits,
         allowed_hosts=allowed,
+        data_parallel_size=getattr(args, "data_parallel_size", 1),
+        data_parallel_policy=getattr(args, "data_parallel_policy", "cache_aware"),
     )
     if options.max_queued_requests is not None and options.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
