@@ -8,6 +8,7 @@ know how many cores there are. Only the server imports this module (as AsyncLLM)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -88,15 +89,21 @@ class _RankStatLogger:
 
 
 def sum_stats(all_stats: list[EngineCoreStats]) -> EngineCoreStats:
-    """The ranks' load as one core's: counts add up, KV usage is the mean share (every
-    rank has the same cache size)."""
-    return EngineCoreStats(
-        num_running=sum(s.num_running for s in all_stats),
-        num_waiting=sum(s.num_waiting for s in all_stats),
-        kv_cache_usage=sum(s.kv_cache_usage for s in all_stats) / len(all_stats),
-        prefix_cache_queried_tokens=sum(s.prefix_cache_queried_tokens for s in all_stats),
-        prefix_cache_hit_tokens=sum(s.prefix_cache_hit_tokens for s in all_stats),
-    )
+    """The ranks' load as one core's: counts add up (lists position by position), KV usage
+    is the mean share (every rank has the same cache size)."""
+    summed: dict[str, Any] = {}
+    for stat_field in dataclasses.fields(EngineCoreStats):
+        values = [getattr(s, stat_field.name) for s in all_stats]
+        if stat_field.name == "kv_cache_usage":
+            summed[stat_field.name] = sum(values) / len(values)
+        elif values and isinstance(values[0], list):
+            width = max(len(v) for v in values)
+            summed[stat_field.name] = [
+                sum(v[i] for v in values if i < len(v)) for i in range(width)
+            ]
+        else:
+            summed[stat_field.name] = sum(values)
+    return EngineCoreStats(**summed)
 
 
 class DataParallelAsyncLLM:
@@ -155,6 +162,10 @@ class DataParallelAsyncLLM:
     @property
     def num_unfinished_requests(self) -> int:
         return sum(e.num_unfinished_requests for e in self.engines if e.processor is not None)
+
+    @property
+    def num_unfinished_sequences(self) -> int:
+        return sum(e.num_unfinished_sequences for e in self.engines if e.processor is not None)
 
     @property
     def stats(self) -> EngineCoreStats:

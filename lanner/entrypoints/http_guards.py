@@ -1,17 +1,22 @@
-"""HTTP guards for lanner's servers: OpenAI-style error bodies, the API key check, the
-Host check (against DNS rebinding) and a bounded request body. Pure ASGI over Starlette,
-no engine imports, so the router stays light."""
+"""HTTP guards for lanner's servers (`lanner serve` and `lanner router`): OpenAI-style
+errors, the API key check, the Host check (against DNS rebinding), a bounded request body
+and the last-resort handler of unexpected errors. Pure ASGI over Starlette, no engine
+imports, so the router stays light."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
 import json
+import logging
 import os
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
 from starlette.requests import Request
+
+logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "LANNER_API_KEY"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -21,8 +26,9 @@ def error_body(message: str, error_type: str, param: str | None, code: int) -> d
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-class HTTPError(Exception):
-    """An error the client gets as ``{"error": {message, type, param, code}}``."""
+class OpenAIError(Exception):
+    """An error the client gets as ``{"error": {message, type, param, code}}`` with
+    ``status`` (picklable: request workers raise it in their own processes)."""
 
     def __init__(
         self,
@@ -32,7 +38,7 @@ class HTTPError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(status, message, error_type, param, headers)
         self.status = status
         self.message = message
         self.error_type = error_type
@@ -41,6 +47,10 @@ class HTTPError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.status)
+
+
+def bad_request(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "BadRequestError", param)
 
 
 async def send_json(
@@ -79,7 +89,8 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         message = "missing or wrong API key; send the header 'Authorization: Bearer <key>'"
-        await send_json(send, 401, error_body(message, "AuthenticationError", None, 401))
+        body = error_body(message, "AuthenticationError", None, 401)
+        await send_json(send, 401, body, {"WWW-Authenticate": "Bearer"})
 
 
 def default_allowed_hosts(bound_host: str) -> list[str] | None:
@@ -124,25 +135,68 @@ class HostCheckMiddleware:
         await send_json(send, 400, error_body(message, "BadRequestError", None, 400))
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 once it passes `max_bytes` (before reading it
-    all when Content-Length says so)."""
+async def read_body(request: Request, max_bytes: int, flag: str) -> bytes:
+    """The request body, refused with 413 once it passes ``max_bytes`` (before reading it
+    all when Content-Length says so; chunked uploads are counted as they arrive). ``flag``
+    is the option that sets the limit, for the message."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(int(declared), max_bytes)
+        raise _too_large(int(declared), max_bytes, flag)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise _too_large(size, max_bytes)
+            raise _too_large(size, max_bytes, flag)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(size: int, max_bytes: int) -> HTTPError:
-    return HTTPError(
+def _too_large(size: int, max_bytes: int, flag: str) -> OpenAIError:
+    return OpenAIError(
         413,
-        f"the request body has at least {size} bytes, more than the {max_bytes} allowed "
-        f"(--max-body-bytes)",
+        f"the request body has at least {size} bytes, more than the {max_bytes} allowed ({flag})",
         "RequestTooLargeError",
+        headers={"Connection": "close"},
     )
+
+
+class CatchAllMiddleware:
+    """Every exception nothing below handled becomes an OpenAI-style 500 (no paths, no
+    input echoed), logged with its traceback and an error id; the connection stays
+    usable. Starlette's own last-resort handler would re-raise, and uvicorn then drops
+    the connection, so the client's next request on it would fail too."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = ended = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started, ended
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception:  # noqa: BLE001 - the one place unexpected errors end up
+            error_id = uuid.uuid4().hex[:12]
+            logger.exception(
+                "unhandled error in %s %s (error id %s)",
+                scope.get("method"),
+                scope.get("path"),
+                error_id,
+            )
+            if started:
+                # The status line is out: end the body, so the framing stays intact.
+                if not ended:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            message = f"internal server error (error id {error_id}; the server log has details)"
+            await send_json(send, 500, error_body(message, "InternalServerError", None, 500))

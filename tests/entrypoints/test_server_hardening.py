@@ -424,7 +424,7 @@ def test_unexpected_errors_are_openai_500s_and_keep_the_connection(
     import uvicorn
     from fastapi import FastAPI
 
-    from lanner.entrypoints.openai.api_server import ErrorMiddleware
+    from lanner.entrypoints.http_guards import CatchAllMiddleware
 
     app = FastAPI()
 
@@ -436,7 +436,7 @@ def test_unexpected_errors_are_openai_500s_and_keep_the_connection(
     async def ok() -> dict[str, bool]:
         return {"ok": True}
 
-    app.add_middleware(ErrorMiddleware)
+    app.add_middleware(CatchAllMiddleware)
     config = uvicorn.Config(app, host="127.0.0.1", port=unused_port, log_level="critical")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -11,13 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import hmac
-import ipaddress
 import logging
-import os
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,7 +32,16 @@ import lanner
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
 from lanner.engine.data_parallel import make_engine
-from lanner.entrypoints.openai.errors import OpenAIError, error_body
+from lanner.entrypoints.http_guards import (
+    ApiKeyMiddleware,
+    CatchAllMiddleware,
+    HostCheckMiddleware,
+    OpenAIError,
+    api_key_from,
+    default_allowed_hosts,
+    error_body,
+    read_body,
+)
 from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.prepare import PrepareContext
 from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -48,7 +53,6 @@ from lanner.model.tokenizer import longest_token_chars
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "lanner-demo"
-API_KEY_ENV = "LANNER_API_KEY"
 _JSON_TYPES = ("application/json", "application/x-ndjson")
 
 
@@ -60,25 +64,13 @@ class ServerOptions:
     max_queued_requests: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
     # Host header values answered; None answers any (see default_allowed_hosts).
-    allowed_hosts: frozenset[str] | None = None
+    allowed_hosts: list[str] | None = None
     data_parallel_size: int = 1  # engine cores, routed by data_parallel_policy
     data_parallel_policy: str = "cache_aware"
 
 
 def default_model_name(model: str) -> str:
     return DEMO_MODEL_NAME if model == str(DEFAULT_MODEL_DIR) else model
-
-
-def default_allowed_hosts(host: str) -> frozenset[str] | None:
-    """Bound to loopback, answer only loopback names: a web page that rebinds its own
-    domain to 127.0.0.1 (DNS rebinding) then reaches nothing. Bound elsewhere, the names
-    clients use are not known here (--allowed-hosts sets them)."""
-    loopback = {"localhost", "127.0.0.1", "::1"}
-    try:
-        is_loopback = host in loopback or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        is_loopback = False
-    return frozenset(loopback | {host.lower()}) if is_loopback else None
 
 
 class _RequestPreparer:
@@ -120,7 +112,8 @@ class _RequestPreparer:
                 f"{content_type[:100]!r}",
                 "UnsupportedMediaType",
             )
-        raw = await request.body()  # bounded by BodyLimitMiddleware
+        limit = self.options.limits.max_request_body_bytes
+        raw = await read_body(request, limit, "--max-request-body-bytes")
         if self.context is None:
             raise OpenAIError(503, "the server is still starting", "ServiceUnavailable")
         return await self.workers.prepare(kind, raw, self.context)
@@ -176,10 +169,9 @@ def build_app(options: ServerOptions) -> FastAPI:
     # Added innermost first: errors outermost, so nothing below escapes as a bare 500.
     if options.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=options.api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=options.limits.max_request_body_bytes)
     if options.allowed_hosts is not None:
-        app.add_middleware(HostCheckMiddleware, allowed=options.allowed_hosts)
-    app.add_middleware(ErrorMiddleware)
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=options.allowed_hosts)
+    app.add_middleware(CatchAllMiddleware)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
@@ -308,156 +300,6 @@ def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-async def _send_error(
-    scope: dict, send: Any, status: int, body: dict[str, Any], headers: dict[str, str]
-) -> None:
-    """A whole JSON error response, straight through ASGI (for the middleware)."""
-    await JSONResponse(body, status, headers=headers)(scope, _no_receive, send)
-
-
-async def _no_receive() -> dict[str, Any]:
-    return {"type": "http.disconnect"}
-
-
-class ErrorMiddleware:
-    """Every exception nothing below handled becomes an OpenAI-style 500 (no paths, no
-    input echoed), logged with its traceback; the connection stays usable. Starlette's
-    own last-resort handler would re-raise, and uvicorn then drops the connection, so the
-    client's next request on it fails too."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = ended = False
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started, ended
-            if message["type"] == "http.response.start":
-                started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                ended = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked_send)
-        except BodyTooLarge as err:
-            if not started:
-                body = error_body(str(err), "RequestTooLarge", None, 413)
-                await _send_error(scope, send, 413, body, {"Connection": "close"})
-        except Exception:  # noqa: BLE001 - the one place unexpected errors end up
-            error_id = uuid.uuid4().hex[:12]
-            logger.exception("unhandled error in %s %s (error id %s)", scope.get("method"),
-                             scope.get("path"), error_id)  # fmt: skip
-            if started:
-                # The status line is out: end the body, so the framing stays intact.
-                if not ended:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-            message = f"internal server error (error id {error_id}; the server log has details)"
-            body = error_body(message, "InternalServerError", None, 500)
-            await _send_error(scope, send, 500, body, {})
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413, by Content-Length before reading and by
-    counting while reading (chunked uploads have no length)."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _message(self, size: str) -> str:
-        return (
-            f"the request body is {size} bytes, over this server's limit of {self.max_bytes} "
-            f"(--max-request-body-bytes)"
-        )
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            body = error_body(self._message(length.decode()), "RequestTooLarge", None, 413)
-            await _send_error(scope, send, 413, body, {"Connection": "close"})
-            return
-        received = 0
-
-        async def counted_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self._message(f"over {self.max_bytes}"))
-            return message
-
-        await self.app(scope, counted_receive, send)
-
-
-class HostCheckMiddleware:
-    """Answer only requests whose Host header names this server (see default_allowed_hosts)."""
-
-    def __init__(self, app: Any, allowed: frozenset[str]) -> None:
-        self.app = app
-        self.allowed = allowed
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-        if _host_name(host) in self.allowed:
-            await self.app(scope, receive, send)
-            return
-        message = (
-            f"the Host header {host[:100]!r} does not name this server; allowed: "
-            f"{', '.join(sorted(self.allowed))} (--allowed-hosts)"
-        )
-        await _send_error(scope, send, 400, error_body(message, "BadRequestError", None, 400), {})
-
-
-def _host_name(host: str) -> str:
-    """The name in a Host header, without its port ('[::1]:8000' -> '::1')."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-class ApiKeyMiddleware:
-    """Every endpoint but /health needs ``Authorization: Bearer <key>`` (pure ASGI, so
-    streaming responses and disconnects pass through untouched)."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health" or scope["method"] == "OPTIONS":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
-            await self.app(scope, receive, send)
-            return
-        body = error_body(
-            "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
-            "AuthenticationError",
-            None,
-            401,
-        )
-        await _send_error(scope, send, 401, body, {"WWW-Authenticate": "Bearer"})
-
-
 def run_server(
     args: argparse.Namespace, engine_options: dict[str, Any], limits: ServerLimits
 ) -> int:
@@ -468,11 +310,11 @@ def run_server(
     elif "*" in args.allowed_hosts:
         allowed = None
     else:
-        allowed = frozenset(_host_name(h) for h in args.allowed_hosts)
+        allowed = list(args.allowed_hosts)
     options = ServerOptions(
         engine=engine_options,
         served_model_names=args.served_model_name or [default_model_name(model)],
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=api_key_from(args.api_key),
         max_queued_requests=args.max_queued_requests,
         limits=limits,
         allowed_hosts=allowed,

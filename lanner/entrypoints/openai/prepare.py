@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from lanner.engine.core import validate_prompt, validate_token_ids
 from lanner.engine.detokenizer import decode_token
-from lanner.entrypoints.openai.errors import OpenAIError, bad_request
+from lanner.entrypoints.http_guards import OpenAIError, bad_request
 from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.protocol import (
     ChatCompletionRequest,

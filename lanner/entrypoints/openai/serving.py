@@ -13,7 +13,7 @@ from typing import Any
 
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.outputs import RequestOutput
-from lanner.entrypoints.openai.errors import OpenAIError, bad_request, error_body
+from lanner.entrypoints.http_guards import OpenAIError, bad_request, error_body
 from lanner.entrypoints.openai.prepare import PreparedPrompt, PreparedRequest
 from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from lanner.entrypoints.openai.responses import (

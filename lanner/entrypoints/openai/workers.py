@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-from lanner.entrypoints.openai.errors import OpenAIError, bad_request
+from lanner.entrypoints.http_guards import OpenAIError, bad_request
 from lanner.entrypoints.openai.prepare import PrepareContext, PreparedRequest, prepare
 from lanner.model.tokenizer import load_tokenizer
 

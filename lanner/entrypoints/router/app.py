@@ -28,8 +28,9 @@ import lanner
 from lanner.engine.routing import CacheAwareConfig, make_policy
 from lanner.entrypoints.http_guards import (
     ApiKeyMiddleware,
+    CatchAllMiddleware,
     HostCheckMiddleware,
-    HTTPError,
+    OpenAIError,
     error_body,
     read_body,
     send_json,
@@ -302,43 +303,16 @@ class Forward:
 _INTERNAL_ERROR = error_body("internal router error (logged)", "InternalServerError", None, 500)
 
 
-class CatchAllMiddleware:
-    """An exception no handler expected becomes an OpenAI-style 500 (logged here with
-    its traceback), and the connection stays usable."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked_send)
-        except Exception:  # noqa: BLE001 - the one place unexpected errors end up
-            logger.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
-            if not started:
-                await send_json(send, 500, _INTERNAL_ERROR)
-
-
 def _worker_url_from(body: bytes, query_url: str | None) -> str:
     if query_url:
         return query_url
     try:
         payload = json.loads(body) if body else None
     except (ValueError, RecursionError):
-        raise HTTPError(400, "the body must be JSON like {\"url\": \"http://host:port\"}",
+        raise OpenAIError(400, "the body must be JSON like {\"url\": \"http://host:port\"}",
                         "BadRequestError", "url") from None  # fmt: skip
     if not isinstance(payload, dict) or not isinstance(payload.get("url"), str):
-        raise HTTPError(400, "give the worker as {\"url\": \"http://host:port\"} or ?url=",
+        raise OpenAIError(400, "give the worker as {\"url\": \"http://host:port\"} or ?url=",
                         "BadRequestError", "url")  # fmt: skip
     return payload["url"]
 
@@ -373,8 +347,10 @@ class RouterApp:
             return
         options = self.state.options
         try:
-            body = await read_body(Request(scope, receive), options.max_body_bytes)
-        except HTTPError as err:
+            body = await read_body(
+                Request(scope, receive), options.max_body_bytes, "--max-body-bytes"
+            )
+        except OpenAIError as err:
             await send_json(send, err.status, err.body(), err.headers)
             return
         except ClientDisconnect:
@@ -408,8 +384,8 @@ def build_router_app(options: RouterOptions) -> Any:
     app = FastAPI(title="lanner router", version=lanner.__version__, lifespan=lifespan)
     app.state.router = state
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(_: Request, err: HTTPError) -> JSONResponse:
+    @app.exception_handler(OpenAIError)
+    async def _http_error(_: Request, err: OpenAIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -452,27 +428,27 @@ def build_router_app(options: RouterOptions) -> Any:
 
     @app.post("/workers")
     async def add_worker(request: Request) -> JSONResponse:
-        url = _worker_url_from(await read_body(request, MAX_WORKER_BODY_BYTES),
+        url = _worker_url_from(await read_body(request, MAX_WORKER_BODY_BYTES, "a fixed limit"),
                                request.query_params.get("url"))  # fmt: skip
         try:
             worker = pool.add(url)
         except ValueError as err:
             status = 409 if "already" in str(err) else 400
             kind = "ConflictError" if status == 409 else "BadRequestError"
-            raise HTTPError(status, str(err), kind, "url") from None
+            raise OpenAIError(status, str(err), kind, "url") from None
         await pool.check(worker)  # say at once whether it answers
         return JSONResponse({"added": worker.url, "worker": worker.describe()}, status_code=201)
 
     @app.delete("/workers")
     async def remove_worker(request: Request) -> dict[str, Any]:
-        url = _worker_url_from(await read_body(request, MAX_WORKER_BODY_BYTES),
+        url = _worker_url_from(await read_body(request, MAX_WORKER_BODY_BYTES, "a fixed limit"),
                                request.query_params.get("url"))  # fmt: skip
         try:
             worker = pool.remove(url)
         except ValueError as err:
-            raise HTTPError(400, str(err), "BadRequestError", "url") from None
+            raise OpenAIError(400, str(err), "BadRequestError", "url") from None
         except KeyError:
-            raise HTTPError(404, f"worker {url} is not in the pool", "NotFoundError",
+            raise OpenAIError(404, f"worker {url} is not in the pool", "NotFoundError",
                             "url") from None  # fmt: skip
         return {"removed": worker.url, "outstanding": worker.outstanding}
 
