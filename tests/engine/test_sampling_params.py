@@ -32,6 +32,10 @@ def test_defaults_match_vllm() -> None:
         "skip_special_tokens": True,
         "spaces_between_special_tokens": True,
         "detokenize": True,
+        "logit_bias": None,
+        "allowed_token_ids": None,
+        "bad_words": None,
+        "bad_words_token_ids": None,
     }
     assert params.sampling_type is SamplingType.RANDOM
     assert not params.uses_penalties and not params.uses_truncation
@@ -85,6 +89,9 @@ def test_normalization() -> None:
         ("stop", ["ok", ""], "non-empty"),
         ("stop", [3], "non-empty"),
         ("stop_token_ids", [-1], "non-negative"),
+        ("allowed_token_ids", [], "non-empty"),
+        ("allowed_token_ids", [1, -2], "token ids"),
+        ("bad_words", [""], "non-empty"),
     ],
 )
 def test_bad_value_names_field_value_and_range(field: str, value: object, allowed: str) -> None:
@@ -94,6 +101,18 @@ def test_bad_value_names_field_value_and_range(field: str, value: object, allowe
     assert message.startswith(field), message
     assert repr(value) in message, message
     assert allowed in message, message
+
+
+def test_token_constraint_messages_name_the_entry() -> None:
+    with pytest.raises(ValueError, match=r"logit_bias keys must be token ids .* got -1"):
+        SamplingParams(logit_bias={-1: 1.0})
+    with pytest.raises(ValueError, match=r"logit_bias\[5\] must be in \[-100, 100\], got 101"):
+        SamplingParams(logit_bias={5: 101.0})
+    with pytest.raises(ValueError, match=r"bad_words_token_ids must be a non-empty list"):
+        SamplingParams(bad_words_token_ids=[[]])
+    params = SamplingParams(logit_bias={3: -2.5}, allowed_token_ids=[1, 2], bad_words=["x"])
+    assert params.uses_token_constraints and not params.uses_output_history
+    assert SamplingParams(bad_words_token_ids=[[4, 5]]).uses_output_history
 
 
 def test_top_p_message_reads_well() -> None:
