@@ -72,7 +72,14 @@ def main() -> None:
     all_equal_fp32 = True
     for dtype in ("float32", "bfloat16"):
         for eager in (False, True):
-            options = dict(dtype=dtype, device="cuda", max_model_len=1024, enforce_eager=eager)
+            # Two engines live at once here: each gets a cache of its own size.
+            options = dict(
+                dtype=dtype,
+                device="cuda",
+                max_model_len=1024,
+                enforce_eager=eager,
+                kv_cache_memory_bytes=4 << 30,
+            )
             plain = LLM(**options)
             expected = plain.generate(PROMPTS, params, use_tqdm=False)
             for name, config in CONFIGS.items():
