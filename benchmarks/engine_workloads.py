@@ -251,6 +251,82 @@ def w3(enforce_eager: bool) -> dict:
     )
 
 
+W10_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "score": {"type": "integer"},
+    },
+    "required": ["name", "tags", "score"],
+}
+
+
+def synthetic_vocabulary(size: int) -> list[bytes]:
+    """``size`` distinct token strings shaped like a BPE vocabulary (the shape models ship
+    no tokenizer): printable ASCII, then words of 2-10 letters, digits and punctuation,
+    half with a leading space; the constraint's per-token work scales with these."""
+    rng = random.Random(0)
+    letters = "etaoinshrdlcumwfgypbvkjxqz" * 4 + "ETAOINSHRD0123456789_.,:;'\"(){}[]-"
+    tokens = [bytes([b]) for b in range(32, 127)] + [b"\n", b"\t"]
+    seen = set(tokens)
+    while len(tokens) < size:
+        word = "".join(rng.choices(letters, k=rng.randint(2, 10)))
+        token = (" " + word if rng.random() < 0.5 else word).encode()
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+    return tokens
+
+
+def w10(enforce_eager: bool) -> dict:
+    """W10: W3 with every request under one JSON schema against W3 free, and W2 with a
+    schema against W2 free (its TPOT), each pair on one engine built once."""
+    from lanner.sampling_params import StructuredOutputsParams
+
+    rng = random.Random(0)
+    lengths = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
+    prompts = [random_prompt(rng, n_in, 151936) for n_in, _ in lengths]
+    constraint = StructuredOutputsParams(json=W10_SCHEMA)
+    core = make_core(
+        "qwen3-0.6b", max_num_seqs=256, max_num_batched_tokens=8192, enforce_eager=enforce_eager
+    )
+    # Qwen3's 151,643 tokens (the rest of the 151,936 rows are padding).
+    core.structured_outputs.use_vocabulary(synthetic_vocabulary(151643))
+    result: dict = {}
+    for name, structured in (("free", None), ("json_schema", constraint)) * 2:
+        params = [
+            SamplingParams(
+                temperature=0.6, max_tokens=n_out, ignore_eos=True, seed=i,
+                structured_outputs=structured,
+            )
+            for i, (_, n_out) in enumerate(lengths)
+        ]  # fmt: skip
+        result[f"W3_{name}"] = run_offline(core, prompts, params, 300)  # second pass kept
+    free, constrained = result["W3_free"], result["W3_json_schema"]
+    result["W3_throughput_ratio"] = constrained["output_tok_per_s"] / free["output_tok_per_s"]
+    for name, structured in (("free", None), ("json_schema", constraint)) * 2:
+        params = SamplingParams(
+            temperature=0.0, max_tokens=256, ignore_eos=True, structured_outputs=structured
+        )
+        core.add_request(Request(f"w2-{name}-{time.monotonic_ns()}", prompts[0][:128], params))
+        times = []
+        while core.has_unfinished_requests():
+            before = time.perf_counter()
+            out = core.step()
+            times.append(time.perf_counter() - before)
+        result[f"W2_{name}"] = {
+            "tpot_median_ms": statistics.median(times[1:]) * 1e3,
+            "steps": len(times),
+            "last_output": [o.new_token_ids[-4:] for o in out],
+        }
+    result["W2_tpot_ratio"] = (
+        result["W2_json_schema"]["tpot_median_ms"] / result["W2_free"]["tpot_median_ms"]
+    )
+    release(core)
+    return result
+
+
 def w4(enforce_eager: bool) -> dict:
     rng = random.Random(0)
     prompts = [random_prompt(rng, 1000, 128256) for _ in range(500)]
@@ -488,6 +564,7 @@ def main() -> None:
         "W2": lambda: single_stream("qwen3-0.6b", args.enforce_eager),
         "W3": lambda: w3(args.enforce_eager),
         "W4": lambda: w4(args.enforce_eager),
+        "W10": lambda: w10(args.enforce_eager),
         "W6": w6,
         # W3-like: 256 requests at ~600-token contexts; W1/W2: one request.
         "profile-W3": lambda: profile_kernels("qwen3-0.6b", 256, 600, 0.6),

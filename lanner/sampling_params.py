@@ -24,6 +24,59 @@ MAX_N = 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+@dataclass(kw_only=True)
+class StructuredOutputsParams:
+    """One constraint on a request's output (vLLM's spelling; exactly one field set):
+    ``json`` a JSON schema (dict or its text), ``json_object`` any JSON object, ``regex`` a
+    regular expression the whole output matches, ``choice`` one of these strings, or
+    ``grammar`` an EBNF grammar (xgrammar's dialect, ``root ::= ...``)."""
+
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    # JSON without free whitespace between tokens (vLLM's disable_any_whitespace).
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name)]
+        if self.json_object:
+            chosen.append("json_object")
+        if len(chosen) != 1:
+            raise ValueError(
+                f"structured_outputs needs exactly one of json, json_object, regex, choice or "
+                f"grammar, got {chosen or 'none'}"
+            )
+        if self.json is not None and not isinstance(self.json, str | dict):
+            raise ValueError(f"structured_outputs.json must be a JSON schema, got {self.json!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, str):
+                    raise ValueError(f"structured_outputs.{name} must be a string, got {value!r}")
+                check_unicode(f"structured_outputs.{name}", value)
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError(
+                f"structured_outputs.choice must be a list of non-empty strings, got "
+                f"{self.choice!r}"
+            )
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: json, json_object, regex, choice or grammar."""
+        if self.json_object:
+            return "json_object"
+        return next(n for n in ("json", "regex", "choice", "grammar") if getattr(self, n))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class SamplingType(enum.Enum):
     GREEDY = "greedy"  # argmax, no randomness
     RANDOM = "random"  # drawn from the shared default generator
@@ -66,6 +119,8 @@ class SamplingParams:
     # bad_words as token sequences (the front end fills it); a sequence's last token is
     # barred whenever the output ends with the ones before it.
     bad_words_token_ids: list[list[int]] | None = None
+    # The output follows a JSON schema, regex, choice or grammar (xgrammar).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SamplingParams:
         # The generated __init__ would raise TypeError("unexpected keyword argument"), which
@@ -89,7 +144,10 @@ class SamplingParams:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.field_names()}
+        values = {name: getattr(self, name) for name in self.field_names()}
+        if self.structured_outputs is not None:
+            values["structured_outputs"] = self.structured_outputs.to_dict()
+        return values
 
     def clone(self, **changes: Any) -> SamplingParams:
         """A validated copy with ``changes`` applied; lists are copied, never shared."""
@@ -138,9 +196,14 @@ class SamplingParams:
 
     @property
     def uses_output_history(self) -> bool:
-        """The logits' processing reads earlier outputs (penalties, multi-token bad words),
-        so a step cannot be launched before the previous one's tokens are known."""
-        return self.uses_penalties or any(len(w) > 1 for w in self.bad_words_token_ids or [])
+        """The logits' processing reads earlier outputs (penalties, multi-token bad words,
+        a grammar's state), so a step cannot be launched before the previous one's tokens
+        are known."""
+        return (
+            self.uses_penalties
+            or self.structured_outputs is not None
+            or any(len(w) > 1 for w in self.bad_words_token_ids or [])
+        )
 
     @property
     def uses_truncation(self) -> bool:
@@ -164,6 +227,8 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if _is_int(self.top_k) and self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, Mapping):  # from a message or a JSON body
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
 
     def _validate(self) -> None:
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
@@ -245,6 +310,13 @@ class SamplingParams:
                 raise ValueError(f"bad_words must be a list of non-empty strings, got {words!r}")
             for word in words:
                 check_unicode("bad_words", word)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                f"structured_outputs must be StructuredOutputsParams, got "
+                f"{type(self.structured_outputs).__name__}"
+            )
         if self.bad_words_token_ids is not None:
             if not isinstance(self.bad_words_token_ids, list):
                 raise ValueError(

@@ -12,6 +12,7 @@ import torch
 from lanner.engine.config import EngineConfig
 from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from lanner.engine.structured_output import StructuredOutputManager
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
@@ -23,6 +24,9 @@ from lanner.spec.policy import RequestSpecState
 from lanner.spec.proposer import ProposalSlot
 
 logger = logging.getLogger(__name__)
+
+# How long an idle step waits on a compiling grammar before returning to its caller.
+GRAMMAR_POLL_S = 0.005
 
 
 @dataclass
@@ -140,6 +144,14 @@ class EngineCore:
                 load.load_format,
                 load.seed,
             )
+        # Structured outputs: grammars compile on a thread of their own when asked for.
+        self.structured_outputs = StructuredOutputManager(
+            load.tokenizer or self.loaded.path,
+            self.model_config.vocab_size,
+            tuple(self.model_config.eos_token_ids),
+        )
+        self._compiling: list[Request] = []  # requests whose grammar is not ready yet
+        self._early_outputs: list[EngineCoreOutput] = []  # ended before running
         self.runner = ModelRunner(
             self.loaded,
             block_size,
@@ -262,6 +274,10 @@ class EngineCore:
                 request.eos_token_ids = self.model_config.eos_token_ids
             if self.spec is not None and request.spec_state is None:
                 request.spec_state = RequestSpecState()
+            constraint = request.sampling_params.structured_outputs
+            if constraint is not None and request.grammar is None:
+                request.grammar = self.structured_outputs.grammar_for(constraint)
+                self._compiling.append(request)
             self.scheduler.add_request(request)
 
     def reset_prefix_cache(self) -> bool:
@@ -281,12 +297,40 @@ class EngineCore:
         host reads and applies the previous one's results, so the outputs returned are
         one step behind the launches."""
         previous, self._pending = self._pending, None
+        early = self._end_failed_grammars()
         if previous is None or self._can_launch_ahead():
             self._pending = self._launch(previous)
         if previous is None and self._pending is not None and not self._can_launch_ahead():
             # Nothing may run ahead of this step: read it now.
             previous, self._pending = self._pending, None
-        return self._collect(previous) if previous is not None else []
+        if previous is None and self._pending is None and self._compiling:
+            # Only grammars to wait for: give their thread the interpreter a moment
+            # rather than spin (the caller calls again).
+            self._compiling[0].grammar.wait(GRAMMAR_POLL_S)  # type: ignore[union-attr]
+        return early + (self._collect(previous) if previous is not None else [])
+
+    def _end_failed_grammars(self) -> list[EngineCoreOutput]:
+        """Requests whose grammar failed to compile end here, as aborted; the others
+        leave the compiling list once ready (the scheduler admits them then)."""
+        if not self._compiling:
+            return []
+        outputs = []
+        still = []
+        for request in self._compiling:
+            grammar = request.grammar
+            assert grammar is not None
+            if not grammar.ready:
+                still.append(request)
+            elif grammar.error is not None:
+                logger.warning(
+                    "request %s: its grammar failed: %s", request.request_id, grammar.error
+                )
+                if self.scheduler.finish_request(request.request_id, FinishReason.ABORT):
+                    outputs.append(
+                        EngineCoreOutput(request.request_id, finish_reason=FinishReason.ABORT)
+                    )
+        self._compiling = still
+        return outputs
 
     def _can_launch_ahead(self) -> bool:
         """Launching before the previous step is read needs every sampler input known:
@@ -311,6 +355,7 @@ class EngineCore:
                 scheduled.request.scheduled_time = now
             chunks.append(self._chunk(scheduled, previous_rows))
         drafts, num_drafts = self._propose(schedule, chunks) if self.spec else (None, {})
+        self._fill_grammar_bitmasks(schedule, chunks, drafts)
         launched = self.runner.launch(
             chunks, previous.step if previous is not None else None, drafts
         )
@@ -322,6 +367,38 @@ class EngineCore:
             request.output_token_ids.append(PLACEHOLDER_TOKEN)
             request.num_pending_outputs += 1
         return _LaunchedStep(schedule, launched, num_drafts)
+
+    def _fill_grammar_bitmasks(
+        self,
+        schedule: SchedulerOutput,
+        chunks: list[SequenceChunk],
+        device_drafts: DeviceDrafts | None,
+    ) -> None:
+        """Each sampling row under a grammar gets its bitmasks (the next token's, and one
+        after each draft), filled for the whole batch at once; their matchers are up to
+        date: such requests make the engine read every step before it schedules the
+        next. Drafts still on the device are read here, only for these requests."""
+        rows = [
+            (chunk, scheduled.request.grammar)
+            for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)
+            if chunk.sampling is not None and scheduled.request.grammar is not None
+        ]
+        if not rows:
+            return
+        drafts: list[list[int]] = []
+        for chunk, _ in rows:
+            count = chunk.num_draft_tokens
+            if not count:
+                drafts.append([])
+            elif chunk.draft_row is not None and device_drafts is not None:
+                drafts.append(device_drafts.token_ids[chunk.draft_row, :count].tolist())
+            else:
+                drafts.append(list(chunk.token_ids[-count:]))
+        grammars = [grammar for _, grammar in rows]
+        bitmasks = self.structured_outputs.fill_bitmasks(grammars, drafts)  # type: ignore[arg-type]
+        for (chunk, _), bitmask in zip(rows, bitmasks, strict=True):
+            assert chunk.sampling is not None
+            chunk.sampling.token_bitmask = bitmask
 
     def _propose(
         self, schedule: SchedulerOutput, chunks: list[SequenceChunk]
@@ -445,6 +522,8 @@ class EngineCore:
             if logprobs is not None:
                 out.new_logprobs.append(logprobs[index])
             stop = self.scheduler.check_stop(request)
+            if request.grammar is not None:
+                stop = stop or self._advance_grammar(request, token)
             if stop is not None:
                 # A step launched after this one may have sampled past the end.
                 del request.output_token_ids[slot + index + 1 :]
@@ -453,10 +532,21 @@ class EngineCore:
                 self.scheduler.finish_request(request.request_id, *stop)
                 return
 
+    def _advance_grammar(self, request: Request, token: int) -> tuple[FinishReason, None] | None:
+        """Feed the grammar the request's new token; the request ends when the grammar
+        has (it took a stop token), or, should it refuse the token, is aborted."""
+        grammar = request.grammar
+        assert grammar is not None
+        if not grammar.accept(token):
+            logger.error("request %s: its grammar refused token %d", request.request_id, token)
+            return FinishReason.ABORT, None
+        return (FinishReason.STOP, None) if grammar.is_terminated else None
+
     @torch.inference_mode()
     def shutdown(self) -> None:
         self.abort_requests(list(self.scheduler.requests))
         self._pending = None
         self._last_step = None
+        self.structured_outputs.shutdown()
         self.runner.kv_caches = []
         gc.unfreeze()  # what the engine held may now be collected, cycles included

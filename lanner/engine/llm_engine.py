@@ -16,6 +16,7 @@ from lanner.engine.output_processor import (
     child_request_id,
 )
 from lanner.engine.outputs import RequestOutput
+from lanner.engine.structured_output import validate_structured_outputs
 from lanner.model.tokenizer import load_tokenizer
 from lanner.sampling_params import SamplingParams
 
@@ -58,6 +59,8 @@ class LLMEngine:
         text, prompt_ids = self.tokenize_prompt(prompt)
         self.core.validate_prompt(prompt_ids)
         validate_token_ids(params, self.core.model_config.vocab_size)
+        if params.structured_outputs is not None:
+            validate_structured_outputs(params.structured_outputs)
         return text, prompt_ids
 
     def add_request(

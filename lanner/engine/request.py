@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lanner.runner.sampler import TokenLogprobs
 from lanner.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lanner.engine.structured_output import RequestGrammar
 from lanner.spec.policy import RequestSpecState
 
 # Stands in an output list for a token sampled by a launched step whose result the
@@ -54,6 +58,8 @@ class Request:
     num_pending_outputs: int = 0
     # Speculative decoding's per-request state (None when speculation is off).
     spec_state: RequestSpecState | None = None
+    # Structured outputs: the request's grammar (compiling, then its matcher), or None.
+    grammar: RequestGrammar | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

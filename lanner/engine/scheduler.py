@@ -162,6 +162,11 @@ class Scheduler:
             if not self._prefix_source_ready(request):
                 index += 1  # a sibling still computing the shared prompt; let others pass
                 continue
+            if request.grammar is not None and (
+                not request.grammar.ready or request.grammar.error is not None
+            ):
+                index += 1  # its grammar still compiles (off the loop); let others pass
+                continue
             self._reuse_computed_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             total = request.num_computed_tokens + num_new

@@ -331,6 +331,17 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds in-flight requests get to finish (default: unlimited)",
     )
     parser.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level")
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let chat requests with tools use tool_choice 'auto' (needs --tool-call-parser)",
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "llama3_json"],
+        help="the model's tool-call format, for tool_choice 'auto'",
+    )
     add_limit_args(parser)
 
 

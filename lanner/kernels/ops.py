@@ -13,6 +13,7 @@ from lanner.kernels import paged_attention as attention_kernels
 from lanner.kernels import qkv_prepare as qkv_kernels
 from lanner.kernels import rms_norm as norm_kernels
 from lanner.kernels import skinny_matmul as skinny_kernels
+from lanner.kernels import token_bitmask as bitmask_kernels
 from lanner.kernels import w4a16_matmul as w4a16_kernels
 from lanner.kernels import w8a8_matmul as w8a8_kernels
 from lanner.kernels.attention_metadata import AttentionMetadata
@@ -142,3 +143,11 @@ def paged_attention(
     if use_triton(query):
         return attention_kernels.paged_attention(query, kv_cache, metadata, scale, sliding_window)
     return reference.paged_attention(query, kv_cache, metadata, scale, sliding_window)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: each listed row of logits keeps only the tokens its bitmask allows."""
+    if use_triton(logits):
+        bitmask_kernels.apply_token_bitmask(logits, bitmask, rows)
+    else:
+        reference.apply_token_bitmask(logits, bitmask, rows)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lanner.kernels import ops
 from lanner.kernels.sampling import (
     exponential_noise,
     exponential_race,
@@ -37,6 +38,10 @@ class SamplingRow:
     # and the seeded generator's step include them). Placeholders where only their
     # number matters (no penalties).
     draft_token_ids: Sequence[int] = ()
+    # Structured outputs: the grammar's next-token bitmasks, int32 words on the CPU (bit j
+    # of word w for token 32 * w + j), one row per position sampled (1 + its drafts: the
+    # verifier gives each draft's row its own); None when the request has no grammar.
+    token_bitmask: torch.Tensor | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -117,6 +122,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
 
         logits = apply_token_constraints(logits, rows)
+        logits = apply_grammar_bitmasks(logits, rows)
         logits = apply_penalties(logits, rows)
         logits = apply_min_tokens(logits, rows)
         token_ids = sample(logits, rows)
@@ -220,6 +226,20 @@ def apply_token_constraints(logits: torch.Tensor, rows: list[SamplingRow]) -> to
         logits.masked_fill_(~keep, float("-inf"))
     if barred_rows:
         logits[index(barred_rows), index(barred_tokens)] = float("-inf")
+    return logits
+
+
+def apply_grammar_bitmasks(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Rows under a grammar keep only the tokens their bitmask allows (the rest -inf), in
+    one kernel launch over those rows; the caller's logits stay as they were. Each row
+    here samples one position: its bitmask's first row applies."""
+    masked = [i for i, r in enumerate(rows) if r.token_bitmask is not None]
+    if not masked:
+        return logits
+    device = logits.device
+    bitmask = torch.cat([rows[i].token_bitmask[:1] for i in masked]).to(device)  # type: ignore[index]
+    logits = logits.clone()
+    ops.apply_token_bitmask(logits, bitmask, to_device(masked, torch.long, device))
     return logits
 
 

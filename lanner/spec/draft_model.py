@@ -193,7 +193,9 @@ class DraftModelProposer(Proposer):
             pending = self.runner.launch(chunks, pending)
             index = to_device(active, torch.long, device)
             token_ids[index, step] = pending.sample.token_ids
-            if probs is not None:
+            if probs is not None and pending.sample.probs is not None:
+                # (None when every row still drafting is greedy: their drafts are
+                # point masses, their probs rows never read.)
                 probs[index, step] = pending.sample.probs
             if host_tokens:
                 for row, token in zip(active, pending.sample.token_ids.tolist(), strict=True):

@@ -36,6 +36,7 @@ from lanner.runner.sampler import (
     SamplingRow,
     TokenLogprobs,
     VerifyOutput,
+    apply_grammar_bitmasks,
     apply_min_tokens,
     apply_penalties,
     apply_token_constraints,
@@ -136,6 +137,9 @@ class RejectionSampler(Sampler):
                     row.output_token_ids,
                     row.eos_token_ids,
                     list(proposed[:j]),
+                    token_bitmask=(
+                        row.token_bitmask[j : j + 1] if row.token_bitmask is not None else None
+                    ),
                 )
                 for j in range(1, len(proposed) + 1)
             ]
@@ -149,7 +153,8 @@ class RejectionSampler(Sampler):
         num_top = max((r.params.logprobs or 0 for r in rows), default=0)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
         # The plain sampler's processing, in its order, for every row.
-        logits = apply_token_constraints(logits, expanded)
+        # A grammar's bitmask at each draft's row: a draft it refuses cannot be accepted.
+        logits = apply_grammar_bitmasks(apply_token_constraints(logits, expanded), expanded)
         logits = apply_min_tokens(apply_penalties(logits, expanded), expanded)
         # The plain sampler's draw at every row: exactly what each position would sample
         # without speculation.

@@ -409,6 +409,19 @@ def skinny_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
             )
 
 
+def bitmask_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
+    """The grammar-bitmask kernel over float32 and bf16 logits (qwen3's vocabulary)."""
+    import torch
+
+    from lanner.kernels.token_bitmask import apply_token_bitmask
+
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.empty(256, 151936, dtype=dtype)
+        bitmask = torch.empty(4, 151936 // 32, dtype=torch.int32)
+        rows = torch.empty(4, dtype=torch.int64)
+        yield f"apply_token_bitmask {dtype}", partial(apply_token_bitmask, logits, bitmask, rows)
+
+
 def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     """The quantized linears' variants: W4A16 in each activation dtype (decode with and
     without split-K, prefill tiles of 64 and 128 rows, groups below, at and above one
@@ -558,6 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         scenarios.extend(engine_scenarios())
         scenarios.extend(skinny_scenarios())
         scenarios.extend(quant_scenarios())
+        scenarios.extend(bitmask_scenarios())
 
     run = triton.runtime.JITFunction.run
     triton.runtime.JITFunction.run = lambda kernel, *a, **kw: recorder.run(kernel, *a, **kw)
@@ -595,7 +609,7 @@ def run_harness(tmp_path: Path, *args: str) -> dict:
     env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp_path, prefix="triton-cache-")
     command = [sys.executable, "-m", "tests.kernels.test_compile_for_hopper", "--out", str(out)]
     done = subprocess.run(
-        [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
     )
     assert done.returncode == 0 and out.exists(), f"harness failed:\n{done.stdout}{done.stderr}"
     return json.loads(out.read_text())

@@ -63,6 +63,8 @@ class ServerOptions:
     api_key: str | None = None
     max_queued_requests: int | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # tool_choice "auto": the model's tool-call format (--tool-call-parser), or None.
+    tool_call_parser: str | None = None
     # Host header values answered; None answers any (see default_allowed_hosts).
     allowed_hosts: list[str] | None = None
     data_parallel_size: int = 1  # engine cores, routed by data_parallel_policy
@@ -99,6 +101,7 @@ class _RequestPreparer:
             self.engine.ready.vocab_size,  # type: ignore[union-attr]
             limits,
             max_chars,
+            self.options.tool_call_parser,
         )
 
     async def prepare(self, kind: str, request: Request) -> Any:
@@ -318,11 +321,17 @@ def run_server(
         max_queued_requests=args.max_queued_requests,
         limits=limits,
         allowed_hosts=allowed,
+        tool_call_parser=args.tool_call_parser,
         data_parallel_size=getattr(args, "data_parallel_size", 1),
         data_parallel_policy=getattr(args, "data_parallel_policy", "cache_aware"),
     )
     if options.max_queued_requests is not None and options.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError(
+            "--enable-auto-tool-choice and --tool-call-parser go together: tool_choice 'auto' "
+            "needs the parser of the model's tool-call format"
+        )
     app = build_app(options)
     timeout = args.timeout_graceful_shutdown
     server = uvicorn.Server(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from lanner.engine.core import validate_prompt, validate_token_ids
 from lanner.engine.detokenizer import decode_token
+from lanner.engine.structured_output import validate_structured_outputs
 from lanner.entrypoints.http_guards import OpenAIError, bad_request
 from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.protocol import (
@@ -22,8 +23,9 @@ from lanner.entrypoints.openai.protocol import (
     CompletionRequest,
     _SamplingFields,
 )
+from lanner.entrypoints.openai.tool_parsers import PARSERS, parameters_schema, required_schema
 from lanner.model.tokenizer import bad_words_token_ids, render_chat_template
-from lanner.sampling_params import SamplingParams, check_unicode
+from lanner.sampling_params import SamplingParams, StructuredOutputsParams, check_unicode
 
 # Characters of a bad value quoted back in an error message.
 _ECHO_CHARS = 100
@@ -40,6 +42,9 @@ class PrepareContext:
     vocab_size: int
     limits: ServerLimits
     max_prompt_chars: int  # limits.max_prompt_chars, resolved for this tokenizer
+    # tool_choice "auto": the parser of the model's tool-call format (--tool-call-parser
+    # with --enable-auto-tool-choice), or None (then "auto" is refused).
+    tool_call_parser: str | None = None
 
 
 @dataclass
@@ -51,12 +56,23 @@ class PreparedPrompt:
     first_token_text: str = ""  # the first prompt token's text (echoed logprobs show it)
 
 
+@dataclass(frozen=True)
+class ToolPlan:
+    """How a chat reply's tool calls come about: "named" (the output is that function's
+    arguments), "required" (a JSON array of calls) or "auto" (found by ``parser``)."""
+
+    mode: str
+    function_name: str | None = None
+    parser: str | None = None
+
+
 @dataclass
 class PreparedRequest:
     body: CompletionRequest | ChatCompletionRequest
     prompts: list[PreparedPrompt]
     # echo with max_tokens 0: the engine samples one token, which the reply leaves out.
     echo_only: bool = False
+    tools: ToolPlan | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -253,6 +269,7 @@ def _sampling_params(
     prompt_logprobs: int | None,
     context: PrepareContext,
     tokenizer: Any,
+    constraint: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     kwargs = body.sampling_kwargs()
     kwargs["max_tokens"] = max_tokens
@@ -266,12 +283,56 @@ def _sampling_params(
         kwargs["logit_bias"] = _logit_bias(body.logit_bias)
     if body.bad_words:
         kwargs["bad_words_token_ids"] = bad_words_token_ids(tokenizer, body.bad_words)
+    if constraint is not None:
+        kwargs["structured_outputs"] = constraint
     try:
         params = SamplingParams(**kwargs)
         validate_token_ids(params, context.vocab_size)
     except ValueError as err:
         raise bad_request(str(err), _param_of(str(err))) from None
     return params
+
+
+def structured_outputs_of(body: _SamplingFields) -> tuple[StructuredOutputsParams, str] | None:
+    """The request's output constraint and the field it came in, from whichever of
+    response_format, structured_outputs and guided_* it uses (400 for more than one);
+    checked (an invalid schema, regex or grammar is a 400 naming the field)."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    response_format = body.response_format
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        else:
+            spec = response_format.json_schema
+            if spec is None or spec.json_schema is None:
+                raise bad_request(
+                    "response_format json_schema needs json_schema.schema", "response_format"
+                )
+            found.append(("response_format", {"json": spec.json_schema}))
+    if body.structured_outputs is not None:
+        fields = body.structured_outputs.model_dump(exclude_none=True)
+        found.append(("structured_outputs", fields))
+    for name, key in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+    ):
+        value = getattr(body, name)
+        if value is not None:
+            found.append((name, {key: value}))
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(name for name, _ in found)
+        raise bad_request(f"give one output constraint, not several ({names})", found[1][0])
+    param, fields = found[0]
+    try:
+        constraint = StructuredOutputsParams(**fields)
+        validate_structured_outputs(constraint)
+    except (TypeError, ValueError) as err:
+        raise bad_request(str(err), param) from None
+    return constraint, param
 
 
 def _logit_bias(raw: dict[str, float]) -> dict[int, float]:
@@ -313,6 +374,7 @@ def prepare_completion(raw: bytes, context: PrepareContext, tokenizer: Any) -> P
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of is not supported (use n)", "best_of")
     _check_logprobs(body.logprobs, "logprobs", context.limits)
+    constrained = structured_outputs_of(body)
     echo_only = body.max_tokens == 0
     if echo_only and not body.echo:
         raise bad_request("max_tokens must be >= 1 (0 only with echo: true)", "max_tokens")
@@ -354,7 +416,13 @@ def prepare_completion(raw: bytes, context: PrepareContext, tokenizer: Any) -> P
         requested = 1 if echo_only else body.max_tokens
         max_tokens = _max_tokens(requested, "max_tokens", len(ids), "prompt", context)
         params = _sampling_params(
-            body, max_tokens, body.logprobs, prompt_logprobs, context, tokenizer
+            body,
+            max_tokens,
+            body.logprobs,
+            prompt_logprobs,
+            context,
+            tokenizer,
+            constrained[0] if constrained else None,
         )
         prompt = PreparedPrompt(text, ids, params)
         if body.echo:
@@ -374,14 +442,16 @@ def _decode(tokenizer: Any, ids: list[int], body: _SamplingFields) -> str:
 def prepare_chat(raw: bytes, context: PrepareContext, tokenizer: Any) -> PreparedRequest:
     body = parse_body(raw, ChatCompletionRequest)
     _check_common(body, context)
-    _check_tools(body)
-    format_type = (body.response_format or {}).get("type", "text")
-    if format_type != "text":
-        raise bad_request(
-            f"response_format type {str(format_type)[:50]!r} is not supported by this server "
-            f"yet (structured outputs); leave response_format out or use type 'text'",
-            "response_format",
-        )
+    constrained = structured_outputs_of(body)
+    plan, tool_constraint = tool_plan(body, context)
+    if tool_constraint is not None:
+        if constrained is not None:
+            raise bad_request(
+                f"tool_choice {body.tool_choice if isinstance(body.tool_choice, str) else 'named'} "
+                f"constrains the output already; leave out {constrained[1]}",
+                constrained[1],
+            )
+        constrained = (tool_constraint, "tool_choice")
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
@@ -400,7 +470,7 @@ def prepare_chat(raw: bytes, context: PrepareContext, tokenizer: Any) -> Prepare
         raise bad_request(str(err), "messages") from None
     _check_text("".join(m["role"] + m["content"] for m in conversation), "messages", context)
     try:
-        tools = body.tools if body.tool_choice == "none" else None
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
         text = render_chat_template(
             tokenizer, conversation, body.add_generation_prompt, body.chat_template, tools
         )
@@ -415,21 +485,56 @@ def prepare_chat(raw: bytes, context: PrepareContext, tokenizer: Any) -> Prepare
         requested, field = body.max_tokens, "max_tokens"
     max_tokens = _max_tokens(requested, field, len(ids), "messages", context)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = _sampling_params(body, max_tokens, logprobs, body.prompt_logprobs, context, tokenizer)
+    params = _sampling_params(
+        body,
+        max_tokens,
+        logprobs,
+        body.prompt_logprobs,
+        context,
+        tokenizer,
+        constrained[0] if constrained else None,
+    )
     prompt = PreparedPrompt(text, ids, params)
     if body.echo and conversation[-1]["role"] == "assistant":
         prompt.echo_text = conversation[-1]["content"]
-    return PreparedRequest(body, [prompt])
+    return PreparedRequest(body, [prompt], tools=plan)
 
 
-def _check_tools(body: ChatCompletionRequest) -> None:
-    """Tool calling is not built yet: tools may come only with tool_choice "none" (the
-    template still sees them, as vLLM passes them)."""
-    if body.tool_choice not in (None, "none") and not body.tools:
-        raise bad_request("tool_choice needs tools", "tool_choice")
-    if body.tools and body.tool_choice != "none":
+def tool_plan(
+    body: ChatCompletionRequest, context: PrepareContext
+) -> tuple[ToolPlan | None, StructuredOutputsParams | None]:
+    """How the reply's tool calls come about, and the constraint that forces them
+    (tool_choice "required" or a named function), from tools and tool_choice."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        return None, None
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        schema = required_schema(body.tools, body.parallel_tool_calls)
+        # Compact JSON: calls are parsed, not read, and free whitespace lets a model stall.
+        constraint = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        return ToolPlan("required"), constraint
+    if choice is None or choice == "auto":
+        if context.tool_call_parser is None:
+            raise bad_request(
+                "tool_choice 'auto' (the default when tools are given) needs the server "
+                "started with --enable-auto-tool-choice --tool-call-parser NAME "
+                f"({', '.join(sorted(PARSERS))}); or send tool_choice 'required', 'none' "
+                "or a named function",
+                "tool_choice",
+            )
+        return ToolPlan("auto", parser=context.tool_call_parser), None
+    by_name = {tool.function.name: tool for tool in body.tools}
+    wanted = choice.function.name
+    if wanted not in by_name:
         raise bad_request(
-            "tool calling is not supported by this server yet; send tool_choice: 'none' to "
-            "answer without tool calls, or leave tools out",
-            "tool_choice" if body.tool_choice is not None else "tools",
+            f"tool_choice names {wanted[:100]!r}, which is not among the tools "
+            f"({', '.join(sorted(by_name))[:300]})",
+            "tool_choice",
         )
+    schema = parameters_schema(by_name[wanted].function)
+    constraint = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    return ToolPlan("named", function_name=wanted), constraint

@@ -6,6 +6,7 @@ Every integer field is bounded to 64 bits here (``Int64``): past that, nothing d
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +44,30 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str | None = None
+    description: str | None = None
+    # "schema" would shadow BaseModel.schema: kept under an alias.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsFields(OpenAIBaseModel):
+    """vLLM's ``structured_outputs`` extra: one constraint on the output."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool | None = None
+
+
 class _SamplingFields(OpenAIBaseModel):
     """Fields both endpoints share; the sampling ones map onto SamplingParams."""
 
@@ -77,6 +102,14 @@ class _SamplingFields(OpenAIBaseModel):
     truncate_prompt_tokens: Int64 | None = documented(minimum=1)
     # Add prompt_token_ids and each choice's token_ids to the response (vLLM's extra).
     return_token_ids: bool = False
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, and the
+    # older guided_* spellings; at most one of them per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams fields this body sets (None means the default)."""
@@ -112,20 +145,81 @@ class CompletionRequest(_SamplingFields):
     best_of: Int64 | None = None
 
 
+class ToolCallFunction(OpenAIBaseModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    # An assistant turn that called tools, and a tool's answer to one of those calls.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         return message_text(self.content)
 
-    def as_template_input(self) -> dict[str, str]:
-        """The message as chat templates read it (role, content, and name when given)."""
-        message = {"role": self.role, "content": self.text()}
+    def as_template_input(self) -> dict[str, Any]:
+        """The message as chat templates read it: role and content, and the name, tool
+        calls (their arguments as objects, as templates print them) and tool call id when
+        given."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": call.type,
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _arguments(arguments: str | dict[str, Any]) -> dict[str, Any] | str:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return parsed if isinstance(parsed, dict) else arguments
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedToolChoiceFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -139,6 +233,6 @@ class ChatCompletionRequest(_SamplingFields):
     # (continuing a message the client started).
     echo: bool = False
     chat_template: str | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True

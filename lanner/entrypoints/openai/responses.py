@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lanner.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from lanner.entrypoints.openai.prepare import ToolPlan
+from lanner.entrypoints.openai.tool_parsers import PARSERS, ParsedToolCall, parse_required
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class ResponseOptions:
     return_token_ids: bool = False
     include_usage: bool = False
     continuous_usage: bool = False  # usage on every chunk
+    # Chat with tools: how the reply's tool calls come about (prepare.ToolPlan), or None.
+    tools: ToolPlan | None = None
 
 
 class _ChoiceState:
@@ -38,6 +42,9 @@ class _ChoiceState:
         self.chars = 0
         self.tokens = 0
         self.done = False
+        # Tool calls: characters of the text sent as content, and the named call's id.
+        self.content_chars = 0
+        self.call_id = ""
 
 
 class ResponseFormat:
@@ -100,10 +107,12 @@ class ResponseFormat:
                 continue
             first = not state.started
             choice = self._choice_delta(prompt_index, index, output, completion, delta, state)
-            state.started = True
             state.chars = len(released)
             state.tokens = len(tokens)
             state.done = finished
+            if choice is None:
+                continue  # held back (text that may become a tool call)
+            state.started = True
             chunk = self._envelope([choice], chunk=True)
             if first:
                 self._on_first_chunk(chunk, output)
@@ -123,7 +132,9 @@ class ResponseFormat:
         completion: CompletionOutput,
         delta: str,
         state: _ChoiceState,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
+        """A choice's next chunk (None: nothing to send yet); called before ``state``
+        moves past this call's text and tokens."""
         raise NotImplementedError
 
 
@@ -293,25 +304,96 @@ class ChatFormat(ResponseFormat):
         completion: CompletionOutput,
         delta: str,
         state: _ChoiceState,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         message: dict[str, Any] = {}
         if not state.started:
             # The role comes with the first generated content, as vLLM sends it: a client
             # timing the first chunk then times the first token, not the admission.
             message["role"] = "assistant"
             delta = (self.options.echo_texts[prompt_index] or "") + delta
-        if delta or not state.started:
-            message["content"] = delta
+        finish_reason = completion.finish_reason
+        plan = self.options.tools
+        if plan is None:
+            if delta or not state.started:
+                message["content"] = delta
+        else:
+            message, finish_reason = self._tool_delta(plan, message, completion, delta, state)
+            if message is None:
+                return None
         choice = {
             "index": index,
             "delta": message,
             "logprobs": self._logprobs(completion, state.tokens),
-            "finish_reason": completion.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": completion.stop_reason,
         }
         if self.options.return_token_ids:
             choice["token_ids"] = self.generated(completion)[1][state.tokens :]
         return choice
+
+    def _tool_delta(
+        self,
+        plan: ToolPlan,
+        message: dict[str, Any],
+        completion: CompletionOutput,
+        delta: str,
+        state: _ChoiceState,
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """A tool-using reply's next delta, as OpenAI streams them: a named call's
+        arguments as they are generated (its first chunk carries id and name); "required"
+        and "auto" calls whole, once the output ends ("auto" streams the content before
+        a call as it comes)."""
+        finished = completion.finish_reason is not None
+        if plan.mode == "named":
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": delta}}
+            if not state.call_id:
+                state.call_id = ParsedToolCall(plan.function_name or "", "").id
+                call.update(id=state.call_id, type="function")
+                call["function"] = {"name": plan.function_name, "arguments": delta}
+            message["tool_calls"] = [call]
+            return message, completion.finish_reason
+        released = completion.released_text
+        if not finished:
+            if plan.mode == "required":
+                return (message if "role" in message else None), None
+            parser = PARSERS[plan.parser or ""]()
+            content, _ = parser.content_before_call(released)
+            fresh = content[state.content_chars :]
+            state.content_chars = len(content)
+            if not fresh and "role" not in message:
+                return None, None
+            message["content"] = fresh
+            return message, None
+        content, calls = self._tool_calls(plan, completion.text)
+        if not calls:  # no call after all: what was held is content
+            message["content"] = completion.text[state.content_chars :]
+            return message, completion.finish_reason
+        if content and plan.mode == "auto" and len(content) > state.content_chars:
+            message["content"] = content[state.content_chars :]
+        message["tool_calls"] = [{"index": i, **call.as_openai()} for i, call in enumerate(calls)]
+        return message, self._finish_reason(plan, completion, calls)
+
+    @staticmethod
+    def _tool_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ParsedToolCall]]:
+        """(content, tool calls) of a finished reply."""
+        if plan.mode == "named":
+            return None, [ParsedToolCall(plan.function_name or "", text)]
+        if plan.mode == "required":
+            try:
+                return None, parse_required(text)
+            except (ValueError, KeyError, TypeError):
+                return text, []  # cut short (length): no complete call
+        return PARSERS[plan.parser or ""]().parse(text)
+
+    @staticmethod
+    def _finish_reason(
+        plan: ToolPlan, completion: CompletionOutput, calls: list[ParsedToolCall]
+    ) -> str | None:
+        # As OpenAI (and vLLM): calls made under "auto" or "required" end with
+        # "tool_calls"; a named call keeps the engine's reason.
+        if calls and plan.mode != "named" and completion.finish_reason == "stop":
+            return "tool_calls"
+        return completion.finish_reason
 
     def _on_first_chunk(self, chunk: dict[str, Any], output: RequestOutput) -> None:
         if self.options.return_token_ids:
@@ -323,11 +405,23 @@ class ChatFormat(ResponseFormat):
         choices = []
         for completion in output.outputs:
             text, tokens = self.generated(completion)
+            message: dict[str, Any] = {"role": "assistant", "content": echo + text}
+            finish_reason = completion.finish_reason
+            plan = self.options.tools
+            if plan is not None:
+                content, calls = self._tool_calls(plan, text)
+                if calls:
+                    message = {
+                        "role": "assistant",
+                        "content": content,
+                        "tool_calls": [call.as_openai() for call in calls],
+                    }
+                    finish_reason = self._finish_reason(plan, completion, calls)
             choice = {
                 "index": completion.index,
-                "message": {"role": "assistant", "content": echo + text},
+                "message": message,
                 "logprobs": self._logprobs(completion, 0),
-                "finish_reason": completion.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": completion.stop_reason,
             }
             if self.options.return_token_ids:

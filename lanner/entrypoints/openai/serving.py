@@ -189,6 +189,7 @@ class OpenAIServing:
             return_token_ids=body.return_token_ids,
             include_usage=bool(stream_options and stream_options.include_usage),
             continuous_usage=bool(stream_options and stream_options.continuous_usage_stats),
+            tools=prepared.tools,
         )
 
     # -- shared --------------------------------------------------------------------------

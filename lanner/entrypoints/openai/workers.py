@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -39,7 +40,10 @@ def _forkserver_context() -> Any:
     # Workers fork from a server process that has imported this module (transformers and
     # all) once, so starting one, or replacing a killed one, takes a fraction of a second.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    # xgrammar too when installed: checking a request's schema or grammar needs it, and
+    # importing it on a request would take that request's time budget.
+    preload = [__name__, *(["xgrammar"] if importlib.util.find_spec("xgrammar") else [])]
+    context.set_forkserver_preload(preload)
     return context
 
 

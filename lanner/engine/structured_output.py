@@ -1,0 +1,221 @@
+"""Structured outputs with xgrammar: each request's constraint (a JSON schema, any JSON
+object, a regex, a choice or an EBNF grammar) compiled off the engine loop and cached by
+its text, and the per-request matchers that give each step's token bitmask and take the
+tokens the request accepted.
+
+xgrammar is imported on the first constrained request, in the compiling thread: a server
+that never sees one pays nothing for it. A request whose grammar is still compiling waits
+in the scheduler's queue (``RequestGrammar.ready``), never the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from lanner.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+# JSON's free whitespace, capped per run: a weak model can otherwise spend its whole
+# budget on tabs between two tokens (seen with the demo model).
+MAX_JSON_WHITESPACE = 32
+_REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()/")
+# xgrammar prefixes its errors with a time stamp and its own source file and line.
+_XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\]\s*\S+:\d+:\s*")
+
+
+def _clean(err: Exception) -> str:
+    return _XGRAMMAR_PREFIX.sub("", str(err).strip()).splitlines()[0][:500]
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise ValueError(
+            "structured outputs need xgrammar: pip install 'lanner[structured]'"
+        ) from None
+    return xgrammar
+
+
+def _regex_literal(text: str) -> str:
+    """``text`` as a regex matching only itself (xgrammar warns on re.escape's escaped
+    spaces and other characters that need none)."""
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+
+
+def _grammar(params: StructuredOutputsParams) -> Any:
+    """The constraint as an xgrammar Grammar (no tokenizer needed: a syntax check)."""
+    xgr = _xgrammar()
+    kind = params.kind
+    if kind == "json":
+        schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
+        return xgr.Grammar.from_json_schema(
+            schema,
+            any_whitespace=not params.disable_any_whitespace,
+            max_whitespace_cnt=None if params.disable_any_whitespace else MAX_JSON_WHITESPACE,
+        )
+    if kind == "json_object":
+        # OpenAI's json_object mode: a JSON object (not any JSON value).
+        return xgr.Grammar.from_json_schema(
+            '{"type": "object"}', max_whitespace_cnt=MAX_JSON_WHITESPACE
+        )
+    if kind == "regex":
+        return xgr.Grammar.from_regex(params.regex)
+    if kind == "choice":
+        return xgr.Grammar.from_regex("|".join(_regex_literal(c) for c in params.choice or []))
+    return xgr.Grammar.from_ebnf(params.grammar)
+
+
+def validate_structured_outputs(params: StructuredOutputsParams) -> None:
+    """Raise ValueError naming the field when the constraint does not parse: an invalid
+    schema, regex or grammar fails here, before the request is queued."""
+    if params.kind == "json" and isinstance(params.json, str):
+        try:
+            json.loads(params.json)
+        except ValueError as err:
+            raise ValueError(f"structured_outputs.json is not valid JSON: {err}") from None
+    try:
+        _grammar(params)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f"structured_outputs.{params.kind} is invalid: {_clean(err)}") from None
+
+
+class RequestGrammar:
+    """One request's constraint: its compiled grammar (a future while compiling) and the
+    matcher that follows the request's output."""
+
+    def __init__(self, compiled: Future) -> None:
+        self._compiled = compiled
+        self._matcher: Any = None
+        self.error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Compiled (or failed: then ``error`` says why, and the request must end)."""
+        if self._matcher is not None or self.error is not None:
+            return True
+        if not self._compiled.done():
+            return False
+        try:
+            xgr = _xgrammar()
+            # Matchers take back any number of tokens (speculative drafts are walked
+            # and rolled back).
+            self._matcher = xgr.GrammarMatcher(self._compiled.result())
+        except Exception as err:  # noqa: BLE001 - the request ends with this message
+            self.error = _clean(err)
+        return True
+
+    def wait(self, timeout_s: float) -> None:
+        """Block up to ``timeout_s`` for the compile to finish."""
+        with contextlib.suppress(TimeoutError):
+            self._compiled.exception(timeout=timeout_s)
+
+    @property
+    def matcher(self) -> Any:
+        assert self._matcher is not None, "the grammar is not compiled yet"
+        return self._matcher
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by a sampled token; False when the grammar refuses it."""
+        return bool(self.matcher.accept_token(token_id))
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar has ended (it took a stop token): the request is done."""
+        return bool(self.matcher.is_terminated())
+
+
+class StructuredOutputManager:
+    """Compiles constraints for one engine (its tokenizer and vocabulary) on a thread of
+    its own, each distinct constraint once."""
+
+    def __init__(
+        self, tokenizer_source: str, vocab_size: int, eos_token_ids: tuple[int, ...]
+    ) -> None:
+        self.tokenizer_source = tokenizer_source
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self._threads = ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar")
+        self._compiled: dict[str, Future] = {}
+        self._compiler: Any = None
+        self._compiler_lock = threading.Lock()
+        self._batch_matcher: Any = None
+
+    def grammar_for(self, params: StructuredOutputsParams) -> RequestGrammar:
+        key = json.dumps(params.to_dict(), sort_keys=True)
+        future = self._compiled.get(key)
+        if future is None:
+            future = self._threads.submit(self._compile, params)
+            self._compiled[key] = future
+        return RequestGrammar(future)
+
+    def _compile(self, params: StructuredOutputsParams) -> Any:
+        compiler = self._get_compiler()
+        return compiler.compile_grammar(_grammar(params))
+
+    def use_vocabulary(self, tokens: list[bytes]) -> None:
+        """Compile against these token strings instead of the model's tokenizer: for a
+        model that ships none (the benchmarks' random-weight shapes)."""
+        xgr = _xgrammar()
+        info = xgr.TokenizerInfo(
+            tokens, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
+        )
+        with self._compiler_lock:
+            self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+
+    def _get_compiler(self) -> Any:
+        with self._compiler_lock:
+            if self._compiler is None:
+                xgr = _xgrammar()
+                from lanner.model.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(self.tokenizer_source)
+                info = xgr.TokenizerInfo.from_huggingface(
+                    tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
+                )
+                self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+            return self._compiler
+
+    def fill_bitmasks(
+        self, grammars: list[RequestGrammar], drafts: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """Each grammar's next-token bitmasks: int32 rows of ceil(vocab / 32) words (bit i:
+        token i allowed), one for the next token and one after each of its request's
+        drafts. The first rows fill on the CPU threads of xgrammar's batch matcher; the
+        draft rows by walking each matcher through its drafts and back. A row after a
+        draft the grammar refuses allows everything: that draft cannot be accepted, so
+        what follows it is never used."""
+        xgr = _xgrammar()
+        if self._batch_matcher is None:
+            self._batch_matcher = xgr.BatchGrammarMatcher()
+        offsets = [0]
+        for tokens in drafts:
+            offsets.append(offsets[-1] + len(tokens) + 1)
+        bitmask = xgr.allocate_token_bitmask(offsets[-1], self.vocab_size)
+        self._batch_matcher.batch_fill_next_token_bitmask(
+            [g.matcher for g in grammars], bitmask, offsets[:-1]
+        )
+        for grammar, tokens, offset in zip(grammars, drafts, offsets, strict=False):
+            matcher = grammar.matcher
+            walked = 0
+            for token in tokens:
+                if matcher.is_terminated() or not matcher.accept_token(token):
+                    break
+                walked += 1
+                if not matcher.is_terminated():
+                    matcher.fill_next_token_bitmask(bitmask, offset + walked)
+            if walked:
+                matcher.rollback(walked)
+        return [bitmask[start:end] for start, end in zip(offsets, offsets[1:], strict=False)]
+
+    def shutdown(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,298 @@
+"""Structured outputs offline, on the embedded demo model: every output under a JSON
+schema validates (a few hundred generated schemas plus real-world ones, greedy and
+sampled), regex outputs fullmatch, choices are in the set, grammar outputs parse; a
+constrained request gives the same tokens alone as in a batch mixing constrained and
+free requests; invalid constraints fail with ValueError naming the field."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from lanner import LLM, SamplingParams
+from lanner.engine.structured_output import MAX_JSON_WHITESPACE
+from lanner.sampling_params import StructuredOutputsParams
+from tests.engine.test_llm import assert_pool_full, summary
+
+MAX_TOKENS = 200
+DEMO_DRAFT = Path(__file__).resolve().parents[2] / "lanner/assets/demo-draft"
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(dtype="float32", device="cpu", block_size=16, max_model_len=512, max_num_seqs=256)
+
+
+def random_schema(rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    """A JSON schema of the kinds APIs use, bounded so outputs end well inside MAX_TOKENS."""
+    # No bare "number": its digits have no bound, and the demo model may never stop one.
+    kinds = ["string", "integer", "boolean", "enum", "null"]
+    if depth < 2:
+        kinds += ["object", "object", "array"]
+    kind = rng.choice(kinds)
+    if kind == "string":
+        schema: dict[str, Any] = {"type": "string", "maxLength": rng.randint(1, 12)}
+        if rng.random() < 0.3:
+            schema["minLength"] = 1
+        return schema
+    if kind == "integer":
+        low = rng.randint(-50, 50)
+        return {"type": "integer", "minimum": low, "maximum": low + rng.randint(0, 1000)}
+    if kind in ("boolean", "null"):
+        return {"type": kind}
+    if kind == "enum":
+        return {"enum": rng.sample(["red", "green", "blue", "small", "large", 1, 2, True], 3)}
+    if kind == "array":
+        return {"type": "array", "items": random_schema(rng, depth + 1), "maxItems": 3}
+    names = rng.sample(
+        ["id", "name", "age", "tags", "size", "kind", "ok", "score"], rng.randint(1, 4)
+    )
+    properties = {name: random_schema(rng, depth + 1) for name in names}
+    required = [n for n in names if rng.random() < 0.7]
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+REAL_WORLD_SCHEMAS = [
+    {  # an OpenAI-style function's parameters
+        "type": "object",
+        "properties": {
+            "location": {"type": "string", "maxLength": 20},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["location", "unit"],
+        "additionalProperties": False,
+    },
+    {  # a pydantic model's schema (definitions and refs)
+        "$defs": {
+            "Item": {
+                "properties": {
+                    "sku": {"type": "string", "maxLength": 8},
+                    "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+                },
+                "required": ["sku", "qty"],
+                "type": "object",
+            }
+        },
+        "properties": {
+            "order_id": {"type": "integer", "minimum": 0, "maximum": 100000},
+            "items": {"items": {"$ref": "#/$defs/Item"}, "type": "array", "maxItems": 2},
+        },
+        "required": ["order_id", "items"],
+        "type": "object",
+    },
+    {  # optional fields and a nullable one
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 15},
+            "year": {
+                "anyOf": [{"type": "integer", "minimum": 1900, "maximum": 2100}, {"type": "null"}]
+            },
+        },
+        "required": ["title"],
+    },
+]
+
+
+PROMPTS = ["def describe(item):\n    return ", "data = ", "# JSON\n", "config = {"]
+
+
+def test_every_output_validates_against_its_schema(llm: LLM) -> None:
+    # Compact JSON: the tiny demo model, free to put whitespace between tokens, fills its
+    # budget with it (the next test covers that mode).
+    rng = random.Random(0)
+    schemas = [random_schema(rng) for _ in range(300)] + REAL_WORLD_SCHEMAS * 4
+    params = [
+        SamplingParams(
+            max_tokens=MAX_TOKENS,
+            temperature=0.0 if i % 2 == 0 else 0.8,
+            seed=i,
+            structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+        )
+        for i, schema in enumerate(schemas)
+    ]
+    outputs = llm.generate([PROMPTS[i % len(PROMPTS)] for i in range(len(schemas))], params)
+    for schema, output in zip(schemas, outputs, strict=True):
+        completion = output.outputs[0]
+        assert completion.finish_reason == "stop", (schema, completion.text)
+        jsonschema.validate(json.loads(completion.text), schema)
+    assert_pool_full(llm)
+
+
+def test_any_whitespace_json_is_bounded_and_valid(llm: LLM) -> None:
+    rng = random.Random(1)
+    schemas = [random_schema(rng) for _ in range(24)] + REAL_WORLD_SCHEMAS
+    params = [
+        SamplingParams(
+            max_tokens=MAX_TOKENS,
+            temperature=0.0 if i % 2 == 0 else 0.8,
+            seed=i,
+            structured_outputs=StructuredOutputsParams(json=schema),
+        )
+        for i, schema in enumerate(schemas)
+    ]
+    outputs = llm.generate([PROMPTS[i % len(PROMPTS)] for i in range(len(schemas))], params)
+    finished = 0
+    for schema, output in zip(schemas, outputs, strict=True):
+        completion = output.outputs[0]
+        runs = re.findall(r"\s+", completion.text)
+        assert max(map(len, runs), default=0) <= MAX_JSON_WHITESPACE, completion.text
+        if completion.finish_reason == "stop":
+            finished += 1
+            jsonschema.validate(json.loads(completion.text), schema)
+    assert finished >= len(schemas) // 2
+    assert_pool_full(llm)
+
+
+def test_regex_choice_grammar_and_any_json(llm: LLM) -> None:
+    regexes = [r"def [a-z_]{1,12}\((x|y)?\):", r"[0-9]{3}-[0-9]{4}", r"(True|False)"]
+    choices = ["yes", "no", "maybe not"]
+    arithmetic = 'root ::= expr\nexpr ::= term ("+" term)*\nterm ::= [0-9]+ | "(" expr ")"'
+    constraints = (
+        [StructuredOutputsParams(regex=r) for r in regexes]
+        + [StructuredOutputsParams(choice=choices)]
+        + [StructuredOutputsParams(grammar=arithmetic)]
+        + [StructuredOutputsParams(json_object=True)]
+    )
+    for temperature in (0.0, 1.0):
+        params = [
+            SamplingParams(
+                max_tokens=MAX_TOKENS, temperature=temperature, seed=7, structured_outputs=c
+            )
+            for c in constraints
+        ]
+        outputs = [o.outputs[0] for o in llm.generate(["x = "] * len(params), params)]
+        for regex, out in zip(regexes, outputs, strict=False):
+            assert re.fullmatch(regex, out.text), (regex, out.text)
+        assert outputs[3].text in choices
+        expression = outputs[4].text
+        assert re.fullmatch(r"[0-9()+]+", expression) and eval(expression) >= 0  # noqa: S307
+        if outputs[5].finish_reason == "stop":
+            assert isinstance(json.loads(outputs[5].text), dict)
+    assert_pool_full(llm)
+
+
+def test_constrained_requests_batch_like_alone(llm: LLM) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    constrained = SamplingParams(
+        temperature=0.0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=schema)
+    )
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(
+        temperature=0.9,
+        seed=3,
+        max_tokens=30,
+        structured_outputs=StructuredOutputsParams(regex="[a-z ]{5,30}"),
+    )
+    alone = [
+        llm.generate("count = ", constrained)[0],
+        llm.generate("import os\n", free)[0],
+        llm.generate("name = '", seeded)[0],
+    ]
+    batch = llm.generate(
+        ["count = ", "import os\n", "name = '"] * 3 + ["for i in range"],
+        [constrained, free, seeded] * 3 + [free],
+    )
+    for index, output in enumerate(batch[:9]):
+        assert summary(output) == summary(alone[index % 3])
+    # n > 1: each sample follows the grammar with its own matcher.
+    samples = llm.generate("x = ", seeded.clone(n=3))[0]
+    assert len({c.text for c in samples.outputs}) > 1
+    assert all(re.fullmatch("[a-z ]{5,30}", c.text) for c in samples.outputs)
+    assert_pool_full(llm)
+
+
+def test_preemption_keeps_the_grammar(tmp_path_factory: pytest.TempPathFactory) -> None:
+    small = LLM(
+        dtype="float32", device="cpu", block_size=4, max_model_len=128, num_gpu_blocks_override=40
+    )
+    schema = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 9},
+        "minItems": 25,
+        "maxItems": 30,
+    }
+    params = SamplingParams(
+        temperature=0.0, max_tokens=90, structured_outputs=StructuredOutputsParams(json=schema)
+    )
+    alone = small.generate("numbers = ", params)[0]
+    together = small.generate(["numbers = "] * 4, params)
+    assert small.engine.core.scheduler.num_preemptions > 0
+    for output in together:
+        assert summary(output) == summary(alone)
+        if output.outputs[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(output.outputs[0].text), schema)
+    assert_pool_full(small)
+
+
+@pytest.mark.parametrize(
+    ("constraint", "words"),
+    [
+        (
+            {"json": '{"type": "object", "properties": '},
+            "structured_outputs.json is not valid JSON",
+        ),
+        ({"json": {"type": "no-such-type"}}, "structured_outputs.json is invalid"),
+        ({"regex": "(unclosed"}, "structured_outputs.regex is invalid"),
+        ({"grammar": "root ::= "}, "structured_outputs.grammar is invalid"),
+        ({"choice": []}, "exactly one of"),
+        ({"regex": "a", "choice": ["b"]}, "exactly one of"),
+    ],
+)
+def test_invalid_constraints_are_value_errors(llm: LLM, constraint: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)) as info:
+        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(**constraint)))
+    assert "/project/" not in str(info.value) and ".cc:" not in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculation_never_accepts_what_the_grammar_refuses(llm: LLM, method: str) -> None:
+    # The prompt's compact JSON is what n-gram lookup copies; without free whitespace the
+    # grammar wants json.dumps's ", " and ": ", so verification must turn drafts down.
+    rows = '[{"id":1,"name":"ab"},{"id":2,"name":"cd"}]'
+    prompt = f"rows = {rows}\nrows = {rows}\nrows = "
+    schema = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 4}},
+            "required": ["id", "name"],
+            "additionalProperties": False,
+        },
+        "minItems": 2,
+        "maxItems": 4,
+    }
+    constraint = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=120, structured_outputs=constraint),
+        SamplingParams(temperature=0.9, seed=5, max_tokens=120, structured_outputs=constraint),
+    ]
+    expected = llm.generate([prompt] * 2, params, use_tqdm=False)
+    config: dict[str, Any] = {"method": method, "num_speculative_tokens": 4}
+    if method == "draft_model":
+        config["model"] = str(DEMO_DRAFT)
+    spec = LLM(
+        dtype="float32",
+        device="cpu",
+        block_size=16,
+        max_model_len=512,
+        speculative_config=config,
+    )
+    got = spec.generate([prompt] * 2, params, use_tqdm=False)
+    assert summary(got[0]) == summary(expected[0])
+    for output in got:
+        assert output.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(output.outputs[0].text), schema)
+    stats = spec.engine.core.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert_pool_full(spec)
