@@ -267,7 +267,9 @@ class DraftModelProposer(Proposer):
             pending = self.runner.launch(chunks, pending)
             index = to_device(active, torch.long, device)
             token_ids[index, step] = pending.sample.token_ids
-            if probs is not None:
+            # None when every row still drafting is greedy: their q stays a zero row,
+            # which verification never reads (greedy drafts are point masses).
+            if probs is not None and pending.sample.probs is not None:
                 probs[index, step] = pending.sample.probs
             if drafted is not None:
                 for row, token in zip(active, pending.sample.token_ids.tolist(), strict=True):
