@@ -10,9 +10,11 @@ the host's work when the engine schedules ahead). The policy runs the k with the
 tokens per second, E(k) / T(b, k), among those it has measured, and now and then probes
 a neighbour (k - 1 or k + 1) for a few steps to measure or refresh it: a probe that wins
 moves the choice and the next probe follows at once; one that loses doubles the wait
-before the next. A new batch size starts from the choice of the nearest one measured (or
-from no speculation), so speculation turns itself off where it does not pay and back
-on where it does.
+before the next. A new batch size next to a measured one (a batch draining request by
+request) starts from its choice; one further away starts without speculation and, once
+its plain steps are measured, probes the nearest measured size's choice (speculation
+that paid at batch 2 is tried at batch 64, never assumed there), so speculation turns
+itself off where it does not pay and back on where it does.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ TIME_SMOOTHING = 0.25
 OUTLIER = 4.0
 PROBE_STEPS = 5  # steps a probe runs: the first is a transition (not measured)
 FIRST_PROBE_WAIT = 16  # steps at the choice before its first probe
+# A new bucket's plain steps before it probes the nearest bucket's choice: one
+# transition, then enough measured steps to compare against.
+FIRST_JUMP_WAIT = 4
 MAX_PROBE_WAIT = 1024
 # A probe whose first measured step makes under this share of the choice's tokens per
-# second ends there.
-ABANDON_PROBE = 0.5
+# second ends there (a loss that large is not noise, and each losing step costs).
+ABANDON_PROBE = 0.8
 # Every REVIEW_STEPS steps the choice is compared with every length measured before, at
 # the running requests' current acceptance (times do not go stale as acceptance does);
 # one better by more than REVIEW_MARGIN takes over.
@@ -102,6 +107,7 @@ class _Bucket:
     probe_wait: int = FIRST_PROBE_WAIT
     steps_to_review: int = REVIEW_STEPS
     next_direction: int = 1  # the neighbour probed next: choice + 1 or choice - 1
+    jump: int | None = None  # a draft length to probe first (the nearest bucket's choice)
 
 
 class DraftLengthPolicy:
@@ -168,6 +174,7 @@ class DraftLengthPolicy:
         if bucket.probe is None and draft_length != bucket.choice:
             bucket.probe = draft_length
             bucket.probe_steps_left = PROBE_STEPS
+            bucket.jump = None
         if bucket.probe is not None:
             bucket.probe_steps_left -= 1
             if bucket.probe_steps_left <= 0:
@@ -185,9 +192,10 @@ class DraftLengthPolicy:
         choice_value = values.get(bucket.choice)
         best = max(values, key=lambda k: values[k] or 0.0, default=bucket.choice)
         best_value = values.get(best)
-        if best == bucket.choice or best_value is None:
+        # Nothing replaces a choice not measured yet (plain decoding, at a new bucket).
+        if best == bucket.choice or best_value is None or choice_value is None:
             return
-        if choice_value is None or best_value > REVIEW_MARGIN * choice_value:
+        if best_value > REVIEW_MARGIN * choice_value:
             bucket.choice = best
             bucket.probe_wait = FIRST_PROBE_WAIT
             bucket.steps_to_probe = FIRST_PROBE_WAIT
@@ -202,12 +210,22 @@ class DraftLengthPolicy:
         bucket = self.buckets.get(key)
         if bucket is None:
             nearest = min(self.buckets, key=lambda other: abs(other - key), default=None)
-            start = self.buckets[nearest].choice if nearest is not None else 0
-            bucket = self.buckets[key] = _Bucket(start)
+            inherited = self.buckets[nearest].choice if nearest is not None else 0
+            if nearest is not None and abs(nearest - key) <= 1:
+                # A neighbouring size (a batch draining one request at a time): its choice.
+                bucket = _Bucket(inherited)
+            elif inherited:
+                bucket = _Bucket(0, jump=inherited, steps_to_probe=FIRST_JUMP_WAIT)
+            else:
+                bucket = _Bucket(0)
+            self.buckets[key] = bucket
         return bucket
 
     def _next_probe(self, bucket: _Bucket) -> int | None:
-        """The neighbour of the choice to probe next (least recently measured first)."""
+        """The nearest bucket's choice if not probed yet, else the neighbour of the choice
+        to probe next (least recently measured first)."""
+        if bucket.jump is not None and bucket.jump != bucket.choice:
+            return bucket.jump
         step = bucket.next_direction
         neighbours = [
             k for k in (bucket.choice + step, bucket.choice - step) if 0 <= k <= self.max_tokens
@@ -236,8 +254,14 @@ class DraftLengthPolicy:
         rate = self._rate()
         probe_value = self._value(bucket, probe, rate)
         choice_value = self._value(bucket, bucket.choice, rate)
+        if choice_value is None and probe_value is not None:
+            # Inconclusive (the choice's steps were not measured: the batch changed, or
+            # prefills ran in them): probe again after a few steps at the choice.
+            bucket.jump = probe
+            bucket.steps_to_probe = FIRST_JUMP_WAIT
+            return
         bucket.next_direction = -bucket.next_direction
-        if probe_value is not None and (choice_value is None or probe_value > choice_value):
+        if probe_value is not None and choice_value is not None and probe_value > choice_value:
             bucket.next_direction = 1 if probe > bucket.choice else -1  # keep climbing
             bucket.choice = probe
             bucket.probe_wait = FIRST_PROBE_WAIT
