@@ -196,6 +196,14 @@ def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature
             accepted_share_of_drafts=accepted / draft_tokens if draft_tokens else None,
             acceptance_rate=accepted / (accepted + rejections) if accepted + rejections else None,
         )
+        # Where the adaptive rule settled: each batch bucket's draft length (0: off), and
+        # how many steps speculated over the whole core (warm-up included).
+        policy = core.spec.policy
+        result["draft_length_chosen"] = {
+            str(key): bucket.choice for key, bucket in sorted(policy.buckets.items())
+        }
+        result["speculative_steps"] = spec.num_speculative_steps
+        result["plain_steps"] = spec.num_plain_steps
     return result
 
 
@@ -245,6 +253,12 @@ def w7(args: argparse.Namespace) -> dict:
             f"{figures['output_tok_per_s']:9.0f} tok/s  x{row['speedup']:.2f}  "
             f"accept len {length if length is None else round(length, 2)}  "
             f"step {figures['step_ms_mean']:.3f} ms"
+            + (
+                f"  chose k {figures['draft_length_chosen']} "
+                f"(steps spec/plain {figures['speculative_steps']}/{figures['plain_steps']})"
+                if adaptive and "draft_length_chosen" in figures
+                else ""
+            )
             + (
                 f"  bound x{row['bound']:.2f} ({row['share_of_bound']:.0%})"
                 if "bound" in row
