@@ -33,11 +33,14 @@ PROMPTS = [
     "import json\n\n\ndef load(path):\n    with open(path) as f:\n"
     "        return json.load(f)\n\n\n",
 ]
+# Fixed draft lengths, so that every step verifies (the adaptive rule may run plain
+# steps); one adaptive case, whose steps switch between the two.
 CONFIGS = {
-    "draft_model k=4": {
+    "draft_model k=4 fixed": {
         "method": "draft_model",
         "model": str(DEMO_DRAFT),
         "num_speculative_tokens": 4,
+        "adaptive_draft_length": False,
     },
     "draft_model k=2 fixed": {
         "method": "draft_model",
@@ -45,7 +48,16 @@ CONFIGS = {
         "num_speculative_tokens": 2,
         "adaptive_draft_length": False,
     },
-    "ngram k=5": {"method": "ngram", "num_speculative_tokens": 5},
+    "ngram k=5 fixed": {
+        "method": "ngram",
+        "num_speculative_tokens": 5,
+        "adaptive_draft_length": False,
+    },
+    "draft_model k=4 adaptive": {
+        "method": "draft_model",
+        "model": str(DEMO_DRAFT),
+        "num_speculative_tokens": 4,
+    },
 }
 
 
@@ -108,13 +120,16 @@ def main() -> None:
                     "first_difference": diffs,
                     "top2_margin_there": margins,
                     "mean_acceptance_length": stats.mean_acceptance_length,
+                    "speculative_steps": stats.num_speculative_steps,
+                    "plain_steps": stats.num_plain_steps,
                     "seconds": elapsed,
                 }
                 cases.append(case)
                 print(
-                    f"{dtype:9} eager={eager!s:5} {name:22} first difference {diffs} "
+                    f"{dtype:9} eager={eager!s:5} {name:24} first difference {diffs} "
                     f"margins {[None if m is None else round(m, 4) for m in margins]} "
                     f"accept len {stats.mean_acceptance_length:.2f} "
+                    f"steps spec/plain {stats.num_speculative_steps}/{stats.num_plain_steps} "
                     f"{'ok' if ok else 'DIFFERS'}",
                     flush=True,
                 )

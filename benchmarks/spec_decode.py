@@ -33,6 +33,7 @@ import importlib.util
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -195,6 +196,14 @@ def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature
             accepted_share_of_drafts=accepted / draft_tokens if draft_tokens else None,
             acceptance_rate=accepted / (accepted + rejections) if accepted + rejections else None,
         )
+        # Where the adaptive rule settled: each batch bucket's draft length (0: off), and
+        # how many steps speculated over the whole core (warm-up included).
+        policy = core.spec.policy
+        result["draft_length_chosen"] = {
+            str(key): bucket.choice for key, bucket in sorted(policy.buckets.items())
+        }
+        result["speculative_steps"] = spec.num_speculative_steps
+        result["plain_steps"] = spec.num_plain_steps
     return result
 
 
@@ -218,9 +227,13 @@ def w7(args: argparse.Namespace) -> dict:
     best_k: dict[str, int] = {}
 
     def measure(
-        model: str, batch: int, batch_prompts: list[list[int]], spec: dict | None = None
+        model: str,
+        batch: int,
+        batch_prompts: list[list[int]],
+        spec: dict | None = None,
+        **extra,
     ) -> dict:
-        core = make_core(model, batch, spec)
+        core = make_core(model, batch, spec, **extra)
         figures = run(core, batch_prompts, out_len, temperature)
         release(core)
         return figures
@@ -240,6 +253,12 @@ def w7(args: argparse.Namespace) -> dict:
             f"{figures['output_tok_per_s']:9.0f} tok/s  x{row['speedup']:.2f}  "
             f"accept len {length if length is None else round(length, 2)}  "
             f"step {figures['step_ms_mean']:.3f} ms"
+            + (
+                f"  chose k {figures['draft_length_chosen']} "
+                f"(steps spec/plain {figures['speculative_steps']}/{figures['plain_steps']})"
+                if adaptive and "draft_length_chosen" in figures
+                else ""
+            )
             + (
                 f"  bound x{row['bound']:.2f} ({row['share_of_bound']:.0%})"
                 if "bound" in row
@@ -267,7 +286,20 @@ def w7(args: argparse.Namespace) -> dict:
         )
         rows.append({"batch": batch, "method": "none", **target})
         if batch == 1:
+            # Plain decoding read step by step, as a speculating step is: what the lost
+            # overlap alone costs.
+            serial = measure(str(DEFAULT_MODEL_DIR), batch, batch_prompts, async_scheduling=False)
+            rows.append({"batch": batch, "method": "none (not overlapped)", **serial})
+            print(
+                f"batch 1: no speculation, each step read before the next: "
+                f"{serial['output_tok_per_s']:.0f} tok/s, step (median) "
+                f"{serial['step_ms_median']:.3f} ms",
+                flush=True,
+            )
             settings = [(m, k, False) for m in args.methods for k in args.ks]
+            settings += [
+                (m, args.adaptive_k[m], True) for m in args.methods if m in args.adaptive_k
+            ]
         else:
             settings = [(m, best_k[m], True) for m in args.methods]
         for method, k, adaptive in settings:
@@ -281,14 +313,86 @@ def w7(args: argparse.Namespace) -> dict:
             )
         if batch == 1:
             best_k = {
-                m: max(
+                m: args.adaptive_k.get(m)
+                or max(
                     (r for r in rows if r["method"] == m and r["batch"] == 1),
                     key=lambda r: r["speedup"],
                 )["k"]
                 for m in args.methods
             }
-            print(f"best k at batch 1: {best_k}", flush=True)
+            print(f"k at batches > 1: {best_k}", flush=True)
     return {"split": split, "step_costs": step_costs, "rows": rows}
+
+
+# -- runner steps ----------------------------------------------------------------------------
+
+
+def time_runner_step(runner, step: list[SequenceChunk], repeats: int = REPEATS) -> float:
+    """Median ms of one runner step (launch, then the host copy's wait: the step's one
+    sync), without the scheduler, proposer or the engine's bookkeeping."""
+    for _ in range(3):
+        runner.execute(step)
+    _sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.execute(step)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def verify_chunks(
+    batch: int, k: int, context: int, tables: list[list[int]], vocab: int, rng: random.Random
+) -> list[SequenceChunk]:
+    """``batch`` decodes at ``context`` tokens, each verifying k random drafts (k = 0: a
+    plain one-token decode)."""
+    row = SamplingRow(SamplingParams(temperature=0.0), [0], [1] * 8, ())
+    return [
+        SequenceChunk(
+            f"s{i}",
+            [rng.randrange(vocab) for _ in range(k + 1)],
+            context,
+            tables[i],
+            row,
+            num_draft_tokens=k,
+        )
+        for i in range(batch)
+    ]
+
+
+def runner_steps_demo(args: argparse.Namespace) -> dict:
+    """The demo model's runner step of k + 1 tokens per request (CUDA graphs) against a
+    one-token step, at the W7 batch sizes that fit the verify graphs: what verification
+    costs on the device and in the runner, apart from the engine's host work."""
+    max_k = max([*args.ks, *args.adaptive_k.values(), 1])
+    batches = [b for b in [1, *args.batches] if b <= 64]
+    core = make_core(
+        str(DEFAULT_MODEL_DIR),
+        max(batches),
+        {"method": "ngram", "num_speculative_tokens": max_k},
+    )
+    block = core.kv_manager.block_size
+    context = PROMPT_TOKENS + 128
+    per_seq = -(-(context + max_k + 2) // block)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(max(batches))]
+    rng = random.Random(0)
+    vocab = core.model_config.vocab_size
+    results: dict = {"context": context, "batches": {}}
+    for batch in batches:
+        entry = {
+            k + 1: time_runner_step(
+                core.runner, verify_chunks(batch, k, context, tables, vocab, rng)
+            )
+            for k in range(max_k + 1)
+        }
+        results["batches"][batch] = entry
+        print(
+            f"demo runner step, batch {batch} (tokens/request: ms): "
+            + ", ".join(f"{n}: {t:.3f}" for n, t in entry.items()),
+            flush=True,
+        )
+    release(core)
+    return results
 
 
 # -- 8B verify steps ------------------------------------------------------------------------
@@ -301,35 +405,13 @@ def verify_steps_8b(args: argparse.Namespace, measured_rates: dict[str, float]) 
     block = core.kv_manager.block_size
     context = 512
     tables = [list(range(i * 40, i * 40 + 40)) for i in range(16)]  # 640 tokens of room each
-    params = SamplingParams(temperature=0.0)
-    row = SamplingRow(params, [0], [1] * 8, ())
     rng = random.Random(0)
     vocab = core.model_config.vocab_size
 
-    def chunks(batch: int, k: int) -> list[SequenceChunk]:
-        return [
-            SequenceChunk(
-                f"s{i}",
-                [rng.randrange(vocab) for _ in range(k + 1)],
-                context,
-                tables[i],
-                row,
-                num_draft_tokens=k,
-            )
-            for i in range(batch)
-        ]
-
     def time_step(batch: int, k: int, repeats: int = REPEATS) -> float:
-        step = chunks(batch, k)
-        for _ in range(3):
-            runner.execute(step)
-        _sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.execute(step)  # launch, then the host copy's wait: the step's sync
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        return time_runner_step(
+            runner, verify_chunks(batch, k, context, tables, vocab, rng), repeats
+        )
 
     assert block * 40 >= context + max_k + 1
     results: dict = {"context": context, "batches": {}}
@@ -414,22 +496,30 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument(
+        "--adaptive-k",
+        default="",
+        help="method=k,... : run these with the adaptive draft length at batch 1 too, and "
+        "at k on larger batches (default: the best fixed k at batch 1)",
+    )
+    parser.add_argument("--runner-steps", action="store_true")
     parser.add_argument("--skip-w7", action="store_true")
     parser.add_argument("--skip-8b", action="store_true")
     args = parser.parse_args()
     args.ks = [int(k) for k in args.ks.split(",") if k]
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.methods = [m for m in args.methods.split(",") if m]
+    args.adaptive_k = {
+        method: int(k)
+        for method, k in (item.split("=") for item in args.adaptive_k.split(",") if item)
+    }
+    if not args.ks and set(args.methods) - set(args.adaptive_k):
+        parser.error("with --ks empty, give every method's k in --adaptive-k")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = {
         "card": card_name(),
         "commit": args.commit,
-        "command": "PYTHONPATH=. python3 benchmarks/spec_decode.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in vars(args).items()
-            if k not in ("commit", "skip_w7", "skip_8b")
-        ),
+        "command": "PYTHONPATH=. python3 benchmarks/spec_decode.py " + " ".join(sys.argv[1:]),
     }
     measured_rates: dict[str, float] = {}
     started = time.perf_counter()
@@ -443,6 +533,13 @@ def main() -> None:
                     measured_rates[f"demo {method} k={best['k']}"] = best["acceptance_rate"]
         save_copies({"workload": "W7 spec", **common, **figures}, RESULTS, f"{stamp}-W7.json")
         print(f"W7 done in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.runner_steps:
+        figures = runner_steps_demo(args)
+        save_copies(
+            {"workload": "spec runner steps, demo model", **common, **figures},
+            RESULTS,
+            f"{stamp}-spec-runner-steps.json",
+        )
     if not args.skip_8b:
         figures = verify_steps_8b(args, measured_rates)
         save_copies(

@@ -53,6 +53,11 @@ class _LaunchedStep:
     step: PendingStep
     # request id -> drafts verified in this step (speculation)
     num_drafts: dict[str, int] = field(default_factory=dict)
+    # Speculation: the running requests and the draft length the step was planned at,
+    # and whether every request in it decoded (so that its time measures that kind).
+    num_running: int = 0
+    draft_length: int = 0
+    all_decodes: bool = False
 
 
 @dataclass
@@ -298,9 +303,14 @@ class EngineCore:
         one step behind the launches."""
         previous, self._pending = self._pending, None
         early = self._end_failed_grammars()
-        if previous is None or self._can_launch_ahead():
-            self._pending = self._launch(previous)
-        if previous is None and self._pending is not None and not self._can_launch_ahead():
+        draft_length = self._plan()
+        if previous is None or self._can_launch_ahead(draft_length):
+            self._pending = self._launch(previous, draft_length)
+        if (
+            previous is None
+            and self._pending is not None
+            and not self._can_launch_ahead(self._pending.draft_length)
+        ):
             # Nothing may run ahead of this step: read it now.
             previous, self._pending = self._pending, None
         if previous is None and self._pending is None and self._compiling:
@@ -332,18 +342,25 @@ class EngineCore:
         self._compiling = still
         return outputs
 
-    def _can_launch_ahead(self) -> bool:
+    def _plan(self) -> int:
+        """The draft length the next step would speculate with (0: none)."""
+        if self.spec is None:
+            return 0
+        return self.spec.policy.plan(len(self.scheduler.running))
+
+    def _can_launch_ahead(self, draft_length: int) -> bool:
         """Launching before the previous step is read needs every sampler input known:
         penalties count the output tokens, so their requests make the engine wait, and
-        so does speculation (proposals start from the last accepted token, and the
-        tokens a step yields are known only once it is read) while it is enabled."""
-        if not self.async_scheduling:
-            return False
-        if self.spec is not None and self.spec.policy.enabled(len(self.scheduler.running)):
+        so does a step that speculates (proposals start from the last accepted token,
+        and the tokens a step yields are known only once it is read)."""
+        if not self.async_scheduling or draft_length:
             return False
         return not any(r.sampling_params.uses_output_history for r in self.scheduler.running)
 
-    def _launch(self, previous: _LaunchedStep | None) -> _LaunchedStep | None:
+    def _launch(self, previous: _LaunchedStep | None, draft_length: int) -> _LaunchedStep | None:
+        num_running = len(self.scheduler.running)
+        if self.spec is not None:
+            self.spec.policy.begin_step(num_running, draft_length)
         schedule = self.scheduler.schedule()
         if schedule.is_empty:
             return None
@@ -366,7 +383,10 @@ class EngineCore:
         for request in sampling:
             request.output_token_ids.append(PLACEHOLDER_TOKEN)
             request.num_pending_outputs += 1
-        return _LaunchedStep(schedule, launched, num_drafts)
+        all_decodes = not schedule.preempted and all(
+            s.samples and s.num_known_new_tokens == 1 for s in schedule.scheduled
+        )
+        return _LaunchedStep(schedule, launched, num_drafts, num_running, draft_length, all_decodes)
 
     def _fill_grammar_bitmasks(
         self,
@@ -488,17 +508,29 @@ class EngineCore:
             if tokens is not None:
                 if scheduled.num_draft_tokens:
                     self._accept_drafts(
-                        request, launched.num_drafts.get(request.request_id, 0), len(tokens) - 1
+                        request,
+                        scheduled.num_draft_tokens,
+                        launched.num_drafts.get(request.request_id, 0),
+                        len(tokens) - 1,
                     )
                 self._append_tokens(request, tokens, result.logprobs.get(request.request_id), out)
             if out.new_token_ids or out.new_prompt_logprobs or out.finished:
                 request.scheduled_time_sent = True
                 outputs.append(out)
+        if self.spec is not None:
+            self.spec.policy.step_done(
+                launched.num_running, launched.draft_length, launched.all_decodes, self._spec_states
+            )
         return outputs
 
-    def _accept_drafts(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+    def _spec_states(self) -> list[RequestSpecState]:
+        return [r.spec_state for r in self.scheduler.running if r.spec_state is not None]
+
+    def _accept_drafts(
+        self, request: Request, num_requested: int, num_drafts: int, num_accepted: int
+    ) -> None:
         assert self.spec is not None and request.spec_state is not None
-        self.spec.policy.observe(request.spec_state, num_drafts, num_accepted)
+        self.spec.policy.observe(request.spec_state, num_requested, num_drafts, num_accepted)
         self.scheduler.accept_draft_tokens(request, num_accepted)
 
     def _append_tokens(

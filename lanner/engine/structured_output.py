@@ -39,10 +39,10 @@ def _clean(err: Exception) -> str:
 def _xgrammar() -> Any:
     try:
         import xgrammar
-    except ImportError:
+    except ImportError as err:
         raise ValueError(
-            "structured outputs need xgrammar: pip install 'lanner[structured]'"
-        ) from None
+            f"structured outputs need xgrammar (pip install 'lanner[structured]'): {err}"
+        ) from err
     return xgrammar
 
 

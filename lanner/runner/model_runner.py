@@ -49,6 +49,9 @@ class SequenceChunk:
     # (token_ids then holds placeholders there).
     num_draft_tokens: int = 0
     draft_row: int | None = None
+    # Run as one-token rows whatever its length (a draft model catching up on the few
+    # tokens its last verification accepted).
+    one_token_rows: bool = False
 
     @property
     def num_logit_rows(self) -> int:
@@ -59,8 +62,10 @@ class SequenceChunk:
         """A verify chunk of a decode (one or two known tokens, then drafts) runs as one
         one-token attention row per token, each over its own causal prefix: the decode
         kernel and the decode CUDA graphs take it as it is."""
-        return len(self.token_ids) == 1 or (
-            self.num_draft_tokens > 0 and len(self.token_ids) <= self.num_draft_tokens + 2
+        return (
+            len(self.token_ids) == 1
+            or self.one_token_rows
+            or (self.num_draft_tokens > 0 and len(self.token_ids) <= self.num_draft_tokens + 2)
         )
 
 
@@ -245,11 +250,12 @@ class ModelRunner:
         self, chunks: list[SequenceChunk], layout: _Layout, device_tokens
     ) -> torch.Tensor | None:
         """Logits of the sampled rows from a replayed decode graph when every chunk runs
-        as one-token rows, samples, and the rows fit a captured size; else None (eager)."""
+        as one-token rows, some sample, and the rows fit a captured size; else None
+        (eager)."""
         graphs = self.decode_graphs
         if graphs is None or not layout.all_flattened or not graphs.can_run(len(layout.input_ids)):
             return None
-        if any(c.sampling is None or c.prompt_logprob_targets for c in chunks):
+        if not layout.sample_rows or any(c.prompt_logprob_targets for c in chunks):
             return None
         size = self.block_size
         slots = [

@@ -355,7 +355,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seed_salt: int = 0) ->
     """
     greedy = [r.params.is_greedy for r in rows]
     if all(greedy):
-        return exponential_race(logits, None, None) if logits.is_cuda else logits.argmax(-1)
+        return greedy_tokens(logits)
     # Temperature 0 tells the race that a row is greedy.
     temperatures = [0.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
     seeds = [
@@ -386,6 +386,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seed_salt: int = 0) ->
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (int64 [B]): the race's all-greedy kernel on CUDA (a chunked
+    argmax: torch's single-row argmax over a 128k vocabulary took 37 µs on the H100)."""
+    return exponential_race(logits, None, None) if logits.is_cuda else logits.argmax(-1)
 
 
 def race(logits: torch.Tensor, temperatures: list[float], seeds: list[int | None]) -> torch.Tensor:

@@ -20,11 +20,11 @@ class SpeculativeConfig:
     (same vocabulary as the target) beside it, in the target's block tables.
 
     When speculation does not pay it is off: with ``disable_by_batch_size`` running
-    requests or more, no request speculates; with ``adaptive_draft_length`` each request
-    proposes the number of tokens that maximizes its expected tokens per unit of step
-    cost, from its own recent acceptance (see ``lanner.spec.policy``). ``draft_cost`` is
-    the cost of one proposed token relative to a target step (None: estimated, the
-    draft's weight bytes over the target's for a draft model, 0.02 for n-gram lookup).
+    requests or more, no request speculates; with ``adaptive_draft_length`` each step's
+    draft length (0 to num_speculative_tokens) is the one with the most tokens per second
+    at that batch size, from the measured times of its steps and the requests' recent
+    acceptance (see ``lanner.spec.policy``); without it every step drafts
+    num_speculative_tokens.
     """
 
     method: str
@@ -36,7 +36,6 @@ class SpeculativeConfig:
     dtype: str = "auto"  # the draft's dtype; "auto": the target's
     disable_by_batch_size: int | None = None
     adaptive_draft_length: bool = True
-    draft_cost: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -91,13 +90,6 @@ class SpeculativeConfig:
             raise ValueError(
                 f"speculative_config.adaptive_draft_length must be true or false, got "
                 f"{self.adaptive_draft_length!r}"
-            )
-        cost = self.draft_cost
-        if cost is not None and (
-            isinstance(cost, bool) or not isinstance(cost, int | float) or not 0 <= cost < 10
-        ):
-            raise ValueError(
-                f"speculative_config.draft_cost must be None or a number in [0, 10), got {cost!r}"
             )
 
     @classmethod

@@ -42,6 +42,7 @@ from lanner.runner.sampler import (
     sample,
 )
 from lanner.spec.config import SpeculativeConfig
+from lanner.spec.draft_chain import DraftChain
 from lanner.spec.proposer import DEVICE_TOKEN, Proposal, ProposalSlot, Proposer
 from lanner.spec.rejection_sampler import DRAFT_SEED_SALT
 
@@ -113,13 +114,17 @@ class DraftModelProposer(Proposer):
         block_size: int,
         cache_dtype: torch.dtype,
         enforce_eager: bool,
+        num_speculative_tokens: int,
     ) -> None:
         self.draft = draft
         self.block_size = block_size
         self.cache_dtype = cache_dtype
+        self.enforce_eager = enforce_eager
+        self.max_tokens = num_speculative_tokens
         self.runner = ModelRunner(
             draft, block_size, cache_dtype, enforce_eager=enforce_eager, sampler=DraftSampler()
         )
+        self.chain: DraftChain | None = None
         # Blocks whose draft KV is not (or not yet known to be) complete.
         self.stale_blocks: set[int] = set()
 
@@ -127,7 +132,22 @@ class DraftModelProposer(Proposer):
         return kv_cache_bytes_per_block(self.draft.config, self.block_size, self.cache_dtype)
 
     def initialize_cache(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
-        self.runner.initialize_cache(num_blocks, max_num_seqs, max_model_len)
+        # A decode's catch-up (the tokens its last verification accepted, up to k + 1)
+        # runs as one-token rows of the decode graphs.
+        graph_rows = min(max_num_seqs * (self.max_tokens + 2), max(max_num_seqs, 512))
+        self.runner.initialize_cache(num_blocks, max_num_seqs, max_model_len, graph_rows)
+        if self.max_tokens > 1:
+            self.chain = DraftChain(
+                self.draft.model,
+                self.runner.kv_caches,
+                self.block_size,
+                max_num_seqs,
+                max_model_len,
+                self.draft.config.num_key_value_heads,
+                self.max_tokens - 1,
+                use_graphs=not self.enforce_eager,
+            )
+            self.chain.capture()
 
     @torch.inference_mode()
     def propose(self, slots: list[ProposalSlot], previous: PendingStep | None) -> Proposal:
@@ -151,8 +171,6 @@ class DraftModelProposer(Proposer):
         # drafting requests sample their first draft from their last token.
         first_chunks = [self._catch_up(slot) for slot in slots]
         pending = self.runner.launch(first_chunks, None)
-        token_ids = torch.full((len(drafting), max_k), -1, dtype=torch.long, device=device)
-        token_ids[:, 0] = pending.sample.token_ids
         sampled = any(not slots[i].chunk.sampling.params.is_greedy for i in drafting)  # type: ignore[union-attr]
         probs = None
         if sampled:
@@ -163,9 +181,65 @@ class DraftModelProposer(Proposer):
             for row, token in enumerate(pending.sample.token_ids.tolist()):
                 drafted[row].append(token)
 
-        # 2. One-token steps: draft j + 1 from draft j.
+        # 2. One-token steps, draft j + 1 from draft j: greedy drafts in one chain (one
+        # graph replay), the others step by step.
+        chain = self.chain
+        if max_k == 1:
+            token_ids = pending.sample.token_ids.unsqueeze(1)
+        elif (
+            chain is not None
+            and not sampled
+            and not host_tokens
+            and chain.can_run(len(drafting), max_k - 1)
+        ):
+            token_ids = chain.run(
+                pending.sample.token_ids,
+                [slots[i].num_known_tokens - 1 for i in drafting],
+                lengths,
+                [slots[i].chunk.block_table for i in drafting],
+            )
+        else:
+            token_ids = torch.full((len(drafting), max_k), -1, dtype=torch.long, device=device)
+            token_ids[:, 0] = pending.sample.token_ids
+            self._step_by_step(
+                slots,
+                drafting,
+                lengths,
+                pending,
+                token_ids,
+                probs,
+                drafted if host_tokens else None,
+            )
+
+        for row, i in enumerate(drafting):
+            slot = slots[i]
+            # Drafts 1..k-1 were fed; the last one's KV comes with the next step.
+            last_position = slot.num_known_tokens + lengths[row] - 1
+            slot.state.proposer.fed_end = last_position
+            self.stale_blocks.add(slot.chunk.block_table[last_position // self.block_size])
+            proposal.token_ids[i] = drafted[row] if host_tokens else [DEVICE_TOKEN] * lengths[row]
+        proposal.device = DeviceDrafts(token_ids, probs)
+        proposal.device_rows = [None] * len(slots)
+        for row, i in enumerate(drafting):
+            proposal.device_rows[i] = row
+        return proposal
+
+    def _step_by_step(
+        self,
+        slots: list[ProposalSlot],
+        drafting: list[int],
+        lengths: list[int],
+        pending: PendingStep,
+        token_ids: torch.Tensor,
+        probs: torch.Tensor | None,
+        drafted: list[list[int]] | None,
+    ) -> None:
+        """Drafts 2..k as one runner step each (sampled drafting, penalties): fills
+        ``token_ids`` and ``probs`` on the device, and ``drafted`` (the drafts so far, on
+        the host) when the requests read their output history."""
+        device = self.draft.device
         active = list(range(len(drafting)))  # rows of the requests still drafting
-        for step in range(1, max_k):
+        for step in range(1, max(lengths)):
             previous_rows = {row: position for position, row in enumerate(active)}
             active = [row for row in active if lengths[row] > step]
             chunks = []
@@ -173,7 +247,7 @@ class DraftModelProposer(Proposer):
                 slot = slots[drafting[row]]
                 base = slot.chunk.sampling
                 assert base is not None
-                known = drafted[row] if host_tokens else [DEVICE_TOKEN] * step
+                known = drafted[row] if drafted is not None else [DEVICE_TOKEN] * step
                 chunks.append(
                     SequenceChunk(
                         slot.seq_id,
@@ -193,26 +267,13 @@ class DraftModelProposer(Proposer):
             pending = self.runner.launch(chunks, pending)
             index = to_device(active, torch.long, device)
             token_ids[index, step] = pending.sample.token_ids
+            # None when every row still drafting is greedy: their q stays a zero row,
+            # which verification never reads (greedy drafts are point masses).
             if probs is not None and pending.sample.probs is not None:
-                # (None when every row still drafting is greedy: their drafts are
-                # point masses, their probs rows never read.)
                 probs[index, step] = pending.sample.probs
-            if host_tokens:
+            if drafted is not None:
                 for row, token in zip(active, pending.sample.token_ids.tolist(), strict=True):
                     drafted[row].append(token)
-
-        for row, i in enumerate(drafting):
-            slot = slots[i]
-            # Drafts 1..k-1 were fed; the last one's KV comes with the next step.
-            last_position = slot.num_known_tokens + lengths[row] - 1
-            slot.state.proposer.fed_end = last_position
-            self.stale_blocks.add(slot.chunk.block_table[last_position // self.block_size])
-            proposal.token_ids[i] = drafted[row] if host_tokens else [DEVICE_TOKEN] * lengths[row]
-        proposal.device = DeviceDrafts(token_ids, probs)
-        proposal.device_rows = [None] * len(slots)
-        for row, i in enumerate(drafting):
-            proposal.device_rows[i] = row
-        return proposal
 
     def _catch_up(self, slot: ProposalSlot) -> SequenceChunk:
         """The draft's chunk for this step: from where its KV is valid to the end of the
@@ -235,6 +296,8 @@ class DraftModelProposer(Proposer):
             start,
             chunk.block_table,
             chunk.sampling if slot.num_draft_slots else None,
+            # A decode's few tokens run in the decode graphs.
+            one_token_rows=end - start <= self.max_tokens + 2,
         )
 
     def _trusted_prefix(self, block_table: list[int], computed: int) -> int:

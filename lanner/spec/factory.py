@@ -10,12 +10,8 @@ from lanner.memory.kv_cache import kv_cache_torch_dtype
 from lanner.model.loader import LoadedModel
 from lanner.spec.config import SpeculativeConfig
 from lanner.spec.policy import DraftLengthPolicy
-from lanner.spec.proposer import Proposer, draft_cost_estimate
+from lanner.spec.proposer import Proposer
 from lanner.spec.rejection_sampler import RejectionSampler
-
-# n-gram lookup costs no model step: a proposed token costs only its share of the
-# verify step, a few percent of a target step at the batch sizes speculation runs at.
-NGRAM_DRAFT_COST = 0.02
 
 
 @dataclass
@@ -46,7 +42,6 @@ class SpeculativeDecoding:
             from lanner.spec.ngram import NgramProposer
 
             proposer = NgramProposer(config)
-            cost = NGRAM_DRAFT_COST
         else:
             from lanner.spec.draft_model import DraftModelProposer, load_draft_model
 
@@ -56,11 +51,9 @@ class SpeculativeDecoding:
                 block_size,
                 kv_cache_torch_dtype(kv_cache_dtype, draft.dtype),
                 enforce_eager,
+                config.num_speculative_tokens,
             )
-            cost = draft_cost_estimate(draft.model, target.model)
-        if config.draft_cost is not None:
-            cost = config.draft_cost
-        return cls(config, proposer, DraftLengthPolicy(config, cost), RejectionSampler())
+        return cls(config, proposer, DraftLengthPolicy(config), RejectionSampler())
 
     def draft_length(self, request: Any, num_running: int) -> int:
         """The scheduler's question: drafts for this decoding request this step."""

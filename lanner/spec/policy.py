@@ -1,27 +1,55 @@
-"""How many tokens each request proposes per step, and the counters of what was accepted.
+"""How many tokens each request proposes per step, chosen from measured step times and
+acceptance, and the counters of what was accepted.
 
-The adaptive rule: a request whose drafts are accepted position by position with
-probability a (its recent rate) gains E(j) = 1 + a + ... + a^j tokens from a step with j
-drafts, and that step costs 1 + j * c target steps, c being one draft token's cost. The
-request proposes the j in [0, k] that maximizes E(j) / (1 + j * c), the same bound the
-W7 benchmark reports. A request that falls to j = 0 probes with one draft every
-``PROBE_INTERVAL`` steps, so a rate that recovers is seen again.
+The adaptive rule, per batch size: a step in which every decoding request drafts up to
+k tokens yields E(k) = b * (1 + a + ... + a^k) tokens (a: the running requests' mean
+per-position acceptance, each request's own decayed count, a shortfall of proposals
+counting as a rejection) and takes T(b, k), the measured wall time between steps of that
+kind at that batch size (plain steps, k = 0, are measured as they run: overlapped with
+the host's work when the engine schedules ahead). The policy runs the k with the most
+tokens per second, E(k) / T(b, k), among those it has measured, and now and then probes
+a neighbour (k - 1 or k + 1) for a few steps to measure or refresh it: a probe that wins
+moves the choice and the next probe follows at once; one that loses doubles the wait
+before the next. A new batch size next to a measured one (a batch draining request by
+request) starts from its choice; one further away starts without speculation and, once
+its plain steps are measured, probes the nearest measured size's choice (speculation
+that paid at batch 2 is tried at batch 64, never assumed there), so speculation turns
+itself off where it does not pay and back on where it does.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lanner.spec.config import SpeculativeConfig
 
 # The acceptance rate is tracked per request as decayed counts with a prior of
-# PRIOR_POSITIONS positions at PRIOR_RATE, so a new request starts at (nearly) full k.
+# PRIOR_POSITIONS positions at PRIOR_RATE.
 PRIOR_RATE = 0.8
 PRIOR_POSITIONS = 2.0
-DECAY = 0.8  # per verified step: about the last five steps count
-PROBE_INTERVAL = 8
-RATE_BINS = 100  # the best draft length is tabulated at rates 0, 0.01, ..., 1
+DECAY = 0.95  # per verified step: about the last twenty steps count
+# Step times: exponential moving average over clean steps (same kind as the step before,
+# no prefill in it); a step more than OUTLIER times the average (a pause) is skipped.
+TIME_SMOOTHING = 0.25
+OUTLIER = 4.0
+PROBE_STEPS = 5  # steps a probe runs: the first is a transition (not measured)
+FIRST_PROBE_WAIT = 16  # steps at the choice before its first probe
+# A new bucket's plain steps before it probes the nearest bucket's choice: one
+# transition, then enough measured steps to compare against.
+FIRST_JUMP_WAIT = 4
+MAX_PROBE_WAIT = 1024
+# A probe whose first measured step makes under this share of the choice's tokens per
+# second ends there (a loss that large is not noise, and each losing step costs).
+ABANDON_PROBE = 0.8
+# Every REVIEW_STEPS steps the choice is compared with every length measured before, at
+# the running requests' current acceptance (times do not go stale as acceptance does);
+# one better by more than REVIEW_MARGIN takes over.
+REVIEW_STEPS = 8
+REVIEW_MARGIN = 1.02
 
 
 @dataclass
@@ -30,7 +58,6 @@ class RequestSpecState:
 
     accepted: float = 0.0  # decayed accepted drafts
     positions: float = 0.0  # decayed positions tested (accepted + the first rejection)
-    steps_without_drafts: int = 0
     # The proposer's own state (e.g. how far a draft model's KV cache is computed).
     proposer: Any = None
 
@@ -47,6 +74,9 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    # Steps the engine ran with speculation, and without it while it was enabled.
+    num_speculative_steps: int = 0
+    num_plain_steps: int = 0
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -54,59 +84,250 @@ class SpecDecodeStats:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
-def best_draft_length(rate: float, cost: float, max_tokens: int) -> int:
-    """argmax over j in [0, max_tokens] of E(j) / (1 + j * cost), E(j) = sum_{i<=j} rate^i."""
-    best, best_value, expected, term = 0, 1.0, 1.0, 1.0
-    for j in range(1, max_tokens + 1):
-        term *= rate
-        expected += term
-        value = expected / (1.0 + j * cost)
-        if value > best_value + 1e-12:
-            best, best_value = j, value
-    return best
+def expected_tokens(rate: float, draft_length: int) -> float:
+    """1 + rate + ... + rate^draft_length: a request's tokens from one step."""
+    return sum(rate**i for i in range(draft_length + 1))
+
+
+def batch_bucket(num_running: int) -> int:
+    """Batch sizes measured together: exact up to 4, then steps of sqrt(2)."""
+    return num_running if num_running <= 4 else round(2 * math.log2(num_running))
+
+
+@dataclass
+class _Bucket:
+    """Measurements and the choice for one batch bucket."""
+
+    choice: int
+    seconds: dict[int, float] = field(default_factory=dict)  # k -> mean step time
+    measured_at: dict[int, int] = field(default_factory=dict)  # k -> step count then
+    probe: int | None = None  # the draft length under probe
+    probe_steps_left: int = 0
+    steps_to_probe: int = FIRST_PROBE_WAIT
+    probe_wait: int = FIRST_PROBE_WAIT
+    steps_to_review: int = REVIEW_STEPS
+    next_direction: int = 1  # the neighbour probed next: choice + 1 or choice - 1
+    jump: int | None = None  # a draft length to probe first (the nearest bucket's choice)
 
 
 class DraftLengthPolicy:
-    """Decides each request's draft length and records how its drafts fared."""
+    """Decides each step's draft length from measured time and acceptance, and records
+    how the drafts fared."""
 
-    def __init__(self, config: SpeculativeConfig, draft_cost: float) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        step_cost: Callable[[int, int], float] | None = None,
+    ) -> None:
         self.config = config
         self.max_tokens = config.num_speculative_tokens
-        self.draft_cost = draft_cost
-        self.table = [
-            best_draft_length(i / RATE_BINS, draft_cost, self.max_tokens)
-            for i in range(RATE_BINS + 1)
-        ]
         self.stats = SpecDecodeStats(num_accepted_tokens_per_pos=[0] * self.max_tokens)
+        self.buckets: dict[int, _Bucket] = {}
+        # Injected step times (tests): a step of (batch size, draft length) takes this
+        # many seconds instead of what the clock says.
+        self.step_cost = step_cost
+        self.clock: Callable[[], float] = time.perf_counter
+        self._last_done: float | None = None
+        self._last_kind: tuple[int, int] | None = None
+        self._steps = 0
+        self._planned = 0  # the draft length of the step being scheduled
+        # The running requests' speculation states (their acceptance), read when deciding.
+        self._states: Callable[[], list[RequestSpecState]] = list
 
     def enabled(self, num_running: int) -> bool:
         """False when the batch is large enough that no request speculates."""
         limit = self.config.disable_by_batch_size
         return limit is None or num_running < limit
 
-    def draft_length(self, state: RequestSpecState) -> int:
-        """Drafts to schedule for a request about to decode (the caller caps them by the
-        token budget and the request's remaining length)."""
+    # -- choosing ------------------------------------------------------------------------
+
+    def plan(self, num_running: int) -> int:
+        """The draft length for the next step of a batch of ``num_running`` requests, 0
+        for none. Pure: ``begin_step`` commits it."""
+        if not self.enabled(num_running) or num_running == 0:
+            return 0
         if not self.config.adaptive_draft_length:
             return self.max_tokens
-        length = self.table[round(state.acceptance_rate * RATE_BINS)]
-        if length:
-            state.steps_without_drafts = 0
-            return length
-        state.steps_without_drafts += 1
-        if state.steps_without_drafts >= PROBE_INTERVAL:
-            state.steps_without_drafts = 0
-            return 1
-        return 0
+        bucket = self._bucket(num_running)
+        if bucket.probe is not None:
+            return bucket.probe
+        if bucket.steps_to_probe <= 0:
+            candidate = self._next_probe(bucket)
+            if candidate is not None:
+                return candidate
+        return bucket.choice
 
-    def observe(self, state: RequestSpecState, num_drafts: int, num_accepted: int) -> None:
-        """Record one verify step of a request: ``num_drafts`` proposed, the first
-        ``num_accepted`` of them accepted."""
-        if num_drafts <= 0:
+    def begin_step(self, num_running: int, draft_length: int) -> None:
+        """The engine schedules a step at ``draft_length`` (what ``plan`` said, or 0 when
+        it cannot wait for the previous step): requests draft that many tokens, and the
+        step counts toward the bucket's probes."""
+        self._planned = draft_length
+        if draft_length:
+            self.stats.num_speculative_steps += 1
+        elif self.enabled(num_running):
+            self.stats.num_plain_steps += 1
+        if not self.config.adaptive_draft_length or not self.enabled(num_running):
             return
-        tested = num_accepted + (1 if num_accepted < num_drafts else 0)
+        if num_running == 0:
+            return
+        bucket = self._bucket(num_running)
+        if bucket.probe is None and draft_length != bucket.choice:
+            bucket.probe = draft_length
+            bucket.probe_steps_left = PROBE_STEPS
+            bucket.jump = None
+        if bucket.probe is not None:
+            bucket.probe_steps_left -= 1
+            if bucket.probe_steps_left <= 0:
+                self._end_probe(bucket)
+            return
+        bucket.steps_to_probe -= 1
+        bucket.steps_to_review -= 1
+        if bucket.steps_to_review <= 0:
+            bucket.steps_to_review = REVIEW_STEPS
+            self._review(bucket)
+
+    def _review(self, bucket: _Bucket) -> None:
+        rate = self._rate()
+        values = {k: self._value(bucket, k, rate) for k in bucket.seconds}
+        choice_value = values.get(bucket.choice)
+        best = max(values, key=lambda k: values[k] or 0.0, default=bucket.choice)
+        best_value = values.get(best)
+        # Nothing replaces a choice not measured yet (plain decoding, at a new bucket).
+        if best == bucket.choice or best_value is None or choice_value is None:
+            return
+        if best_value > REVIEW_MARGIN * choice_value:
+            bucket.choice = best
+            bucket.probe_wait = FIRST_PROBE_WAIT
+            bucket.steps_to_probe = FIRST_PROBE_WAIT
+
+    def draft_length(self, state: RequestSpecState) -> int:
+        """Drafts to schedule for a request about to decode in the step being scheduled
+        (the caller caps them by the token budget and the request's remaining length)."""
+        return self._planned
+
+    def _bucket(self, num_running: int) -> _Bucket:
+        key = batch_bucket(num_running)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            nearest = min(self.buckets, key=lambda other: abs(other - key), default=None)
+            inherited = self.buckets[nearest].choice if nearest is not None else 0
+            if nearest is not None and abs(nearest - key) <= 1:
+                # A neighbouring size (a batch draining one request at a time): its choice.
+                bucket = _Bucket(inherited)
+            elif inherited:
+                bucket = _Bucket(0, jump=inherited, steps_to_probe=FIRST_JUMP_WAIT)
+            else:
+                bucket = _Bucket(0)
+            self.buckets[key] = bucket
+        return bucket
+
+    def _next_probe(self, bucket: _Bucket) -> int | None:
+        """The nearest bucket's choice if not probed yet, else the neighbour of the choice
+        to probe next (least recently measured first)."""
+        if bucket.jump is not None and bucket.jump != bucket.choice:
+            return bucket.jump
+        step = bucket.next_direction
+        neighbours = [
+            k for k in (bucket.choice + step, bucket.choice - step) if 0 <= k <= self.max_tokens
+        ]
+        if not neighbours:
+            return None
+        return min(neighbours, key=lambda k: bucket.measured_at.get(k, -1))
+
+    def _rate(self) -> float:
+        """The running requests' mean per-position acceptance."""
+        states = self._states()
+        if not states:
+            return PRIOR_RATE
+        return sum(s.acceptance_rate for s in states) / len(states)
+
+    def _value(self, bucket: _Bucket, draft_length: int, rate: float) -> float | None:
+        seconds = bucket.seconds.get(draft_length)
+        if seconds is None or seconds <= 0:
+            return None
+        return expected_tokens(rate, draft_length) / seconds
+
+    def _end_probe(self, bucket: _Bucket) -> None:
+        probe = bucket.probe
+        assert probe is not None
+        bucket.probe = None
+        rate = self._rate()
+        probe_value = self._value(bucket, probe, rate)
+        choice_value = self._value(bucket, bucket.choice, rate)
+        if choice_value is None and probe_value is not None:
+            # Inconclusive (the choice's steps were not measured: the batch changed, or
+            # prefills ran in them): probe again after a few steps at the choice.
+            bucket.jump = probe
+            bucket.steps_to_probe = FIRST_JUMP_WAIT
+            return
+        bucket.next_direction = -bucket.next_direction
+        if probe_value is not None and choice_value is not None and probe_value > choice_value:
+            bucket.next_direction = 1 if probe > bucket.choice else -1  # keep climbing
+            bucket.choice = probe
+            bucket.probe_wait = FIRST_PROBE_WAIT
+            bucket.steps_to_probe = 0
+        else:
+            bucket.probe_wait = min(2 * bucket.probe_wait, MAX_PROBE_WAIT)
+            bucket.steps_to_probe = bucket.probe_wait
+
+    # -- measuring -----------------------------------------------------------------------
+
+    def step_done(
+        self,
+        num_running: int,
+        draft_length: int,
+        clean: bool,
+        states: Callable[[], list[RequestSpecState]],
+    ) -> None:
+        """The engine read a step of a batch of ``num_running`` planned at
+        ``draft_length``; ``clean``: every request in it decoded; ``states``: the running
+        requests' states, for their acceptance. Measures the time since the previous step
+        was read."""
+        self._states = states
+        if self.step_cost is not None:
+            now = (self._last_done or 0.0) + self.step_cost(num_running, draft_length)
+        else:
+            now = self.clock()
+        kind = (num_running, draft_length)
+        previous_kind, self._last_kind = self._last_kind, kind if clean else None
+        last, self._last_done = self._last_done, now
+        self._steps += 1
+        adaptive = self.config.adaptive_draft_length and self.enabled(num_running)
+        if not adaptive or last is None or previous_kind != kind or num_running == 0:
+            return
+        seconds = now - last
+        bucket = self._bucket(num_running)
+        mean = bucket.seconds.get(draft_length)
+        if mean is not None and seconds > OUTLIER * mean:
+            return
+        bucket.seconds[draft_length] = (
+            seconds if mean is None else mean + TIME_SMOOTHING * (seconds - mean)
+        )
+        bucket.measured_at[draft_length] = self._steps
+        if bucket.probe == draft_length and draft_length != bucket.choice:
+            rate = self._rate()
+            probe_value = self._value(bucket, draft_length, rate)
+            choice_value = self._value(bucket, bucket.choice, rate)
+            if (
+                probe_value is not None
+                and choice_value is not None
+                and probe_value < ABANDON_PROBE * choice_value
+            ):
+                self._end_probe(bucket)
+
+    def observe(
+        self, state: RequestSpecState, num_requested: int, num_drafts: int, num_accepted: int
+    ) -> None:
+        """Record one verify step of a request: ``num_requested`` draft slots scheduled,
+        ``num_drafts`` proposed, the first ``num_accepted`` of them accepted."""
+        if num_requested <= 0:
+            return
+        # A slot left without a proposal gains nothing, as a rejection.
+        tested = num_accepted + (1 if num_accepted < num_requested else 0)
         state.accepted = DECAY * state.accepted + num_accepted
         state.positions = DECAY * state.positions + tested
+        if num_drafts <= 0:
+            return
         stats = self.stats
         stats.num_drafts += 1
         stats.num_draft_tokens += num_drafts

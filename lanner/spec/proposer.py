@@ -15,8 +15,6 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from lanner.runner.model_runner import DeviceDrafts, PendingStep, SequenceChunk
 from lanner.spec.policy import RequestSpecState
 
@@ -73,13 +71,3 @@ class Proposer(abc.ABC):
     @abc.abstractmethod
     def propose(self, slots: list[ProposalSlot], previous: PendingStep | None) -> Proposal:
         """Drafts for this step's slots; ``previous`` is the target's last step, read."""
-
-
-def draft_cost_estimate(draft_model: torch.nn.Module, target_model: torch.nn.Module) -> float:
-    """A draft token's cost relative to a target step at small batches, where both read
-    their weights once a step: the ratio of their weight bytes."""
-
-    def weight_bytes(model: torch.nn.Module) -> int:
-        return sum(p.numel() * p.element_size() for p in model.parameters())
-
-    return weight_bytes(draft_model) / max(1, weight_bytes(target_model))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lanner.kernels.accept_drafts import accept_drafts, draft_and_target_grids
 from lanner.kernels.transfer import to_device
 from lanner.runner.model_runner import DeviceDrafts
 from lanner.runner.sampler import (
@@ -44,6 +45,7 @@ from lanner.runner.sampler import (
     column,
     decode_seed,
     exponential_draws,
+    greedy_tokens,
     pack_logprobs,
     race,
     sample,
@@ -126,80 +128,108 @@ class RejectionSampler(Sampler):
         num_requests = len(rows)
         max_k = max(counts, default=0)
         first_rows = [0] * num_requests
-        expanded: list[SamplingRow] = []
-        for i, (row, proposed) in enumerate(zip(rows, drafts, strict=True)):
-            first_rows[i] = len(expanded)
-            expanded.append(row)
-            expanded += [
-                SamplingRow(
-                    row.params,
-                    row.prompt_token_ids,
-                    row.output_token_ids,
-                    row.eos_token_ids,
-                    list(proposed[:j]),
-                    token_bitmask=(
-                        row.token_bitmask[j : j + 1] if row.token_bitmask is not None else None
-                    ),
-                )
-                for j in range(1, len(proposed) + 1)
-            ]
-        if logits.dim() != 2 or logits.shape[0] != len(expanded):
+        num_logit_rows = 0
+        for i, count in enumerate(counts):
+            first_rows[i] = num_logit_rows
+            num_logit_rows += count + 1
+        if logits.dim() != 2 or logits.shape[0] != num_logit_rows:
             raise ValueError(
                 f"verify needs one logits row per request plus one per draft token "
-                f"({len(expanded)}), got shape {tuple(logits.shape)}"
+                f"({num_logit_rows}), got shape {tuple(logits.shape)}"
             )
         device = logits.device
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
         num_top = max((r.params.logprobs or 0 for r in rows), default=0)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
-        # The plain sampler's processing, in its order, for every row.
-        # A grammar's bitmask at each draft's row: a draft it refuses cannot be accepted.
-        logits = apply_grammar_bitmasks(apply_token_constraints(logits, expanded), expanded)
-        logits = apply_min_tokens(apply_penalties(logits, expanded), expanded)
-        # The plain sampler's draw at every row: exactly what each position would sample
-        # without speculation.
-        targets = sample(logits, expanded)
-
-        # [R, max_k + 1] layouts of the rows; positions past a request's drafts repeat
-        # its last row (masked below).
-        grid = [
-            first_rows[i] + min(j, counts[i]) for i in range(num_requests) for j in range(max_k + 1)
-        ]
-        target_grid = targets[to_device(grid, torch.long, device)].view(num_requests, max_k + 1)
-        if device_drafts is None:
-            padded = [list(d) + [-1] * (max_k - len(d)) for d in drafts]
-            draft_grid = to_device(padded, torch.long, device).view(num_requests, max_k)
+        expanded: list[SamplingRow] = []
+        if _plain_argmax(rows, counts):
+            # Greedy rows that no processing changes: every row's sample is its argmax.
+            targets = greedy_tokens(logits)
         else:
-            source = device_drafts.token_ids[:, :max_k]
-            # Requests without device drafts read an extra row of -1.
-            source = torch.cat([source, source.new_full((1, source.shape[1]), -1)])
-            pad = source.shape[0] - 1
-            rows_index = [pad if r is None else r for r in draft_rows]
-            draft_grid = source[to_device(rows_index, torch.long, device)]
-        count_tensor = to_device(counts, torch.long, device)
-        positions = torch.arange(max_k + 1, device=device).unsqueeze(0)
-        in_range = positions[:, :max_k] < count_tensor.unsqueeze(1)
-        accepted_mask = self.accept(target_grid[:, :max_k] == draft_grid) & in_range
+            for row, proposed in zip(rows, drafts, strict=True):
+                expanded.append(row)
+                expanded += [
+                    SamplingRow(
+                        row.params,
+                        row.prompt_token_ids,
+                        row.output_token_ids,
+                        row.eos_token_ids,
+                        list(proposed[:j]),
+                        token_bitmask=(
+                            row.token_bitmask[j : j + 1] if row.token_bitmask is not None else None
+                        ),
+                    )
+                    for j in range(1, len(proposed) + 1)
+                ]
+            # The plain sampler's processing, in its order, for every row; a grammar's
+            # bitmask at each draft's row (a draft it refuses cannot be accepted).
+            logits = apply_token_constraints(logits, expanded)
+            logits = apply_grammar_bitmasks(logits, expanded)
+            logits = apply_min_tokens(apply_penalties(logits, expanded), expanded)
+            # The plain sampler's draw at every row: exactly what each position would
+            # sample without speculation.
+            targets = sample(logits, expanded)
 
+        # Each request's first row, draft count and row of the drafts tensor, staged with
+        # the host's drafts (if any) in one copy.
+        host_drafts = [i for i in range(num_requests) if counts[i] and _row(draft_rows, i) is None]
+        source_rows = [_row(draft_rows, i) for i in range(num_requests)]
+        num_device_rows = device_drafts.token_ids.shape[0] if device_drafts is not None else 0
+        for position, i in enumerate(host_drafts):
+            source_rows[i] = num_device_rows + position
+        staged = first_rows + counts + [0 if r is None else r for r in source_rows]
+        for i in host_drafts:
+            staged += list(drafts[i]) + [-1] * (max_k - counts[i])
+        meta = to_device(staged, torch.long, device)
+        draft_source = meta[3 * num_requests :].view(len(host_drafts), max_k)
+        if device_drafts is not None:
+            device_tokens = device_drafts.token_ids
+            if device_tokens.shape[1] < max_k:
+                raise ValueError(
+                    f"device drafts hold {device_tokens.shape[1]} tokens a row, fewer than "
+                    f"the {max_k} a request verifies"
+                )
+            draft_source = (
+                torch.cat([device_tokens[:, :max_k], draft_source])
+                if host_drafts
+                else device_tokens
+            )
+        meta = meta[: 3 * num_requests]
+
+        decisions = residual = None
         draft_probs = device_drafts.probs if device_drafts is not None else None
         sampled_drafts = [
             i
             for i in range(num_requests)
             if draft_probs is not None
             and counts[i]
-            and draft_rows[i] is not None
+            and _row(draft_rows, i) is not None
             and not rows[i].params.is_greedy
         ]
-        residual_grid = None
+        custom_rule = type(self).accept is not _POINT_MASS_RULE
+        if sampled_drafts or custom_rule:
+            decisions = torch.full((num_requests, max_k), -1, dtype=torch.int8, device=device)
+            residual = torch.full((num_requests, max_k), -1, dtype=torch.long, device=device)
+        if custom_rule:
+            # A replaced rule (a test's) decides every draft, from the same tests.
+            assert decisions is not None
+            draft_grid, target_grid = draft_and_target_grids(targets, meta, draft_source, max_k)
+            in_range = torch.arange(max_k, device=device).unsqueeze(0) < meta[
+                num_requests : 2 * num_requests
+            ].unsqueeze(1)
+            chosen = self.accept(target_grid[:, :max_k] == draft_grid) & in_range
+            decisions.copy_(torch.where(in_range, chosen.to(torch.int8), -1))
+            residual.copy_(target_grid[:, :max_k])
         if sampled_drafts:
-            probs_rows = [draft_rows[i] for i in sampled_drafts]
-            passes, residual = self._check_sampled_drafts(
+            assert decisions is not None and residual is not None and draft_probs is not None
+            draft_grid, _ = draft_and_target_grids(targets, meta, draft_source, max_k)
+            passes, resampled = self._check_sampled_drafts(
                 logits,
                 expanded,
                 first_rows,
                 counts,
                 sampled_drafts,
-                probs_rows,
+                [draft_rows[i] for i in sampled_drafts],  # type: ignore[misc]
                 draft_grid,
                 draft_probs,
             )
@@ -208,37 +238,26 @@ class RejectionSampler(Sampler):
                 torch.long,
                 device,
             )
-            accepted_mask.view(-1)[flat] = self.accept(passes)
-            residual_grid = torch.full((num_requests * max_k,), -1, dtype=torch.long, device=device)
-            residual_grid[flat] = residual
-            residual_grid = residual_grid.view(num_requests, max_k)
-        num_accepted = accepted_mask.long().cumprod(dim=1).sum(dim=1)
-        at = num_accepted.unsqueeze(1)
-        final = target_grid.gather(1, at).squeeze(1)
-        if residual_grid is not None:
-            sampled = set(sampled_drafts)
-            rejected = to_device(
-                [i in sampled for i in range(num_requests)], torch.bool, device
-            ) & (num_accepted < count_tensor)
-            from_residual = residual_grid.gather(1, at.clamp(max=max_k - 1)).squeeze(1)
-            final = torch.where(rejected, from_residual, final)
-        extended = torch.cat([draft_grid, draft_grid.new_full((num_requests, 1), -1)], dim=1)
-        token_ids = torch.where(
-            positions < at, extended, torch.where(positions == at, final.unsqueeze(1), -1)
-        )
-        num_tokens = num_accepted + 1
-        host_source = torch.cat([num_tokens.unsqueeze(1), token_ids], dim=1)
+            decisions.view(-1)[flat] = self.accept(passes).to(torch.int8)
+            residual.view(-1)[flat] = resampled
+        packed = accept_drafts(targets, meta, draft_source, max_k, decisions, residual)
         logprob_source = None
         if raw_logprobs is not None:
             # Each row's own token: the accepted draft there, or the final token.
             row_tokens = [
-                i * (max_k + 1) + j for i in range(num_requests) for j in range(counts[i] + 1)
+                i * (max_k + 2) + 1 + j for i in range(num_requests) for j in range(counts[i] + 1)
             ]
-            chosen = token_ids.view(-1)[to_device(row_tokens, torch.long, device)].clamp(min=0)
-            logprob_source = pack_logprobs(raw_logprobs, chosen, num_top)
+            chosen_tokens = packed.view(-1)[to_device(row_tokens, torch.long, device)]
+            logprob_source = pack_logprobs(raw_logprobs, chosen_tokens.clamp(min=0), num_top)
         return _start_copy(
             DeviceVerify(
-                token_ids, num_tokens, host_source, logprob_source, None, list(rows), first_rows
+                packed[:, 1:],
+                packed[:, 0],
+                packed,
+                logprob_source,
+                None,
+                list(rows),
+                first_rows,
             )
         )
 
@@ -296,6 +315,28 @@ class RejectionSampler(Sampler):
             residual.log(), [1.0] * len(rows), _salted_seeds(rows, steps, RESIDUAL_SEED_SALT)
         )
         return accept, resampled
+
+
+# The rule accept() is by default: a replaced one makes verify hand it every draft's test.
+_POINT_MASS_RULE = RejectionSampler.accept
+
+
+def _plain_argmax(rows: Sequence[SamplingRow], counts: list[int]) -> bool:
+    """Whether every row's sample is the argmax of its raw logits: greedy requests whose
+    logits no constraint, grammar, penalty or pending min_tokens changes at any verified
+    row."""
+    return all(
+        r.params.is_greedy
+        and not r.params.uses_token_constraints
+        and not r.params.uses_penalties
+        and r.token_bitmask is None
+        and len(r.output_token_ids) >= r.params.min_tokens
+        for r in rows
+    )
+
+
+def _row(draft_rows: Sequence[int | None], index: int) -> int | None:
+    return draft_rows[index] if index < len(draft_rows) else None
 
 
 def _salted_seeds(rows: list[SamplingRow], steps: list[int], salt: int) -> list[int | None]:

@@ -36,6 +36,7 @@ def test_defaults_match_vllm() -> None:
         "allowed_token_ids": None,
         "bad_words": None,
         "bad_words_token_ids": None,
+        "structured_outputs": None,
     }
     assert params.sampling_type is SamplingType.RANDOM
     assert not params.uses_penalties and not params.uses_truncation

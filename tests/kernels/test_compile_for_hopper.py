@@ -379,6 +379,20 @@ def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         "exponential_noise width 1",
         partial(sampling.exponential_noise, [1, 2, 3], 1, torch.device("cpu")),
     )
+    # Speculative verification's acceptance: point-mass drafts, and decided (sampled)
+    # drafts with residual draws, at draft lengths of each lane width.
+    from lanner.kernels.accept_drafts import accept_drafts_kernel
+
+    for max_k in (1, 3, 6, 10):
+        requests = 5
+        targets = torch.zeros(requests * (max_k + 1), dtype=torch.int64)
+        meta = torch.zeros(3 * requests, dtype=torch.int64)
+        drafts = torch.zeros(requests, max_k, dtype=torch.int64)
+        decisions = torch.zeros(requests, max_k, dtype=torch.int8)
+        residual = torch.zeros(requests, max_k, dtype=torch.int64)
+        accept = partial(accept_drafts_kernel, targets, meta, drafts, max_k)
+        yield f"accept_drafts k={max_k}", accept
+        yield f"accept_drafts k={max_k} decided", partial(accept, decisions, residual)
 
 
 def skinny_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:

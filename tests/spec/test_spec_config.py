@@ -10,7 +10,6 @@ import pytest
 from lanner import LLM
 from lanner.engine.config import EngineConfig
 from lanner.spec.config import SpeculativeConfig
-from lanner.spec.policy import DraftLengthPolicy, RequestSpecState, best_draft_length
 
 DEMO_DRAFT = Path(__file__).resolve().parents[2] / "lanner/assets/demo-draft"
 
@@ -57,7 +56,10 @@ DEMO_DRAFT = Path(__file__).resolve().parents[2] / "lanner/assets/demo-draft"
             {"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
             "disable_by_batch_size",
         ),
-        ({"method": "ngram", "num_speculative_tokens": 2, "draft_cost": -1}, "draft_cost"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "adaptive_draft_length": 1},
+            "adaptive_draft_length",
+        ),
         ("ngram", "must be a dict"),
     ],
 )
@@ -110,38 +112,3 @@ def test_draft_context_must_cover_max_model_len(tmp_path: Path) -> None:
                 "num_speculative_tokens": 2,
             },
         )
-
-
-def test_best_draft_length_maximizes_tokens_per_cost() -> None:
-    assert best_draft_length(0.0, 0.3, 5) == 0
-    assert best_draft_length(0.6, 0.3, 5) == 1  # 1.6/1.3 beats 1.96/1.6
-    assert best_draft_length(0.8, 0.3, 5) == 3
-    assert best_draft_length(0.99, 0.0, 5) == 5
-    assert best_draft_length(0.9, 0.02, 7) == 7
-
-
-def test_policy_adapts_probes_and_switches_off() -> None:
-    config = SpeculativeConfig(
-        method="draft_model", model="x", num_speculative_tokens=4, disable_by_batch_size=8
-    )
-    policy = DraftLengthPolicy(config, draft_cost=0.3)
-    state = RequestSpecState()
-    assert policy.draft_length(state) == best_draft_length(0.8, 0.3, 4)  # the prior
-    for _ in range(10):
-        policy.observe(state, 3, 0)  # every first draft rejected
-    lengths = [policy.draft_length(state) for _ in range(16)]
-    # Off, but one draft every PROBE_INTERVAL steps keeps measuring.
-    assert lengths.count(1) == 2 and set(lengths) == {0, 1}
-    for _ in range(10):
-        policy.observe(state, 4, 4)
-    assert policy.draft_length(state) == 4
-    assert policy.enabled(7) and not policy.enabled(8)
-    stats = policy.stats
-    assert stats.num_drafts == 20 and stats.num_draft_tokens == 70
-    assert stats.num_accepted_tokens == 40 and stats.num_accepted_tokens_per_pos == [10] * 4
-    assert stats.mean_acceptance_length == 3.0
-    fixed = DraftLengthPolicy(
-        SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive_draft_length=False),
-        draft_cost=5.0,
-    )
-    assert fixed.draft_length(RequestSpecState()) == 3

@@ -123,14 +123,10 @@ SETTINGS = {
 
 
 def spec_config(method: str, draft: Path) -> dict:
+    fixed = {"num_speculative_tokens": 3, "adaptive_draft_length": False}
     if method == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
-    return {
-        "method": "draft_model",
-        "model": str(draft),
-        "num_speculative_tokens": 3,
-        "draft_cost": 0.1,
-    }
+        return {"method": "ngram", "prompt_lookup_min": 1, **fixed}
+    return {"method": "draft_model", "model": str(draft), **fixed}
 
 
 @pytest.fixture(scope="module")

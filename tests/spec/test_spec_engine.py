@@ -23,17 +23,12 @@ FAMILIES = ("llama", "qwen3")
 
 
 def spec_config(method: str, draft_dir: Path | None, k: int = 3, **extra) -> dict:
+    """Every step speculates (the adaptive rule, which times steps, is tested with
+    injected step costs below and in test_policy.py)."""
+    extra.setdefault("adaptive_draft_length", False)
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, **extra}
-    # The noisy drafts are as large as their targets: the adaptive rule would switch
-    # them off, so their cost is given as a small draft's.
-    return {
-        "method": "draft_model",
-        "model": str(draft_dir),
-        "num_speculative_tokens": k,
-        "draft_cost": 0.1,
-        **extra,
-    }
+    return {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": k, **extra}
 
 
 def repetitive_prompts(count: int, seed: int = 0) -> list[dict]:
@@ -339,3 +334,33 @@ def test_demo_model_with_demo_draft_and_ngram() -> None:
         assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
         assert_speculated(llm, rejections=False)
         assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("speculation_pays", [True, False])
+def test_adaptive_draft_length_under_injected_step_costs(
+    tiny_model_dirs: dict[str, Path], speculation_pays: bool
+) -> None:
+    """With steps timed by an injected cost, the engine speculates where it pays and
+    otherwise runs plain steps ahead of the host (overlapped), probing now and then;
+    the tokens are the same either way."""
+    prompts = repetitive_prompts(4, seed=8)
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    model = tiny_model_dirs["llama"]
+    expected = make_llm(model).generate(prompts, params)
+    llm = make_llm(
+        model,
+        async_scheduling=True,
+        speculative_config=spec_config("ngram", None, k=4, adaptive_draft_length=True),
+    )
+    policy = llm.engine.core.spec.policy
+    per_draft = 0.05 if speculation_pays else 2.0
+    policy.step_cost = lambda num_running, k: 1.0 + per_draft * k * num_running
+    got = llm.generate(prompts, params)
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    stats = policy.stats
+    if speculation_pays:
+        assert stats.num_speculative_steps > 2 * stats.num_plain_steps
+        assert stats.num_accepted_tokens > 0
+    else:
+        assert stats.num_plain_steps > 3 * stats.num_speculative_steps > 0
+    assert_pool_full(llm)

@@ -12,7 +12,14 @@ from lanner.engine.core import EngineCoreStats
 from lanner.entrypoints.cli import main
 from tests.bench.test_bench import ENGINE, run_bench
 
-NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1})
+NGRAM = json.dumps(
+    {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+        "prompt_lookup_min": 1,
+        "adaptive_draft_length": False,
+    }
+)
 
 
 def test_bench_latency_reports_the_acceptance_length(
