@@ -47,6 +47,19 @@ class SpeculativeDecoding:
 
             proposer = NgramProposer(config)
             cost = NGRAM_DRAFT_COST
+        elif config.method in ("eagle", "eagle3"):
+            from lanner.spec.eagle import EagleProposer, load_head
+
+            head = load_head(config, target, load_format, seed, max_model_len)
+            eagle = EagleProposer(
+                head,
+                target,
+                block_size,
+                kv_cache_torch_dtype(kv_cache_dtype, target.dtype),
+                enforce_eager,
+                config.num_speculative_tokens,
+            )
+            proposer, cost = eagle, eagle.draft_cost
         else:
             from lanner.spec.draft_model import DraftModelProposer, load_draft_model
 
