@@ -34,14 +34,20 @@ the machine's speed, as training stops on time. CPU (the shipped demo head)::
 
     nice -n 10 .venv/bin/python scripts/train_eagle_head.py --device cpu --time-budget-s 2100
 
-GPU (one H200, ~4 minutes)::
+GPU (one H200, about 4 minutes in all; the shipped lanner/assets/demo-eagle), from the
+repository root, with the interpreter that trained the demo model (its site-packages are
+the corpus)::
 
-    python3 scripts/train_eagle_head.py --device cuda --time-budget-s 240
+    PYTHONPATH=. python3 scripts/train_eagle_head.py --device cuda --time-budget 190 \
+        --max-train-tokens 33554432 --reserve-s 15 --eval-ks 2,4 --out-dir $OUT/demo-eagle
+
+``--max-steps`` stops training after that many steps (the schedule then follows them).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import itertools
 import json
@@ -89,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=DEMO_HEAD)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget-s", type=float, default=2100.0)
+    p.add_argument("--time-budget-s", "--time-budget", type=float, default=2100.0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop training after these")
     p.add_argument("--corpus-files", nargs="*", default=None, help="text files or folders")
     p.add_argument("--heldout-frac", type=float, default=0.05)
     p.add_argument("--heldout-margin", type=float, default=0.25, help="of the split's edge")
@@ -432,10 +439,8 @@ def head_losses(
     length = tokens.shape[1]
     features = hidden.float()
     if noise and generator is not None:
-        features = (
-            features
-            + (torch.rand(features.shape, generator=generator) * 2 - 1).to(features.device) * noise
-        )
+        uniform = torch.rand(features.shape, generator=generator, device=features.device)
+        features = features + (uniform * 2 - 1) * noise
     embeds = embed(torch.roll(tokens, -1, dims=1)).float()  # t_{p+1}; the last is unused
     outputs = head.unroll(embeds, features, steps)
     total = features.new_zeros(())
@@ -480,22 +485,26 @@ def train(
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     order_rng = random.Random(args.seed + 1)
-    noise_rng = torch.Generator().manual_seed(args.seed + 2)
+    noise_rng = torch.Generator(device=device).manual_seed(args.seed + 2)
     order: list[int] = []
     started = time.perf_counter()
     steps, windows_seen, history = 0, 0, []
     head.train()
     while True:
         elapsed = time.perf_counter() - started
-        if elapsed >= seconds and steps:
+        if (elapsed >= seconds and steps) or steps == args.max_steps:
             break
         if len(order) < args.batch_size:
             epoch = list(range(len(data.tokens)))
             order_rng.shuffle(epoch)
             order += epoch
         batch, order = order[: args.batch_size], order[args.batch_size :]
+        # The schedule follows whichever ends training first: the clock or --max-steps.
+        progress = elapsed / seconds
+        if args.max_steps:
+            progress = max(progress, steps / args.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(elapsed / seconds, args)
+            group["lr"] = lr_at(progress, args)
         with autocast(device):
             parts = head_losses(
                 head,
@@ -607,51 +616,46 @@ def engine_acceptance(
     target: str, head_dir: Path, prompts: list[list[int]], args: argparse.Namespace
 ) -> dict:
     """lanner's speculative engine with the saved head, greedy on held-out prompts: the
-    measured mean accepted length (accepted drafts + 1 per verify step) per k."""
+    measured mean accepted length (accepted drafts + 1 per verify step) per k, and whether
+    the tokens are the plain run's."""
     from lanner import LLM, SamplingParams
 
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     params = SamplingParams(
         temperature=0.0, max_tokens=args.eval_output_tokens, ignore_eos=True, detokenize=False
     )
-    results = {}
-    plain = None
-    for k in args.eval_ks:
-        llm = LLM(
-            target,
-            dtype="bfloat16" if device == "cuda" else "float32",
-            device=device,
-            max_model_len=args.eval_prompt_tokens + args.eval_output_tokens + 16,
-            max_num_seqs=len(prompts),
-            speculative_config={
-                "method": "eagle",
-                "model": str(head_dir),
-                "num_speculative_tokens": k,
-                "adaptive_draft_length": False,
-            },
-            kv_cache_memory_bytes=None if device == "cuda" else 1 << 30,
-        )
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    options = dict(
+        dtype="bfloat16" if device == "cuda" else "float32",
+        device=device,
+        max_model_len=args.eval_prompt_tokens + args.eval_output_tokens + 16,
+        max_num_seqs=len(prompts),
+        enforce_eager=True,  # acceptance does not depend on graphs; capturing costs time
+        # Sized in bytes: the engines run one after another beside the training state.
+        kv_cache_memory_bytes=(2 << 30) if device == "cuda" else 64 << 20,
+    )
+
+    def run(speculative_config: dict | None) -> tuple[list[list[int]], float, LLM]:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        llm = LLM(target, speculative_config=speculative_config, **options)
         started = time.perf_counter()
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        seconds = time.perf_counter() - started
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outputs], time.perf_counter() - started, llm
+
+    reference, _, plain = run(None)
+    del plain
+    results = {}
+    for k in args.eval_ks:
+        config = {
+            "method": "eagle",
+            "model": str(head_dir),
+            "num_speculative_tokens": k,
+            "adaptive_draft_length": False,
+        }
+        tokens, seconds, llm = run(config)
         stats = llm.engine.core.spec.policy.stats
-        tokens = [o.outputs[0].token_ids for o in outputs]
-        if plain is None:
-            plain = LLM(
-                target,
-                dtype="bfloat16" if device == "cuda" else "float32",
-                device=device,
-                max_model_len=args.eval_prompt_tokens + args.eval_output_tokens + 16,
-                max_num_seqs=len(prompts),
-                kv_cache_memory_bytes=None if device == "cuda" else 1 << 30,
-            )
-            reference = [
-                o.outputs[0].token_ids
-                for o in plain.generate(
-                    [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
-                )
-            ]
-            del plain
         per_position = stats.num_accepted_tokens_per_pos
         results[k] = {
             "mean_accepted_length": round(stats.mean_acceptance_length, 4),
@@ -664,6 +668,7 @@ def engine_acceptance(
         }
         log(f"engine eval k={k}: {results[k]}")
         del llm
+        gc.collect()
     return results
 
 
