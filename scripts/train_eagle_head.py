@@ -188,8 +188,17 @@ def corpus_split(args: argparse.Namespace) -> TextSplit:
             "train_files": len(train),
             "train_files_near_the_split_left_out": len(corpus.train) - len(train),
             "heldout_files": len(corpus.heldout),
+            # Equal when this machine's files are the demo model's training machine's.
+            "heldout_files_in_demo_model_report": demo_report_heldout_files(),
         },
     )
+
+
+def demo_report_heldout_files() -> int | None:
+    report = DEMO_MODEL / "training_report.json"
+    if not report.is_file():
+        return None
+    return json.loads(report.read_text()).get("corpus", {}).get("heldout_files")
 
 
 def iter_windows(texts: list[str], tokenizer, seq_len: int, seed: int) -> Iterator[list[int]]:
