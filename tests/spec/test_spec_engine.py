@@ -16,7 +16,12 @@ from lanner import LLM, SamplingParams
 from lanner.engine.outputs import RequestOutput
 from tests.engine.test_llm import assert_pool_full, make_llm, mixed_requests, summary
 from tests.engine.test_prefix_caching import assert_same_logprobs, shared_prefix_prompts
-from tests.spec.eagle_heads import build_one_layer_target, write_copy_head, write_eagle_head
+from tests.spec.eagle_heads import (
+    build_one_layer_target,
+    write_copy_head,
+    write_eagle3_head,
+    write_eagle_head,
+)
 from tests.tiny_models import build_hf_model, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +156,31 @@ def test_greedy_equals_no_speculation(spec_case, family: str, method: str) -> No
     assert [summary(o) for o in got] == [summary(o) for o in expected]
     random_head = method == "eagle" and family == "qwen3"
     assert_speculated(llm, rejections=method != "ngram", accepted=not random_head)
+    assert_pool_full(llm)
+
+
+def test_eagle3_head_greedy_equals_no_speculation(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """An EAGLE-3 head (random, a draft vocabulary of half the target's, features from
+    the tiny target's layers named in its config) through the same mixed batch in a
+    small block pool: the tokens are the plain run's and every block comes back."""
+    model = tiny_model_dirs["llama"]
+    # Layer outputs -1, 0, 1: the embeddings and both layers' outputs of the 2-layer target.
+    head = write_eagle3_head(tmp_path / "eagle3", model, 192, seed=3, aux_layer_ids=[-1, 0, 1])
+    prompts = repetitive_prompts(16, seed=1)
+    params = greedy_params(16)
+    expected = make_llm(model).generate(prompts, params)
+    config = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 3}
+    llm = make_llm(
+        model,
+        num_gpu_blocks_override=40,
+        max_model_len=96,
+        speculative_config={**config, "draft_cost": 0.1},
+    )
+    got = llm.generate(prompts, params)
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert_speculated(llm, accepted=False)
     assert_pool_full(llm)
 
 
@@ -356,3 +386,27 @@ def test_demo_model_with_demo_draft_and_ngram() -> None:
         assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
         assert_speculated(llm, rejections=False)
         assert_pool_full(llm)
+
+
+DEMO_EAGLE = ROOT / "lanner/assets/demo-eagle"
+
+
+@pytest.mark.skipif(
+    not (DEMO_EAGLE / "config.json").is_file(),
+    reason="lanner/assets/demo-eagle is not shipped yet (scripts/train_eagle_head.py makes it)",
+)
+def test_demo_model_with_its_eagle_head() -> None:
+    prompts = [
+        "import os\n\ndef list_files(path):",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+        "    def push(self, item):",
+    ]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    options = dict(dtype="float32", device="cpu", max_model_len=256, block_size=16)
+    expected = LLM(**options).generate(prompts, params, use_tqdm=False)
+    config = {"method": "eagle", "model": str(DEMO_EAGLE), "num_speculative_tokens": 4}
+    llm = LLM(**options, speculative_config=config)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert_speculated(llm, rejections=False)
+    assert_pool_full(llm)

@@ -325,10 +325,10 @@ def enable_aux_hidden_states(target: LlamaForCausalLM, config: ModelConfig) -> t
     eagle = config.raw.get("eagle_config") or {}
     named = eagle.get("eagle_aux_hidden_state_layer_ids")
     layers = tuple(int(i) + 1 for i in named) if named else default_aux_layers(num_layers)
-    if len(layers) != 3 or not all(0 <= i <= num_layers for i in layers):
+    if len(set(layers)) != 3 or not all(0 <= i <= num_layers for i in layers):
         raise ValueError(
             f"EAGLE-3 feature layers {layers} do not fit a {num_layers}-layer target: three "
-            f"layer inputs in [0, {num_layers}] are needed (eagle_aux_hidden_state_layer_ids "
+            f"different layer inputs in [0, {num_layers}] are needed (eagle_aux_hidden_state_layer_ids "
             f"in the head's config.json names layer outputs, 0-based)"
         )
     target.model.aux_hidden_state_layers = layers
