@@ -328,8 +328,9 @@ def enable_aux_hidden_states(target: LlamaForCausalLM, config: ModelConfig) -> t
     if len(set(layers)) != 3 or not all(0 <= i <= num_layers for i in layers):
         raise ValueError(
             f"EAGLE-3 feature layers {layers} do not fit a {num_layers}-layer target: three "
-            f"different layer inputs in [0, {num_layers}] are needed (eagle_aux_hidden_state_layer_ids "
-            f"in the head's config.json names layer outputs, 0-based)"
+            f"different layer inputs in [0, {num_layers}] are needed "
+            f"(eagle_aux_hidden_state_layer_ids in the head's config.json names layer "
+            f"outputs, 0-based)"
         )
     target.model.aux_hidden_state_layers = layers
     return layers
