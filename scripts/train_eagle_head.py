@@ -768,7 +768,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     embed = target.get_input_embeddings()
     lm_head = target.get_output_embeddings().weight.detach()
-    head = TrainingHead(config, args.fc_bias).to(device)
+    # Initialized on the CPU (its seeded generator is a CPU one), then moved.
+    head = TrainingHead(config, args.fc_bias)
     head.init_weights(torch.Generator().manual_seed(args.seed))
     head.to(device)
     train_seconds = deadline - time.perf_counter() - args.reserve_s
