@@ -1,6 +1,8 @@
 """On the GPU, before any timing: greedy tokens with speculative decoding equal the tokens
-without it, on the demo model with the demo draft and with n-gram lookup, through the fast
-path (Triton kernels, decode and verify CUDA graphs, the draft's graphs) and eagerly.
+without it, on the demo model with the demo draft, with n-gram lookup and with the demo
+EAGLE head (when lanner/assets/demo-eagle or --eagle exists), through the fast path
+(Triton kernels, decode and verify CUDA graphs, the draft's and the head's graphs) and
+eagerly.
 
 Run on the GPU machine from the repository root:
     PYTHONPATH=. python3 benchmarks/gpu_spec_check.py [--commit SHA]
@@ -24,6 +26,7 @@ from lanner.engine.config import DEFAULT_MODEL_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEMO_DRAFT = DEFAULT_MODEL_DIR.parent / "demo-draft"
+DEMO_EAGLE = DEFAULT_MODEL_DIR.parent / "demo-eagle"
 PROMPTS = [
     "def fibonacci(n):",
     "import os\n\ndef list_files(path):",
@@ -78,7 +81,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--eagle", type=Path, default=DEMO_EAGLE, help="EAGLE head (if present)")
     args = parser.parse_args()
+    configs = dict(CONFIGS)
+    if (args.eagle / "config.json").is_file():
+        for k, adaptive in ((4, True), (3, False)):
+            configs[f"eagle k={k}{'' if adaptive else ' fixed'}"] = {
+                "method": "eagle",
+                "model": str(args.eagle),
+                "num_speculative_tokens": k,
+                "adaptive_draft_length": adaptive,
+            }
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     cases = []
     all_equal_fp32 = True
@@ -94,7 +107,7 @@ def main() -> None:
             )
             plain = LLM(**options)
             expected = plain.generate(PROMPTS, params, use_tqdm=False)
-            for name, config in CONFIGS.items():
+            for name, config in configs.items():
                 llm = LLM(**options, speculative_config=config)
                 started = time.perf_counter()
                 got = llm.generate(PROMPTS, params, use_tqdm=False)

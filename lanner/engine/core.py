@@ -164,6 +164,8 @@ class EngineCore:
             enforce_eager=config.enforce_eager,
             sampler=self.spec.sampler if self.spec is not None else None,
         )
+        if self.spec is not None:
+            self.runner.keep_hidden_states = self.spec.proposer.needs_hidden_states
         # Overlapped scheduling: prepare and launch step N+1 while the device runs N.
         self.async_scheduling = (
             config.async_scheduling
@@ -371,7 +373,10 @@ class EngineCore:
             if scheduled.request.scheduled_time is None:
                 scheduled.request.scheduled_time = now
             chunks.append(self._chunk(scheduled, previous_rows))
-        drafts, num_drafts = self._propose(schedule, chunks) if self.spec else (None, {})
+        # The proposer reads the target's last step: the step read last, unless another
+        # has been launched since (its outputs, e.g. a graph's hidden states, are gone).
+        last_step = self._last_step if previous is None else None
+        drafts, num_drafts = self._propose(schedule, chunks, last_step) if self.spec else (None, {})
         self._fill_grammar_bitmasks(schedule, chunks, drafts)
         launched = self.runner.launch(
             chunks, previous.step if previous is not None else None, drafts
@@ -421,7 +426,7 @@ class EngineCore:
             chunk.sampling.token_bitmask = bitmask
 
     def _propose(
-        self, schedule: SchedulerOutput, chunks: list[SequenceChunk]
+        self, schedule: SchedulerOutput, chunks: list[SequenceChunk], last_step: PendingStep | None
     ) -> tuple[DeviceDrafts | None, dict[str, int]]:
         """Ask the proposer for each request's drafts and append them to its chunk.
         Returns the drafts still on the device, and how many each request got."""
@@ -438,7 +443,7 @@ class EngineCore:
             )
             for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)
         ]
-        proposal = self.spec.proposer.propose(slots, self._last_step)
+        proposal = self.spec.proposer.propose(slots, last_step)
         num_drafts: dict[str, int] = {}
         for index, (slot, tokens) in enumerate(zip(slots, proposal.token_ids, strict=True)):
             if not slot.num_draft_slots:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +54,14 @@ class LoadedModel:
         return total
 
 
-def resolve_model_path(model: str | os.PathLike[str], revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a Hub id, fetched into (or found in) the HF cache."""
+def resolve_model_path(
+    model: str | os.PathLike[str],
+    revision: str | None = None,
+    extra_patterns: tuple[str, ...] = (),
+) -> Path:
+    """A local folder as is; otherwise a Hub id, fetched into (or found in) the HF cache
+    (its config, tokenizer and safetensors, plus files matching ``extra_patterns``)."""
+    patterns = _HUB_PATTERNS + list(extra_patterns)
     local = Path(model).expanduser()
     if local.is_dir():
         return local
@@ -69,7 +75,7 @@ def resolve_model_path(model: str | os.PathLike[str], revision: str | None = Non
     try:
         return Path(
             snapshot_download(
-                name, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True
+                name, revision=revision, allow_patterns=patterns, local_files_only=True
             )
         )
     except Exception as cached_error:  # not cached: try the network unless offline
@@ -80,7 +86,7 @@ def resolve_model_path(model: str | os.PathLike[str], revision: str | None = Non
                 f"downloaded): {cached_error}"
             ) from None
         try:
-            return Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
+            return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
         except Exception as download_error:
             raise FileNotFoundError(
                 f"model {name!r}: no local folder {local.resolve()}, no copy in the Hugging Face "
@@ -201,15 +207,36 @@ def load_weights(
 
     Every parameter must be filled exactly by a tensor of the right shape; a wrong
     shape, a missing tensor or a missing shard fails with the file named."""
-    config: ModelConfig = model.config  # type: ignore[assignment]
     files, weight_map = checkpoint_files(model_dir)
+    fill_weights(
+        model,
+        iterate_checkpoint(files),
+        model_dir,
+        quant_config,
+        weight_map,
+        [p.name for p in files],
+    )
+
+
+def fill_weights(
+    model: nn.Module,
+    tensors: Iterable[tuple[Path, str, torch.Tensor]],
+    model_dir: Path,
+    quant_config: QuantConfig | None = None,
+    weight_map: dict[str, str] | None = None,
+    file_names: list[str] | None = None,
+) -> None:
+    """``load_weights`` for tensors from any source ((file, name, tensor) triples under
+    the model's own names), with the same checks."""
+    config: ModelConfig = model.config  # type: ignore[assignment]
+    weight_map = weight_map or {}
     modules = dict(model.named_modules())
     expected = _expected_weights(model)
     packed = _packed_mapping(model)
     loaded: set[tuple[str, str | None]] = set()
     unexpected: list[str] = []
     quant_note = f", quantization={quant_config.describe()}" if quant_config else ""
-    for path, name, tensor in iterate_checkpoint(files):
+    for path, name, tensor in tensors:
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if config.tie_word_embeddings and name == "lm_head.weight":
@@ -266,7 +293,7 @@ def load_weights(
         )
         raise ValueError(
             f"checkpoint in {model_dir} is incomplete: {len(missing)} tensors the config "
-            f"requires were not found in {[p.name for p in files]}, e.g. {where}"
+            f"requires were not found in {file_names or 'its weights'}, e.g. {where}"
         )
 
 

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+# Methods that run a checkpoint (speculative_config.model) beside the target.
+MODEL_METHODS = ("draft_model", "eagle", "eagle3")
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,9 @@ class SpeculativeConfig:
     ``num_speculative_tokens`` is the most tokens proposed per request and step. The
     n-gram proposer matches the last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens
     against the request's earlier tokens; ``draft_model`` runs the checkpoint ``model``
-    (same vocabulary as the target) beside it, in the target's block tables.
+    (same vocabulary as the target) beside it, in the target's block tables; ``eagle``
+    and ``eagle3`` run the EAGLE draft head ``model`` (EAGLE-1/2 or EAGLE-3 layout) on
+    the target's hidden states (see ``lanner.spec.eagle``).
 
     When speculation does not pay it is off: with ``disable_by_batch_size`` running
     requests or more, no request speculates; with ``adaptive_draft_length`` each step's
@@ -68,14 +72,18 @@ class SpeculativeConfig:
             object.__setattr__(self, "prompt_lookup_max", hi)
             if self.model is not None:
                 raise ValueError(
-                    "speculative_config.model is for method 'draft_model'; n-gram lookup "
-                    "needs no model (drop model, or set method to 'draft_model')"
+                    f"speculative_config.model is for methods {list(MODEL_METHODS)}; n-gram "
+                    "lookup needs no model (drop model, or set method to 'draft_model')"
                 )
         else:
             if not isinstance(self.model, str) or not self.model:
+                what = (
+                    "a checkpoint folder or Hub id sharing the target's vocabulary"
+                    if self.method == "draft_model"
+                    else "an EAGLE head's folder or Hub id, trained for the target"
+                )
                 raise ValueError(
-                    "speculative_config.model is required for method 'draft_model': a "
-                    "checkpoint folder or Hub id sharing the target's vocabulary"
+                    f"speculative_config.model is required for method {self.method!r}: {what}"
                 )
             for name in ("prompt_lookup_min", "prompt_lookup_max"):
                 if getattr(self, name) is not None:

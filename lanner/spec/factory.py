@@ -42,6 +42,18 @@ class SpeculativeDecoding:
             from lanner.spec.ngram import NgramProposer
 
             proposer = NgramProposer(config)
+        elif config.method in ("eagle", "eagle3"):
+            from lanner.spec.eagle import EagleProposer, load_head
+
+            head = load_head(config, target, load_format, seed, max_model_len)
+            proposer = EagleProposer(
+                head,
+                target,
+                block_size,
+                kv_cache_torch_dtype(kv_cache_dtype, target.dtype),
+                enforce_eager,
+                config.num_speculative_tokens,
+            )
         else:
             from lanner.spec.draft_model import DraftModelProposer, load_draft_model
 

@@ -58,6 +58,10 @@ class Proposal:
 class Proposer(abc.ABC):
     """Guesses the next tokens of running requests."""
 
+    # True when propose reads ``previous.hidden_states``: the engine then has the target's
+    # runner keep them.
+    needs_hidden_states: bool = False
+
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes of the proposer's own KV cache per block of the target's block tables
         (its cache uses the same block ids, so it needs no allocator of its own)."""

@@ -13,6 +13,7 @@ import transformers
 
 from lanner import LLM, SamplingParams
 from lanner.spec.rejection_sampler import RejectionSampler
+from tests.spec.eagle_heads import write_eagle_head
 from tests.tiny_models import build_tokenizer
 
 VOCAB = 12
@@ -51,12 +52,14 @@ def save_tiny_vocab_model(path: Path, seed: int, scale: float, noise: float = 0.
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("tiny_vocab")
     # A target spread over several tokens, and a draft of the same weights with noise on
-    # each: it agrees often, but its distributions differ enough to tell apart.
+    # each: it agrees often, but its distributions differ enough to tell apart. The EAGLE
+    # head is random: over 12 tokens its greedy drafts are still accepted now and then.
     target = save_tiny_vocab_model(root / "target", 0, 2.0)
-    return target, save_tiny_vocab_model(root / "draft", 0, 2.0, noise=0.6)
+    draft = save_tiny_vocab_model(root / "draft", 0, 2.0, noise=0.6)
+    return target, draft, write_eagle_head(root / "eagle", target, seed=2)
 
 
 def first_tokens(
@@ -122,35 +125,46 @@ SETTINGS = {
 }
 
 
-def spec_config(method: str, draft: Path) -> dict:
+def spec_config(method: str, models: tuple[Path, Path, Path]) -> dict:
     fixed = {"num_speculative_tokens": 3, "adaptive_draft_length": False}
     if method == "ngram":
         return {"method": "ngram", "prompt_lookup_min": 1, **fixed}
-    return {"method": "draft_model", "model": str(draft), **fixed}
+    return {
+        "method": method,
+        "model": str(models[1] if method == "draft_model" else models[2]),
+        **fixed,
+    }
 
 
 @pytest.fixture(scope="module")
-def plain_tokens(models: tuple[Path, Path]) -> dict[str, list[list[int]]]:
+def plain_tokens(models: tuple[Path, Path, Path]) -> dict[str, list[list[int]]]:
     """Each setting's first tokens without speculation, for every seed."""
     return {name: first_tokens(models[0], params, None) for name, params in SETTINGS.items()}
 
 
-@pytest.mark.parametrize("method", ["draft_model", "ngram"])
+@pytest.mark.parametrize("method", ["draft_model", "ngram", "eagle"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_sampled_tokens_follow_the_target(
-    models: tuple[Path, Path], plain_tokens: dict[str, list[list[int]]], method: str, setting: str
+    models: tuple[Path, Path, Path],
+    plain_tokens: dict[str, list[list[int]]],
+    method: str,
+    setting: str,
 ) -> None:
-    target, draft = models
-    speculative = first_tokens(target, SETTINGS[setting], spec_config(method, draft))
+    speculative = first_tokens(models[0], SETTINGS[setting], spec_config(method, models))
     assert min_p_value(plain_tokens[setting], speculative) > SIGNIFICANCE
 
 
 @pytest.mark.parametrize(
     ("method", "setting"),
-    [("draft_model", "temperature"), ("draft_model", "top_p"), ("ngram", "temperature")],
+    [
+        ("draft_model", "temperature"),
+        ("draft_model", "top_p"),
+        ("ngram", "temperature"),
+        ("eagle", "temperature"),
+    ],
 )
 def test_the_test_fails_an_accept_always_rule(
-    models: tuple[Path, Path],
+    models: tuple[Path, Path, Path],
     plain_tokens: dict[str, list[list[int]]],
     method: str,
     setting: str,
@@ -159,6 +173,5 @@ def test_the_test_fails_an_accept_always_rule(
     """Every draft accepted: the draft's tokens pass as the target's, and the same test
     must see it."""
     monkeypatch.setattr(RejectionSampler, "accept", staticmethod(torch.ones_like))
-    target, draft = models
-    wrong = first_tokens(target, SETTINGS[setting], spec_config(method, draft), rejects=False)
+    wrong = first_tokens(models[0], SETTINGS[setting], spec_config(method, models), rejects=False)
     assert min_p_value(plain_tokens[setting], wrong) < SIGNIFICANCE

@@ -6,6 +6,7 @@ KV block comes back."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ from lanner import LLM, SamplingParams
 from lanner.engine.outputs import RequestOutput
 from tests.engine.test_llm import assert_pool_full, make_llm, mixed_requests, summary
 from tests.engine.test_prefix_caching import assert_same_logprobs, shared_prefix_prompts
+from tests.spec.eagle_heads import (
+    build_one_layer_target,
+    write_copy_head,
+    write_eagle3_head,
+    write_eagle_head,
+)
 from tests.tiny_models import build_hf_model, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,11 +70,11 @@ def greedy_params(count: int, seed: int = 0) -> list[SamplingParams]:
     return params
 
 
-def assert_speculated(llm: LLM, rejections: bool = True) -> None:
-    """The run really proposed tokens, accepted some and (with a different draft) rejected
-    some, so equality with the plain run is not vacuous."""
+def assert_speculated(llm: LLM, rejections: bool = True, accepted: bool = True) -> None:
+    """The run really proposed tokens, accepted some (unless the drafts are random) and
+    (with a different draft) rejected some, so equality with the plain run is not vacuous."""
     stats = llm.engine.core.spec.policy.stats
-    assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0
+    assert stats.num_drafts > 0 and (stats.num_accepted_tokens > 0 or not accepted)
     if rejections:
         assert stats.num_accepted_tokens < stats.num_draft_tokens
 
@@ -90,32 +97,94 @@ def draft_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dirs
 
 
+@pytest.fixture(scope="module")
+def eagle_dirs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dirs: dict[str, Path]
+) -> dict[str, tuple[Path, Path]]:
+    """(target, EAGLE head) pairs: "llama" a one-layer Llama with a head that nearly
+    reproduces it (drafts mostly, not always, accepted); "qwen3" the tiny Qwen3 with a
+    random head (drafts almost never accepted: the tokens must still be the same)."""
+    root = tmp_path_factory.mktemp("eagle")
+    target = build_one_layer_target(root / "one_layer")
+    return {
+        "llama": (target, write_copy_head(root / "copy_head", target)),
+        "qwen3": (
+            tiny_model_dirs["qwen3"],
+            write_eagle_head(root / "random_head", tiny_model_dirs["qwen3"], seed=1),
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def spec_case(
+    tiny_model_dirs: dict[str, Path],
+    draft_dirs: dict[str, Path],
+    eagle_dirs: dict[str, tuple[Path, Path]],
+) -> Callable[..., tuple[Path, dict]]:
+    """(target folder, speculative_config) of a method for a family; EAGLE runs on the
+    target its head was made for."""
+
+    def make(method: str, family: str = "llama", **extra) -> tuple[Path, dict]:
+        if method == "eagle":
+            target, head = eagle_dirs[family]
+            config = {"method": "eagle", "model": str(head), "num_speculative_tokens": 3}
+            return target, {**config, "adaptive_draft_length": False, **extra}
+        return tiny_model_dirs[family], spec_config(method, draft_dirs[family], **extra)
+
+    return make
+
+
+METHODS = ["ngram", "draft_model", "eagle"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_greedy_equals_no_speculation(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], family: str, method: str
-) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_equals_no_speculation(spec_case, family: str, method: str) -> None:
     """A mixed batch: prefill chunks in flight beside verify steps (a 96-token budget),
     requests that cannot speculate (one or two tokens left) beside ones that do."""
     prompts = repetitive_prompts(16, seed=1)
     params = greedy_params(16)
-    model = tiny_model_dirs[family]
+    model, config = spec_case(method, family)
     expected = make_llm(model).generate(prompts, params)
-    llm = make_llm(model, speculative_config=spec_config(method, draft_dirs[family]))
+    llm = make_llm(model, speculative_config=config)
     got = llm.generate(prompts, params)
     assert [summary(o) for o in got] == [summary(o) for o in expected]
-    assert_speculated(llm, rejections=method == "draft_model")
+    random_head = method == "eagle" and family == "qwen3"
+    assert_speculated(llm, rejections=method != "ngram", accepted=not random_head)
     assert_pool_full(llm)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_token_constraints_hold_in_verified_runs(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
+def test_eagle3_head_greedy_equals_no_speculation(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
+    """An EAGLE-3 head (random, a draft vocabulary of half the target's, features from
+    the tiny target's layers named in its config) through the same mixed batch in a
+    small block pool: the tokens are the plain run's and every block comes back."""
+    model = tiny_model_dirs["llama"]
+    # Layer outputs -1, 0, 1: the embeddings and both layers' outputs of the 2-layer target.
+    head = write_eagle3_head(tmp_path / "eagle3", model, 192, seed=3, aux_layer_ids=[-1, 0, 1])
+    prompts = repetitive_prompts(16, seed=1)
+    params = greedy_params(16)
+    expected = make_llm(model).generate(prompts, params)
+    config = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 3}
+    llm = make_llm(
+        model,
+        num_gpu_blocks_override=40,
+        max_model_len=96,
+        speculative_config={**config, "adaptive_draft_length": False},
+    )
+    got = llm.generate(prompts, params)
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert_speculated(llm, accepted=False)
+    assert_pool_full(llm)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_token_constraints_hold_in_verified_runs(spec_case, method: str) -> None:
     """logit_bias, allowed_token_ids and (multi-token) bad words shape every verified
     position as they shape a plain step, so the tokens are the same."""
     prompts = repetitive_prompts(8, seed=3)
-    model = tiny_model_dirs["llama"]
+    model, config = spec_case(method)
     plain = make_llm(model).generate(prompts, SamplingParams(temperature=0, max_tokens=20))
     # Bar a two-token sequence the plain run produces: its second token must not follow.
     first = plain[0].outputs[0].token_ids
@@ -130,7 +199,7 @@ def test_token_constraints_hold_in_verified_runs(
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
     ] * 2
     expected = make_llm(model).generate(prompts, params)
-    llm = make_llm(model, speculative_config=spec_config(method, draft_dirs["llama"]))
+    llm = make_llm(model, speculative_config=config)
     got = llm.generate(prompts, params)
     assert [summary(o) for o in got] == [summary(o) for o in expected]
     assert all(t < 50 for t in got[1].outputs[0].token_ids)
@@ -158,15 +227,13 @@ def test_seeded_sampling_penalties_logprobs_and_n_with_ngram(
     assert_pool_full(llm)
 
 
-def test_draft_model_greedy_rows_in_a_mixed_batch(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path]
-) -> None:
+@pytest.mark.parametrize("method", ["draft_model", "eagle"])
+def test_model_drafts_greedy_rows_in_a_mixed_batch(spec_case, method: str) -> None:
     """Beside sampled, penalized and n > 1 requests, every greedy request keeps its
     tokens; the sampled ones are reproducible from their seeds whatever the batch."""
     prompts, params = mixed_requests(24, seed=6)
-    model = tiny_model_dirs["llama"]
+    model, config = spec_case(method)
     expected = make_llm(model).generate(prompts, params)
-    config = spec_config("draft_model", draft_dirs["llama"])
     llm = make_llm(model, speculative_config=config)
     got = llm.generate(prompts, params)
     for a, b, p in zip(got, expected, params, strict=True):
@@ -181,20 +248,13 @@ def test_draft_model_greedy_rows_in_a_mixed_batch(
     assert summary(alone) == summary(got[index])
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_preemption_and_recompute(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
-) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_preemption_and_recompute(spec_case, method: str) -> None:
     prompts = repetitive_prompts(20, seed=2)
     params = greedy_params(20, seed=2)
-    model = tiny_model_dirs["llama"]
+    model, config = spec_case(method)
     expected = make_llm(model).generate(prompts, params)
-    llm = make_llm(
-        model,
-        num_gpu_blocks_override=28,
-        max_model_len=96,
-        speculative_config=spec_config(method, draft_dirs["llama"]),
-    )
+    llm = make_llm(model, num_gpu_blocks_override=28, max_model_len=96, speculative_config=config)
     got = llm.generate(prompts, params)
     assert llm.engine.core.scheduler.num_preemptions > 0
     assert [summary(o) for o in got] == [summary(o) for o in expected]
@@ -203,11 +263,10 @@ def test_preemption_and_recompute(
 
 
 @pytest.mark.parametrize(
-    ("method", "caching"), [("ngram", True), ("draft_model", True), ("draft_model", False)]
+    ("method", "caching"),
+    [("ngram", True), ("draft_model", True), ("draft_model", False), ("eagle", True)],
 )
-def test_prefix_cache_hits(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str, caching: bool
-) -> None:
+def test_prefix_cache_hits(spec_case, method: str, caching: bool) -> None:
     """Requests starting on cached blocks (the prefix cache holds only accepted tokens),
     and n > 1 siblings sharing their prompt, with caching on and off."""
     prompts = shared_prefix_prompts(6, prefix_len=37, seed=3)
@@ -215,13 +274,9 @@ def test_prefix_cache_hits(
         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
         SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=10, ignore_eos=True),
     ] * 3
-    model = tiny_model_dirs["llama"]
+    model, config = spec_case(method)
     expected = make_llm(model).generate(prompts, params)
-    llm = make_llm(
-        model,
-        enable_prefix_caching=caching,
-        speculative_config=spec_config(method, draft_dirs["llama"]),
-    )
+    llm = make_llm(model, enable_prefix_caching=caching, speculative_config=config)
     first = llm.generate(prompts, params)
     again = llm.generate(prompts, params)  # every prompt block now cached
     for a, b, e, p in zip(first, again, expected, params, strict=True):
@@ -234,11 +289,9 @@ def test_prefix_cache_hits(
     assert_pool_full(llm)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_stop_strings_inside_a_verified_run(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
-) -> None:
-    model = tiny_model_dirs["qwen3"]
+@pytest.mark.parametrize("method", METHODS)
+def test_stop_strings_inside_a_verified_run(spec_case, method: str) -> None:
+    model, config = spec_case(method, "qwen3")
     prompt = repetitive_prompts(1, seed=9)[0]
     free = make_llm(model).generate(
         prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -257,7 +310,7 @@ def test_stop_strings_inside_a_verified_run(
             include_stop_str_in_output=True,
         )
     )
-    llm = make_llm(model, speculative_config=spec_config(method, draft_dirs["qwen3"]))
+    llm = make_llm(model, speculative_config=config)
     for params in cases:
         want = make_llm(model).generate(prompt, params)[0]
         got = llm.generate(prompt, params)[0]
@@ -267,12 +320,10 @@ def test_stop_strings_inside_a_verified_run(
     assert_pool_full(llm)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_abort_between_steps(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
-) -> None:
-    model = tiny_model_dirs["llama"]
-    llm = make_llm(model, speculative_config=spec_config(method, draft_dirs["llama"]))
+@pytest.mark.parametrize("method", METHODS)
+def test_abort_between_steps(spec_case, method: str) -> None:
+    model, config = spec_case(method)
+    llm = make_llm(model, speculative_config=config)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = repetitive_prompts(5, seed=4)
     for i, prompt in enumerate(prompts):
@@ -291,22 +342,18 @@ def test_abort_between_steps(
     assert_pool_full(llm)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize("method", METHODS)
 def test_overlapped_scheduling_with_speculation_switched_by_batch_size(
-    tiny_model_dirs: dict[str, Path], draft_dirs: dict[str, Path], method: str
+    spec_case, method: str
 ) -> None:
     """While more than 6 requests run, nothing speculates and steps launch ahead (the
     draft model skips them and catches up, its skipped blocks marked stale); as the
     batch drains, the rest speculate."""
     prompts = repetitive_prompts(16, seed=7)
     params = greedy_params(16, seed=7)
-    model = tiny_model_dirs["llama"]
+    model, config = spec_case(method, disable_by_batch_size=6)
     expected = make_llm(model).generate(prompts, params)
-    llm = make_llm(
-        model,
-        async_scheduling=True,
-        speculative_config=spec_config(method, draft_dirs["llama"], disable_by_batch_size=6),
-    )
+    llm = make_llm(model, async_scheduling=True, speculative_config=config)
     got = llm.generate(prompts, params)
     again = llm.generate(prompts, params)  # on cached blocks, some of them written unseen
     assert [summary(o) for o in got] == [summary(o) for o in expected]
@@ -363,4 +410,28 @@ def test_adaptive_draft_length_under_injected_step_costs(
         assert stats.num_accepted_tokens > 0
     else:
         assert stats.num_plain_steps > 3 * stats.num_speculative_steps > 0
+    assert_pool_full(llm)
+
+
+DEMO_EAGLE = ROOT / "lanner/assets/demo-eagle"
+
+
+@pytest.mark.skipif(
+    not (DEMO_EAGLE / "config.json").is_file(),
+    reason="lanner/assets/demo-eagle is not shipped yet (scripts/train_eagle_head.py makes it)",
+)
+def test_demo_model_with_its_eagle_head() -> None:
+    prompts = [
+        "import os\n\ndef list_files(path):",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+        "    def push(self, item):",
+    ]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    options = dict(dtype="float32", device="cpu", max_model_len=256, block_size=16)
+    expected = LLM(**options).generate(prompts, params, use_tqdm=False)
+    config = {"method": "eagle", "model": str(DEMO_EAGLE), "num_speculative_tokens": 4}
+    llm = LLM(**options, speculative_config=config)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert_speculated(llm, rejections=False)
     assert_pool_full(llm)

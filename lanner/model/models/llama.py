@@ -128,6 +128,12 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, rotary, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # EAGLE-3 heads read the residual stream entering these layers (index L: after
+        # the last one, before the norm): each forward writes them side by side into
+        # rows [0, tokens) of aux_hidden_states, one buffer for every step (CUDA graph
+        # replays included), valid until the next forward.
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: torch.Tensor | None = None
 
     def forward(
         self,
@@ -138,10 +144,29 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        aux: list[torch.Tensor] = []
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if index in self.aux_hidden_state_layers:
+                aux.append(hidden_states if residual is None else hidden_states + residual)
             hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, metadata)
+        if len(self.layers) in self.aux_hidden_state_layers:
+            aux.append(hidden_states + residual)
+        if aux:
+            self._keep_aux_hidden_states(aux)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
+
+    def _keep_aux_hidden_states(self, aux: list[torch.Tensor]) -> None:
+        rows, width = aux[0].shape[0], sum(a.shape[1] for a in aux)
+        buffer = self.aux_hidden_states
+        if buffer is None or buffer.shape[0] < rows:
+            # Grown only by eager steps: the engine's largest (the memory profile's) runs
+            # before any graph is captured, and a graph must write where it was captured.
+            if aux[0].is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("aux_hidden_states must be sized before graph capture")
+            buffer = torch.empty((rows, width), dtype=aux[0].dtype, device=aux[0].device)
+            self.aux_hidden_states = buffer
+        torch.cat(aux, dim=-1, out=buffer[:rows])
 
 
 class LlamaForCausalLM(nn.Module):

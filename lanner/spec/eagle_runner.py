@@ -1,0 +1,330 @@
+"""Runs an EAGLE head on the device over its own paged KV cache: the catch-up forward
+over verified positions (fed the target's features) and the greedy draft chain (fed the
+head's own outputs), eagerly or by replaying CUDA graphs.
+
+Both paths run the same code: the chain computes each step's positions, cache slots and
+context lengths on the device from per-row bases and limits, so a captured chain needs
+no host work between its steps. Graphs: the catch-up forward as decode graphs (one
+verified position a row, as the target's verify rows; its features through a static
+buffer), and one chain graph per batch bucket and draft length.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.kernels.paged_attention import choose_num_kv_splits
+from lanner.kernels.transfer import to_device
+from lanner.memory.kv_cache import allocate_kv_caches
+from lanner.model.models.eagle import EagleHead
+from lanner.runner.cuda_graphs import DecodeGraphs, capture_sizes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CatchUp:
+    """Verified positions for the head to compute, one row each, grouped in runs of one
+    request's consecutive positions."""
+
+    token_ids: list[int] = field(default_factory=list)  # t_{p+1} of each row at p
+    positions: list[int] = field(default_factory=list)
+    feature_rows: list[int] = field(default_factory=list)  # the row's feature in the source
+    # Per run: its rows, its context once written (last position + 1), its block table.
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+
+    def add_run(
+        self,
+        token_ids: list[int],
+        start: int,
+        first_feature_row: int,
+        block_table: list[int],
+    ) -> int:
+        """Positions start .. start + len(token_ids) - 1; returns the run's last row."""
+        count = len(token_ids)
+        self.token_ids += token_ids
+        self.positions += range(start, start + count)
+        self.feature_rows += range(first_feature_row, first_feature_row + count)
+        self.query_lens.append(count)
+        self.seq_lens.append(start + count)
+        self.block_tables.append(block_table)
+        return len(self.token_ids) - 1
+
+
+class EagleHeadRunner:
+    def __init__(
+        self,
+        head: EagleHead,
+        block_size: int,
+        cache_dtype: torch.dtype,
+        device: torch.device,
+        enforce_eager: bool,
+        max_draft_tokens: int,
+    ) -> None:
+        self.head = head
+        self.block_size = block_size
+        self.cache_dtype = cache_dtype
+        self.device = device
+        self.enforce_eager = enforce_eager
+        self.max_draft_tokens = max_draft_tokens
+        self.kv_caches: list[torch.Tensor] = []
+        self.catch_up_graphs: CatchUpGraphs | None = None
+        self.chain_graphs: ChainGraphs | None = None
+        self._arange = torch.arange(1, dtype=torch.int32, device=device)
+
+    def initialize_cache(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
+        """Allocate the head's cache (num_blocks of the target's block size) and, on CUDA
+        unless enforce_eager, capture its graphs."""
+        self.kv_caches = allocate_kv_caches(
+            self.head.config, num_blocks, self.block_size, self.cache_dtype, self.device
+        )
+        self._arange = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=self.device)
+        if self.device.type != "cuda" or self.enforce_eager:
+            return
+        started = time.perf_counter()
+        # Catch-up rows: a verified run is at most k + 2 positions a request.
+        rows = min(max_num_seqs * (self.max_draft_tokens + 2), max(max_num_seqs, 512))
+        self.catch_up_graphs = CatchUpGraphs(
+            self.head, self.kv_caches, self.block_size, rows, max_model_len
+        )
+        self.catch_up_graphs.capture()
+        self.chain_graphs = ChainGraphs(self, max_num_seqs, max_model_len)
+        self.chain_graphs.capture()
+        logger.info("captured the EAGLE head's graphs in %.1fs", time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def catch_up(self, batch: CatchUp, features: torch.Tensor) -> torch.Tensor:
+        """Write the head's K/V at every row's position and return its output [rows, H]
+        (valid until the head's next catch-up)."""
+        rows = len(batch.token_ids)
+        index = to_device(batch.feature_rows, torch.long, self.device)
+        graphs = self.catch_up_graphs
+        if graphs is not None and graphs.can_run(rows):
+            torch.index_select(features, 0, index, out=graphs.features[:rows])
+            tables, seq_lens = [], []
+            for count, end, table in zip(
+                batch.query_lens, batch.seq_lens, batch.block_tables, strict=True
+            ):
+                tables += [table] * count
+                seq_lens += range(end - count + 1, end + 1)
+            size = self.block_size
+            slots = [
+                table[p // size] * size + p % size
+                for table, p in zip(tables, batch.positions, strict=True)
+            ]
+            return graphs.run(batch.token_ids, batch.positions, slots, seq_lens, tables)
+        metadata = AttentionMetadata.build(
+            batch.query_lens, batch.seq_lens, batch.block_tables, self.block_size, self.device
+        )
+        return self.head(
+            to_device(batch.token_ids, torch.long, self.device),
+            to_device(batch.positions, torch.long, self.device),
+            features.index_select(0, index),
+            metadata,
+            self.kv_caches,
+        )
+
+    @torch.inference_mode()
+    def draft(
+        self,
+        outputs: torch.Tensor,
+        rows: list[int],
+        bases: list[int],
+        limits: list[int],
+        block_tables: list[list[int]],
+        steps: int,
+    ) -> torch.Tensor:
+        """Greedy drafts [len(rows), steps] of the requests whose last verified position's
+        head output is ``outputs[rows[i]]``: draft 1 from it, draft j + 1 from a head step
+        at position bases[i] + j - 1 (no further than limits[i]; the K/V of positions past
+        it is not written)."""
+        index = to_device(rows, torch.long, self.device)
+        graphs = self.chain_graphs
+        if graphs is not None and graphs.can_run(len(rows), steps):
+            return graphs.run(outputs, index, bases, limits, block_tables, steps)
+        width = max(len(t) for t in block_tables)
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        tables = to_device(padded, torch.int32, self.device).view(len(padded), width)
+
+        def host_seq_lens(step: int) -> list[int]:
+            return [min(b + step - 1, lim) + 1 for b, lim in zip(bases, limits, strict=True)]
+
+        return self.chain(
+            outputs.index_select(0, index),
+            to_device(bases, torch.long, self.device),
+            to_device(limits, torch.long, self.device),
+            tables,
+            steps,
+            host_seq_lens,
+            None,
+        )
+
+    def chain(
+        self,
+        feed: torch.Tensor,
+        bases: torch.Tensor,
+        limits: torch.Tensor,
+        tables: torch.Tensor,
+        steps: int,
+        host_seq_lens: Callable[[int], list[int]],
+        num_kv_splits: int | None,
+    ) -> torch.Tensor:
+        """The draft chain on device tensors (eager, or inside a graph capture, where
+        ``host_seq_lens`` gives upper bounds and ``num_kv_splits`` is fixed)."""
+        head, size = self.head, self.block_size
+        batch = feed.shape[0]
+        token_ids = head.draft_tokens(feed)
+        drafted = [token_ids]
+        for step in range(1, steps):
+            wanted = bases + (step - 1)
+            positions = torch.minimum(wanted, limits)
+            blocks = tables.gather(1, (positions // size).unsqueeze(1)).squeeze(1).long()
+            slots = torch.where(wanted <= limits, blocks * size + positions % size, -1)
+            metadata = AttentionMetadata(
+                query_start_loc=self._arange[: batch + 1],
+                seq_lens=(positions + 1).to(torch.int32),
+                block_tables=tables,
+                slot_mapping=slots,
+                query_start_loc_cpu=list(range(batch + 1)),
+                seq_lens_cpu=host_seq_lens(step),
+                decode_seq_indices=self._arange[:batch],
+                prefill_seq_indices=self._arange[:0],
+                num_decode=batch,
+                num_prefill=0,
+                num_kv_splits=num_kv_splits,
+            )
+            feed = head(token_ids, positions, feed, metadata, self.kv_caches)
+            token_ids = head.draft_tokens(feed)
+            drafted.append(token_ids)
+        return torch.stack(drafted, dim=1)
+
+
+class CatchUpGraphs(DecodeGraphs):
+    """The head's catch-up forward as decode graphs: each verified position one row,
+    its feature read from ``features``, written before each replay. ``run`` returns the
+    head's outputs (where the target's graphs return logits)."""
+
+    def __init__(
+        self,
+        head: EagleHead,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        max_rows: int,
+        max_model_len: int,
+    ) -> None:
+        super().__init__(
+            head, kv_caches, block_size, max_rows, max_model_len, head.config.num_key_value_heads
+        )
+        # EAGLE-1 reads the target's final hidden state, EAGLE-3 its three feature layers.
+        width = head.hidden_size if head.layout == "eagle" else head.fc.in_features
+        self.features = torch.zeros(
+            (self.max_batch, width), dtype=head.fc.weight.dtype, device=kv_caches[0].device
+        )
+
+    def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(
+            self.input_ids[:batch],
+            self.positions[:batch],
+            self.features[:batch],
+            self.metadata(batch),
+            self.kv_caches,
+        )
+        return out, out
+
+
+class ChainGraphs:
+    """One graph per (batch bucket, draft length) of the draft chain. Padding rows start
+    past their limit (base 1, limit 0): they write no K/V and their drafts are dropped."""
+
+    def __init__(self, runner: EagleHeadRunner, max_num_seqs: int, max_model_len: int) -> None:
+        self.runner = runner
+        head = runner.head
+        device = runner.device
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_steps = runner.max_draft_tokens
+        self.max_model_len = max_model_len
+        n = self.max_batch
+        self.max_blocks = -(-max_model_len // runner.block_size)
+        self.feed = torch.zeros((n, head.hidden_size), dtype=head.fc.weight.dtype, device=device)
+        self.bases = torch.ones(n, dtype=torch.long, device=device)
+        self.limits = torch.zeros(n, dtype=torch.long, device=device)
+        self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
+        # Pinned staging, so the copies are asynchronous; the step before has been read
+        # when the next is staged (speculation runs one step at a time).
+        self.host = torch.zeros((2, n), dtype=torch.long, pin_memory=True)
+        self.host_tables = torch.zeros(n * self.max_blocks, dtype=torch.int32, pin_memory=True)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.pool = None
+
+    def can_run(self, batch: int, steps: int) -> bool:
+        return 0 < batch <= self.max_batch and 0 < steps <= self.max_steps
+
+    def _chain(self, batch: int, steps: int) -> torch.Tensor:
+        num_kv_splits = choose_num_kv_splits(
+            batch, self.runner.head.config.num_key_value_heads, self.max_model_len
+        )
+        return self.runner.chain(
+            self.feed[:batch],
+            self.bases[:batch],
+            self.limits[:batch],
+            self.tables[:batch],
+            steps,
+            lambda step: [self.max_model_len] * batch,
+            num_kv_splits,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        for batch in reversed(self.sizes):
+            for steps in range(self.max_steps, 0, -1):
+                for _ in range(2):  # compile kernels outside the capture
+                    self._chain(batch, steps)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.outputs[(batch, steps)] = self._chain(batch, steps)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[(batch, steps)] = graph
+        torch.cuda.synchronize()
+
+    def run(
+        self,
+        outputs: torch.Tensor,
+        rows: torch.Tensor,
+        bases: list[int],
+        limits: list[int],
+        block_tables: list[list[int]],
+        steps: int,
+    ) -> torch.Tensor:
+        """Replay the chain for len(bases) requests; drafts [count, steps], valid until
+        the next replay."""
+        count = len(bases)
+        batch = next(size for size in self.sizes if size >= count)
+        host = self.host.numpy()
+        host[0, :batch] = 1
+        host[1, :batch] = 0
+        host[0, :count] = bases
+        host[1, :count] = limits
+        width = max(len(t) for t in block_tables)
+        tables = self.host_tables.numpy()[: count * width].reshape(count, width)
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = table
+        self.bases[:batch].copy_(self.host[0, :batch], non_blocking=True)
+        self.limits[:batch].copy_(self.host[1, :batch], non_blocking=True)
+        self.tables[:count, :width].copy_(
+            self.host_tables[: count * width].view(count, width), non_blocking=True
+        )
+        torch.index_select(outputs, 0, rows, out=self.feed[:count])
+        self.graphs[(batch, steps)].replay()
+        return self.outputs[(batch, steps)][:count]
