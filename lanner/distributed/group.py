@@ -47,21 +47,30 @@ class TensorParallelShard:
         return max(1, num_kv_heads // self.world_size)
 
 
-def host_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+# How long ranks may take to meet: processes start, import torch and connect (slow on a
+# loaded host) before the group exists; afterwards each collective has the group's timeout.
+RENDEZVOUS_TIMEOUT_S = 600.0
+
+
+def host_store(host: str, world_size: int) -> dist.TCPStore:
     """Rank 0's rendezvous store, on a free port of ``host`` (``store.port`` says which)."""
     return dist.TCPStore(
         host,
         0,
         world_size,
         is_master=True,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
         wait_for_workers=False,
     )
 
 
-def join_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+def join_store(host: str, port: int, world_size: int) -> dist.TCPStore:
     return dist.TCPStore(
-        host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+        host,
+        port,
+        world_size,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
     )
 
 
@@ -82,7 +91,8 @@ class TensorParallelGroup:
         self.rank = shard.rank
         self.world_size = shard.world_size
         self.device = device
-        timeout = datetime.timedelta(seconds=timeout_s)
+        # Meeting the other ranks may take long; a collective afterwards takes timeout_s.
+        timeout = datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S))
         prefixed = dist.PrefixStore(name, store)
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
@@ -104,6 +114,8 @@ class TensorParallelGroup:
             torch.cuda.synchronize(device)
         if int(probe.item()) != self.world_size:
             raise RuntimeError(f"tensor-parallel group probe summed to {probe.item()}")
+        if hasattr(self.backend, "_set_default_timeout"):
+            self.backend._set_default_timeout(datetime.timedelta(seconds=timeout_s))
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place; returns it."""
