@@ -1,14 +1,18 @@
-"""The embedded demo model with TP=2 from the command line and behind the server: the same
-greedy text as TP=1; a worker killed under the server turns /health to 503."""
+"""The embedded demo model with TP=2 from the command line and behind the server (asked
+through the openai client): the same greedy text as TP=1; a worker killed under the
+server turns /health to 503 and requests fail instead of waiting."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from lanner import SamplingParams
@@ -50,22 +54,22 @@ def worker_pids(core_pid: int) -> list[int]:
 
 
 def test_server_with_two_ranks(tp1_text: str, tmp_path: Path) -> None:
-    import os
-    import signal
-
     server = ServerProcess(
         DEFAULT_MODEL_DIR, ["-tp", "2", "--kv-cache-memory-bytes", str(1 << 24)], tmp_path / "log"
     )
     with running({"tp2": server}):
-        body = {"model": "lanner-demo", "prompt": PROMPT, "max_tokens": MAX_TOKENS}
-        reply = httpx.post(f"{server.url}/v1/completions", json={**body, "temperature": 0})
-        assert reply.status_code == 200, reply.text
-        assert reply.json()["choices"][0]["text"] == tp1_text
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        [model] = [m.id for m in client.models.list().data]
+        reply = client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0
+        )
+        assert reply.choices[0].text == tp1_text
         [worker] = worker_pids(server.core_pid())
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while httpx.get(f"{server.url}/health").status_code != 503:
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.2)
-        failed = httpx.post(f"{server.url}/v1/completions", json=body)
-        assert failed.status_code >= 500
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS)
+        assert failed.value.status_code >= 500
