@@ -16,6 +16,7 @@ import contextlib
 import logging
 import queue
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -302,7 +303,7 @@ class TensorParallelExecutor:
                     name, args = decode_command(connection.recv_bytes())  # type: ignore[union-attr]
                 except (EOFError, OSError):
                     if not self._stopping:
-                        self._fail(self._describe_loss(rank, "closed its connection"))
+                        self._fail(self._describe_loss(rank, self._how_it_ended(rank)))
                     return
                 if name == "failed":
                     self._fail(f"tensor-parallel worker {rank} failed: {args[1]}")
@@ -323,6 +324,17 @@ class TensorParallelExecutor:
                     f"them hangs; they were stopped"
                 )
                 return
+
+    def _how_it_ended(self, rank: int) -> str:
+        """How a worker whose connection closed ended, once its exit is known (its
+        connection closes a moment before the exit is reported)."""
+        deadline = time.monotonic() + _FAILURE_GRACE_S
+        while time.monotonic() < deadline:
+            how = self.dead_workers().get(rank)
+            if how is not None:
+                return how
+            time.sleep(0.02)
+        return "closed its connection"
 
     def _describe_loss(self, rank: int, how: str) -> str:
         pid = self.pids.get(rank)
@@ -360,6 +372,10 @@ class MultiprocExecutor(TensorParallelExecutor):
                 f"{torch.cuda.device_count()} are visible; lower tensor_parallel_size, set "
                 f"CUDA_VISIBLE_DEVICES, or use distributed_executor_backend='ray' across hosts"
             )
+        # A daemonic process (the server's engine core) may not start children, lest
+        # they outlive it; these workers do not: each exits when its connection to rank
+        # 0 closes, and the forkserver when its parent goes. So let this one start them.
+        multiprocessing.current_process().daemon = False
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["lanner.runner.worker"])
         self.processes = {}
@@ -375,7 +391,7 @@ class MultiprocExecutor(TensorParallelExecutor):
 
     def dead_workers(self) -> dict[int, str]:
         return {
-            rank: f"exited (exit code {process.exitcode})"
+            rank: describe_exit(process.exitcode)
             for rank, process in self.processes.items()
             if process.exitcode is not None
         }
@@ -388,6 +404,14 @@ class MultiprocExecutor(TensorParallelExecutor):
                 process.kill()
         for process in processes.values():
             process.join(5.0)
+
+
+def describe_exit(exitcode: int) -> str:
+    """A child process's end, as multiprocessing reports it (-N: killed by signal N)."""
+    if exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-exitcode).name} (exit code {exitcode})"
+    return f"exited (exit code {exitcode})"
 
 
 def start_executor(config: ParallelConfig, spec: WorkerSpec) -> TensorParallelExecutor:

@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 # How long the cluster may take to grant the placement group.
 PLACEMENT_TIMEOUT_S = 120.0
+# Set in rank 0's environment, these reach the actors too (a Ray worker's environment is
+# its node's, not the driver's): NCCL and NVSHMEM settings, such as multicast kept off.
+FORWARDED_ENV_PREFIXES = ("NCCL_", "NVSHMEM_", "TORCH_SYMM_MEM_", "LANNER_")
 
 
 class RayWorker:
@@ -95,10 +98,13 @@ class RayExecutor(TensorParallelExecutor):
             self.placement, placement_group_bundle_index=bundle_index
         )
         actor_class = self.ray.remote(RayWorker)
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        options: dict[str, Any] = {"runtime_env": {"env_vars": forwarded}} if forwarded else {}
         return actor_class.options(
             num_cpus=0 if self.uses_gpus else 1,
             num_gpus=1 if self.uses_gpus else 0,
             scheduling_strategy=strategy,
+            **options,
         ).remote()
 
     def host_address(self) -> str:
