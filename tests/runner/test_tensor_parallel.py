@@ -20,6 +20,7 @@ import torch
 
 from lanner import SamplingParams
 from lanner.distributed import TensorParallelShard
+from lanner.engine.config import DEFAULT_MODEL_DIR
 from lanner.entrypoints.llm import LLM
 from lanner.model.loader import CheckpointTensor, load_model
 from lanner.runner.executor import WorkerFailedError
@@ -205,6 +206,36 @@ def assert_matches_hf(result: dict, hf: torch.nn.Module, atol: float = 1e-4) -> 
                 pad_token_id=0,
             )
             assert generated[0, len(prompt) :].tolist() == tokens
+
+
+DEMO_PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n"]
+DEMO_PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def demo_tokens(**options) -> list[list[int]]:
+    llm = LLM(dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 24, **options)
+    try:
+        outputs = llm.generate(DEMO_PROMPTS, DEMO_PARAMS, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outputs]
+    finally:
+        llm.engine.core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_tp1_tokens() -> list[list[int]]:
+    return demo_tokens()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding(method: str, demo_tp1_tokens: list[list[int]]) -> None:
+    """Speculation under TP=2 (the draft model runs whole on rank 0; verified drafts reach
+    the other rank from the device) gives the embedded demo model's greedy tokens at TP=1
+    without speculation."""
+    spec: dict = {"method": method, "num_speculative_tokens": 3}
+    if method == "draft_model":
+        spec["model"] = str(DEFAULT_MODEL_DIR.parent / "demo-draft")
+    assert demo_tokens(tensor_parallel_size=2, speculative_config=spec) == demo_tp1_tokens
 
 
 def test_step_message_round_trip() -> None:
