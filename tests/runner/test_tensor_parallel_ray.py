@@ -41,16 +41,22 @@ def two_node_cluster() -> Iterator[object]:
 
 
 def test_ray_tensor_parallel_across_two_nodes(
-    two_node_cluster: object, tiny_model_dirs: dict[str, Path]
+    two_node_cluster: object, tiny_model_dirs: dict[str, Path], monkeypatch
 ) -> None:
+    """Also: NCCL's settings in rank 0's environment reach the actors (a Ray worker's own
+    environment is its node's)."""
     model_dir = str(tiny_model_dirs["mistral"])
     reference = LLM(model_dir, **ENGINE)
     expected = [o.outputs[0].token_ids for o in reference.generate(PROMPTS, PARAMS)]
     reference.engine.core.shutdown()
 
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
     llm = LLM(model_dir, tensor_parallel_size=2, distributed_executor_backend="ray", **ENGINE)
     try:
         executor = llm.engine.core.executor
+        # The actor runs its worker (it answers no calls): read its environment from /proc.
+        environment = Path(f"/proc/{executor.pids[1]}/environ").read_bytes().split(b"\0")
+        assert b"NCCL_NVLS_ENABLE=0" in environment
         from ray.util.placement_group import placement_group_table
 
         nodes = placement_group_table(executor.placement)["bundles_to_node_id"]
