@@ -9,6 +9,7 @@ from typing import Any
 
 from lanner.engine.scheduler import SchedulerConfig
 from lanner.memory.kv_cache import CacheConfig
+from lanner.runner.executor import ParallelConfig
 from lanner.spec.config import SpeculativeConfig
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
@@ -34,6 +35,8 @@ class LoadConfig:
 class EngineConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    # Tensor parallelism: tensor_parallel_size, distributed_executor_backend.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # max_model_len None: the model's max_position_embeddings (resolved at load).
     max_model_len: int | None = None
     max_num_seqs: int = 256
@@ -55,11 +58,17 @@ class EngineConfig:
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Sort flat keyword options (as ``LLM(...)`` and the CLI take them) into their
         concern; an unknown name fails with the list of valid ones."""
-        groups: dict[str, dict[str, Any]] = {"load": {}, "cache": {}, "engine": {}}
+        groups: dict[str, dict[str, Any]] = {
+            "load": {},
+            "cache": {},
+            "parallel": {},
+            "engine": {},
+        }
         names = {
             "load": {f.name for f in dataclasses.fields(LoadConfig)},
             "cache": {f.name for f in dataclasses.fields(CacheConfig)},
-            "engine": {f.name for f in dataclasses.fields(cls)} - {"load", "cache"},
+            "parallel": {f.name for f in dataclasses.fields(ParallelConfig)},
+            "engine": {f.name for f in dataclasses.fields(cls)} - {"load", "cache", "parallel"},
         }
         for key, value in kwargs.items():
             group = next((g for g, valid in names.items() if key in valid), None)
@@ -70,6 +79,7 @@ class EngineConfig:
         return cls(
             load=LoadConfig(**groups["load"]),
             cache=CacheConfig(**groups["cache"]),
+            parallel=ParallelConfig(**groups["parallel"]),
             **groups["engine"],
         )
 

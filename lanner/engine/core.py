@@ -16,8 +16,10 @@ from lanner.engine.structured_output import StructuredOutputManager
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
+from lanner.runner.executor import TensorParallelExecutor, start_executor
 from lanner.runner.model_runner import DeviceDrafts, ModelRunner, PendingStep, SequenceChunk
 from lanner.runner.sampler import SamplingRow, TokenLogprobs
+from lanner.runner.worker import WorkerSpec
 from lanner.sampling_params import SamplingParams
 from lanner.spec.factory import SpeculativeDecoding
 from lanner.spec.policy import RequestSpecState
@@ -111,20 +113,57 @@ def validate_token_ids(params: SamplingParams, vocab_size: int) -> None:
             )
 
 
+def worker_spec(config: EngineConfig) -> WorkerSpec:
+    """What the tensor-parallel workers need to build their slices of the model."""
+    load = config.load
+    return WorkerSpec(
+        world_size=config.parallel.tensor_parallel_size,
+        load_options={
+            "model": load.model,
+            "dtype": load.dtype,
+            "device": load.device,
+            "load_format": load.load_format,
+            "revision": load.revision,
+            "seed": load.seed,
+            "quantization": load.quantization,
+        },
+        cache=config.cache,
+        enforce_eager=config.enforce_eager,
+        timeout_s=config.parallel.distributed_timeout_s,
+    )
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # Tensor parallelism: this process is rank 0; the executor runs the other ranks.
+        self.executor: TensorParallelExecutor | None = None
+        if config.parallel.tensor_parallel_size > 1:
+            self.executor = start_executor(config.parallel, worker_spec(config))
+        try:
+            self._start(config)
+        except BaseException:
+            if self.executor is not None:
+                self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         load = config.load
         started = time.perf_counter()
+        executor = self.executor
         self.loaded = load_model(
             load.model,
             load.dtype,
-            load.device,
+            executor.device if executor is not None else load.device,
             load.load_format,
             load.revision,
             load.seed,
             quantization=load.quantization,
+            shard=executor.shard if executor is not None else None,
+            group=executor.group if executor is not None else None,
         )
+        if executor is not None:
+            executor.wait_ready()
         self.model_config = self.loaded.config
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
@@ -176,18 +215,36 @@ class EngineCore:
         # The target's last step read, for proposers that use its hidden states.
         self._last_step: PendingStep | None = None
         num_spec_tokens = self.spec.num_speculative_tokens if self.spec is not None else 0
-        peak = self.runner.profile_peak_memory(
-            scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs, num_spec_tokens
-        )
         useful_blocks = scheduler_config.max_num_seqs * -(-self.max_model_len // block_size)
-        num_blocks = num_blocks_for_memory(
-            config.cache,
-            self.model_config,
-            cache_dtype,
-            self.loaded.device,
-            peak,
-            useful_blocks,
-            self.spec.proposer.kv_cache_bytes_per_block() if self.spec is not None else 0,
+
+        def size_cache() -> int:
+            peak = self.runner.profile_peak_memory(
+                scheduler_config.max_num_batched_tokens,
+                scheduler_config.max_num_seqs,
+                num_spec_tokens,
+            )
+            return num_blocks_for_memory(
+                config.cache,
+                self.model_config,
+                cache_dtype,
+                self.loaded.device,
+                peak,
+                useful_blocks,
+                self.spec.proposer.kv_cache_bytes_per_block() if self.spec is not None else 0,
+                num_kv_heads=self.loaded.num_kv_heads,
+            )
+
+        # Under tensor parallelism every rank sizes its own cache; the smallest wins.
+        num_blocks = (
+            size_cache()
+            if executor is None
+            else executor.num_blocks(
+                size_cache,
+                scheduler_config.max_num_batched_tokens,
+                scheduler_config.max_num_seqs,
+                num_spec_tokens,
+                useful_blocks,
+            )
         )
         max_num_seqs = scheduler_config.max_num_seqs
         # A verified token is one row of the decode graphs: k + 2 rows a request at most
@@ -197,7 +254,13 @@ class EngineCore:
             if num_spec_tokens
             else None
         )
-        self.runner.initialize_cache(num_blocks, max_num_seqs, self.max_model_len, graph_rows)
+        if executor is None:
+            self.runner.initialize_cache(num_blocks, max_num_seqs, self.max_model_len, graph_rows)
+        else:
+            executor.initialize_cache(
+                self.runner, num_blocks, max_num_seqs, self.max_model_len, graph_rows
+            )
+            executor.attach(self.runner)
         if self.spec is not None:
             self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
         self.kv_manager = KVCacheManager(
@@ -237,6 +300,12 @@ class EngineCore:
     @property
     def num_kv_blocks(self) -> int:
         return self.kv_manager.pool.num_blocks
+
+    def check_workers(self) -> None:
+        """Raise WorkerFailedError when a tensor-parallel worker has failed (also while
+        the engine is idle, so the server reports it before a request arrives)."""
+        if self.executor is not None:
+            self.executor.check()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._pending is not None
@@ -586,4 +655,6 @@ class EngineCore:
         self._last_step = None
         self.structured_outputs.shutdown()
         self.runner.kv_caches = []
+        if self.executor is not None:
+            self.executor.shutdown()
         gc.unfreeze()  # what the engine held may now be collected, cycles included

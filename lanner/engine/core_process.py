@@ -110,6 +110,7 @@ def _busy_loop(
         if os.getppid() != parent_pid:
             logger.warning("engine core: the front end process is gone; exiting")
             return
+        core.check_workers()  # a lost tensor-parallel worker fails the core, even idle
         if core.has_unfinished_requests():
             step_outputs = core.step()
             if step_outputs or changed:

@@ -39,10 +39,12 @@ def make_engine(
 
 
 def core_environments(config: EngineConfig, size: int) -> list[dict[str, str]]:
-    """What each rank's core process gets in its environment: its own GPU on CUDA; on
-    the CPU, its share of the cores (N processes each using every core would thrash)."""
+    """What each rank's core process gets in its environment: its own GPU on CUDA (its
+    tensor_parallel_size GPUs under tensor parallelism); on the CPU, its share of the
+    cores (N processes each using every core would thrash)."""
     import torch
 
+    tp = config.parallel.tensor_parallel_size
     device = config.load.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if device != "cuda":
@@ -56,12 +58,16 @@ def core_environments(config: EngineConfig, size: int) -> list[dict[str, str]]:
             if visible is not None
             else [str(i) for i in range(torch.cuda.device_count())]
         )
-        if len(gpus) < size:
+        if len(gpus) < size * tp:
             raise ValueError(
-                f"--data-parallel-size {size} needs {size} GPUs, but {len(gpus)} are visible "
-                f"({gpus}); lower --data-parallel-size or set CUDA_VISIBLE_DEVICES"
+                f"--data-parallel-size {size} with --tensor-parallel-size {tp} needs "
+                f"{size * tp} GPUs, but {len(gpus)} are visible ({gpus}); lower them or set "
+                f"CUDA_VISIBLE_DEVICES"
             )
-        return [{"CUDA_VISIBLE_DEVICES": gpus[rank]} for rank in range(size)]
+        return [
+            {"CUDA_VISIBLE_DEVICES": ",".join(gpus[rank * tp : (rank + 1) * tp])}
+            for rank in range(size)
+        ]
     if "OMP_NUM_THREADS" in os.environ:
         return [{} for _ in range(size)]
     threads = str(max(1, (os.cpu_count() or 1) // size))

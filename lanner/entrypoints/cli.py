@@ -29,6 +29,12 @@ _ENGINE_FLAGS: list[tuple[str, type, str]] = [
     ("--num-gpu-blocks-override", int, "exact number of KV cache blocks"),
     ("--kv-cache-dtype", str, "auto (the model's dtype) or fp8 (e4m3: half the bytes)"),
     ("--scheduling-policy", str, "fcfs, priority or lpm (longest cached prefix first)"),
+    ("--distributed-executor-backend", str, "how tensor-parallel workers run: mp or ray"),
+    (
+        "--distributed-timeout-s",
+        float,
+        "seconds a step may wait on a tensor-parallel worker before the engine fails",
+    ),
 ]
 
 
@@ -47,6 +53,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     for flag, kind, text in _ENGINE_FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="split the model over this many GPUs (or CPU processes) (default: 1)",
+    )
     parser.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
@@ -89,7 +102,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         name = flag.removeprefix("--").replace("-", "_")
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    for name in ("enable_prefix_caching", "async_scheduling"):
+    for name in ("tensor_parallel_size", "enable_prefix_caching", "async_scheduling"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     for flag, _ in _ENGINE_SWITCHES:

@@ -25,7 +25,11 @@ class LLM:
     gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override,
     enable_prefix_caching (default True), scheduling_policy ("fcfs", "priority" or
     "lpm", longest cached prefix first), tokenizer, revision, speculative_config (a
-    dict, e.g. {"method": "ngram", "num_speculative_tokens": 3}; off by default).
+    dict, e.g. {"method": "ngram", "num_speculative_tokens": 3}; off by default),
+    tensor_parallel_size (split the model over that many GPUs, or CPU processes),
+    distributed_executor_backend ("mp", the default: processes on this host; "ray": Ray
+    actors on an existing Ray cluster), distributed_timeout_s (how long a step may wait
+    on a tensor-parallel worker before the engine fails, default 300).
     With no model named, the embedded demo model runs.
     """
 

@@ -21,10 +21,14 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     return KV_CACHE_DTYPES[kv_cache_dtype]
 
 
-def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers (K and V)."""
+def kv_cache_bytes_per_block(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, num_kv_heads: int | None = None
+) -> int:
+    """Bytes one block takes across all layers (K and V). ``num_kv_heads``: the heads this
+    cache holds (a tensor-parallel rank's; default the model's)."""
     element = torch.empty((), dtype=dtype).element_size()
-    per_layer = 2 * block_size * config.num_key_value_heads * config.head_dim * element
+    heads = num_kv_heads or config.num_key_value_heads
+    per_layer = 2 * block_size * heads * config.head_dim * element
     return per_layer * config.num_hidden_layers
 
 
@@ -34,10 +38,11 @@ def allocate_kv_caches(
     block_size: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    num_kv_heads: int | None = None,
 ) -> list[torch.Tensor]:
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0")
-    shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    shape = (2, num_blocks, block_size, num_kv_heads or config.num_key_value_heads, config.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
 
@@ -88,14 +93,19 @@ def num_blocks_for_memory(
     peak_memory_bytes: int | None,
     useful_blocks: int,
     extra_bytes_per_block: int = 0,
+    num_kv_heads: int | None = None,
 ) -> int:
     """How many KV blocks fit. On CUDA: what ``gpu_memory_utilization`` of the device
     leaves after the profiled peak (weights + activations) and other processes' memory.
     On the CPU: ``kv_cache_memory_bytes``, capped at what can ever be used at once.
-    ``extra_bytes_per_block``: another cache in the same blocks (a draft model's)."""
+    ``extra_bytes_per_block``: another cache in the same blocks (a draft model's).
+    ``num_kv_heads``: the heads this device's cache holds (a tensor-parallel rank's)."""
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
-    per_block = kv_cache_bytes_per_block(model, cache.block_size, dtype) + extra_bytes_per_block
+    per_block = (
+        kv_cache_bytes_per_block(model, cache.block_size, dtype, num_kv_heads)
+        + extra_bytes_per_block
+    )
     if cache.kv_cache_memory_bytes is not None:
         return cache.kv_cache_memory_bytes // per_block
     if device.type == "cuda":

@@ -1,5 +1,7 @@
 """Finds a checkpoint (local folder or Hub id), builds its model on the target device
-and fills the weights: from safetensors (single or sharded), or random (`dummy`)."""
+and fills the weights: from safetensors (single or sharded), or random (`dummy`). Under
+tensor parallelism each rank builds its slice of the model and reads only that slice of
+every checkpoint tensor."""
 
 from __future__ import annotations
 
@@ -9,13 +11,20 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from lanner.distributed import TensorParallelGroup, TensorParallelShard
 from lanner.model.config import ModelConfig, parse_dtype
-from lanner.model.layers.linear import PackedLinear, deferred_linear_weights
+from lanner.model.layers.linear import (
+    PackedLinear,
+    deferred_linear_weights,
+    materialize,
+    part_tensor,
+)
 from lanner.model.quant import resolve_quant_config
 from lanner.model.quant.base import LinearMethod, QuantConfig, UnquantizedLinearMethod
 from lanner.model.registry import get_model_class
@@ -36,6 +45,15 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     quant_config: QuantConfig | None = None
+    # The tensor-parallel slice this process holds (the whole model by default), and the
+    # process group its collectives run over.
+    shard: TensorParallelShard = TensorParallelShard()
+    group: TensorParallelGroup | None = None
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank's attention holds (and its KV cache stores)."""
+        return self.shard.kv_heads_per_rank(self.config.num_key_value_heads)
 
     @property
     def matmul_weight_bytes(self) -> int:
@@ -123,8 +141,28 @@ def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, str]]:
     return files, {}
 
 
-def iterate_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """Yield (file, tensor name, tensor on CPU) for every tensor in the files."""
+class CheckpointTensor:
+    """A tensor of an open safetensors file, read when asked: whole (``read``), or one
+    slice of one dimension (``narrow``, which reads only that slice), so a
+    tensor-parallel rank reads its share alone."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self._handle = handle
+        self._name = name
+        self._slice = handle.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def read(self) -> torch.Tensor:
+        return self._handle.get_tensor(self._name)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)]
+
+
+def iterate_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, CheckpointTensor]]:
+    """Yield (file, tensor name, the tensor unread) for every tensor in the files."""
     for path in files:
         try:
             handle = safe_open(str(path), framework="pt", device="cpu")
@@ -134,7 +172,7 @@ def iterate_checkpoint(files: list[Path]) -> Iterator[tuple[Path, str, torch.Ten
             ) from err
         with handle as f:
             for name in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                yield path, name, f.get_tensor(name)
+                yield path, name, CheckpointTensor(f, name)
 
 
 def _expected_weights(model: nn.Module) -> dict[tuple[str, str | None], str]:
@@ -203,7 +241,8 @@ def process_weights_after_loading(model: nn.Module) -> None:
 def load_weights(
     model: nn.Module, model_dir: Path, quant_config: QuantConfig | None = None
 ) -> None:
-    """Copy a checkpoint's tensors into the model, packing q/k/v and gate/up.
+    """Copy a checkpoint's tensors into the model, packing q/k/v and gate/up (each split
+    layer takes, and reads, only its rank's slice).
 
     Every parameter must be filled exactly by a tensor of the right shape; a wrong
     shape, a missing tensor or a missing shard fails with the file named."""
@@ -220,14 +259,14 @@ def load_weights(
 
 def fill_weights(
     model: nn.Module,
-    tensors: Iterable[tuple[Path, str, torch.Tensor]],
+    tensors: Iterable[tuple[Path, str, torch.Tensor | CheckpointTensor]],
     model_dir: Path,
     quant_config: QuantConfig | None = None,
     weight_map: dict[str, str] | None = None,
     file_names: list[str] | None = None,
 ) -> None:
     """``load_weights`` for tensors from any source ((file, name, tensor) triples under
-    the model's own names), with the same checks."""
+    the model's own names; a tensor may be a lazy checkpoint one), with the same checks."""
     config: ModelConfig = model.config  # type: ignore[assignment]
     weight_map = weight_map or {}
     modules = dict(model.named_modules())
@@ -236,7 +275,7 @@ def fill_weights(
     loaded: set[tuple[str, str | None]] = set()
     unexpected: list[str] = []
     quant_note = f", quantization={quant_config.describe()}" if quant_config else ""
-    for path, name, tensor in tensors:
+    for path, name, stored in tensors:
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if config.tie_word_embeddings and name == "lm_head.weight":
@@ -255,6 +294,7 @@ def fill_weights(
         key = (f"{module_name}.{param_name}", shard)
         try:
             if isinstance(module, PackedLinear):
+                tensor = module.rank_slice(param_name, stored, shard)
                 filled = module.load_shard(param_name, tensor, shard)
                 if filled is None:
                     unexpected.append(name)
@@ -263,9 +303,16 @@ def fill_weights(
             elif not isinstance(param, nn.Parameter):
                 unexpected.append(name)
                 continue
-            elif tensor.shape != param.shape:
-                raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
             else:
+                tensor = (
+                    module.rank_slice(param_name, stored)
+                    if hasattr(module, "rank_slice")  # split by rows (the embedding)
+                    else materialize(stored)
+                )
+                if tensor.shape != param.shape:
+                    raise ValueError(
+                        f"expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
+                    )
                 param.data.copy_(tensor)
         except ValueError as err:
             raise ValueError(
@@ -312,17 +359,24 @@ def _unexpected_hint(unexpected: list[str], quant_config: QuantConfig | None) ->
 
 
 @torch.no_grad()
-def dummy_init(model: nn.Module, seed: int = 0) -> None:
+def dummy_init(model: nn.Module, seed: int = 0, dtype: torch.dtype | None = None) -> None:
     """Fill weights with random values on their own device (no host copy).
 
     Projections get uniform values scaled by 1/sqrt(fan_in) so activations keep unit
     scale through the network (quantized layers: their method's equivalent); norm weights
-    are one; biases are small."""
-    device = next(model.parameters()).device
+    are one; biases are small. A tensor-parallel rank draws every split tensor whole, in
+    the unsplit model's order, and keeps its slice: each tensor_parallel_size runs the
+    same random model. ``dtype``: the model's (default: its first parameter's)."""
+    first = next(model.parameters())
+    device, dtype = first.device, dtype or first.dtype
     generator = torch.Generator(device=device).manual_seed(seed)
     for module_name, module in model.named_modules():
         if isinstance(module, PackedLinear):
             assert module.method is not None
+            if module.parallel is not None:
+                with _default_dtype(dtype), device:
+                    _dummy_fill_split(module, generator)
+                continue
             module.method.dummy_fill(module, generator)
             if module.bias is not None:
                 module.bias.uniform_(-0.02, 0.02, generator=generator)
@@ -331,7 +385,25 @@ def dummy_init(model: nn.Module, seed: int = 0) -> None:
             continue
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
-            _dummy_fill(name, param, generator)
+            if hasattr(module, "rank_slice"):  # split by rows: drawn whole, then cut
+                whole = torch.empty(module.checkpoint_shape, dtype=param.dtype, device=device)
+                _dummy_fill(name, whole, generator)
+                param.copy_(module.rank_slice(param_name, whole))
+            else:
+                _dummy_fill(name, param, generator)
+
+
+def _dummy_fill_split(layer: PackedLinear, generator: torch.Generator) -> None:
+    """Random weights for one rank's slice of a split layer: the whole layer's, drawn as
+    the unsplit model draws them, cut part by part as a checkpoint would be."""
+    whole = layer.checkpoint_twin()
+    whole.method.dummy_fill(whole, generator)  # type: ignore[union-attr]
+    if whole.bias is not None:
+        whole.bias.uniform_(-0.02, 0.02, generator=generator)
+    for name, param in whole.named_parameters(recurse=False):
+        for shard_id, part in whole.part_index.items():
+            piece = layer.rank_slice(name, part_tensor(whole, param, part), shard_id)
+            layer.load_shard(name, piece, shard_id)
 
 
 def _dummy_fill(name: str, param: torch.Tensor, generator: torch.Generator) -> None:
@@ -377,9 +449,13 @@ def load_model(
     revision: str | None = None,
     seed: int = 0,
     quantization: str | None = None,
+    shard: TensorParallelShard | None = None,
+    group: TensorParallelGroup | None = None,
 ) -> LoadedModel:
     """Build the model for a checkpoint on ``device`` and fill its weights; ``quantization``
-    names a method for an unquantized checkpoint (or must match the checkpoint's)."""
+    names a method for an unquantized checkpoint (or must match the checkpoint's).
+    ``shard``: the tensor-parallel slice to build and load (default: the whole model);
+    ``group``: the process group its collectives run over."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is unknown; use one of {LOAD_FORMATS}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -392,13 +468,22 @@ def load_model(
         checkpoint_files(model_dir)  # fail on a missing shard before allocating anything
     with _default_dtype(torch_dtype), device:
         with deferred_linear_weights():
-            network = model_class(config)
+            network = model_class(config, shard, group)
         assign_linear_methods(network, quant_config, torch_dtype)
     network.eval()
     if load_format == "dummy":
-        dummy_init(network, seed)
+        dummy_init(network, seed, torch_dtype)
     else:
         load_weights(network, model_dir, quant_config)
     with torch.no_grad():
         process_weights_after_loading(network)
-    return LoadedModel(network, config, model_dir, torch_dtype, device, quant_config)
+    return LoadedModel(
+        network,
+        config,
+        model_dir,
+        torch_dtype,
+        device,
+        quant_config,
+        shard or TensorParallelShard(),
+        group,
+    )

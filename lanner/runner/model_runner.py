@@ -1,10 +1,14 @@
-"""Executes one scheduled step on the device: flatten the batch, run the model, sample."""
+"""Executes one scheduled step on the device: flatten the batch, run the model, sample.
+
+Under tensor parallelism rank 0's runner also sends each step (its flattened layout, one
+message) to the other ranks' runners, which run the same model step in lock-step
+(``follow``) without sampling; rank 0 samples."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -106,6 +110,17 @@ class PendingStep:
         return {seq_id: row for row, seq_id in enumerate(self.sampled_seq_ids)}
 
 
+class StepFollowers(Protocol):
+    """Rank 0's handle on the other tensor-parallel ranks (lanner/runner/executor.py)."""
+
+    def send_step(self, layout: StepLayout) -> None:
+        """Hand every other rank this step, as one message, before rank 0 runs it."""
+
+    def guard(self, call: Any, *args: Any) -> Any:
+        """Run ``call(*args)`` (a step, or reading one) watched: a rank that fails or
+        hangs meanwhile turns into an error naming it, within a bounded time."""
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -117,6 +132,12 @@ class ModelRunner:
     ) -> None:
         self.model = loaded.model
         self.config = loaded.config
+        self.num_kv_heads = loaded.num_kv_heads  # this rank's (tensor parallelism)
+        self.group = loaded.group
+        # Rank 0 samples; the other ranks' runners only run the model alongside it.
+        self.samples = loaded.shard.rank == 0
+        # Rank 0 of a tensor-parallel model: the other ranks, once they are ready.
+        self.followers: StepFollowers | None = None
         self.cache_dtype = cache_dtype
         self.device = loaded.device
         self.block_size = block_size
@@ -138,7 +159,12 @@ class ModelRunner:
         for up to ``max_graph_rows`` one-token rows (default max_num_seqs; speculation
         asks for more, a verified token being one row)."""
         self.kv_caches = allocate_kv_caches(
-            self.config, num_blocks, self.block_size, self.cache_dtype, self.device
+            self.config,
+            num_blocks,
+            self.block_size,
+            self.cache_dtype,
+            self.device,
+            self.num_kv_heads,
         )
         if self.device.type == "cuda" and not self.enforce_eager:
             self.decode_graphs = DecodeGraphs(
@@ -147,7 +173,7 @@ class ModelRunner:
                 self.block_size,
                 max_graph_rows or max_num_seqs,
                 max_model_len,
-                self.config.num_key_value_heads,
+                self.num_kv_heads,
             )
             self.decode_graphs.capture()
 
@@ -167,7 +193,12 @@ class ModelRunner:
         lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         blocks_per_seq = max(2, -(-max(lengths) // self.block_size))
         self.kv_caches = allocate_kv_caches(
-            self.config, blocks_per_seq, self.block_size, self.cache_dtype, self.device
+            self.config,
+            blocks_per_seq,
+            self.block_size,
+            self.cache_dtype,
+            self.device,
+            self.num_kv_heads,
         )
         table = list(range(blocks_per_seq))
         params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=0)
@@ -211,10 +242,10 @@ class ModelRunner:
         first_rows: list[int],
         previous: PendingStep | None,
         drafts: DeviceDrafts | None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[list[int], torch.Tensor] | None:
         """Input tokens still on the device: the previous step's samples (overlapped
-        scheduling) and a draft model's proposals. Returns (their rows in the flat batch,
-        as a device tensor; the tokens), or None when every token is on the host."""
+        scheduling) and a draft model's proposals. Returns (their rows in the flat batch;
+        the tokens, on the device), or None when every token is on the host."""
         previous_rows: list[int] = []
         previous_sources: list[int] = []
         draft_rows: list[int] = []
@@ -244,19 +275,22 @@ class ModelRunner:
                 drafts.token_ids[self._tensor(draft_sources), self._tensor(draft_columns)]
             )
         tokens = values[0] if len(values) == 1 else torch.cat(values)
-        return self._tensor(previous_rows + draft_rows), tokens
+        return previous_rows + draft_rows, tokens
 
-    def _graph_logits(
-        self, chunks: list[SequenceChunk], layout: _Layout, device_tokens
-    ) -> torch.Tensor | None:
-        """Logits of the sampled rows from a replayed decode graph when every chunk runs
-        as one-token rows, some sample, and the rows fit a captured size; else None
-        (eager)."""
+    def _can_replay(self, chunks: list[SequenceChunk], layout: StepLayout) -> bool:
+        """Whether a decode graph runs the step: every chunk runs as one-token rows, some
+        sample, none asks for prompt logprobs, and the rows fit a captured size."""
         graphs = self.decode_graphs
         if graphs is None or not layout.all_flattened or not graphs.can_run(len(layout.input_ids)):
-            return None
-        if not layout.sample_rows or any(c.prompt_logprob_targets for c in chunks):
-            return None
+            return False
+        if not layout.sample_rows:
+            return False
+        return not any(c.prompt_logprob_targets for c in chunks)
+
+    def _graph_logits(self, layout: StepLayout, device_tokens) -> torch.Tensor:
+        """Logits of the sampled rows from a replayed decode graph."""
+        graphs = self.decode_graphs
+        assert graphs is not None
         size = self.block_size
         slots = [
             table[p // size] * size + p % size
@@ -280,6 +314,11 @@ class ModelRunner:
 
     def collect(self, pending: PendingStep) -> RunnerOutput:
         """Wait for a launched step's samples and return them on the host."""
+        if self.followers is not None:
+            return self.followers.guard(self._collect, pending)
+        return self._collect(pending)
+
+    def _collect(self, pending: PendingStep) -> RunnerOutput:
         out = RunnerOutput(prompt_logprobs=pending.prompt_logprobs)
         if pending.sample is None:
             return out
@@ -310,12 +349,47 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for it. Chunks may
         take their token from ``previous``'s samples, still on the device, and their
         drafts from ``drafts``."""
-        layout = _Layout.build(chunks)
-        device_tokens = self._device_tokens(chunks, layout.first_rows, previous, drafts)
-        logits = self._graph_logits(chunks, layout, device_tokens)
-        if logits is not None:
-            hidden = self.decode_graphs.last_hidden if self.keep_hidden_states else None
-            return self._launch_sample(chunks, logits, {}, drafts, hidden, layout.first_rows)
+        if self.followers is not None:
+            return self.followers.guard(self._launch, chunks, previous, drafts)
+        return self._launch(chunks, previous, drafts)
+
+    def _launch(
+        self,
+        chunks: list[SequenceChunk],
+        previous: PendingStep | None,
+        drafts: DeviceDrafts | None,
+    ) -> PendingStep:
+        layout = StepLayout.build(chunks)
+        on_device = self._device_tokens(chunks, layout.first_rows, previous, drafts)
+        layout.replay = self._can_replay(chunks, layout)
+        device_tokens = None
+        if on_device is not None:
+            layout.device_rows, values = on_device
+            device_tokens = (self._tensor(layout.device_rows), values)
+        if self.followers is not None:
+            self.followers.send_step(layout)
+            if device_tokens is not None:  # only rank 0 holds them: hand them over
+                self.group.broadcast(device_tokens[1])
+        hidden, logits, prompt_logits = self._run_model(layout, device_tokens)
+        prompt_logprob_rows: dict[str, list[TokenLogprobs]] = {}
+        if prompt_logits is not None and self.samples:
+            self._prompt_logprobs(chunks, prompt_logits, prompt_logprob_rows)
+        kept = hidden if self.keep_hidden_states else None
+        if logits is None or not self.samples:
+            return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows)
+        return self._launch_sample(
+            chunks, logits, prompt_logprob_rows, drafts, kept, layout.first_rows
+        )
+
+    def _run_model(
+        self, layout: StepLayout, device_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The model's step: (final hidden states of every fed token, logits of the rows
+        that sample, logits of the prompt-logprob rows), the last two None when no row
+        asks. Every tensor-parallel rank runs it with the same layout, in lock-step."""
+        if layout.replay:
+            logits = self._graph_logits(layout, device_tokens)
+            return self.decode_graphs.last_hidden, logits, None  # type: ignore[union-attr]
         metadata = AttentionMetadata.build(
             layout.query_lens, layout.seq_lens, layout.block_tables, self.block_size, self.device
         )
@@ -323,17 +397,24 @@ class ModelRunner:
         if device_tokens is not None:
             ids[device_tokens[0]] = device_tokens[1]
         hidden = self.model(ids, self._tensor(layout.positions), metadata, self.kv_caches)
-        prompt_logprob_rows: dict[str, list[TokenLogprobs]] = {}
+        prompt_logits = None
         if layout.prompt_rows:
-            logits = self.model.compute_logits(hidden[self._tensor(layout.prompt_rows)])
-            self._prompt_logprobs(chunks, logits, prompt_logprob_rows)
-        kept = hidden if self.keep_hidden_states else None
-        if not layout.sample_rows:
-            return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows)
-        logits = self.model.compute_logits(hidden[self._tensor(layout.sample_rows)])
-        return self._launch_sample(
-            chunks, logits, prompt_logprob_rows, drafts, kept, layout.first_rows
-        )
+            prompt_logits = self.model.compute_logits(hidden[self._tensor(layout.prompt_rows)])
+        logits = None
+        if layout.sample_rows:
+            logits = self.model.compute_logits(hidden[self._tensor(layout.sample_rows)])
+        return hidden, logits, prompt_logits
+
+    @torch.inference_mode()
+    def follow(self, layout: StepLayout) -> None:
+        """Run rank 0's step on this (another tensor-parallel) rank: the same model step,
+        the tokens only rank 0 holds (its last samples, its drafts) received from it."""
+        device_tokens = None
+        if layout.device_rows:
+            values = torch.empty(len(layout.device_rows), dtype=torch.long, device=self.device)
+            self.group.broadcast(values)
+            device_tokens = (self._tensor(layout.device_rows), values)
+        self._run_model(layout, device_tokens)
 
     def _launch_sample(
         self,
@@ -380,8 +461,9 @@ class ModelRunner:
 
 
 @dataclass
-class _Layout:
-    """A step's chunks flattened into the model's inputs, with the rows of each."""
+class StepLayout:
+    """A step's chunks flattened into the model's inputs, with the rows of each: all that
+    a tensor-parallel rank that does not sample needs to run the step."""
 
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
@@ -393,9 +475,12 @@ class _Layout:
     sample_rows: list[int] = field(default_factory=list)
     prompt_rows: list[int] = field(default_factory=list)
     all_flattened: bool = True
+    # Rows whose input token is still on the device (rank 0's previous samples, drafts).
+    device_rows: list[int] = field(default_factory=list)
+    replay: bool = False  # a decode CUDA graph runs the step
 
     @classmethod
-    def build(cls, chunks: list[SequenceChunk]) -> _Layout:
+    def build(cls, chunks: list[SequenceChunk]) -> StepLayout:
         layout = cls()
         for chunk in chunks:
             first = len(layout.input_ids)

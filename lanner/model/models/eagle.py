@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lanner.distributed import TensorParallelShard
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.model.config import ModelConfig
-from lanner.model.layers.linear import PackedLinear
+from lanner.model.layers.linear import PackedLinear, materialize
 from lanner.model.layers.norm import RMSNorm
 from lanner.model.layers.rotary import RotaryEmbedding
 from lanner.model.loader import (
@@ -89,7 +90,7 @@ class EagleHead(nn.Module):
         self._target = (target,)
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden) if own_embedding else None
         rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions)
-        layer = LlamaDecoderLayer(config, rotary, 0)
+        layer = LlamaDecoderLayer(config, rotary, 0, TensorParallelShard(), None)  # one rank
         self.fc = PackedLinear(feature_size, {None: hidden}, bias=fc_bias)
         self.lm_head: PackedLinear | None = None
         self.norm: RMSNorm | None = None
@@ -176,7 +177,8 @@ def read_head_tensors(head_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]
     EAGLE's pytorch_model.bin (single or sharded), loaded without unpickling code."""
     if list(head_dir.glob("*.safetensors")):
         files, _ = checkpoint_files(head_dir)
-        yield from iterate_checkpoint(files)
+        for path, name, stored in iterate_checkpoint(files):
+            yield path, name, materialize(stored)  # read while its file is open
         return
     index = head_dir / BIN_INDEX
     if index.is_file():

@@ -3,6 +3,11 @@
 Differences handled by ModelConfig: Qwen2's q/k/v bias (``attention_bias``),
 Qwen3's per-head RMSNorm of q and k before rotary (``qk_norm``), Mistral's
 sliding window, tied or untied embeddings, and any head_dim.
+
+Under tensor parallelism (Megatron-style) each rank builds its slice: q/k/v and gate/up
+column-parallel, o and down row-parallel (one all-reduce each), the embedding and LM head
+split by vocabulary; a rank holds num_heads / N query heads and their KV heads (one KV
+head, shared with other ranks, when there are fewer KV heads than ranks).
 """
 
 from __future__ import annotations
@@ -10,34 +15,69 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lanner.distributed import TensorParallelGroup, TensorParallelShard
 from lanner.kernels import ops
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.model.config import ModelConfig
 from lanner.model.layers.activation import SiluAndMul
 from lanner.model.layers.attention import PagedAttention
-from lanner.model.layers.linear import PackedLinear
+from lanner.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from lanner.model.layers.linear import PackedLinear, column_parallel, row_parallel
 from lanner.model.layers.norm import RMSNorm
 from lanner.model.layers.rotary import RotaryEmbedding
 
 
+def check_tensor_parallel(config: ModelConfig, world_size: int) -> None:
+    """Raise ValueError naming the field when the model cannot be split ``world_size``
+    ways."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    problems = []
+    if heads % world_size:
+        problems.append(f"num_attention_heads={heads} is not a multiple of it")
+    if kv_heads % world_size and world_size % kv_heads:
+        problems.append(
+            f"num_key_value_heads={kv_heads} neither divides it nor is a multiple of it"
+        )
+    if config.intermediate_size % world_size:
+        problems.append(f"intermediate_size={config.intermediate_size} is not a multiple of it")
+    if problems:
+        raise ValueError(
+            f"tensor_parallel_size={world_size} cannot split this model: "
+            f"{'; '.join(problems)}; choose a tensor_parallel_size that divides them"
+        )
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_index: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        layer_index: int,
+        shard: TensorParallelShard,
+        group: TensorParallelGroup | None,
+    ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        world = shard.world_size
+        self.num_heads = config.num_attention_heads // world
+        self.num_kv_heads = shard.kv_heads_per_rank(config.num_key_value_heads)
         self.head_dim = config.head_dim
-        self.q_size = config.q_size
-        self.kv_size = config.kv_size
-        self.qkv_proj = PackedLinear(
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        kv_slice = shard.kv_head_slice(config.num_key_value_heads)
+        self.qkv_proj = column_parallel(
             config.hidden_size,
             {"q": config.q_size, "k": config.kv_size, "v": config.kv_size},
-            bias=config.attention_bias,
+            config.attention_bias,
+            shard,
+            [(shard.rank, world), kv_slice, kv_slice],
         )
         # HF gives o_proj a bias with attention_bias, except Qwen2 (q/k/v bias only).
-        self.o_proj = PackedLinear(
+        self.o_proj = row_parallel(
             config.q_size,
-            {None: config.hidden_size},
-            bias=config.attention_bias and config.model_type != "qwen2",
+            config.hidden_size,
+            config.attention_bias and config.model_type != "qwen2",
+            shard,
+            group,
         )
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -78,13 +118,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, shard: TensorParallelShard, group: TensorParallelGroup | None
+    ) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = PackedLinear(
-            config.hidden_size, {"gate": size, "up": size}, bias=config.mlp_bias
+        self.gate_up_proj = column_parallel(
+            config.hidden_size, {"gate": size, "up": size}, config.mlp_bias, shard
         )
-        self.down_proj = PackedLinear(size, {None: config.hidden_size}, bias=config.mlp_bias)
+        self.down_proj = row_parallel(size, config.hidden_size, config.mlp_bias, shard, group)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +134,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_index: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        rotary: RotaryEmbedding,
+        layer_index: int,
+        shard: TensorParallelShard,
+        group: TensorParallelGroup | None,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary, layer_index)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary, layer_index, shard, group)
+        self.mlp = LlamaMLP(config, shard, group)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -119,13 +168,20 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self, config: ModelConfig, shard: TensorParallelShard, group: TensorParallelGroup | None
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens: nn.Module = (
+            nn.Embedding(config.vocab_size, config.hidden_size)
+            if shard.world_size == 1
+            else VocabParallelEmbedding(config.vocab_size, config.hidden_size, shard, group)
+        )
         # One rotary table shared by all layers.
         rotary = RotaryEmbedding(config.head_dim, config.rope, config.max_position_embeddings)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, i) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rotary, i, shard, group)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # EAGLE-3 heads read the residual stream entering these layers (index L: after
@@ -182,16 +238,34 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        shard: TensorParallelShard | None = None,
+        group: TensorParallelGroup | None = None,
+    ) -> None:
+        """``shard``: which tensor-parallel slice to build (default: the whole model);
+        ``group``: the ranks' process group its collectives run over (a model built
+        without one loads, but cannot run)."""
         super().__init__()
+        shard = shard or TensorParallelShard()
+        check_tensor_parallel(config, shard.world_size)
         self.config = config
-        self.model = LlamaModel(config)
+        self.shard = shard
+        self.group = group
+        self.model = LlamaModel(config, shard, group)
+        self.lm_head: PackedLinear | None
         if config.tie_word_embeddings:
             self.lm_head = None
-        else:
+        elif shard.world_size == 1:
             # A PackedLinear of one part, so a checkpoint that quantizes its head loads it.
             self.lm_head = PackedLinear(config.hidden_size, {None: config.vocab_size})
+        else:
+            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, shard)
         self.model.embed_tokens.weight.requires_grad_(False)
+        if shard.world_size > 1:
+            # Set on the instance, so the unsplit model's compute_logits stays as it is.
+            self.compute_logits = self._gather_logits
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -213,3 +287,14 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:
             return ops.linear(hidden_states, self.model.embed_tokens.weight)
         return self.lm_head(hidden_states)
+
+    def _gather_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """compute_logits of a tensor-parallel rank: each rank computes its vocabulary
+        rows' logits; side by side they are the whole, padded to a multiple of the ranks
+        (cut off here). Only the rows that sample come in; rank 0 samples from them."""
+        logits = LlamaForCausalLM.compute_logits(self, hidden_states)
+        if self.group is None:
+            raise RuntimeError("this model was loaded without its tensor-parallel group")
+        gathered = self.group.all_gather(logits)
+        vocab = self.config.vocab_size
+        return gathered if gathered.shape[1] == vocab else gathered[:, :vocab].contiguous()
