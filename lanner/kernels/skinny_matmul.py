@@ -30,6 +30,20 @@ host syncs: the launch is CUDA-graph capturable (the counter buffer is allocated
 first split-K call, which must come before capture). Two fused split-K launches running
 at the same time on different streams of one device would share counters: don't.
 
+Quantized weights (``skinny_matmul_w8``, ``skinny_matmul_w4``): the same kernel streams
+8-bit or 4-bit weight tiles instead (W_FORMAT), widens them in registers to the
+activations' dtype, exactly (kernels/weight_codes.py), and multiplies as above, so a
+decode row costs the quantized bytes and no activation rounding (W8A16 / W4A16):
+- fp8 e4m3 / int8 [N, K] with one fp32 scale per output channel, applied to the fp32
+  sums once at the end; both inner products (elementwise widens to fp32).
+- int4 in lanner's plane layout (kernels/quant_reference.py) with per-group scales and
+  zero points: each step loads a [BLOCK_N, BLOCK_K / 4] block of 16-bit words, and for
+  each of its four nibble planes (BLOCK_K / 4 consecutive k each) multiplies q - zero,
+  widened exactly, by the matching x columns on tensor cores into fresh fp32 sums, which
+  it scales by the group's scale into the accumulator: exact up to fp32 summation. The
+  weights are the left operand (out^T = W x^T), so with 4 warps and BLOCK_N >= 64 the
+  product is a Hopper wgmma that reads x from shared memory, no registers spent on it.
+
 Batch invariance (row i of an M-row call equals that row alone, bitwise): for the dot
 path it holds by construction for M <= 16 at a fixed config. BLOCK_M is 16 for every M
 and M is not specialized on, so every such M runs the same binary; each output row is
@@ -56,7 +70,9 @@ import triton
 import triton.language as tl
 
 from lanner.kernels.pdl import launch_options, pdl_start
+from lanner.kernels.quant_reference import FP8_DTYPE, INT4_PLANE, INT4_TILE
 from lanner.kernels.rms_norm import cast_rounded
+from lanner.kernels.weight_codes import int4_plane, int4_zero_offset, widen_8bit
 
 # Rows of x one program multiplies; a larger M launches cdiv(M, 16) program rows, each
 # streaming the weight again (use_skinny hands such batches to cuBLAS).
@@ -76,6 +92,15 @@ SKINNY_MAX_M = 16
 # it the dot path upcasts them to fp32 first (exact: the GPU's MMA multiplies bf16 exactly
 # and accumulates in fp32 too).
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+# Weight formats (W_FORMAT): the activations' dtype, fp8 e4m3, int8, int4 planes.
+DENSE, FP8, INT8, INT4 = "dense", "fp8", "int8", "int4"
+_FORMAT_IDS = {DENSE: 0, FP8: 1, INT8: 2, INT4: 3}
+_W_DENSE = tl.constexpr(0)
+_W_FP8 = tl.constexpr(1)
+_W_INT8 = tl.constexpr(2)
+_W_INT4 = tl.constexpr(3)
+_PLANE = tl.constexpr(INT4_PLANE)
+_TILE_GAP = tl.constexpr(INT4_TILE - INT4_PLANE)
 
 
 @dataclass(frozen=True)
@@ -105,9 +130,11 @@ def _dot_tiles(
     EVEN_K: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    W_FORMAT: tl.constexpr,
 ):
     """sum over k in [k_start, k_stop) of x[m, k] * w[n, k] -> fp32 [BLOCK_M, BLOCK_N] on
-    tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements."""
+    tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements.
+    8-bit weights (W_FORMAT) are widened to x's dtype first (unscaled codes)."""
     k_offsets = tl.arange(0, BLOCK_K)
     w_ptrs = w_rows[:, None] + (k_start + k_offsets)[None, :]
     x_ptrs = x_rows[:, None] + (k_start + k_offsets)[None, :]
@@ -118,9 +145,11 @@ def _dot_tiles(
             x = tl.load(x_ptrs, mask=x_row_mask[:, None], other=0.0)
         else:
             in_range = (k + k_offsets < k_stop)[None, :]
-            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            w = tl.load(w_ptrs, mask=in_range, other=0)
             x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
-        if _INTERPRETED and w.dtype == tl.bfloat16:
+        if W_FORMAT != _W_DENSE:
+            w = widen_8bit(w, W_FORMAT == _W_FP8, x.dtype)
+        if _INTERPRETED and w.dtype != tl.float32:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
         if IEEE:
@@ -144,6 +173,7 @@ def _elementwise_tiles(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    W_FORMAT: tl.constexpr,
 ):
     """The same sum as _dot_tiles with fp32 multiply-adds on the CUDA cores."""
     k_offsets = tl.arange(0, BLOCK_K)
@@ -160,14 +190,82 @@ def _elementwise_tiles(
             x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         else:
             in_range = (k + k_offsets < k_stop)[None, None, :]
-            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            w = tl.load(w_ptrs, mask=in_range, other=0)
             x = tl.load(x_ptrs, mask=x_mask & in_range, other=0.0)
+        if W_FORMAT == _W_DENSE:
+            w = w.to(tl.float32)
+        else:
+            w = widen_8bit(w, W_FORMAT == _W_FP8, tl.float32)
         # Summed across threads once after the loop: a per-step tl.sum would shuffle
         # every step.
-        acc += x.to(tl.float32) * w.to(tl.float32)
+        acc += x.to(tl.float32) * w
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _int4_tiles(
+    x_rows,
+    x_row_mask,
+    w_rows,
+    scales_ptr,
+    zeros_ptr,
+    rows_n,
+    N,
+    K,
+    num_groups,
+    k_start,
+    k_stop,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """sum over k in [k_start, k_stop) of x[m, k] * (q[n, k] - zero) * scale -> fp32
+    [BLOCK_M, BLOCK_N] for int4 weights in the plane layout (w_rows point at each row's
+    16-bit words; k_start is a multiple of a tile). Each step reads BLOCK_K / 4 words of
+    each row and multiplies their four planes (BLOCK_K / 4 consecutive k each, within one
+    group) by the matching x columns, scaling each plane's fp32 sums once."""
+    dtype: tl.constexpr = x_rows.dtype.element_ty
+    STEP: tl.constexpr = BLOCK_K // 4
+    offsets = tl.arange(0, STEP)
+    n_mask = rows_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    word_stop = tl.cdiv(k_stop, 4 * _PLANE) * _PLANE
+    for word in tl.range(k_start // 4, word_stop, STEP, num_stages=NUM_STAGES):
+        words = tl.load(w_rows[:, None] + (word + offsets)[None, :])
+        # The step's first k: word p of tile t holds k = 512 t + 128 s + p.
+        k_base = tl.multiple_of(word + (word // _PLANE) * _TILE_GAP, STEP)
+        for plane in tl.static_range(4):
+            k_first = k_base + plane * _PLANE
+            ks = k_first + offsets
+            if EVEN_K:
+                x = tl.load(x_rows[:, None] + ks[None, :], mask=x_row_mask[:, None], other=0.0)
+            else:
+                x_mask = x_row_mask[:, None] & (ks < K)[None, :]
+                x = tl.load(x_rows[:, None] + ks[None, :], mask=x_mask, other=0.0)
+            group = tl.minimum(k_first // GROUP, num_groups - 1)
+            scale = tl.load(scales_ptr + group * N + rows_n, mask=n_mask, other=0.0)
+            if HAS_ZEROS:
+                zero = tl.load(zeros_ptr + group * N + rows_n, mask=n_mask, other=0)
+            else:
+                zero = tl.full((BLOCK_N,), 8, tl.int32)
+            zero_offset = tl.broadcast_to(int4_zero_offset(zero, dtype)[:, None], (BLOCK_N, STEP))
+            w = int4_plane(words, zero_offset, plane, dtype)
+            if _INTERPRETED and w.dtype != tl.float32:
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            if IEEE:
+                sums = tl.dot(w, tl.trans(x), input_precision="ieee")
+            else:
+                sums = tl.dot(w, tl.trans(x))
+            acc += sums * scale.to(tl.float32)[:, None]
+    return tl.trans(acc)
 
 
 # M is not specialized on (Triton would otherwise compile M == 1 apart), so that every
@@ -177,6 +275,8 @@ def _elementwise_tiles(
 def _skinny_matmul_kernel(
     x_ptr,
     w_ptr,
+    scale_ptr,
+    zero_ptr,
     bias_ptr,
     out_ptr,
     partial_ptr,
@@ -184,11 +284,15 @@ def _skinny_matmul_kernel(
     M,
     N,
     K,
+    num_groups,
     k_per_split,
     x_stride_row,
     w_stride_row,
     partial_stride_split,
     out_stride_row,
+    W_FORMAT: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
@@ -217,7 +321,29 @@ def _skinny_matmul_kernel(
     # weight loads carry no row mask; their results are never stored.
     w_rows = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * w_stride_row
 
-    if USE_DOT:
+    if W_FORMAT == _W_INT4:
+        acc = _int4_tiles(
+            x_rows,
+            x_row_mask,
+            w_rows,
+            scale_ptr,
+            zero_ptr,
+            rows_n,
+            N,
+            K,
+            num_groups,
+            k_start,
+            k_stop,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            GROUP,
+            HAS_ZEROS,
+            EVEN_K,
+            IEEE,
+            NUM_STAGES,
+        )
+    elif USE_DOT:
         acc = _dot_tiles(
             x_rows,
             x_row_mask,
@@ -230,6 +356,7 @@ def _skinny_matmul_kernel(
             EVEN_K,
             IEEE,
             NUM_STAGES,
+            W_FORMAT,
         )
     else:
         acc = _elementwise_tiles(
@@ -243,7 +370,11 @@ def _skinny_matmul_kernel(
             BLOCK_K,
             EVEN_K,
             NUM_STAGES,
+            W_FORMAT,
         )
+    if W_FORMAT != _W_DENSE and W_FORMAT != _W_INT4:
+        # Per-channel scales, once on the fp32 sums (a split's partial is scaled alike).
+        acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
 
     split_k_epilogue(
         acc,
@@ -287,8 +418,8 @@ def split_k_epilogue(
     """Stores a program's fp32 sums acc [BLOCK_M, BLOCK_N] (rows rows_m, columns rows_n):
     with the bias and rounded to the output dtype, or, under split-K (PARTIAL), as this
     split's partial, the last split of the tile to arrive adding them (FUSED_REDUCE; see
-    the module docstring). Grid: (N blocks, K splits, M blocks). Shared by the quantized
-    skinny kernels (w8a8_matmul, w4a16_matmul)."""
+    the module docstring). Grid: (N blocks, K splits, M blocks). Shared by the tiled
+    quantized kernels (w8a8_matmul, w4a16_matmul)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -359,9 +490,12 @@ def _split_k_reduce_kernel(
 
 
 @functools.cache
-def choose_config(m: int, n: int, k: int) -> SkinnyConfig:
-    """Launch parameters for x [m, k] @ weight[n, k].T in bf16/fp16, from the H100 sweep
-    of benchmarks/kernels_linear.py (results 20261127-0946*, the 0.6B and 8B shapes):
+def choose_config(
+    m: int, n: int, k: int, weight_format: str = DENSE, group_size: int = 128
+) -> SkinnyConfig:
+    """Launch parameters for x [m, k] @ weight[n, k].T, x in bf16/fp16. Dense weights, from
+    the H100 sweep of benchmarks/kernels_linear.py (results 20261127-0946*, the 0.6B and 8B
+    shapes):
 
     - m == 1: the elementwise path with 1024-wide K tiles, 4 rows a program (8 for
       K <= 1024, and 16 x 512 for the 8B down projection's K = 14336), 4 warps. It beat
@@ -372,7 +506,11 @@ def choose_config(m: int, n: int, k: int) -> SkinnyConfig:
       and 4-way split-K instead.
     One binary serves every m in 2..16, which keeps those rows batch invariant; m == 1
     rounds differently (its own inner product), as cuBLAS's kernels for different m do.
+
+    Quantized weights: see _quantized_config.
     """
+    if weight_format != DENSE:
+        return _quantized_config(m, n, k, weight_format, group_size)
     if m == 1:
         block_k = min(1024, max(16, triton.next_power_of_2(k)))
         if k > 8192:
@@ -386,6 +524,34 @@ def choose_config(m: int, n: int, k: int) -> SkinnyConfig:
         split_k = default_split_k(n, k, 32, block_k)
         return SkinnyConfig(32, block_k, split_k, num_warps=4, num_stages=4, use_dot=True)
     return SkinnyConfig(DOT_BLOCK, block_k, 1, num_warps=2, num_stages=3, use_dot=True)
+
+
+def _quantized_config(m: int, n: int, k: int, weight_format: str, group_size: int) -> SkinnyConfig:
+    """First guesses for quantized weights, not yet swept on a GPU (benchmarks/
+    kernels_linear.py --quant --sweep times the alternatives; its printed table replaces
+    these): the dense configs' bytes a step at the narrower weights.
+
+    - fp8 / int8, m == 1: elementwise over [8, 1024] tiles (16 x 1024 for K > 8192), whose
+      e4m3 -> fp32 widening costs about 3.5 instructions a code against 8 a code of issue
+      budget at copy bandwidth (scripts/kernel_sass.py); m >= 2: the dot path over
+      [32, 512] tiles with 2 warps (16 columns a warp, which shares each x fragment).
+    - int4: [64, 512] steps (four planes of 128 words, or of the group when it is
+      smaller), 4 warps (Hopper wgmma), split-K until every SM has a program."""
+    if weight_format == INT4:
+        block_k = 4 * min(INT4_PLANE, group_size)
+        tiles = triton.cdiv(k, INT4_TILE)
+        split_k = 1
+        while triton.cdiv(n, 64) * split_k < NUM_SMS and 4 * split_k <= tiles:
+            split_k *= 2
+        return SkinnyConfig(64, block_k, split_k, num_warps=4, num_stages=3, use_dot=True)
+    if m == 1:
+        block_n = 16 if k > 8192 else 8
+        block_k = min(1024, max(16, triton.next_power_of_2(k)))
+        split_k = default_split_k(n, k, block_n, block_k)
+        return SkinnyConfig(block_n, block_k, split_k, num_warps=4, num_stages=4, use_dot=False)
+    block_k = min(512, max(DOT_BLOCK, triton.next_power_of_2(k)))
+    split_k = default_split_k(n, k, 32, block_k)
+    return SkinnyConfig(32, block_k, split_k, num_warps=2, num_stages=4, use_dot=True)
 
 
 def default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -429,15 +595,123 @@ def skinny_matmul(
     output tile (fused_reduce) or by a second kernel. Capturable in a CUDA graph once one
     split-K call has run outside the capture (it allocates the tile counters).
     """
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}; cast one of them")
+    if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit x @ weight.T"
+        )
+    overrides = (block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce)
+    return _run(x, weight, DENSE, weight.shape[0], None, None, 0, 1, bias, overrides)
+
+
+def skinny_matmul_w8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    **config: int | bool | None,
+) -> torch.Tensor:
+    """x [..., K] @ (weight * weight_scale[:, None]).T (+ bias) for an fp8 e4m3 or int8
+    weight [N, K] with one fp32 scale per output channel: W8A16, x as it is (no activation
+    rounding), fp32 sums, output in x's dtype. ``config``: skinny_matmul's parameters
+    (defaults from choose_config(M, N, K, "fp8" or "int8"))."""
+    if weight.dtype not in (FP8_DTYPE, torch.int8) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D fp8 e4m3 or int8 tensor, got {weight.dtype}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
+    if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype != torch.float32:
+        raise ValueError(
+            f"weight_scale must be float32 of shape ({weight.shape[0]},), got "
+            f"{weight_scale.dtype} {tuple(weight_scale.shape)}"
+        )
+    fmt = FP8 if weight.dtype == FP8_DTYPE else INT8
+    codes = weight.view(torch.uint8)  # the kernel reads bytes (weight_codes.widen_8bit)
+    return _run(x, codes, fmt, weight.shape[0], weight_scale, None, 0, 1, bias, _overrides(config))
+
+
+def skinny_matmul_w4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    **config: int | bool | None,
+) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) for int4 W in the plane layout, packed int32
+    [N, ceil(K / 512) * 64], with scales [groups, N] (any float dtype) and zeros
+    [groups, N] uint8 codes (None: 8): W4A16, exact up to fp32 summation, output in x's
+    dtype. ``config``: skinny_matmul's parameters (use_dot must stay True; block_k counts
+    the codes of a step, four planes of block_k / 4, and divides 4 * min(group_size, 128))."""
+    check_int4_operands(x.shape[-1], packed, scales, zeros, group_size)
+    return _run(
+        x,
+        packed.view(torch.int16),
+        INT4,
+        packed.shape[0],
+        scales,
+        zeros,
+        group_size,
+        scales.shape[0],
+        bias,
+        _overrides(config),
+    )
+
+
+def check_int4_operands(
+    k: int,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+) -> None:
+    """ValueError unless packed, scales and zeros are the plane layout of an [N, k] weight
+    in groups of group_size (16, 32, 64, 128 or a multiple of 128)."""
+    if packed.dtype != torch.int32 or packed.dim() != 2 or not packed.is_contiguous():
+        raise ValueError("packed must be a contiguous int32 [N, K_padded / 8] plane layout")
+    if packed.shape[1] != triton.cdiv(k, INT4_TILE) * INT4_TILE // 8:
+        raise ValueError(
+            f"packed {tuple(packed.shape)} does not cover K={k} in tiles of {INT4_TILE}"
+        )
+    if group_size < 16 or (
+        group_size % INT4_PLANE if group_size > INT4_PLANE else INT4_PLANE % group_size
+    ):
+        raise ValueError(f"group_size {group_size} must divide 128 or be a multiple of it")
+    n = packed.shape[0]
+    groups = triton.cdiv(k, group_size)
+    if scales.dim() != 2 or scales.shape[1] != n or scales.shape[0] < groups:
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit {groups} groups of N={n}")
+    if zeros is not None and (zeros.shape != scales.shape or zeros.dtype != torch.uint8):
+        raise ValueError(f"zeros must be uint8 of shape {tuple(scales.shape)}")
+
+
+def _overrides(config: dict) -> tuple:
+    names = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "use_dot")
+    unknown = set(config) - {*names, "fused_reduce"}
+    if unknown:
+        raise TypeError(f"unknown launch parameters {sorted(unknown)}")
+    return tuple(config.get(name) for name in (*names, "fused_reduce"))
+
+
+def _run(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_format: str,
+    n: int,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    num_groups: int,
+    bias: torch.Tensor | None,
+    overrides: tuple,
+) -> torch.Tensor:
+    """One launch for every weight format (the wrappers above checked the operands)."""
     dtype = x.dtype
-    if dtype != weight.dtype:
-        raise ValueError(f"x is {dtype} but weight is {weight.dtype}; cast one of them")
     if dtype not in _DTYPES:
-        raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16, not {dtype}")
-    x_shape, w_shape = x.shape, weight.shape
-    if len(w_shape) != 2 or x_shape[-1] != w_shape[1]:
-        raise ValueError(f"x {tuple(x_shape)} and weight {tuple(w_shape)} do not fit x @ weight.T")
-    n, k = w_shape
+        raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16 x, not {dtype}")
+    x_shape = x.shape
+    k = x_shape[-1]
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     # The usual 2-D x skips reshape and view (about a microsecond each).
@@ -456,7 +730,7 @@ def skinny_matmul(
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
 
-    plan = _plan(m, n, k, block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce)
+    plan = _plan(m, n, k, weight_format, group_size, *overrides)
     workspace = out
     if plan.partial:
         workspace = torch.empty((plan.grid[1], m, n), dtype=torch.float32, device=out.device)
@@ -464,18 +738,24 @@ def skinny_matmul(
     _skinny_matmul_kernel[plan.grid](
         rows,
         weight,
-        bias if bias is not None else weight,
+        scales if scales is not None else out,
+        zeros if zeros is not None else out,
+        bias if bias is not None else out,
         out,
         workspace,
         counters,
         m,
         n,
         k,
+        num_groups,
         plan.k_per_split,
         rows.stride(0),
         weight.stride(0),
         m * n,
         n,
+        W_FORMAT=_FORMAT_IDS[weight_format],
+        GROUP=group_size,
+        HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,
         PARTIAL=plan.partial,
         FUSED_REDUCE=plan.fused_reduce,
@@ -484,7 +764,7 @@ def skinny_matmul(
         BLOCK_K=plan.block_k,
         EVEN_K=plan.even_k,
         USE_DOT=plan.use_dot,
-        IEEE=x.dtype == torch.float32,
+        IEEE=dtype == torch.float32,
         NUM_STAGES=plan.num_stages,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
@@ -532,6 +812,8 @@ def _plan(
     m: int,
     n: int,
     k: int,
+    weight_format: str,
+    group_size: int,
     block_n: int | None,
     block_k: int | None,
     split_k: int | None,
@@ -540,7 +822,7 @@ def _plan(
     use_dot: bool | None,
     fused_reduce: bool | None,
 ) -> _Plan:
-    config = choose_config(min(m, MAX_BLOCK_M), n, k)
+    config = choose_config(min(m, MAX_BLOCK_M), n, k, weight_format, group_size or 128)
     block_n = config.block_n if block_n is None else block_n
     block_k = config.block_k if block_k is None else block_k
     split_k = config.split_k if split_k is None else split_k
@@ -554,10 +836,20 @@ def _plan(
         )
     if split_k < 1:
         raise ValueError(f"split_k must be at least 1, got {split_k}")
-
-    block_m = DOT_BLOCK if use_dot else min(triton.next_power_of_2(m), MAX_BLOCK_M)
     # Whole tiles per split, so only the very last tile of K can be partial.
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    k_tile = block_k
+    if weight_format == INT4:
+        if not use_dot:
+            raise ValueError("int4 weights run the dot path only (use_dot=True)")
+        plane_step = min(INT4_PLANE, group_size)
+        if block_k // 4 < DOT_BLOCK or plane_step % (block_k // 4):
+            raise ValueError(
+                f"int4 block_k {block_k} must be 4 x a power of two from {DOT_BLOCK} to "
+                f"{plane_step} (four planes, each within one group of {group_size})"
+            )
+        k_tile = INT4_TILE
+    block_m = DOT_BLOCK if use_dot else min(triton.next_power_of_2(m), MAX_BLOCK_M)
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), k_tile) * k_tile
     split_k = triton.cdiv(k, k_per_split)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     partial = split_k > 1
@@ -572,7 +864,7 @@ def _plan(
         num_warps=config.num_warps if num_warps is None else num_warps,
         num_stages=config.num_stages if num_stages is None else num_stages,
         use_dot=use_dot,
-        even_k=k % block_k == 0,
+        even_k=k % k_tile == 0,
         partial=partial,
         fused_reduce=partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES,
         reduce_grid=(m, triton.cdiv(n, reduce_block)),
