@@ -85,6 +85,8 @@ NUM_SMS = 132
 # fall back to the separate reduce kernel.
 MAX_TILES = 1 << 16
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Measured configs that override choose_config's rules (install_tuned_configs).
+_TUNED: dict[tuple[str, int, int, int], SkinnyConfig] = {}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows up to which use_skinny picks this kernel over cuBLAS.
 SKINNY_MAX_M = 16
@@ -509,6 +511,13 @@ def choose_config(
 
     Quantized weights: see _quantized_config.
     """
+    tuned = _TUNED.get((weight_format, 1 if m == 1 else MAX_BLOCK_M, n, k))
+    # (int4 configs are swept at group 128: one whose steps span more than a group's plane
+    # does not apply.)
+    if tuned is not None and (
+        weight_format != INT4 or tuned.block_k // 4 <= min(INT4_PLANE, group_size)
+    ):
+        return tuned
     if weight_format != DENSE:
         return _quantized_config(m, n, k, weight_format, group_size)
     if m == 1:
@@ -552,6 +561,23 @@ def _quantized_config(m: int, n: int, k: int, weight_format: str, group_size: in
     block_k = min(512, max(DOT_BLOCK, triton.next_power_of_2(k)))
     split_k = default_split_k(n, k, 32, block_k)
     return SkinnyConfig(32, block_k, split_k, num_warps=2, num_stages=4, use_dot=True)
+
+
+def install_tuned_configs(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None:
+    """Replaces choose_config's rule for the given (weight format, rows, N, K) with a
+    measured config: rows 1 for a single row, MAX_BLOCK_M for every M in 2..16 (one config,
+    which keeps them batch invariant). For GPU sweeps (benchmarks/kernels_linear.py --quant
+    --sweep writes them, engine_workloads.py --skinny-configs reads them); call before the
+    engine captures its CUDA graphs."""
+    for (weight_format, rows, _, _), config in configs.items():
+        if weight_format not in _FORMAT_IDS or rows not in (1, MAX_BLOCK_M):
+            raise ValueError(f"bad tuned key ({weight_format!r}, {rows}): rows is 1 or 16")
+        if rows > 1 and not config.use_dot:
+            raise ValueError("rows 2-16 run the dot path (use_dot=True)")
+    _TUNED.clear()
+    _TUNED.update(configs)
+    choose_config.cache_clear()
+    _plan.cache_clear()
 
 
 def default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
