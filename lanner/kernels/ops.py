@@ -42,13 +42,11 @@ def w8_linear(
     x_qmax: float,
 ) -> torch.Tensor:
     """x @ dequant(weight).T (+ bias) for an 8-bit weight [N, K] (fp8 or int8) scaled per
-    channel by weight_scale [N]. Decode batches (up to SKINNY_MAX_M rows) run W8A16, x as it
-    is; larger ones W8A8, x quantized per token to weight's dtype (scale absmax / x_qmax).
-    On CUDA cards without fp8 (before sm_89) fp8 runs the reference."""
+    channel by weight_scale [N], x quantized per token to weight's dtype (scale absmax /
+    x_qmax), as the checkpoints' dynamic activation scheme says. On CUDA cards without fp8
+    (before sm_89) fp8 runs the reference."""
     if use_triton(x) and _has_8bit_mma(x.device, weight.dtype):
         return w8a8_kernels.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
-    if _rows(x) <= skinny_kernels.SKINNY_MAX_M:
-        return quant_reference.w8a16_linear(x, weight, weight_scale, bias)
     return quant_reference.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
 
 

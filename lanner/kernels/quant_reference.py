@@ -1,6 +1,6 @@
 """Pure-torch references of the quantized linears: per-token activation quantization, the
 W8A8 matmul (fp8 or int8 weights and activations), the W8A16 matmul (the same weights,
-activations as they are: what the decode rows compute) and the W4A16 matmul (grouped
+activations as they are: skinny_matmul_w8's variant without x_qmax) and the W4A16 matmul (grouped
 4-bit weights), plus lanner's packed int4 layout that the Triton kernels read.
 
 The packed int4 layout ("planes"): a weight [N, K] of 4-bit codes q (0..15) is padded along
@@ -78,8 +78,8 @@ def w8a16_linear(
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """y = x @ dequant(weight).T + bias with x as it is (no activation rounding), in
-    ``compute_dtype``, returned in x's dtype: what the decode rows of an fp8 or int8 layer
-    compute (weight [N, K] fp8 or int8, per-channel weight_scale [N])."""
+    ``compute_dtype``, returned in x's dtype: the W8A16 product of an fp8 or int8 weight
+    [N, K] with per-channel weight_scale [N]."""
     shape = x.shape
     rows = x.reshape(-1, shape[-1]).to(compute_dtype)
     out = rows @ weight.to(compute_dtype).T * weight_scale.to(compute_dtype)

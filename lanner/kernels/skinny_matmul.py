@@ -33,9 +33,14 @@ at the same time on different streams of one device would share counters: don't.
 Quantized weights (``skinny_matmul_w8``, ``skinny_matmul_w4``): the same kernel streams
 8-bit or 4-bit weight tiles instead (W_FORMAT), widens them in registers to the
 activations' dtype, exactly (kernels/weight_codes.py), and multiplies as above, so a
-decode row costs the quantized bytes and no activation rounding (W8A16 / W4A16):
+decode row costs the quantized bytes:
 - fp8 e4m3 / int8 [N, K] with one fp32 scale per output channel, applied to the fp32
-  sums once at the end; both inner products (elementwise widens to fp32).
+  sums once at the end; both inner products (elementwise widens to fp32). W8A8 (x_qmax,
+  what the model runs: the checkpoints' dynamic per-token activation scheme): every
+  program first reads its rows over the whole K for their absmax (from L2 after the
+  first program: 1-16 rows), then rounds each x tile to the weight's 8-bit grid as
+  quant_reference.quantize_rows does, kept in x's dtype (exact), and scales the sums by
+  the row scales at the end; no extra launch. W8A16 (no x_qmax): x as it is.
 - int4 in lanner's plane layout (kernels/quant_reference.py) with per-group scales and
   zero points: each step loads a [BLOCK_N, BLOCK_K / 4] block of 16-bit words, and for
   each of its four nibble planes (BLOCK_K / 4 consecutive k each) multiplies q - zero,
@@ -72,7 +77,7 @@ import triton.language as tl
 from lanner.kernels.pdl import launch_options, pdl_start
 from lanner.kernels.quant_reference import FP8_DTYPE, INT4_PLANE, INT4_TILE
 from lanner.kernels.rms_norm import cast_rounded
-from lanner.kernels.weight_codes import int4_plane, int4_zero_offset, widen_8bit
+from lanner.kernels.weight_codes import int4_plane, int4_zero_offset, round_to_8bit, widen_8bit
 
 # Rows of x one program multiplies; a larger M launches cdiv(M, 16) program rows, each
 # streaming the weight again (use_skinny hands such batches to cuBLAS).
@@ -123,6 +128,7 @@ class SkinnyConfig:
 def _dot_tiles(
     x_rows,
     x_row_mask,
+    x_scale,
     w_rows,
     k_start,
     k_stop,
@@ -133,10 +139,13 @@ def _dot_tiles(
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     W_FORMAT: tl.constexpr,
+    QUANT_X: tl.constexpr,
 ):
     """sum over k in [k_start, k_stop) of x[m, k] * w[n, k] -> fp32 [BLOCK_M, BLOCK_N] on
     tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements.
-    8-bit weights (W_FORMAT) are widened to x's dtype first (unscaled codes)."""
+    8-bit weights (W_FORMAT) are widened to x's dtype first (unscaled codes); with QUANT_X
+    each x is first divided by its row's x_scale and rounded to the weight's 8-bit grid
+    (unscaled codes too: the caller multiplies the sums by x_scale)."""
     k_offsets = tl.arange(0, BLOCK_K)
     w_ptrs = w_rows[:, None] + (k_start + k_offsets)[None, :]
     x_ptrs = x_rows[:, None] + (k_start + k_offsets)[None, :]
@@ -149,6 +158,9 @@ def _dot_tiles(
             in_range = (k + k_offsets < k_stop)[None, :]
             w = tl.load(w_ptrs, mask=in_range, other=0)
             x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
+        if QUANT_X:
+            x_codes = round_to_8bit(x.to(tl.float32) / x_scale[:, None], W_FORMAT == _W_FP8)
+            x = x_codes.to(x.dtype)
         if W_FORMAT != _W_DENSE:
             w = widen_8bit(w, W_FORMAT == _W_FP8, x.dtype)
         if _INTERPRETED and w.dtype != tl.float32:
@@ -167,6 +179,7 @@ def _dot_tiles(
 def _elementwise_tiles(
     x_rows,
     x_row_mask,
+    x_scale,
     w_rows,
     k_start,
     k_stop,
@@ -176,6 +189,7 @@ def _elementwise_tiles(
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     W_FORMAT: tl.constexpr,
+    QUANT_X: tl.constexpr,
 ):
     """The same sum as _dot_tiles with fp32 multiply-adds on the CUDA cores."""
     k_offsets = tl.arange(0, BLOCK_K)
@@ -198,9 +212,12 @@ def _elementwise_tiles(
             w = w.to(tl.float32)
         else:
             w = widen_8bit(w, W_FORMAT == _W_FP8, tl.float32)
+        x = x.to(tl.float32)
+        if QUANT_X:
+            x = round_to_8bit(x / x_scale[:, None, None], W_FORMAT == _W_FP8)
         # Summed across threads once after the loop: a per-step tl.sum would shuffle
         # every step.
-        acc += x.to(tl.float32) * w
+        acc += x * w
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     return tl.sum(acc, axis=2)
@@ -292,7 +309,9 @@ def _skinny_matmul_kernel(
     w_stride_row,
     partial_stride_split,
     out_stride_row,
+    x_qmax,
     W_FORMAT: tl.constexpr,
+    QUANT_X: tl.constexpr,
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -322,6 +341,7 @@ def _skinny_matmul_kernel(
     # Weight rows past N read a copy of the last row instead of being masked, so the
     # weight loads carry no row mask; their results are never stored.
     w_rows = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * w_stride_row
+    x_scale = _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M, QUANT_X)
 
     if W_FORMAT == _W_INT4:
         acc = _int4_tiles(
@@ -349,6 +369,7 @@ def _skinny_matmul_kernel(
         acc = _dot_tiles(
             x_rows,
             x_row_mask,
+            x_scale,
             w_rows,
             k_start,
             k_stop,
@@ -359,11 +380,13 @@ def _skinny_matmul_kernel(
             IEEE,
             NUM_STAGES,
             W_FORMAT,
+            QUANT_X,
         )
     else:
         acc = _elementwise_tiles(
             x_rows,
             x_row_mask,
+            x_scale,
             w_rows,
             k_start,
             k_stop,
@@ -373,10 +396,13 @@ def _skinny_matmul_kernel(
             EVEN_K,
             NUM_STAGES,
             W_FORMAT,
+            QUANT_X,
         )
     if W_FORMAT != _W_DENSE and W_FORMAT != _W_INT4:
         # Per-channel scales, once on the fp32 sums (a split's partial is scaled alike).
         acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
+    if QUANT_X:
+        acc *= x_scale[:, None]
 
     split_k_epilogue(
         acc,
@@ -396,6 +422,26 @@ def _skinny_matmul_kernel(
         BLOCK_M,
         BLOCK_N,
     )
+
+
+@triton.jit
+def _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M: tl.constexpr, QUANT_X: tl.constexpr):
+    """Per-token activation scales of the program's rows, absmax / x_qmax over the whole K
+    (1 for a row of zeros; quant_reference.quantize_rows's rule), read from L2 where the
+    1-16 rows sit after the first program; ones without QUANT_X."""
+    scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if QUANT_X:
+        # 4096 values a step, in registers, whatever BLOCK_M is.
+        CHUNK: tl.constexpr = 4096 // BLOCK_M
+        offsets = tl.arange(0, CHUNK)
+        absmax = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+        for k in range(0, K, CHUNK):
+            mask = x_row_mask[:, None] & (k + offsets < K)[None, :]
+            x = tl.load(x_rows[:, None] + (k + offsets)[None, :], mask=mask, other=0.0)
+            absmax = tl.maximum(absmax, tl.abs(x.to(tl.float32)))
+        row_max = tl.max(absmax, axis=1)
+        scale = tl.where(row_max > 0, row_max / x_qmax, 1.0)
+    return scale
 
 
 @triton.jit
@@ -636,12 +682,15 @@ def skinny_matmul_w8(
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    x_qmax: float | None = None,
     **config: int | bool | None,
 ) -> torch.Tensor:
     """x [..., K] @ (weight * weight_scale[:, None]).T (+ bias) for an fp8 e4m3 or int8
-    weight [N, K] with one fp32 scale per output channel: W8A16, x as it is (no activation
-    rounding), fp32 sums, output in x's dtype. ``config``: skinny_matmul's parameters
-    (defaults from choose_config(M, N, K, "fp8" or "int8"))."""
+    weight [N, K] with one fp32 scale per output channel, fp32 sums, output in x's dtype.
+    x_qmax None: W8A16, x as it is (no activation rounding). x_qmax given: W8A8, each row
+    of x quantized to the weight's dtype in the kernel exactly as quant_reference.
+    quantize_rows does (scale absmax / x_qmax), so no extra launch. ``config``:
+    skinny_matmul's parameters (defaults from choose_config(M, N, K, "fp8" or "int8"))."""
     if weight.dtype not in (FP8_DTYPE, torch.int8) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D fp8 e4m3 or int8 tensor, got {weight.dtype}")
     if x.shape[-1] != weight.shape[1]:
@@ -653,7 +702,8 @@ def skinny_matmul_w8(
         )
     fmt = FP8 if weight.dtype == FP8_DTYPE else INT8
     codes = weight.view(torch.uint8)  # the kernel reads bytes (weight_codes.widen_8bit)
-    return _run(x, codes, fmt, weight.shape[0], weight_scale, None, 0, 1, bias, _overrides(config))
+    overrides = _overrides(config)
+    return _run(x, codes, fmt, weight.shape[0], weight_scale, None, 0, 1, bias, overrides, x_qmax)
 
 
 def skinny_matmul_w4(
@@ -731,8 +781,10 @@ def _run(
     num_groups: int,
     bias: torch.Tensor | None,
     overrides: tuple,
+    x_qmax: float | None = None,
 ) -> torch.Tensor:
-    """One launch for every weight format (the wrappers above checked the operands)."""
+    """One launch for every weight format (the wrappers above checked the operands); 8-bit
+    weights with x_qmax quantize x per token in the kernel (W8A8)."""
     dtype = x.dtype
     if dtype not in _DTYPES:
         raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16 x, not {dtype}")
@@ -779,7 +831,9 @@ def _run(
         weight.stride(0),
         m * n,
         n,
+        float(x_qmax or 0.0),
         W_FORMAT=_FORMAT_IDS[weight_format],
+        QUANT_X=x_qmax is not None,
         GROUP=group_size,
         HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,

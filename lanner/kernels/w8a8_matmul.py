@@ -5,8 +5,10 @@ tensor cores (fp8 or int8 MMA, fp32 or int32 accumulation), then scaled by x_sca
 w_scale[n] in fp32 and rounded to x's dtype.
 
 ``w8a8_linear`` (ops.w8_linear on CUDA) picks the path by the number of rows:
-- 1 to 16 (decode): skinny_matmul_w8, W8A16: the rows stay in the model dtype, unrounded,
-  and the 8-bit weights stream once (a decode step pays for bytes, not for the products).
+- 1 to 16 (decode): skinny_matmul_w8, whose programs quantize the rows themselves (same
+  rounding, no extra launch; the 1-16 rows are read from L2) while the 8-bit weights
+  stream once at copy bandwidth (a decode step pays for bytes, not for the products).
+  Its W8A16 variant (x_qmax None: rows unrounded) is what benchmarks compare against.
 - more: ``quantize_rows`` writes the quantized rows and their scales once (one program per
   row), then fp8 goes to torch._scaled_mm (cuBLAS, rowwise scales) where the shapes allow
   and int8 (and fp8 otherwise) to the tiled kernel here, which reads them in [BLOCK_M,
@@ -37,12 +39,12 @@ from lanner.kernels.skinny_matmul import (
     skinny_matmul_w8,
     split_k_epilogue,
 )
+from lanner.kernels.weight_codes import round_to_8bit
 
 # Triton's interpreter multiplies fp8/int8 tl.dot operands as raw integers or not at all:
 # under it the products run in fp32 (exact: |x_q * w_q| <= 448^2, sums in the tests stay
 # far inside fp32's 24 bits for int8).
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it - it rounds half to even
 
 
 @dataclass(frozen=True)
@@ -58,29 +60,10 @@ class W8A8Config:
 
 
 @triton.jit
-def _quantize_tile(x, x_scale, x_qmax, IS_FP8: tl.constexpr):
+def _quantize_tile(x, x_scale, IS_FP8: tl.constexpr):
     """x [rows, cols] (fp32) / x_scale [rows] -> fp8 e4m3 or int8 codes."""
-    scaled = x / x_scale[:, None]
-    if IS_FP8:
-        clamped = tl.minimum(tl.maximum(scaled, -448.0), 448.0)
-        if _INTERPRETED:
-            clamped = _round_to_e4m3(clamped)
-        codes = clamped.to(tl.float8e4nv)
-    else:
-        rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC
-        codes = tl.minimum(tl.maximum(rounded, -128.0), 127.0).to(tl.int8)
-    return codes
-
-
-@triton.jit
-def _round_to_e4m3(value):
-    """value (fp32, |value| <= 448) rounded to the nearest e4m3 number, ties to even, by
-    arithmetic. Only the interpreter needs it: its float-to-fp8 cast drops the carry when
-    rounding up crosses a power of two (124.3 becomes 64); the GPU's cvt is exact."""
-    bits = value.to(tl.int32, bitcast=True)
-    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # subnormals step as 2^-6
-    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return ((value / step + _ROUND_MAGIC) - _ROUND_MAGIC) * step
+    rounded = round_to_8bit(x / x_scale[:, None], IS_FP8)
+    return rounded.to(tl.float8e4nv if IS_FP8 else tl.int8)
 
 
 @triton.jit
@@ -110,7 +93,7 @@ def _quantize_rows_kernel(
     for start in range(0, K, BLOCK):
         mask = (start + offsets < K)[None, :]
         x = tl.load(x_ptr + row * x_stride_row + start + offsets[None, :], mask=mask, other=0.0)
-        codes = _quantize_tile(x.to(tl.float32), scale, x_qmax, IS_FP8)
+        codes = _quantize_tile(x.to(tl.float32), scale, IS_FP8)
         tl.store(out_ptr + row * out_stride_row + start + offsets[None, :], codes, mask=mask)
 
 
@@ -329,16 +312,16 @@ def w8a8_linear(
     bias: torch.Tensor | None,
     x_qmax: float,
 ) -> torch.Tensor:
-    """ops.w8_linear on CUDA: 1-16 rows as W8A16 through the skinny kernel; larger batches
-    quantize the rows once, then fp8 goes to torch._scaled_mm (rowwise scales, bf16 out)
-    and int8 to the tiled kernel."""
+    """ops.w8_linear on CUDA: 1-16 rows through the skinny kernel, which quantizes them
+    itself; larger batches quantize the rows once, then fp8 goes to torch._scaled_mm
+    (rowwise scales, bf16 out) and int8 to the tiled kernel."""
     shape = x.shape
     k = shape[-1]
     m = math.prod(shape[:-1])
     n = weight.shape[0]
     rows = x.reshape(m, k)
     if m <= SKINNY_MAX_M:
-        out = skinny_matmul_w8(rows, weight, weight_scale, bias)
+        out = skinny_matmul_w8(rows, weight, weight_scale, bias, x_qmax)
     else:
         codes, scales = quantize_rows(rows, weight.dtype, x_qmax)
         if weight.dtype == FP8_DTYPE and scaled_mm_fits(m, n, k):

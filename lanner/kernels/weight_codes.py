@@ -1,6 +1,7 @@
 """Exact widening of quantized weight codes in registers, for the kernels that stream 8-bit
 and 4-bit weights: fp8 e4m3 and int8 bytes, and the 4-bit codes of lanner's int4 plane
-layout (kernels/quant_reference.py), to the activation dtype.
+layout (kernels/quant_reference.py), to the activation dtype; and the rounding of scaled
+activations to the fp8 / int8 grid (round_to_8bit) that per-token quantization shares.
 
 Why not ``codes.to(tl.bfloat16)``: on sm_90 Triton turns e4m3 -> bf16 into a conversion to
 fp16 (two codes an instruction) and one F2F per code to bf16, a quarter-rate instruction
@@ -36,6 +37,7 @@ import triton.language as tl
 from lanner.kernels.rms_norm import cast_rounded
 
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it - it rounds half to even
 
 # Two e4m3 codes -> bf16x2 per 16-bit half of $2 (four codes), into $0 (codes 0, 1) and $1.
 _E4M3_TO_BF16 = tl.constexpr(
@@ -212,3 +214,32 @@ def int4_plane_scaled(words, zero_offset, scale, S: tl.constexpr, dtype: tl.cons
             pack=2,
         )
     return scaled
+
+
+@triton.jit
+def round_to_e4m3(value):
+    """value (fp32, |value| <= 448) rounded to the nearest e4m3 number, ties to even, by
+    arithmetic. Only the interpreter needs it: its float-to-fp8 cast drops the carry when
+    rounding up crosses a power of two (124.3 becomes 64); the GPU's cvt is exact."""
+    bits = value.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # subnormals step as 2^-6
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return ((value / step + ROUND_MAGIC) - ROUND_MAGIC) * step
+
+
+@triton.jit
+def round_to_8bit(scaled, IS_FP8: tl.constexpr):
+    """fp32 activations already divided by their row's scale -> the value of their fp8 e4m3
+    code (round to nearest even, saturating at +-448) or int8 code (round half to even,
+    clamped to [-128, 127]), as fp32: the rounding of quant_reference.quantize_rows,
+    exact in bf16 and fp16 too."""
+    if IS_FP8:
+        clamped = tl.minimum(tl.maximum(scaled, -448.0), 448.0)
+        if _INTERPRETED:
+            rounded = round_to_e4m3(clamped)
+        else:
+            rounded = clamped.to(tl.float8e4nv).to(tl.float32)
+    else:
+        rounded = (scaled + ROUND_MAGIC) - ROUND_MAGIC
+        rounded = tl.minimum(tl.maximum(rounded, -128.0), 127.0)
+    return rounded

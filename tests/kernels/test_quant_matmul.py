@@ -258,7 +258,8 @@ W8_DECODE_CASES = [
 @pytest.mark.parametrize(
     ("m", "n", "k", "split_k", "block_n", "block_k", "use_dot"), W8_DECODE_CASES
 )
-def test_skinny_w8_matches_float64_w8a16_reference(
+@pytest.mark.parametrize("quantize_x", [True, False], ids=["w8a8", "w8a16"])
+def test_skinny_w8_matches_float64_reference(
     m: int,
     n: int,
     k: int,
@@ -268,25 +269,32 @@ def test_skinny_w8_matches_float64_w8a16_reference(
     use_dot: bool,
     x_dtype: torch.dtype,
     weight_dtype: torch.dtype,
+    quantize_x: bool,
 ) -> None:
-    """Decode rows multiply the 8-bit weights widened exactly (weight_codes) by x as it is."""
+    """Decode rows multiply the 8-bit weights widened exactly (weight_codes) by x rounded
+    per token in the kernel as quantize_rows does (W8A8, what the model runs), or by x as
+    it is (W8A16)."""
     weight, scales = w8_operands(n, k, weight_dtype, seed=m)
     x = activations(m, k, x_dtype, seed=n)
     bias = torch.randn(n).to(x_dtype) if split_k > 1 else None
+    qmax = QMAX[weight_dtype] if quantize_x else None
     out = skinny.skinny_matmul_w8(
         x,
         weight,
         scales,
         bias,
+        qmax,
         block_n=block_n,
         block_k=block_k,
         split_k=split_k,
         use_dot=use_dot,
         num_stages=2,
     )
-    expected = ref.w8a16_linear(
-        x.to(F64), weight, scales, None if bias is None else bias.to(F64), compute_dtype=F64
-    )
+    bias64 = None if bias is None else bias.to(F64)
+    if quantize_x:  # the reference quantizes the same rows by the same rule
+        expected = ref.w8a8_linear(x.to(F64), weight, scales, bias64, qmax, compute_dtype=F64)
+    else:
+        expected = ref.w8a16_linear(x.to(F64), weight, scales, bias64, compute_dtype=F64)
     assert out.dtype == x_dtype
     assert_close_to_reference(out, expected)
 
@@ -328,15 +336,17 @@ def test_quantize_rows_kernel_equals_reference_bitwise(weight_dtype: torch.dtype
 
 
 @pytest.mark.parametrize("weight_dtype", [FP8, torch.int8], ids=["fp8", "int8"])
-def test_w8a8_linear_decode_rows_are_w8a16_and_batches_quantize_once(
+def test_w8a8_linear_quantizes_activations_per_token_at_every_batch_size(
     weight_dtype: torch.dtype,
 ) -> None:
-    """3 rows: the skinny W8A16 kernel (no activation rounding); 40 rows: quantize_rows,
-    then (fp8) torch._scaled_mm, which the CPU build runs too, or (int8) the tiled kernel."""
+    """3 rows: the skinny kernel, quantizing the rows itself; 40 rows: quantize_rows, then
+    (fp8) torch._scaled_mm, which the CPU build runs too, or (int8) the tiled kernel."""
     weight, scales = w8_operands(48, 64, weight_dtype, seed=10)
     bias = torch.randn(48)
     decode = activations(3, 64, torch.float32, seed=12)
-    expected = ref.w8a16_linear(decode.to(F64), weight, scales, bias.to(F64), compute_dtype=F64)
+    expected = ref.w8a8_linear(
+        decode.to(F64), weight, scales, bias.to(F64), QMAX[weight_dtype], compute_dtype=F64
+    )
     out = w8a8.w8a8_linear(decode, weight, scales, bias, QMAX[weight_dtype])
     assert_close_to_reference(out, expected)
     x = activations(40, 64, torch.float32, seed=11).view(2, 20, 64)
@@ -355,10 +365,11 @@ def test_skinny_w8_decode_rows_are_batch_invariant() -> None:
     weight, scales = w8_operands(40, 128, FP8, seed=12)
     x = activations(11, 128, torch.bfloat16, seed=13)
     config = {"block_n": 16, "block_k": 32, "split_k": 2}
-    batched = skinny.skinny_matmul_w8(x, weight, scales, **config)
-    for row in (0, 6, 10):
-        alone = skinny.skinny_matmul_w8(x[row : row + 1], weight, scales, **config)
-        assert torch.equal(batched[row : row + 1], alone)
+    for qmax in (448.0, None):
+        batched = skinny.skinny_matmul_w8(x, weight, scales, None, qmax, **config)
+        for row in (0, 6, 10):
+            alone = skinny.skinny_matmul_w8(x[row : row + 1], weight, scales, None, qmax, **config)
+            assert torch.equal(batched[row : row + 1], alone)
 
 
 def test_kernels_reject_bad_arguments() -> None:
