@@ -7,9 +7,10 @@ the like pick the group and zero points). Per shape and M: every path's relative
 against the pure-torch reference (kernels/quant_reference.py, fp32), bitwise batch
 invariance of the decode rows, and graph-replay time with the weights cycling through
 copies so that each call reads HBM. Paths:
-- M <= 16: ``skinny`` (skinny_matmul_w8 / _w4: W8A16 / W4A16, what the model runs), and
-  for fp8 ``quantize+scaled_mm`` (W8A8 through cuBLAS: the alternative the decode rows
-  skip, the activation quantization costing a launch).
+- M <= 16: ``skinny`` (what the model runs: skinny_matmul_w8 quantizing the rows in the
+  kernel, W8A8; skinny_matmul_w4, W4A16), for fp8/int8 ``skinny-w8a16`` (the same kernel
+  without activation rounding: what the in-kernel quantization costs) and for fp8
+  ``quantize+scaled_mm`` (W8A8 through quantize_rows + cuBLAS, a launch more).
 - M > 16: fp8 quantize_rows + torch._scaled_mm (what the model runs) and the tiled Triton
   kernel; int8 the tiled kernel; int4 the tiled kernel and dequantize + cuBLAS.
 floor = (weight bytes as stored, with scales, + x + out) / the copy bandwidth measured in
@@ -155,25 +156,32 @@ class QuantWeights:
     def int4_args(self, t: dict) -> tuple:
         return t["packed"], t["scales"], t.get("zeros"), self.group
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor, path: str = "") -> torch.Tensor:
         t = self.tensors
         if self.kind == "int4":
             return ref.w4a16_linear(x, *self.int4_args(t), None)
-        if x.shape[0] <= skinny_matmul.SKINNY_MAX_M:
+        if path == "skinny-w8a16":
             return ref.w8a16_linear(x, t["weight"], t["weight_scale"], None)
         return ref.w8a8_linear(x, t["weight"], t["weight_scale"], None, self.x_qmax)
 
     def skinny(self, x: torch.Tensor, t: dict, **config) -> torch.Tensor:
-        """The decode kernel the model runs for 1-16 rows."""
+        """The decode kernel the model runs for 1-16 rows (fp8/int8: W8A8, the rows
+        quantized in the kernel)."""
         if self.kind == "int4":
             return skinny_matmul.skinny_matmul_w4(x, *self.int4_args(t), **config)
-        return skinny_matmul.skinny_matmul_w8(x, t["weight"], t["weight_scale"], **config)
+        return skinny_matmul.skinny_matmul_w8(
+            x, t["weight"], t["weight_scale"], None, self.x_qmax, **config
+        )
 
     def paths(self, m: int) -> dict:
         """name -> call(x, tensors) for the paths timed at m rows."""
         qmax = getattr(self, "x_qmax", 0.0)
         if m <= skinny_matmul.SKINNY_MAX_M:
             paths = {"skinny": self.skinny}
+            if self.kind != "int4":
+                paths["skinny-w8a16"] = lambda x, t: skinny_matmul.skinny_matmul_w8(
+                    x, t["weight"], t["weight_scale"]
+                )
             if self.kind == "fp8":
                 paths["quantize+scaled_mm"] = lambda x, t: quantize_scaled_mm(x, t, qmax)
             return paths
@@ -227,7 +235,6 @@ def moved_bytes(weights: QuantWeights, m: int) -> int:
 
 def measure(weights: QuantWeights, m: int, bandwidth: float, rep_ms: int) -> dict:
     x = torch.randn(m, weights.k, device=DEVICE).to(DTYPE)
-    expected = weights.reference(x)
     moved = moved_bytes(weights, m)
     row = {
         "method": weights.method,
@@ -241,15 +248,7 @@ def measure(weights: QuantWeights, m: int, bandwidth: float, rep_ms: int) -> dic
     ok = True
     for name, call in weights.paths(m).items():
         out = call(x, weights.tensors)
-        # W8A8 at decode rows rounds the activations, which the W8A16 reference does not.
-        target = (
-            ref.w8a8_linear(
-                x, weights.tensors["weight"], weights.tensors["weight_scale"], None, weights.x_qmax
-            )
-            if name == "quantize+scaled_mm" and m <= skinny_matmul.SKINNY_MAX_M
-            else expected
-        )
-        error = relative_error(out, target)
+        error = relative_error(out, weights.reference(x, name))
         invariant = None
         if 1 < m <= skinny_matmul.SKINNY_MAX_M and name == "skinny":
             invariant = bool(torch.equal(out[1:2], call(x[1:2], weights.tensors)))
@@ -299,7 +298,7 @@ def w1_linear_summary(rows: list[dict], bandwidth: float) -> dict:
     singles = [r for r in rows if r["model"] == "llama3-8b" and r["M"] == 1]
     head = [r for r in singles if r["linear"] == "lm_head"]
     head_us = min((r["bf16_skinny_us"] for r in head), default=None)
-    head_bytes = 128256 * 4096 * 2
+    head_bytes = 2 * head[0]["N"] * head[0]["K"] if head else 0
     for method in sorted({r["method"] for r in singles}):
         found = {r["linear"]: r for r in singles if r["method"] == method}
         if not all(name in found for name in per_layer) or head_us is None:

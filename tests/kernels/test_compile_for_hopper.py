@@ -411,14 +411,14 @@ def skinny_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
 
 
 def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
-    """The quantized linears' variants. Decode (skinny_matmul): W8A16 fp8/int8 in each
-    activation dtype, both inner products, with and without split-K and bias; W4A16 in each
-    activation dtype, every group size (steps of 16 to 128 words a plane), zero points or
-    not, split-K or not, and the configs benchmarks/kernels_linear.py --quant --sweep
-    tries. Batches: the tiled W4A16 kernel (64 and 128 rows, split-K), the int4
-    dequantizer, the row quantizer and the tiled W8A8 kernel on pre-quantized rows. (fp32
-    activations, for tests and references, take the exact "ieee" dot, whose variants are
-    the slowest to compile: the decode ones only.)"""
+    """The quantized linears' variants. Decode (skinny_matmul): fp8/int8 W8A8 (rows
+    quantized in the kernel) and W8A16 in each activation dtype, both inner products, with
+    and without split-K and bias; W4A16 in each activation dtype, every group size (steps
+    of 16 to 128 words a plane), zero points or not, split-K or not, and the configs
+    benchmarks/kernels_linear.py --quant --sweep tries. Batches: the tiled W4A16 kernel
+    (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer and the tiled W8A8
+    kernel on pre-quantized rows. (fp32 activations, for tests and references, take the
+    exact "ieee" dot, whose variants are the slowest to compile: the decode ones only.)"""
     import torch
 
     from benchmarks.kernels_quant import SKINNY_SWEEP
@@ -484,16 +484,19 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     for weight_dtype, dtype, m, (n, k) in w8_decode_cases:
         weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
         bias = torch.empty(n, dtype=dtype) if m == 8 else None
-        yield (
-            f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k}",
-            partial(
-                skinny_matmul.skinny_matmul_w8,
-                torch.empty(m, k, dtype=dtype),
-                weight,
-                w_scale,
-                bias,
-            ),
-        )
+        # W8A8 (rows quantized in the kernel: what the model runs) and W8A16.
+        for qmax in (448.0 if weight_dtype == fp8 else 127.0, None):
+            yield (
+                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {qmax}",
+                partial(
+                    skinny_matmul.skinny_matmul_w8,
+                    torch.empty(m, k, dtype=dtype),
+                    weight,
+                    w_scale,
+                    bias,
+                    qmax,
+                ),
+            )
     weight, w_scale = torch.empty(6144, 4096, dtype=fp8), torch.empty(6144)
     for m in (1, 8):
         # (The sweep runs the elementwise products at one row only.)
@@ -505,6 +508,8 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                     torch.empty(m, 4096, dtype=bf16),
                     weight,
                     w_scale,
+                    None,
+                    448.0,
                     **options,
                 ),
             )
