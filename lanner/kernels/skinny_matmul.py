@@ -808,6 +808,10 @@ def _run(
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
 
+    if dtype == torch.float32 and weight_format != DENSE and overrides[4] is None:
+        # fp32 rows (tests, references) are 4 bytes a value in shared memory: the
+        # quantized configs' pipelines, sized for 16-bit rows, would not fit two stages more.
+        overrides = (*overrides[:4], 2, *overrides[5:])
     plan = _plan(m, n, k, weight_format, group_size, *overrides)
     workspace = out
     if plan.partial:
