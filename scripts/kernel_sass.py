@@ -8,7 +8,7 @@ The wrapper runs with CPU tensors standing in for device tensors, its launches r
 through ptxas; cuobjdump (shipped with Triton) disassembles the cubin. Example, from the
 repository root with TRITON_INTERPRET unset:
 
-    .venv/bin/python scripts/kernel_sass.py skinny:1x28672x4096 fp8:1x28672x4096 \
+    .venv/bin/python scripts/kernel_sass.py skinny:1x28672x4096 fp8_w8a8:1x28672x4096 \
         int4:8x6144x4096 [--dump DIR]
 
 Each argument is CASE:MxNxK with CASE one of the wrapper calls in ``CASES``; ``--dump``
@@ -42,10 +42,10 @@ def _cases():
         x, weight = torch.empty(m, k, dtype=bf16), torch.empty(n, k, dtype=bf16)
         return skinny.skinny_matmul(x, weight, **options)
 
-    def w8(dtype):
+    def w8(dtype, x_qmax=None):
         def call(m, n, k, **options):
             x, weight = torch.empty(m, k, dtype=bf16), torch.empty(n, k, dtype=dtype)
-            return skinny.skinny_matmul_w8(x, weight, torch.empty(n), **options)
+            return skinny.skinny_matmul_w8(x, weight, torch.empty(n), None, x_qmax, **options)
 
         return call
 
@@ -75,6 +75,7 @@ def _cases():
     return {
         "skinny": dense,
         "fp8": w8(fp8),
+        "fp8_w8a8": w8(fp8, 448.0),
         "int8": w8(torch.int8),
         "int4": int4,
         "int4_tiled": int4_tiled,

@@ -4,7 +4,7 @@ activations quantized per token (scale absmax / x_qmax) to the weight's dtype, p
 tensor cores (fp8 or int8 MMA, fp32 or int32 accumulation), then scaled by x_scale[m] *
 w_scale[n] in fp32 and rounded to x's dtype.
 
-``w8a8_linear`` (ops.w8_linear on CUDA) picks the path by the number of rows:
+``w8a8_linear`` (ops.w8a8_linear on CUDA) picks the path by the number of rows:
 - 1 to 16 (decode): skinny_matmul_w8, whose programs quantize the rows themselves (same
   rounding, no extra launch; the 1-16 rows are read from L2) while the 8-bit weights
   stream once at copy bandwidth (a decode step pays for bytes, not for the products).
@@ -312,7 +312,7 @@ def w8a8_linear(
     bias: torch.Tensor | None,
     x_qmax: float,
 ) -> torch.Tensor:
-    """ops.w8_linear on CUDA: 1-16 rows through the skinny kernel, which quantizes them
+    """ops.w8a8_linear on CUDA: 1-16 rows through the skinny kernel, which quantizes them
     itself; larger batches quantize the rows once, then fp8 goes to torch._scaled_mm
     (rowwise scales, bf16 out) and int8 to the tiled kernel."""
     shape = x.shape

@@ -100,7 +100,7 @@ class W8A8LinearMethod(LinearMethod):
         getattr(layer, self.scale_name).data.fill_(bound / qmax)
 
     def apply(self, layer, x, bias):
-        return ops.w8_linear(x, layer.weight, layer.weight_scale, bias, self.x_qmax)
+        return ops.w8a8_linear(x, layer.weight, layer.weight_scale, bias, self.x_qmax)
 
 
 def quantize_per_channel(
