@@ -60,7 +60,7 @@ MAX_RELATIVE_ERROR = 2e-2
 # Decode candidates (skinny_matmul launch parameters; split_k None: choose_config's rule).
 # fp8/int8: elementwise products (what M = 1 runs by default) and the dot path (M = 2-16).
 _W8_ELEMENTWISE = [(8, 1024, 4, 4), (16, 512, 4, 4), (4, 1024, 4, 6), (16, 1024, 8, 3)]
-_W8_DOT = [(16, 512, 2, 3), (32, 512, 2, 4), (32, 512, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3)]
+_W8_DOT = [(128, 256, 4, 3), (64, 256, 4, 4), (128, 512, 8, 3), (32, 512, 2, 4), (256, 128, 8, 3)]
 # int4 (group 128): block_k codes a step (four planes of block_k / 4 words).
 _INT4 = [
     (64, 512, 4, 3),

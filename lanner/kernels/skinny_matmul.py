@@ -589,7 +589,10 @@ def _quantized_config(m: int, n: int, k: int, weight_format: str, group_size: in
     - fp8 / int8, m == 1: elementwise over [8, 1024] tiles (16 x 1024 for K > 8192), whose
       e4m3 -> fp32 widening costs about 3.5 instructions a code against 8 a code of issue
       budget at copy bandwidth (scripts/kernel_sass.py); m >= 2: the dot path over
-      [32, 512] tiles with 2 warps (16 columns a warp, which shares each x fragment).
+      [128, 256] tiles with 4 warps: the rows' in-kernel quantization (a division and
+      a rounding per x value, for all 16 padded rows) costs per weight tile 16 / block_n
+      of its x work, and at 128 rows the main loop is about 5 SASS instructions a weight
+      code (kernel_sass.py fp8_w8a8:8x28672x4096; 9.5 with spills at [32, 512], 2 warps).
     - int4: [64, 512] steps (four planes of 128 words, or of the group when it is
       smaller), 4 warps (Hopper wgmma), split-K until every SM has a program."""
     if weight_format == INT4:
@@ -604,9 +607,9 @@ def _quantized_config(m: int, n: int, k: int, weight_format: str, group_size: in
         block_k = min(1024, max(16, triton.next_power_of_2(k)))
         split_k = default_split_k(n, k, block_n, block_k)
         return SkinnyConfig(block_n, block_k, split_k, num_warps=4, num_stages=4, use_dot=False)
-    block_k = min(512, max(DOT_BLOCK, triton.next_power_of_2(k)))
-    split_k = default_split_k(n, k, 32, block_k)
-    return SkinnyConfig(32, block_k, split_k, num_warps=2, num_stages=4, use_dot=True)
+    block_k = min(256, max(DOT_BLOCK, triton.next_power_of_2(k)))
+    split_k = default_split_k(n, k, 128, block_k)
+    return SkinnyConfig(128, block_k, split_k, num_warps=4, num_stages=3, use_dot=True)
 
 
 def install_tuned_configs(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None:
