@@ -393,3 +393,30 @@ def test_kernels_reject_bad_arguments() -> None:
         w8a8.w8a8_matmul(torch.ones(20, 64), torch.ones(20), weight, w_scales, None, torch.float32)
     with pytest.raises(TypeError, match="unknown launch parameters"):
         skinny.skinny_matmul_w8(torch.ones(1, 64), weight, w_scales, block_size=4)
+
+
+def test_installed_tuned_configs_replace_the_rules_and_can_be_cleared() -> None:
+    """What engine_workloads.py --skinny-configs does with a GPU sweep's winners: a config
+    for (format, rows 1 or 16, N, K) replaces choose_config's rule there (rows 16 standing
+    for every M in 2..16), int4 ones only for groups their steps fit, and {} restores the
+    rules."""
+    ruled = skinny.choose_config(8, 4096, 4096, skinny.FP8)
+    tuned = skinny.SkinnyConfig(64, 256, 2, num_warps=4, num_stages=4, use_dot=True)
+    int4 = skinny.SkinnyConfig(32, 512, 4, num_warps=4, num_stages=3, use_dot=True)
+    try:
+        skinny.install_tuned_configs(
+            {(skinny.FP8, 16, 4096, 4096): tuned, (skinny.INT4, 16, 4096, 4096): int4}
+        )
+        assert skinny.choose_config(8, 4096, 4096, skinny.FP8) == tuned
+        assert skinny._plan(3, 4096, 4096, skinny.FP8, 0, *[None] * 7).block_n == 64
+        assert skinny.choose_config(1, 4096, 4096, skinny.FP8) != tuned  # one row: own key
+        assert skinny.choose_config(8, 4096, 4096, skinny.INT4, 128) == int4
+        assert skinny.choose_config(8, 4096, 4096, skinny.INT4, 32) != int4  # steps > group
+        with pytest.raises(ValueError, match="rows is 1 or 16"):
+            skinny.install_tuned_configs({(skinny.FP8, 8, 4096, 4096): tuned})
+        with pytest.raises(ValueError, match="dot path"):
+            elementwise = skinny.SkinnyConfig(8, 1024, use_dot=False)
+            skinny.install_tuned_configs({(skinny.FP8, 16, 4096, 4096): elementwise})
+    finally:
+        skinny.install_tuned_configs({})
+    assert skinny.choose_config(8, 4096, 4096, skinny.FP8) == ruled
