@@ -95,7 +95,7 @@ class Int4LinearMethod(LinearMethod):
         return 1 if self.group_size == -1 else -(-input_size // self.group_size)
 
     def effective_group(self, input_size: int) -> int:
-        """Per-channel is one group spanning K padded to whole chunks."""
+        """Per-channel is one group spanning K padded to whole planes of 128."""
         if self.group_size == -1:
             return -(-input_size // INT4_PLANE) * INT4_PLANE
         return self.group_size
