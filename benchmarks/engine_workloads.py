@@ -551,8 +551,20 @@ def main() -> None:
     parser.add_argument(
         "--w8-methods", default="bf16,fp8,gptq", help="W8-decode / parity-quant methods"
     )
+    parser.add_argument(
+        "--skinny-configs",
+        default="",
+        help="JSON of measured skinny_matmul configs (kernels_linear.py --quant --sweep "
+        "--tuned-out) installed before any engine is built",
+    )
     args = parser.parse_args()
     RUN_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
+    tuned = 0
+    if args.skinny_configs:
+        from benchmarks.kernels_quant import install_tuned
+
+        tuned = install_tuned(args.skinny_configs)
+        print(f"installed {tuned} tuned skinny_matmul configs from {args.skinny_configs}")
     if args.quantization:
         RUN_OPTIONS["quantization"] = args.quantization
     w8_methods = [None if m == "bf16" else m for m in args.w8_methods.split(",")]
@@ -586,7 +598,9 @@ def main() -> None:
             f"--workloads {name} --kv-cache-dtype {args.kv_cache_dtype}"
             + (f" --quantization {args.quantization}" if args.quantization else "")
             + (f" --w8-methods {args.w8_methods}" if name.startswith(("W8", "parity-q")) else "")
-            + (" --enforce-eager" if args.enforce_eager else ""),
+            + (" --enforce-eager" if args.enforce_eager else "")
+            + (f" --skinny-configs {args.skinny_configs}" if args.skinny_configs else ""),
+            "tuned_skinny_configs": tuned,
             "path": "reference"
             if ops.FORCE_REFERENCE
             else "triton" + ("" if args.enforce_eager else " + cuda graphs"),

@@ -335,6 +335,12 @@ def main() -> None:
         "--quant", default="", help="time the quantized linears instead: fp8,int8,int4"
     )
     parser.add_argument(
+        "--sweep-tiled", action="store_true", help="--quant --sweep: int4 prefill tiles too"
+    )
+    parser.add_argument(
+        "--tuned-out", default="", help="--quant --sweep: JSON of the configs that beat the rules"
+    )
+    parser.add_argument(
         "--quant-rows", default="1,2,4,8,16,64,512,2048", help="M values of --quant"
     )
     args = parser.parse_args()

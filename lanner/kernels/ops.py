@@ -30,8 +30,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T (+ bias): a decode step's few rows stream the weight through the
     skinny Triton kernel (cuBLAS reached ~40-90 % of copy bandwidth there); larger
     batches and the reference path take torch's GEMM."""
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if use_triton(x) and skinny_kernels.use_skinny(m, *weight.shape):
+    if use_triton(x) and skinny_kernels.use_skinny(_rows(x), *weight.shape):
         return skinny_kernels.skinny_matmul(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -43,12 +42,17 @@ def w8a8_linear(
     bias: torch.Tensor | None,
     x_qmax: float,
 ) -> torch.Tensor:
-    """x @ dequant(weight).T (+ bias) with x quantized per token to weight's dtype (fp8 or
-    int8, scale absmax / x_qmax) and weight [N, K] scaled per channel by weight_scale [N].
-    On CUDA cards without fp8 tensor cores (before sm_89) fp8 runs the reference."""
+    """x @ dequant(weight).T (+ bias) for an 8-bit weight [N, K] (fp8 or int8) scaled per
+    channel by weight_scale [N], x quantized per token to weight's dtype (scale absmax /
+    x_qmax), as the checkpoints' dynamic activation scheme says. On CUDA cards without fp8
+    (before sm_89) fp8 runs the reference."""
     if use_triton(x) and _has_8bit_mma(x.device, weight.dtype):
         return w8a8_kernels.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
     return quant_reference.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 @functools.cache
@@ -67,10 +71,15 @@ def w4a16_linear(
     perm: torch.Tensor | None,
 ) -> torch.Tensor:
     """x[..., perm] @ W.T (+ bias) for W in lanner's packed int4 layout
-    (kernels/quant_reference.py), with its per-group scales and zero points."""
+    (kernels/quant_reference.py), with its per-group scales and zero points. Decode
+    batches (up to SKINNY_MAX_M rows) apply the scales exactly; larger ones use the
+    weights dequantized to x's dtype, each rounded once."""
     if use_triton(x):
         return w4a16_kernels.w4a16_linear(x, packed, scales, zeros, group_size, bias, perm)
-    return quant_reference.w4a16_linear(x, packed, scales, zeros, group_size, bias, perm)
+    weight_dtype = None if _rows(x) <= skinny_kernels.SKINNY_MAX_M else x.dtype
+    return quant_reference.w4a16_linear(
+        x, packed, scales, zeros, group_size, bias, perm, weight_dtype=weight_dtype
+    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,13 +1,17 @@
 """Pure-torch references of the quantized linears: per-token activation quantization, the
-W8A8 matmul (fp8 or int8 weights and activations) and the W4A16 matmul (grouped 4-bit
-weights), plus lanner's packed int4 layout that the Triton kernels read.
+W8A8 matmul (fp8 or int8 weights and activations), the W8A16 matmul (the same weights,
+activations as they are: skinny_matmul_w8's variant without x_qmax) and the W4A16 matmul (grouped
+4-bit weights), plus lanner's packed int4 layout that the Triton kernels read.
 
-The packed int4 layout ("chunked"): a weight [N, K] of 4-bit codes q (0..15) is padded along
-K to a multiple of INT4_CHUNK (128) and stored as int32 words [N, K_padded / 8]. Within each
-chunk of 128 consecutive k, word j (0..15) holds in its nibble s (bits 4s..4s+3) the code of
-k = chunk_start + 16 s + j. A kernel that shifts a [rows, 16]-word tile right by 4 s gets the
-codes of 16 consecutive k, which is a tl.dot operand as it stands (no reshape). The real
-value is (q - zero[group, n]) * scale[group, n] with groups of `group_size` consecutive k;
+The packed int4 layout ("planes"): a weight [N, K] of 4-bit codes q (0..15) is padded along
+K to a multiple of INT4_TILE (512) and stored as 16-bit words, 128 a tile, in an int32
+tensor [N, K_padded / 8] (two words an int32, the lower word first). Within each tile, word
+p (0..127) holds in its nibble s (bits 4s..4s+3) the code of k = tile_start + 128 s + p:
+nibble plane s of a [rows, P]-word block holds the codes of P consecutive k, so a kernel
+turns a pair of words into a pair of 16-bit floats with one shift and one mask, straight in
+the layout the tensor cores read (kernels/weight_codes.py). The real value is
+(q - zero[group, n]) * scale[group, n] with groups of `group_size` consecutive k (16, 32,
+64, 128 or a multiple of 128, so that no plane of 128 straddles two groups unevenly);
 scales and zeros are stored [K_groups, N] (groups major, so one group's row of N is
 contiguous), zeros as uint8 (codes 0..15) or absent for symmetric weights (zero = 8).
 """
@@ -19,9 +23,9 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
-# Codes per packed int4 chunk, and its words (int32 holds 8 codes).
-INT4_CHUNK = 128
-INT4_CHUNK_WORDS = INT4_CHUNK // 8
+# Codes per packed int4 tile, and the k of one nibble plane of it (its 16-bit words).
+INT4_TILE = 512
+INT4_PLANE = 128
 INT4_SYMMETRIC_ZERO = 8
 
 
@@ -66,29 +70,47 @@ def w8a8_linear(
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
+def w8a16_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y = x @ dequant(weight).T + bias with x as it is (no activation rounding), in
+    ``compute_dtype``, returned in x's dtype: the W8A16 product of an fp8 or int8 weight
+    [N, K] with per-channel weight_scale [N]."""
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1]).to(compute_dtype)
+    out = rows @ weight.to(compute_dtype).T * weight_scale.to(compute_dtype)
+    if bias is not None:
+        out = out + bias.to(compute_dtype)
+    return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes [N, K] (integers 0..15, any integer dtype) -> the chunked layout, int32
-    [N, ceil(K / 128) * 16]; K is padded with code 0."""
+    """Codes [N, K] (integers 0..15, any integer dtype) -> the plane layout, int32
+    [N, ceil(K / 512) * 64]; K is padded with code 0."""
     n, k = codes.shape
-    padded_k = -(-k // INT4_CHUNK) * INT4_CHUNK
-    values = torch.zeros(n, padded_k, dtype=torch.int64, device=codes.device)
-    values[:, :k] = codes.to(torch.int64)
-    # [N, chunks, 8 (nibble s), 16 (word j)]: k = chunk * 128 + 16 s + j
-    values = values.view(n, padded_k // INT4_CHUNK, 8, INT4_CHUNK_WORDS)
-    shifts = (4 * torch.arange(8, device=codes.device, dtype=torch.int64)).view(1, 1, 8, 1)
-    words = (values << shifts).sum(dim=2)  # disjoint bits: the sum is an OR
-    # Two's complement: words >= 2^31 become negative int32 with the same bits.
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words.to(torch.int32).reshape(n, -1)
+    padded_k = -(-k // INT4_TILE) * INT4_TILE
+    values = torch.zeros(n, padded_k, dtype=torch.int32, device=codes.device)
+    values[:, :k] = codes.to(torch.int32)
+    # [N, tiles, 4 (plane s), 128 (word p)]: k = tile * 512 + 128 s + p
+    values = values.view(n, padded_k // INT4_TILE, 4, INT4_PLANE)
+    shifts = (4 * torch.arange(4, device=codes.device, dtype=torch.int32)).view(1, 1, 4, 1)
+    words = (values << shifts).sum(dim=2)  # disjoint bits: the sum is an OR; < 2^16
+    # Two's complement: words >= 2^15 become negative int16 with the same bits.
+    words = torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)
+    return words.reshape(n, -1).view(torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """The chunked layout int32 [N, words] -> codes uint8 [N, k]."""
-    n, num_words = packed.shape
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    words = words.view(n, num_words // INT4_CHUNK_WORDS, 1, INT4_CHUNK_WORDS)
-    shifts = (4 * torch.arange(8, device=packed.device, dtype=torch.int64)).view(1, 1, 8, 1)
-    codes = (words >> shifts) & 0xF  # [N, chunks, 8, 16]
+    """The plane layout int32 [N, words / 2] -> codes uint8 [N, k]."""
+    n = packed.shape[0]
+    words = packed.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    words = words.view(n, -1, 1, INT4_PLANE)
+    shifts = (4 * torch.arange(4, device=packed.device, dtype=torch.int32)).view(1, 1, 4, 1)
+    codes = (words >> shifts) & 0xF  # [N, tiles, 4, 128]
     return codes.reshape(n, -1)[:, :k].to(torch.uint8)
 
 
@@ -100,8 +122,9 @@ def dequantize_int4(
     k: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Real weights [N, k] in ``dtype`` of the chunked int4 layout: (q - zero) * scale with
-    the scale (and zero) of each k's group, computed in ``dtype``."""
+    """Real weights [N, k] in ``dtype`` of the plane layout: (q - zero) * scale with the
+    scale (and zero) of each k's group, computed in ``dtype`` (q - zero is exact in any
+    float dtype, so each weight is rounded once, after the scale's own cast)."""
     codes = unpack_int4(packed, k).to(dtype)
     group_of_k = torch.arange(k, device=packed.device) // group_size
     scale = scales.to(dtype)[group_of_k].T  # [N, k]
@@ -118,14 +141,18 @@ def w4a16_linear(
     bias: torch.Tensor | None,
     perm: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    weight_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = x[..., perm] @ dequantize_int4(...).T + bias, in ``compute_dtype``, returned in
-    x's dtype. ``perm`` (act-order checkpoints) is the input order the packed rows follow."""
+    x's dtype. ``perm`` (act-order checkpoints) is the input order the packed rows follow.
+    ``weight_dtype`` (default compute_dtype) is the dtype the weights are dequantized in:
+    the decode rows' kernel applies the scales in fp32, exactly; the batched paths (the
+    tiled kernel, dequantize + cuBLAS) round each weight once to the model dtype."""
     if perm is not None:
         x = x.index_select(-1, perm)
     k = x.shape[-1]
-    weight = dequantize_int4(packed, scales, zeros, group_size, k, compute_dtype)
-    out = x.to(compute_dtype) @ weight.T
+    weight = dequantize_int4(packed, scales, zeros, group_size, k, weight_dtype or compute_dtype)
+    out = x.to(compute_dtype) @ weight.to(compute_dtype).T
     if bias is not None:
         out = out + bias.to(compute_dtype)
     return out.to(x.dtype)

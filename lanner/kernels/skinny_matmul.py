@@ -30,6 +30,25 @@ host syncs: the launch is CUDA-graph capturable (the counter buffer is allocated
 first split-K call, which must come before capture). Two fused split-K launches running
 at the same time on different streams of one device would share counters: don't.
 
+Quantized weights (``skinny_matmul_w8``, ``skinny_matmul_w4``): the same kernel streams
+8-bit or 4-bit weight tiles instead (W_FORMAT), widens them in registers to the
+activations' dtype, exactly (kernels/weight_codes.py), and multiplies as above, so a
+decode row costs the quantized bytes:
+- fp8 e4m3 / int8 [N, K] with one fp32 scale per output channel, applied to the fp32
+  sums once at the end; both inner products (elementwise widens to fp32). W8A8 (x_qmax,
+  what the model runs: the checkpoints' dynamic per-token activation scheme): every
+  program first reads its rows over the whole K for their absmax (from L2 after the
+  first program: 1-16 rows), then rounds each x tile to the weight's 8-bit grid as
+  quant_reference.quantize_rows does, kept in x's dtype (exact), and scales the sums by
+  the row scales at the end; no extra launch. W8A16 (no x_qmax): x as it is.
+- int4 in lanner's plane layout (kernels/quant_reference.py) with per-group scales and
+  zero points: each step loads a [BLOCK_N, BLOCK_K / 4] block of 16-bit words, and for
+  each of its four nibble planes (BLOCK_K / 4 consecutive k each) multiplies q - zero,
+  widened exactly, by the matching x columns on tensor cores into fresh fp32 sums, which
+  it scales by the group's scale into the accumulator: exact up to fp32 summation. The
+  weights are the left operand (out^T = W x^T), so with 4 warps and BLOCK_N >= 64 the
+  product is a Hopper wgmma that reads x from shared memory, no registers spent on it.
+
 Batch invariance (row i of an M-row call equals that row alone, bitwise): for the dot
 path it holds by construction for M <= 16 at a fixed config. BLOCK_M is 16 for every M
 and M is not specialized on, so every such M runs the same binary; each output row is
@@ -56,7 +75,9 @@ import triton
 import triton.language as tl
 
 from lanner.kernels.pdl import launch_options, pdl_start
+from lanner.kernels.quant_reference import FP8_DTYPE, INT4_PLANE, INT4_TILE
 from lanner.kernels.rms_norm import cast_rounded
+from lanner.kernels.weight_codes import int4_plane, int4_zero_offset, round_to_8bit, widen_8bit
 
 # Rows of x one program multiplies; a larger M launches cdiv(M, 16) program rows, each
 # streaming the weight again (use_skinny hands such batches to cuBLAS).
@@ -69,6 +90,8 @@ NUM_SMS = 132
 # fall back to the separate reduce kernel.
 MAX_TILES = 1 << 16
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Measured configs that override choose_config's rules (install_tuned_configs).
+_TUNED: dict[tuple[str, int, int, int], SkinnyConfig] = {}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows up to which use_skinny picks this kernel over cuBLAS.
 SKINNY_MAX_M = 16
@@ -76,6 +99,15 @@ SKINNY_MAX_M = 16
 # it the dot path upcasts them to fp32 first (exact: the GPU's MMA multiplies bf16 exactly
 # and accumulates in fp32 too).
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+# Weight formats (W_FORMAT): the activations' dtype, fp8 e4m3, int8, int4 planes.
+DENSE, FP8, INT8, INT4 = "dense", "fp8", "int8", "int4"
+_FORMAT_IDS = {DENSE: 0, FP8: 1, INT8: 2, INT4: 3}
+_W_DENSE = tl.constexpr(0)
+_W_FP8 = tl.constexpr(1)
+_W_INT8 = tl.constexpr(2)
+_W_INT4 = tl.constexpr(3)
+_PLANE = tl.constexpr(INT4_PLANE)
+_TILE_GAP = tl.constexpr(INT4_TILE - INT4_PLANE)
 
 
 @dataclass(frozen=True)
@@ -96,6 +128,7 @@ class SkinnyConfig:
 def _dot_tiles(
     x_rows,
     x_row_mask,
+    x_scale,
     w_rows,
     k_start,
     k_stop,
@@ -105,9 +138,14 @@ def _dot_tiles(
     EVEN_K: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    W_FORMAT: tl.constexpr,
+    QUANT_X: tl.constexpr,
 ):
     """sum over k in [k_start, k_stop) of x[m, k] * w[n, k] -> fp32 [BLOCK_M, BLOCK_N] on
-    tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements."""
+    tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements.
+    8-bit weights (W_FORMAT) are widened to x's dtype first (unscaled codes); with QUANT_X
+    each x is first divided by its row's x_scale and rounded to the weight's 8-bit grid
+    (unscaled codes too: the caller multiplies the sums by x_scale)."""
     k_offsets = tl.arange(0, BLOCK_K)
     w_ptrs = w_rows[:, None] + (k_start + k_offsets)[None, :]
     x_ptrs = x_rows[:, None] + (k_start + k_offsets)[None, :]
@@ -118,9 +156,14 @@ def _dot_tiles(
             x = tl.load(x_ptrs, mask=x_row_mask[:, None], other=0.0)
         else:
             in_range = (k + k_offsets < k_stop)[None, :]
-            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            w = tl.load(w_ptrs, mask=in_range, other=0)
             x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
-        if _INTERPRETED and w.dtype == tl.bfloat16:
+        if QUANT_X:
+            x_codes = round_to_8bit(x.to(tl.float32) / x_scale[:, None], W_FORMAT == _W_FP8)
+            x = x_codes.to(x.dtype)
+        if W_FORMAT != _W_DENSE:
+            w = widen_8bit(w, W_FORMAT == _W_FP8, x.dtype)
+        if _INTERPRETED and w.dtype != tl.float32:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
         if IEEE:
@@ -136,6 +179,7 @@ def _dot_tiles(
 def _elementwise_tiles(
     x_rows,
     x_row_mask,
+    x_scale,
     w_rows,
     k_start,
     k_stop,
@@ -144,6 +188,8 @@ def _elementwise_tiles(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    W_FORMAT: tl.constexpr,
+    QUANT_X: tl.constexpr,
 ):
     """The same sum as _dot_tiles with fp32 multiply-adds on the CUDA cores."""
     k_offsets = tl.arange(0, BLOCK_K)
@@ -160,14 +206,85 @@ def _elementwise_tiles(
             x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         else:
             in_range = (k + k_offsets < k_stop)[None, None, :]
-            w = tl.load(w_ptrs, mask=in_range, other=0.0)
+            w = tl.load(w_ptrs, mask=in_range, other=0)
             x = tl.load(x_ptrs, mask=x_mask & in_range, other=0.0)
+        if W_FORMAT == _W_DENSE:
+            w = w.to(tl.float32)
+        else:
+            w = widen_8bit(w, W_FORMAT == _W_FP8, tl.float32)
+        x = x.to(tl.float32)
+        if QUANT_X:
+            x = round_to_8bit(x / x_scale[:, None, None], W_FORMAT == _W_FP8)
         # Summed across threads once after the loop: a per-step tl.sum would shuffle
         # every step.
-        acc += x.to(tl.float32) * w.to(tl.float32)
+        acc += x * w
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _int4_tiles(
+    x_rows,
+    x_row_mask,
+    w_rows,
+    scales_ptr,
+    zeros_ptr,
+    rows_n,
+    N,
+    K,
+    num_groups,
+    k_start,
+    k_stop,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """sum over k in [k_start, k_stop) of x[m, k] * (q[n, k] - zero) * scale -> fp32
+    [BLOCK_M, BLOCK_N] for int4 weights in the plane layout (w_rows point at each row's
+    16-bit words; k_start is a multiple of a tile). Each step reads BLOCK_K / 4 words of
+    each row and multiplies their four planes (BLOCK_K / 4 consecutive k each, within one
+    group) by the matching x columns, scaling each plane's fp32 sums once."""
+    dtype: tl.constexpr = x_rows.dtype.element_ty
+    STEP: tl.constexpr = BLOCK_K // 4
+    offsets = tl.arange(0, STEP)
+    n_mask = rows_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    word_stop = tl.cdiv(k_stop, 4 * _PLANE) * _PLANE
+    for word in tl.range(k_start // 4, word_stop, STEP, num_stages=NUM_STAGES):
+        words = tl.load(w_rows[:, None] + (word + offsets)[None, :])
+        # The step's first k: word p of tile t holds k = 512 t + 128 s + p.
+        k_base = tl.multiple_of(word + (word // _PLANE) * _TILE_GAP, STEP)
+        for plane in tl.static_range(4):
+            k_first = k_base + plane * _PLANE
+            ks = k_first + offsets
+            if EVEN_K:
+                x = tl.load(x_rows[:, None] + ks[None, :], mask=x_row_mask[:, None], other=0.0)
+            else:
+                x_mask = x_row_mask[:, None] & (ks < K)[None, :]
+                x = tl.load(x_rows[:, None] + ks[None, :], mask=x_mask, other=0.0)
+            group = tl.minimum(k_first // GROUP, num_groups - 1)
+            scale = tl.load(scales_ptr + group * N + rows_n, mask=n_mask, other=0.0)
+            if HAS_ZEROS:
+                zero = tl.load(zeros_ptr + group * N + rows_n, mask=n_mask, other=0)
+            else:
+                zero = tl.full((BLOCK_N,), 8, tl.int32)
+            zero_offset = tl.broadcast_to(int4_zero_offset(zero, dtype)[:, None], (BLOCK_N, STEP))
+            w = int4_plane(words, zero_offset, plane, dtype)
+            if _INTERPRETED and w.dtype != tl.float32:
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            if IEEE:
+                sums = tl.dot(w, tl.trans(x), input_precision="ieee")
+            else:
+                sums = tl.dot(w, tl.trans(x))
+            acc += sums * scale.to(tl.float32)[:, None]
+    return tl.trans(acc)
 
 
 # M is not specialized on (Triton would otherwise compile M == 1 apart), so that every
@@ -177,6 +294,8 @@ def _elementwise_tiles(
 def _skinny_matmul_kernel(
     x_ptr,
     w_ptr,
+    scale_ptr,
+    zero_ptr,
     bias_ptr,
     out_ptr,
     partial_ptr,
@@ -184,11 +303,17 @@ def _skinny_matmul_kernel(
     M,
     N,
     K,
+    num_groups,
     k_per_split,
     x_stride_row,
     w_stride_row,
     partial_stride_split,
     out_stride_row,
+    x_qmax,
+    W_FORMAT: tl.constexpr,
+    QUANT_X: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
@@ -216,11 +341,35 @@ def _skinny_matmul_kernel(
     # Weight rows past N read a copy of the last row instead of being masked, so the
     # weight loads carry no row mask; their results are never stored.
     w_rows = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * w_stride_row
+    x_scale = _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M, QUANT_X)
 
-    if USE_DOT:
+    if W_FORMAT == _W_INT4:
+        acc = _int4_tiles(
+            x_rows,
+            x_row_mask,
+            w_rows,
+            scale_ptr,
+            zero_ptr,
+            rows_n,
+            N,
+            K,
+            num_groups,
+            k_start,
+            k_stop,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            GROUP,
+            HAS_ZEROS,
+            EVEN_K,
+            IEEE,
+            NUM_STAGES,
+        )
+    elif USE_DOT:
         acc = _dot_tiles(
             x_rows,
             x_row_mask,
+            x_scale,
             w_rows,
             k_start,
             k_stop,
@@ -230,11 +379,14 @@ def _skinny_matmul_kernel(
             EVEN_K,
             IEEE,
             NUM_STAGES,
+            W_FORMAT,
+            QUANT_X,
         )
     else:
         acc = _elementwise_tiles(
             x_rows,
             x_row_mask,
+            x_scale,
             w_rows,
             k_start,
             k_stop,
@@ -243,7 +395,14 @@ def _skinny_matmul_kernel(
             BLOCK_K,
             EVEN_K,
             NUM_STAGES,
+            W_FORMAT,
+            QUANT_X,
         )
+    if W_FORMAT != _W_DENSE and W_FORMAT != _W_INT4:
+        # Per-channel scales, once on the fp32 sums (a split's partial is scaled alike).
+        acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
+    if QUANT_X:
+        acc *= x_scale[:, None]
 
     split_k_epilogue(
         acc,
@@ -263,6 +422,26 @@ def _skinny_matmul_kernel(
         BLOCK_M,
         BLOCK_N,
     )
+
+
+@triton.jit
+def _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M: tl.constexpr, QUANT_X: tl.constexpr):
+    """Per-token activation scales of the program's rows, absmax / x_qmax over the whole K
+    (1 for a row of zeros; quant_reference.quantize_rows's rule), read from L2 where the
+    1-16 rows sit after the first program; ones without QUANT_X."""
+    scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if QUANT_X:
+        # 4096 values a step, in registers, whatever BLOCK_M is.
+        CHUNK: tl.constexpr = 4096 // BLOCK_M
+        offsets = tl.arange(0, CHUNK)
+        absmax = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+        for k in range(0, K, CHUNK):
+            mask = x_row_mask[:, None] & (k + offsets < K)[None, :]
+            x = tl.load(x_rows[:, None] + (k + offsets)[None, :], mask=mask, other=0.0)
+            absmax = tl.maximum(absmax, tl.abs(x.to(tl.float32)))
+        row_max = tl.max(absmax, axis=1)
+        scale = tl.where(row_max > 0, row_max / x_qmax, 1.0)
+    return scale
 
 
 @triton.jit
@@ -287,8 +466,8 @@ def split_k_epilogue(
     """Stores a program's fp32 sums acc [BLOCK_M, BLOCK_N] (rows rows_m, columns rows_n):
     with the bias and rounded to the output dtype, or, under split-K (PARTIAL), as this
     split's partial, the last split of the tile to arrive adding them (FUSED_REDUCE; see
-    the module docstring). Grid: (N blocks, K splits, M blocks). Shared by the quantized
-    skinny kernels (w8a8_matmul, w4a16_matmul)."""
+    the module docstring). Grid: (N blocks, K splits, M blocks). Shared by the tiled
+    quantized kernels (w8a8_matmul, w4a16_matmul)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -359,9 +538,12 @@ def _split_k_reduce_kernel(
 
 
 @functools.cache
-def choose_config(m: int, n: int, k: int) -> SkinnyConfig:
-    """Launch parameters for x [m, k] @ weight[n, k].T in bf16/fp16, from the H100 sweep
-    of benchmarks/kernels_linear.py (results 20261127-0946*, the 0.6B and 8B shapes):
+def choose_config(
+    m: int, n: int, k: int, weight_format: str = DENSE, group_size: int = 128
+) -> SkinnyConfig:
+    """Launch parameters for x [m, k] @ weight[n, k].T, x in bf16/fp16. Dense weights, from
+    the H100 sweep of benchmarks/kernels_linear.py (results 20261127-0946*, the 0.6B and 8B
+    shapes):
 
     - m == 1: the elementwise path with 1024-wide K tiles, 4 rows a program (8 for
       K <= 1024, and 16 x 512 for the 8B down projection's K = 14336), 4 warps. It beat
@@ -372,7 +554,18 @@ def choose_config(m: int, n: int, k: int) -> SkinnyConfig:
       and 4-way split-K instead.
     One binary serves every m in 2..16, which keeps those rows batch invariant; m == 1
     rounds differently (its own inner product), as cuBLAS's kernels for different m do.
+
+    Quantized weights: see _quantized_config.
     """
+    tuned = _TUNED.get((weight_format, 1 if m == 1 else MAX_BLOCK_M, n, k))
+    # (int4 configs are swept at group 128: one whose steps span more than a group's plane
+    # does not apply.)
+    if tuned is not None and (
+        weight_format != INT4 or tuned.block_k // 4 <= min(INT4_PLANE, group_size)
+    ):
+        return tuned
+    if weight_format != DENSE:
+        return _quantized_config(m, n, k, weight_format, group_size)
     if m == 1:
         block_k = min(1024, max(16, triton.next_power_of_2(k)))
         if k > 8192:
@@ -386,6 +579,54 @@ def choose_config(m: int, n: int, k: int) -> SkinnyConfig:
         split_k = default_split_k(n, k, 32, block_k)
         return SkinnyConfig(32, block_k, split_k, num_warps=4, num_stages=4, use_dot=True)
     return SkinnyConfig(DOT_BLOCK, block_k, 1, num_warps=2, num_stages=3, use_dot=True)
+
+
+def _quantized_config(m: int, n: int, k: int, weight_format: str, group_size: int) -> SkinnyConfig:
+    """First guesses for quantized weights, not yet swept on a GPU (benchmarks/
+    kernels_linear.py --quant --sweep times the alternatives; its printed table replaces
+    these): the dense configs' bytes a step at the narrower weights.
+
+    - fp8 / int8, m == 1: elementwise over [8, 1024] tiles (16 x 1024 for K > 8192), whose
+      e4m3 -> fp32 widening costs about 3.5 instructions a code against 8 a code of issue
+      budget at copy bandwidth (scripts/kernel_sass.py); m >= 2: the dot path over
+      [128, 256] tiles with 4 warps: the rows' in-kernel quantization (a division and
+      a rounding per x value, for all 16 padded rows) costs per weight tile 16 / block_n
+      of its x work, and at 128 rows the main loop is about 5 SASS instructions a weight
+      code (kernel_sass.py fp8_w8a8:8x28672x4096; 9.5 with spills at [32, 512], 2 warps).
+    - int4: [64, 512] steps (four planes of 128 words, or of the group when it is
+      smaller), 4 warps (Hopper wgmma), split-K until every SM has a program."""
+    if weight_format == INT4:
+        block_k = 4 * min(INT4_PLANE, group_size)
+        tiles = triton.cdiv(k, INT4_TILE)
+        split_k = 1
+        while triton.cdiv(n, 64) * split_k < NUM_SMS and 4 * split_k <= tiles:
+            split_k *= 2
+        return SkinnyConfig(64, block_k, split_k, num_warps=4, num_stages=3, use_dot=True)
+    if m == 1:
+        block_n = 16 if k > 8192 else 8
+        block_k = min(1024, max(16, triton.next_power_of_2(k)))
+        split_k = default_split_k(n, k, block_n, block_k)
+        return SkinnyConfig(block_n, block_k, split_k, num_warps=4, num_stages=4, use_dot=False)
+    block_k = min(256, max(DOT_BLOCK, triton.next_power_of_2(k)))
+    split_k = default_split_k(n, k, 128, block_k)
+    return SkinnyConfig(128, block_k, split_k, num_warps=4, num_stages=3, use_dot=True)
+
+
+def install_tuned_configs(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None:
+    """Replaces choose_config's rule for the given (weight format, rows, N, K) with a
+    measured config: rows 1 for a single row, MAX_BLOCK_M for every M in 2..16 (one config,
+    which keeps them batch invariant). For GPU sweeps (benchmarks/kernels_linear.py --quant
+    --sweep writes them, engine_workloads.py --skinny-configs reads them); call before the
+    engine captures its CUDA graphs."""
+    for (weight_format, rows, _, _), config in configs.items():
+        if weight_format not in _FORMAT_IDS or rows not in (1, MAX_BLOCK_M):
+            raise ValueError(f"bad tuned key ({weight_format!r}, {rows}): rows is 1 or 16")
+        if rows > 1 and not config.use_dot:
+            raise ValueError("rows 2-16 run the dot path (use_dot=True)")
+    _TUNED.clear()
+    _TUNED.update(configs)
+    choose_config.cache_clear()
+    _plan.cache_clear()
 
 
 def default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -429,15 +670,129 @@ def skinny_matmul(
     output tile (fused_reduce) or by a second kernel. Capturable in a CUDA graph once one
     split-K call has run outside the capture (it allocates the tile counters).
     """
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}; cast one of them")
+    if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit x @ weight.T"
+        )
+    overrides = (block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce)
+    return _run(x, weight, DENSE, weight.shape[0], None, None, 0, 1, bias, overrides)
+
+
+def skinny_matmul_w8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_qmax: float | None = None,
+    **config: int | bool | None,
+) -> torch.Tensor:
+    """x [..., K] @ (weight * weight_scale[:, None]).T (+ bias) for an fp8 e4m3 or int8
+    weight [N, K] with one fp32 scale per output channel, fp32 sums, output in x's dtype.
+    x_qmax None: W8A16, x as it is (no activation rounding). x_qmax given: W8A8, each row
+    of x quantized to the weight's dtype in the kernel exactly as quant_reference.
+    quantize_rows does (scale absmax / x_qmax), so no extra launch. ``config``:
+    skinny_matmul's parameters (defaults from choose_config(M, N, K, "fp8" or "int8"))."""
+    if weight.dtype not in (FP8_DTYPE, torch.int8) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D fp8 e4m3 or int8 tensor, got {weight.dtype}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
+    if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype != torch.float32:
+        raise ValueError(
+            f"weight_scale must be float32 of shape ({weight.shape[0]},), got "
+            f"{weight_scale.dtype} {tuple(weight_scale.shape)}"
+        )
+    fmt = FP8 if weight.dtype == FP8_DTYPE else INT8
+    codes = weight.view(torch.uint8)  # the kernel reads bytes (weight_codes.widen_8bit)
+    overrides = _overrides(config)
+    return _run(x, codes, fmt, weight.shape[0], weight_scale, None, 0, 1, bias, overrides, x_qmax)
+
+
+def skinny_matmul_w4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    **config: int | bool | None,
+) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) for int4 W in the plane layout, packed int32
+    [N, ceil(K / 512) * 64], with scales [groups, N] (any float dtype) and zeros
+    [groups, N] uint8 codes (None: 8): W4A16, exact up to fp32 summation, output in x's
+    dtype. ``config``: skinny_matmul's parameters (use_dot must stay True; block_k counts
+    the codes of a step, four planes of block_k / 4, and divides 4 * min(group_size, 128))."""
+    check_int4_operands(x.shape[-1], packed, scales, zeros, group_size)
+    return _run(
+        x,
+        packed.view(torch.int16),
+        INT4,
+        packed.shape[0],
+        scales,
+        zeros,
+        group_size,
+        scales.shape[0],
+        bias,
+        _overrides(config),
+    )
+
+
+def check_int4_operands(
+    k: int,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+) -> None:
+    """ValueError unless packed, scales and zeros are the plane layout of an [N, k] weight
+    in groups of group_size (16, 32, 64, 128 or a multiple of 128)."""
+    if packed.dtype != torch.int32 or packed.dim() != 2 or not packed.is_contiguous():
+        raise ValueError("packed must be a contiguous int32 [N, K_padded / 8] plane layout")
+    if packed.shape[1] != triton.cdiv(k, INT4_TILE) * INT4_TILE // 8:
+        raise ValueError(
+            f"packed {tuple(packed.shape)} does not cover K={k} in tiles of {INT4_TILE}"
+        )
+    if group_size < 16 or (
+        group_size % INT4_PLANE if group_size > INT4_PLANE else INT4_PLANE % group_size
+    ):
+        raise ValueError(f"group_size {group_size} must divide 128 or be a multiple of it")
+    n = packed.shape[0]
+    groups = triton.cdiv(k, group_size)
+    if scales.dim() != 2 or scales.shape[1] != n or scales.shape[0] < groups:
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit {groups} groups of N={n}")
+    if zeros is not None and (zeros.shape != scales.shape or zeros.dtype != torch.uint8):
+        raise ValueError(f"zeros must be uint8 of shape {tuple(scales.shape)}")
+
+
+def _overrides(config: dict) -> tuple:
+    names = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "use_dot")
+    unknown = set(config) - {*names, "fused_reduce"}
+    if unknown:
+        raise TypeError(f"unknown launch parameters {sorted(unknown)}")
+    return tuple(config.get(name) for name in (*names, "fused_reduce"))
+
+
+def _run(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_format: str,
+    n: int,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    num_groups: int,
+    bias: torch.Tensor | None,
+    overrides: tuple,
+    x_qmax: float | None = None,
+) -> torch.Tensor:
+    """One launch for every weight format (the wrappers above checked the operands); 8-bit
+    weights with x_qmax quantize x per token in the kernel (W8A8)."""
     dtype = x.dtype
-    if dtype != weight.dtype:
-        raise ValueError(f"x is {dtype} but weight is {weight.dtype}; cast one of them")
     if dtype not in _DTYPES:
-        raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16, not {dtype}")
-    x_shape, w_shape = x.shape, weight.shape
-    if len(w_shape) != 2 or x_shape[-1] != w_shape[1]:
-        raise ValueError(f"x {tuple(x_shape)} and weight {tuple(w_shape)} do not fit x @ weight.T")
-    n, k = w_shape
+        raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16 x, not {dtype}")
+    x_shape = x.shape
+    k = x_shape[-1]
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     # The usual 2-D x skips reshape and view (about a microsecond each).
@@ -456,7 +811,11 @@ def skinny_matmul(
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
 
-    plan = _plan(m, n, k, block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce)
+    if dtype == torch.float32 and weight_format != DENSE and overrides[4] is None:
+        # fp32 rows (tests, references) are 4 bytes a value in shared memory: the
+        # quantized configs' pipelines, sized for 16-bit rows, would not fit two stages more.
+        overrides = (*overrides[:4], 2, *overrides[5:])
+    plan = _plan(m, n, k, weight_format, group_size, *overrides)
     workspace = out
     if plan.partial:
         workspace = torch.empty((plan.grid[1], m, n), dtype=torch.float32, device=out.device)
@@ -464,18 +823,26 @@ def skinny_matmul(
     _skinny_matmul_kernel[plan.grid](
         rows,
         weight,
-        bias if bias is not None else weight,
+        scales if scales is not None else out,
+        zeros if zeros is not None else out,
+        bias if bias is not None else out,
         out,
         workspace,
         counters,
         m,
         n,
         k,
+        num_groups,
         plan.k_per_split,
         rows.stride(0),
         weight.stride(0),
         m * n,
         n,
+        float(x_qmax or 0.0),
+        W_FORMAT=_FORMAT_IDS[weight_format],
+        QUANT_X=x_qmax is not None,
+        GROUP=group_size,
+        HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,
         PARTIAL=plan.partial,
         FUSED_REDUCE=plan.fused_reduce,
@@ -484,7 +851,7 @@ def skinny_matmul(
         BLOCK_K=plan.block_k,
         EVEN_K=plan.even_k,
         USE_DOT=plan.use_dot,
-        IEEE=x.dtype == torch.float32,
+        IEEE=dtype == torch.float32,
         NUM_STAGES=plan.num_stages,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
@@ -532,6 +899,8 @@ def _plan(
     m: int,
     n: int,
     k: int,
+    weight_format: str,
+    group_size: int,
     block_n: int | None,
     block_k: int | None,
     split_k: int | None,
@@ -540,7 +909,7 @@ def _plan(
     use_dot: bool | None,
     fused_reduce: bool | None,
 ) -> _Plan:
-    config = choose_config(min(m, MAX_BLOCK_M), n, k)
+    config = choose_config(min(m, MAX_BLOCK_M), n, k, weight_format, group_size or 128)
     block_n = config.block_n if block_n is None else block_n
     block_k = config.block_k if block_k is None else block_k
     split_k = config.split_k if split_k is None else split_k
@@ -554,10 +923,20 @@ def _plan(
         )
     if split_k < 1:
         raise ValueError(f"split_k must be at least 1, got {split_k}")
-
-    block_m = DOT_BLOCK if use_dot else min(triton.next_power_of_2(m), MAX_BLOCK_M)
     # Whole tiles per split, so only the very last tile of K can be partial.
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    k_tile = block_k
+    if weight_format == INT4:
+        if not use_dot:
+            raise ValueError("int4 weights run the dot path only (use_dot=True)")
+        plane_step = min(INT4_PLANE, group_size)
+        if block_k // 4 < DOT_BLOCK or plane_step % (block_k // 4):
+            raise ValueError(
+                f"int4 block_k {block_k} must be 4 x a power of two from {DOT_BLOCK} to "
+                f"{plane_step} (four planes, each within one group of {group_size})"
+            )
+        k_tile = INT4_TILE
+    block_m = DOT_BLOCK if use_dot else min(triton.next_power_of_2(m), MAX_BLOCK_M)
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), k_tile) * k_tile
     split_k = triton.cdiv(k, k_per_split)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     partial = split_k > 1
@@ -572,7 +951,7 @@ def _plan(
         num_warps=config.num_warps if num_warps is None else num_warps,
         num_stages=config.num_stages if num_stages is None else num_stages,
         use_dot=use_dot,
-        even_k=k % block_k == 0,
+        even_k=k % k_tile == 0,
         partial=partial,
         fused_reduce=partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES,
         reduce_grid=(m, triton.cdiv(n, reduce_block)),

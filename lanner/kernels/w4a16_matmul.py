@@ -1,25 +1,25 @@
-"""Triton W4A16 matmul: ``x @ W.T (+ bias)`` for W held as 4-bit codes in lanner's chunked
-layout (kernels/quant_reference.py) with per-group scales (and zero points), x in the
-model dtype; the weight is dequantized inside the matmul and never written out.
+"""Triton W4A16 for batches: ``x @ W.T (+ bias)`` for W held as 4-bit codes in lanner's
+plane layout (kernels/quant_reference.py) with per-group scales (and zero points), x in
+the model dtype, and the dequantizer that writes W out for dequantize-then-cuBLAS.
 
-One kernel serves decode (BLOCK_M 16, split-K, the skinny_matmul epilogue) and prefill
-(BLOCK_M 64-128 tiles). Each program owns BLOCK_N output columns and walks K one chunk
-of 128 codes at a time: it loads the chunk's [BLOCK_N, 16] int32 words (64 bytes a row)
-once, and for each nibble s takes ``(words >> 4 s) & 0xF``, the codes of 16 consecutive k
-(the layout puts them there), as a tl.dot operand without any reshape. A code becomes a
-16-bit float by bit pattern alone: ``q | 0x4300`` read as bf16 is 128 + q, ``q | 0x6400``
-read as fp16 is 1024 + q (exact: their mantissas hold 7 and 10 bits at those exponents),
-two integer ops a code and no int-to-float conversion (a quarter-rate instruction). The
-dot then sums x * (OFFSET + q) in fp32 on the tensor cores, and once a group (or 128
-codes of a larger one) is done the program adds (sum - xsum * (OFFSET + zero)) * scale,
-with xsum the group's sum of x: (q - zero) * scale without per-code arithmetic. (The
-offset costs about log2(OFFSET / 8) of fp32's 24 bits in the subtraction, far below bf16
-rounding.) fp32 activations (tests, references) take the codes as fp32 and Triton's exact
-"ieee" dot.
-
-``dequantize_int4`` writes W out in the model dtype for ``w4a16_linear``'s
-dequantize-then-cuBLAS path, which large batches may take when it measures faster
-(benchmarks/kernels_linear.py --quant sweeps both; DEQUANT_MIN_M sets the switch).
+``w4a16_linear`` (ops.w4a16_linear on CUDA) picks the path by the number of rows:
+- 1 to 16 (decode): skinny_matmul_w4, which streams the 4-bit weights once and applies
+  the scales in fp32, exactly.
+- up to DEQUANT_MIN_M: the tiled kernel here. Each program owns BLOCK_N weight rows and
+  BLOCK_M rows of x and computes out^T = W x^T: for each step it loads [BLOCK_N,
+  BLOCK_K / 4] 16-bit words, dequantizes each of their four planes to the model dtype in
+  registers, ``(q - zero) * scale`` rounded once (kernels/weight_codes.int4_plane_scaled;
+  the same rounding as dequantize_int4, so both batched paths agree up to summation
+  order), and multiplies them as the left operand by x^T on tensor cores: a Hopper
+  wgmma with W from registers and x from shared memory when BLOCK_N >= 64 and 4 or 8
+  warps. Split-K goes through skinny_matmul's epilogue.
+- from DEQUANT_MIN_M on: ``dequantize_int4`` writes W in the model dtype (reading 0.5 and
+  writing 2 bytes a weight, at copy bandwidth when it is at its best: each program
+  widens one 512-k tile of BLOCK_N rows, every plane a contiguous run of 128 k, stored 16
+  bytes a thread) and cuBLAS multiplies. It pays about 2.5 bytes a weight more than the
+  tiled kernel reads, which large batches amortize over their compute.
+DEQUANT_MIN_M comes from benchmarks/kernels_linear.py --quant int4 --sweep (the
+crossover it prints).
 """
 
 from __future__ import annotations
@@ -33,48 +33,57 @@ import triton
 import triton.language as tl
 
 from lanner.kernels.pdl import launch_options, pdl_start
-from lanner.kernels.quant_reference import INT4_CHUNK, INT4_CHUNK_WORDS, INT4_SYMMETRIC_ZERO
-from lanner.kernels.skinny_matmul import NUM_SMS, _tile_counters, split_k_epilogue
+from lanner.kernels.quant_reference import INT4_PLANE, INT4_SYMMETRIC_ZERO, INT4_TILE
+from lanner.kernels.rms_norm import cast_rounded
+from lanner.kernels.skinny_matmul import (
+    MAX_TILES,
+    NUM_SMS,
+    SKINNY_MAX_M,
+    _tile_counters,
+    check_int4_operands,
+    skinny_matmul_w4,
+    split_k_epilogue,
+)
+from lanner.kernels.weight_codes import int4_plane_scaled, int4_zero_offset
 
-SKINNY_MAX_M = 16
-MAX_TILES = 1 << 16
-# Rows from which w4a16_linear dequantizes W and calls cuBLAS instead (None: never).
-# Unmeasured until a GPU sweep sets it (benchmarks/kernels_linear.py --quant --sweep).
+# Rows from which w4a16_linear dequantizes W and calls cuBLAS instead of the tiled kernel
+# (None: never). Not measured yet: the previous int4 kernel lost to dequantize + cuBLAS
+# 3x at 512 rows (benchmarks/results/20261201-113258-kernels-quant-linear.json), and the
+# GPU sweep of this one sets the value.
 DEQUANT_MIN_M: int | None = None
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
-_CHUNK = tl.constexpr(INT4_CHUNK)
-_CHUNK_WORDS = tl.constexpr(INT4_CHUNK_WORDS)
+_PLANE = tl.constexpr(INT4_PLANE)
+_TILE_GAP = tl.constexpr(INT4_TILE - INT4_PLANE)
 _SYMMETRIC_ZERO = tl.constexpr(INT4_SYMMETRIC_ZERO)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class W4A16Config:
-    """Launch parameters of one w4a16_matmul call."""
+    """Launch parameters of one tiled w4a16_matmul call (block_k: codes a step, four
+    planes of block_k / 4 words)."""
 
     block_m: int
     block_n: int
+    block_k: int
     split_k: int = 1
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 3
 
 
 @triton.jit
-def _codes_as_operand(words, SHIFT: tl.constexpr, dtype: tl.constexpr):
-    """The codes in nibble SHIFT / 4 of int32 words, as OFFSET + q in dtype (bf16: 128,
-    fp16: 1024) or as q (fp32)."""
-    codes = (words >> SHIFT) & 0xF
-    if dtype == tl.bfloat16:
-        operand = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    elif dtype == tl.float16:
-        operand = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+def _group_operands(scales_ptr, zeros_ptr, group, rows_n, n_mask, N, HAS_ZEROS: tl.constexpr):
+    """The scale and zero point (codes) of group ``group`` for rows rows_n."""
+    scale = tl.load(scales_ptr + group * N + rows_n, mask=n_mask, other=0.0)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + group * N + rows_n, mask=n_mask, other=0)
     else:
-        operand = codes.to(tl.float32)
-    return operand
+        zero = tl.full(rows_n.shape, _SYMMETRIC_ZERO, tl.int32)
+    return scale, zero
 
 
 @triton.jit(do_not_specialize=["M", "partial_stride_split"])
-def _w4a16_matmul_kernel(
+def _w4a16_tiled_kernel(
     x_ptr,
     w_ptr,
     scales_ptr,
@@ -99,6 +108,8 @@ def _w4a16_matmul_kernel(
     FUSED_REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -112,56 +123,45 @@ def _w4a16_matmul_kernel(
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_row_mask = rows_m < M
     n_mask = rows_n < N
-    x_rows = x_ptr + rows_m.to(tl.int64) * x_stride_row
-    # Rows past N read the last row's words (never stored), so the loads need no mask.
+    # Rows past M and N read copies of the last row (never stored): no row masks.
+    x_rows = x_ptr + tl.minimum(rows_m, M - 1).to(tl.int64) * x_stride_row
     w_rows = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * w_stride_row
-    word_offsets = tl.arange(0, _CHUNK_WORDS)
-    sub_offsets = tl.arange(0, 16)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    OFFSET: tl.constexpr = (
-        128.0 if dtype == tl.bfloat16 else (1024.0 if dtype == tl.float16 else 0.0)
-    )
-    # Sub-tiles of 16 codes per scale application: the group, or one chunk of a larger one.
-    SUBS_PER_STEP: tl.constexpr = GROUP // 16 if GROUP < _CHUNK else 8
+    STEP: tl.constexpr = BLOCK_K // 4
+    offsets = tl.arange(0, STEP)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for chunk in tl.range(k_start, k_stop, _CHUNK, num_stages=NUM_STAGES):
-        words = tl.load(w_rows[:, None] + (chunk // 8 + word_offsets)[None, :])
-        group_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        group_xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for s in tl.static_range(8):
-            ks = chunk + s * 16 + sub_offsets
-            x = tl.load(
-                x_rows[:, None] + ks[None, :],
-                mask=x_row_mask[:, None] & (ks < K)[None, :],
-                other=0.0,
-            )
-            w = _codes_as_operand(words, 4 * s, dtype)
-            if dtype == tl.float32:
-                group_sum = tl.dot(x, tl.trans(w), group_sum, input_precision="ieee")
-            elif _INTERPRETED:
-                # The interpreter multiplies 16-bit float operands as raw bits: widen
-                # (exact; the GPU's MMA multiplies them exactly into fp32 too).
-                group_sum = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), group_sum)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    word_stop = tl.cdiv(k_stop, 4 * _PLANE) * _PLANE
+    for word in tl.range(k_start // 4, word_stop, STEP, num_stages=NUM_STAGES):
+        words = tl.load(w_rows[:, None] + (word + offsets)[None, :])
+        k_base = tl.multiple_of(word + (word // _PLANE) * _TILE_GAP, STEP)
+        for plane in tl.static_range(4):
+            k_first = k_base + plane * _PLANE
+            ks = k_first + offsets
+            if EVEN_K:
+                x = tl.load(x_rows[:, None] + ks[None, :])
             else:
-                group_sum = tl.dot(x, tl.trans(w), group_sum)
-            group_xsum += tl.sum(x.to(tl.float32), axis=1)
-            if (s + 1) % SUBS_PER_STEP == 0:
-                group = tl.minimum((chunk + s * 16) // GROUP, num_groups - 1)
-                scale = tl.load(scales_ptr + group * N + rows_n, mask=n_mask, other=0.0)
-                if HAS_ZEROS:
-                    zero = tl.load(zeros_ptr + group * N + rows_n, mask=n_mask, other=0)
-                    zero = zero.to(tl.float32) + OFFSET
-                else:
-                    zero = tl.full((BLOCK_N,), _SYMMETRIC_ZERO + OFFSET, tl.float32)
-                acc += (group_sum - group_xsum[:, None] * zero[None, :]) * scale.to(tl.float32)[
-                    None, :
-                ]
-                group_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                group_xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                x = tl.load(x_rows[:, None] + ks[None, :], mask=(ks < K)[None, :], other=0.0)
+            group = tl.minimum(k_first // GROUP, num_groups - 1)
+            scale, zero = _group_operands(
+                scales_ptr, zeros_ptr, group, rows_n, n_mask, N, HAS_ZEROS
+            )
+            w = int4_plane_scaled(
+                words,
+                tl.broadcast_to(int4_zero_offset(zero, dtype)[:, None], (BLOCK_N, STEP)),
+                tl.broadcast_to(cast_rounded(scale, dtype)[:, None], (BLOCK_N, STEP)),
+                plane,
+                dtype,
+            )
+            if _INTERPRETED or dtype == tl.float32:
+                acc = tl.dot(
+                    w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee"
+                )
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
 
     split_k_epilogue(
-        acc,
+        tl.trans(acc),
         bias_ptr,
         out_ptr,
         partial_ptr,
@@ -197,65 +197,56 @@ def _dequantize_int4_kernel(
     PDL: tl.constexpr,
 ):
     pdl_start(PDL)
+    # One program per (BLOCK_N rows, one 512-k tile): each plane is 128 consecutive k.
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    chunk = tl.program_id(1) * _CHUNK
+    tile = tl.program_id(1)
     n_mask = rows_n < N
+    positions = tl.arange(0, _PLANE)
     words = tl.load(
-        w_ptr
-        + rows_n.to(tl.int64)[:, None] * w_stride_row
-        + (chunk // 8 + tl.arange(0, _CHUNK_WORDS))[None, :],
+        w_ptr + rows_n.to(tl.int64)[:, None] * w_stride_row + (tile * _PLANE + positions)[None, :],
         mask=n_mask[:, None],
         other=0,
     )
-    sub_offsets = tl.arange(0, 16)
-    for s in tl.static_range(8):
-        ks = chunk + s * 16 + sub_offsets
-        group = tl.minimum(ks // GROUP, num_groups - 1)
-        offsets = group[None, :] * N + rows_n[:, None]
-        scale = tl.load(scales_ptr + offsets, mask=n_mask[:, None], other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + offsets, mask=n_mask[:, None], other=0).to(tl.float32)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    out_rows = out_ptr + rows_n.to(tl.int64)[:, None] * out_stride_row
+    for plane in tl.static_range(4):
+        ks = tile * 4 * _PLANE + plane * _PLANE + positions
+        if GROUP >= _PLANE:
+            # One group for the whole plane: a scale per row, broadcast.
+            group = tl.minimum((tile * 4 * _PLANE + plane * _PLANE) // GROUP, num_groups - 1)
+            scale, zero = _group_operands(
+                scales_ptr, zeros_ptr, group, rows_n, n_mask, N, HAS_ZEROS
+            )
+            scale = tl.broadcast_to(scale[:, None], (BLOCK_N, _PLANE))
+            zero = tl.broadcast_to(zero[:, None], (BLOCK_N, _PLANE))
         else:
-            zero = _SYMMETRIC_ZERO
-        codes = ((words >> (4 * s)) & 0xF).to(tl.float32)
-        value = (codes - zero) * scale
-        mask = n_mask[:, None] & (ks < K)[None, :]
-        out = out_ptr + rows_n.to(tl.int64)[:, None] * out_stride_row + ks[None, :]
-        tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask)
+            groups = tl.minimum(ks // GROUP, num_groups - 1)
+            offsets = groups[None, :] * N + rows_n[:, None]
+            scale = tl.load(scales_ptr + offsets, mask=n_mask[:, None], other=0.0)
+            if HAS_ZEROS:
+                zero = tl.load(zeros_ptr + offsets, mask=n_mask[:, None], other=0)
+            else:
+                zero = tl.full((BLOCK_N, _PLANE), _SYMMETRIC_ZERO, tl.int32)
+        scale = cast_rounded(scale, dtype)
+        value = int4_plane_scaled(words, int4_zero_offset(zero, dtype), scale, plane, dtype)
+        tl.store(out_rows + ks[None, :], value, mask=n_mask[:, None] & (ks < K)[None, :])
 
 
 @functools.cache
-def choose_config(m: int, n: int, k: int) -> W4A16Config:
-    """Launch parameters for m rows over an [n, k] int4 weight (a first guess, not yet
-    swept on a GPU: benchmarks/kernels_linear.py --quant --sweep measures the grid).
-    Decode: 32 columns a program, split-K until about 2 programs per SM; prefill: 64- or
-    128-row tiles of 128 columns."""
-    if m <= SKINNY_MAX_M:
-        block_n = 32
-        split_k = 1
-        chunks = triton.cdiv(k, INT4_CHUNK)
-        while triton.cdiv(n, block_n) * split_k < 2 * NUM_SMS and 4 * split_k <= chunks:
-            split_k *= 2
-        return W4A16Config(16, block_n, split_k, num_warps=4, num_stages=4)
+def choose_config(m: int, n: int, k: int, group_size: int = 128) -> W4A16Config:
+    """Launch parameters of the tiled kernel for m rows over an [n, k] int4 weight (first
+    guesses, not yet swept on a GPU: benchmarks/kernels_linear.py --quant --sweep times
+    the alternatives): 128 weight rows (two wgmma row blocks) by 64 or 128 x rows, 64-k
+    planes, 8 warps; split-K while fewer programs than SMs."""
+    step = min(64, group_size, INT4_PLANE)
     block_m = 64 if m <= 64 else 128
-    return W4A16Config(block_m, 128, 1, num_warps=8 if block_m == 128 else 4, num_stages=3)
-
-
-def _check(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"w4a16 takes fp32, fp16 or bf16 activations, not {x.dtype}")
-    if packed.dtype != torch.int32 or packed.dim() != 2:
-        raise ValueError("packed must be the int32 [N, K / 8] chunked layout")
-    if packed.shape[1] * 8 < x.shape[-1] or packed.shape[1] % INT4_CHUNK_WORDS:
-        raise ValueError(f"packed {tuple(packed.shape)} does not cover K={x.shape[-1]}")
-    if (
-        group_size % 16
-        or (group_size < INT4_CHUNK and INT4_CHUNK % group_size)
-        or (group_size > INT4_CHUNK and group_size % INT4_CHUNK)
-    ):
-        raise ValueError(f"group_size {group_size} must divide 128 or be a multiple of it")
-    if scales.shape[1] != packed.shape[0]:
-        raise ValueError(f"scales {tuple(scales.shape)} do not fit N={packed.shape[0]}")
+    block_n = 128
+    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    tiles = triton.cdiv(k, INT4_TILE)
+    split_k = 1
+    while programs * split_k < NUM_SMS and 4 * split_k <= tiles:
+        split_k *= 2
+    return W4A16Config(block_m, block_n, 4 * step, split_k, num_warps=8, num_stages=3)
 
 
 def w4a16_matmul(
@@ -268,27 +259,33 @@ def w4a16_matmul(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    block_k: int | None = None,
     split_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ W.T (+ bias) for W in the chunked int4 layout packed [N, K_padded / 8],
-    scales [groups, N] (any float dtype), zeros [groups, N] uint8 or None (zero 8).
-    Parameters left None come from choose_config(M, N, K)."""
-    _check(x, packed, scales, group_size)
+    """The tiled kernel: x [M, K] @ W.T (+ bias) for W in the plane layout, packed int32
+    [N, ceil(K / 512) * 64], scales [groups, N] (any float dtype), zeros [groups, N] uint8
+    or None (zero 8); each weight is rounded once to x's dtype. Parameters left None come
+    from choose_config(M, N, K, group_size)."""
+    if x.dtype not in _DTYPES or x.dim() != 2:
+        raise ValueError(f"x must be 2-D fp32, fp16 or bf16, got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
+    check_int4_operands(k, packed, scales, zeros, group_size)
     n = packed.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
-    config = choose_config(min(m, 4096), n, k)
+    config = choose_config(min(m, 4096), n, k, group_size)
     block_m = block_m or config.block_m
     block_n = block_n or config.block_n
+    block_k = block_k or config.block_k
     split_k = split_k or config.split_k
-    chunks = triton.cdiv(k, INT4_CHUNK)
-    k_per_split = triton.cdiv(chunks, split_k) * INT4_CHUNK
+    if block_k // 4 < 16 or min(INT4_PLANE, group_size) % (block_k // 4):
+        raise ValueError(f"block_k {block_k} must be 4 x a power of two dividing the group")
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), INT4_TILE) * INT4_TILE
     split_k = triton.cdiv(k, k_per_split)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     partial = split_k > 1
@@ -298,9 +295,10 @@ def w4a16_matmul(
         torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if partial else out
     )
     counters = _tile_counters(x.device) if partial else out
-    _w4a16_matmul_kernel[grid](
+    num_stages = num_stages or config.num_stages
+    _w4a16_tiled_kernel[grid](
         x,
-        packed,
+        packed.view(torch.int16),
         scales,
         zeros if zeros is not None else scales,
         bias if bias is not None else scales,
@@ -313,7 +311,7 @@ def w4a16_matmul(
         scales.shape[0],
         k_per_split,
         x.stride(0),
-        packed.stride(0),
+        packed.shape[1] * 2,
         m * n,
         n,
         GROUP=group_size,
@@ -323,9 +321,11 @@ def w4a16_matmul(
         FUSED_REDUCE=partial,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        NUM_STAGES=num_stages or config.num_stages,
+        BLOCK_K=block_k,
+        EVEN_K=k % INT4_TILE == 0,
+        NUM_STAGES=num_stages,
         num_warps=num_warps or config.num_warps,
-        num_stages=num_stages or config.num_stages,
+        num_stages=num_stages,
         **launch_options(out),
     )
     return out
@@ -338,23 +338,25 @@ def dequantize_int4(
     group_size: int,
     k: int,
     dtype: torch.dtype,
+    block_n: int = 32,
 ) -> torch.Tensor:
-    """W [N, k] in ``dtype`` from the chunked int4 layout (each value rounded once)."""
+    """W [N, k] in ``dtype`` from the plane layout, each weight (q - zero) * scale rounded
+    once after the scale's cast to ``dtype`` (kernels/quant_reference.dequantize_int4)."""
+    check_int4_operands(k, packed, scales, zeros, group_size)
     n = packed.shape[0]
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
     if n == 0 or k == 0:
         return out
-    block_n = 64
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, INT4_CHUNK))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, INT4_TILE))
     _dequantize_int4_kernel[grid](
-        packed,
+        packed.view(torch.int16),
         scales,
         zeros if zeros is not None else scales,
         out,
         n,
         k,
         scales.shape[0],
-        packed.stride(0),
+        packed.shape[1] * 2,
         out.stride(0),
         GROUP=group_size,
         HAS_ZEROS=zeros is not None,
@@ -374,15 +376,18 @@ def w4a16_linear(
     bias: torch.Tensor | None,
     perm: torch.Tensor | None,
 ) -> torch.Tensor:
-    """ops.w4a16_linear on CUDA: act-order inputs gathered, then the fused kernel, or for
-    batches of DEQUANT_MIN_M rows and more W dequantized and multiplied by cuBLAS."""
+    """ops.w4a16_linear on CUDA: act-order inputs gathered, then by rows the skinny kernel
+    (1-16), the tiled kernel, or from DEQUANT_MIN_M rows W dequantized and multiplied by
+    cuBLAS."""
     shape = x.shape
     k = shape[-1]
     m = math.prod(shape[:-1])
     rows = x.reshape(m, k)
     if perm is not None:
         rows = rows.index_select(1, perm)
-    if DEQUANT_MIN_M is not None and m >= DEQUANT_MIN_M:
+    if m <= SKINNY_MAX_M:
+        out = skinny_matmul_w4(rows, packed, scales, zeros, group_size, bias)
+    elif DEQUANT_MIN_M is not None and m >= DEQUANT_MIN_M:
         weight = dequantize_int4(packed, scales, zeros, group_size, k, x.dtype)
         out = torch.nn.functional.linear(rows, weight, bias)
     else:

@@ -1,19 +1,19 @@
-"""Triton W8A8 matmul: ``dequant(quantize_rows(x)) @ dequant(weight).T (+ bias)`` for fp8
-e4m3 or int8 weights [N, K] with one fp32 scale per output channel, the activations
-quantized per token (scale absmax / x_qmax) to the weight's dtype, products on tensor
-cores (fp8 or int8 MMA, fp32 or int32 accumulation), then scaled by x_scale[m] *
+"""Triton W8A8 matmul for batches: ``dequant(quantize_rows(x)) @ dequant(weight).T (+
+bias)`` for fp8 e4m3 or int8 weights [N, K] with one fp32 scale per output channel, the
+activations quantized per token (scale absmax / x_qmax) to the weight's dtype, products on
+tensor cores (fp8 or int8 MMA, fp32 or int32 accumulation), then scaled by x_scale[m] *
 w_scale[n] in fp32 and rounded to x's dtype.
 
-Two ways in, one kernel:
-- skinny (decode, 1-16 rows; ``quantize_x``): x stays in the model dtype and every
-  program quantizes the rows itself, first reading them once over the whole K for their
-  absmax (from L2: x is 1-16 rows), so the step pays no extra launch. The [N, K] weight
-  streams once as in skinny_matmul, with split-K and the same fused reduction.
-- tiled (larger batches): ``quantize_rows`` writes the quantized rows and their scales
-  once (one program per row), and the kernel reads them in [BLOCK_M, BLOCK_K] tiles. For
-  fp8, ``w8a8_linear`` hands such batches to torch._scaled_mm (cuBLAS, rowwise scales)
-  where the shapes allow; int8 stays here (torch._int_mm returns int32 [M, N], whose
-  scaling would cost passes over 4 bytes a value).
+``w8a8_linear`` (ops.w8a8_linear on CUDA) picks the path by the number of rows:
+- 1 to 16 (decode): skinny_matmul_w8, whose programs quantize the rows themselves (same
+  rounding, no extra launch; the 1-16 rows are read from L2) while the 8-bit weights
+  stream once at copy bandwidth (a decode step pays for bytes, not for the products).
+  Its W8A16 variant (x_qmax None: rows unrounded) is what benchmarks compare against.
+- more: ``quantize_rows`` writes the quantized rows and their scales once (one program per
+  row), then fp8 goes to torch._scaled_mm (cuBLAS, rowwise scales) where the shapes allow
+  and int8 (and fp8 otherwise) to the tiled kernel here, which reads them in [BLOCK_M,
+  BLOCK_K] tiles (torch._int_mm returns int32 [M, N], whose scaling would cost passes
+  over 4 bytes a value).
 
 The rounding of x matches the reference (kernels/quant_reference.quantize_rows): fp8
 round-to-nearest-even of x / scale clamped to +-448; int8 round-half-even (by adding and
@@ -31,22 +31,25 @@ import triton
 import triton.language as tl
 
 from lanner.kernels.pdl import launch_options, pdl_start
-from lanner.kernels.skinny_matmul import NUM_SMS, _tile_counters, split_k_epilogue
+from lanner.kernels.quant_reference import FP8_DTYPE
+from lanner.kernels.skinny_matmul import (
+    MAX_TILES,
+    SKINNY_MAX_M,
+    _tile_counters,
+    skinny_matmul_w8,
+    split_k_epilogue,
+)
+from lanner.kernels.weight_codes import round_to_8bit
 
-FP8_DTYPE = torch.float8_e4m3fn
-SKINNY_MAX_M = 16
-DOT_BLOCK = 16
-MAX_TILES = 1 << 16
 # Triton's interpreter multiplies fp8/int8 tl.dot operands as raw integers or not at all:
 # under it the products run in fp32 (exact: |x_q * w_q| <= 448^2, sums in the tests stay
 # far inside fp32's 24 bits for int8).
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it - it rounds half to even
 
 
 @dataclass(frozen=True)
 class W8A8Config:
-    """Launch parameters of one w8a8_matmul call."""
+    """Launch parameters of one tiled w8a8_matmul call."""
 
     block_m: int
     block_n: int
@@ -57,29 +60,10 @@ class W8A8Config:
 
 
 @triton.jit
-def _quantize_tile(x, x_scale, x_qmax, IS_FP8: tl.constexpr):
+def _quantize_tile(x, x_scale, IS_FP8: tl.constexpr):
     """x [rows, cols] (fp32) / x_scale [rows] -> fp8 e4m3 or int8 codes."""
-    scaled = x / x_scale[:, None]
-    if IS_FP8:
-        clamped = tl.minimum(tl.maximum(scaled, -448.0), 448.0)
-        if _INTERPRETED:
-            clamped = _round_to_e4m3(clamped)
-        codes = clamped.to(tl.float8e4nv)
-    else:
-        rounded = (scaled + _ROUND_MAGIC) - _ROUND_MAGIC
-        codes = tl.minimum(tl.maximum(rounded, -128.0), 127.0).to(tl.int8)
-    return codes
-
-
-@triton.jit
-def _round_to_e4m3(value):
-    """value (fp32, |value| <= 448) rounded to the nearest e4m3 number, ties to even, by
-    arithmetic. Only the interpreter needs it: its float-to-fp8 cast drops the carry when
-    rounding up crosses a power of two (124.3 becomes 64); the GPU's cvt is exact."""
-    bits = value.to(tl.int32, bitcast=True)
-    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # subnormals step as 2^-6
-    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return ((value / step + _ROUND_MAGIC) - _ROUND_MAGIC) * step
+    rounded = round_to_8bit(x / x_scale[:, None], IS_FP8)
+    return rounded.to(tl.float8e4nv if IS_FP8 else tl.int8)
 
 
 @triton.jit
@@ -109,7 +93,7 @@ def _quantize_rows_kernel(
     for start in range(0, K, BLOCK):
         mask = (start + offsets < K)[None, :]
         x = tl.load(x_ptr + row * x_stride_row + start + offsets[None, :], mask=mask, other=0.0)
-        codes = _quantize_tile(x.to(tl.float32), scale, x_qmax, IS_FP8)
+        codes = _quantize_tile(x.to(tl.float32), scale, IS_FP8)
         tl.store(out_ptr + row * out_stride_row + start + offsets[None, :], codes, mask=mask)
 
 
@@ -131,8 +115,6 @@ def _w8a8_matmul_kernel(
     w_stride_row,
     partial_stride_split,
     out_stride_row,
-    x_qmax,
-    QUANTIZE_X: tl.constexpr,
     IS_FP8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
@@ -157,21 +139,7 @@ def _w8a8_matmul_kernel(
     w_rows = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * w_stride_row
     k_offsets = tl.arange(0, BLOCK_K)
 
-    if QUANTIZE_X:
-        # Each row's scale comes from its whole K, whichever split this program runs.
-        absmax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            in_range = (k + k_offsets < K)[None, :]
-            x = tl.load(
-                x_rows[:, None] + (k + k_offsets)[None, :],
-                mask=x_row_mask[:, None] & in_range,
-                other=0.0,
-            )
-            absmax = tl.maximum(absmax, tl.abs(x.to(tl.float32)))
-        row_max = tl.max(absmax, axis=1)
-        x_scale = tl.where(row_max > 0, row_max / x_qmax, 1.0)
-    else:
-        x_scale = tl.load(x_scale_ptr + rows_m, mask=x_row_mask, other=1.0)
+    x_scale = tl.load(x_scale_ptr + rows_m, mask=x_row_mask, other=1.0)
 
     ACC_INT: tl.constexpr = not IS_FP8 and not _INTERPRETED
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if ACC_INT else tl.float32)
@@ -185,8 +153,6 @@ def _w8a8_matmul_kernel(
             in_range = (k + k_offsets < k_stop)[None, :]
             w = tl.load(w_ptrs, mask=in_range, other=0.0)
             x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
-        if QUANTIZE_X:
-            x = _quantize_tile(x.to(tl.float32), x_scale, x_qmax, IS_FP8)
         if _INTERPRETED:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         elif IS_FP8:
@@ -249,60 +215,38 @@ def quantize_rows(
 
 @functools.cache
 def choose_config(m: int, n: int, k: int) -> W8A8Config:
-    """Launch parameters for m rows over an [n, k] 8-bit weight (a first guess from the
-    bf16 skinny kernel's H100 sweep at half the bytes per weight: tiles twice as wide in K;
-    benchmarks/kernels_linear.py --quant --sweep measures the alternatives)."""
-    if m <= SKINNY_MAX_M:
-        block_k = min(512, max(32, triton.next_power_of_2(k)))
-        block_n = 32 if triton.cdiv(n, 32) < NUM_SMS else 16
-        split_k = _default_split_k(n, k, block_n, block_k)
-        return W8A8Config(DOT_BLOCK, block_n, block_k, split_k, num_warps=4, num_stages=4)
+    """Launch parameters of the tiled kernel for m rows over an [n, k] 8-bit weight."""
     block_m = 64 if m <= 64 else 128
     return W8A8Config(block_m, 128, 128, 1, num_warps=8 if block_m == 128 else 4, num_stages=3)
 
 
-def _default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
-    """The smallest power-of-two split giving about 1.5 programs per SM, keeping at least
-    two block_k tiles per split."""
-    split_k = 1
-    k_tiles = triton.cdiv(k, block_k)
-    while triton.cdiv(n, block_n) * split_k < 3 * NUM_SMS // 2 and 2 * split_k <= k_tiles // 2:
-        split_k *= 2
-    return split_k
-
-
 def w8a8_matmul(
     x: torch.Tensor,
+    x_scale: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
-    x_qmax: float,
+    out_dtype: torch.dtype,
     *,
-    x_scale: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    fused_reduce: bool = True,
 ) -> torch.Tensor:
-    """The Triton W8A8 product of x [M, K] and weight [N, K] (fp8 e4m3 or int8) with
-    per-channel weight_scale [N] (fp32). x in the model dtype is quantized in the kernel
-    (``x_scale`` None); x already in the weight's dtype comes with its per-row ``x_scale``.
-    Parameters left None come from choose_config(M, N, K); out_dtype defaults to x's
-    dtype (that of the rows before quantization)."""
+    """The tiled Triton W8A8 product of rows x [M, K] already quantized to weight's dtype
+    (fp8 e4m3 or int8) with their per-row x_scale [M], and weight [N, K] with per-channel
+    weight_scale [N] (fp32), rounded to out_dtype. Parameters left None come from
+    choose_config(M, N, K)."""
     if weight.dtype not in (FP8_DTYPE, torch.int8) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D fp8 e4m3 or int8 tensor, got {weight.dtype}")
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
-    quantize_x = x_scale is None
-    if not quantize_x and x.dtype != weight.dtype:
-        raise ValueError(f"pre-quantized x must be {weight.dtype}, got {x.dtype}")
-    out_dtype = out_dtype or x.dtype
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x must be quantized to {weight.dtype}, got {x.dtype}")
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -317,16 +261,15 @@ def w8a8_matmul(
     split_k = triton.cdiv(k, k_per_split)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     partial = split_k > 1
-    fused = partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES
-    if partial and not fused:
-        raise ValueError("w8a8_matmul's split-K reduces in the kernel; lower split_k")
+    if partial and grid[0] * grid[2] > MAX_TILES:
+        raise ValueError("too many output tiles for split-K's counters; lower split_k")
     workspace = (
         torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if partial else out
     )
-    counters = _tile_counters(x.device) if fused else out
+    counters = _tile_counters(x.device) if partial else out
     _w8a8_matmul_kernel[grid](
         x,
-        x_scale if x_scale is not None else weight_scale,
+        x_scale,
         weight,
         weight_scale,
         bias if bias is not None else weight_scale,
@@ -341,12 +284,10 @@ def w8a8_matmul(
         weight.stride(0),
         m * n,
         n,
-        float(x_qmax),
-        QUANTIZE_X=quantize_x,
         IS_FP8=weight.dtype == FP8_DTYPE,
         HAS_BIAS=bias is not None,
         PARTIAL=partial,
-        FUSED_REDUCE=fused,
+        FUSED_REDUCE=partial,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -371,16 +312,16 @@ def w8a8_linear(
     bias: torch.Tensor | None,
     x_qmax: float,
 ) -> torch.Tensor:
-    """ops.w8a8_linear on CUDA: the skinny kernel for 1-16 rows; larger batches quantize
-    the rows once, then fp8 goes to torch._scaled_mm (rowwise scales, bf16 out) and int8
-    to the tiled kernel."""
+    """ops.w8a8_linear on CUDA: 1-16 rows through the skinny kernel, which quantizes them
+    itself; larger batches quantize the rows once, then fp8 goes to torch._scaled_mm
+    (rowwise scales, bf16 out) and int8 to the tiled kernel."""
     shape = x.shape
     k = shape[-1]
     m = math.prod(shape[:-1])
     n = weight.shape[0]
     rows = x.reshape(m, k)
     if m <= SKINNY_MAX_M:
-        out = w8a8_matmul(rows, weight, weight_scale, bias, x_qmax)
+        out = skinny_matmul_w8(rows, weight, weight_scale, bias, x_qmax)
     else:
         codes, scales = quantize_rows(rows, weight.dtype, x_qmax)
         if weight.dtype == FP8_DTYPE and scaled_mm_fits(m, n, k):
@@ -394,7 +335,5 @@ def w8a8_linear(
             )
             out = out if x.dtype == torch.bfloat16 else out.to(x.dtype)
         else:
-            out = w8a8_matmul(
-                codes, weight, weight_scale, bias, x_qmax, x_scale=scales, out_dtype=x.dtype
-            )
+            out = w8a8_matmul(codes, scales, weight, weight_scale, bias, x.dtype)
     return out.view(*shape[:-1], n)

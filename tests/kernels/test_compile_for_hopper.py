@@ -68,7 +68,8 @@ REQUIRED_KERNELS = {
     "_race_chunk_kernel",
     "_race_row_kernel",
     "_exponential_noise_kernel",
-    "_w4a16_matmul_kernel",
+    "_skinny_matmul_kernel",
+    "_w4a16_tiled_kernel",
     "_dequantize_int4_kernel",
     "_w8a8_matmul_kernel",
     "_quantize_rows_kernel",
@@ -437,36 +438,120 @@ def bitmask_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
 
 
 def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
-    """The quantized linears' variants: W4A16 in each activation dtype (decode with and
-    without split-K, prefill tiles of 64 and 128 rows, groups below, at and above one
-    128-code chunk, zero points or not), the int4 dequantizer, W8A8 fp8/int8 (rows
-    quantized in the kernel for decode, with and without split-K and bias; pre-quantized
-    for the tiled path) and the row quantizer."""
+    """The quantized linears' variants. Decode (skinny_matmul): fp8/int8 W8A8 (rows
+    quantized in the kernel) and W8A16 in each activation dtype, both inner products, with
+    and without split-K and bias; W4A16 in each activation dtype, every group size (steps
+    of 16 to 128 words a plane), zero points or not, split-K or not, and the configs
+    benchmarks/kernels_linear.py --quant --sweep tries. Batches: the tiled W4A16 kernel
+    (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer and the tiled W8A8
+    kernel on pre-quantized rows. (fp32 activations, for tests and references, take the
+    exact "ieee" dot, whose variants are the slowest to compile: the decode ones only.)"""
     import torch
 
-    from lanner.kernels import w4a16_matmul, w8a8_matmul
+    from benchmarks.kernels_quant import SKINNY_SWEEP
+    from lanner.kernels import skinny_matmul, w4a16_matmul, w8a8_matmul
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     fp8, int8 = torch.float8_e4m3fn, torch.int8
-    # (dtype, rows, (N, K), group, zero points): llama3-8b's qkv (split-K at 1 row), gate_up
-    # (none) and down, qwen3-0.6b's qkv.
-    w4a16_cases = [
+
+    def int4_operands(n: int, k: int, group: int, dtype: torch.dtype, zero_points: bool):
+        packed = torch.empty(n, -(-k // 512) * 64, dtype=torch.int32)
+        scales = torch.empty(-(-k // group), n, dtype=fp16 if dtype == fp16 else bf16)
+        zeros = torch.empty(scales.shape, dtype=torch.uint8) if zero_points else None
+        return packed, scales, zeros
+
+    # (dtype, rows, (N, K), group, zero points): llama3-8b's qkv (split-K at 1 row),
+    # gate_up and down (K = 14336: 28 tiles), the LM head, qwen3-0.6b's qkv.
+    w4_decode_cases = [
         (bf16, 1, (6144, 4096), 128, False),
         (bf16, 16, (28672, 4096), 32, True),
         (bf16, 8, (4096, 14336), 64, False),
-        (bf16, 40, (6144, 4096), 128, True),
-        (bf16, 600, (4096, 1024), 256, False),
+        (bf16, 1, (128256, 4096), 128, False),
+        (bf16, 4, (4096, 1024), 16, True),
+        (bf16, 2, (6144, 4096), 256, True),
         (fp16, 1, (6144, 4096), 128, True),
-        (fp16, 300, (6144, 4096), 32, False),
+        (fp16, 8, (4096, 14336), 32, False),
         (fp32, 4, (4096, 1024), 128, False),
     ]
-    for dtype, m, (n, k), group, zero_points in w4a16_cases:
-        packed = torch.empty(n, k // 8, dtype=torch.int32)
-        scales = torch.empty(k // group, n, dtype=fp16 if dtype == fp16 else bf16)
-        zeros = torch.empty(k // group, n, dtype=torch.uint8) if zero_points else None
+    for dtype, m, (n, k), group, zero_points in w4_decode_cases:
+        packed, scales, zeros = int4_operands(n, k, group, dtype, zero_points)
+        bias = torch.empty(n, dtype=dtype) if zero_points else None
+        x = torch.empty(m, k, dtype=dtype)
+        yield (
+            f"skinny w4 {dtype} {m}x{n}x{k} group {group} zeros {zero_points}",
+            partial(skinny_matmul.skinny_matmul_w4, x, packed, scales, zeros, group, bias),
+        )
+    packed, scales, _ = int4_operands(6144, 4096, 128, bf16, False)
+    for options in SKINNY_SWEEP["int4"]:
+        yield (
+            f"skinny w4 bf16 8x6144x4096 sweep {options}",
+            partial(
+                skinny_matmul.skinny_matmul_w4,
+                torch.empty(8, 4096, dtype=bf16),
+                packed,
+                scales,
+                None,
+                128,
+                **options,
+            ),
+        )
+    # (weight dtype, activation dtype, rows, (N, K)): split-K at (4096, 4096), bias at 8 rows
+    w8_decode_cases = [
+        (fp8, bf16, 1, (4096, 4096)),
+        (fp8, bf16, 8, (28672, 4096)),
+        (fp8, bf16, 1, (4096, 14336)),
+        (fp8, bf16, 1, (128256, 4096)),
+        (fp8, fp16, 16, (6144, 4096)),
+        (fp8, fp16, 1, (6144, 4096)),
+        (fp8, fp32, 3, (6144, 4096)),
+        (int8, bf16, 1, (4096, 14336)),
+        (int8, bf16, 8, (6144, 4096)),
+        (int8, fp16, 2, (4096, 4096)),
+    ]
+    for weight_dtype, dtype, m, (n, k) in w8_decode_cases:
+        weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
+        bias = torch.empty(n, dtype=dtype) if m == 8 else None
+        # W8A8 (rows quantized in the kernel: what the model runs) and W8A16.
+        for qmax in (448.0 if weight_dtype == fp8 else 127.0, None):
+            yield (
+                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {qmax}",
+                partial(
+                    skinny_matmul.skinny_matmul_w8,
+                    torch.empty(m, k, dtype=dtype),
+                    weight,
+                    w_scale,
+                    bias,
+                    qmax,
+                ),
+            )
+    weight, w_scale = torch.empty(6144, 4096, dtype=fp8), torch.empty(6144)
+    for m in (1, 8):
+        # (The sweep runs the elementwise products at one row only.)
+        for options in [o for o in SKINNY_SWEEP["fp8"] if m == 1 or o["use_dot"]]:
+            yield (
+                f"skinny w8 fp8 bf16 {m}x6144x4096 sweep {options}",
+                partial(
+                    skinny_matmul.skinny_matmul_w8,
+                    torch.empty(m, 4096, dtype=bf16),
+                    weight,
+                    w_scale,
+                    None,
+                    448.0,
+                    **options,
+                ),
+            )
+    # The tiled W4A16 kernel: (dtype, rows, (N, K), group, zero points)
+    w4_tiled_cases = [
+        (bf16, 40, (6144, 4096), 128, True),
+        (bf16, 600, (4096, 1024), 256, False),
+        (bf16, 200, (28672, 4096), 32, False),
+        (fp16, 300, (6144, 4096), 32, False),
+    ]
+    for dtype, m, (n, k), group, zero_points in w4_tiled_cases:
+        packed, scales, zeros = int4_operands(n, k, group, dtype, zero_points)
         bias = torch.empty(n, dtype=dtype) if zero_points else None
         yield (
-            f"w4a16 {dtype} {m}x{n}x{k} group {group} zeros {zero_points}",
+            f"w4a16 tiled {dtype} {m}x{n}x{k} group {group} zeros {zero_points}",
             partial(
                 w4a16_matmul.w4a16_matmul,
                 torch.empty(m, k, dtype=dtype),
@@ -477,36 +562,11 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                 bias,
             ),
         )
-    for dtype, zero_points in ((bf16, True), (fp16, False)):
-        packed, scales = torch.empty(4096, 512, dtype=torch.int32), torch.empty(32, 4096)
-        zeros = torch.empty(32, 4096, dtype=torch.uint8) if zero_points else None
+    for dtype, group, zero_points in ((bf16, 128, True), (fp16, 32, False), (bf16, 256, False)):
+        packed, scales, zeros = int4_operands(4096, 4096, group, dtype, zero_points)
         yield (
-            f"dequantize_int4 {dtype} zeros {zero_points}",
-            partial(w4a16_matmul.dequantize_int4, packed, scales, zeros, 128, 4096, dtype),
-        )
-    # (weight dtype, activation dtype, rows, (N, K)): split-K at (4096, 4096), bias at 8 rows
-    w8a8_cases = [
-        (fp8, bf16, 1, (4096, 4096)),
-        (fp8, bf16, 8, (28672, 4096)),
-        (fp8, fp16, 16, (6144, 4096)),
-        (fp8, fp32, 3, (6144, 4096)),
-        (int8, bf16, 1, (4096, 14336)),
-        (int8, bf16, 8, (6144, 4096)),
-    ]
-    for weight_dtype, dtype, m, (n, k) in w8a8_cases:
-        qmax = 448.0 if weight_dtype == fp8 else 127.0
-        weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
-        bias = torch.empty(n, dtype=dtype) if m == 8 else None
-        yield (
-            f"w8a8 {weight_dtype} {dtype} {m}x{n}x{k}",
-            partial(
-                w8a8_matmul.w8a8_matmul,
-                torch.empty(m, k, dtype=dtype),
-                weight,
-                w_scale,
-                bias,
-                qmax,
-            ),
+            f"dequantize_int4 {dtype} group {group} zeros {zero_points}",
+            partial(w4a16_matmul.dequantize_int4, packed, scales, zeros, group, 4096, dtype),
         )
     for weight_dtype, qmax in ((fp8, 448.0), (int8, 127.0)):
         for dtype in (bf16, fp16):
@@ -524,16 +584,7 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
             weight, w_scale = torch.empty(6144, 4096, dtype=weight_dtype), torch.empty(6144)
             yield (
                 f"w8a8 tiled {weight_dtype} {m}x6144x4096",
-                partial(
-                    w8a8_matmul.w8a8_matmul,
-                    codes,
-                    weight,
-                    w_scale,
-                    None,
-                    qmax,
-                    x_scale=x_scale,
-                    out_dtype=bf16,
-                ),
+                partial(w8a8_matmul.w8a8_matmul, codes, x_scale, weight, w_scale, None, bf16),
             )
 
 

@@ -2,7 +2,7 @@
 group with a scale (and, asymmetric, a zero point) per output channel; activations stay in
 the model dtype. Checkpoints in AWQ's, GPTQ's and compressed-tensors' layouts (a
 ``Int4Layout`` each, in awq.py, gptq.py and compressed_tensors.py) are unpacked after
-loading to codes, scales and zeros, act-order reordered, and repacked into lanner's chunked
+loading to codes, scales and zeros, act-order reordered, and repacked into lanner's plane
 layout (kernels/quant_reference.py), which one set of kernels reads.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from lanner.kernels import ops
-from lanner.kernels.quant_reference import INT4_CHUNK, INT4_SYMMETRIC_ZERO, pack_int4
+from lanner.kernels.quant_reference import INT4_PLANE, INT4_SYMMETRIC_ZERO, pack_int4
 from lanner.model.quant.base import LinearMethod, ShardLayout, layer_parameter
 
-# Group sizes the kernels take: those dividing one packed chunk of 128, and multiples of it.
+# Group sizes the kernels take: those dividing one nibble plane of 128 k, and multiples of it.
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, "a multiple of 128", -1)
 
 
@@ -26,7 +26,7 @@ def check_group_size(group_size: int, field: str) -> None:
     ok = group_size == -1 or (
         group_size > 0
         and group_size % 16 == 0
-        and (INT4_CHUNK % group_size == 0 or group_size % INT4_CHUNK == 0)
+        and (INT4_PLANE % group_size == 0 or group_size % INT4_PLANE == 0)
     )
     if not ok:
         raise ValueError(
@@ -95,9 +95,9 @@ class Int4LinearMethod(LinearMethod):
         return 1 if self.group_size == -1 else -(-input_size // self.group_size)
 
     def effective_group(self, input_size: int) -> int:
-        """Per-channel is one group spanning K padded to whole chunks."""
+        """Per-channel is one group spanning K padded to whole planes of 128."""
         if self.group_size == -1:
-            return -(-input_size // INT4_CHUNK) * INT4_CHUNK
+            return -(-input_size // INT4_PLANE) * INT4_PLANE
         return self.group_size
 
     def create_weights(self, layer, input_size, output_sizes, dtype):
