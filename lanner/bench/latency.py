@@ -72,7 +72,7 @@ def run_latency(args: argparse.Namespace) -> int:
             f"p90 {stats['p90']:.2f}  p99 {stats['p99']:.2f}"
         )
     print(roofline.format_roofline(section))
-    path = report.write_json(result, args.output_json)
+    path = report.write_json(result, args.output_json, args.result_dir)
     if args.plot:
         figure = report.plot_cdfs(
             series, report.figure_path(path, "latency-cdf"), f"latency: batch {args.batch_size}"

@@ -15,6 +15,7 @@ from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
+from lanner.runner.cpu_threads import set_num_threads
 from lanner.runner.model_runner import ModelRunner, PendingStep, SequenceChunk
 from lanner.runner.sampler import SamplingRow, TokenLogprobs
 from lanner.sampling_params import SamplingParams
@@ -58,15 +59,29 @@ class EngineCoreStats:
     num_preemptions: int = 0  # since the core started
 
 
-def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """Raise ValueError saying what to change when a prompt cannot run."""
+def validate_prompt(
+    prompt_token_ids: list[int],
+    max_model_len: int,
+    vocab_size: int,
+    model_max_len: int | None = None,
+) -> None:
+    """Raise ValueError saying what to change when a prompt cannot run. ``model_max_len``
+    (the model's max_position_embeddings) says whether max_model_len could be raised."""
     if not prompt_token_ids:
         raise ValueError("the prompt is empty; give at least one token")
     if len(prompt_token_ids) >= max_model_len:
+        can_raise = model_max_len is not None and max_model_len < model_max_len
+        fix = (
+            f"shorten the prompt or raise max_model_len (the model allows {model_max_len})"
+            if can_raise
+            else "shorten the prompt (max_model_len is already the model's maximum)"
+            if model_max_len is not None
+            else "shorten the prompt or raise max_model_len, up to the model's maximum"
+        )
         raise ValueError(
             f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is "
             f"{max_model_len}, which must leave room for at least one generated "
-            f"token; shorten the prompt or raise max_model_len"
+            f"token; {fix}"
         )
     bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
     if bad:
@@ -101,6 +116,12 @@ class EngineCore:
             load.model, load.dtype, load.device, load.load_format, load.revision, load.seed
         )
         self.model_config = self.loaded.config
+        self.num_threads = (
+            set_num_threads(config.num_threads) if self.loaded.device.type == "cpu" else None
+        )
+        # vLLM's --seed: requests without a seed of their own draw from torch's generator,
+        # so a run's unseeded sampling repeats under the same seed and request order.
+        torch.manual_seed(load.seed)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(
@@ -172,7 +193,12 @@ class EngineCore:
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError saying what to change when a prompt cannot run."""
-        validate_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
+        validate_prompt(
+            prompt_token_ids,
+            self.max_model_len,
+            self.model_config.vocab_size,
+            self.model_config.max_position_embeddings,
+        )
 
     def stats(self) -> EngineCoreStats:
         prefix = self.kv_manager.prefix_cache_stats

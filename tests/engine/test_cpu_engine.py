@@ -112,8 +112,10 @@ def test_a_large_cpu_cache_holds_memory_only_for_blocks_in_use() -> None:
     more); generating one prompt must not make the process resident in all of it."""
     before = _resident_bytes()
     llm = LLM(device="cpu", dtype="float32")
-    assert llm.engine.core.num_kv_blocks * kv_cache.kv_cache_bytes_per_block(
-        llm.engine.core.model_config, 16, torch.float32
-    ) > 1.5 * 2**30
+    assert (
+        llm.engine.core.num_kv_blocks
+        * kv_cache.kv_cache_bytes_per_block(llm.engine.core.model_config, 16, torch.float32)
+        > 1.5 * 2**30
+    )
     llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=32))
     assert _resident_bytes() - before < 300 * 2**20

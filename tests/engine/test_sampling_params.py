@@ -32,6 +32,10 @@ def test_defaults_match_vllm() -> None:
         "skip_special_tokens": True,
         "spaces_between_special_tokens": True,
         "detokenize": True,
+        "logit_bias": None,
+        "allowed_token_ids": None,
+        "bad_words": None,
+        "bad_words_token_ids": None,
     }
     assert params.sampling_type is SamplingType.RANDOM
     assert not params.uses_penalties and not params.uses_truncation

@@ -38,7 +38,13 @@ from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
 from lanner.entrypoints.openai.errors import OpenAIError, error_body
 from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.prepare import PrepareContext
-from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from lanner.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from lanner.entrypoints.openai.serving import OpenAIServing
 from lanner.entrypoints.openai.workers import PrepareWorkers
 from lanner.metrics.prometheus import ServerMetrics
@@ -60,6 +66,8 @@ class ServerOptions:
     limits: ServerLimits = field(default_factory=ServerLimits)
     # Host header values answered; None answers any (see default_allowed_hosts).
     allowed_hosts: frozenset[str] | None = None
+    # /metrics names: lanner:* or, for dashboards built on vLLM's, vllm:*.
+    metrics_prefix: str = "lanner"
 
 
 def default_model_name(model: str) -> str:
@@ -104,6 +112,8 @@ class _RequestPreparer:
             self.engine.ready.vocab_size,  # type: ignore[union-attr]
             limits,
             max_chars,
+            self.engine.ready.model_max_len,  # type: ignore[union-attr]
+            tuple(self.engine.generation_defaults.items()),
         )
 
     async def prepare(self, kind: str, request: Request) -> Any:
@@ -125,7 +135,7 @@ class _RequestPreparer:
 
 def build_app(options: ServerOptions) -> FastAPI:
     config = EngineConfig.from_kwargs(**options.engine)
-    metrics = ServerMetrics(options.served_model_names[0])
+    metrics = ServerMetrics(options.served_model_names[0], options.metrics_prefix)
     engine = AsyncLLM(config, stat_logger=metrics)
     serving = OpenAIServing(
         engine, options.served_model_names, config.max_num_seqs, options.max_queued_requests
@@ -240,6 +250,15 @@ def build_app(options: ServerOptions) -> FastAPI:
     async def reset_prefix_cache() -> dict[str, bool]:
         return {"emptied": await engine.reset_prefix_cache()}
 
+    @app.post("/tokenize", openapi_extra=_json_body(TokenizeCompletionRequest, TokenizeChatRequest))
+    async def tokenize(raw: Request) -> Response:
+        """vLLM's: a prompt (or messages, through the chat template) as token ids."""
+        return JSONResponse(await preparer.prepare("tokenize", raw))
+
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
+    async def detokenize(raw: Request) -> Response:
+        return JSONResponse(await preparer.prepare("detokenize", raw))
+
     @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(raw: Request) -> Response:
         request = await preparer.prepare("completion", raw)
@@ -254,15 +273,15 @@ def build_app(options: ServerOptions) -> FastAPI:
     return app
 
 
-def _json_body(model: type) -> dict[str, Any]:
-    """The route's request body, for /openapi.json: routes read the body themselves (in a
-    worker), so FastAPI cannot see its model."""
+def _json_body(*models: type) -> dict[str, Any]:
+    """The route's request body (one of ``models``), for /openapi.json: routes read the
+    body themselves (in a worker), so FastAPI cannot see its model."""
+    refs = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
     return {
         "requestBody": {
             "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
-            },
+            "content": {"application/json": {"schema": schema}},
         }
     }
 
@@ -274,7 +293,16 @@ def _openapi(app: FastAPI, context: PrepareContext | None) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     _, definitions = models_json_schema(
-        [(m, "validation") for m in (CompletionRequest, ChatCompletionRequest)],
+        [
+            (m, "validation")
+            for m in (
+                CompletionRequest,
+                ChatCompletionRequest,
+                TokenizeCompletionRequest,
+                TokenizeChatRequest,
+                DetokenizeRequest,
+            )
+        ],
         ref_template="#/components/schemas/{model}",
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -473,6 +501,7 @@ def run_server(
         max_queued_requests=args.max_queued_requests,
         limits=limits,
         allowed_hosts=allowed,
+        metrics_prefix=getattr(args, "metrics_prefix", "lanner"),
     )
     if options.max_queued_requests is not None and options.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")

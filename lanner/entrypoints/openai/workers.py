@@ -165,8 +165,11 @@ class PrepareWorkers:
             raise
         return worker
 
-    async def prepare(self, kind: str, raw: bytes, context: PrepareContext) -> PreparedRequest:
-        """Prepare a request in a worker; raises OpenAIError for the client."""
+    async def prepare(
+        self, kind: str, raw: bytes, context: PrepareContext
+    ) -> PreparedRequest | dict[str, Any]:
+        """Prepare a request in a worker (for /tokenize and /detokenize: answer it there);
+        raises OpenAIError for the client."""
         if self._idle is None or self._closed:
             raise OpenAIError(503, "the server is starting or stopping", "ServiceUnavailable")
         worker = await self._idle.get()
