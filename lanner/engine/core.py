@@ -12,6 +12,7 @@ import torch
 from lanner.engine.config import EngineConfig
 from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from lanner.engine.startup import format_phases, seconds_since_process_start
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
@@ -112,10 +113,16 @@ class EngineCore:
         self.config = config
         load = config.load
         started = time.perf_counter()
+        # Where a cold start's time goes, logged once the engine is ready.
+        self.startup_phases: dict[str, float] = {}
+        before_build = seconds_since_process_start()
+        if before_build is not None:
+            self.startup_phases["process start to engine build (imports)"] = before_build
         self.loaded = load_model(
             load.model, load.dtype, load.device, load.load_format, load.revision, load.seed
         )
         self.model_config = self.loaded.config
+        mark = self._mark_phase("load weights", started)
         self.num_threads = (
             set_num_threads(config.num_threads) if self.loaded.device.type == "cpu" else None
         )
@@ -144,6 +151,7 @@ class EngineCore:
         peak = self.runner.profile_peak_memory(
             scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs
         )
+        mark = self._mark_phase("profile run and kernel compile", mark)
         useful_blocks = scheduler_config.max_num_seqs * -(-self.max_model_len // block_size)
         num_blocks = num_blocks_for_memory(
             config.cache,
@@ -154,6 +162,11 @@ class EngineCore:
             useful_blocks,
         )
         self.runner.initialize_cache(num_blocks, scheduler_config.max_num_seqs, self.max_model_len)
+        graphs = self.runner.decode_graphs
+        capture = graphs.capture_seconds if graphs is not None else 0.0
+        self._mark_phase("KV cache sizing and allocation", mark, less=capture)
+        if graphs is not None:
+            self.startup_phases["CUDA graph capture"] = capture
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
@@ -177,12 +190,19 @@ class EngineCore:
             capacity / self.max_model_len,
             self.max_model_len,
         )
+        self.startup_phases["engine build"] = time.perf_counter() - started
+        logger.info("startup: %s", format_phases(self.startup_phases))
         # Everything alive now (the model, the libraries' module state) lives as long as
         # the engine: out of the collector's view, a full collection while serving scans
         # only the requests' objects. Without this, each of W3's three full collections
         # held the host for ~80 ms, stalling the GPU (H100, 2026-11-27).
         gc.collect()
         gc.freeze()
+
+    def _mark_phase(self, name: str, since: float, less: float = 0.0) -> float:
+        now = time.perf_counter()
+        self.startup_phases[name] = now - since - less
+        return now
 
     @property
     def num_kv_blocks(self) -> int:

@@ -107,6 +107,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
+        self.capture_seconds = 0.0  # warm-ups included
 
     def metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -150,12 +151,13 @@ class DecodeGraphs:
                 self.pool = graph.pool()
             self.graphs[batch] = graph
         torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - started
         logger.info(
             "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1fs",
             len(self.graphs),
             self.sizes[0],
             self.sizes[-1],
-            time.perf_counter() - started,
+            self.capture_seconds,
         )
 
     def can_run(self, num_seqs: int) -> bool:
