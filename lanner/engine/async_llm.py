@@ -96,10 +96,16 @@ class RequestStream:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig, stat_logger: StatLogger | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        stat_logger: StatLogger | None = None,
+        client: AsyncCoreClient | None = None,
+    ) -> None:
+        """``client``: a core client already launched for ``config`` (see launch)."""
         self.config = config
         self.stat_logger = stat_logger
-        self.client = AsyncCoreClient(config)
+        self.client = client or AsyncCoreClient(config)
         self.ready: CoreReady | None = None
         self.tokenizer: Any = None
         self.processor: OutputProcessor | None = None

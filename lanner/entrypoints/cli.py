@@ -283,14 +283,15 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def _server_packages_missing(err: ImportError) -> ValueError:
+    return ValueError(
+        f"`lanner serve` needs the server's packages ({err.name} is missing); "
+        f"install them with: pip install 'lanner[serve]'"
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    try:
-        from lanner.entrypoints.openai.api_server import run_server
-    except ImportError as err:
-        raise ValueError(
-            f"`lanner serve` needs the server's packages ({err.name} is missing); "
-            f"install them with: pip install 'lanner[serve]'"
-        ) from err
+    from lanner.engine.config import EngineConfig
     from lanner.entrypoints.openai.limits import limits_from_args
 
     options = engine_kwargs(args)
@@ -299,9 +300,29 @@ def run_serve(args: argparse.Namespace) -> int:
             "`lanner serve` needs the tokenizer (it tokenizes prompts and streams text); "
             "--skip-tokenizer-init is for the offline LLM"
         )
+    config = EngineConfig.from_kwargs(**options)
     limits = limits_from_args(args)
     check_port_free(args.host, args.port)
-    return run_server(args, options, limits)
+    try:
+        from lanner.engine.core_client import AsyncCoreClient
+    except ImportError as err:
+        raise _server_packages_missing(err) from err
+    # The engine core imports and loads the model in its own process: started first, that
+    # overlaps with this process importing the server (a cold start's two largest parts).
+    core = AsyncCoreClient(config)
+    core.launch()
+    try:
+        try:
+            from lanner.entrypoints.openai.workers import start_fork_server
+
+            # Likewise the process request workers fork from (it imports the tokenizer).
+            start_fork_server(config.load.tokenizer or config.load.model)
+            from lanner.entrypoints.openai.api_server import run_server
+        except ImportError as err:
+            raise _server_packages_missing(err) from err
+        return run_server(args, options, limits, core)
+    finally:
+        core.shutdown()  # a no-op once the server has stopped it
 
 
 def build_parser() -> argparse.ArgumentParser:

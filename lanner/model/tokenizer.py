@@ -68,6 +68,14 @@ def _named_tokenizer_class(model_dir: str | Path) -> type | None:
     return getattr(transformers, name)
 
 
+def tokenizer_modules(model_dir: str | Path) -> list[str]:
+    """The modules load_tokenizer will import for this checkpoint: what a process that
+    forks tokenizer workers should import once, before forking."""
+    if _named_tokenizer_class(model_dir) is not None:
+        return ["transformers", "transformers.tokenization_utils_tokenizers"]
+    return ["transformers", "transformers.models.auto.tokenization_auto"]
+
+
 def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
     """An upper bound on the characters one token stands for: its vocabulary string's length
     (byte-level BPE spells each byte as one character, and a byte is at most a character)."""

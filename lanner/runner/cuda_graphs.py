@@ -141,8 +141,9 @@ class DecodeGraphs:
         started = time.perf_counter()
         # Largest first, so smaller graphs reuse its memory pool.
         for batch in reversed(self.sizes):
-            for _ in range(2):  # warm up: compile kernels outside the capture
-                self._forward(batch)
+            # One warm-up compiles (or loads) its kernels and lets cuBLAS set up outside
+            # the capture; a second, as this did before, only cost a forward a size.
+            self._forward(batch)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

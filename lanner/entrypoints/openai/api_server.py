@@ -35,6 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import lanner
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
+from lanner.engine.core_client import AsyncCoreClient
+from lanner.engine.startup import format_phases, seconds_since_process_start
 from lanner.entrypoints.openai.errors import OpenAIError, error_body
 from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.prepare import PrepareContext
@@ -133,10 +135,11 @@ class _RequestPreparer:
         return await self.workers.prepare(kind, raw, self.context)
 
 
-def build_app(options: ServerOptions) -> FastAPI:
-    config = EngineConfig.from_kwargs(**options.engine)
+def build_app(options: ServerOptions, core_client: AsyncCoreClient | None = None) -> FastAPI:
+    """``core_client``: an engine core already launched for ``options.engine``."""
+    config = core_client.config if core_client else EngineConfig.from_kwargs(**options.engine)
     metrics = ServerMetrics(options.served_model_names[0], options.metrics_prefix)
-    engine = AsyncLLM(config, stat_logger=metrics)
+    engine = AsyncLLM(config, stat_logger=metrics, client=core_client)
     serving = OpenAIServing(
         engine, options.served_model_names, config.max_num_seqs, options.max_queued_requests
     )
@@ -145,13 +148,23 @@ def build_app(options: ServerOptions) -> FastAPI:
 
     async def start() -> None:
         """Start the engine core and the request workers together."""
+        phases = {"process start to server start (imports)": seconds_since_process_start() or 0}
+        began = time.perf_counter()
+
+        async def timed(name: str, starting: Any) -> None:
+            await starting
+            phases[name] = time.perf_counter() - began
+
         results = await asyncio.gather(
-            engine.start(), preparer.workers.start(), return_exceptions=True
+            timed("engine core ready (tokenizer loaded)", engine.start()),
+            timed("request workers ready", preparer.workers.start()),
+            return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
         preparer.set_engine_ready()
+        logger.info("startup (server): %s", format_phases(phases))
         # What is alive now lives as long as the server: out of the collector's view, a
         # full collection scans only requests' objects. Otherwise each one held the event
         # loop ~170 ms (the imported libraries' 380k objects; the CPU machine).
@@ -484,7 +497,10 @@ class ApiKeyMiddleware:
 
 
 def run_server(
-    args: argparse.Namespace, engine_options: dict[str, Any], limits: ServerLimits
+    args: argparse.Namespace,
+    engine_options: dict[str, Any],
+    limits: ServerLimits,
+    core_client: AsyncCoreClient | None = None,
 ) -> int:
     """Serve until SIGTERM or Ctrl-C; in-flight requests finish first."""
     model = engine_options["model"]
@@ -505,7 +521,7 @@ def run_server(
     )
     if options.max_queued_requests is not None and options.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
-    app = build_app(options)
+    app = build_app(options, core_client)
     timeout = args.timeout_graceful_shutdown
     server = uvicorn.Server(
         uvicorn.Config(
