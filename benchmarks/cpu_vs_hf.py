@@ -76,6 +76,7 @@ PROMPTS = [
 # (None: not passed; transformers 5 then reads the checkpoint's, bfloat16 here).
 DTYPE_SETTINGS = {
     "float32": {"lanner": "float32", "hf": "float32"},
+    "bfloat16": {"lanner": "bfloat16", "hf": "bfloat16"},
     "default": {"lanner": None, "hf": None},
 }
 
@@ -200,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both engines")
     parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--dtypes", default="float32,default", help="columns of DTYPE_SETTINGS")
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16,default", help="columns of DTYPE_SETTINGS"
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--commit", default=None, help="recorded in the JSON")
