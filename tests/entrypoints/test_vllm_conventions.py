@@ -156,3 +156,45 @@ def test_vllm_metric_names_on_request() -> None:
     assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
     with pytest.raises(ValueError, match="prefix"):
         ServerMetrics("m", prefix="prom")
+
+
+GREEDY_4 = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+PROMPT_IDS = list(range(5, 45))  # 40 tokens: two full 16-token blocks for the prefix cache
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir: Path) -> LLM:
+    return LLM(str(model_dir), max_model_len=128, num_gpu_blocks_override=64, block_size=16)
+
+
+def test_llm_get_metrics(offline: LLM) -> None:
+    """LLM.get_metrics(): vLLM's shapes, values that follow the requests run, vLLM's names
+    on request and a ValueError for an unknown prefix."""
+    for _ in range(2):  # the second run of the same prompt hits the prefix cache
+        offline.generate({"prompt_token_ids": PROMPT_IDS}, GREEDY_4, use_tqdm=False)
+    metrics = {(m.name, m.labels.get("finished_reason")): m for m in offline.get_metrics()}
+    assert metrics[("lanner:prompt_tokens", None)].value >= 2 * len(PROMPT_IDS)
+    assert metrics[("lanner:generation_tokens", None)].value >= 2 * 4
+    assert metrics[("lanner:request_success", "length")].value >= 2
+    assert metrics[("lanner:num_requests_running", None)].value == 0
+    hits = metrics[("lanner:prefix_cache_hits", None)].value
+    assert 32 <= hits <= metrics[("lanner:prefix_cache_queries", None)].value
+    ttft = metrics[("lanner:time_to_first_token_seconds", None)]
+    assert ttft.count >= 2 and ttft.buckets[float("inf")] == ttft.count and ttft.sum > 0
+    assert all(m.name.startswith("vllm:") for m in offline.get_metrics(prefix="vllm"))
+    with pytest.raises(ValueError, match="prefix"):
+        offline.get_metrics(prefix="sglang")
+
+
+def test_skip_tokenizer_init(model_dir: Path, offline: LLM) -> None:
+    """skip_tokenizer_init=True: no tokenizer loaded, token-id prompts give the same tokens
+    as with one (and no text); a text prompt fails saying what to pass instead."""
+    bare = LLM(str(model_dir), max_model_len=128, num_gpu_blocks_override=64,
+               skip_tokenizer_init=True)  # fmt: skip
+    assert bare.get_tokenizer() is None
+    ours = bare.generate({"prompt_token_ids": PROMPT_IDS}, GREEDY_4, use_tqdm=False)[0]
+    theirs = offline.generate({"prompt_token_ids": PROMPT_IDS}, GREEDY_4, use_tqdm=False)[0]
+    assert list(ours.outputs[0].token_ids) == list(theirs.outputs[0].token_ids)
+    assert not ours.outputs[0].text
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        bare.generate("def f():", GREEDY_4, use_tqdm=False)
