@@ -11,7 +11,7 @@ On the CPU (defaults: the embedded demo model):
 Each trial starts the server in its own process group with TRITON_CACHE_DIR set (a fresh
 folder for "empty"; the folder an earlier trial filled for "warm"), sends one 1-token
 completion as soon as the port answers, and records process start -> first token, the
-server's own startup lines and the engine core's phases. Writes
+startup phases the engine core and the API server log. Writes
 benchmarks/results/<stamp>-cold-start.json (and $OUT).
 """
 
@@ -40,7 +40,7 @@ from lanner.bench.report import new_result, save_copies  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 DEMO = REPO / "lanner" / "assets" / "demo-model"
 SHAPE_8B = REPO / "benchmarks" / "shapes" / "llama3-8b"
-PHASES = re.compile(r"startup: (.*)$")
+PHASES = re.compile(r"startup(?: \((\w+)\))?: (.*)$")  # "startup: ..." is the engine core's
 SERVER_MODULES = ("fastapi", "uvicorn", "zmq", "prometheus_client", "httpx", "msgspec")
 
 
@@ -68,14 +68,16 @@ def first_token(url: str, deadline: float) -> float:
     raise TimeoutError("no token before the deadline")
 
 
-def parse_phases(log: str) -> list[dict[str, float]]:
-    """Every 'startup: name 1.23 s, ...' line of the log, as {name: seconds}."""
-    found = []
+def parse_phases(log: str) -> list[dict[str, float | str]]:
+    """Every 'startup[ (who)]: name 1.23 s, ...' line of the log (the engine core's, the
+    API server's), as {"who": who, name: seconds}."""
+    found: list[dict[str, float | str]] = []
     for line in log.splitlines():
         match = PHASES.search(line)
         if match:
-            parts = [p.rsplit(" ", 2) for p in match.group(1).split(", ")]
-            found.append({name: float(value) for name, value, _ in parts})
+            parts = [p.rsplit(" ", 2) for p in match.group(2).split(", ")]
+            found.append({"who": match.group(1) or "engine core"})
+            found[-1].update({name: float(value) for name, value, _ in parts})
     return found
 
 
@@ -107,14 +109,16 @@ def serve_trial(args: argparse.Namespace, cache_dir: Path, label: str, log_dir: 
     trial = {
         "label": label,
         "process_start_to_first_token_s": None if arrived is None else arrived - started,
-        "engine_core_phases_s": parse_phases(log_text),
+        "startup_phases_s": parse_phases(log_text),
         "log_tail": log_text[-3000:] if arrived is None else None,
     }
     seconds = trial["process_start_to_first_token_s"]
     shown = "no token (see log_tail)" if seconds is None else f"{seconds:.1f} s"
     print(f"{label:>6}: process start -> first token {shown}", flush=True)
-    for phases in trial["engine_core_phases_s"]:
-        print("        " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()), flush=True)
+    for phases in trial["startup_phases_s"]:
+        who, *timed = phases.items()
+        shown = ", ".join(f"{k} {v:.2f} s" for k, v in timed)
+        print(f"        {who[1]}: {shown}", flush=True)
     return trial
 
 
