@@ -1,4 +1,4 @@
-"""The named engine workloads W1-W4 (../shared/BENCHMARKS.md) on random bf16 weights,
+"""The named engine workloads W1-W4 (benchmarks/WORKLOADS.md) on random bf16 weights,
 plus the GPU parity check of the fast path (Triton kernels + CUDA graphs) against the
 eager reference path.
 

@@ -160,18 +160,25 @@ def sharegpt_requests(
 
 
 def add_dataset_args(parser: Any, default_input: int = 128, default_output: int = 128) -> None:
-    parser.add_argument("--dataset-name", choices=DATASETS, default="random")
-    parser.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
-    parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--input-len", type=int, default=default_input)
-    parser.add_argument("--output-len", type=int, default=default_output)
-    parser.add_argument("--input-len-range", default=None, help="A:B, uniform, both included")
-    parser.add_argument("--output-len-range", default=None, help="A:B, uniform, both included")
+    parser.add_argument("--dataset-name", choices=DATASETS, default="random",
+                        help="where prompts come from")  # fmt: skip
+    parser.add_argument("--dataset-path", default=None,
+                        help="ShareGPT-format JSON file (default: none)")  # fmt: skip
+    parser.add_argument("--num-prompts", type=int, default=100, help="requests to send")
+    parser.add_argument("--input-len", type=int, default=default_input, help="prompt tokens")
+    parser.add_argument("--output-len", type=int, default=default_output, help="output tokens")
+    parser.add_argument("--input-len-range", default=None, help="A:B, uniform, both included "
+                        "(default: --input-len for all)")  # fmt: skip
+    parser.add_argument("--output-len-range", default=None, help="A:B, uniform, both included "
+                        "(default: --output-len for all)")  # fmt: skip
     parser.add_argument(
         "--prefix-share", type=float, default=0.5, help="prefix dataset: shared share of a prompt"
     )
     parser.add_argument(
-        "--sharegpt-output-len", type=int, default=None, help="override ShareGPT output lengths"
+        "--sharegpt-output-len",
+        type=int,
+        default=None,
+        help="override ShareGPT output lengths (default: the replies' own)",
     )
     parser.add_argument("--num-tenants", type=int, default=16,
                         help="tenants dataset: tenants, each with a system prompt")  # fmt: skip

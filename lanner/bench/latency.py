@@ -80,7 +80,7 @@ def run_latency(args: argparse.Namespace) -> int:
     if spec_line:
         print(spec_line)
     print(roofline.format_roofline(section))
-    path = report.write_json(result, args.output_json)
+    path = report.write_json(result, args.output_json, args.result_dir)
     if args.plot:
         figure = report.plot_cdfs(
             series, report.figure_path(path, "latency-cdf"), f"latency: batch {args.batch_size}"

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# Where results land by default: this folder when run from a lanner checkout (it exists
+# there), else the current directory.
 RESULTS_DIR = Path("benchmarks") / "results"
 PERCENTILES = (50, 90, 99)
 
@@ -79,9 +81,14 @@ def new_result(workload: str, model: str) -> dict[str, Any]:
     }
 
 
-def default_json_path(workload: str) -> Path:
+def default_results_dir() -> Path:
+    return RESULTS_DIR if RESULTS_DIR.is_dir() else Path(".")
+
+
+def default_json_path(workload: str, results_dir: str | Path | None = None) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return RESULTS_DIR / f"{stamp}-bench-{workload}.json"
+    folder = Path(results_dir) if results_dir is not None else default_results_dir()
+    return folder / f"{stamp}-bench-{workload}.json"
 
 
 def _clean(value: Any) -> Any:
@@ -104,11 +111,22 @@ def save_copies(result: dict[str, Any], results_dir: Path, name: str) -> None:
         (folder / name).write_text(json.dumps(result, indent=2))
 
 
-def write_json(result: dict[str, Any], path: str | Path | None) -> Path:
-    target = Path(path) if path else default_json_path(result["workload"])
+# Files already announced: with --plot a result is written again with its figures' paths,
+# and saying "wrote" once is enough.
+_announced: set[Path] = set()
+
+
+def write_json(
+    result: dict[str, Any], path: str | Path | None, results_dir: str | Path | None = None
+) -> Path:
+    """Write ``result`` to ``path``, or a stamped file in ``results_dir`` (default: see
+    RESULTS_DIR); says where, the first time."""
+    target = Path(path) if path else default_json_path(result["workload"], results_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(_clean(result), indent=2) + "\n")
-    print(f"wrote {target}")
+    if target.resolve() not in _announced:
+        _announced.add(target.resolve())
+        print(f"wrote {target}")
     return target
 
 

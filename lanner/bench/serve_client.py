@@ -293,9 +293,29 @@ def _shape(args: argparse.Namespace) -> roofline.ModelShape | None:
     return None
 
 
+def check_reachable(base_url: str, timeout_s: float = 10.0) -> None:
+    """Fail with one line (ValueError) when nothing answers at ``base_url``: otherwise every
+    request would fail on its own, after the run was set up."""
+    import urllib.error
+    import urllib.request
+
+    url = base_url.rstrip("/") + "/v1/models"
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s).close()  # noqa: S310 - the user's URL
+    except urllib.error.HTTPError:
+        return  # something answered (401 without --api-key, 404 elsewhere): a server
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ValueError(
+            f"no server answers at {base_url} ({reason}); start one (e.g. `lanner serve`) "
+            f"or point --base-url at it"
+        ) from None
+
+
 def run_serve_bench(args: argparse.Namespace) -> int:
     slos = parse_goodput(args.goodput)
     rates = parse_rates(args)
+    check_reachable(args.base_url)
     model = _model_name(args.base_url, args.model, args.api_key)
     tokenizer = _tokenizer(args)
     vocab = args.vocab_size or (len(tokenizer) if tokenizer is not None else 1000)
@@ -329,7 +349,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         runs.append(summary)
     result = report.new_result("serve", model)
     result.update(base_url=args.base_url, results={"runs": runs}, config=_config(args))
-    path = report.write_json(result, args.output_json)
+    path = report.write_json(result, args.output_json, args.result_dir)
     if args.plot:
         plots = []
         for run, series in zip(runs, series_by_rate, strict=True):
@@ -362,15 +382,17 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--endpoint", default="/v1/completions")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server")
+    parser.add_argument("--endpoint", default="/v1/completions",
+                        help="/v1/completions or /v1/chat/completions")  # fmt: skip
     parser.add_argument("--model", default=None, help="model name (default: the server's first)")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (ShareGPT prompts)")
+    parser.add_argument("--api-key", default=None, help="sent as a Bearer token (default: none)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder, for ShareGPT "
+                        "prompts and the chat endpoint (default: none)")  # fmt: skip
     parser.add_argument(
         "--model-config",
         default=None,
-        help="folder with the served model's config.json, for the roofline",
+        help="folder with the served model's config.json, for the roofline (default: none)",
     )
     parser.add_argument(
         "--vocab-size",
@@ -380,10 +402,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--request-rate", type=float, default=math.inf,
                         help="Poisson arrivals per second (inf: all at once)")  # fmt: skip
-    parser.add_argument("--request-rates", default=None, help="a sweep, e.g. 4,16,32")
-    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--request-rates", default=None, help="a sweep, e.g. 4,16,32 "
+                        "(default: --request-rate alone)")  # fmt: skip
+    parser.add_argument("--max-concurrency", type=int, default=None,
+                        help="most requests in flight (default: no limit)")  # fmt: skip
     parser.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
-                        help="SLOs, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--request-timeout", type=float, default=6 * 3600.0)
+                        help="SLOs, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el; "
+                        "default: none)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
+    parser.add_argument("--request-timeout", type=float, default=6 * 3600.0,
+                        help="seconds one request may take")  # fmt: skip
     parser.add_argument("--num-warmups", type=int, default=0, help="untimed requests per rate")

@@ -144,7 +144,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     if args.plot:
         series = _request_latencies(outputs)
         result["plots"] = []
-    path = report.write_json(result, args.output_json)
+    path = report.write_json(result, args.output_json, args.result_dir)
     if args.plot:
         figure = report.plot_cdfs(series, report.figure_path(path, "latency-cdf"),
                                   f"throughput: {len(outputs)} requests")  # fmt: skip
@@ -173,8 +173,11 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-json", default=None, help="result file (default: under "
-                        "benchmarks/results/)")  # fmt: skip
+    parser.add_argument("--output-json", default=None, help="result file (default: a "
+                        "stamped file in --result-dir)")  # fmt: skip
+    parser.add_argument("--result-dir", default=None, help="folder for result files (default: "
+                        "benchmarks/results/ when run from a lanner checkout, else the current "
+                        "directory)")  # fmt: skip
     parser.add_argument("--plot", action="store_true", help="also write PNG figures")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
 
@@ -184,8 +187,8 @@ def add_warmup_arg(parser: argparse.ArgumentParser, default: int) -> None:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     parser.add_argument(
         "--detokenize",
         action=argparse.BooleanOptionalAction,

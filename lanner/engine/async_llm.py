@@ -24,6 +24,7 @@ from lanner.engine.core_messages import (
     ResetPrefixCache,
     ResetPrefixCacheDone,
 )
+from lanner.engine.llm_engine import checked_generation_defaults
 from lanner.engine.output_processor import OutputProcessor, parent_request_id
 from lanner.engine.outputs import RequestOutput
 from lanner.model.tokenizer import load_tokenizer
@@ -100,14 +101,18 @@ class AsyncLLM:
         config: EngineConfig,
         stat_logger: StatLogger | None = None,
         core_env: dict[str, str] | None = None,
+        client: AsyncCoreClient | None = None,
     ) -> None:
+        """``core_env``: variables the core process starts with (a data-parallel rank's
+        GPU); ``client``: a core client already launched for ``config`` (see launch)."""
         self.config = config
         self.stat_logger = stat_logger
-        # core_env: variables the core process starts with (a data-parallel rank's GPU).
-        self.client = AsyncCoreClient(config, env=core_env)
+        self.client = client or AsyncCoreClient(config, env=core_env)
         self.ready: CoreReady | None = None
         self.tokenizer: Any = None
         self.processor: OutputProcessor | None = None
+        # SamplingParams fields the model's generation_config.json sets (once started).
+        self.generation_defaults: dict[str, Any] = {}
         self.stats = EngineCoreStats()
         self.dead_error: EngineDeadError | None = None
         self._queues: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
@@ -122,6 +127,9 @@ class AsyncLLM:
         self.ready = await self.client.start()
         self.tokenizer = load_tokenizer(
             self.config.load.tokenizer or self.ready.model_path, self.config.load.trust_remote_code
+        )
+        self.generation_defaults = checked_generation_defaults(
+            self.ready.model_path, self.config.load.generation_config
         )
         self.processor = OutputProcessor(self.tokenizer)
         self._output_task = asyncio.create_task(self._output_loop(), name="lanner-outputs")
@@ -156,7 +164,10 @@ class AsyncLLM:
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         assert self.ready is not None
-        validate_prompt(prompt_token_ids, self.ready.max_model_len, self.ready.vocab_size)
+        ready = self.ready
+        validate_prompt(
+            prompt_token_ids, ready.max_model_len, ready.vocab_size, ready.model_max_len
+        )
 
     def generate(
         self,

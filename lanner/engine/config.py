@@ -27,8 +27,15 @@ class LoadConfig:
     load_format: str = "auto"
     # None: the checkpoint's quantization_config (if any); else a method (lanner.model.quant).
     quantization: str | None = None
+    # Seeds the engine's random generator: sampling of requests without a seed of their
+    # own (vLLM's --seed), and dummy weights.
     seed: int = 0
     trust_remote_code: bool = False
+    # Requests' default sampling settings: "auto" (the model's generation_config.json),
+    # a folder holding one, or "vllm" (none: SamplingParams' own defaults).
+    generation_config: str = "auto"
+    # Load no tokenizer: prompts must be token ids, and outputs carry no text.
+    skip_tokenizer_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,9 @@ class EngineConfig:
     enforce_eager: bool = False
     # Launch step N+1 before reading step N's samples; None: on for CUDA, off elsewhere.
     async_scheduling: bool | None = None
+    # CPU threads for the model's operations; None: OMP_NUM_THREADS, else the available
+    # cores but one (runner/cpu_threads.py). The CPU only.
+    num_threads: int | None = None
     # Speculative decoding (None: off); LLM(...) and the CLI also take it as a dict.
     speculative_config: SpeculativeConfig | None = None
 

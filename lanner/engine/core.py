@@ -12,10 +12,12 @@ import torch
 from lanner.engine.config import EngineConfig
 from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from lanner.engine.startup import format_phases, seconds_since_process_start
 from lanner.engine.structured_output import StructuredOutputManager
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
+from lanner.runner.cpu_threads import set_num_threads
 from lanner.runner.executor import TensorParallelExecutor, start_executor
 from lanner.runner.model_runner import DeviceDrafts, ModelRunner, PendingStep, SequenceChunk
 from lanner.runner.sampler import SamplingRow, TokenLogprobs
@@ -79,15 +81,29 @@ class EngineCoreStats:
     spec_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
 
 
-def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """Raise ValueError saying what to change when a prompt cannot run."""
+def validate_prompt(
+    prompt_token_ids: list[int],
+    max_model_len: int,
+    vocab_size: int,
+    model_max_len: int | None = None,
+) -> None:
+    """Raise ValueError saying what to change when a prompt cannot run. ``model_max_len``
+    (the model's max_position_embeddings) says whether max_model_len could be raised."""
     if not prompt_token_ids:
         raise ValueError("the prompt is empty; give at least one token")
     if len(prompt_token_ids) >= max_model_len:
+        can_raise = model_max_len is not None and max_model_len < model_max_len
+        fix = (
+            f"shorten the prompt or raise max_model_len (the model allows {model_max_len})"
+            if can_raise
+            else "shorten the prompt (max_model_len is already the model's maximum)"
+            if model_max_len is not None
+            else "shorten the prompt or raise max_model_len, up to the model's maximum"
+        )
         raise ValueError(
             f"the prompt has {len(prompt_token_ids)} tokens, but max_model_len is "
             f"{max_model_len}, which must leave room for at least one generated "
-            f"token; shorten the prompt or raise max_model_len"
+            f"token; {fix}"
         )
     bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
     if bad:
@@ -151,6 +167,11 @@ class EngineCore:
         load = config.load
         started = time.perf_counter()
         executor = self.executor
+        # Where a cold start's time goes, logged once the engine is ready.
+        self.startup_phases: dict[str, float] = {}
+        before_build = seconds_since_process_start()
+        if before_build is not None:
+            self.startup_phases["process start to engine build (imports)"] = before_build
         self.loaded = load_model(
             load.model,
             load.dtype,
@@ -165,6 +186,13 @@ class EngineCore:
         if executor is not None:
             executor.wait_ready()
         self.model_config = self.loaded.config
+        mark = self._mark_phase("load weights", started)
+        self.num_threads = (
+            set_num_threads(config.num_threads) if self.loaded.device.type == "cpu" else None
+        )
+        # vLLM's --seed: requests without a seed of their own draw from torch's generator,
+        # so a run's unseeded sampling repeats under the same seed and request order.
+        torch.manual_seed(load.seed)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(
@@ -246,6 +274,7 @@ class EngineCore:
                 useful_blocks,
             )
         )
+        mark = self._mark_phase("profile run, kernel compile and KV cache sizing", mark)
         max_num_seqs = scheduler_config.max_num_seqs
         # A verified token is one row of the decode graphs: k + 2 rows a request at most
         # (one more after a full acceptance), captured up to 512 rows.
@@ -263,6 +292,11 @@ class EngineCore:
             executor.attach(self.runner)
         if self.spec is not None:
             self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
+        graphs = self.runner.decode_graphs
+        capture = graphs.capture_seconds if graphs is not None else 0.0
+        self._mark_phase("KV cache allocation", mark, less=capture)
+        if graphs is not None:
+            self.startup_phases["CUDA graph capture"] = capture
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
@@ -290,12 +324,19 @@ class EngineCore:
             capacity / self.max_model_len,
             self.max_model_len,
         )
+        self.startup_phases["engine build"] = time.perf_counter() - started
+        logger.info("startup: %s", format_phases(self.startup_phases))
         # Everything alive now (the model, the libraries' module state) lives as long as
         # the engine: out of the collector's view, a full collection while serving scans
         # only the requests' objects. Without this, each of W3's three full collections
         # held the host for ~80 ms, stalling the GPU (H100, 2026-11-27).
         gc.collect()
         gc.freeze()
+
+    def _mark_phase(self, name: str, since: float, less: float = 0.0) -> float:
+        now = time.perf_counter()
+        self.startup_phases[name] = now - since - less
+        return now
 
     @property
     def num_kv_blocks(self) -> int:
@@ -312,7 +353,12 @@ class EngineCore:
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError saying what to change when a prompt cannot run."""
-        validate_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
+        validate_prompt(
+            prompt_token_ids,
+            self.max_model_len,
+            self.model_config.vocab_size,
+            self.model_config.max_position_embeddings,
+        )
 
     def stats(self) -> EngineCoreStats:
         prefix = self.kv_manager.prefix_cache_stats

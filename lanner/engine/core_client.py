@@ -102,14 +102,20 @@ class AsyncCoreClient:
         )
         self.closed = False
 
+    def launch(self) -> None:
+        """Start the core process, which imports and loads the model meanwhile: `lanner
+        serve` launches it before importing the server, so the two overlap."""
+        if self.process.pid is None:
+            with _environment(self.env):
+                self.process.start()
+
     @property
     def alive(self) -> bool:
         return self.process.is_alive()
 
     async def start(self, timeout_s: float = 1800.0) -> CoreReady:
-        """Start the core process and wait until its model is loaded."""
-        with _environment(self.env):
-            self.process.start()
+        """Start the core process (unless launched) and wait until its model is loaded."""
+        self.launch()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             message = await self.receive()

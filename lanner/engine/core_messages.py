@@ -42,6 +42,7 @@ class CoreReady(msgspec.Struct, tag="ready"):
     max_model_len: int
     vocab_size: int
     num_kv_blocks: int
+    model_max_len: int  # the model's max_position_embeddings
     eos_token_ids: list[int]
 
 

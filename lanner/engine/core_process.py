@@ -51,7 +51,9 @@ def run_engine_core(
     """Process entry point (spawned): build the core, then serve until told to stop."""
     # Ctrl-C reaches the whole process group; the parent decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The level `lanner --log-level` chose (the CLI exports it for its child processes).
+    level = os.environ.get("LANNER_LOGGING_LEVEL", "INFO")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
     inputs.connect(input_address)
@@ -71,6 +73,7 @@ def run_engine_core(
                     max_model_len=core.max_model_len,
                     vocab_size=core.model_config.vocab_size,
                     num_kv_blocks=core.num_kv_blocks,
+                    model_max_len=core.model_config.max_position_embeddings,
                     eos_token_ids=list(core.model_config.eos_token_ids),
                 )
             )

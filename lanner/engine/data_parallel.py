@@ -157,6 +157,10 @@ class DataParallelAsyncLLM:
         return self.engines[0].tokenizer
 
     @property
+    def generation_defaults(self) -> dict[str, Any]:
+        return self.engines[0].generation_defaults
+
+    @property
     def is_dead(self) -> bool:
         """Dead when no core can serve; while one lives, requests go to the live ones."""
         return all(engine.is_dead for engine in self.engines)

@@ -17,18 +17,42 @@ from lanner.engine.output_processor import (
 )
 from lanner.engine.outputs import RequestOutput
 from lanner.engine.structured_output import validate_structured_outputs
+from lanner.model.config import generation_sampling_defaults
 from lanner.model.tokenizer import load_tokenizer
 from lanner.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine", "PromptType"]
 
 
+def checked_generation_defaults(model_dir: Any, source: str) -> dict[str, Any]:
+    """The sampling defaults of a model's generation config, checked as SamplingParams
+    checks them (a bad file fails at start, naming itself, not in every request)."""
+    defaults = generation_sampling_defaults(model_dir, source)
+    try:
+        SamplingParams(**defaults)
+    except ValueError as err:
+        where = "generation_config.json" if source == "auto" else source
+        raise ValueError(
+            f"the model's {where} sets sampling defaults SamplingParams refuses: {err}; fix "
+            f"the file or pass generation_config='vllm' to ignore it"
+        ) from None
+    return defaults
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.core = EngineCore(config)
-        self.tokenizer = load_tokenizer(
-            config.load.tokenizer or self.core.loaded.path, config.load.trust_remote_code
+        self.tokenizer = (
+            None
+            if config.load.skip_tokenizer_init
+            else load_tokenizer(
+                config.load.tokenizer or self.core.loaded.path, config.load.trust_remote_code
+            )
+        )
+        # The SamplingParams fields the model's generation_config.json sets.
+        self.generation_defaults = checked_generation_defaults(
+            self.core.loaded.path, config.load.generation_config
         )
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

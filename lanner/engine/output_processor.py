@@ -105,7 +105,7 @@ class OutputProcessor:
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             check_unicode("the prompt", prompt)
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self._require_tokenizer("a text prompt").encode(prompt)
         if isinstance(prompt, dict):
             unknown = set(prompt) - {"prompt", "prompt_token_ids"}
             if unknown:
@@ -143,8 +143,10 @@ class OutputProcessor:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.bad_words and params.bad_words_token_ids is None:
-            ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+            ids = bad_words_token_ids(self._require_tokenizer("bad_words"), params.bad_words)
             params = params.clone(bad_words_token_ids=ids)
+        if self.tokenizer is None and params.stop:
+            self._require_tokenizer("stop strings")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         state = RequestState(
             request_id,
@@ -160,7 +162,7 @@ class OutputProcessor:
             child_params = params.child(index)
             detokenizer = (
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child_params)
-                if params.detokenize
+                if params.detokenize and self.tokenizer is not None
                 else None
             )
             state.completions.append(
@@ -271,13 +273,24 @@ class OutputProcessor:
 
     def _position(self, logprobs: TokenLogprobs) -> PositionLogprobs:
         position = {
-            token: Logprob(value, rank, decode_token(self.tokenizer, token))
+            token: Logprob(value, rank, self._token_text(token))
             for rank, (token, value) in enumerate(logprobs.top, start=1)
         }
         position[logprobs.token_id] = Logprob(
-            logprobs.logprob, logprobs.rank, decode_token(self.tokenizer, logprobs.token_id)
+            logprobs.logprob, logprobs.rank, self._token_text(logprobs.token_id)
         )
         return position
+
+    def _token_text(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else decode_token(self.tokenizer, token_id)
+
+    def _require_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{what} needs the tokenizer, which skip_tokenizer_init=True left unloaded; "
+                f"pass prompts as {{'prompt_token_ids': [...]}} and use stop_token_ids"
+            )
+        return self.tokenizer
 
     def request_output(self, state: RequestState) -> RequestOutput:
         completions = [

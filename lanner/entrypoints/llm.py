@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from lanner.engine.llm_engine import LLMEngine, PromptType
 from lanner.engine.outputs import RequestOutput
+from lanner.metrics.reader import EngineMetrics, Metric, check_prefix
 from lanner.model.tokenizer import conversation_from_messages, render_chat_template
 from lanner.sampling_params import SamplingParams, check_unicode
 
@@ -24,12 +25,13 @@ class LLM:
     max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
     gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override,
     enable_prefix_caching (default True), scheduling_policy ("fcfs", "priority" or
-    "lpm", longest cached prefix first), tokenizer, revision, speculative_config (a
-    dict, e.g. {"method": "ngram", "num_speculative_tokens": 3}; off by default),
-    tensor_parallel_size (split the model over that many GPUs, or CPU processes),
-    distributed_executor_backend ("mp", the default: processes on this host; "ray": Ray
-    actors on an existing Ray cluster), distributed_timeout_s (how long a step may wait
-    on a tensor-parallel worker before the engine fails, default 300).
+    "lpm", longest cached prefix first), tokenizer, revision, generation_config,
+    skip_tokenizer_init, num_threads (CPU), speculative_config (a dict, e.g. {"method":
+    "ngram", "num_speculative_tokens": 3}; off by default), tensor_parallel_size (split
+    the model over that many GPUs, or CPU processes), distributed_executor_backend ("mp",
+    the default: processes on this host; "ray": Ray actors on an existing Ray cluster),
+    distributed_timeout_s (how long a step may wait on a tensor-parallel worker before
+    the engine fails, default 300).
     With no model named, the embedded demo model runs.
     """
 
@@ -37,9 +39,23 @@ class LLM:
         if model is not None:
             engine_options["model"] = model
         self.engine = LLMEngine.from_kwargs(**engine_options)
+        self._metrics = EngineMetrics(str(self.engine.config.load.model))
 
     def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request that passes no SamplingParams gets: the model's
+        generation_config.json settings (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens as max_tokens) over SamplingParams' defaults."""
+        return SamplingParams(**self.engine.generation_defaults)
+
+    def get_metrics(self, prefix: str = "lanner") -> list[Metric]:
+        """The engine's metrics as values (vLLM's LLM.get_metrics): the server's /metrics
+        series over this LLM's finished requests, with the engine's current load.
+        ``prefix="vllm"`` names them as vLLM does."""
+        self._metrics.prefix = check_prefix(prefix)
+        return self._metrics.read(self.engine.core.stats())
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached KV block no request uses. True when the cache ended empty;
@@ -65,7 +81,7 @@ class LLM:
             )
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
@@ -115,6 +131,10 @@ class LLM:
         is_batch = isinstance(messages, Sequence) and messages and isinstance(messages[0], list)
         conversations = messages if is_batch else [messages]
         tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError(
+                "chat needs the tokenizer, which skip_tokenizer_init=True left unloaded"
+            )
         prompts: list[PromptType] = []
         for index, messages_of_one in enumerate(conversations):
             try:
@@ -142,6 +162,7 @@ class LLM:
                 for output in self.engine.step():
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
+                        self._metrics.on_request_finished(output)
                         output_tokens += sum(len(c.token_ids) for c in output.outputs)
                         bar.update(1)
                         elapsed = time.perf_counter() - started

@@ -65,6 +65,9 @@ class AttentionMetadata:
     # an upper bound, is 0 when there is no cascade.
     shared_prefix_len: torch.Tensor | None = None
     shared_prefix_len_cpu: int = 0
+    # The CPU path's gather indices and masks for this step, built by its first layer
+    # (kernels/cpu_attention.py) and reused by the others.
+    host_plan: object | None = None
 
     @property
     def num_seqs(self) -> int:

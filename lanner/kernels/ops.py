@@ -1,5 +1,6 @@
-"""Chooses each operation's implementation: the Triton kernel for CUDA tensors, the
-pure-torch reference otherwise (the CPU, or LANNER_KERNELS=reference to compare)."""
+"""Chooses each operation's implementation: the Triton kernel for CUDA tensors, the CPU
+path (batched torch ops) for CPU tensors, and the pure-torch reference everywhere under
+LANNER_KERNELS=reference (the oracle both are tested against)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 
 import torch
 
-from lanner.kernels import activation, quant_reference, reference
+from lanner.kernels import activation, cpu_attention, quant_reference, reference
 from lanner.kernels import paged_attention as attention_kernels
 from lanner.kernels import qkv_prepare as qkv_kernels
 from lanner.kernels import rms_norm as norm_kernels
@@ -24,6 +25,10 @@ FORCE_REFERENCE = os.environ.get("LANNER_KERNELS", "triton") == "reference"
 
 def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and not FORCE_REFERENCE
+
+
+def use_cpu_path(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not FORCE_REFERENCE
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,6 +90,9 @@ def w4a16_linear(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x):
         return norm_kernels.rms_norm(x, weight, eps)
+    if use_cpu_path(x) and x.dtype == torch.float32:
+        # One fused call; in float32 the reference's arithmetic (no casts to round at).
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
@@ -93,6 +101,9 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
         return norm_kernels.fused_add_rms_norm(x, residual, weight, eps)
+    if use_cpu_path(x):
+        summed = x + residual
+        return rms_norm(summed, weight, eps), summed
     return reference.fused_add_rms_norm(x, residual, weight, eps)
 
 
@@ -129,6 +140,19 @@ def qkv_prepare(
             k_norm_weight,
             eps,
         )
+    if use_cpu_path(query):
+        return cpu_attention.qkv_prepare(
+            query,
+            key,
+            value,
+            positions,
+            cos_sin_cache,
+            cache,
+            slot_mapping,
+            q_norm_weight,
+            k_norm_weight,
+            eps,
+        )
     if q_norm_weight is not None and k_norm_weight is not None:
         query = reference.rms_norm(query, q_norm_weight, eps)
         key = reference.rms_norm(key, k_norm_weight, eps)
@@ -151,6 +175,8 @@ def paged_attention(
     # so every chunk reads the paged cache through one Triton kernel.
     if use_triton(query):
         return attention_kernels.paged_attention(query, kv_cache, metadata, scale, sliding_window)
+    if use_cpu_path(query):
+        return cpu_attention.paged_attention(query, kv_cache, metadata, scale, sliding_window)
     return reference.paged_attention(query, kv_cache, metadata, scale, sliding_window)
 
 

@@ -3,6 +3,8 @@ tensor per layer."""
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +45,20 @@ def allocate_kv_caches(
     if num_blocks <= 0 or block_size <= 0:
         raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0")
     shape = (2, num_blocks, block_size, num_kv_heads or config.num_key_value_heads, config.head_dim)
+    if torch.device(device).type == "cpu":
+        return [_zeros_on_demand(shape, dtype) for _ in range(config.num_hidden_layers)]
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+
+def _zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros whose memory the OS maps only when a page is first written
+    (numpy's calloc'd zeros; torch.zeros writes every page): the cache then holds
+    resident memory for the blocks requests have used, not for its whole size."""
+    import numpy
+
+    element = torch.empty((), dtype=dtype).element_size()
+    raw = numpy.zeros(math.prod(shape) * element, dtype=numpy.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,8 @@ class CacheConfig:
     block_size: int = 16
     # CUDA: share of device memory for weights + activations + KV cache.
     gpu_memory_utilization: float = 0.9
-    # CPU (or to pin a size anywhere): bytes of KV cache; default 2 GiB on the CPU.
+    # Bytes of KV cache, on any device. Unset on the CPU: LANNER_CPU_KVCACHE_SPACE (GiB),
+    # else what max_num_seqs requests of max_model_len tokens can use, at most 2 GiB.
     kv_cache_memory_bytes: int | None = None
     # Exact number of blocks, overriding both of the above.
     num_gpu_blocks_override: int | None = None
@@ -83,6 +99,24 @@ class CacheConfig:
 
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+# vLLM's VLLM_CPU_KVCACHE_SPACE under our prefix: the CPU's KV cache in GiB.
+CPU_KVCACHE_SPACE_ENV = "LANNER_CPU_KVCACHE_SPACE"
+
+
+def cpu_kv_cache_space_bytes() -> int | None:
+    """LANNER_CPU_KVCACHE_SPACE in bytes, or None when it is unset."""
+    text = os.environ.get(CPU_KVCACHE_SPACE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise ValueError(
+            f"{CPU_KVCACHE_SPACE_ENV} is the CPU KV cache size in GiB (e.g. 4 or 0.5), got {text!r}"
+        )
+    return int(gib * 2**30)
 
 
 def num_blocks_for_memory(
@@ -97,9 +131,11 @@ def num_blocks_for_memory(
 ) -> int:
     """How many KV blocks fit. On CUDA: what ``gpu_memory_utilization`` of the device
     leaves after the profiled peak (weights + activations) and other processes' memory.
-    On the CPU: ``kv_cache_memory_bytes``, capped at what can ever be used at once.
-    ``extra_bytes_per_block``: another cache in the same blocks (a draft model's).
-    ``num_kv_heads``: the heads this device's cache holds (a tensor-parallel rank's)."""
+    On the CPU: LANNER_CPU_KVCACHE_SPACE when set, else what ``useful_blocks`` (every
+    sequence of a full batch at max_model_len) need, at most 2 GiB. ``kv_cache_memory_bytes``
+    overrides both, anywhere. ``extra_bytes_per_block``: another cache in the same blocks
+    (a draft model's). ``num_kv_heads``: the heads this device's cache holds (a
+    tensor-parallel rank's)."""
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
     per_block = (
@@ -120,4 +156,7 @@ def num_blocks_for_memory(
                 f"max_num_batched_tokens / max_num_seqs"
             )
         return int(available // per_block)
+    space = cpu_kv_cache_space_bytes()
+    if space is not None:
+        return max(1, space // per_block)
     return max(1, min(DEFAULT_CPU_KV_CACHE_BYTES // per_block, useful_blocks))

@@ -1,4 +1,5 @@
-"""The server's Prometheus metrics, named like vLLM's with the prefix ``lanner:``.
+"""The server's Prometheus metrics, named like vLLM's with the prefix ``lanner:`` (or,
+with --metrics-prefix vllm, ``vllm:``, for dashboards built on vLLM's names).
 
 Only the server imports this module (it needs prometheus_client).
 """
@@ -12,86 +13,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from lanner.engine.core import EngineCoreStats
 from lanner.engine.outputs import RequestOutput
-
-# Bucket bounds in seconds, as vLLM uses for the same series.
-_TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-    160.0,
-    640.0,
-    2560.0,
-)
-_TOKEN_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-)
-_REQUEST_BUCKETS = (
-    0.3,
-    0.5,
-    0.8,
-    1.0,
-    1.5,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    15.0,
-    20.0,
-    30.0,
-    40.0,
-    50.0,
-    60.0,
-    120.0,
-    240.0,
-    480.0,
-    960.0,
-    1920.0,
-    7680.0,
+from lanner.metrics.reader import (
+    FINISHED_REASONS,
+    REQUEST_BUCKETS,
+    TOKEN_BUCKETS,
+    TTFT_BUCKETS,
+    check_prefix,
 )
 
 _LOOP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-FINISHED_REASONS = ("stop", "length", "abort")
 
 
 class ServerMetrics:
     """One registry per server, so tests may build several in one process."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, prefix: str = "lanner") -> None:
+        self.prefix = check_prefix(prefix)
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         self._model = model_name
@@ -103,25 +40,25 @@ class ServerMetrics:
             return Gauge(name, text, labels, registry=self.registry)
 
         self.time_to_first_token = histogram(
-            "lanner:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS
+            "lanner:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
         )
         self.time_per_output_token = histogram(
             "lanner:time_per_output_token_seconds",
             "Mean time per output token after the first, per request.",
-            _TOKEN_BUCKETS,
+            TOKEN_BUCKETS,
         )
         self.inter_token_latency = histogram(
-            "lanner:inter_token_latency_seconds", "Time between output tokens.", _TOKEN_BUCKETS
+            "lanner:inter_token_latency_seconds", "Time between output tokens.", TOKEN_BUCKETS
         )
         self.e2e_request_latency = histogram(
             "lanner:e2e_request_latency_seconds",
             "Request latency, arrival to end.",
-            _REQUEST_BUCKETS,
+            REQUEST_BUCKETS,
         )
         self.request_queue_time = histogram(
             "lanner:request_queue_time_seconds",
             "Time from arrival to first being scheduled.",
-            _REQUEST_BUCKETS,
+            REQUEST_BUCKETS,
         )
         self.num_requests_running = gauge(
             "lanner:num_requests_running", "Sequences in the running batch."
@@ -307,4 +244,16 @@ class ServerMetrics:
                 self.event_loop_max_busy.set(busy)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        if self.prefix == "lanner":
+            return text
+        # Series are registered as lanner:*; only the metric names are renamed (each at
+        # the start of a sample line or after "# HELP " / "# TYPE "), never label values.
+        lines = []
+        for line in text.split(b"\n"):
+            for lead in (b"# HELP ", b"# TYPE ", b""):
+                if line.startswith(lead + b"lanner:"):
+                    line = lead + self.prefix.encode() + b":" + line[len(lead) + 7 :]
+                    break
+            lines.append(line)
+        return b"\n".join(lines)

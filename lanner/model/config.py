@@ -214,3 +214,41 @@ def _parse_rope(raw: dict[str, Any], source: str) -> RopeConfig:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(original) if original else None,
     )
+
+
+# generation_config.json's sampling settings -> the SamplingParams fields they default
+# (vLLM's list: a request that leaves one unset gets the model's value).
+GENERATION_SAMPLING_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_sampling_defaults(model_dir: str | Path, source: str = "auto") -> dict[str, Any]:
+    """The default sampling settings a checkpoint recommends, as SamplingParams fields:
+    from ``model_dir``'s generation_config.json ("auto"), another folder's, or none
+    ("vllm", vLLM's spelling for SamplingParams' own defaults)."""
+    if source == "vllm":
+        return {}
+    folder = Path(model_dir) if source == "auto" else Path(source).expanduser()
+    if source != "auto" and not folder.is_dir():
+        raise ValueError(
+            f"generation_config {source!r} is not 'auto', 'vllm' or a folder holding a "
+            f"generation_config.json"
+        )
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    return {
+        field: raw[key]
+        for key, field in GENERATION_SAMPLING_FIELDS.items()
+        if raw.get(key) is not None
+    }

@@ -72,6 +72,40 @@ class LoadedModel:
         return total
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (None: cuda when available, else cpu); ValueError naming the
+    option when it is not a device this machine has."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device {device!r} is not a device name ({err}); use 'cuda' or 'cpu'"
+        ) from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        why = (
+            "this torch is built without CUDA"
+            if not torch.backends.cuda.is_built()
+            else "no CUDA device is visible"
+        )
+        raise ValueError(
+            f"device={str(device)!r}, but {why} (torch {torch.__version__}); use device='cpu' "
+            f"or leave device unset"
+        )
+    if (
+        chosen.type == "cuda"
+        and chosen.index is not None
+        and chosen.index >= torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA devices"
+        )
+    if chosen.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cuda' or 'cpu'")
+    return chosen
+
+
 def resolve_model_path(
     model: str | os.PathLike[str],
     revision: str | None = None,
@@ -96,12 +130,14 @@ def resolve_model_path(
                 name, revision=revision, allow_patterns=patterns, local_files_only=True
             )
         )
-    except Exception as cached_error:  # not cached: try the network unless offline
+    except Exception:  # not cached: try the network unless offline
         if constants.HF_HUB_OFFLINE:
+            # Not HF's own message: it suggests local_files_only, which is no lanner option.
             raise FileNotFoundError(
                 f"model {name!r}: no local folder {local.resolve()} and no copy in the Hugging "
-                f"Face cache {constants.HF_HUB_CACHE} (HF_HUB_OFFLINE is set, so nothing was "
-                f"downloaded): {cached_error}"
+                f"Face cache {constants.HF_HUB_CACHE}; HF_HUB_OFFLINE is set, so nothing was "
+                f"downloaded. Unset HF_HUB_OFFLINE to download it, fetch it first (`hf "
+                f"download {name}`), or pass the path of a local checkpoint folder"
             ) from None
         try:
             return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
@@ -420,7 +456,10 @@ def resolve_dtype(
     dtype: str | torch.dtype, config: ModelConfig, device: torch.device
 ) -> torch.dtype:
     """'auto' takes the checkpoint's dtype; a float32 checkpoint runs in bfloat16 on
-    CUDA (as vLLM does), and float16 runs in float32 on the CPU, which lacks fast fp16."""
+    CUDA (as vLLM does). On the CPU, float16 runs in float32 (no fast fp16 there), and
+    so does bfloat16 unless the CPU multiplies bf16 natively (AVX512-BF16 or AMX): where
+    bf16 is emulated it is the slower one (13.6 vs 7.5 ms TPOT for the demo model on an
+    Ice Lake Xeon, issue 22; benchmarks/cpu_vs_hf.py records its linear_dtype_probe)."""
     if dtype != "auto":
         return parse_dtype(dtype)
     chosen = config.checkpoint_dtype or torch.float32
@@ -428,7 +467,16 @@ def resolve_dtype(
         return torch.bfloat16
     if device.type == "cpu" and chosen == torch.float16:
         return torch.float32
+    if device.type == "cpu" and chosen == torch.bfloat16 and not cpu_has_native_bf16():
+        return torch.float32
     return chosen
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (x86: AVX512-BF16 or AMX)."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 @contextlib.contextmanager
@@ -458,7 +506,7 @@ def load_model(
     ``group``: the process group its collectives run over."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is unknown; use one of {LOAD_FORMATS}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model_dir = resolve_model_path(model, revision)
     config = ModelConfig.from_pretrained(model_dir)
     model_class = get_model_class(config)

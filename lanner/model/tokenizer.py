@@ -3,11 +3,13 @@ template to a conversation."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class ChatTemplateError(ValueError):
@@ -18,12 +20,60 @@ def load_tokenizer(
     model_dir: str | Path, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
     try:
+        direct = None if trust_remote_code else _named_tokenizer_class(model_dir)
+        if direct is not None:
+            return direct.from_pretrained(str(model_dir))
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load a tokenizer from {model_dir}: {err}. The checkpoint folder needs "
             f"tokenizer.json (or the files its tokenizer_config.json names)"
         ) from err
+
+
+# Where AutoTokenizer's choice is the class tokenizer_config.json names, known without
+# importing it: model types (config.json) -> the classes it then takes as named. Others
+# (qwen2's hub class is overridden, Mistral may get its own backend, ...) go through
+# AutoTokenizer itself.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+_NAMED_TOKENIZERS = {"llama": ("LlamaTokenizer", "LlamaTokenizerFast"), "qwen3": ("Qwen2Tokenizer",
+                     "Qwen2TokenizerFast")}  # fmt: skip
+
+
+def _named_tokenizer_class(model_dir: str | Path) -> type | None:
+    """The tokenizer class AutoTokenizer would load for a local checkpoint, when that is
+    plain to see (see _NAMED_TOKENIZERS), without importing AutoTokenizer: it imports
+    transformers' generation code (and scikit-learn where installed), most of the offline
+    engine's import time. None: ask AutoTokenizer."""
+    folder = Path(model_dir)
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    name = config.get("tokenizer_class")
+    named = _GENERIC_TOKENIZERS + _NAMED_TOKENIZERS.get(model_type, ())
+    if "auto_map" in config or model_type not in _NAMED_TOKENIZERS or name not in named:
+        return None
+    import transformers
+
+    if name in _GENERIC_TOKENIZERS:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        return TokenizersBackend
+    return getattr(transformers, name)
+
+
+def tokenizer_modules(model_dir: str | Path) -> list[str]:
+    """The modules load_tokenizer will import for this checkpoint: what a process that
+    forks tokenizer workers should import once, before forking."""
+    if _named_tokenizer_class(model_dir) is not None:
+        return ["transformers", "transformers.tokenization_utils_tokenizers"]
+    return ["transformers", "transformers.models.auto.tokenization_auto"]
 
 
 def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -114,6 +114,7 @@ class DecodeGraphs:
         # The final hidden states of the last replay's rows (for proposers that read them).
         self.last_hidden: torch.Tensor | None = None
         self.pool = None
+        self.capture_seconds = 0.0  # warm-ups included
 
     def metadata(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -147,8 +148,9 @@ class DecodeGraphs:
         started = time.perf_counter()
         # Largest first, so smaller graphs reuse its memory pool.
         for batch in reversed(self.sizes):
-            for _ in range(2):  # warm up: compile kernels outside the capture
-                self._forward(batch)
+            # One warm-up compiles (or loads) its kernels and lets cuBLAS set up outside
+            # the capture; a second, as this did before, only cost a forward a size.
+            self._forward(batch)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
@@ -157,12 +159,13 @@ class DecodeGraphs:
                 self.pool = graph.pool()
             self.graphs[batch] = graph
         torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - started
         logger.info(
             "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1fs",
             len(self.graphs),
             self.sizes[0],
             self.sizes[-1],
-            time.perf_counter() - started,
+            self.capture_seconds,
         )
 
     def can_run(self, num_seqs: int) -> bool:

@@ -28,13 +28,12 @@ def test_every_engine_option_is_a_serve_flag() -> None:
 
 def test_serve_defaults_to_the_demo_model_and_maps_flags() -> None:
     args = build_parser().parse_args(["serve"])
-    assert args.model_tag is None and args.model == str(DEFAULT_MODEL_DIR)
+    assert engine_kwargs(args)["model"] == str(DEFAULT_MODEL_DIR)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     args = build_parser().parse_args(
         ["serve", "some/model", "--max-model-len", "64", "--no-enable-prefix-caching",
          "--enforce-eager", "--max-queued-requests", "3", "--api-key", "k"]
     )  # fmt: skip
-    args.model = args.model_tag
     options = engine_kwargs(args)
     assert options == {
         "model": "some/model",

@@ -31,7 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import lanner
 from lanner.engine.async_llm import AsyncLLM, EngineDeadError
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
+from lanner.engine.core_client import AsyncCoreClient
 from lanner.engine.data_parallel import make_engine
+from lanner.engine.startup import format_phases, seconds_since_process_start
 from lanner.entrypoints.http_guards import (
     ApiKeyMiddleware,
     CatchAllMiddleware,
@@ -44,7 +46,13 @@ from lanner.entrypoints.http_guards import (
 )
 from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.prepare import PrepareContext
-from lanner.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from lanner.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from lanner.entrypoints.openai.serving import OpenAIServing
 from lanner.entrypoints.openai.workers import PrepareWorkers
 from lanner.metrics.prometheus import ServerMetrics
@@ -69,6 +77,8 @@ class ServerOptions:
     allowed_hosts: list[str] | None = None
     data_parallel_size: int = 1  # engine cores, routed by data_parallel_policy
     data_parallel_policy: str = "cache_aware"
+    # /metrics names: lanner:* or, for dashboards built on vLLM's, vllm:*.
+    metrics_prefix: str = "lanner"
 
 
 def default_model_name(model: str) -> str:
@@ -101,6 +111,8 @@ class _RequestPreparer:
             self.engine.ready.vocab_size,  # type: ignore[union-attr]
             limits,
             max_chars,
+            self.engine.ready.model_max_len,  # type: ignore[union-attr]
+            tuple(self.engine.generation_defaults.items()),
             self.options.tool_call_parser,
         )
 
@@ -122,10 +134,16 @@ class _RequestPreparer:
         return await self.workers.prepare(kind, raw, self.context)
 
 
-def build_app(options: ServerOptions) -> FastAPI:
-    config = EngineConfig.from_kwargs(**options.engine)
-    metrics = ServerMetrics(options.served_model_names[0])
-    engine = make_engine(config, metrics, options.data_parallel_size, options.data_parallel_policy)
+def build_app(options: ServerOptions, core_client: AsyncCoreClient | None = None) -> FastAPI:
+    """``core_client``: an engine core already launched for ``options.engine`` (one
+    core: data parallelism starts its own)."""
+    config = core_client.config if core_client else EngineConfig.from_kwargs(**options.engine)
+    metrics = ServerMetrics(options.served_model_names[0], options.metrics_prefix)
+    engine = (
+        AsyncLLM(config, stat_logger=metrics, client=core_client)
+        if core_client is not None
+        else make_engine(config, metrics, options.data_parallel_size, options.data_parallel_policy)
+    )
     serving = OpenAIServing(
         engine, options.served_model_names, config.max_num_seqs, options.max_queued_requests
     )
@@ -134,13 +152,23 @@ def build_app(options: ServerOptions) -> FastAPI:
 
     async def start() -> None:
         """Start the engine core and the request workers together."""
+        phases = {"process start to server start (imports)": seconds_since_process_start() or 0}
+        began = time.perf_counter()
+
+        async def timed(name: str, starting: Any) -> None:
+            await starting
+            phases[name] = time.perf_counter() - began
+
         results = await asyncio.gather(
-            engine.start(), preparer.workers.start(), return_exceptions=True
+            timed("engine core ready (tokenizer loaded)", engine.start()),
+            timed("request workers ready", preparer.workers.start()),
+            return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise errors[0]
         preparer.set_engine_ready()
+        logger.info("startup (server): %s", format_phases(phases))
         # What is alive now lives as long as the server: out of the collector's view, a
         # full collection scans only requests' objects. Otherwise each one held the event
         # loop ~170 ms (the imported libraries' 380k objects; the CPU machine).
@@ -238,6 +266,15 @@ def build_app(options: ServerOptions) -> FastAPI:
     async def reset_prefix_cache() -> dict[str, bool]:
         return {"emptied": await engine.reset_prefix_cache()}
 
+    @app.post("/tokenize", openapi_extra=_json_body(TokenizeCompletionRequest, TokenizeChatRequest))
+    async def tokenize(raw: Request) -> Response:
+        """vLLM's: a prompt (or messages, through the chat template) as token ids."""
+        return JSONResponse(await preparer.prepare("tokenize", raw))
+
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
+    async def detokenize(raw: Request) -> Response:
+        return JSONResponse(await preparer.prepare("detokenize", raw))
+
     @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(raw: Request) -> Response:
         request = await preparer.prepare("completion", raw)
@@ -252,15 +289,15 @@ def build_app(options: ServerOptions) -> FastAPI:
     return app
 
 
-def _json_body(model: type) -> dict[str, Any]:
-    """The route's request body, for /openapi.json: routes read the body themselves (in a
-    worker), so FastAPI cannot see its model."""
+def _json_body(*models: type) -> dict[str, Any]:
+    """The route's request body (one of ``models``), for /openapi.json: routes read the
+    body themselves (in a worker), so FastAPI cannot see its model."""
+    refs = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
     return {
         "requestBody": {
             "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
-            },
+            "content": {"application/json": {"schema": schema}},
         }
     }
 
@@ -272,7 +309,16 @@ def _openapi(app: FastAPI, context: PrepareContext | None) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     _, definitions = models_json_schema(
-        [(m, "validation") for m in (CompletionRequest, ChatCompletionRequest)],
+        [
+            (m, "validation")
+            for m in (
+                CompletionRequest,
+                ChatCompletionRequest,
+                TokenizeCompletionRequest,
+                TokenizeChatRequest,
+                DetokenizeRequest,
+            )
+        ],
         ref_template="#/components/schemas/{model}",
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -304,7 +350,10 @@ def _respond(result: dict[str, Any] | AsyncIterator[str]) -> Response:
 
 
 def run_server(
-    args: argparse.Namespace, engine_options: dict[str, Any], limits: ServerLimits
+    args: argparse.Namespace,
+    engine_options: dict[str, Any],
+    limits: ServerLimits,
+    core_client: AsyncCoreClient | None = None,
 ) -> int:
     """Serve until SIGTERM or Ctrl-C; in-flight requests finish first."""
     model = engine_options["model"]
@@ -324,15 +373,11 @@ def run_server(
         tool_call_parser=args.tool_call_parser,
         data_parallel_size=getattr(args, "data_parallel_size", 1),
         data_parallel_policy=getattr(args, "data_parallel_policy", "cache_aware"),
+        metrics_prefix=getattr(args, "metrics_prefix", "lanner"),
     )
     if options.max_queued_requests is not None and options.max_queued_requests < 0:
         raise ValueError("--max-queued-requests must be >= 0")
-    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
-        raise ValueError(
-            "--enable-auto-tool-choice and --tool-call-parser go together: tool_choice 'auto' "
-            "needs the parser of the model's tool-call format"
-        )
-    app = build_app(options)
+    app = build_app(options, core_client)
     timeout = args.timeout_graceful_shutdown
     server = uvicorn.Server(
         uvicorn.Config(

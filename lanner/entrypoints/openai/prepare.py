@@ -8,6 +8,7 @@ hostile, holds the event loop, and one that runs past its time budget can be sto
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +22,9 @@ from lanner.entrypoints.openai.limits import ServerLimits
 from lanner.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     _SamplingFields,
 )
 from lanner.entrypoints.openai.tool_parsers import PARSERS, parameters_schema, required_schema
@@ -42,6 +46,10 @@ class PrepareContext:
     vocab_size: int
     limits: ServerLimits
     max_prompt_chars: int  # limits.max_prompt_chars, resolved for this tokenizer
+    model_max_len: int | None = None  # the model's max_position_embeddings
+    # The model's generation_config.json sampling settings (SamplingParams fields), for
+    # the fields a request leaves unset, as vLLM applies them.
+    sampling_defaults: tuple[tuple[str, Any], ...] = ()
     # tool_choice "auto": the parser of the model's tool-call format (--tool-call-parser
     # with --enable-auto-tool-choice), or None (then "auto" is refused).
     tool_call_parser: str | None = None
@@ -80,12 +88,20 @@ class PreparedRequest:
         return sum(p.params.n for p in self.prompts)
 
 
-def prepare(kind: str, raw: bytes, context: PrepareContext, tokenizer: Any) -> PreparedRequest:
-    """``kind`` is "completion" or "chat". Raises OpenAIError saying what to change."""
+def prepare(
+    kind: str, raw: bytes, context: PrepareContext, tokenizer: Any
+) -> PreparedRequest | dict[str, Any]:
+    """``kind`` is "completion" or "chat" (a PreparedRequest for the engine), or
+    "tokenize" or "detokenize" (the response itself). Raises OpenAIError saying what to
+    change."""
     if kind == "completion":
         return prepare_completion(raw, context, tokenizer)
     if kind == "chat":
         return prepare_chat(raw, context, tokenizer)
+    if kind == "tokenize":
+        return tokenize(raw, context, tokenizer)
+    if kind == "detokenize":
+        return detokenize(raw, context, tokenizer)
     raise ValueError(f"unknown request kind {kind!r}")
 
 
@@ -143,16 +159,20 @@ def _short(value: Any) -> str:
 # -- checks both endpoints share --------------------------------------------------------
 
 
-def _check_common(body: _SamplingFields, context: PrepareContext) -> None:
-    limits = context.limits
-    if body.model is not None and body.model not in context.served_model_names:
+def _check_model(model: str | None, context: PrepareContext) -> None:
+    if model is not None and model not in context.served_model_names:
         raise OpenAIError(
             404,
-            f"The model `{body.model[:200]}` does not exist; this server serves "
+            f"The model `{model[:200]}` does not exist; this server serves "
             f"{', '.join(repr(m) for m in context.served_model_names)}.",
             "NotFoundError",
             "model",
         )
+
+
+def _check_common(body: _SamplingFields, context: PrepareContext) -> None:
+    limits = context.limits
+    _check_model(body.model, context)
     if not 1 <= body.n <= limits.max_n:
         raise bad_request(
             f"n must be an integer in [1, {limits.max_n}] on this server (--max-n), got {body.n}",
@@ -231,7 +251,7 @@ def _check_text(text: str, name: str, context: PrepareContext) -> None:
 
 def _checked_ids(token_ids: list[int], context: PrepareContext, param: str) -> list[int]:
     try:
-        validate_prompt(token_ids, context.max_model_len, context.vocab_size)
+        validate_prompt(token_ids, context.max_model_len, context.vocab_size, context.model_max_len)
     except ValueError as err:
         raise bad_request(str(err), param) from None
     return token_ids
@@ -240,9 +260,13 @@ def _checked_ids(token_ids: list[int], context: PrepareContext, param: str) -> l
 def _max_tokens(
     requested: int | None, field: str, prompt_len: int, where: str, context: PrepareContext
 ) -> int:
+    """The request's max_tokens; left unset (None), the model's max_new_tokens, else the
+    room left in the context, whichever is smaller."""
     limit = context.max_model_len
     if requested is None:
-        return limit - prompt_len
+        default = dict(context.sampling_defaults).get("max_tokens")
+        room = limit - prompt_len
+        return room if default is None else max(1, min(default, room))
     if requested < 1:
         raise bad_request(f"{field} must be an integer >= 1, got {requested!r}", field)
     if prompt_len + requested > limit:
@@ -271,7 +295,7 @@ def _sampling_params(
     tokenizer: Any,
     constraint: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
-    kwargs = body.sampling_kwargs()
+    kwargs = {**dict(context.sampling_defaults), **body.sampling_kwargs()}
     kwargs["max_tokens"] = max_tokens
     if prompt_logprobs is not None:
         kwargs["prompt_logprobs"] = prompt_logprobs
@@ -413,7 +437,7 @@ def prepare_completion(raw: bytes, context: PrepareContext, tokenizer: Any) -> P
         ids = _token_ids(ids, body, context)
         if len(ids) < untruncated:
             text = None  # the text is of the whole prompt
-        requested = 1 if echo_only else body.max_tokens
+        requested = 1 if echo_only else _requested_max_tokens(body, context)
         max_tokens = _max_tokens(requested, "max_tokens", len(ids), "prompt", context)
         params = _sampling_params(
             body,
@@ -430,6 +454,14 @@ def prepare_completion(raw: bytes, context: PrepareContext, tokenizer: Any) -> P
             prompt.first_token_text = decode_token(tokenizer, ids[0])
         prompts.append(prompt)
     return PreparedRequest(body, prompts, echo_only=echo_only)
+
+
+def _requested_max_tokens(body: CompletionRequest, context: PrepareContext) -> int | None:
+    """max_tokens as sent; left out, None when the model sets max_new_tokens (so that
+    applies), else OpenAI's default of 16."""
+    if "max_tokens" in body.model_fields_set or "max_tokens" not in dict(context.sampling_defaults):
+        return body.max_tokens
+    return None
 
 
 def _decode(tokenizer: Any, ids: list[int], body: _SamplingFields) -> str:
@@ -456,28 +488,8 @@ def prepare_chat(raw: bytes, context: PrepareContext, tokenizer: Any) -> Prepare
         if not body.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         _check_logprobs(body.top_logprobs, "top_logprobs", context.limits)
-    if body.chat_template is not None:
-        if not context.limits.trust_request_chat_template:
-            raise bad_request(
-                "this server does not run chat templates sent with a request; leave out "
-                "chat_template, or start the server with --trust-request-chat-template",
-                "chat_template",
-            )
-        _check_text(body.chat_template, "chat_template", context)
-    try:
-        conversation = [message.as_template_input() for message in body.messages]
-    except ValueError as err:
-        raise bad_request(str(err), "messages") from None
-    _check_text("".join(m["role"] + m["content"] for m in conversation), "messages", context)
-    try:
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
-        text = render_chat_template(
-            tokenizer, conversation, body.add_generation_prompt, body.chat_template, tools
-        )
-    except ValueError as err:  # ChatTemplateError, or the model has no template
-        raise bad_request(str(err), "chat_template") from None
-    # The template's output is a prompt like any other (and bounds what a template makes).
-    _check_text(text, "chat_template" if body.chat_template else "messages", context)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
+    text = _render_chat(body, tools, context, tokenizer)
     ids = _token_ids(tokenizer.encode(text, add_special_tokens=False), body, context)
     if body.max_completion_tokens is not None:
         requested, field = body.max_completion_tokens, "max_completion_tokens"
@@ -495,9 +507,86 @@ def prepare_chat(raw: bytes, context: PrepareContext, tokenizer: Any) -> Prepare
         constrained[0] if constrained else None,
     )
     prompt = PreparedPrompt(text, ids, params)
-    if body.echo and conversation[-1]["role"] == "assistant":
-        prompt.echo_text = conversation[-1]["content"]
+    if body.echo and body.messages[-1].role == "assistant":
+        prompt.echo_text = body.messages[-1].text()
     return PreparedRequest(body, [prompt], tools=plan)
+
+
+def _render_chat(
+    body: ChatCompletionRequest | TokenizeChatRequest,
+    tools: list[dict[str, Any]] | None,
+    context: PrepareContext,
+    tokenizer: Any,
+) -> str:
+    """The conversation through the chat template, every input and the output bounded."""
+    if body.chat_template is not None:
+        if not context.limits.trust_request_chat_template:
+            raise bad_request(
+                "this server does not run chat templates sent with a request; leave out "
+                "chat_template, or start the server with --trust-request-chat-template",
+                "chat_template",
+            )
+        _check_text(body.chat_template, "chat_template", context)
+    try:
+        conversation = [message.as_template_input() for message in body.messages]
+    except ValueError as err:
+        raise bad_request(str(err), "messages") from None
+    _check_text("".join(m["role"] + m["content"] for m in conversation), "messages", context)
+    try:
+        text = render_chat_template(
+            tokenizer, conversation, body.add_generation_prompt, body.chat_template, tools
+        )
+    except ValueError as err:  # ChatTemplateError, or the model has no template
+        raise bad_request(str(err), "chat_template") from None
+    # The template's output is a prompt like any other (and bounds what a template makes).
+    _check_text(text, "chat_template" if body.chat_template else "messages", context)
+    return text
+
+
+# -- tokenize / detokenize (vLLM's endpoints) -------------------------------------------
+
+
+def tokenize(raw: bytes, context: PrepareContext, tokenizer: Any) -> dict[str, Any]:
+    """/tokenize: a prompt, or messages through the chat template, as token ids."""
+    try:
+        is_chat = "messages" in json.loads(raw)
+    except (ValueError, TypeError):
+        is_chat = False  # parse_body below says what is wrong with the body
+    body: TokenizeCompletionRequest | TokenizeChatRequest = parse_body(
+        raw, TokenizeChatRequest if is_chat else TokenizeCompletionRequest
+    )
+    _check_model(body.model, context)
+    if isinstance(body, TokenizeChatRequest):
+        text = _render_chat(body, body.tools, context, tokenizer)
+    else:
+        _check_text(body.prompt, "prompt", context)
+        text = body.prompt
+    ids = tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    return {
+        "count": len(ids),
+        "max_model_len": context.max_model_len,
+        "tokens": ids,
+        "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None,
+    }
+
+
+def detokenize(raw: bytes, context: PrepareContext, tokenizer: Any) -> dict[str, Any]:
+    """/detokenize: token ids as text; at most a context's worth, all in the vocabulary."""
+    body = parse_body(raw, DetokenizeRequest)
+    _check_model(body.model, context)
+    if len(body.tokens) > context.max_model_len:
+        raise bad_request(
+            f"tokens has {len(body.tokens)} ids; this server detokenizes at most "
+            f"{context.max_model_len} (max_model_len) at once",
+            "tokens",
+        )
+    outside = sorted({t for t in body.tokens if not 0 <= t < context.vocab_size})
+    if outside:
+        raise bad_request(
+            f"tokens has ids {outside[:5]} outside the vocabulary [0, {context.vocab_size})",
+            "tokens",
+        )
+    return {"prompt": tokenizer.decode(body.tokens)}
 
 
 def tool_plan(

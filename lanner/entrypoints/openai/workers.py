@@ -25,7 +25,7 @@ from typing import Any
 
 from lanner.entrypoints.http_guards import OpenAIError, bad_request
 from lanner.entrypoints.openai.prepare import PrepareContext, PreparedRequest, prepare
-from lanner.model.tokenizer import load_tokenizer
+from lanner.model.tokenizer import load_tokenizer, tokenizer_modules
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,25 @@ WORKER_START_TIMEOUT_S = 300.0
 WORKER_NICENESS = 10
 
 
-def _forkserver_context() -> Any:
-    # Workers fork from a server process that has imported this module (transformers and
-    # all) once, so starting one, or replacing a killed one, takes a fraction of a second.
+def _forkserver_context(tokenizer_source: str) -> Any:
+    # Workers fork from a server process that has imported this module and the tokenizer's
+    # (transformers) once, so starting one, or replacing a killed one, takes a fraction of
+    # a second.
     context = multiprocessing.get_context("forkserver")
     # xgrammar too when installed: checking a request's schema or grammar needs it, and
     # importing it on a request would take that request's time budget.
-    preload = [__name__, *(["xgrammar"] if importlib.util.find_spec("xgrammar") else [])]
-    context.set_forkserver_preload(preload)
+    grammar = ["xgrammar"] if importlib.util.find_spec("xgrammar") else []
+    context.set_forkserver_preload([__name__, *tokenizer_modules(tokenizer_source), *grammar])
     return context
+
+
+def start_fork_server(tokenizer_source: str) -> None:
+    """Start the process workers fork from now, so it imports the tokenizer's modules
+    while the server imports its own (`lanner serve` calls it as it starts)."""
+    from multiprocessing import forkserver
+
+    _forkserver_context(tokenizer_source)
+    forkserver.ensure_running()
 
 
 def _limit_memory(headroom: int) -> None:
@@ -140,7 +150,7 @@ class PrepareWorkers:
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self.num_replaced = 0  # workers killed past the budget or lost, then replaced
-        self._context = _forkserver_context()
+        self._context = _forkserver_context(tokenizer_source)
         # Calls block on a pipe, so each gets a thread; one per worker is all that run.
         self._threads = ThreadPoolExecutor(num_workers, thread_name_prefix="lanner-prepare")
         self._idle: asyncio.Queue[_Worker] | None = None
@@ -169,8 +179,11 @@ class PrepareWorkers:
             raise
         return worker
 
-    async def prepare(self, kind: str, raw: bytes, context: PrepareContext) -> PreparedRequest:
-        """Prepare a request in a worker; raises OpenAIError for the client."""
+    async def prepare(
+        self, kind: str, raw: bytes, context: PrepareContext
+    ) -> PreparedRequest | dict[str, Any]:
+        """Prepare a request in a worker (for /tokenize and /detokenize: answer it there);
+        raises OpenAIError for the client."""
         if self._idle is None or self._closed:
             raise OpenAIError(503, "the server is starting or stopping", "ServiceUnavailable")
         worker = await self._idle.get()

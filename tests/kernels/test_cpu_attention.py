@@ -1,0 +1,136 @@
+"""The CPU path (kernels/cpu_attention.py) against the pure-torch reference: ragged mixed
+batches, grouped-query heads, sliding windows, chunks on a cached prefix, decode-only
+batches, an fp8 cache, bf16; qkv_prepare must give the reference's very bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lanner.kernels import cpu_attention, ops, reference
+from lanner.kernels.attention_metadata import AttentionMetadata
+from tests.kernels.test_paged_attention import BLOCK_SIZE, make_case
+
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
+
+
+def check(query, kv_cache, metadata, window=None) -> torch.Tensor:
+    scale = query.shape[-1] ** -0.5
+    expected = reference.paged_attention(query, kv_cache, metadata, scale, window)
+    out = cpu_attention.paged_attention(query, kv_cache, metadata, scale, window)
+    tol = TOLERANCE[query.dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_ragged_mixed_batch(dtype: torch.dtype, group: int) -> None:
+    """Decodes, a fresh prefill, an extend on a prefix ending mid-block and long contexts
+    crossing many blocks, in one batch."""
+    query_lens = [1, 9, 6, 1, 1, 17, 1]
+    seq_lens = [23, 9, 13, 1, 40, 21, 64]
+    query, kv_cache, metadata = make_case(query_lens, seq_lens, 2 * group, 2, 32, dtype)
+    check(query, kv_cache, metadata)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_window(window: int) -> None:
+    query, kv_cache, metadata = make_case([1, 12, 1, 7], [40, 30, 9, 25], 4, 2, 32, torch.float32)
+    check(query, kv_cache, metadata, window)
+
+
+def test_chunks_on_a_cached_prefix() -> None:
+    """Chunked prefill: each chunk's queries sit after a cached prefix and see all of it."""
+    query, kv_cache, metadata = make_case([5, 16, 3], [37, 48, 4], 6, 2, 64, torch.float32)
+    check(query, kv_cache, metadata)
+
+
+def test_decode_only_batch_writes_every_row() -> None:
+    query, kv_cache, metadata = make_case([1] * 9, [1, 2, 15, 16, 17, 33, 64, 5, 100], 6, 2, 64,
+                                          torch.float32)  # fmt: skip
+    out = check(query, kv_cache, metadata)
+    assert out.shape == query.shape and torch.isfinite(out).all()
+
+
+def test_plan_is_built_once_a_step_and_shared_by_layers() -> None:
+    query, kv_cache, metadata = make_case([1, 4, 1], [10, 4, 20], 4, 2, 32, torch.float32)
+    check(query, kv_cache, metadata)
+    plan = metadata.host_plan
+    assert isinstance(plan, cpu_attention.CpuAttentionPlan)
+    other_layer = torch.randn_like(kv_cache)  # the next layer: same metadata, its own cache
+    check(query, other_layer, metadata)
+    assert metadata.host_plan is plan
+
+
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_is_read_as_the_reference_reads_it(query_dtype: torch.dtype) -> None:
+    query, kv_cache, metadata = make_case([1, 7, 1], [19, 7, 33], 8, 2, 32, torch.float32)
+    check(query.to(query_dtype), (kv_cache * 3).to(torch.float8_e4m3fn), metadata)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qkv_prepare_gives_the_reference_bits(
+    dtype: torch.dtype, cache_dtype: torch.dtype | None, qk_norm: bool
+) -> None:
+    tokens, heads, kv_heads, head_dim = 7, 6, 2, 64
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    # q, k and v as the model makes them: views into one projection output.
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (t.reshape(tokens, -1, head_dim) for t in (q, k, v))
+    positions = torch.tensor([0, 5, 9, 100, 3, 4, 7])
+    cos_sin = torch.randn(128, head_dim, generator=generator)
+    norms = (randn(head_dim).abs() + 0.5, randn(head_dim).abs() + 0.5) if qk_norm else (None, None)
+    slots = torch.tensor([0, 5, 9, 17, 33, 2, 39])
+    expected_cache = torch.zeros(2, 10, BLOCK_SIZE, kv_heads, head_dim, dtype=cache_dtype or dtype)
+    cache = expected_cache.clone()
+    eq, ek = q, k
+    if qk_norm:
+        eq, ek = reference.rms_norm(q, norms[0], 1e-6), reference.rms_norm(k, norms[1], 1e-6)
+    eq = reference.apply_rotary(eq, positions, cos_sin)
+    ek = reference.apply_rotary(ek, positions, cos_sin)
+    reference.store_kv_cache(ek, v, expected_cache, slots)
+    out = cpu_attention.qkv_prepare(q, k, v, positions, cos_sin, cache, slots, *norms, 1e-6)
+    assert torch.equal(out, eq)
+    assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8))
+    # Another layer of the same step (same positions tensor) reuses the rotary tables.
+    again = cpu_attention.qkv_prepare(q, k, v, positions, cos_sin, cache, slots, *norms, 1e-6)
+    assert torch.equal(again, eq)
+
+
+def test_a_padding_slot_fails_loudly() -> None:
+    """The CPU runner pads nothing; a -1 slot must raise, never write somewhere."""
+    q = torch.randn(2, 2, 8)
+    cache = torch.zeros(2, 2, BLOCK_SIZE, 1, 8)
+    with pytest.raises(IndexError):
+        cpu_attention.qkv_prepare(
+            q, q[:, :1], q[:, :1], torch.tensor([0, 1]), torch.randn(4, 8), cache,
+            torch.tensor([0, -1]), None, None, 1e-6,
+        )  # fmt: skip
+
+
+def test_ops_choose_the_cpu_path_and_reference_on_request(monkeypatch) -> None:
+    query, kv_cache, metadata = make_case([1, 3], [5, 3], 4, 2, 16, torch.float32)
+    calls = []
+    monkeypatch.setattr(cpu_attention, "paged_attention", lambda *a: calls.append("cpu"))
+    monkeypatch.setattr(reference, "paged_attention", lambda *a: calls.append("reference"))
+    ops.paged_attention(query, kv_cache, metadata, 0.25)
+    monkeypatch.setattr(ops, "FORCE_REFERENCE", True)
+    ops.paged_attention(query, kv_cache, metadata, 0.25)
+    assert calls == ["cpu", "reference"]
+
+
+def test_metadata_without_decodes_or_without_prefills() -> None:
+    for query_lens, seq_lens in (([4, 6], [4, 10]), ([1, 1], [3, 70])):
+        query, kv_cache, metadata = make_case(query_lens, seq_lens, 4, 2, 16, torch.float32)
+        check(query, kv_cache, metadata)
+    metadata = AttentionMetadata.build([1], [1], [[0]], BLOCK_SIZE, "cpu")
+    plan = cpu_attention.build_plan(metadata, BLOCK_SIZE)
+    assert plan.decode is not None and not plan.chunks
