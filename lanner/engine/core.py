@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -62,6 +62,9 @@ class _LaunchedStep:
     num_running: int = 0
     draft_length: int = 0
     all_decodes: bool = False
+    # Sampling deferred until the step before is read (its rows read outputs, or a
+    # grammar state, that step gives): the chunks whose sampling rows wait for them.
+    deferred_chunks: list[SequenceChunk] | None = None
 
 
 @dataclass
@@ -434,7 +437,25 @@ class EngineCore:
             # Only grammars to wait for: give their thread the interpreter a moment
             # rather than spin (the caller calls again).
             self._compiling[0].grammar.wait(GRAMMAR_POLL_S)  # type: ignore[union-attr]
-        return early + (self._collect(previous) if previous is not None else [])
+        outputs = early + (self._collect(previous) if previous is not None else [])
+        if self._pending is not None and self._pending.deferred_chunks is not None:
+            self._sample_deferred(self._pending)
+        return outputs
+
+    def _sample_deferred(self, launched: _LaunchedStep) -> None:
+        """The step before has been read: finish the launched step's sampling rows (their
+        output history without the token this step samples; grammar bitmasks from the
+        matchers it advanced) and launch the sampling. The device ran this step's model
+        meanwhile."""
+        chunks = launched.deferred_chunks
+        assert chunks is not None
+        for chunk in chunks:
+            row = chunk.sampling
+            if row is not None and row.output_token_ids[-1:] == [PLACEHOLDER_TOKEN]:
+                chunk.sampling = replace(row, output_token_ids=row.output_token_ids[:-1])
+        self._fill_grammar_bitmasks(launched.schedule, chunks, None)
+        self.runner.sample_deferred(launched.step)
+        launched.deferred_chunks = None
 
     def _end_failed_grammars(self) -> list[EngineCoreOutput]:
         """Requests whose grammar failed to compile end here, as aborted; the others
@@ -466,13 +487,12 @@ class EngineCore:
         return self.spec.policy.plan(len(self.scheduler.running))
 
     def _can_launch_ahead(self, draft_length: int) -> bool:
-        """Launching before the previous step is read needs every sampler input known:
-        penalties count the output tokens, so their requests make the engine wait, and
-        so does a step that speculates (proposals start from the last accepted token,
-        and the tokens a step yields are known only once it is read)."""
-        if not self.async_scheduling or draft_length:
-            return False
-        return not any(r.sampling_params.uses_output_history for r in self.scheduler.running)
+        """Whether a step may launch before the previous one is read: not one that
+        speculates (proposals start from the last accepted token, and the tokens a step
+        yields are known only once it is read). Requests whose sampling reads their
+        outputs (penalties, bad words, a grammar) launch their model ahead and sample once
+        the previous step is read (``_sample_deferred``)."""
+        return self.async_scheduling and not draft_length
 
     def _launch(self, previous: _LaunchedStep | None, draft_length: int) -> _LaunchedStep | None:
         num_running = len(self.scheduler.running)
@@ -492,9 +512,14 @@ class EngineCore:
         # has been launched since (its outputs, e.g. a graph's hidden states, are gone).
         last_step = self._last_step if previous is None else None
         drafts, num_drafts = self._propose(schedule, chunks, last_step) if self.spec else (None, {})
-        self._fill_grammar_bitmasks(schedule, chunks, drafts)
+        # Rows reading outputs of the step still in flight sample once it is read.
+        defer = previous is not None and any(
+            s.samples and s.request.sampling_params.uses_output_history for s in schedule.scheduled
+        )
+        if not defer:
+            self._fill_grammar_bitmasks(schedule, chunks, drafts)
         launched = self.runner.launch(
-            chunks, previous.step if previous is not None else None, drafts
+            chunks, previous.step if previous is not None else None, drafts, defer
         )
         # Tokens fed are computed once launched: the device runs steps in order. Each
         # sampled token holds a placeholder until the host reads the step.
@@ -506,7 +531,15 @@ class EngineCore:
         all_decodes = not schedule.preempted and all(
             s.samples and s.num_known_new_tokens == 1 for s in schedule.scheduled
         )
-        return _LaunchedStep(schedule, launched, num_drafts, num_running, draft_length, all_decodes)
+        return _LaunchedStep(
+            schedule,
+            launched,
+            num_drafts,
+            num_running,
+            draft_length,
+            all_decodes,
+            chunks if defer else None,
+        )
 
     def _fill_grammar_bitmasks(
         self,
@@ -516,12 +549,16 @@ class EngineCore:
     ) -> None:
         """Each sampling row under a grammar gets its bitmasks (the next token's, and one
         after each draft), filled for the whole batch at once; their matchers are up to
-        date: such requests make the engine read every step before it schedules the
-        next. Drafts still on the device are read here, only for these requests."""
+        date (a step launched before the one it follows was read fills them once that is,
+        in ``_sample_deferred``). Drafts still on the device are read here, only for
+        these requests."""
         rows = [
             (chunk, scheduled.request.grammar)
             for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)
-            if chunk.sampling is not None and scheduled.request.grammar is not None
+            if chunk.sampling is not None
+            and scheduled.request.grammar is not None
+            # (A request the step before finished samples no more: its grammar is done.)
+            and self.scheduler.requests.get(scheduled.request.request_id) is scheduled.request
         ]
         if not rows:
             return

@@ -37,7 +37,7 @@ def qkv_prepare(
 ) -> torch.Tensor:
     """``ops.qkv_prepare`` on the CPU: the reference's arithmetic, operation for operation
     (the same bits), in fewer torch calls, which is what a small model's step costs here.
-    Every slot must be >= 0 (the CPU runner pads nothing; index_copy_ fails on -1)."""
+    A row whose slot is -1 is not stored, as in the reference."""
     if q_norm_weight is not None and k_norm_weight is not None:
         query = rms_norm(query, q_norm_weight, eps)
         key = rms_norm(key, k_norm_weight, eps)
@@ -48,6 +48,10 @@ def qkv_prepare(
     # index_copy_ has no float8 kernel: an fp8 cache is written as its bytes.
     as_stored = torch.uint8 if cache.element_size() == 1 else cache.dtype
     slots = cache.view(as_stored).view(2, -1, num_kv_heads, head_dim)
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
+        # Rows with slot -1 store nothing (a draft head's padding rows).
+        keep = slot_mapping >= 0
+        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
     for index, new in enumerate((key, value)):
         slots[index].index_copy_(0, slot_mapping, to_cache_dtype(new, cache.dtype).view(as_stored))
     return query

@@ -105,9 +105,19 @@ class PendingStep:
     # each chunk's first row in them, for proposers that read the target's states.
     hidden_states: torch.Tensor | None = None
     first_rows: list[int] = field(default_factory=list)
+    # Launched with its sampling deferred (sample None until ``sample_deferred``): the
+    # model's logits and what sampling them needs.
+    deferred: _DeferredSampling | None = None
 
     def sample_rows(self) -> dict[str, int]:
         return {seq_id: row for row, seq_id in enumerate(self.sampled_seq_ids)}
+
+
+@dataclass
+class _DeferredSampling:
+    chunks: list[SequenceChunk]
+    logits: torch.Tensor
+    drafts: DeviceDrafts | None
 
 
 class StepFollowers(Protocol):
@@ -345,19 +355,23 @@ class ModelRunner:
         chunks: list[SequenceChunk],
         previous: PendingStep | None,
         drafts: DeviceDrafts | None = None,
+        defer_sampling: bool = False,
     ) -> PendingStep:
         """Queue one step on the device and return without waiting for it. Chunks may
         take their token from ``previous``'s samples, still on the device, and their
-        drafts from ``drafts``."""
+        drafts from ``drafts``. With ``defer_sampling`` only the model runs: the caller
+        finishes the chunks' sampling rows (they read outputs still being read back) and
+        then calls ``sample_deferred``."""
         if self.followers is not None:
-            return self.followers.guard(self._launch, chunks, previous, drafts)
-        return self._launch(chunks, previous, drafts)
+            return self.followers.guard(self._launch, chunks, previous, drafts, defer_sampling)
+        return self._launch(chunks, previous, drafts, defer_sampling)
 
     def _launch(
         self,
         chunks: list[SequenceChunk],
         previous: PendingStep | None,
         drafts: DeviceDrafts | None,
+        defer_sampling: bool = False,
     ) -> PendingStep:
         layout = StepLayout.build(chunks)
         on_device = self._device_tokens(chunks, layout.first_rows, previous, drafts)
@@ -377,9 +391,29 @@ class ModelRunner:
         kept = hidden if self.keep_hidden_states else None
         if logits is None or not self.samples:
             return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows)
+        if defer_sampling:
+            deferred = _DeferredSampling(chunks, logits, drafts)
+            return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows, deferred)
         return self._launch_sample(
             chunks, logits, prompt_logprob_rows, drafts, kept, layout.first_rows
         )
+
+    @torch.inference_mode()
+    def sample_deferred(self, pending: PendingStep) -> None:
+        """Launch the sampling of a step launched with ``defer_sampling`` (rank 0 alone
+        samples: no other rank takes part)."""
+        deferred = pending.deferred
+        assert deferred is not None, "this step's sampling was not deferred"
+        sampled = self._launch_sample(
+            deferred.chunks,
+            deferred.logits,
+            pending.prompt_logprobs,
+            deferred.drafts,
+            pending.hidden_states,
+            pending.first_rows,
+        )
+        pending.sample, pending.sampled_seq_ids = sampled.sample, sampled.sampled_seq_ids
+        pending.deferred = None
 
     def _run_model(
         self, layout: StepLayout, device_tokens: tuple[torch.Tensor, torch.Tensor] | None

@@ -301,3 +301,38 @@ def test_speculation_never_accepts_what_the_grammar_refuses(llm: LLM, method: st
     stats = spec.engine.core.stats()
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
     assert_pool_full(spec)
+
+
+def test_overlapped_scheduling_gives_the_same_constrained_outputs(llm: LLM) -> None:
+    # With async scheduling a constrained step's model runs ahead and its sampling waits
+    # for the step before (its grammar state); the outputs must be the synchronous ones.
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    constraints = [
+        StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+        StructuredOutputsParams(regex="[a-z ]{5,30}"),
+        StructuredOutputsParams(choice=["alpha", "beta", "gamma"]),
+        None,
+    ]
+    params = [
+        SamplingParams(
+            temperature=0.0 if i % 2 else 0.8,
+            seed=i,
+            max_tokens=40,
+            presence_penalty=0.5 if i % 3 == 0 else 0.0,
+            structured_outputs=constraints[i % len(constraints)],
+        )
+        for i in range(16)
+    ]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
+    expected = llm.generate(prompts, params, use_tqdm=False)
+    overlapped = LLM(
+        dtype="float32", device="cpu", block_size=16, max_model_len=512, async_scheduling=True
+    )
+    runner = overlapped.engine.core.runner
+    deferred = []
+    sample_deferred = runner.sample_deferred
+    runner.sample_deferred = lambda pending: (deferred.append(1), sample_deferred(pending))[1]
+    got = overlapped.generate(prompts, params, use_tqdm=False)
+    assert [summary(o) for o in got] == [summary(o) for o in expected]
+    assert len(deferred) > 10  # the model ran ahead of the grammar's step
+    assert_pool_full(overlapped)
