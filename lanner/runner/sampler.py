@@ -14,7 +14,7 @@ from lanner.kernels.sampling import (
     exponential_race,
     exponential_race_reference,
 )
-from lanner.kernels.transfer import to_device
+from lanner.kernels.transfer import tensor_to_device, to_device
 
 if TYPE_CHECKING:
     # Only for annotations: the sampler reads params' fields and never builds them, so the
@@ -237,7 +237,8 @@ def apply_grammar_bitmasks(logits: torch.Tensor, rows: list[SamplingRow]) -> tor
     if not masked:
         return logits
     device = logits.device
-    bitmask = torch.cat([rows[i].token_bitmask[:1] for i in masked]).to(device)  # type: ignore[index]
+    # Queued, not waited on: a plain copy would wait for the model's step to finish.
+    bitmask = tensor_to_device(torch.cat([rows[i].token_bitmask[:1] for i in masked]), device)  # type: ignore[index]
     logits = logits.clone()
     ops.apply_token_bitmask(logits, bitmask, to_device(masked, torch.long, device))
     return logits
