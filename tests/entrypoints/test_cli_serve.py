@@ -9,12 +9,14 @@ import pytest
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig, LoadConfig
 from lanner.entrypoints.cli import build_parser, engine_kwargs
 from lanner.memory.kv_cache import CacheConfig
+from lanner.runner.executor import ParallelConfig
 
 
 def engine_option_names() -> set[str]:
-    names = {f.name for f in dataclasses.fields(EngineConfig)} - {"load", "cache"}
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - {"load", "cache", "parallel"}
     names |= {f.name for f in dataclasses.fields(LoadConfig)}
     names |= {f.name for f in dataclasses.fields(CacheConfig)}
+    names |= {f.name for f in dataclasses.fields(ParallelConfig)}
     return names
 
 

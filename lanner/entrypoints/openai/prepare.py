@@ -336,13 +336,12 @@ def structured_outputs_of(body: _SamplingFields) -> tuple[StructuredOutputsParam
     if body.structured_outputs is not None:
         fields = body.structured_outputs.model_dump(exclude_none=True)
         found.append(("structured_outputs", fields))
-    for name, key in (
-        ("guided_json", "json"),
-        ("guided_regex", "regex"),
-        ("guided_choice", "choice"),
-        ("guided_grammar", "grammar"),
+    for name, key, value in (
+        ("guided_json", "json", body.guided_json),
+        ("guided_regex", "regex", body.guided_regex),
+        ("guided_choice", "choice", body.guided_choice),
+        ("guided_grammar", "grammar", body.guided_grammar),
     ):
-        value = getattr(body, name)
         if value is not None:
             found.append((name, {key: value}))
     if not found:
