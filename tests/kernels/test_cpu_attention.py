@@ -105,15 +105,20 @@ def test_qkv_prepare_gives_the_reference_bits(
     assert torch.equal(again, eq)
 
 
-def test_a_padding_slot_fails_loudly() -> None:
-    """The CPU runner pads nothing; a -1 slot must raise, never write somewhere."""
-    q = torch.randn(2, 2, 8)
+def test_a_padding_slot_stores_nothing_as_in_the_reference() -> None:
+    """A -1 slot (an EAGLE head's padding rows) writes nowhere; the other rows are stored
+    as the reference stores them."""
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 2, 8, generator=generator)
+    k, v = torch.randn(3, 1, 8, generator=generator), torch.randn(3, 1, 8, generator=generator)
+    positions, cos_sin = torch.tensor([0, 1, 2]), torch.randn(4, 8, generator=generator)
+    slots = torch.tensor([0, -1, 5])
     cache = torch.zeros(2, 2, BLOCK_SIZE, 1, 8)
-    with pytest.raises(IndexError):
-        cpu_attention.qkv_prepare(
-            q, q[:, :1], q[:, :1], torch.tensor([0, 1]), torch.randn(4, 8), cache,
-            torch.tensor([0, -1]), None, None, 1e-6,
-        )  # fmt: skip
+    expected = cache.clone()
+    reference.store_kv_cache(reference.apply_rotary(k, positions, cos_sin), v, expected, slots)
+    cpu_attention.qkv_prepare(q, k, v, positions, cos_sin, cache, slots, None, None, 1e-6)
+    assert torch.equal(cache, expected)
+    assert cache.count_nonzero() == expected.count_nonzero() > 0
 
 
 def test_ops_choose_the_cpu_path_and_reference_on_request(monkeypatch) -> None:
