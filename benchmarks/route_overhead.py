@@ -10,6 +10,9 @@ moves by tens of milliseconds from run to run, far more than the 2 ms to resolve
 
 Run from the repository root (CPU; the machine should be otherwise quiet):
     PYTHONPATH=. .venv/bin/python benchmarks/route_overhead.py --commit "$(git rev-parse HEAD)"
+With --router-cpus 0 the router runs on CPU 0 alone and the client and worker on the
+others (in both the direct and the routed runs), so that what is measured is the router's
+hop, not the three processes queueing for the same cores.
 Writes benchmarks/results/<stamp>-route-overhead.json (and $OUT when set).
 """
 
@@ -90,15 +93,36 @@ def bench(url: str, model: str, args: argparse.Namespace, out: Path, seed: int) 
         "--max-concurrency", str(args.concurrency), "--vocab-size", "8000",
         "--temperature", "0", "--seed", str(seed), "--disable-tqdm", "--output-json", str(out),
     ]  # fmt: skip
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, preexec_fn=_pin(args.others))
     run = json.loads(out.read_text())["results"]["runs"][0]
     assert run["failed"] == 0, run["errors"]
     return {k: run[k] for k in ("median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms",
                                 "median_itl_ms", "request_throughput", "completed")}  # fmt: skip
 
 
+def _pin(cpus: set[int] | None) -> Any:
+    """A preexec_fn putting a child on ``cpus`` (None: anywhere)."""
+    return None if not cpus else lambda: os.sched_setaffinity(0, cpus)
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc)."""
+    tree, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = Path(f"/proc/{parent}/task/{parent}/children")
+        if children.exists():
+            found = [int(c) for c in children.read_text().split()]
+            tree += found
+            frontier += found
+    return tree
+
+
 def compare(worker_url: str, model: str, args: argparse.Namespace, logs: Path) -> dict:
     router = start_router([worker_url], ["--policy", "round_robin"], logs / f"router-{model}.log")
+    if args.router_cpus:
+        for pid in _process_tree(router.process.pid):
+            os.sched_setaffinity(pid, args.router_cpus)
     rounds = []
     try:
         for index in range(args.rounds):
@@ -137,8 +161,15 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--router-cpus",
+        default=None,
+        help="CPUs for the router alone, e.g. 0 (the client and worker get the others)",
+    )
     parser.add_argument("--serve-stub", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.router_cpus = {int(c) for c in args.router_cpus.split(",")} if args.router_cpus else None
+    args.others = os.sched_getaffinity(0) - args.router_cpus if args.router_cpus else None
     if args.serve_stub is not None:  # the stub worker's own process
         import uvicorn
 
@@ -153,6 +184,7 @@ def main() -> None:
             stub = subprocess.Popen(
                 [sys.executable, __file__, "--serve-stub", str(port)],
                 env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")},
+                preexec_fn=_pin(args.others),
             )
             try:
                 url = f"http://127.0.0.1:{port}"
@@ -175,10 +207,11 @@ def main() -> None:
         "route-overhead",
         args.commit,
         started,
-        config={**vars(args), "stub_first_token_s": STUB_FIRST_TOKEN_S,
-                "stub_token_gap_s": STUB_TOKEN_GAP_S},
-        note="shared CPU machine: client, router and worker share its 2 cores with other "
-        "engineers' jobs; added_median_ttft_ms = router's median TTFT - direct's, per round",
+        config={**vars(args), "router_cpus": sorted(args.router_cpus or []),
+                "others": sorted(args.others or []),
+                "stub_first_token_s": STUB_FIRST_TOKEN_S, "stub_token_gap_s": STUB_TOKEN_GAP_S},
+        note="router_cpus empty: client, router and worker share the machine's cores; "
+        "added_median_ttft_ms = router's median TTFT - direct's, per round",
         results=results,
     )  # fmt: skip
     name = f"{stamp}-route-overhead.json"
