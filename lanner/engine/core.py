@@ -62,9 +62,6 @@ class _LaunchedStep:
     num_running: int = 0
     draft_length: int = 0
     all_decodes: bool = False
-    # Sampling deferred until the step before is read (its rows read outputs, or a
-    # grammar state, that step gives): the chunks whose sampling rows wait for them.
-    deferred_chunks: list[SequenceChunk] | None = None
 
 
 @dataclass
@@ -226,7 +223,6 @@ class EngineCore:
             tuple(self.model_config.eos_token_ids),
         )
         self._compiling: list[Request] = []  # requests whose grammar is not ready yet
-        self._early_outputs: list[EngineCoreOutput] = []  # ended before running
         self.runner = ModelRunner(
             self.loaded,
             block_size,
@@ -438,7 +434,8 @@ class EngineCore:
             # rather than spin (the caller calls again).
             self._compiling[0].grammar.wait(GRAMMAR_POLL_S)  # type: ignore[union-attr]
         outputs = early + (self._collect(previous) if previous is not None else [])
-        if self._pending is not None and self._pending.deferred_chunks is not None:
+        if self._pending is not None and self._pending.step.deferred is not None:
+            # Its rows read outputs (or a grammar state) the step just read gave.
             self._sample_deferred(self._pending)
         return outputs
 
@@ -447,15 +444,14 @@ class EngineCore:
         output history without the token this step samples; grammar bitmasks from the
         matchers it advanced) and launch the sampling. The device ran this step's model
         meanwhile."""
-        chunks = launched.deferred_chunks
-        assert chunks is not None
+        assert launched.step.deferred is not None
+        chunks = launched.step.deferred.chunks
         for chunk in chunks:
             row = chunk.sampling
             if row is not None and row.output_token_ids[-1:] == [PLACEHOLDER_TOKEN]:
                 chunk.sampling = replace(row, output_token_ids=row.output_token_ids[:-1])
         self._fill_grammar_bitmasks(launched.schedule, chunks, None)
         self.runner.sample_deferred(launched.step)
-        launched.deferred_chunks = None
 
     def _end_failed_grammars(self) -> list[EngineCoreOutput]:
         """Requests whose grammar failed to compile end here, as aborted; the others
@@ -531,15 +527,7 @@ class EngineCore:
         all_decodes = not schedule.preempted and all(
             s.samples and s.num_known_new_tokens == 1 for s in schedule.scheduled
         )
-        return _LaunchedStep(
-            schedule,
-            launched,
-            num_drafts,
-            num_running,
-            draft_length,
-            all_decodes,
-            chunks if defer else None,
-        )
+        return _LaunchedStep(schedule, launched, num_drafts, num_running, draft_length, all_decodes)
 
     def _fill_grammar_bitmasks(
         self,

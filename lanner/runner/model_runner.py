@@ -107,14 +107,17 @@ class PendingStep:
     first_rows: list[int] = field(default_factory=list)
     # Launched with its sampling deferred (sample None until ``sample_deferred``): the
     # model's logits and what sampling them needs.
-    deferred: _DeferredSampling | None = None
+    deferred: DeferredSampling | None = None
 
     def sample_rows(self) -> dict[str, int]:
         return {seq_id: row for row, seq_id in enumerate(self.sampled_seq_ids)}
 
 
 @dataclass
-class _DeferredSampling:
+class DeferredSampling:
+    """A step's model output waiting for its sampling (``ModelRunner.sample_deferred``):
+    the chunks, whose sampling rows the caller finishes first, and their logits."""
+
     chunks: list[SequenceChunk]
     logits: torch.Tensor
     drafts: DeviceDrafts | None
@@ -392,7 +395,7 @@ class ModelRunner:
         if logits is None or not self.samples:
             return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows)
         if defer_sampling:
-            deferred = _DeferredSampling(chunks, logits, drafts)
+            deferred = DeferredSampling(chunks, logits, drafts)
             return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows, deferred)
         return self._launch_sample(
             chunks, logits, prompt_logprob_rows, drafts, kept, layout.first_rows
