@@ -67,8 +67,11 @@ rounds differently, as cuBLAS's kernels for different M do.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -90,8 +93,13 @@ NUM_SMS = 132
 # fall back to the separate reduce kernel.
 MAX_TILES = 1 << 16
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
-# Measured configs that override choose_config's rules (install_tuned_configs).
+# Measured configs that override choose_config's rules (install_tuned_configs), and the
+# shipped ones measured on this card (tuned/*.json, read at the first CUDA launch, used
+# where _TUNED has no entry). LANNER_TUNED_CONFIGS=0 keeps the rules alone.
 _TUNED: dict[tuple[str, int, int, int], SkinnyConfig] = {}
+_SHIPPED: dict[tuple[str, int, int, int], SkinnyConfig] = {}
+SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
+_SHIPPED_STATE = {"read": os.environ.get("LANNER_TUNED_CONFIGS", "1") == "0"}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows up to which use_skinny picks this kernel over cuBLAS.
 SKINNY_MAX_M = 16
@@ -557,7 +565,8 @@ def choose_config(
 
     Quantized weights: see _quantized_config.
     """
-    tuned = _TUNED.get((weight_format, 1 if m == 1 else MAX_BLOCK_M, n, k))
+    key = (weight_format, 1 if m == 1 else MAX_BLOCK_M, n, k)
+    tuned = _TUNED.get(key, _SHIPPED.get(key))
     # (int4 configs are swept at group 128: one whose steps span more than a group's plane
     # does not apply.)
     if tuned is not None and (
@@ -618,13 +627,60 @@ def install_tuned_configs(configs: dict[tuple[str, int, int, int], SkinnyConfig]
     which keeps them batch invariant). For GPU sweeps (benchmarks/kernels_linear.py --quant
     --sweep writes them, engine_workloads.py --skinny-configs reads them); call before the
     engine captures its CUDA graphs."""
+    _check_tuned(configs)
+    _TUNED.clear()
+    _TUNED.update(configs)
+    choose_config.cache_clear()
+    _plan.cache_clear()
+
+
+def _check_tuned(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None:
     for (weight_format, rows, _, _), config in configs.items():
         if weight_format not in _FORMAT_IDS or rows not in (1, MAX_BLOCK_M):
             raise ValueError(f"bad tuned key ({weight_format!r}, {rows}): rows is 1 or 16")
         if rows > 1 and not config.use_dot:
             raise ValueError("rows 2-16 run the dot path (use_dot=True)")
-    _TUNED.clear()
-    _TUNED.update(configs)
+
+
+def tuned_entries_to_configs(entries: list[dict]) -> dict[tuple[str, int, int, int], SkinnyConfig]:
+    """The JSON entries benchmarks/tune_quant.py writes ({"format", "rows", "N", "K",
+    "config": SkinnyConfig's fields}, other fields ignored) as install_tuned_configs'
+    mapping."""
+    configs = {}
+    for entry in entries:
+        key = (entry["format"], int(entry["rows"]), int(entry["N"]), int(entry["K"]))
+        configs[key] = SkinnyConfig(**entry["config"])
+    _check_tuned(configs)
+    return configs
+
+
+def shipped_configs(device_name: str, directory: Path = SHIPPED_DIR) -> dict:
+    """The configs measured on ``device_name`` (torch.cuda.get_device_name) in the
+    committed files tuned/*.json, each {device name: {"configs": [entries], ...}}; empty
+    for a card none of them covers (choose_config's rules apply there)."""
+    configs: dict[tuple[str, int, int, int], SkinnyConfig] = {}
+    for path in sorted(directory.glob("*.json")):
+        table = json.loads(path.read_text())
+        if device_name in table:
+            configs.update(tuned_entries_to_configs(table[device_name]["configs"]))
+    return configs
+
+
+def _read_shipped_configs(device: torch.device) -> None:
+    """At the first CUDA launch: the shipped configs of this card, where no explicitly
+    installed config (install_tuned_configs) covers the same key."""
+    _SHIPPED_STATE["read"] = True
+    _SHIPPED.clear()
+    _SHIPPED.update(shipped_configs(torch.cuda.get_device_name(device)))
+    choose_config.cache_clear()
+    _plan.cache_clear()
+
+
+def use_shipped_configs(enabled: bool) -> None:
+    """Turns the shipped tuned configs on (read again at the next CUDA launch) or off
+    (choose_config's rules and installed configs only: what tuning compares against)."""
+    _SHIPPED.clear()
+    _SHIPPED_STATE["read"] = not enabled
     choose_config.cache_clear()
     _plan.cache_clear()
 
@@ -811,6 +867,8 @@ def _run(
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
 
+    if not _SHIPPED_STATE["read"] and rows.is_cuda:
+        _read_shipped_configs(rows.device)
     if dtype == torch.float32 and weight_format != DENSE and overrides[4] is None:
         # fp32 rows (tests, references) are 4 bytes a value in shared memory: the
         # quantized configs' pipelines, sized for 16-bit rows, would not fit two stages more.
