@@ -100,12 +100,17 @@ def shared_bytes(fmt: str, block_n: int, block_k: int, stages: int, use_dot: boo
 
 
 def grid_for(fmt: str, rows: int) -> list[dict]:
+    """The candidate tiles; int4 each with its plane sums scaled (exact) and with the
+    weights scaled in registers (scale_weights: one MMA chain a step)."""
     tiles = INT4_DOT if fmt == skinny.INT4 else (FP8_ONE_ROW + FP8_DOT if rows == 1 else FP8_DOT)
-    return [
+    configs = [
         dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st, use_dot=dot)
         for bn, bk, w, st, dot in tiles
         if shared_bytes(fmt, bn, bk, st, dot) <= SHARED_LIMIT
     ]
+    if fmt == skinny.INT4:
+        configs = [{**c, "scale_weights": scaled} for scaled in (True, False) for c in configs]
+    return configs
 
 
 @dataclasses.dataclass
@@ -260,7 +265,9 @@ def main() -> int:
             raise SystemExit(f"--formats: fp8 or int4, not {method!r}")
         for model, name, n, k in shapes:
             weights = QuantWeights(method, n, k)
-            xs = {m: torch.randn(m, k, device=DEVICE).to(DTYPE) for m in {1, SCREEN_M, *ROW_CLASS_M}}
+            xs = {
+                m: torch.randn(m, k, device=DEVICE).to(DTYPE) for m in {1, SCREEN_M, *ROW_CLASS_M}
+            }
             references = {m: weights.reference(x) for m, x in xs.items()}
             for rows in (1, skinny.MAX_BLOCK_M):
                 # An equal share of what is left to each case still to come.

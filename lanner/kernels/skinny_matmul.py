@@ -80,7 +80,13 @@ import triton.language as tl
 from lanner.kernels.pdl import launch_options, pdl_start
 from lanner.kernels.quant_reference import FP8_DTYPE, INT4_PLANE, INT4_TILE
 from lanner.kernels.rms_norm import cast_rounded
-from lanner.kernels.weight_codes import int4_plane, int4_zero_offset, round_to_8bit, widen_8bit
+from lanner.kernels.weight_codes import (
+    int4_plane,
+    int4_plane_scaled,
+    int4_zero_offset,
+    round_to_8bit,
+    widen_8bit,
+)
 
 # Rows of x one program multiplies; a larger M launches cdiv(M, 16) program rows, each
 # streaming the weight again (use_skinny hands such batches to cuBLAS).
@@ -116,6 +122,13 @@ _W_INT8 = tl.constexpr(2)
 _W_INT4 = tl.constexpr(3)
 _PLANE = tl.constexpr(INT4_PLANE)
 _TILE_GAP = tl.constexpr(INT4_TILE - INT4_PLANE)
+# L2 prefetch of each program's first weight tiles before it waits on the kernel before
+# it (PDL): off with LANNER_SKINNY_PREFETCH=0, and in the interpreter (no PTX).
+PREFETCH = os.environ.get("LANNER_SKINNY_PREFETCH", "1") != "0" and not bool(
+    triton.knobs.runtime.interpret
+)
+_PREFETCH_LINE = 128  # bytes of an L2 line
+_PREFETCH_L2 = tl.constexpr("prefetch.global.L2 [$1];\nmov.u32 $0, 0;")
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,10 @@ class SkinnyConfig:
     num_stages: int = 4
     use_dot: bool = True
     fused_reduce: bool = True
+    # int4 only: each plane's weights scaled in registers, rounded once to x's dtype, so
+    # that the four planes' products chain into one accumulator on the tensor cores
+    # (False: each plane's fp32 sums scaled apart, exact up to fp32 summation).
+    scale_weights: bool = False
 
 
 @triton.jit
@@ -252,12 +269,15 @@ def _int4_tiles(
     EVEN_K: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    SCALE_WEIGHTS: tl.constexpr,
 ):
     """sum over k in [k_start, k_stop) of x[m, k] * (q[n, k] - zero) * scale -> fp32
     [BLOCK_M, BLOCK_N] for int4 weights in the plane layout (w_rows point at each row's
     16-bit words; k_start is a multiple of a tile). Each step reads BLOCK_K / 4 words of
     each row and multiplies their four planes (BLOCK_K / 4 consecutive k each, within one
-    group) by the matching x columns, scaling each plane's fp32 sums once."""
+    group) by the matching x columns, scaling each plane's fp32 sums once; with
+    SCALE_WEIGHTS each plane's weights are scaled instead (rounded once to x's dtype) and
+    the four products accumulate in one chain of MMAs."""
     dtype: tl.constexpr = x_rows.dtype.element_ty
     STEP: tl.constexpr = BLOCK_K // 4
     offsets = tl.arange(0, STEP)
@@ -283,15 +303,25 @@ def _int4_tiles(
             else:
                 zero = tl.full((BLOCK_N,), 8, tl.int32)
             zero_offset = tl.broadcast_to(int4_zero_offset(zero, dtype)[:, None], (BLOCK_N, STEP))
-            w = int4_plane(words, zero_offset, plane, dtype)
+            if SCALE_WEIGHTS:
+                plane_scale = tl.broadcast_to(cast_rounded(scale, dtype)[:, None], (BLOCK_N, STEP))
+                w = int4_plane_scaled(words, zero_offset, plane_scale, plane, dtype)
+            else:
+                w = int4_plane(words, zero_offset, plane, dtype)
             if _INTERPRETED and w.dtype != tl.float32:
                 w = w.to(tl.float32)
                 x = x.to(tl.float32)
-            if IEEE:
-                sums = tl.dot(w, tl.trans(x), input_precision="ieee")
+            if SCALE_WEIGHTS:
+                if IEEE:
+                    acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(w, tl.trans(x), acc)
             else:
-                sums = tl.dot(w, tl.trans(x))
-            acc += sums * scale.to(tl.float32)[:, None]
+                if IEEE:
+                    sums = tl.dot(w, tl.trans(x), input_precision="ieee")
+                else:
+                    sums = tl.dot(w, tl.trans(x))
+                acc += sums * scale.to(tl.float32)[:, None]
     return tl.trans(acc)
 
 
@@ -332,23 +362,29 @@ def _skinny_matmul_kernel(
     USE_DOT: tl.constexpr,
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    SCALE_WEIGHTS: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_start(PDL)
     # Grid: (N blocks, K splits, M blocks); neighbouring programs read neighbouring rows.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
-
-    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_row_mask = rows_m < M
-    x_rows = x_ptr + rows_m.to(tl.int64) * x_stride_row
     # Weight rows past N read a copy of the last row instead of being masked, so the
     # weight loads carry no row mask; their results are never stored.
     w_rows = w_ptr + tl.minimum(rows_n, N - 1).to(tl.int64) * w_stride_row
+    if PREFETCH_LINES > 0:
+        # The weights are read-only: they may stream into L2 while the kernel before this
+        # one still runs (nothing here reads what it writes).
+        _prefetch_rows(w_rows, k_start // 4 if W_FORMAT == _W_INT4 else k_start, PREFETCH_LINES)
+    pdl_start(PDL)
+
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_row_mask = rows_m < M
+    x_rows = x_ptr + rows_m.to(tl.int64) * x_stride_row
     x_scale = _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M, QUANT_X)
 
     if W_FORMAT == _W_INT4:
@@ -372,6 +408,7 @@ def _skinny_matmul_kernel(
             EVEN_K,
             IEEE,
             NUM_STAGES,
+            SCALE_WEIGHTS,
         )
     elif USE_DOT:
         acc = _dot_tiles(
@@ -430,6 +467,15 @@ def _skinny_matmul_kernel(
         BLOCK_M,
         BLOCK_N,
     )
+
+
+@triton.jit
+def _prefetch_rows(w_rows, first, LINES: tl.constexpr):
+    """Asks L2 for the LINES 128-byte lines of each weight row from element ``first`` on
+    (prefetch.global.L2: no registers, no wait, never faults the kernel)."""
+    row_bytes = (w_rows + first).to(tl.pointer_type(tl.uint8))
+    lines = row_bytes[:, None] + (tl.arange(0, LINES) * 128)[None, :]
+    tl.inline_asm_elementwise(_PREFETCH_L2, "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -732,7 +778,7 @@ def skinny_matmul(
         raise ValueError(
             f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit x @ weight.T"
         )
-    overrides = (block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce)
+    overrides = (block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce, None)
     return _run(x, weight, DENSE, weight.shape[0], None, None, 0, 1, bias, overrides)
 
 
@@ -823,10 +869,10 @@ def check_int4_operands(
 
 def _overrides(config: dict) -> tuple:
     names = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "use_dot")
-    unknown = set(config) - {*names, "fused_reduce"}
+    unknown = set(config) - {*names, "fused_reduce", "scale_weights"}
     if unknown:
         raise TypeError(f"unknown launch parameters {sorted(unknown)}")
-    return tuple(config.get(name) for name in (*names, "fused_reduce"))
+    return tuple(config.get(name) for name in (*names, "fused_reduce", "scale_weights"))
 
 
 def _run(
@@ -873,7 +919,7 @@ def _run(
         # fp32 rows (tests, references) are 4 bytes a value in shared memory: the
         # quantized configs' pipelines, sized for 16-bit rows, would not fit two stages more.
         overrides = (*overrides[:4], 2, *overrides[5:])
-    plan = _plan(m, n, k, weight_format, group_size, *overrides)
+    plan = _plan(m, n, k, weight_format, group_size, *overrides, weight.element_size() * 8)
     workspace = out
     if plan.partial:
         workspace = torch.empty((plan.grid[1], m, n), dtype=torch.float32, device=out.device)
@@ -911,6 +957,8 @@ def _run(
         USE_DOT=plan.use_dot,
         IEEE=dtype == torch.float32,
         NUM_STAGES=plan.num_stages,
+        SCALE_WEIGHTS=plan.scale_weights,
+        PREFETCH_LINES=plan.prefetch_lines if PREFETCH else 0,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         **launch_options(out),
@@ -949,6 +997,8 @@ class _Plan:
     fused_reduce: bool
     reduce_grid: tuple[int, int]
     reduce_block: int
+    scale_weights: bool
+    prefetch_lines: int
 
 
 # Cached: this runs every eager decode step, and a Python-level cdiv costs microseconds.
@@ -966,6 +1016,8 @@ def _plan(
     num_stages: int | None,
     use_dot: bool | None,
     fused_reduce: bool | None,
+    scale_weights: bool | None = None,
+    weight_bits: int = 16,
 ) -> _Plan:
     config = choose_config(min(m, MAX_BLOCK_M), n, k, weight_format, group_size or 128)
     block_n = config.block_n if block_n is None else block_n
@@ -1014,7 +1066,28 @@ def _plan(
         fused_reduce=partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES,
         reduce_grid=(m, triton.cdiv(n, reduce_block)),
         reduce_block=reduce_block,
+        scale_weights=weight_format == INT4
+        and (config.scale_weights if scale_weights is None else scale_weights),
+        prefetch_lines=_prefetch_lines(
+            k,
+            k_per_split,
+            grid[1],
+            4 if weight_format == INT4 else weight_bits,
+            block_k,
+            config.num_stages if num_stages is None else num_stages,
+        ),
     )
+
+
+def _prefetch_lines(
+    k: int, k_per_split: int, splits: int, bits: int, block_k: int, num_stages: int
+) -> int:
+    """128-byte lines of each weight row a program asks L2 for before its wait: what its
+    pipeline's first NUM_STAGES tiles read, at most its shortest split's share of the row
+    (so never past a row), as a power of two; 0 below one line."""
+    shortest = min(k_per_split, k - (splits - 1) * k_per_split)
+    wanted = min(shortest, num_stages * block_k) * bits // 8 // _PREFETCH_LINE
+    return 0 if wanted < 1 else 1 << (wanted.bit_length() - 1)
 
 
 def _tile_counters(device: torch.device) -> torch.Tensor:

@@ -449,6 +449,7 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     import torch
 
     from benchmarks.kernels_quant import SKINNY_SWEEP
+    from benchmarks.tune_quant import grid_for
     from lanner.kernels import skinny_matmul, w4a16_matmul, w8a8_matmul
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
@@ -477,12 +478,26 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         packed, scales, zeros = int4_operands(n, k, group, dtype, zero_points)
         bias = torch.empty(n, dtype=dtype) if zero_points else None
         x = torch.empty(m, k, dtype=dtype)
-        yield (
-            f"skinny w4 {dtype} {m}x{n}x{k} group {group} zeros {zero_points}",
-            partial(skinny_matmul.skinny_matmul_w4, x, packed, scales, zeros, group, bias),
-        )
+        # The weights scaled in registers (a tuned option) as well as the exact default.
+        for scaled in (False, True) if dtype != fp32 else (False,):
+            yield (
+                f"skinny w4 {dtype} {m}x{n}x{k} group {group} zeros {zero_points} "
+                f"scale_weights {scaled}",
+                partial(
+                    skinny_matmul.skinny_matmul_w4,
+                    x,
+                    packed,
+                    scales,
+                    zeros,
+                    group,
+                    bias,
+                    scale_weights=scaled,
+                ),
+            )
     packed, scales, _ = int4_operands(6144, 4096, 128, bf16, False)
-    for options in SKINNY_SWEEP["int4"]:
+    # The configs kernels_linear.py --sweep and tune_quant.py try (what a tuned table holds).
+    int4_sweep = SKINNY_SWEEP["int4"] + grid_for(skinny_matmul.INT4, 16)
+    for options in int4_sweep:
         yield (
             f"skinny w4 bf16 8x6144x4096 sweep {options}",
             partial(
@@ -527,7 +542,8 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     weight, w_scale = torch.empty(6144, 4096, dtype=fp8), torch.empty(6144)
     for m in (1, 8):
         # (The sweep runs the elementwise products at one row only.)
-        for options in [o for o in SKINNY_SWEEP["fp8"] if m == 1 or o["use_dot"]]:
+        fp8_sweep = SKINNY_SWEEP["fp8"] + grid_for(skinny_matmul.FP8, m)
+        for options in [o for o in fp8_sweep if m == 1 or o["use_dot"]]:
             yield (
                 f"skinny w8 fp8 bf16 {m}x6144x4096 sweep {options}",
                 partial(

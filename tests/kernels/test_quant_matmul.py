@@ -134,6 +134,40 @@ def test_skinny_w4_matches_float64_dequantize_then_matmul(
     assert_close_to_reference(out, int4_reference(x, packed, scales, zeros, effective, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group", "zero_points", "split_k", "block_n", "block_k"),
+    [INT4_DECODE_CASES[i] for i in (0, 1, 3, 5)],
+)
+def test_skinny_w4_scaled_weights_match_weights_rounded_once(
+    m: int,
+    n: int,
+    k: int,
+    group: int,
+    zero_points: bool,
+    split_k: int,
+    block_n: int,
+    block_k: int,
+    dtype: torch.dtype,
+) -> None:
+    """scale_weights: the decode kernel scales each plane's weights in registers (rounded
+    once to x's dtype, as the batched paths do) and chains the four planes' products."""
+    packed, scales, zeros, effective = int4_operands(n, k, group, zero_points, seed=m + n)
+    x = activations(m, k, dtype, seed=k)
+    bias = torch.randn(n).to(dtype) if m % 2 else None
+    options = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=2)
+    out = skinny.skinny_matmul_w4(
+        x, packed, scales, zeros, effective, bias, scale_weights=True, **options
+    )
+    expected = int4_reference(x, packed, scales, zeros, effective, bias, weight_dtype=dtype)
+    assert_close_to_reference(out, expected)
+    if m > 1:  # batch invariant like the exact variant
+        alone = skinny.skinny_matmul_w4(
+            x[1:2], packed, scales, zeros, effective, bias, scale_weights=True, **options
+        )
+        assert torch.equal(out[1:2], alone)
+
+
 # (m, n, k, group, zero points, split_k, block_m, block_n, block_k): the tiled kernel.
 INT4_TILED_CASES = [
     (37, 72, 600, 64, True, 2, 32, 32, 256),
