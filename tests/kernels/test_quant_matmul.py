@@ -454,3 +454,71 @@ def test_installed_tuned_configs_replace_the_rules_and_can_be_cleared() -> None:
     finally:
         skinny.install_tuned_configs({})
     assert skinny.choose_config(8, 4096, 4096, skinny.FP8) == ruled
+
+
+def test_shipped_tuned_configs_apply_to_their_card_only(tmp_path) -> None:
+    """tuned/*.json (tune_quant.py's table, committed): the configs of the card the
+    process runs on apply where no installed config covers the key; another card's do not,
+    and a malformed entry names what is wrong."""
+    import json
+
+    entry = {
+        "format": skinny.INT4,
+        "rows": 1,
+        "N": 4096,
+        "K": 4096,
+        "config": {
+            "block_n": 128,
+            "block_k": 256,
+            "num_warps": 8,
+            "num_stages": 4,
+            "use_dot": True,
+            "split_k": 1,
+            "fused_reduce": True,
+            "scale_weights": True,
+        },
+        "us": 5.0,
+    }
+    (tmp_path / "h200_quant.json").write_text(json.dumps({"NVIDIA H200": {"configs": [entry]}}))
+    found = skinny.shipped_configs("NVIDIA H200", tmp_path)
+    expected = skinny.SkinnyConfig(128, 256, 1, 8, 4, True, True, scale_weights=True)
+    assert found == {(skinny.INT4, 1, 4096, 4096): expected}
+    assert skinny.shipped_configs("NVIDIA H100 80GB HBM3", tmp_path) == {}
+    ruled = skinny.choose_config(1, 4096, 4096, skinny.INT4)
+    installed = skinny.SkinnyConfig(64, 256, 2, use_dot=True)
+    try:
+        skinny._SHIPPED.update(found)
+        skinny.choose_config.cache_clear()
+        assert skinny.choose_config(1, 4096, 4096, skinny.INT4) == expected
+        assert skinny._plan(1, 4096, 4096, skinny.INT4, 128, *[None] * 7).scale_weights
+        skinny.install_tuned_configs({(skinny.INT4, 1, 4096, 4096): installed})
+        assert skinny.choose_config(1, 4096, 4096, skinny.INT4) == installed
+    finally:
+        skinny.install_tuned_configs({})
+        skinny.use_shipped_configs(False)
+    assert skinny.choose_config(1, 4096, 4096, skinny.INT4) == ruled
+    bad = {**entry, "rows": 8}
+    (tmp_path / "h200_quant.json").write_text(json.dumps({"NVIDIA H200": {"configs": [bad]}}))
+    with pytest.raises(ValueError, match="rows is 1 or 16"):
+        skinny.shipped_configs("NVIDIA H200", tmp_path)
+
+
+def test_committed_tuned_tables_load_and_plan() -> None:
+    """Every committed table (lanner/kernels/tuned/*.json) parses, and each config plans
+    a launch at its shape (powers of two, int4 steps within a plane, dot path for 2-16)."""
+    import json
+
+    for path in sorted(skinny.SHIPPED_DIR.glob("*.json")):
+        for card in json.loads(path.read_text()):
+            for (fmt, rows, n, k), config in skinny.shipped_configs(card).items():
+                names = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "use_dot")
+                skinny._plan(
+                    rows,
+                    n,
+                    k,
+                    fmt,
+                    128,
+                    *(getattr(config, name) for name in names),
+                    True,
+                    config.scale_weights,
+                )
