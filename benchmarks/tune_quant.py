@@ -74,17 +74,18 @@ FP8_DOT = [
     (64, 512, 4, 3, True),
 ]
 # int4 (plane layout): block_k codes a step, four planes of block_k / 4 words; more
-# stages and wider N blocks put more bytes in flight per SM.
+# stages and wider N blocks put more bytes in flight per SM; 4 and 8 warps multiply on
+# Hopper's wgmma, 2 warps on mma.sync (A and B from registers, no warpgroup waits).
 INT4_DOT = [
     (64, 512, 4, 3, True),
     (64, 256, 4, 4, True),
     (64, 256, 4, 6, True),
-    (64, 128, 4, 8, True),
-    (128, 256, 8, 4, True),
-    (128, 512, 8, 3, True),
     (128, 256, 4, 4, True),
+    (128, 256, 8, 4, True),
     (256, 256, 8, 3, True),
-    (32, 512, 4, 4, True),
+    (32, 256, 2, 4, True),
+    (32, 512, 2, 3, True),
+    (16, 512, 2, 4, True),
 ]
 ORDER = ("gate_up", "down", "qkv", "o")
 
