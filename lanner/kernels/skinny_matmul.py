@@ -48,6 +48,21 @@ decode row costs the quantized bytes:
   it scales by the group's scale into the accumulator: exact up to fp32 summation. The
   weights are the left operand (out^T = W x^T), so with 4 warps and BLOCK_N >= 64 the
   product is a Hopper wgmma that reads x from shared memory, no registers spent on it.
+  With ``scale_weights`` (a tuned option) each plane's q - zero is multiplied by its
+  group scale in registers instead, rounded once to x's dtype as the batched paths and
+  dequantize-then-matmul do, and the four planes' products chain into one accumulator
+  (no per-plane MMA wait and fp32 rescale).
+
+Before its PDL wait (kernels/pdl.py) every program asks L2 for the first NUM_STAGES
+tiles of its weight rows (prefetch.global.L2, one 128-byte line an instruction): the
+weights are read-only, so they stream in while the kernel before it (a norm, attention,
+the activation) still runs, instead of starting once it has finished.
+LANNER_SKINNY_PREFETCH=0 turns this off.
+
+Configs: choose_config's rules, unless a measured config covers the (format, rows 1 or
+2-16, N, K): first one installed by install_tuned_configs, then the committed table of
+this card (tuned/*.json, written by benchmarks/tune_quant.py, read at the first CUDA
+launch; LANNER_TUNED_CONFIGS=0 ignores it). Other cards keep the rules.
 
 Batch invariance (row i of an M-row call equals that row alone, bitwise): for the dot
 path it holds by construction for M <= 16 at a fixed config. BLOCK_M is 16 for every M
