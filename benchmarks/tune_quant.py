@@ -102,7 +102,9 @@ def shared_bytes(fmt: str, block_n: int, block_k: int, stages: int, use_dot: boo
 
 def grid_for(fmt: str, rows: int) -> list[dict]:
     """The candidate tiles; int4 each with its plane sums scaled (exact) and with the
-    weights scaled in registers (scale_weights: one MMA chain a step)."""
+    weights scaled in registers (scale_weights: one MMA chain a step); fp8 each of the
+    key's own inner product also with prequantize (quantize_rows, then the kernel reads
+    the codes)."""
     tiles = INT4_DOT if fmt == skinny.INT4 else (FP8_ONE_ROW + FP8_DOT if rows == 1 else FP8_DOT)
     configs = [
         dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st, use_dot=dot)
@@ -111,6 +113,8 @@ def grid_for(fmt: str, rows: int) -> list[dict]:
     ]
     if fmt == skinny.INT4:
         configs = [{**c, "scale_weights": scaled} for scaled in (True, False) for c in configs]
+    else:  # also with the rows quantized by a launch of their own (same bits)
+        configs += [{**c, "prequantize": True} for c in configs if c["use_dot"] == (rows > 1)]
     return configs
 
 

@@ -162,6 +162,10 @@ class SkinnyConfig:
     # that the four planes' products chain into one accumulator on the tensor cores
     # (False: each plane's fp32 sums scaled apart, exact up to fp32 summation).
     scale_weights: bool = False
+    # fp8 / int8 W8A8 only: quantize the rows in a launch of their own first
+    # (w8a8_matmul.quantize_rows) and read their codes, instead of every program
+    # quantizing them itself; the same codes and products, so the same bits.
+    prequantize: bool = False
 
 
 @triton.jit
@@ -180,12 +184,15 @@ def _dot_tiles(
     NUM_STAGES: tl.constexpr,
     W_FORMAT: tl.constexpr,
     QUANT_X: tl.constexpr,
+    X_CODES: tl.constexpr,
+    X_DTYPE: tl.constexpr,
 ):
     """sum over k in [k_start, k_stop) of x[m, k] * w[n, k] -> fp32 [BLOCK_M, BLOCK_N] on
     tensor cores; x_rows [BLOCK_M] and w_rows [BLOCK_N] point at the rows' first elements.
     8-bit weights (W_FORMAT) are widened to x's dtype first (unscaled codes); with QUANT_X
     each x is first divided by its row's x_scale and rounded to the weight's 8-bit grid
-    (unscaled codes too: the caller multiplies the sums by x_scale)."""
+    (unscaled codes too: the caller multiplies the sums by x_scale); with X_CODES x holds
+    such codes already (their bytes), widened to X_DTYPE."""
     k_offsets = tl.arange(0, BLOCK_K)
     w_ptrs = w_rows[:, None] + (k_start + k_offsets)[None, :]
     x_ptrs = x_rows[:, None] + (k_start + k_offsets)[None, :]
@@ -193,12 +200,14 @@ def _dot_tiles(
     for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs, mask=x_row_mask[:, None], other=0.0)
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None], other=0)
         else:
             in_range = (k + k_offsets < k_stop)[None, :]
             w = tl.load(w_ptrs, mask=in_range, other=0)
-            x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0.0)
-        if QUANT_X:
+            x = tl.load(x_ptrs, mask=x_row_mask[:, None] & in_range, other=0)
+        if X_CODES:
+            x = widen_8bit(x, W_FORMAT == _W_FP8, X_DTYPE)
+        elif QUANT_X:
             x_codes = round_to_8bit(x.to(tl.float32) / x_scale[:, None], W_FORMAT == _W_FP8)
             x = x_codes.to(x.dtype)
         if W_FORMAT != _W_DENSE:
@@ -230,6 +239,7 @@ def _elementwise_tiles(
     NUM_STAGES: tl.constexpr,
     W_FORMAT: tl.constexpr,
     QUANT_X: tl.constexpr,
+    X_CODES: tl.constexpr,
 ):
     """The same sum as _dot_tiles with fp32 multiply-adds on the CUDA cores."""
     k_offsets = tl.arange(0, BLOCK_K)
@@ -243,16 +253,16 @@ def _elementwise_tiles(
     for k in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            x = tl.load(x_ptrs, mask=x_mask, other=0)
         else:
             in_range = (k + k_offsets < k_stop)[None, None, :]
             w = tl.load(w_ptrs, mask=in_range, other=0)
-            x = tl.load(x_ptrs, mask=x_mask & in_range, other=0.0)
+            x = tl.load(x_ptrs, mask=x_mask & in_range, other=0)
         if W_FORMAT == _W_DENSE:
             w = w.to(tl.float32)
         else:
             w = widen_8bit(w, W_FORMAT == _W_FP8, tl.float32)
-        x = x.to(tl.float32)
+        x = widen_8bit(x, W_FORMAT == _W_FP8, tl.float32) if X_CODES else x.to(tl.float32)
         if QUANT_X:
             x = round_to_8bit(x / x_scale[:, None, None], W_FORMAT == _W_FP8)
         # Summed across threads once after the loop: a per-step tl.sum would shuffle
@@ -346,6 +356,7 @@ def _int4_tiles(
 @triton.jit(do_not_specialize=["M", "partial_stride_split"])
 def _skinny_matmul_kernel(
     x_ptr,
+    x_scale_ptr,
     w_ptr,
     scale_ptr,
     zero_ptr,
@@ -365,6 +376,7 @@ def _skinny_matmul_kernel(
     x_qmax,
     W_FORMAT: tl.constexpr,
     QUANT_X: tl.constexpr,
+    X_CODES: tl.constexpr,
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -400,7 +412,11 @@ def _skinny_matmul_kernel(
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     x_row_mask = rows_m < M
     x_rows = x_ptr + rows_m.to(tl.int64) * x_stride_row
-    x_scale = _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M, QUANT_X)
+    if X_CODES:
+        # Rows quantized already (skinny_matmul_w8 with prequantize): their scales.
+        x_scale = tl.load(x_scale_ptr + rows_m, mask=x_row_mask, other=1.0)
+    else:
+        x_scale = _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M, QUANT_X)
 
     if W_FORMAT == _W_INT4:
         acc = _int4_tiles(
@@ -441,6 +457,8 @@ def _skinny_matmul_kernel(
             NUM_STAGES,
             W_FORMAT,
             QUANT_X,
+            X_CODES,
+            out_ptr.dtype.element_ty,
         )
     else:
         acc = _elementwise_tiles(
@@ -457,11 +475,12 @@ def _skinny_matmul_kernel(
             NUM_STAGES,
             W_FORMAT,
             QUANT_X,
+            X_CODES,
         )
     if W_FORMAT != _W_DENSE and W_FORMAT != _W_INT4:
         # Per-channel scales, once on the fp32 sums (a split's partial is scaled alike).
         acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
-    if QUANT_X:
+    if QUANT_X or X_CODES:
         acc *= x_scale[:, None]
 
     split_k_epilogue(
@@ -701,6 +720,8 @@ def _check_tuned(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None
             raise ValueError(f"bad tuned key ({weight_format!r}, {rows}): rows is 1 or 16")
         if rows > 1 and not config.use_dot:
             raise ValueError("rows 2-16 run the dot path (use_dot=True)")
+        if config.prequantize and weight_format not in (FP8, INT8):
+            raise ValueError("prequantize is for fp8 / int8 weights (W8A8) only")
 
 
 def tuned_entries_to_configs(entries: list[dict]) -> dict[tuple[str, int, int, int], SkinnyConfig]:
@@ -725,6 +746,11 @@ def shipped_configs(device_name: str, directory: Path = SHIPPED_DIR) -> dict:
         if device_name in table:
             configs.update(tuned_entries_to_configs(table[device_name]["configs"]))
     return configs
+
+
+def _read_shipped_configs_once(tensor: torch.Tensor) -> None:
+    if not _SHIPPED_STATE["read"] and tensor.is_cuda:
+        _read_shipped_configs(tensor.device)
 
 
 def _read_shipped_configs(device: torch.device) -> None:
@@ -822,8 +848,35 @@ def skinny_matmul_w8(
         )
     fmt = FP8 if weight.dtype == FP8_DTYPE else INT8
     codes = weight.view(torch.uint8)  # the kernel reads bytes (weight_codes.widen_8bit)
+    prequantize = config.pop("prequantize", None)
     overrides = _overrides(config)
-    return _run(x, codes, fmt, weight.shape[0], weight_scale, None, 0, 1, bias, overrides, x_qmax)
+    n, k = weight.shape
+    if x_qmax is not None:
+        _read_shipped_configs_once(x)
+        m = math.prod(x.shape[:-1])
+        if prequantize is None:
+            prequantize = choose_config(min(max(m, 1), MAX_BLOCK_M), n, k, fmt).prequantize
+        if prequantize:
+            # (w8a8_matmul imports this module: imported here, not at the top.)
+            from lanner.kernels.w8a8_matmul import quantize_rows
+
+            rows, row_scales = quantize_rows(x.reshape(m, k), weight.dtype, x_qmax)
+            out = _run(
+                rows.view(torch.uint8),
+                codes,
+                fmt,
+                n,
+                weight_scale,
+                None,
+                0,
+                1,
+                bias,
+                overrides,
+                x_scales=row_scales,
+                out_dtype=x.dtype,
+            )
+            return out.view(*x.shape[:-1], n)
+    return _run(x, codes, fmt, n, weight_scale, None, 0, 1, bias, overrides, x_qmax)
 
 
 def skinny_matmul_w4(
@@ -902,10 +955,13 @@ def _run(
     bias: torch.Tensor | None,
     overrides: tuple,
     x_qmax: float | None = None,
+    x_scales: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One launch for every weight format (the wrappers above checked the operands); 8-bit
-    weights with x_qmax quantize x per token in the kernel (W8A8)."""
-    dtype = x.dtype
+    weights with x_qmax quantize x per token in the kernel (W8A8); with x_scales, x holds
+    rows quantized already (their code bytes) and the output is out_dtype."""
+    dtype = out_dtype or x.dtype
     if dtype not in _DTYPES:
         raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16 x, not {dtype}")
     x_shape = x.shape
@@ -928,8 +984,7 @@ def _run(
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
 
-    if not _SHIPPED_STATE["read"] and rows.is_cuda:
-        _read_shipped_configs(rows.device)
+    _read_shipped_configs_once(rows)
     if dtype == torch.float32 and weight_format != DENSE and overrides[4] is None:
         # fp32 rows (tests, references) are 4 bytes a value in shared memory: the
         # quantized configs' pipelines, sized for 16-bit rows, would not fit two stages more.
@@ -941,6 +996,7 @@ def _run(
     counters = _tile_counters(x.device) if plan.fused_reduce else out
     _skinny_matmul_kernel[plan.grid](
         rows,
+        x_scales if x_scales is not None else out,
         weight,
         scales if scales is not None else out,
         zeros if zeros is not None else out,
@@ -959,7 +1015,8 @@ def _run(
         n,
         float(x_qmax or 0.0),
         W_FORMAT=_FORMAT_IDS[weight_format],
-        QUANT_X=x_qmax is not None,
+        QUANT_X=x_qmax is not None and x_scales is None,
+        X_CODES=x_scales is not None,
         GROUP=group_size,
         HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,

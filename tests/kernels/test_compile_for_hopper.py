@@ -526,10 +526,13 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     for weight_dtype, dtype, m, (n, k) in w8_decode_cases:
         weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
         bias = torch.empty(n, dtype=dtype) if m == 8 else None
-        # W8A8 (rows quantized in the kernel: what the model runs) and W8A16.
-        for qmax in (448.0 if weight_dtype == fp8 else 127.0, None):
+        # W8A8 (rows quantized in the kernel: what the model runs, or by quantize_rows
+        # first: prequantize) and W8A16.
+        qmax8 = 448.0 if weight_dtype == fp8 else 127.0
+        for qmax, prequantize in ((qmax8, False), (qmax8, True), (None, False)):
             yield (
-                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {qmax}",
+                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {qmax} "
+                f"prequantize {prequantize}",
                 partial(
                     skinny_matmul.skinny_matmul_w8,
                     torch.empty(m, k, dtype=dtype),
@@ -537,6 +540,7 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                     w_scale,
                     bias,
                     qmax,
+                    prequantize=prequantize,
                 ),
             )
     weight, w_scale = torch.empty(6144, 4096, dtype=fp8), torch.empty(6144)

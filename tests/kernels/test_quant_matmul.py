@@ -334,6 +334,41 @@ def test_skinny_w8_matches_float64_reference(
 
 
 @pytest.mark.parametrize("weight_dtype", [FP8, torch.int8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split_k", "block_n", "block_k", "use_dot"), W8_DECODE_CASES[:4]
+)
+def test_skinny_w8a8_prequantized_rows_give_the_same_bits(
+    m: int,
+    n: int,
+    k: int,
+    split_k: int,
+    block_n: int,
+    block_k: int,
+    use_dot: bool,
+    x_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+) -> None:
+    """prequantize: the rows quantized by quantize_rows first and the kernel reading their
+    codes gives bitwise what the kernel quantizing them itself gives (the same codes, the
+    same products in the same order), and so matches the reference as closely."""
+    weight, scales = w8_operands(n, k, weight_dtype, seed=m + 1)
+    x = activations(m, k, x_dtype, seed=n + 1)
+    bias = torch.randn(n).to(x_dtype) if split_k > 1 else None
+    options = dict(block_n=block_n, block_k=block_k, split_k=split_k, use_dot=use_dot)
+    qmax = QMAX[weight_dtype]
+    fused = skinny.skinny_matmul_w8(x, weight, scales, bias, qmax, num_stages=2, **options)
+    first = skinny.skinny_matmul_w8(
+        x, weight, scales, bias, qmax, num_stages=2, prequantize=True, **options
+    )
+    assert first.dtype == x_dtype
+    assert torch.equal(first, fused)
+    bias64 = None if bias is None else bias.to(F64)
+    expected = ref.w8a8_linear(x.to(F64), weight, scales, bias64, qmax, compute_dtype=F64)
+    assert_close_to_reference(first, expected)
+
+
+@pytest.mark.parametrize("weight_dtype", [FP8, torch.int8], ids=["fp8", "int8"])
 def test_tiled_w8a8_on_quantized_rows_matches_reference(weight_dtype: torch.dtype) -> None:
     weight, scales = w8_operands(40, 200, weight_dtype, seed=20)
     x = activations(37, 200, torch.bfloat16, seed=21)
