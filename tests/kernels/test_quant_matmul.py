@@ -104,6 +104,7 @@ INT4_DECODE_CASES = [
 @pytest.mark.parametrize(
     ("m", "n", "k", "group", "zero_points", "split_k", "block_n", "block_k"), INT4_DECODE_CASES
 )
+@pytest.mark.parametrize("scale_weights", [False, True], ids=["exact", "scaled-weights"])
 def test_skinny_w4_matches_float64_dequantize_then_matmul(
     m: int,
     n: int,
@@ -114,54 +115,24 @@ def test_skinny_w4_matches_float64_dequantize_then_matmul(
     block_n: int,
     block_k: int,
     dtype: torch.dtype,
+    scale_weights: bool,
 ) -> None:
-    packed, scales, zeros, effective = int4_operands(n, k, group, zero_points, seed=m + n)
-    x = activations(m, k, dtype, seed=k)
-    bias = torch.randn(n).to(dtype) if m % 2 else None
-    out = skinny.skinny_matmul_w4(
-        x,
-        packed,
-        scales,
-        zeros,
-        effective,
-        bias,
-        block_n=block_n,
-        block_k=block_k,
-        split_k=split_k,
-        num_stages=2,
-    )
-    assert out.dtype == dtype
-    assert_close_to_reference(out, int4_reference(x, packed, scales, zeros, effective, bias))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    ("m", "n", "k", "group", "zero_points", "split_k", "block_n", "block_k"),
-    [INT4_DECODE_CASES[i] for i in (0, 1, 3, 5)],
-)
-def test_skinny_w4_scaled_weights_match_weights_rounded_once(
-    m: int,
-    n: int,
-    k: int,
-    group: int,
-    zero_points: bool,
-    split_k: int,
-    block_n: int,
-    block_k: int,
-    dtype: torch.dtype,
-) -> None:
-    """scale_weights: the decode kernel scales each plane's weights in registers (rounded
-    once to x's dtype, as the batched paths do) and chains the four planes' products."""
+    """Exact scaling (each plane's fp32 sums scaled) against the float64 dequantized
+    weights; scale_weights (each plane's weights scaled in registers, rounded once to x's
+    dtype, the four planes' products chained) against the weights rounded once, as the
+    batched paths round them, and batch invariant like the exact variant."""
     packed, scales, zeros, effective = int4_operands(n, k, group, zero_points, seed=m + n)
     x = activations(m, k, dtype, seed=k)
     bias = torch.randn(n).to(dtype) if m % 2 else None
     options = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=2)
     out = skinny.skinny_matmul_w4(
-        x, packed, scales, zeros, effective, bias, scale_weights=True, **options
+        x, packed, scales, zeros, effective, bias, scale_weights=scale_weights, **options
     )
-    expected = int4_reference(x, packed, scales, zeros, effective, bias, weight_dtype=dtype)
+    assert out.dtype == dtype
+    weight_dtype = dtype if scale_weights else None
+    expected = int4_reference(x, packed, scales, zeros, effective, bias, weight_dtype)
     assert_close_to_reference(out, expected)
-    if m > 1:  # batch invariant like the exact variant
+    if scale_weights and m > 1:
         alone = skinny.skinny_matmul_w4(
             x[1:2], packed, scales, zeros, effective, bias, scale_weights=True, **options
         )
