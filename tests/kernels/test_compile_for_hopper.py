@@ -439,13 +439,15 @@ def bitmask_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
 
 def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     """The quantized linears' variants. Decode (skinny_matmul): fp8/int8 W8A8 (rows
-    quantized in the kernel) and W8A16 in each activation dtype, both inner products, with
-    and without split-K and bias; W4A16 in each activation dtype, every group size (steps
-    of 16 to 128 words a plane), zero points or not, split-K or not, and the configs
+    quantized in the kernel, by their own absmax or, on a row-parallel rank, a given
+    one) and W8A16 in each activation dtype, both inner products, with and without
+    split-K and bias; W4A16 in each activation dtype, every group size (steps of 16 to
+    128 words a plane), zero points or not, split-K or not, and the configs
     benchmarks/kernels_linear.py --quant --sweep tries. Batches: the tiled W4A16 kernel
-    (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer and the tiled W8A8
-    kernel on pre-quantized rows. (fp32 activations, for tests and references, take the
-    exact "ieee" dot, whose variants are the slowest to compile: the decode ones only.)"""
+    (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer (own or given
+    absmax) and the tiled W8A8 kernel on pre-quantized rows. (fp32 activations, for
+    tests and references, take the exact "ieee" dot, whose variants are the slowest to
+    compile: the decode ones only.)"""
     import torch
 
     from benchmarks.kernels_quant import SKINNY_SWEEP
@@ -524,6 +526,28 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                     qmax,
                 ),
             )
+    # A row-parallel rank's W8A8 (each row's absmax given, max-reduced over the ranks):
+    # llama3-8b's o_proj and down_proj at TP=2, elementwise (1 row) and dot, split-K.
+    for weight_dtype, dtype, m, (n, k) in [
+        (fp8, bf16, 1, (4096, 2048)),
+        (fp8, bf16, 8, (4096, 7168)),
+        (fp8, fp16, 16, (4096, 7168)),
+        (int8, bf16, 1, (4096, 7168)),
+        (int8, bf16, 4, (4096, 2048)),
+    ]:
+        weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
+        yield (
+            f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} given row absmax",
+            partial(
+                skinny_matmul.skinny_matmul_w8,
+                torch.empty(m, k, dtype=dtype),
+                weight,
+                w_scale,
+                None,
+                448.0 if weight_dtype == fp8 else 127.0,
+                row_absmax=torch.empty(m),
+            ),
+        )
     weight, w_scale = torch.empty(6144, 4096, dtype=fp8), torch.empty(6144)
     for m in (1, 8):
         # (The sweep runs the elementwise products at one row only.)
@@ -577,6 +601,16 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                     torch.empty(300, 4096, dtype=dtype),
                     weight_dtype,
                     qmax,
+                ),
+            )
+            yield (
+                f"quantize_rows {weight_dtype} {dtype} given row absmax",
+                partial(
+                    w8a8_matmul.quantize_rows,
+                    torch.empty(300, 2048, dtype=dtype),
+                    weight_dtype,
+                    qmax,
+                    torch.empty(300),
                 ),
             )
         for m in (40, 600):
