@@ -167,12 +167,14 @@ def test_quantized_checkpoints(kind: str, tp: int, quant_checkpoints: QuantCheck
 # A value that lands within float32 noise of an 8-bit rounding boundary: the ranks round
 # every activation as TP=1 does *given the same input*, but the all-reduce sums a
 # row-parallel layer's partial outputs in another order than one rank's matmul, and a
-# later layer's input that differs by that last bit (1e-6 here) can round to the
-# neighbouring code. Measured: hub fp8, one of the 1024 fp8 codes of layer 0's gate_up
-# input for the first prompt (input differing by 9.5e-7) rounds the other way; that one
-# step (1/16 of the value) moves the logits by up to 0.16 (their std is 1.07) at TP=2 and
-# TP=4. int8: one at the last decode step of the first prompt, 5.1e-3. Their greedy
-# tokens are TP=1's. (Before the shared scales, TP=2 differed by 4.7 and in its tokens.)
+# later layer's input that differs by that last bit can round to the neighbouring code.
+# Measured (by comparing each W8A8 layer's inputs at TP=1 and TP=2): hub fp8, one of the
+# 1024 fp8 codes of layer 0's gate_up input in the first prompt's prefill (the input
+# differing by 9.5e-7 after o_proj's all-reduce) rounds the other way, and that step (an
+# eighth of the value, then every later layer) moves the logits by up to 0.16 (their std
+# is 1.07) at TP=2 and TP=4; int8, one of the 256 codes of layer 1's down_proj input at
+# the third prompt's last decode step (1.4e-6 apart): 5.1e-3. The greedy tokens are TP=1's.
+# (Before the ranks shared the scale, TP=2 differed by 4.7, and in its tokens.)
 ROUNDING_FLIP_ATOL = 0.25
 
 
