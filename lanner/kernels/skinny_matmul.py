@@ -40,7 +40,9 @@ decode row costs the quantized bytes:
   program first reads its rows over the whole K for their absmax (from L2 after the
   first program: 1-16 rows), then rounds each x tile to the weight's 8-bit grid as
   quant_reference.quantize_rows does, kept in x's dtype (exact), and scales the sums by
-  the row scales at the end; no extra launch. W8A16 (no x_qmax): x as it is.
+  the row scales at the end; no extra launch (a row-parallel rank's rows, slices of
+  longer ones, read the given absmax of the whole rows instead). W8A16 (no x_qmax): x
+  as it is.
 - int4 in lanner's plane layout (kernels/quant_reference.py) with per-group scales and
   zero points: each step loads a [BLOCK_N, BLOCK_K / 4] block of 16-bit words, and for
   each of its four nibble planes (BLOCK_K / 4 consecutive k each) multiplies q - zero,

@@ -17,7 +17,9 @@ w_scale[n] in fp32 and rounded to x's dtype.
 
 The rounding of x matches the reference (kernels/quant_reference.quantize_rows): fp8
 round-to-nearest-even of x / scale clamped to +-448; int8 round-half-even (by adding and
-subtracting 1.5 * 2^23) clamped to [-128, 127].
+subtracting 1.5 * 2^23) clamped to [-128, 127]. Both paths take each row's absmax given
+(``row_absmax``) in place of reading it from x: a row-parallel rank holds a slice of each
+row and scales it by the whole row's, computed by the same expression as from x.
 """
 
 from __future__ import annotations

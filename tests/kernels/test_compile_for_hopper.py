@@ -513,41 +513,23 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     for weight_dtype, dtype, m, (n, k) in w8_decode_cases:
         weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
         bias = torch.empty(n, dtype=dtype) if m == 8 else None
-        # W8A8 (rows quantized in the kernel: what the model runs) and W8A16.
-        for qmax in (448.0 if weight_dtype == fp8 else 127.0, None):
+        # W8A8 (rows quantized in the kernel: what the model runs), W8A8 by each row's
+        # absmax given (a row-parallel rank's, max-reduced over the ranks) and W8A16.
+        qmax = 448.0 if weight_dtype == fp8 else 127.0
+        for x_qmax, absmax in ((qmax, None), (qmax, torch.empty(m)), (None, None)):
             yield (
-                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {qmax}",
+                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {x_qmax} "
+                f"given absmax {absmax is not None}",
                 partial(
                     skinny_matmul.skinny_matmul_w8,
                     torch.empty(m, k, dtype=dtype),
                     weight,
                     w_scale,
                     bias,
-                    qmax,
+                    x_qmax,
+                    row_absmax=absmax,
                 ),
             )
-    # A row-parallel rank's W8A8 (each row's absmax given, max-reduced over the ranks):
-    # llama3-8b's o_proj and down_proj at TP=2, elementwise (1 row) and dot, split-K.
-    for weight_dtype, dtype, m, (n, k) in [
-        (fp8, bf16, 1, (4096, 2048)),
-        (fp8, bf16, 8, (4096, 7168)),
-        (fp8, fp16, 16, (4096, 7168)),
-        (int8, bf16, 1, (4096, 7168)),
-        (int8, bf16, 4, (4096, 2048)),
-    ]:
-        weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
-        yield (
-            f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} given row absmax",
-            partial(
-                skinny_matmul.skinny_matmul_w8,
-                torch.empty(m, k, dtype=dtype),
-                weight,
-                w_scale,
-                None,
-                448.0 if weight_dtype == fp8 else 127.0,
-                row_absmax=torch.empty(m),
-            ),
-        )
     weight, w_scale = torch.empty(6144, 4096, dtype=fp8), torch.empty(6144)
     for m in (1, 8):
         # (The sweep runs the elementwise products at one row only.)
@@ -594,25 +576,17 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         )
     for weight_dtype, qmax in ((fp8, 448.0), (int8, 127.0)):
         for dtype in (bf16, fp16):
-            yield (
-                f"quantize_rows {weight_dtype} {dtype}",
-                partial(
-                    w8a8_matmul.quantize_rows,
-                    torch.empty(300, 4096, dtype=dtype),
-                    weight_dtype,
-                    qmax,
-                ),
-            )
-            yield (
-                f"quantize_rows {weight_dtype} {dtype} given row absmax",
-                partial(
-                    w8a8_matmul.quantize_rows,
-                    torch.empty(300, 2048, dtype=dtype),
-                    weight_dtype,
-                    qmax,
-                    torch.empty(300),
-                ),
-            )
+            for absmax in (None, torch.empty(300)):
+                yield (
+                    f"quantize_rows {weight_dtype} {dtype} given absmax {absmax is not None}",
+                    partial(
+                        w8a8_matmul.quantize_rows,
+                        torch.empty(300, 4096, dtype=dtype),
+                        weight_dtype,
+                        qmax,
+                        absmax,
+                    ),
+                )
         for m in (40, 600):
             codes, x_scale = torch.empty(m, 4096, dtype=weight_dtype), torch.empty(m)
             weight, w_scale = torch.empty(6144, 4096, dtype=weight_dtype), torch.empty(6144)
