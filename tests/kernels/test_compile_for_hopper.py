@@ -441,13 +441,15 @@ def bitmask_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
 
 def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     """The quantized linears' variants. Decode (skinny_matmul): fp8/int8 W8A8 (rows
-    quantized in the kernel) and W8A16 in each activation dtype, both inner products, with
-    and without split-K and bias; W4A16 in each activation dtype, every group size (steps
-    of 16 to 128 words a plane), zero points or not, split-K or not, and the configs
+    quantized in the kernel, by their own absmax or, on a row-parallel rank, a given
+    one) and W8A16 in each activation dtype, both inner products, with and without
+    split-K and bias; W4A16 in each activation dtype, every group size (steps of 16 to
+    128 words a plane), zero points or not, split-K or not, and the configs
     benchmarks/kernels_linear.py --quant --sweep tries. Batches: the tiled W4A16 kernel
-    (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer and the tiled W8A8
-    kernel on pre-quantized rows. (fp32 activations, for tests and references, take the
-    exact "ieee" dot, whose variants are the slowest to compile: the decode ones only.)"""
+    (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer (own or given
+    absmax) and the tiled W8A8 kernel on pre-quantized rows. (fp32 activations, for
+    tests and references, take the exact "ieee" dot, whose variants are the slowest to
+    compile: the decode ones only.)"""
     import torch
 
     from benchmarks.kernels_quant import SKINNY_SWEEP
@@ -513,17 +515,21 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     for weight_dtype, dtype, m, (n, k) in w8_decode_cases:
         weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
         bias = torch.empty(n, dtype=dtype) if m == 8 else None
-        # W8A8 (rows quantized in the kernel: what the model runs) and W8A16.
-        for qmax in (448.0 if weight_dtype == fp8 else 127.0, None):
+        # W8A8 (rows quantized in the kernel: what the model runs), W8A8 by each row's
+        # absmax given (a row-parallel rank's, max-reduced over the ranks) and W8A16.
+        qmax = 448.0 if weight_dtype == fp8 else 127.0
+        for x_qmax, absmax in ((qmax, None), (qmax, torch.empty(m)), (None, None)):
             yield (
-                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {qmax}",
+                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {x_qmax} "
+                f"given absmax {absmax is not None}",
                 partial(
                     skinny_matmul.skinny_matmul_w8,
                     torch.empty(m, k, dtype=dtype),
                     weight,
                     w_scale,
                     bias,
-                    qmax,
+                    x_qmax,
+                    row_absmax=absmax,
                 ),
             )
     weight, w_scale = torch.empty(6144, 4096, dtype=fp8), torch.empty(6144)
@@ -572,15 +578,17 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         )
     for weight_dtype, qmax in ((fp8, 448.0), (int8, 127.0)):
         for dtype in (bf16, fp16):
-            yield (
-                f"quantize_rows {weight_dtype} {dtype}",
-                partial(
-                    w8a8_matmul.quantize_rows,
-                    torch.empty(300, 4096, dtype=dtype),
-                    weight_dtype,
-                    qmax,
-                ),
-            )
+            for absmax in (None, torch.empty(300)):
+                yield (
+                    f"quantize_rows {weight_dtype} {dtype} given absmax {absmax is not None}",
+                    partial(
+                        w8a8_matmul.quantize_rows,
+                        torch.empty(300, 4096, dtype=dtype),
+                        weight_dtype,
+                        qmax,
+                        absmax,
+                    ),
+                )
         for m in (40, 600):
             codes, x_scale = torch.empty(m, 4096, dtype=weight_dtype), torch.empty(m)
             weight, w_scale = torch.empty(6144, 4096, dtype=weight_dtype), torch.empty(6144)
