@@ -1,6 +1,6 @@
 """A tensor-parallel process group: each rank's place in it, and the collectives the model
-and the runner use (all-reduce, all-gather, broadcast), on NCCL for CUDA tensors and gloo
-for CPU ones.
+and the runner use (all-reduce of sums or maxima, all-gather, broadcast), on NCCL for CUDA
+tensors and gloo for CPU ones.
 
 The group is built from torch's c10d backends directly (``ProcessGroupNCCL`` /
 ``ProcessGroupGloo`` over a TCPStore), not through ``init_process_group``: the global
@@ -106,6 +106,8 @@ class TensorParallelGroup:
             # The interface that reaches the other ranks (a node's address under Ray).
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=hostname)]
             self.backend = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size, options)
+        self._max_options = dist.AllreduceOptions()
+        self._max_options.reduceOp = dist.ReduceOp.MAX
         # NCCL creates its communicator at the first collective, which must not happen
         # inside a CUDA graph capture: make it now (and check every rank is there).
         probe = torch.ones(1, device=device)
@@ -120,6 +122,11 @@ class TensorParallelGroup:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place; returns it."""
         self.backend.allreduce([tensor]).wait()
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise max of ``tensor`` over the ranks, in place; returns it."""
+        self.backend.allreduce([tensor], self._max_options).wait()
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -507,7 +507,12 @@ class EngineCore:
         # The proposer reads the target's last step: the step read last, unless another
         # has been launched since (its outputs, e.g. a graph's hidden states, are gone).
         last_step = self._last_step if previous is None else None
-        drafts, num_drafts = self._propose(schedule, chunks, last_step) if self.spec else (None, {})
+        drafts: DeviceDrafts | None = None
+        num_drafts: dict[str, int] = {}
+        if self.spec is not None and (
+            draft_length or not self.spec.proposer.idle(chunks, last_step)
+        ):
+            drafts, num_drafts = self._propose(schedule, chunks, last_step)
         # Rows reading outputs of the step still in flight sample once it is read.
         defer = previous is not None and any(
             s.samples and s.request.sampling_params.uses_output_history for s in schedule.scheduled

@@ -20,7 +20,9 @@ import triton.language as tl
 from lanner.kernels.pdl import launch_options, pdl_start
 
 
-@triton.jit
+# The batch's size and longest draft change from step to step: specializing on them (1,
+# multiples of 16) would compile a new variant mid-run whenever they did.
+@triton.jit(do_not_specialize=["drafts_stride", "num_requests", "max_k"])
 def _accept_drafts_kernel(
     targets_ptr,
     meta_ptr,
@@ -112,7 +114,8 @@ def accept_drafts_kernel(
         out,
         num_requests,
         max_k,
-        BLOCK=triton.next_power_of_2(max_k + 1),
+        # One variant for every k up to 7 (lanes past max_k are masked).
+        BLOCK=max(8, triton.next_power_of_2(max_k + 1)),
         HAS_DECISIONS=has_decisions,
         num_warps=1,
         **launch_options(targets),

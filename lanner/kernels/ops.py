@@ -46,14 +46,23 @@ def w8a8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     x_qmax: float,
+    row_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ dequant(weight).T (+ bias) for an 8-bit weight [N, K] (fp8 or int8) scaled per
     channel by weight_scale [N], x quantized per token to weight's dtype (scale absmax /
-    x_qmax), as the checkpoints' dynamic activation scheme says. On CUDA cards without fp8
-    (before sm_89) fp8 runs the reference."""
+    x_qmax), as the checkpoints' dynamic activation scheme says. ``row_absmax`` (float32,
+    one per row of x) replaces each row's own absmax: a row-parallel rank's slice of a row
+    is quantized by the whole row's (row_absmax(x) max-reduced over the ranks). On CUDA
+    cards without fp8 (before sm_89) fp8 runs the reference."""
     if use_triton(x) and _has_8bit_mma(x.device, weight.dtype):
-        return w8a8_kernels.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
-    return quant_reference.w8a8_linear(x, weight, weight_scale, bias, x_qmax)
+        return w8a8_kernels.w8a8_linear(x, weight, weight_scale, bias, x_qmax, row_absmax)
+    return quant_reference.w8a8_linear(x, weight, weight_scale, bias, x_qmax, row_absmax=row_absmax)
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| of each row of x [..., K]: float32 [rows], exact (what w8a8_linear's
+    row_absmax takes)."""
+    return quant_reference.row_absmax(x)
 
 
 def _rows(x: torch.Tensor) -> int:

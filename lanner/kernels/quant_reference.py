@@ -30,14 +30,16 @@ INT4_SYMMETRIC_ZERO = 8
 
 
 def quantize_rows(
-    x: torch.Tensor, dtype: torch.dtype, qmax: float
+    x: torch.Tensor, dtype: torch.dtype, qmax: float, row_absmax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token quantization: each row of x [M, K] gets the scale absmax / qmax
     (float32) and x / scale rounded to ``dtype`` (float8 e4m3: round to nearest even,
     saturating at +-448; int8: round half to even, clamped to [-128, 127]). A row of zeros
-    gets scale 1. Returns (codes [M, K], scales [M] float32)."""
+    gets scale 1. ``row_absmax`` [M] (float32), when given, is used as each row's absmax:
+    a row-parallel rank holds a slice of each row and quantizes it by the whole row's.
+    Returns (codes [M, K], scales [M] float32)."""
     rows = x.float()
-    absmax = rows.abs().amax(dim=-1)
+    absmax = rows.abs().amax(dim=-1) if row_absmax is None else row_absmax
     scales = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
     scaled = rows / scales[:, None]
     if dtype == FP8_DTYPE:
@@ -56,18 +58,27 @@ def w8a8_linear(
     bias: torch.Tensor | None,
     x_qmax: float,
     compute_dtype: torch.dtype = torch.float32,
+    row_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = dequant(quantize_rows(x)) @ dequant(weight).T + bias, in ``compute_dtype``,
-    returned in x's dtype. weight [N, K] is fp8 or int8 with per-channel weight_scale [N]."""
+    """y = dequant(quantize_rows(x, row_absmax)) @ dequant(weight).T + bias, in
+    ``compute_dtype``, returned in x's dtype. weight [N, K] is fp8 or int8 with per-channel
+    weight_scale [N]; ``row_absmax`` [rows of x]: see quantize_rows."""
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
-    codes, scales = quantize_rows(rows, weight.dtype, x_qmax)
+    codes, scales = quantize_rows(rows, weight.dtype, x_qmax, row_absmax)
     x_dq = codes.to(compute_dtype) * scales.to(compute_dtype)[:, None]
     w_dq = weight.to(compute_dtype) * weight_scale.to(compute_dtype)[:, None]
     out = x_dq @ w_dq.T
     if bias is not None:
         out = out + bias.to(compute_dtype)
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| of each row of x [..., K], float32 [rows] (exact: no rounding in it)."""
+    return torch.linalg.vector_norm(
+        x.reshape(-1, x.shape[-1]), ord=float("inf"), dim=-1, dtype=torch.float32
+    )
 
 
 def w8a16_linear(

@@ -40,7 +40,9 @@ decode row costs the quantized bytes:
   program first reads its rows over the whole K for their absmax (from L2 after the
   first program: 1-16 rows), then rounds each x tile to the weight's 8-bit grid as
   quant_reference.quantize_rows does, kept in x's dtype (exact), and scales the sums by
-  the row scales at the end; no extra launch. W8A16 (no x_qmax): x as it is.
+  the row scales at the end; no extra launch (a row-parallel rank's rows, slices of
+  longer ones, read the given absmax of the whole rows instead). W8A16 (no x_qmax): x
+  as it is.
 - int4 in lanner's plane layout (kernels/quant_reference.py) with per-group scales and
   zero points: each step loads a [BLOCK_N, BLOCK_K / 4] block of 16-bit words, and for
   each of its four nibble planes (BLOCK_K / 4 consecutive k each) multiplies q - zero,
@@ -360,6 +362,7 @@ def _skinny_matmul_kernel(
     w_ptr,
     scale_ptr,
     zero_ptr,
+    x_absmax_ptr,
     bias_ptr,
     out_ptr,
     partial_ptr,
@@ -377,6 +380,7 @@ def _skinny_matmul_kernel(
     W_FORMAT: tl.constexpr,
     QUANT_X: tl.constexpr,
     X_CODES: tl.constexpr,
+    GIVEN_ABSMAX: tl.constexpr,
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -416,7 +420,9 @@ def _skinny_matmul_kernel(
         # Rows quantized already (skinny_matmul_w8 with prequantize): their scales.
         x_scale = tl.load(x_scale_ptr + rows_m, mask=x_row_mask, other=1.0)
     else:
-        x_scale = _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M, QUANT_X)
+        x_scale = _row_scales(
+            x_rows, x_row_mask, rows_m, x_absmax_ptr, K, x_qmax, BLOCK_M, QUANT_X, GIVEN_ABSMAX
+        )
 
     if W_FORMAT == _W_INT4:
         acc = _int4_tiles(
@@ -513,12 +519,27 @@ def _prefetch_rows(w_rows, first, LINES: tl.constexpr):
 
 
 @triton.jit
-def _row_scales(x_rows, x_row_mask, K, x_qmax, BLOCK_M: tl.constexpr, QUANT_X: tl.constexpr):
+def _row_scales(
+    x_rows,
+    x_row_mask,
+    rows_m,
+    x_absmax_ptr,
+    K,
+    x_qmax,
+    BLOCK_M: tl.constexpr,
+    QUANT_X: tl.constexpr,
+    GIVEN_ABSMAX: tl.constexpr,
+):
     """Per-token activation scales of the program's rows, absmax / x_qmax over the whole K
     (1 for a row of zeros; quant_reference.quantize_rows's rule), read from L2 where the
-    1-16 rows sit after the first program; ones without QUANT_X."""
+    1-16 rows sit after the first program; with GIVEN_ABSMAX the absmax of each row is
+    read from x_absmax_ptr instead (a row-parallel rank's slice of rows scaled by the
+    whole rows'); ones without QUANT_X."""
     scale = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if QUANT_X:
+    if QUANT_X and GIVEN_ABSMAX:
+        row_max = tl.load(x_absmax_ptr + rows_m, mask=x_row_mask, other=0.0)
+        scale = tl.where(row_max > 0, row_max / x_qmax, 1.0)
+    elif QUANT_X:
         # 4096 values a step, in registers, whatever BLOCK_M is.
         CHUNK: tl.constexpr = 4096 // BLOCK_M
         offsets = tl.arange(0, CHUNK)
@@ -829,13 +850,16 @@ def skinny_matmul_w8(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     x_qmax: float | None = None,
+    *,
+    row_absmax: torch.Tensor | None = None,
     **config: int | bool | None,
 ) -> torch.Tensor:
     """x [..., K] @ (weight * weight_scale[:, None]).T (+ bias) for an fp8 e4m3 or int8
     weight [N, K] with one fp32 scale per output channel, fp32 sums, output in x's dtype.
     x_qmax None: W8A16, x as it is (no activation rounding). x_qmax given: W8A8, each row
     of x quantized to the weight's dtype in the kernel exactly as quant_reference.
-    quantize_rows does (scale absmax / x_qmax), so no extra launch. ``config``:
+    quantize_rows does (scale absmax / x_qmax), so no extra launch; ``row_absmax`` (fp32,
+    one a row of x) gives each row's absmax instead of reading it from x. ``config``:
     skinny_matmul's parameters (defaults from choose_config(M, N, K, "fp8" or "int8"))."""
     if weight.dtype not in (FP8_DTYPE, torch.int8) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D fp8 e4m3 or int8 tensor, got {weight.dtype}")
@@ -846,6 +870,10 @@ def skinny_matmul_w8(
             f"weight_scale must be float32 of shape ({weight.shape[0]},), got "
             f"{weight_scale.dtype} {tuple(weight_scale.shape)}"
         )
+    if row_absmax is not None:
+        if x_qmax is None:
+            raise ValueError("row_absmax quantizes x (W8A8): it needs x_qmax")
+        check_row_absmax(row_absmax, math.prod(x.shape[:-1]))
     fmt = FP8 if weight.dtype == FP8_DTYPE else INT8
     codes = weight.view(torch.uint8)  # the kernel reads bytes (weight_codes.widen_8bit)
     prequantize = config.pop("prequantize", None)
@@ -860,7 +888,7 @@ def skinny_matmul_w8(
             # (w8a8_matmul imports this module: imported here, not at the top.)
             from lanner.kernels.w8a8_matmul import quantize_rows
 
-            rows, row_scales = quantize_rows(x.reshape(m, k), weight.dtype, x_qmax)
+            rows, row_scales = quantize_rows(x.reshape(m, k), weight.dtype, x_qmax, row_absmax)
             out = _run(
                 rows.view(torch.uint8),
                 codes,
@@ -876,7 +904,7 @@ def skinny_matmul_w8(
                 out_dtype=x.dtype,
             )
             return out.view(*x.shape[:-1], n)
-    return _run(x, codes, fmt, n, weight_scale, None, 0, 1, bias, overrides, x_qmax)
+    return _run(x, codes, fmt, n, weight_scale, None, 0, 1, bias, overrides, x_qmax, row_absmax)
 
 
 def skinny_matmul_w4(
@@ -906,6 +934,17 @@ def skinny_matmul_w4(
         bias,
         _overrides(config),
     )
+
+
+def check_row_absmax(row_absmax: torch.Tensor, m: int) -> None:
+    """ValueError unless row_absmax is float32 [m], contiguous: one absmax a row of x."""
+    if row_absmax.shape != (m,) or row_absmax.dtype != torch.float32:
+        raise ValueError(
+            f"row_absmax must be float32 of shape ({m},) (one per row of x), got "
+            f"{row_absmax.dtype} {tuple(row_absmax.shape)}"
+        )
+    if not row_absmax.is_contiguous():
+        raise ValueError("row_absmax must be contiguous")
 
 
 def check_int4_operands(
@@ -955,12 +994,14 @@ def _run(
     bias: torch.Tensor | None,
     overrides: tuple,
     x_qmax: float | None = None,
+    row_absmax: torch.Tensor | None = None,
     x_scales: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One launch for every weight format (the wrappers above checked the operands); 8-bit
-    weights with x_qmax quantize x per token in the kernel (W8A8); with x_scales, x holds
-    rows quantized already (their code bytes) and the output is out_dtype."""
+    weights with x_qmax quantize x per token in the kernel (W8A8), by row_absmax when
+    given; with x_scales, x holds rows quantized already (their code bytes) and the
+    output is out_dtype."""
     dtype = out_dtype or x.dtype
     if dtype not in _DTYPES:
         raise ValueError(f"skinny_matmul supports fp32, fp16 and bf16 x, not {dtype}")
@@ -1000,6 +1041,7 @@ def _run(
         weight,
         scales if scales is not None else out,
         zeros if zeros is not None else out,
+        row_absmax if row_absmax is not None else out,
         bias if bias is not None else out,
         out,
         workspace,
@@ -1017,6 +1059,7 @@ def _run(
         W_FORMAT=_FORMAT_IDS[weight_format],
         QUANT_X=x_qmax is not None and x_scales is None,
         X_CODES=x_scales is not None,
+        GIVEN_ABSMAX=row_absmax is not None,
         GROUP=group_size,
         HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,

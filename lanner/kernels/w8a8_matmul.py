@@ -17,7 +17,9 @@ w_scale[n] in fp32 and rounded to x's dtype.
 
 The rounding of x matches the reference (kernels/quant_reference.quantize_rows): fp8
 round-to-nearest-even of x / scale clamped to +-448; int8 round-half-even (by adding and
-subtracting 1.5 * 2^23) clamped to [-128, 127].
+subtracting 1.5 * 2^23) clamped to [-128, 127]. Both paths take each row's absmax given
+(``row_absmax``) in place of reading it from x: a row-parallel rank holds a slice of each
+row and scales it by the whole row's, computed by the same expression as from x.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lanner.kernels.skinny_matmul import (
     MAX_TILES,
     SKINNY_MAX_M,
     _tile_counters,
+    check_row_absmax,
     skinny_matmul_w8,
     split_k_epilogue,
 )
@@ -71,23 +74,29 @@ def _quantize_rows_kernel(
     x_ptr,
     out_ptr,
     scale_ptr,
+    absmax_ptr,
     K,
     x_stride_row,
     out_stride_row,
     x_qmax,
     IS_FP8: tl.constexpr,
+    GIVEN_ABSMAX: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK)
-    absmax = tl.zeros((1, BLOCK), dtype=tl.float32)
-    for start in range(0, K, BLOCK):
-        mask = (start + offsets < K)[None, :]
-        x = tl.load(x_ptr + row * x_stride_row + start + offsets[None, :], mask=mask, other=0.0)
-        absmax = tl.maximum(absmax, tl.abs(x.to(tl.float32)))
-    row_max = tl.max(absmax, axis=1)
+    if GIVEN_ABSMAX:
+        # The whole row's absmax, of which this row is a row-parallel rank's slice.
+        row_max = tl.load(absmax_ptr + row + tl.arange(0, 1))
+    else:
+        absmax = tl.zeros((1, BLOCK), dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            mask = (start + offsets < K)[None, :]
+            x = tl.load(x_ptr + row * x_stride_row + start + offsets[None, :], mask=mask, other=0.0)
+            absmax = tl.maximum(absmax, tl.abs(x.to(tl.float32)))
+        row_max = tl.max(absmax, axis=1)
     scale = tl.where(row_max > 0, row_max / x_qmax, 1.0)
     tl.store(scale_ptr + row + tl.arange(0, 1), scale)
     for start in range(0, K, BLOCK):
@@ -185,11 +194,14 @@ def _w8a8_matmul_kernel(
 
 
 def quantize_rows(
-    x: torch.Tensor, dtype: torch.dtype, x_qmax: float
+    x: torch.Tensor, dtype: torch.dtype, x_qmax: float, row_absmax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization of x [M, K] on the device: (codes [M, K], scales [M] fp32),
-    as kernels/quant_reference.quantize_rows."""
+    as kernels/quant_reference.quantize_rows (``row_absmax`` [M] fp32: each row's absmax
+    given, not read from x)."""
     m, k = x.shape
+    if row_absmax is not None:
+        check_row_absmax(row_absmax, m)
     codes = torch.empty((m, k), dtype=dtype, device=x.device)
     scales = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
@@ -201,11 +213,13 @@ def quantize_rows(
         x,
         codes,
         scales,
+        row_absmax if row_absmax is not None else scales,
         k,
         x.stride(0),
         codes.stride(0),
         float(x_qmax),
         IS_FP8=dtype == FP8_DTYPE,
+        GIVEN_ABSMAX=row_absmax is not None,
         BLOCK=block,
         num_warps=4,
         **launch_options(codes),
@@ -311,19 +325,21 @@ def w8a8_linear(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     x_qmax: float,
+    row_absmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ops.w8a8_linear on CUDA: 1-16 rows through the skinny kernel, which quantizes them
     itself; larger batches quantize the rows once, then fp8 goes to torch._scaled_mm
-    (rowwise scales, bf16 out) and int8 to the tiled kernel."""
+    (rowwise scales, bf16 out) and int8 to the tiled kernel. ``row_absmax`` (fp32, one a
+    row): each row's absmax given (a row-parallel rank's), on every path."""
     shape = x.shape
     k = shape[-1]
     m = math.prod(shape[:-1])
     n = weight.shape[0]
     rows = x.reshape(m, k)
     if m <= SKINNY_MAX_M:
-        out = skinny_matmul_w8(rows, weight, weight_scale, bias, x_qmax)
+        out = skinny_matmul_w8(rows, weight, weight_scale, bias, x_qmax, row_absmax=row_absmax)
     else:
-        codes, scales = quantize_rows(rows, weight.dtype, x_qmax)
+        codes, scales = quantize_rows(rows, weight.dtype, x_qmax, row_absmax)
         if weight.dtype == FP8_DTYPE and scaled_mm_fits(m, n, k):
             out = torch._scaled_mm(
                 codes,

@@ -154,7 +154,7 @@ class DraftModelProposer(Proposer):
         drafting = [i for i, slot in enumerate(slots) if slot.num_draft_slots]
         proposal = Proposal.empty(len(slots))
         if not drafting:
-            self._mark_target_only(slots)
+            self.idle([slot.chunk for slot in slots], previous)
             return proposal
         lengths = [slots[i].num_draft_slots for i in drafting]
         max_k = max(lengths)
@@ -309,12 +309,12 @@ class DraftModelProposer(Proposer):
                 return index * size
         return computed
 
-    def _mark_target_only(self, slots: list[ProposalSlot]) -> None:
+    def idle(self, chunks: list[SequenceChunk], previous: PendingStep | None) -> bool:
         """The target computes these chunks without the draft: their blocks' draft KV is
         incomplete until each request's draft catches up."""
         size = self.block_size
-        for slot in slots:
-            chunk = slot.chunk
+        for chunk in chunks:
             first = chunk.start_position // size
             last = (chunk.start_position + len(chunk.token_ids) - 1) // size
             self.stale_blocks.update(chunk.block_table[first : last + 1])
+        return True

@@ -138,6 +138,15 @@ class EagleProposer(Proposer):
             proposal.device_rows[index] = row
         return proposal
 
+    def idle(self, chunks: list[SequenceChunk], previous: PendingStep | None) -> bool:
+        """Without the previous step's features there is nothing to catch up on: only
+        remember what the target fed. With them, ``propose`` computes the head's K/V of
+        what the last step verified."""
+        if self._features(previous, self._fed) is not None:
+            return False
+        self._fed = chunks
+        return True
+
     def _features(
         self, previous: PendingStep | None, fed: list[SequenceChunk]
     ) -> torch.Tensor | None:

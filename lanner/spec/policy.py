@@ -9,11 +9,13 @@ kind at that batch size (plain steps, k = 0, are measured as they run: overlappe
 the host's work when the engine schedules ahead). The policy runs the k with the most
 tokens per second, E(k) / T(b, k), among those it has measured, and now and then probes
 a neighbour (k - 1 or k + 1) for a few steps to measure or refresh it: a probe that wins
-moves the choice and the next probe follows at once; one that loses doubles the wait
-before the next. A new batch size next to a measured one (a batch draining request by
-request) starts from its choice; one further away starts without speculation and, once
-its plain steps are measured, probes the nearest measured size's choice (speculation
-that paid at batch 2 is tried at batch 64, never assumed there), so speculation turns
+moves the choice and the next probe follows at once; one that loses waits until what
+it lost is PROBE_BUDGET of the time (and at least twice its last wait). A new batch size
+next to a measured one (a batch draining request by request) starts from its choice;
+the first one, if small, starts at num_speculative_tokens and probes plain decoding
+soon; one further away starts without speculation and, once its plain steps are
+measured, probes the nearest measured size's choice (speculation that paid at batch 2
+is tried at batch 64, never assumed there), so speculation turns
 itself off where it does not pay and back on where it does.
 """
 
@@ -41,7 +43,14 @@ FIRST_PROBE_WAIT = 16  # steps at the choice before its first probe
 # A new bucket's plain steps before it probes the nearest bucket's choice: one
 # transition, then enough measured steps to compare against.
 FIRST_JUMP_WAIT = 4
-MAX_PROBE_WAIT = 1024
+MAX_PROBE_WAIT = 8192
+# The first bucket of at most this many requests starts at num_speculative_tokens (where
+# speculation usually pays); larger first buckets start without it.
+SPECULATE_FIRST_UP_TO = 4
+# A losing probe waits long enough that probing costs at most this share of the time:
+# its lost tokens (its steps at its measured shortfall, plus one step of lost overlap
+# each side) over the steps until the next.
+PROBE_BUDGET = 0.01
 # A probe whose first measured step makes under this share of the choice's tokens per
 # second ends there (a loss that large is not noise, and each losing step costs).
 ABANDON_PROBE = 0.8
@@ -216,6 +225,12 @@ class DraftLengthPolicy:
                 bucket = _Bucket(inherited)
             elif inherited:
                 bucket = _Bucket(0, jump=inherited, steps_to_probe=FIRST_JUMP_WAIT)
+            elif nearest is None and num_running <= SPECULATE_FIRST_UP_TO:
+                # The first small batch starts as configured, plain decoding probed soon:
+                # a proposer with its own KV cache (a draft model, an EAGLE head) keeps
+                # it in step only while it drafts, so a start without drafting would
+                # judge it from stale caches.
+                bucket = _Bucket(self.max_tokens, jump=0, steps_to_probe=FIRST_JUMP_WAIT)
             else:
                 bucket = _Bucket(0)
             self.buckets[key] = bucket
@@ -250,6 +265,7 @@ class DraftLengthPolicy:
     def _end_probe(self, bucket: _Bucket) -> None:
         probe = bucket.probe
         assert probe is not None
+        ran = PROBE_STEPS - bucket.probe_steps_left
         bucket.probe = None
         rate = self._rate()
         probe_value = self._value(bucket, probe, rate)
@@ -267,8 +283,22 @@ class DraftLengthPolicy:
             bucket.probe_wait = FIRST_PROBE_WAIT
             bucket.steps_to_probe = 0
         else:
-            bucket.probe_wait = min(2 * bucket.probe_wait, MAX_PROBE_WAIT)
+            wait = max(2 * bucket.probe_wait, self._budgeted_wait(bucket, probe, ran))
+            bucket.probe_wait = min(wait, MAX_PROBE_WAIT)
             bucket.steps_to_probe = bucket.probe_wait
+
+    def _budgeted_wait(self, bucket: _Bucket, probe: int, ran: int) -> int:
+        """Steps at the choice that make a probe like this one cost PROBE_BUDGET of the
+        time: the tokens it lost, in steps of the choice."""
+        rate = self._rate()
+        probe_value = self._value(bucket, probe, rate)
+        choice_value = self._value(bucket, bucket.choice, rate)
+        if probe_value is None or choice_value is None or probe_value >= choice_value:
+            return 0
+        shortfall = 1.0 - probe_value / choice_value
+        # Each probe step lost that share of itself, in choice steps; two transitions.
+        lost = ran * shortfall * bucket.seconds[probe] / bucket.seconds[bucket.choice] + 2.0
+        return math.ceil(lost / PROBE_BUDGET)
 
     # -- measuring -----------------------------------------------------------------------
 

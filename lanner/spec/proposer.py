@@ -75,3 +75,10 @@ class Proposer(abc.ABC):
     @abc.abstractmethod
     def propose(self, slots: list[ProposalSlot], previous: PendingStep | None) -> Proposal:
         """Drafts for this step's slots; ``previous`` is the target's last step, read."""
+
+    def idle(self, chunks: list[SequenceChunk], previous: PendingStep | None) -> bool:
+        """A step in which no request drafts: keep the proposer's state in step with the
+        target's ``chunks`` cheaply and return True, or return False to have ``propose``
+        called (with no draft slots) instead. A step the engine runs without speculation
+        costs the host nothing more than without a proposer."""
+        return True

@@ -384,8 +384,10 @@ def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     # drafts with residual draws, at draft lengths of each lane width.
     from lanner.kernels.accept_drafts import accept_drafts_kernel
 
-    for max_k in (1, 3, 6, 10):
-        requests = 5
+    # Batch sizes and draft lengths change step by step; up to k = 7 they must share one
+    # variant (with decisions or without), or a run would compile mid-way (see
+    # test_every_launched_kernel_variant_compiles_for_sm90).
+    for max_k, requests in ((1, 1), (3, 5), (6, 16), (7, 13), (10, 5)):
         targets = torch.zeros(requests * (max_k + 1), dtype=torch.int64)
         meta = torch.zeros(3 * requests, dtype=torch.int64)
         drafts = torch.zeros(requests, max_k, dtype=torch.int64)
@@ -439,13 +441,15 @@ def bitmask_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
 
 def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     """The quantized linears' variants. Decode (skinny_matmul): fp8/int8 W8A8 (rows
-    quantized in the kernel) and W8A16 in each activation dtype, both inner products, with
-    and without split-K and bias; W4A16 in each activation dtype, every group size (steps
-    of 16 to 128 words a plane), zero points or not, split-K or not, and the configs
+    quantized in the kernel, by their own absmax or, on a row-parallel rank, a given
+    one) and W8A16 in each activation dtype, both inner products, with and without
+    split-K and bias; W4A16 in each activation dtype, every group size (steps of 16 to
+    128 words a plane), zero points or not, split-K or not, and the configs
     benchmarks/kernels_linear.py --quant --sweep tries. Batches: the tiled W4A16 kernel
-    (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer and the tiled W8A8
-    kernel on pre-quantized rows. (fp32 activations, for tests and references, take the
-    exact "ieee" dot, whose variants are the slowest to compile: the decode ones only.)"""
+    (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer (own or given
+    absmax) and the tiled W8A8 kernel on pre-quantized rows. (fp32 activations, for
+    tests and references, take the exact "ieee" dot, whose variants are the slowest to
+    compile: the decode ones only.)"""
     import torch
 
     from benchmarks.kernels_quant import SKINNY_SWEEP
@@ -526,20 +530,24 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     for weight_dtype, dtype, m, (n, k) in w8_decode_cases:
         weight, w_scale = torch.empty(n, k, dtype=weight_dtype), torch.empty(n)
         bias = torch.empty(n, dtype=dtype) if m == 8 else None
-        # W8A8 (rows quantized in the kernel: what the model runs, or by quantize_rows
-        # first: prequantize) and W8A16.
-        qmax8 = 448.0 if weight_dtype == fp8 else 127.0
-        for qmax, prequantize in ((qmax8, False), (qmax8, True), (None, False)):
+        # W8A8 (rows quantized in the kernel: what the model runs; or by quantize_rows
+        # first: prequantize), W8A8 by each row's absmax given (a row-parallel rank's,
+        # max-reduced over the ranks), both, and W8A16.
+        qmax = 448.0 if weight_dtype == fp8 else 127.0
+        variants = [(qmax, None, False), (qmax, None, True), (qmax, torch.empty(m), False)]
+        variants += [(qmax, torch.empty(m), True), (None, None, False)]
+        for x_qmax, absmax, prequantize in variants:
             yield (
-                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {qmax} "
-                f"prequantize {prequantize}",
+                f"skinny w8 {weight_dtype} {dtype} {m}x{n}x{k} x_qmax {x_qmax} "
+                f"given absmax {absmax is not None} prequantize {prequantize}",
                 partial(
                     skinny_matmul.skinny_matmul_w8,
                     torch.empty(m, k, dtype=dtype),
                     weight,
                     w_scale,
                     bias,
-                    qmax,
+                    x_qmax,
+                    row_absmax=absmax,
                     prequantize=prequantize,
                 ),
             )
@@ -590,15 +598,17 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         )
     for weight_dtype, qmax in ((fp8, 448.0), (int8, 127.0)):
         for dtype in (bf16, fp16):
-            yield (
-                f"quantize_rows {weight_dtype} {dtype}",
-                partial(
-                    w8a8_matmul.quantize_rows,
-                    torch.empty(300, 4096, dtype=dtype),
-                    weight_dtype,
-                    qmax,
-                ),
-            )
+            for absmax in (None, torch.empty(300)):
+                yield (
+                    f"quantize_rows {weight_dtype} {dtype} given absmax {absmax is not None}",
+                    partial(
+                        w8a8_matmul.quantize_rows,
+                        torch.empty(300, 4096, dtype=dtype),
+                        weight_dtype,
+                        qmax,
+                        absmax,
+                    ),
+                )
         for m in (40, 600):
             codes, x_scale = torch.empty(m, 4096, dtype=weight_dtype), torch.empty(m)
             weight, w_scale = torch.empty(6144, 4096, dtype=weight_dtype), torch.empty(6144)
@@ -720,6 +730,10 @@ def test_every_launched_kernel_variant_compiles_for_sm90(tmp_path: Path) -> None
     unlaunched = set(summary["defined_kernels"]) - compiled
     assert not unlaunched, f"add scenarios that launch {sorted(unlaunched)}"
     assert len(summary["variants"]) >= 40, len(summary["variants"])
+    # Verification's acceptance compiles once (twice with decided drafts) for every batch
+    # and k <= 7, and once more each past it: no variant appears mid-run.
+    accept = [v for v in summary["variants"] if v["kernel"] == "_accept_drafts_kernel"]
+    assert len(accept) == 4, [describe(v) for v in accept]
     assert all(v["reached"] == STOP_AFTER for v in summary["variants"])
 
 

@@ -1,10 +1,11 @@
 """The quantized matmul kernels against a float64 dequantize-then-matmul reference, in
-Triton's CPU interpreter: the decode kernels of skinny_matmul (W8A16 for fp8/int8 weights
-with per-channel scales, both inner products; W4A16 for int4 codes with group scales and
-zero points), the tiled W4A16 and W8A8 kernels for batches, the int4 dequantizer and the
-row quantizer. Odd N and K (K not a multiple of the 512-code tile, shorter than one plane),
-every group size the kernels take, zero points or none, split-K, bias, act-order, and
-bitwise batch invariance of the decode rows."""
+Triton's CPU interpreter: the decode kernels of skinny_matmul (W8A16 for fp8/int8
+weights with per-channel scales, both inner products; W4A16 for int4 codes with group
+scales and zero points), the tiled W4A16 and W8A8 kernels for batches, the int4
+dequantizer and the row quantizer (W8A8 also with each row's absmax given, as a
+row-parallel rank runs it). Odd N and K (K not a multiple of the 512-code tile, shorter
+than one plane), every group size the kernels take, zero points or none, split-K, bias,
+act-order, and bitwise batch invariance of the decode rows."""
 
 from __future__ import annotations
 
@@ -399,6 +400,38 @@ def test_w8a8_linear_quantizes_activations_per_token_at_every_batch_size(
         assert_close_to_reference(out, expected)
     else:  # _scaled_mm's rowwise scaling gives bf16 (then cast to x's dtype)
         torch.testing.assert_close(out.to(F64), expected, atol=2**-8 * expected.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("weight_dtype", [FP8, torch.int8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("rows", [3, 20], ids=["skinny", "quantize_rows"])
+def test_w8a8_linear_quantizes_by_a_given_row_absmax(weight_dtype: torch.dtype, rows: int) -> None:
+    """A row-parallel rank's call: x is a slice of each row, quantized by the whole row's
+    absmax (given), on the skinny kernel's path and quantize_rows' (then the tiled kernel
+    or _scaled_mm); the rows' own absmax given is the call without it, bit for bit."""
+    weight, scales = w8_operands(48, 64, weight_dtype, seed=16)
+    qmax = QMAX[weight_dtype]
+    whole = activations(rows, 128, torch.float32, seed=17)
+    whole[1, 100] = 9.0  # row 1's absmax lies outside the slice
+    whole[2] = 0  # a row of zeros gets scale 1
+    x, absmax = whole[:, :64], ref.row_absmax(whole)
+    out = w8a8.w8a8_linear(x, weight, scales, None, qmax, absmax)
+    expected = ref.w8a8_linear(x.to(F64), weight, scales, None, qmax, F64, row_absmax=absmax)
+    if weight_dtype == FP8 and rows > 16:  # _scaled_mm's bf16 output
+        torch.testing.assert_close(out.to(F64), expected, atol=2**-8 * expected.abs().max(), rtol=0)
+    else:
+        assert_close_to_reference(out, expected)
+    own = ref.row_absmax(x)
+    mine = w8a8.w8a8_linear(x, weight, scales, None, qmax, own)
+    assert torch.equal(mine, w8a8.w8a8_linear(x, weight, scales, None, qmax))
+    if rows > 16:
+        codes, x_scales = w8a8.quantize_rows(x, weight_dtype, qmax, absmax)
+        expected_codes, expected_scales = ref.quantize_rows(x, weight_dtype, qmax, absmax)
+        assert torch.equal(x_scales, expected_scales)
+        assert torch.equal(codes.view(torch.uint8), expected_codes.view(torch.uint8))
+    with pytest.raises(ValueError, match="row_absmax must be float32 of shape"):
+        w8a8.w8a8_linear(x, weight, scales, None, qmax, absmax[:2])
+    with pytest.raises(ValueError, match="needs x_qmax"):
+        skinny.skinny_matmul_w8(x[:2], weight, scales, None, None, row_absmax=absmax[:2])
 
 
 def test_skinny_w8_decode_rows_are_batch_invariant() -> None:

@@ -6,15 +6,20 @@ split), summed (the all-reduce) for a row-parallel down_proj."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from lanner.distributed import TensorParallelGroup, TensorParallelShard, host_store, join_store
+from lanner.kernels import quant_reference
 from lanner.model.layers.linear import PackedLinear
 from lanner.model.loader import load_model
 from lanner.model.quant.base import LinearMethod, narrow_for_rank, shard_layout
+from lanner.model.quant.w8a8 import W8A8LinearMethod
 from tests.quant_checkpoints import QuantCheckpoints
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -97,43 +102,70 @@ def test_column_parallel_halves_concatenate_to_the_unsharded_qkv(
     torch.testing.assert_close(torch.cat(recombined, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def on_ranks(world: int, work: Callable[[TensorParallelGroup], object]) -> list[object]:
+    """``work(group)`` on ``world`` threads, one rank each of a real gloo group; the
+    results in rank order."""
+    store = host_store("127.0.0.1", world)
+    results: list[object] = [None] * world
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            rank_store = store if rank == 0 else join_store("127.0.0.1", store.port, world)
+            shard = TensorParallelShard(rank, world)
+            results[rank] = work(TensorParallelGroup(rank_store, shard, torch.device("cpu"), 30))
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 @pytest.mark.parametrize("kind", list(KINDS), ids=list(KINDS.values()))
 def test_row_parallel_halves_sum_to_the_unsharded_down_proj(
     kind: str, quant_checkpoints: QuantCheckpoints
 ) -> None:
-    """down_proj (256 inputs) split by its input features: the ranks' outputs add up to
-    the whole. W8A8 ranks quantize their own half of each activation row (its own absmax,
-    as any row-parallel W8A8 engine does): the sum equals the reference of exactly that,
-    and differs from the unsharded layer only by that rounding."""
+    """down_proj (256 inputs) split by its input features: the ranks' partial products
+    (apply_row_shard, over a real two-rank group) add up to the whole layer's output.
+    W8A8 ranks quantize their half of each activation row by the whole row's absmax
+    (max-reduced over the group): their codes are the unsharded layer's, bit for bit, so
+    only the order of summing differs."""
     model_dir = quant_checkpoints.get("llama", kind)
     method = method_of(model_dir, "model.layers.0.mlp.down_proj")
     tensors = {None: checkpoint_tensors(model_dir, "model.layers.0.mlp.down_proj")}
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
+    x[3, 200] = 40.0  # one row's absmax in the second half: rank 0 alone would not see it
+    slices = x.chunk(WORLD, dim=1)
     with torch.no_grad():
-        full_layer = build_layer(method, 256, {None: 128}, tensors)
-        full = full_layer(x)
+        full = build_layer(method, 256, {None: 128}, tensors)(x)
         halves = [
             build_layer(method, 256 // WORLD, {None: 128}, tensors, "row", rank)
             for rank in range(WORLD)
         ]
-        slices = x.chunk(WORLD, dim=1)
-        summed = sum(half(part) for half, part in zip(halves, slices, strict=True))
-        if "w4a16" in kind or "auto" in kind:
-            torch.testing.assert_close(summed, full, atol=1e-5, rtol=1e-5)
-            return
-        # W8A8: the unsharded weight on each half of x, quantized per half.
-        from lanner.kernels import quant_reference
 
-        weight, scale = full_layer.weight, full_layer.weight_scale
-        per_half = sum(
-            quant_reference.w8a8_linear(
-                part, weight[:, r * 128 : (r + 1) * 128], scale, None, method.x_qmax
+        def partial_product(group: TensorParallelGroup) -> torch.Tensor:
+            half = halves[group.rank]
+            with torch.no_grad():
+                return half.method.apply_row_shard(half, slices[group.rank], group)
+
+        summed = sum(on_ranks(WORLD, partial_product))
+    torch.testing.assert_close(summed, full, atol=1e-5, rtol=1e-5)
+    if isinstance(method, W8A8LinearMethod):
+        # The codes each rank multiplies: its slice of the whole row's codes.
+        whole_codes, _ = quant_reference.quantize_rows(x, method.weight_dtype, method.x_qmax)
+        absmax = quant_reference.row_absmax(x)
+        for rank, part in enumerate(slices):
+            codes, _ = quant_reference.quantize_rows(
+                part, method.weight_dtype, method.x_qmax, absmax
             )
-            for r, part in enumerate(slices)
-        )
-    torch.testing.assert_close(summed, per_half, atol=1e-5, rtol=1e-5)
-    relative = ((summed - full).norm() / full.norm()).item()
-    assert relative < 0.05, relative  # fp8 rounds each value by up to 2^-4 of itself
+            expected = whole_codes.chunk(WORLD, dim=1)[rank]
+            assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
 
 
 def test_act_order_cannot_split_along_inputs(quant_checkpoints: QuantCheckpoints) -> None:

@@ -1,9 +1,10 @@
 """Tensor parallelism on the CPU (gloo, float32): TP=2 and TP=4 engines give TP=1's greedy
 tokens and logits (within 1e-5) for every family (one with fewer KV heads than ranks, one
-with tied embeddings), a sharded checkpoint, dummy weights and an int4 one, and HF
-transformers' logits and greedy tokens at TP=2; an fp8 W8A8 one HF's with per-rank
-activation scales; each rank holds (and reads) 1/N of the split weights plus
-the replicated ones; a lost or hung worker fails the engine within a bounded time.
+with tied embeddings), a sharded checkpoint, dummy weights, an fp8 W8A8 and an int4 one,
+and HF transformers' logits and greedy tokens at TP=2; the other W8A8 checkpoints TP=1's
+tokens (their logits within one 8-bit rounding step of an activation); each rank holds
+(and reads) 1/N of the split weights plus the replicated ones; a lost or hung worker fails
+the engine within a bounded time.
 
 Workers are processes forked from one forkserver for the whole session (its first start
 imports torch, ~10 s here; later workers start in about a second)."""
@@ -93,11 +94,15 @@ def reference(model_dir: Path, **options) -> dict:
     return _REFERENCES[cache_key]
 
 
-def assert_same(result: dict, expected: dict, atol: float = 1e-5) -> None:
+def assert_same(
+    result: dict, expected: dict, atol: float = 1e-5, rtol: float | None = None
+) -> None:
+    """The same tokens; logits within atol (plus rtol of their size, by default atol)."""
     assert result["tokens"] == expected["tokens"]
     assert len(result["logits"]) == len(expected["logits"])
+    rtol = atol if rtol is None else rtol
     for ours, theirs in zip(result["logits"], expected["logits"], strict=True):
-        torch.testing.assert_close(ours, theirs, atol=atol, rtol=atol)
+        torch.testing.assert_close(ours, theirs, atol=atol, rtol=rtol)
     for ours, theirs in zip(result["logprobs"], expected["logprobs"], strict=True):
         assert [token for token, _ in ours] == [token for token, _ in theirs]
         torch.testing.assert_close(
@@ -143,48 +148,46 @@ def test_sharded_checkpoint(sharded_model_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_int4_checkpoint(quant_checkpoints: QuantCheckpoints) -> None:
-    """compressed-tensors W4A16 (group 32): row-parallel layers split the groups."""
-    model_dir = quant_checkpoints.get("llama", "ct-w4a16-g32")
-    assert_same(run(model_dir, 2), reference(model_dir))
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("kind", ["ct-fp8", "ct-w4a16-g32"])
+def test_quantized_checkpoints(kind: str, tp: int, quant_checkpoints: QuantCheckpoints) -> None:
+    """compressed-tensors fp8 W8A8 (per-channel weights, dynamic per-token activations)
+    and W4A16 (group 32: row-parallel layers split the groups) give TP=1's tokens and
+    logits within 1e-5. A row-parallel W8A8 rank quantizes its slice of each activation
+    row by the whole row's absmax (max-reduced over the ranks), so each rank rounds as
+    TP=1 does; at TP=2 the logits also equal HF transformers' (the checkpoint
+    decompressed, its activations quantized per token by compressed-tensors)."""
+    model_dir = quant_checkpoints.get("llama", kind)
+    result = run(model_dir, tp)
+    assert_same(result, reference(model_dir), rtol=0)
+    if tp == 2 and kind == "ct-fp8":
+        assert_matches_hf(result, hf_oracle(model_dir))
+
+
+# A value that lands within float32 noise of an 8-bit rounding boundary: the ranks round
+# every activation as TP=1 does *given the same input*, but the all-reduce sums a
+# row-parallel layer's partial outputs in another order than one rank's matmul, and a
+# later layer's input that differs by that last bit can round to the neighbouring code.
+# Measured (by comparing each W8A8 layer's inputs at TP=1 and TP=2): hub fp8, one of the
+# 1024 fp8 codes of layer 0's gate_up input in the first prompt's prefill (the input
+# differing by 9.5e-7 after o_proj's all-reduce) rounds the other way, and that step (an
+# eighth of the value, then every later layer) moves the logits by up to 0.16 (their std
+# is 1.07) at TP=2 and TP=4; int8, one of the 256 codes of layer 1's down_proj input at
+# the third prompt's last decode step (1.4e-6 apart): 5.1e-3. The greedy tokens are TP=1's.
+# (Before the ranks shared the scale, TP=2 differed by 4.7, and in its tokens.)
+ROUNDING_FLIP_ATOL = 0.25
 
 
 @pytest.mark.slow
-def test_fp8_checkpoint_matches_hf_with_per_rank_activation_scales(
-    quant_checkpoints: QuantCheckpoints,
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("kind", ["hf-fp8", "ct-int8"])
+def test_w8a8_checkpoints_across_an_8bit_rounding_boundary(
+    kind: str, tp: int, quant_checkpoints: QuantCheckpoints
 ) -> None:
-    """fp8 W8A8 (the hub per-tensor layout): a row-parallel rank (o_proj, down_proj)
-    quantizes its own slice of each activation row with that slice's absmax, as any
-    row-parallel W8A8 engine does, so TP=2 is not TP=1 bit for bit (the greedy tokens of
-    this tiny model part at near-ties). The oracle is HF transformers' dequantized model
-    with the same per-token fp8 rounding of every linear input, the row-parallel ones in
-    two halves: TP=2's logits and greedy tokens equal it."""
-    model_dir = quant_checkpoints.get("llama", "hf-fp8")
-    result = run(model_dir, 2)
-    hf = hf_oracle(model_dir)
-    for name, module in hf.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            split = name.endswith(("o_proj", "down_proj"))
-            module.register_forward_pre_hook(per_rank_fp8_qdq(2 if split else 1))
-    assert_matches_hf(result, hf, atol=1e-4)
-
-
-def per_rank_fp8_qdq(world: int):
-    """A forward pre-hook: per-token fp8 quantize-dequantize of each of ``world`` slices
-    of the input row (what ``world`` row-parallel ranks do)."""
-
-    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]):
-        (x,) = args
-        parts = []
-        for part in x.chunk(world, dim=-1):
-            scale = part.abs().amax(dim=-1, keepdim=True) / 448.0
-            scale = scale.clamp(min=torch.finfo(x.dtype).tiny)
-            parts.append(
-                (part / scale).clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype) * scale
-            )
-        return (torch.cat(parts, dim=-1),)
-
-    return hook
+    """Hub fp8 (per-tensor weight scales) and compressed-tensors int8 W8A8: TP=1's tokens,
+    and its logits within ROUNDING_FLIP_ATOL (see there why not 1e-5)."""
+    model_dir = quant_checkpoints.get("llama", kind)
+    assert_same(run(model_dir, tp), reference(model_dir), atol=ROUNDING_FLIP_ATOL, rtol=0)
 
 
 def assert_matches_hf(result: dict, hf: torch.nn.Module, atol: float = 1e-4) -> None:

@@ -39,3 +39,15 @@ def test_no_match_and_short_histories_propose_nothing() -> None:
     histories = [np.array([1, 2, 3, 4]), np.array([7]), np.array([5, 5])]
     assert ngram_lookup(histories, 2, 3, [3, 3, 3]) == [[], [], []]
     assert ngram_lookup(histories, 1, 3, [3, 3, 3]) == [[], [], [5]]
+
+
+def test_a_batch_of_histories_shorter_than_max_n() -> None:
+    # A 1-token prompt's first decodes: every history shorter than prompt_lookup_max
+    # (the padded-grid search indexed before its start here), and an empty one.
+    histories = [np.array([3, 3]), np.array([4]), np.array([], dtype=np.int32)]
+    assert ngram_lookup(histories, 1, 5, [2, 2, 2]) == [[3], [], []]
+    rng = random.Random(1)
+    for _ in range(200):
+        histories = [[rng.randrange(2) for _ in range(rng.randint(1, 4))] for _ in range(3)]
+        got = ngram_lookup([np.array(h, dtype=np.int32) for h in histories], 1, 5, [3] * 3)
+        assert got == [lookup_one(h, 1, 5, 3) for h in histories], histories

@@ -136,3 +136,34 @@ def test_counters_and_shortfalls() -> None:
     assert stats.num_drafts == 10 and stats.num_draft_tokens == 40
     assert stats.num_accepted_tokens == 40 and stats.num_accepted_tokens_per_pos == [10] * 4
     assert stats.mean_acceptance_length == 5.0
+
+
+def test_probes_that_lose_cost_at_most_their_budget() -> None:
+    # Batch 256: a k = 1 step costs twice a plain one for 1.9 tokens a request (5 % short
+    # of plain decoding). Each losing probe waits until its lost time, transitions
+    # included, is PROBE_BUDGET of the time since: over 1000 steps the probes start
+    # three times (the doubling waits alone would start six), and the run keeps 99 %.
+    policy = DraftLengthPolicy(config(1), step_cost=lambda b, k: 1.0 + 1.0 * k)
+    lengths, seconds, tokens = drive(policy, 256, 1000, lambda _: 0.9)
+    starts = sum(
+        1 for before, now in zip([0, *lengths[:-1]], lengths, strict=True) if now and not before
+    )
+    assert starts <= 3, starts
+    assert policy.buckets[batch_bucket(256)].choice == 0
+    assert tokens / seconds > 0.99 * 256
+
+
+def test_a_first_small_batch_starts_speculating_and_tries_plain_soon() -> None:
+    # Batch 2, the first the policy sees: it drafts num_speculative_tokens from the first
+    # step (a proposer with its own cache stays in step), probes plain decoding after a
+    # few steps and keeps whichever makes more tokens a second.
+    cheap = DraftLengthPolicy(config(4), step_cost=lambda b, k: 1.0 + 0.05 * k)
+    lengths, _, _ = drive(cheap, 2, 60, lambda _: 0.8)
+    assert lengths[0] == 4 and 0 in lengths[:12]
+    assert cheap.buckets[batch_bucket(2)].choice == 4
+    costly = DraftLengthPolicy(config(4), step_cost=lambda b, k: 1.0 + 2.0 * k)
+    lengths, _, _ = drive(costly, 2, 60, lambda _: 0.3)
+    assert lengths[0] == 4 and lengths[-20:] == [0] * 20
+    # A first batch of more than SPECULATE_FIRST_UP_TO starts without speculation.
+    large = DraftLengthPolicy(config(4), step_cost=lambda b, k: 1.0 + 0.05 * k)
+    assert drive(large, 8, 3, lambda _: 0.8)[0] == [0, 0, 0]

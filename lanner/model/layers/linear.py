@@ -178,7 +178,7 @@ class RowParallelLinear(PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is None:
             raise RuntimeError("this model was loaded without its tensor-parallel group")
-        out = self._method().apply(self, x, None)
+        out = self._method().apply_row_shard(self, x, self.group)
         self.group.all_reduce(out)
         return out if self.bias is None else out.add_(self.bias)
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from lanner.distributed import TensorParallelGroup
     from lanner.model.layers.linear import PackedLinear
 
 Parallel = Literal["column", "row"]
@@ -151,6 +152,16 @@ class LinearMethod(abc.ABC):
         self, layer: PackedLinear, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """x [..., input_size] -> [..., sum(output_sizes)]."""
+
+    def apply_row_shard(
+        self, layer: PackedLinear, x: torch.Tensor, group: TensorParallelGroup
+    ) -> torch.Tensor:
+        """A row-parallel rank's partial product: x [..., input_size], this rank's slice of
+        each input row, times its slice of the weight's columns, without the bias (the
+        caller sums the ranks' partials by all-reduce, then adds it). A method that rounds
+        x by a property of the whole row (a per-token activation scale) agrees on it with
+        the other ranks of ``group`` here, so that every rank rounds as one rank would."""
+        return self.apply(layer, x, None)
 
     def describe(self) -> str:
         return self.name

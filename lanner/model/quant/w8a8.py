@@ -5,6 +5,11 @@ Checkpoint layouts it loads: ``weight`` [out, in] in fp8/int8 with ``weight_scal
 HF's ``weight_scale_inv``, the same multiplier) per channel ([out] or [out, 1]) or per
 tensor (one per packed part, widened to per channel after loading, which is exact); or, for
 online quantization, ``weight`` in the model dtype, quantized per channel after loading.
+
+Tensor parallelism: a column-parallel rank sees whole rows and quantizes them as one rank
+does; a row-parallel rank (o_proj, down_proj) holds a slice of each row, and quantizes it
+by the whole row's absmax, max-reduced over the ranks, so every tensor_parallel_size
+rounds the activations alike (only the all-reduce's order of summing the outputs differs).
 """
 
 from __future__ import annotations
@@ -101,6 +106,13 @@ class W8A8LinearMethod(LinearMethod):
 
     def apply(self, layer, x, bias):
         return ops.w8a8_linear(x, layer.weight, layer.weight_scale, bias, self.x_qmax)
+
+    def apply_row_shard(self, layer, x, group):
+        # The per-token scale is the whole row's absmax: the max of the ranks' slices'
+        # absmax (exact), one collective of a float a row. Every rank then rounds its
+        # slice exactly as one rank rounds the whole row.
+        absmax = group.all_reduce_max(ops.row_absmax(x))
+        return ops.w8a8_linear(x, layer.weight, layer.weight_scale, None, self.x_qmax, absmax)
 
 
 def quantize_per_channel(
