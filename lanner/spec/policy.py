@@ -59,6 +59,8 @@ ABANDON_PROBE = 0.8
 # one better by more than REVIEW_MARGIN takes over.
 REVIEW_STEPS = 8
 REVIEW_MARGIN = 1.02
+# Speculation replaces plain decoding only when it measures this much better.
+START_MARGIN = 1.1
 
 
 @dataclass
@@ -204,7 +206,7 @@ class DraftLengthPolicy:
         # Nothing replaces a choice not measured yet (plain decoding, at a new bucket).
         if best == bucket.choice or best_value is None or choice_value is None:
             return
-        if best_value > REVIEW_MARGIN * choice_value:
+        if best_value > max(REVIEW_MARGIN, self._margin(bucket.choice, best)) * choice_value:
             bucket.choice = best
             bucket.probe_wait = FIRST_PROBE_WAIT
             bucket.steps_to_probe = FIRST_PROBE_WAIT
@@ -277,7 +279,11 @@ class DraftLengthPolicy:
             bucket.steps_to_probe = FIRST_JUMP_WAIT
             return
         bucket.next_direction = -bucket.next_direction
-        if probe_value is not None and choice_value is not None and probe_value > choice_value:
+        if (
+            probe_value is not None
+            and choice_value is not None
+            and probe_value > self._margin(bucket.choice, probe) * choice_value
+        ):
             bucket.next_direction = 1 if probe > bucket.choice else -1  # keep climbing
             bucket.choice = probe
             bucket.probe_wait = FIRST_PROBE_WAIT
@@ -286,6 +292,14 @@ class DraftLengthPolicy:
             wait = max(2 * bucket.probe_wait, self._budgeted_wait(bucket, probe, ran))
             bucket.probe_wait = min(wait, MAX_PROBE_WAIT)
             bucket.steps_to_probe = bucket.probe_wait
+
+    @staticmethod
+    def _margin(choice: int, candidate: int) -> float:
+        """How much more tokens per second ``candidate`` must measure to replace
+        ``choice``: more to start speculating from plain decoding, whose cost the step
+        times understate (a speculating step loses the overlapped scheduling, and a
+        batch whose requests finish at different steps runs its tail smaller)."""
+        return START_MARGIN if choice == 0 and candidate > 0 else 1.0
 
     def _budgeted_wait(self, bucket: _Bucket, probe: int, ran: int) -> int:
         """Steps at the choice that make a probe like this one cost PROBE_BUDGET of the

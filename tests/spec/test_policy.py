@@ -167,3 +167,16 @@ def test_a_first_small_batch_starts_speculating_and_tries_plain_soon() -> None:
     # A first batch of more than SPECULATE_FIRST_UP_TO starts without speculation.
     large = DraftLengthPolicy(config(4), step_cost=lambda b, k: 1.0 + 0.05 * k)
     assert drive(large, 8, 3, lambda _: 0.8)[0] == [0, 0, 0]
+
+
+def test_speculation_must_beat_plain_decoding_by_a_margin() -> None:
+    # Batch 16, k = 1 at acceptance 0.9 (1.9 tokens a step): 5 % more tokens a second than
+    # plain decoding is within what step times understate, so it stays plain; 20 % wins.
+    def run(gain: float) -> int:
+        cost = expected_tokens(0.9, 1) / gain
+        policy = DraftLengthPolicy(config(1), step_cost=lambda b, k: 1.0 if k == 0 else cost)
+        drive(policy, 16, 400, lambda _: 0.9)
+        return policy.buckets[batch_bucket(16)].choice
+
+    assert run(1.05) == 0
+    assert run(1.2) == 1
