@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,7 +13,7 @@ from lanner.engine.config import EngineConfig
 from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from lanner.engine.startup import format_phases, seconds_since_process_start
-from lanner.engine.structured_output import StructuredOutputManager
+from lanner.engine.structured_output import RequestGrammar, StructuredOutputManager
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
@@ -221,6 +221,7 @@ class EngineCore:
             load.tokenizer or self.loaded.path,
             self.model_config.vocab_size,
             tuple(self.model_config.eos_token_ids),
+            pin_memory=self.loaded.device.type == "cuda",
         )
         self._compiling: list[Request] = []  # requests whose grammar is not ready yet
         self.runner = ModelRunner(
@@ -433,24 +434,35 @@ class EngineCore:
             # Only grammars to wait for: give their thread the interpreter a moment
             # rather than spin (the caller calls again).
             self._compiling[0].grammar.wait(GRAMMAR_POLL_S)  # type: ignore[union-attr]
-        outputs = early + (self._collect(previous) if previous is not None else [])
+        outputs = []
+        if previous is not None:
+            self._launch_deferred_sampling(previous)  # (when no step was launched after it)
+            outputs = self._collect(previous)
         if self._pending is not None and self._pending.step.deferred is not None:
             # Its rows read outputs (or a grammar state) the step just read gave.
-            self._sample_deferred(self._pending)
-        return outputs
+            self._prepare_deferred_sampling(self._pending)
+        return early + outputs
 
-    def _sample_deferred(self, launched: _LaunchedStep) -> None:
+    def _prepare_deferred_sampling(self, launched: _LaunchedStep) -> None:
         """The step before has been read: finish the launched step's sampling rows (their
-        output history without the token this step samples; grammar bitmasks from the
-        matchers it advanced) and launch the sampling. The device ran this step's model
-        meanwhile."""
+        output history without the token this step samples) and start filling their
+        grammar bitmasks, from the matchers it advanced, on the fill thread. The device
+        runs this step's model meanwhile, and the host goes on to schedule the next step;
+        ``_launch_deferred_sampling`` launches the sampling just before that step."""
         assert launched.step.deferred is not None
         chunks = launched.step.deferred.chunks
         for chunk in chunks:
             row = chunk.sampling
             if row is not None and row.output_token_ids[-1:] == [PLACEHOLDER_TOKEN]:
-                chunk.sampling = replace(row, output_token_ids=row.output_token_ids[:-1])
-        self._fill_grammar_bitmasks(launched.schedule, chunks, None)
+                row.output_token_ids = row.output_token_ids[:-1]  # a copy: the list goes on
+        self._fill_grammar_bitmasks(launched.schedule, chunks, None, background=True)
+
+    def _launch_deferred_sampling(self, launched: _LaunchedStep) -> None:
+        """Launch a deferred step's sampling once its bitmasks are filled (no-op for a
+        step that sampled when launched, or whose sampling is launched already)."""
+        if launched.step.deferred is None:
+            return
+        self.structured_outputs.wait_for_fill()
         self.runner.sample_deferred(launched.step)
 
     def _end_failed_grammars(self) -> list[EngineCoreOutput]:
@@ -487,7 +499,7 @@ class EngineCore:
         speculates (proposals start from the last accepted token, and the tokens a step
         yields are known only once it is read). Requests whose sampling reads their
         outputs (penalties, bad words, a grammar) launch their model ahead and sample once
-        the previous step is read (``_sample_deferred``)."""
+        the previous step is read (``_prepare_deferred_sampling``)."""
         return self.async_scheduling and not draft_length
 
     def _launch(self, previous: _LaunchedStep | None, draft_length: int) -> _LaunchedStep | None:
@@ -514,6 +526,9 @@ class EngineCore:
         )
         if not defer:
             self._fill_grammar_bitmasks(schedule, chunks, drafts)
+        if previous is not None:
+            # The device gets this step after the previous one's sampling: it feeds on it.
+            self._launch_deferred_sampling(previous)
         launched = self.runner.launch(
             chunks, previous.step if previous is not None else None, drafts, defer
         )
@@ -534,12 +549,14 @@ class EngineCore:
         schedule: SchedulerOutput,
         chunks: list[SequenceChunk],
         device_drafts: DeviceDrafts | None,
+        background: bool = False,
     ) -> None:
         """Each sampling row under a grammar gets its bitmasks (the next token's, and one
-        after each draft), filled for the whole batch at once; their matchers are up to
-        date (a step launched before the one it follows was read fills them once that is,
-        in ``_sample_deferred``). Drafts still on the device are read here, only for
-        these requests."""
+        after each draft), filled for the whole batch at once into one buffer (on the fill
+        thread with ``background``: then wait_for_fill before sampling); their matchers
+        are up to date (a step launched before the one it follows was read fills them once
+        that is, in ``_prepare_deferred_sampling``). Drafts still on the device are read
+        here, only for these requests."""
         rows = [
             (chunk, scheduled.request.grammar)
             for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)
@@ -559,8 +576,12 @@ class EngineCore:
                 drafts.append(device_drafts.token_ids[chunk.draft_row, :count].tolist())
             else:
                 drafts.append(list(chunk.token_ids[-count:]))
-        grammars = [grammar for _, grammar in rows]
-        bitmasks = self.structured_outputs.fill_bitmasks(grammars, drafts)  # type: ignore[arg-type]
+        grammars: list[RequestGrammar] = [grammar for _, grammar in rows]  # type: ignore[misc]
+        if background:
+            assert not any(drafts), "a step that verifies drafts is never launched ahead"
+            bitmasks = self.structured_outputs.start_fill(grammars)
+        else:
+            bitmasks = self.structured_outputs.fill_bitmasks(grammars, drafts)
         for (chunk, _), bitmask in zip(rows, bitmasks, strict=True):
             assert chunk.sampling is not None
             chunk.sampling.token_bitmask = bitmask
