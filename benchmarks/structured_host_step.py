@@ -10,8 +10,12 @@ Prints one JSON object and writes it to benchmarks/results/. Per row count:
 - ``step_ms``: the engine core's step (overlapped scheduling, as on a GPU), wall time;
 - ``device_ms``: the part of it spent in what a GPU would run (the stub model's logits,
   the bitmask's application, the argmax), timed and taken out;
-- ``host_ms``: the difference, what the engine loop's thread spends per step; and for the
-  constrained run ``overhead_ms``, its host_ms over the free run's.
+- ``host_ms``: the difference (median; ``host_mean_ms`` its mean), what the engine
+  loop's thread spends per step; for the constrained run ``overhead_ms``, its host_ms
+  over the free run's;
+- ``fill_ms``: xgrammar's batch fill per step (on whichever thread runs it), and
+  ``host_ms_besides_fill``: host_mean_ms less the loop's time in the fill or waiting for
+  it, the part more fill threads (a GPU host's cores) cannot shrink.
 The stub model gives random logits over the first 4,096 tokens only (the masked argmax
 picks from them), so the CPU's stand-in for the device stays small; the grammar's
 bitmasks still cover the whole vocabulary. Finished requests are replaced, so each
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import xgrammar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -87,18 +92,36 @@ class RandomLogitsModel(torch.nn.Module):
 
 
 def measure(rows: int, constrained: bool, steps: int) -> dict[str, float]:
-    device_time = DeviceTime()
-    # The device's work on the CPU, timed (the sampler looks both up at call time).
-    ops_apply, greedy = ops.apply_token_bitmask, sampler.greedy_tokens
-    ops.apply_token_bitmask = device_time.timed(ops_apply)
-    sampler.greedy_tokens = device_time.timed(greedy)
+    device_time, fill_time, wait_time = DeviceTime(), DeviceTime(), DeviceTime()
+    # The device's work on the CPU, timed (the sampler looks both up at call time); and
+    # xgrammar's batch fill (on whichever thread runs it) and the loop's wait for it.
+    batch = xgrammar.BatchGrammarMatcher
+    patched = [
+        (ops, "apply_token_bitmask", device_time),
+        (sampler, "greedy_tokens", device_time),
+        (batch, "batch_fill_next_token_bitmask", fill_time),
+    ]
+    if hasattr(StructuredOutputManager, "wait_for_fill"):  # (the fill thread's wait)
+        patched.append((StructuredOutputManager, "wait_for_fill", wait_time))
+    originals = [getattr(owner, name) for owner, name, _ in patched]
+    for owner, name, timer in patched:
+        setattr(owner, name, timer.timed(getattr(owner, name)))
     try:
-        return _measure(rows, constrained, steps, device_time)
+        figures = _measure(rows, constrained, steps, device_time, [fill_time, wait_time])
     finally:
-        ops.apply_token_bitmask, sampler.greedy_tokens = ops_apply, greedy
+        for (owner, name, _), original in zip(patched, originals, strict=True):
+            setattr(owner, name, original)
+    figures["fill_ms"] = round(fill_time.seconds / steps * 1e3, 3)
+    # What the loop's thread does besides the fill: its wait for the fill thread, or the
+    # fill itself where it runs on the loop's thread.
+    waited = wait_time.seconds if patched[-1][2] is wait_time else fill_time.seconds
+    figures["host_ms_besides_fill"] = round(figures["host_mean_ms"] - waited / steps * 1e3, 3)
+    return figures
 
 
-def _measure(rows: int, constrained: bool, steps: int, device_time: DeviceTime) -> dict[str, float]:
+def _measure(
+    rows: int, constrained: bool, steps: int, device_time: DeviceTime, timers: list[DeviceTime]
+) -> dict[str, float]:
     core = EngineCore(
         EngineConfig.from_kwargs(
             model=str(DEFAULT_MODEL_DIR),
@@ -132,6 +155,8 @@ def _measure(rows: int, constrained: bool, steps: int, device_time: DeviceTime) 
         core.step()
     for _ in range(3):
         core.step()
+    for timer in timers:
+        timer.seconds = 0.0  # the timed steps' only
     samples: list[tuple[float, float]] = []
     running: list[int] = []
     for _ in range(steps):
@@ -148,6 +173,7 @@ def _measure(rows: int, constrained: bool, steps: int, device_time: DeviceTime) 
         "step_ms": round(step_ms, 3),
         "device_ms": round(statistics.median(d for _, d in samples) * 1e3, 3),
         "host_ms": round(host_ms, 3),
+        "host_mean_ms": round(statistics.mean(s - d for s, d in samples) * 1e3, 3),
         "mean_running": round(statistics.mean(running), 1),
     }
 

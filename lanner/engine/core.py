@@ -451,11 +451,11 @@ class EngineCore:
         ``_launch_deferred_sampling`` launches the sampling just before that step."""
         assert launched.step.deferred is not None
         chunks = launched.step.deferred.chunks
+        self._fill_grammar_bitmasks(launched.schedule, chunks, None, background=True)
         for chunk in chunks:
             row = chunk.sampling
             if row is not None and row.output_token_ids[-1:] == [PLACEHOLDER_TOKEN]:
                 row.output_token_ids = row.output_token_ids[:-1]  # a copy: the list goes on
-        self._fill_grammar_bitmasks(launched.schedule, chunks, None, background=True)
 
     def _launch_deferred_sampling(self, launched: _LaunchedStep) -> None:
         """Launch a deferred step's sampling once its bitmasks are filled (no-op for a
