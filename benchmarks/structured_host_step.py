@@ -10,12 +10,13 @@ Prints one JSON object and writes it to benchmarks/results/. Per row count:
 - ``step_ms``: the engine core's step (overlapped scheduling, as on a GPU), wall time;
 - ``device_ms``: the part of it spent in what a GPU would run (the stub model's logits,
   the bitmask's application, the argmax), timed and taken out;
-- ``host_ms``: the difference (median; ``host_mean_ms`` its mean), what the engine
-  loop's thread spends per step; for the constrained run ``overhead_ms``, its host_ms
-  over the free run's;
-- ``fill_ms``: xgrammar's batch fill per step (on whichever thread runs it), and
-  ``host_ms_besides_fill``: host_mean_ms less the loop's time in the fill or waiting for
-  it, the part more fill threads (a GPU host's cores) cannot shrink.
+- ``host_ms``: the difference, the engine loop's time per step (waiting for the fill
+  included);
+- ``loop_cpu_ms``: the loop thread's own CPU time per step less the stand-ins' (the
+  fill counts where it runs on that thread): robust against the machine's other load;
+- ``fill_ms``: xgrammar's batch fill per step, on whichever thread runs it;
+- for the constrained run, ``host_ms_over_free`` and ``loop_cpu_ms_over_free``.
+All medians over the timed steps (fill_ms a mean).
 The stub model gives random logits over the first 4,096 tokens only (the masked argmax
 picks from them), so the CPU's stand-in for the device stays small; the grammar's
 bitmasks still cover the whole vocabulary. Finished requests are replaced, so each
@@ -56,18 +57,21 @@ STOP_TOKEN = 1000  # within the stub's columns, so a finished grammar can stop
 
 
 class DeviceTime:
-    """Seconds spent in the calls a GPU would run, wrapped by ``timed``."""
+    """Seconds (wall, and the calling thread's CPU) spent in the calls wrapped by
+    ``timed``: what a GPU would run, or xgrammar's fill."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def timed(self, fn):  # noqa: ANN001, ANN201
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - started
+                self.cpu_seconds += time.thread_time() - cpu_started
 
         return wrapper
 
@@ -92,35 +96,27 @@ class RandomLogitsModel(torch.nn.Module):
 
 
 def measure(rows: int, constrained: bool, steps: int) -> dict[str, float]:
-    device_time, fill_time, wait_time = DeviceTime(), DeviceTime(), DeviceTime()
+    device_time, fill_time = DeviceTime(), DeviceTime()
     # The device's work on the CPU, timed (the sampler looks both up at call time); and
-    # xgrammar's batch fill (on whichever thread runs it) and the loop's wait for it.
-    batch = xgrammar.BatchGrammarMatcher
+    # xgrammar's batch fill (on whichever thread runs it).
     patched = [
         (ops, "apply_token_bitmask", device_time),
         (sampler, "greedy_tokens", device_time),
-        (batch, "batch_fill_next_token_bitmask", fill_time),
+        (xgrammar.BatchGrammarMatcher, "batch_fill_next_token_bitmask", fill_time),
     ]
-    if hasattr(StructuredOutputManager, "wait_for_fill"):  # (the fill thread's wait)
-        patched.append((StructuredOutputManager, "wait_for_fill", wait_time))
     originals = [getattr(owner, name) for owner, name, _ in patched]
     for owner, name, timer in patched:
         setattr(owner, name, timer.timed(getattr(owner, name)))
     try:
-        figures = _measure(rows, constrained, steps, device_time, [fill_time, wait_time])
+        figures = _measure(rows, constrained, steps, device_time, fill_time)
     finally:
         for (owner, name, _), original in zip(patched, originals, strict=True):
             setattr(owner, name, original)
-    figures["fill_ms"] = round(fill_time.seconds / steps * 1e3, 3)
-    # What the loop's thread does besides the fill: its wait for the fill thread, or the
-    # fill itself where it runs on the loop's thread.
-    waited = wait_time.seconds if patched[-1][2] is wait_time else fill_time.seconds
-    figures["host_ms_besides_fill"] = round(figures["host_mean_ms"] - waited / steps * 1e3, 3)
     return figures
 
 
 def _measure(
-    rows: int, constrained: bool, steps: int, device_time: DeviceTime, timers: list[DeviceTime]
+    rows: int, constrained: bool, steps: int, device_time: DeviceTime, fill_time: DeviceTime
 ) -> dict[str, float]:
     core = EngineCore(
         EngineConfig.from_kwargs(
@@ -155,26 +151,34 @@ def _measure(
         core.step()
     for _ in range(3):
         core.step()
-    for timer in timers:
-        timer.seconds = 0.0  # the timed steps' only
-    samples: list[tuple[float, float]] = []
-    running: list[int] = []
+    fill_time.seconds = fill_time.cpu_seconds = 0.0  # the timed steps' only
+    wall, device, loop_cpu = [], [], []
+    running = finished = 0
     for _ in range(steps):
-        running.append(len(core.scheduler.running))
-        device_before = device_time.seconds
-        started = time.perf_counter()
+        running += len(core.scheduler.running)
+        device_before, device_cpu_before = device_time.seconds, device_time.cpu_seconds
+        started, cpu_started = time.perf_counter(), time.thread_time()
         outputs = core.step()
-        samples.append((time.perf_counter() - started, device_time.seconds - device_before))
-        add(sum(1 for out in outputs if out.finished))  # keep N rows running
+        wall.append(time.perf_counter() - started)
+        device.append(device_time.seconds - device_before)
+        device_cpu = device_time.cpu_seconds - device_cpu_before
+        loop_cpu.append(time.thread_time() - cpu_started - device_cpu)
+        done = sum(1 for out in outputs if out.finished)
+        finished += done
+        add(done)  # keep N rows running
     core.shutdown()
-    step_ms = statistics.median(s for s, _ in samples) * 1e3
-    host_ms = statistics.median(s - d for s, d in samples) * 1e3
+
+    def ms(values: list[float]) -> float:
+        return round(statistics.median(values) * 1e3, 3)
+
     return {
-        "step_ms": round(step_ms, 3),
-        "device_ms": round(statistics.median(d for _, d in samples) * 1e3, 3),
-        "host_ms": round(host_ms, 3),
-        "host_mean_ms": round(statistics.mean(s - d for s, d in samples) * 1e3, 3),
-        "mean_running": round(statistics.mean(running), 1),
+        "step_ms": ms(wall),
+        "device_ms": ms(device),
+        "host_ms": ms([w - d for w, d in zip(wall, device, strict=True)]),
+        "loop_cpu_ms": ms(loop_cpu),
+        "fill_ms": round(fill_time.seconds / steps * 1e3, 3),
+        "mean_running": round(running / steps, 1),
+        "finished_per_step": round(finished / steps, 2),
     }
 
 
@@ -197,7 +201,8 @@ def main() -> None:
         for name, constrained in (("free", False), ("json_schema", True)):
             result[f"{rows}_rows_{name}"] = measure(rows, constrained, args.steps)
         free, schema = result[f"{rows}_rows_free"], result[f"{rows}_rows_json_schema"]
-        schema["overhead_ms"] = round(schema["host_ms"] - free["host_ms"], 3)
+        for figure in ("host_ms", "loop_cpu_ms"):
+            schema[f"{figure}_over_free"] = round(schema[figure] - free[figure], 3)
     label = f"-{args.label}" if args.label else ""
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-structured-host-step{label}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2))

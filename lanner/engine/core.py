@@ -435,24 +435,22 @@ class EngineCore:
             # rather than spin (the caller calls again).
             self._compiling[0].grammar.wait(GRAMMAR_POLL_S)  # type: ignore[union-attr]
         outputs = []
+        deferred = self._pending if self._pending and self._pending.step.deferred else None
         if previous is not None:
             self._launch_deferred_sampling(previous)  # (when no step was launched after it)
-            outputs = self._collect(previous)
-        if self._pending is not None and self._pending.step.deferred is not None:
-            # Its rows read outputs (or a grammar state) the step just read gave.
-            self._prepare_deferred_sampling(self._pending)
+            # Its rows read outputs (or a grammar state) the step read now gives.
+            outputs = self._collect(previous, deferred)
+        if deferred is not None:
+            self._trim_deferred_rows(deferred)
         return early + outputs
 
-    def _prepare_deferred_sampling(self, launched: _LaunchedStep) -> None:
-        """The step before has been read: finish the launched step's sampling rows (their
-        output history without the token this step samples) and start filling their
-        grammar bitmasks, from the matchers it advanced, on the fill thread. The device
-        runs this step's model meanwhile, and the host goes on to schedule the next step;
-        ``_launch_deferred_sampling`` launches the sampling just before that step."""
+    def _trim_deferred_rows(self, launched: _LaunchedStep) -> None:
+        """The step before has been read: the launched step's sampling rows see their
+        output history without the token this step samples (its placeholder). Their
+        grammar bitmasks are filling (``_collect``); ``_launch_deferred_sampling``
+        launches the sampling just before the next step."""
         assert launched.step.deferred is not None
-        chunks = launched.step.deferred.chunks
-        self._fill_grammar_bitmasks(launched.schedule, chunks, None, background=True)
-        for chunk in chunks:
+        for chunk in launched.step.deferred.chunks:
             row = chunk.sampling
             if row is not None and row.output_token_ids[-1:] == [PLACEHOLDER_TOKEN]:
                 row.output_token_ids = row.output_token_ids[:-1]  # a copy: the list goes on
@@ -564,6 +562,7 @@ class EngineCore:
             and scheduled.request.grammar is not None
             # (A request the step before finished samples no more: its grammar is done.)
             and self.scheduler.requests.get(scheduled.request.request_id) is scheduled.request
+            and not scheduled.request.grammar.is_terminated
         ]
         if not rows:
             return
@@ -654,11 +653,21 @@ class EngineCore:
                 chunk.prompt_logprob_top = request.sampling_params.prompt_logprobs
         return chunk
 
-    def _collect(self, launched: _LaunchedStep) -> list[EngineCoreOutput]:
+    def _collect(
+        self, launched: _LaunchedStep, deferred: _LaunchedStep | None = None
+    ) -> list[EngineCoreOutput]:
         """Read a launched step's results and apply them: fill each placeholder with its
-        token, check stop conditions, and report what changed."""
+        token, check stop conditions, and report what changed. The grammars advance
+        first: then the bitmasks of ``deferred`` (the step launched after this one, its
+        sampling deferred) start filling on the fill thread while the rest is applied
+        and the next step scheduled, the device running that step's model meanwhile."""
         result = self.runner.collect(launched.step)
         self._last_step = launched.step
+        grammar_stops = self._advance_grammars(launched.schedule, result.sampled_token_ids)
+        if deferred is not None:
+            assert deferred.step.deferred is not None
+            chunks = deferred.step.deferred.chunks
+            self._fill_grammar_bitmasks(deferred.schedule, chunks, None, background=True)
         outputs = []
         for scheduled in launched.schedule.scheduled:
             request = scheduled.request
@@ -679,7 +688,13 @@ class EngineCore:
                         launched.num_drafts.get(request.request_id, 0),
                         len(tokens) - 1,
                     )
-                self._append_tokens(request, tokens, result.logprobs.get(request.request_id), out)
+                self._append_tokens(
+                    request,
+                    tokens,
+                    result.logprobs.get(request.request_id),
+                    out,
+                    grammar_stops.get(request.request_id),
+                )
             if out.new_token_ids or out.new_prompt_logprobs or out.finished:
                 request.scheduled_time_sent = True
                 outputs.append(out)
@@ -688,6 +703,24 @@ class EngineCore:
                 launched.num_running, launched.draft_length, launched.all_decodes, self._spec_states
             )
         return outputs
+
+    def _advance_grammars(
+        self, schedule: SchedulerOutput, sampled: dict[str, list[int]]
+    ) -> dict[str, tuple[FinishReason, None] | None]:
+        """Feed each request under a grammar that sampled one token (no drafts) that
+        token; what ``_advance_grammar`` said, by request id."""
+        stops = {}
+        for scheduled in schedule.scheduled:
+            request = scheduled.request
+            tokens = sampled.get(request.request_id)
+            if (
+                request.grammar is not None
+                and tokens is not None
+                and len(tokens) == 1
+                and self.scheduler.requests.get(request.request_id) is request
+            ):
+                stops[request.request_id] = self._advance_grammar(request, tokens[0])
+        return stops
 
     def _spec_states(self) -> list[RequestSpecState]:
         return [r.spec_state for r in self.scheduler.running if r.spec_state is not None]
@@ -705,10 +738,13 @@ class EngineCore:
         tokens: list[int],
         logprobs: list[TokenLogprobs] | None,
         out: EngineCoreOutput,
+        grammar_stop: tuple[FinishReason, None] | None = None,
     ) -> None:
         """Put a step's new tokens in place (the first fills the step's placeholder),
         checking the stop conditions after each: an EOS, stop token or length limit
-        inside a verified run ends the request there."""
+        inside a verified run ends the request there. A lone token the grammar has
+        taken already (``_advance_grammars``) comes with what that said."""
+        advanced = len(tokens) == 1 and request.grammar is not None
         slot = request.num_output_tokens - request.num_pending_outputs
         for index, token in enumerate(tokens):
             if index == 0:
@@ -720,7 +756,9 @@ class EngineCore:
             if logprobs is not None:
                 out.new_logprobs.append(logprobs[index])
             stop = self.scheduler.check_stop(request)
-            if request.grammar is not None:
+            if advanced:
+                stop = stop or grammar_stop
+            elif request.grammar is not None:
                 stop = stop or self._advance_grammar(request, token)
             if stop is not None:
                 # A step launched after this one may have sampled past the end.
