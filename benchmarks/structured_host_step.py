@@ -41,11 +41,10 @@ import xgrammar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_workloads import W10_SCHEMA, synthetic_vocabulary  # noqa: E402
+from host_step import cpu_core  # noqa: E402
 
 import lanner.kernels.ops as ops  # noqa: E402
 import lanner.runner.sampler as sampler  # noqa: E402
-from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig  # noqa: E402
-from lanner.engine.core import EngineCore  # noqa: E402
 from lanner.engine.request import Request  # noqa: E402
 from lanner.engine.structured_output import StructuredOutputManager  # noqa: E402
 from lanner.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
@@ -118,18 +117,8 @@ def measure(rows: int, constrained: bool, steps: int) -> dict[str, float]:
 def _measure(
     rows: int, constrained: bool, steps: int, device_time: DeviceTime, fill_time: DeviceTime
 ) -> dict[str, float]:
-    core = EngineCore(
-        EngineConfig.from_kwargs(
-            model=str(DEFAULT_MODEL_DIR),
-            dtype="float32",
-            device="cpu",
-            max_num_seqs=rows,
-            max_num_batched_tokens=8192,
-            max_model_len=2048,
-            async_scheduling=True,
-        )
-    )
-    core.runner.model = RandomLogitsModel(rows, device_time)
+    # Overlapped scheduling, as on a GPU: constrained steps sample deferred.
+    core = cpu_core(rows, RandomLogitsModel(rows, device_time), async_scheduling=True)
     core.structured_outputs = StructuredOutputManager("", VOCAB, (STOP_TOKEN,))
     core.structured_outputs.use_vocabulary(synthetic_vocabulary(151643))
     constraint = StructuredOutputsParams(json=W10_SCHEMA) if constrained else None

@@ -497,7 +497,7 @@ class EngineCore:
         speculates (proposals start from the last accepted token, and the tokens a step
         yields are known only once it is read). Requests whose sampling reads their
         outputs (penalties, bad words, a grammar) launch their model ahead and sample once
-        the previous step is read (``_prepare_deferred_sampling``)."""
+        the previous step is read (``_launch_deferred_sampling``)."""
         return self.async_scheduling and not draft_length
 
     def _launch(self, previous: _LaunchedStep | None, draft_length: int) -> _LaunchedStep | None:
@@ -553,8 +553,8 @@ class EngineCore:
         after each draft), filled for the whole batch at once into one buffer (on the fill
         thread with ``background``: then wait_for_fill before sampling); their matchers
         are up to date (a step launched before the one it follows was read fills them once
-        that is, in ``_prepare_deferred_sampling``). Drafts still on the device are read
-        here, only for these requests."""
+        that is, in ``_collect``). Drafts still on the device are read here, only for
+        these requests."""
         rows = [
             (chunk, scheduled.request.grammar)
             for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)

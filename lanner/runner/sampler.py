@@ -37,7 +37,7 @@ class TokenBitmasks:
     copied: torch.cuda.Event | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a step makes one a row, and frozen ones init slower
 class BitmaskRows:
     """A sampling row's bitmasks: rows ``start`` to ``start + count`` of its step's."""
 
