@@ -36,8 +36,9 @@ _REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()/")
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\]\s*\S+:\d+:\s*")
 
 
-# Most threads xgrammar's batch fill gets: 256 rows of a 151k vocabulary took ~25 ms of
-# CPU (110 µs a row, this 2-core machine); beyond 16 the rows run out before the cores.
+# Most threads xgrammar's batch fill gets. W10's rows (its JSON schema, a 151k vocabulary)
+# took 110-300 µs each on the 2-core CPU machine, 256 rows 36-87 ms on one thread
+# (benchmarks/structured_host_step.py): 16 threads bring that near the device's step.
 MAX_FILL_THREADS = 16
 
 
