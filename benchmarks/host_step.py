@@ -47,11 +47,9 @@ class ZeroModel(torch.nn.Module):
         return torch.zeros(hidden.shape[0], 16)
 
 
-def core_step_ms(steps: int, rows: int = ROWS, speculative_config: dict | None = None) -> float:
-    """Host time of one engine step (ms). With ``speculative_config`` (n-gram lookup):
-    the stub's logits make every request repeat token 0, so lookups always match and
-    every draft is accepted: the figure holds the lookup, the draft slots and the
-    bookkeeping of k + 1 tokens a request."""
+def cpu_core(rows: int, model: torch.nn.Module, **options: object) -> EngineCore:
+    """An engine core on the CPU for ``rows`` requests at once, ``model`` standing in
+    for the demo model's network."""
     core = EngineCore(
         EngineConfig.from_kwargs(
             model=str(DEFAULT_MODEL_DIR),
@@ -60,10 +58,19 @@ def core_step_ms(steps: int, rows: int = ROWS, speculative_config: dict | None =
             max_num_seqs=rows,
             max_num_batched_tokens=8192,
             max_model_len=2048,
-            speculative_config=speculative_config,
+            **options,
         )
     )
-    core.runner.model = ZeroModel()
+    core.runner.model = model
+    return core
+
+
+def core_step_ms(steps: int, rows: int = ROWS, speculative_config: dict | None = None) -> float:
+    """Host time of one engine step (ms). With ``speculative_config`` (n-gram lookup):
+    the stub's logits make every request repeat token 0, so lookups always match and
+    every draft is accepted: the figure holds the lookup, the draft slots and the
+    bookkeeping of k + 1 tokens a request."""
+    core = cpu_core(rows, ZeroModel(), speculative_config=speculative_config)
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
     for i in range(rows):

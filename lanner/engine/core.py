@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,7 +13,7 @@ from lanner.engine.config import EngineConfig
 from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from lanner.engine.startup import format_phases, seconds_since_process_start
-from lanner.engine.structured_output import StructuredOutputManager
+from lanner.engine.structured_output import RequestGrammar, StructuredOutputManager
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
@@ -221,6 +221,7 @@ class EngineCore:
             load.tokenizer or self.loaded.path,
             self.model_config.vocab_size,
             tuple(self.model_config.eos_token_ids),
+            pin_memory=self.loaded.device.type == "cuda",
         )
         self._compiling: list[Request] = []  # requests whose grammar is not ready yet
         self.runner = ModelRunner(
@@ -433,24 +434,33 @@ class EngineCore:
             # Only grammars to wait for: give their thread the interpreter a moment
             # rather than spin (the caller calls again).
             self._compiling[0].grammar.wait(GRAMMAR_POLL_S)  # type: ignore[union-attr]
-        outputs = early + (self._collect(previous) if previous is not None else [])
-        if self._pending is not None and self._pending.step.deferred is not None:
-            # Its rows read outputs (or a grammar state) the step just read gave.
-            self._sample_deferred(self._pending)
-        return outputs
+        outputs = []
+        deferred = self._pending if self._pending and self._pending.step.deferred else None
+        if previous is not None:
+            self._launch_deferred_sampling(previous)  # (when no step was launched after it)
+            # Its rows read outputs (or a grammar state) the step read now gives.
+            outputs = self._collect(previous, deferred)
+        if deferred is not None:
+            self._trim_deferred_rows(deferred)
+        return early + outputs
 
-    def _sample_deferred(self, launched: _LaunchedStep) -> None:
-        """The step before has been read: finish the launched step's sampling rows (their
-        output history without the token this step samples; grammar bitmasks from the
-        matchers it advanced) and launch the sampling. The device ran this step's model
-        meanwhile."""
+    def _trim_deferred_rows(self, launched: _LaunchedStep) -> None:
+        """The step before has been read: the launched step's sampling rows see their
+        output history without the token this step samples (its placeholder). Their
+        grammar bitmasks are filling (``_collect``); ``_launch_deferred_sampling``
+        launches the sampling just before the next step."""
         assert launched.step.deferred is not None
-        chunks = launched.step.deferred.chunks
-        for chunk in chunks:
+        for chunk in launched.step.deferred.chunks:
             row = chunk.sampling
             if row is not None and row.output_token_ids[-1:] == [PLACEHOLDER_TOKEN]:
-                chunk.sampling = replace(row, output_token_ids=row.output_token_ids[:-1])
-        self._fill_grammar_bitmasks(launched.schedule, chunks, None)
+                row.output_token_ids = row.output_token_ids[:-1]  # a copy: the list goes on
+
+    def _launch_deferred_sampling(self, launched: _LaunchedStep) -> None:
+        """Launch a deferred step's sampling once its bitmasks are filled (no-op for a
+        step that sampled when launched, or whose sampling is launched already)."""
+        if launched.step.deferred is None:
+            return
+        self.structured_outputs.wait_for_fill()
         self.runner.sample_deferred(launched.step)
 
     def _end_failed_grammars(self) -> list[EngineCoreOutput]:
@@ -487,7 +497,7 @@ class EngineCore:
         speculates (proposals start from the last accepted token, and the tokens a step
         yields are known only once it is read). Requests whose sampling reads their
         outputs (penalties, bad words, a grammar) launch their model ahead and sample once
-        the previous step is read (``_sample_deferred``)."""
+        the previous step is read (``_launch_deferred_sampling``)."""
         return self.async_scheduling and not draft_length
 
     def _launch(self, previous: _LaunchedStep | None, draft_length: int) -> _LaunchedStep | None:
@@ -519,6 +529,9 @@ class EngineCore:
         )
         if not defer:
             self._fill_grammar_bitmasks(schedule, chunks, drafts)
+        if previous is not None:
+            # The device gets this step after the previous one's sampling: it feeds on it.
+            self._launch_deferred_sampling(previous)
         launched = self.runner.launch(
             chunks, previous.step if previous is not None else None, drafts, defer
         )
@@ -539,11 +552,13 @@ class EngineCore:
         schedule: SchedulerOutput,
         chunks: list[SequenceChunk],
         device_drafts: DeviceDrafts | None,
+        background: bool = False,
     ) -> None:
         """Each sampling row under a grammar gets its bitmasks (the next token's, and one
-        after each draft), filled for the whole batch at once; their matchers are up to
-        date (a step launched before the one it follows was read fills them once that is,
-        in ``_sample_deferred``). Drafts still on the device are read here, only for
+        after each draft), filled for the whole batch at once into one buffer (on the fill
+        thread with ``background``: then wait_for_fill before sampling); their matchers
+        are up to date (a step launched before the one it follows was read fills them once
+        that is, in ``_collect``). Drafts still on the device are read here, only for
         these requests."""
         rows = [
             (chunk, scheduled.request.grammar)
@@ -552,6 +567,7 @@ class EngineCore:
             and scheduled.request.grammar is not None
             # (A request the step before finished samples no more: its grammar is done.)
             and self.scheduler.requests.get(scheduled.request.request_id) is scheduled.request
+            and not scheduled.request.grammar.is_terminated
         ]
         if not rows:
             return
@@ -564,8 +580,12 @@ class EngineCore:
                 drafts.append(device_drafts.token_ids[chunk.draft_row, :count].tolist())
             else:
                 drafts.append(list(chunk.token_ids[-count:]))
-        grammars = [grammar for _, grammar in rows]
-        bitmasks = self.structured_outputs.fill_bitmasks(grammars, drafts)  # type: ignore[arg-type]
+        grammars: list[RequestGrammar] = [grammar for _, grammar in rows]  # type: ignore[misc]
+        if background:
+            assert not any(drafts), "a step that verifies drafts is never launched ahead"
+            bitmasks = self.structured_outputs.start_fill(grammars)
+        else:
+            bitmasks = self.structured_outputs.fill_bitmasks(grammars, drafts)
         for (chunk, _), bitmask in zip(rows, bitmasks, strict=True):
             assert chunk.sampling is not None
             chunk.sampling.token_bitmask = bitmask
@@ -638,11 +658,21 @@ class EngineCore:
                 chunk.prompt_logprob_top = request.sampling_params.prompt_logprobs
         return chunk
 
-    def _collect(self, launched: _LaunchedStep) -> list[EngineCoreOutput]:
+    def _collect(
+        self, launched: _LaunchedStep, deferred: _LaunchedStep | None = None
+    ) -> list[EngineCoreOutput]:
         """Read a launched step's results and apply them: fill each placeholder with its
-        token, check stop conditions, and report what changed."""
+        token, check stop conditions, and report what changed. The grammars advance
+        first: then the bitmasks of ``deferred`` (the step launched after this one, its
+        sampling deferred) start filling on the fill thread while the rest is applied
+        and the next step scheduled, the device running that step's model meanwhile."""
         result = self.runner.collect(launched.step)
         self._last_step = launched.step
+        grammar_stops = self._advance_grammars(launched.schedule, result.sampled_token_ids)
+        if deferred is not None:
+            assert deferred.step.deferred is not None
+            chunks = deferred.step.deferred.chunks
+            self._fill_grammar_bitmasks(deferred.schedule, chunks, None, background=True)
         outputs = []
         for scheduled in launched.schedule.scheduled:
             request = scheduled.request
@@ -663,7 +693,13 @@ class EngineCore:
                         launched.num_drafts.get(request.request_id, 0),
                         len(tokens) - 1,
                     )
-                self._append_tokens(request, tokens, result.logprobs.get(request.request_id), out)
+                self._append_tokens(
+                    request,
+                    tokens,
+                    result.logprobs.get(request.request_id),
+                    out,
+                    grammar_stops.get(request.request_id),
+                )
             if out.new_token_ids or out.new_prompt_logprobs or out.finished:
                 request.scheduled_time_sent = True
                 outputs.append(out)
@@ -672,6 +708,24 @@ class EngineCore:
                 launched.num_running, launched.draft_length, launched.all_decodes, self._spec_states
             )
         return outputs
+
+    def _advance_grammars(
+        self, schedule: SchedulerOutput, sampled: dict[str, list[int]]
+    ) -> dict[str, tuple[FinishReason, None] | None]:
+        """Feed each request under a grammar that sampled one token (no drafts) that
+        token; what ``_advance_grammar`` said, by request id."""
+        stops = {}
+        for scheduled in schedule.scheduled:
+            request = scheduled.request
+            tokens = sampled.get(request.request_id)
+            if (
+                request.grammar is not None
+                and tokens is not None
+                and len(tokens) == 1
+                and self.scheduler.requests.get(request.request_id) is request
+            ):
+                stops[request.request_id] = self._advance_grammar(request, tokens[0])
+        return stops
 
     def _spec_states(self) -> list[RequestSpecState]:
         return [r.spec_state for r in self.scheduler.running if r.spec_state is not None]
@@ -689,10 +743,13 @@ class EngineCore:
         tokens: list[int],
         logprobs: list[TokenLogprobs] | None,
         out: EngineCoreOutput,
+        grammar_stop: tuple[FinishReason, None] | None = None,
     ) -> None:
         """Put a step's new tokens in place (the first fills the step's placeholder),
         checking the stop conditions after each: an EOS, stop token or length limit
-        inside a verified run ends the request there."""
+        inside a verified run ends the request there. A lone token the grammar has
+        taken already (``_advance_grammars``) comes with what that said."""
+        advanced = len(tokens) == 1 and request.grammar is not None
         slot = request.num_output_tokens - request.num_pending_outputs
         for index, token in enumerate(tokens):
             if index == 0:
@@ -704,7 +761,9 @@ class EngineCore:
             if logprobs is not None:
                 out.new_logprobs.append(logprobs[index])
             stop = self.scheduler.check_stop(request)
-            if request.grammar is not None:
+            if advanced:
+                stop = stop or grammar_stop
+            elif request.grammar is not None:
                 stop = stop or self._advance_grammar(request, token)
             if stop is not None:
                 # A step launched after this one may have sampled past the end.

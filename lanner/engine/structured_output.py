@@ -15,11 +15,15 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lanner.runner.cpu_threads import available_cores
+from lanner.runner.sampler import BitmaskRows, TokenBitmasks
 from lanner.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -30,6 +34,32 @@ MAX_JSON_WHITESPACE = 32
 _REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()/")
 # xgrammar prefixes its errors with a time stamp and its own source file and line.
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\]\s*\S+:\d+:\s*")
+
+
+# Most threads xgrammar's batch fill gets. W10's rows (its JSON schema, a 151k vocabulary)
+# took 110-300 µs each on the 2-core CPU machine, 256 rows 36-87 ms on one thread
+# (benchmarks/structured_host_step.py): 16 threads bring that near the device's step.
+MAX_FILL_THREADS = 16
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """The container's CPU quota in whole cores (cgroup v2 ``cpu.max``), if it sets one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, int(quota) // int(period))
+
+
+def fill_threads() -> int:
+    """Threads for xgrammar's batch fill: the cores this process may use but one, which
+    the engine loop keeps (it schedules the next step meanwhile). xgrammar's own "auto"
+    takes half the machine's cores, which a container's cpuset or quota may not give."""
+    cores = available_cores()
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, limit)
+    return max(1, min(cores - 1, MAX_FILL_THREADS))
 
 
 def _clean(err: Exception) -> str:
@@ -97,6 +127,10 @@ class RequestGrammar:
         self._compiled = compiled
         self._matcher: Any = None
         self.error: str | None = None
+        # Only a stop token ends a grammar: the matcher is asked after one alone (one
+        # call fewer a row and step; 256 rows made each call count).
+        self._stop_token_ids: frozenset[int] = frozenset()
+        self._terminated = False
 
     @property
     def ready(self) -> bool:
@@ -109,7 +143,9 @@ class RequestGrammar:
             xgr = _xgrammar()
             # Matchers take back any number of tokens (speculative drafts are walked
             # and rolled back).
-            self._matcher = xgr.GrammarMatcher(self._compiled.result())
+            matcher = xgr.GrammarMatcher(self._compiled.result())
+            self._stop_token_ids = frozenset(matcher.stop_token_ids)
+            self._matcher = matcher
         except Exception as err:  # noqa: BLE001 - the request ends with this message
             self.error = _clean(err)
         return True
@@ -126,29 +162,45 @@ class RequestGrammar:
 
     def accept(self, token_id: int) -> bool:
         """Advance by a sampled token; False when the grammar refuses it."""
-        return bool(self.matcher.accept_token(token_id))
+        accepted = bool(self.matcher.accept_token(token_id))
+        if accepted and token_id in self._stop_token_ids:
+            self._terminated = bool(self._matcher.is_terminated())
+        return accepted
 
     @property
     def is_terminated(self) -> bool:
-        """The grammar has ended (it took a stop token): the request is done."""
-        return bool(self.matcher.is_terminated())
+        """The grammar has ended (``accept`` gave it a stop token): the request is done."""
+        return self._terminated
 
 
 class StructuredOutputManager:
     """Compiles constraints for one engine (its tokenizer and vocabulary) on a thread of
-    its own, each distinct constraint once."""
+    its own, each distinct constraint once; fills each step's bitmasks into one reused
+    host buffer (pinned when the engine runs on CUDA), on a second thread when asked."""
 
     def __init__(
-        self, tokenizer_source: str, vocab_size: int, eos_token_ids: tuple[int, ...]
+        self,
+        tokenizer_source: str,
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...],
+        pin_memory: bool = False,
     ) -> None:
         self.tokenizer_source = tokenizer_source
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        self.pin_memory = pin_memory
         self._threads = ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar")
         self._compiled: dict[str, Future] = {}
         self._compiler: Any = None
         self._compiler_lock = threading.Lock()
         self._batch_matcher: Any = None
+        # Bitmask fills run here while the engine loop goes on (xgrammar drops the GIL).
+        self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar-fill")
+        self._filling: Future | None = None
+        # Two buffers, used in turn: a step's copy to the device may still be queued
+        # while the next step's bitmasks are filled. Each holds its last step's view.
+        self._buffers: list[TokenBitmasks | None] = [None, None]
+        self._next_buffer = 0
 
     def grammar_for(self, params: StructuredOutputsParams) -> RequestGrammar:
         key = json.dumps(params.to_dict(), sort_keys=True)
@@ -187,35 +239,96 @@ class StructuredOutputManager:
 
     def fill_bitmasks(
         self, grammars: list[RequestGrammar], drafts: list[list[int]]
-    ) -> list[torch.Tensor]:
-        """Each grammar's next-token bitmasks: int32 rows of ceil(vocab / 32) words (bit i:
-        token i allowed), one for the next token and one after each of its request's
-        drafts. The first rows fill on the CPU threads of xgrammar's batch matcher; the
-        draft rows by walking each matcher through its drafts and back. A row after a
-        draft the grammar refuses allows everything: that draft cannot be accepted, so
-        what follows it is never used."""
+    ) -> list[BitmaskRows]:
+        """Each grammar's next-token bitmasks (bit i: token i allowed), filled now: one
+        row for the next token and one after each of its request's drafts, all rows of
+        one step's buffer. The first rows fill on the CPU threads of xgrammar's batch
+        matcher; the draft rows by walking each matcher through its drafts and back. A
+        row after a draft the grammar refuses allows everything: that draft cannot be
+        accepted, so what follows it is never used."""
+        self.wait_for_fill()
+        rows, fill = self._prepare(grammars, drafts)
+        fill()
+        return rows
+
+    def start_fill(self, grammars: list[RequestGrammar]) -> list[BitmaskRows]:
+        """``fill_bitmasks`` without drafts, on the fill thread: the rows returned are
+        filled once ``wait_for_fill`` returns. The matchers must not change meanwhile."""
+        self.wait_for_fill()
+        rows, fill = self._prepare(grammars, [[] for _ in grammars])
+        started = threading.Event()
+
+        def run() -> None:
+            started.set()
+            fill()
+
+        self._filling = self._fill_thread.submit(run)
+        # Until the fill thread holds the GIL: it keeps it into xgrammar's fill, which
+        # lets go of it. Without this wait the loop's thread kept the GIL (it lets go
+        # only when it blocks, or after sys.getswitchinterval(), 5 ms), and the fill
+        # began only once the loop waited for it: no overlap (benchmarks/
+        # structured_host_step.py, one row: 3.5 ms a step against 0.4 ms of fill).
+        started.wait()
+        return rows
+
+    def wait_for_fill(self) -> None:
+        """Block until the fill ``start_fill`` began is done (raising its error, if any)."""
+        if self._filling is not None:
+            filling, self._filling = self._filling, None
+            filling.result()
+
+    def _prepare(
+        self, grammars: list[RequestGrammar], drafts: list[list[int]]
+    ) -> tuple[list[BitmaskRows], Callable[[], None]]:
+        """The step's rows in the next buffer, and the call that fills them."""
         xgr = _xgrammar()
         if self._batch_matcher is None:
-            self._batch_matcher = xgr.BatchGrammarMatcher()
+            self._batch_matcher = xgr.BatchGrammarMatcher(fill_threads())
         offsets = [0]
         for tokens in drafts:
             offsets.append(offsets[-1] + len(tokens) + 1)
-        bitmask = xgr.allocate_token_bitmask(offsets[-1], self.vocab_size)
-        self._batch_matcher.batch_fill_next_token_bitmask(
-            [g.matcher for g in grammars], bitmask, offsets[:-1]
-        )
-        for grammar, tokens, offset in zip(grammars, drafts, offsets, strict=False):
-            matcher = grammar.matcher
-            walked = 0
-            for token in tokens:
-                if matcher.is_terminated() or not matcher.accept_token(token):
-                    break
-                walked += 1
-                if not matcher.is_terminated():
-                    matcher.fill_next_token_bitmask(bitmask, offset + walked)
-            if walked:
-                matcher.rollback(walked)
-        return [bitmask[start:end] for start, end in zip(offsets, offsets[1:], strict=False)]
+        index = self._next_buffer
+        self._next_buffer = 1 - index
+        last = self._buffers[index]
+        if last is not None and last.copied is not None:
+            last.copied.synchronize()  # its step's copy was queued long ago: passed by now
+        words = last.words if last is not None and last.words.shape[0] >= offsets[-1] else None
+        if words is None:
+            capacity = max(64, 1 << (offsets[-1] - 1).bit_length())
+            words = xgr.allocate_token_bitmask(capacity, self.vocab_size)
+            if self.pin_memory:
+                words = words.pin_memory()
+        bitmasks = TokenBitmasks(words, offsets[-1])
+        self._buffers[index] = bitmasks
+        matchers = [g.matcher for g in grammars]
+        rows = [
+            BitmaskRows(bitmasks, start, end - start)
+            for start, end in zip(offsets, offsets[1:], strict=False)
+        ]
+
+        def fill() -> None:
+            self._batch_matcher.batch_fill_next_token_bitmask(matchers, words, offsets[:-1])
+            for matcher, tokens, offset in zip(matchers, drafts, offsets, strict=False):
+                if tokens:
+                    self._fill_after_drafts(matcher, tokens, words, offset)
+
+        return rows, fill
+
+    @staticmethod
+    def _fill_after_drafts(
+        matcher: Any, tokens: list[int], words: torch.Tensor, offset: int
+    ) -> None:
+        words[offset + 1 : offset + 1 + len(tokens)] = -1  # all allowed: never used
+        walked = 0
+        for token in tokens:
+            if matcher.is_terminated() or not matcher.accept_token(token):
+                break
+            walked += 1
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(words, offset + walked)
+        if walked:
+            matcher.rollback(walked)
 
     def shutdown(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._fill_thread.shutdown(wait=True, cancel_futures=True)

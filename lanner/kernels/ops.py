@@ -189,9 +189,11 @@ def paged_attention(
     return reference.paged_attention(query, kv_cache, metadata, scale, sliding_window)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
-    """In place: each listed row of logits keeps only the tokens its bitmask allows."""
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor, bitmask_rows: torch.Tensor
+) -> None:
+    """In place: row rows[i] of logits keeps only the tokens bitmask[bitmask_rows[i]] allows."""
     if use_triton(logits):
-        bitmask_kernels.apply_token_bitmask(logits, bitmask, rows)
+        bitmask_kernels.apply_token_bitmask(logits, bitmask, rows, bitmask_rows)
     else:
-        reference.apply_token_bitmask(logits, bitmask, rows)
+        reference.apply_token_bitmask(logits, bitmask, rows, bitmask_rows)

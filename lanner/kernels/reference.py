@@ -120,12 +120,14 @@ def paged_attention(
     return out
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
-    """In place: logits[rows[i], j] = -inf wherever bit j of bitmask[i] is 0 (xgrammar's
-    layout: int32 words, bit j of word w for token 32 * w + j)."""
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor, bitmask_rows: torch.Tensor
+) -> None:
+    """In place: logits[rows[i], j] = -inf wherever bit j of bitmask[bitmask_rows[i]] is 0
+    (xgrammar's layout: int32 words, bit j of word w for token 32 * w + j)."""
     vocab_size = logits.shape[1]
     tokens = torch.arange(vocab_size, device=logits.device)
-    words = bitmask.to(torch.int64)[:, tokens // 32]  # sign bits fold back in the & below
+    words = bitmask[bitmask_rows].to(torch.int64)[:, tokens // 32]  # sign bits fold in the &
     allowed = ((words >> (tokens % 32)) & 1) != 0
     for index, row in enumerate(rows.tolist()):
         logits[row].masked_fill_(~allowed[index], float("-inf"))

@@ -18,6 +18,7 @@ def _apply_bitmask_kernel(
     logits_ptr,
     bitmask_ptr,
     rows_ptr,
+    bitmask_rows_ptr,
     vocab_size,
     logits_stride,
     bitmask_stride,
@@ -28,9 +29,10 @@ def _apply_bitmask_kernel(
     index = tl.program_id(0)
     block = tl.program_id(1)
     row = tl.load(rows_ptr + index).to(tl.int64)
+    source = tl.load(bitmask_rows_ptr + index).to(tl.int64)
     tokens = block * BLOCK + tl.arange(0, BLOCK)
     in_vocab = tokens < vocab_size
-    words = tl.load(bitmask_ptr + index * bitmask_stride + tokens // 32, mask=in_vocab, other=0)
+    words = tl.load(bitmask_ptr + source * bitmask_stride + tokens // 32, mask=in_vocab, other=0)
     allowed = ((words >> (tokens % 32)) & 1) != 0
     tl.store(
         logits_ptr + row * logits_stride + tokens,
@@ -39,11 +41,14 @@ def _apply_bitmask_kernel(
     )
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
-    """In place: logits[rows[i], j] = -inf wherever bit j of bitmask[i] is 0.
+def apply_token_bitmask(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor, bitmask_rows: torch.Tensor
+) -> None:
+    """In place: logits[rows[i], j] = -inf wherever bit j of bitmask[bitmask_rows[i]] is 0.
 
-    ``logits`` [B, V] on the device (contiguous rows), ``bitmask`` int32 [R, ceil(V / 32)]
-    and ``rows`` int64 [R] on the same device."""
+    ``logits`` [B, V] on the device (contiguous rows), ``bitmask`` int32 [M, ceil(V / 32)]
+    and ``rows``, ``bitmask_rows`` int64 [R] on the same device (one launch for a whole
+    step's bitmask buffer, whatever order its rows are in)."""
     num_rows, vocab_size = logits.shape[0], logits.shape[1]
     if rows.numel() == 0 or num_rows == 0:
         return
@@ -54,6 +59,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
         logits,
         bitmask,
         rows,
+        bitmask_rows,
         vocab_size,
         logits.stride(0),
         bitmask.stride(0),

@@ -110,7 +110,12 @@ class PendingStep:
     deferred: DeferredSampling | None = None
 
     def sample_rows(self) -> dict[str, int]:
-        return {seq_id: row for row, seq_id in enumerate(self.sampled_seq_ids)}
+        """Each sampling sequence's row of the step's samples (known before a deferred
+        sampling is launched: the chunks that sample, in order)."""
+        seq_ids = self.sampled_seq_ids
+        if self.deferred is not None:
+            seq_ids = [c.seq_id for c in self.deferred.chunks if c.sampling is not None]
+        return {seq_id: row for row, seq_id in enumerate(seq_ids)}
 
 
 @dataclass

@@ -25,6 +25,36 @@ _MASK_64 = (1 << 64) - 1
 
 
 @dataclass
+class TokenBitmasks:
+    """One step's grammar bitmasks on the host, shared by all its rows: xgrammar's int32
+    words (bit j of word w for token 32 * w + j), one row per position sampled under a
+    grammar; pinned on CUDA, so that the step's one copy to the device is queued."""
+
+    words: torch.Tensor  # [capacity, ceil(vocab / 32)] int32; the first num_rows are filled
+    num_rows: int
+    # Recorded after the copy to the device was queued: the host may refill the buffer
+    # once it has passed. None before the first copy and on the CPU.
+    copied: torch.cuda.Event | None = None
+
+
+@dataclass(slots=True)  # not frozen: a step makes one a row, and frozen ones init slower
+class BitmaskRows:
+    """A sampling row's bitmasks: rows ``start`` to ``start + count`` of its step's."""
+
+    bitmasks: TokenBitmasks
+    start: int
+    count: int
+
+    def row(self, offset: int) -> BitmaskRows:
+        """The bitmask after ``offset`` of the row's drafts."""
+        return BitmaskRows(self.bitmasks, self.start + offset, 1)
+
+    def words(self) -> torch.Tensor:
+        """The words of these rows (a view of the step's buffer)."""
+        return self.bitmasks.words[self.start : self.start + self.count]
+
+
+@dataclass
 class SamplingRow:
     """One row of logits to sample from, with what its request has seen so far."""
 
@@ -38,10 +68,10 @@ class SamplingRow:
     # and the seeded generator's step include them). Placeholders where only their
     # number matters (no penalties).
     draft_token_ids: Sequence[int] = ()
-    # Structured outputs: the grammar's next-token bitmasks, int32 words on the CPU (bit j
-    # of word w for token 32 * w + j), one row per position sampled (1 + its drafts: the
-    # verifier gives each draft's row its own); None when the request has no grammar.
-    token_bitmask: torch.Tensor | None = None
+    # Structured outputs: the grammar's next-token bitmasks, rows of its step's buffer,
+    # one per position sampled (1 + its drafts: the verifier gives each draft's row its
+    # own); None when the request has no grammar.
+    token_bitmask: BitmaskRows | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -232,15 +262,28 @@ def apply_token_constraints(logits: torch.Tensor, rows: list[SamplingRow]) -> to
 def apply_grammar_bitmasks(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Rows under a grammar keep only the tokens their bitmask allows (the rest -inf), in
     one kernel launch over those rows; the caller's logits stay as they were. Each row
-    here samples one position: its bitmask's first row applies."""
+    here samples one position: its bitmask's first row applies. The step's bitmasks go
+    to the device in one queued copy of their filled rows (no per-row slices)."""
     masked = [i for i, r in enumerate(rows) if r.token_bitmask is not None]
     if not masked:
         return logits
     device = logits.device
+    bitmasks = rows[masked[0]].token_bitmask.bitmasks  # type: ignore[union-attr]
+    starts = []
+    for i in masked:
+        source = rows[i].token_bitmask
+        assert source is not None
+        if source.bitmasks is not bitmasks:
+            raise ValueError("the rows' grammar bitmasks must come from one step's buffer")
+        starts.append(source.start)
     # Queued, not waited on: a plain copy would wait for the model's step to finish.
-    bitmask = tensor_to_device(torch.cat([rows[i].token_bitmask[:1] for i in masked]), device)  # type: ignore[index]
+    words = tensor_to_device(bitmasks.words[: bitmasks.num_rows], device)
+    if device.type == "cuda":
+        bitmasks.copied = torch.cuda.Event()
+        bitmasks.copied.record()
+    index = to_device(masked + starts, torch.long, device)
     logits = logits.clone()
-    ops.apply_token_bitmask(logits, bitmask, to_device(masked, torch.long, device))
+    ops.apply_token_bitmask(logits, words, index[: len(masked)], index[len(masked) :])
     return logits
 
 

@@ -156,7 +156,7 @@ class RejectionSampler(Sampler):
                         row.eos_token_ids,
                         list(proposed[:j]),
                         token_bitmask=(
-                            row.token_bitmask[j : j + 1] if row.token_bitmask is not None else None
+                            row.token_bitmask.row(j) if row.token_bitmask is not None else None
                         ),
                     )
                     for j in range(1, len(proposed) + 1)

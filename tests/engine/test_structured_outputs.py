@@ -336,3 +336,72 @@ def test_overlapped_scheduling_gives_the_same_constrained_outputs(llm: LLM) -> N
     assert [summary(o) for o in got] == [summary(o) for o in expected]
     assert len(deferred) > 10  # the model ran ahead of the grammar's step
     assert_pool_full(overlapped)
+
+
+def test_step_bitmasks_share_one_reused_buffer(llm: LLM) -> None:
+    # A step's bitmasks are rows of one host buffer (two, used in turn), filled now or
+    # on the fill thread alike, each row exactly the matcher's own mask; a row after a
+    # refused draft allows everything even where the reused buffer held a mask before.
+    import torch
+    import xgrammar
+
+    from lanner.runner.sampler import SamplingRow, apply_grammar_bitmasks
+
+    manager = llm.engine.core.structured_outputs
+    constraints = [
+        StructuredOutputsParams(json={"type": "object"}),
+        StructuredOutputsParams(regex="[a-c]{3}"),
+        StructuredOutputsParams(choice=["yes", "no"]),
+    ]
+    grammars = [manager.grammar_for(c) for c in constraints]
+    for grammar in grammars:
+        grammar.wait(30)
+        assert grammar.ready and grammar.error is None
+
+    def own_mask(grammar: Any) -> torch.Tensor:
+        words = xgrammar.allocate_token_bitmask(1, manager.vocab_size)
+        grammar.matcher.fill_next_token_bitmask(words, 0)
+        return words[0]
+
+    def allowed(mask: torch.Tensor) -> list[int]:
+        return [t for t in range(manager.vocab_size) if (int(mask[t // 32]) >> (t % 32)) & 1]
+
+    expected = [own_mask(g) for g in grammars]
+    accepted, refused = allowed(expected[1])[0], allowed(expected[2])[0]
+    assert refused not in allowed(expected[0])
+    rows = manager.fill_bitmasks(grammars, [[], [accepted], []])
+    assert [(r.start, r.count) for r in rows] == [(0, 1), (1, 2), (3, 1)]
+    assert len({id(r.bitmasks) for r in rows}) == 1 and rows[0].bitmasks.num_rows == 4
+    for row, mask in zip(rows, expected, strict=True):
+        assert torch.equal(row.words()[0], mask)
+    assert grammars[1].accept(accepted)  # the mask after the draft: the matcher's, then
+    assert torch.equal(rows[1].words()[1], own_mask(grammars[1]))
+    grammars[1].matcher.rollback(1)
+    first_buffer = rows[0].bitmasks.words
+
+    background = manager.start_fill(grammars)
+    manager.wait_for_fill()
+    assert background[0].bitmasks.words is not first_buffer  # the other buffer
+    for row, mask in zip(background, expected, strict=True):
+        assert torch.equal(row.words()[0], mask)
+
+    again = manager.fill_bitmasks(grammars, [[refused, accepted], [], []])
+    assert again[0].bitmasks.words is first_buffer  # reused, its old rows overwritten
+    assert torch.equal(again[0].words()[0], expected[0])
+    assert bool((again[0].words()[1:] == -1).all())  # after the refused draft: anything
+    assert torch.equal(again[1].words()[0], expected[1])
+
+    # Applied in one launch through the rows' indexes, whatever their order.
+    logits = torch.randn(4, manager.vocab_size)
+    params = SamplingParams()
+    sampling = [SamplingRow(params, [1], [], (0,)) for _ in range(4)]
+    for i, source in ((0, background[2]), (2, background[0]), (3, background[1])):
+        sampling[i].token_bitmask = source
+    masked = apply_grammar_bitmasks(logits, sampling)
+    for i, mask in ((0, expected[2]), (1, None), (2, expected[0]), (3, expected[1])):
+        keep = set(allowed(mask)) if mask is not None else set(range(manager.vocab_size))
+        finite = set(torch.isfinite(masked[i]).nonzero().flatten().tolist())
+        assert finite == keep
+    sampling[1].token_bitmask = again[0]  # another step's buffer
+    with pytest.raises(ValueError, match="one step's buffer"):
+        apply_grammar_bitmasks(logits, sampling)

@@ -436,7 +436,10 @@ def bitmask_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         logits = torch.empty(256, 151936, dtype=dtype)
         bitmask = torch.empty(4, 151936 // 32, dtype=torch.int32)
         rows = torch.empty(4, dtype=torch.int64)
-        yield f"apply_token_bitmask {dtype}", partial(apply_token_bitmask, logits, bitmask, rows)
+        yield (
+            f"apply_token_bitmask {dtype}",
+            partial(apply_token_bitmask, logits, bitmask, rows, rows),
+        )
 
 
 def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
