@@ -296,6 +296,7 @@ class EngineCore:
         self._mark_phase("KV cache allocation", mark, less=capture)
         if graphs is not None:
             self.startup_phases["CUDA graph capture"] = capture
+            logger.info("startup phase: CUDA graph capture %.2f s", capture)
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
@@ -335,6 +336,8 @@ class EngineCore:
     def _mark_phase(self, name: str, since: float, less: float = 0.0) -> float:
         now = time.perf_counter()
         self.startup_phases[name] = now - since - less
+        # Logged as each phase ends, so a start that hangs or is killed says how far it got.
+        logger.info("startup phase: %s %.2f s", name, self.startup_phases[name])
         return now
 
     @property
