@@ -565,6 +565,39 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
 # ----------------------------------------------------------------------------------------
 
 
+def run_trials(
+    args: argparse.Namespace,
+    kinds: list[str],
+    scratch: Path,
+    deadline: float,
+    result: dict[str, Any],
+    save: Any,
+) -> None:
+    """Each kind's empty trial, then its warm ones (the cache the empty one filled)."""
+    for kind in kinds:
+        cache_dir = scratch / f"triton-cache-{kind}"
+        cache_dir.mkdir()
+        run = engine_trial if kind == "engine" else serve_trial
+        for index in range(1 + args.warm_trials):
+            if deadline - time.perf_counter() < 5:
+                say(f"budget spent: skipping the rest from {kind} trial {index}")
+                break
+            label = f"{kind}-{'empty' if index == 0 else f'warm{index}'}"
+            result["trials"].append(run(args, cache_dir, label, scratch))
+            save()
+
+
+def keep_logs(scratch: Path, name: str) -> None:
+    """Copy every trial's whole log and event file to $OUT/<name>-logs/ (when $OUT is set)."""
+    if not os.environ.get("OUT"):
+        return
+    folder = Path(os.environ["OUT"]) / name.replace(".json", "-logs")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in scratch.iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="default: the 8B shape on CUDA, else demo")
@@ -637,17 +670,10 @@ def main(argv: list[str] | None = None) -> int:
             save()
         with tempfile.TemporaryDirectory(prefix="lanner-cold-") as scratch_name:
             scratch = Path(scratch_name)
-            for kind in kinds:
-                cache_dir = scratch / f"triton-cache-{kind}"
-                cache_dir.mkdir()
-                run = engine_trial if kind == "engine" else serve_trial
-                for index in range(1 + args.warm_trials):
-                    if deadline - time.perf_counter() < 5:
-                        say(f"budget spent: skipping the rest from {kind} trial {index}")
-                        break
-                    label = f"{kind}-{'empty' if index == 0 else f'warm{index}'}"
-                    result["trials"].append(run(args, cache_dir, label, scratch))
-                    save()
+            try:
+                run_trials(args, kinds, scratch, deadline, result, save)
+            finally:
+                keep_logs(scratch, name)
         result["complete"] = True
     except Interrupted as stop:
         result["trials"].append(stop.trial)
