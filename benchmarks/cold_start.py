@@ -367,6 +367,8 @@ def parse_importtime(stderr: str) -> dict[str, Any]:
     own = total = 0
     packages: dict[str, int] = {}
     modules: set[str] = set()
+    self_times: dict[str, int] = {}
+    lanner_cumulative: dict[str, int] = {}
     for line in stderr.splitlines():
         if not line.startswith("import time:") or line.count("|") != 2:
             continue
@@ -375,20 +377,27 @@ def parse_importtime(stderr: str) -> dict[str, Any]:
             continue  # the header line
         module = raw_name.strip()
         modules.add(module)
+        self_times[module] = int(self_us)
         if module.startswith("lanner"):
             own += int(self_us)
+            lanner_cumulative[module] = int(cumulative_us)
         if len(raw_name) - len(raw_name.lstrip()) == 1:  # a top-level import
             total += int(cumulative_us)
         if "." not in module and not module.startswith(("lanner", "_")):
             packages[module] = int(cumulative_us)  # a package, where first imported
-    biggest = dict(sorted(packages.items(), key=lambda kv: -kv[1])[:10])
+
+    def largest(table: dict[str, int], count: int) -> dict[str, float]:
+        return {k: v / 1e6 for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:count]}
+
     server = sorted(
         {m for m in SERVER_MODULES for name in modules if name == m or name.startswith(m + ".")}
     )
     return {
         "total_s": total / 1e6,
         "lanner_own_modules_s": own / 1e6,
-        "largest_packages_s": {k: v / 1e6 for k, v in biggest.items()},
+        "largest_packages_s": largest(packages, 12),
+        "largest_modules_self_s": largest(self_times, 25),
+        "lanner_modules_cumulative_s": largest(lanner_cumulative, 12),
         "server_only_packages_imported": server,
         "num_modules": len(modules),
     }

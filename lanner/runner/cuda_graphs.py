@@ -99,10 +99,12 @@ class DecodeGraphs:
         # Host staging, pinned so the copies into the static buffers are asynchronous;
         # two sets used in turn, so preparing a step never overwrites the inputs of the
         # step before, whose copies may still be queued (overlapped scheduling).
-        self.host_sets = [torch.zeros((4, n), dtype=torch.long, pin_memory=True) for _ in range(2)]
-        self.prefix_sets = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        # (Pinned on CUDA only: the startup kernel count builds these on the meta device.)
+        pin = device.type == "cuda"
+        self.host_sets = [torch.zeros((4, n), dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.prefix_sets = [torch.zeros(1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self.table_sets = [
-            torch.zeros(n * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+            torch.zeros(n * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
             for _ in range(2)
         ]
         self.turn = 0

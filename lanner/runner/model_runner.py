@@ -202,46 +202,23 @@ class ModelRunner:
         a step can use, so no compilation lands inside a request's latency."""
         if self.device.type != "cuda":
             return None
-        num_seqs = max(1, min(num_seqs, num_tokens))
-        lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
-        blocks_per_seq = max(2, -(-max(lengths) // self.block_size))
+        steps = profile_steps(num_tokens, num_seqs, num_speculative_tokens, self.block_size)
         self.kv_caches = allocate_kv_caches(
             self.config,
-            blocks_per_seq,
+            steps.blocks_per_seq,
             self.block_size,
             self.cache_dtype,
             self.device,
             self.num_kv_heads,
         )
-        table = list(range(blocks_per_seq))
-        params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=0)
-        row = SamplingRow(params, [0], [], ())
-        chunks = [SequenceChunk(f"p{i}", [0] * n, 0, table, row) for i, n in enumerate(lengths)]
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.execute(chunks)
-        k = num_speculative_tokens
-        if k:
-            # A verify step: every row of k + 1 tokens samples k + 1 times.
-            rows = max(1, min(num_seqs, num_tokens // (k + 1)))
-            self.execute(
-                [
-                    SequenceChunk(f"v{i}", [0] * (k + 1), 0, table, row, num_draft_tokens=k)
-                    for i in range(rows)
-                ]
-            )
+        for chunks in steps.largest:
+            self.execute(chunks)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        # A chunk on top of a cached prefix and a decode, then an all-greedy step (its
-        # own sampling kernel): the remaining kernel variants.
-        self.execute(
-            [
-                SequenceChunk("extend", [0] * 3, self.block_size - 1, table, row),
-                SequenceChunk("decode", [0], self.block_size, table, row),
-            ]
-        )
-        greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], ())
-        self.execute([SequenceChunk("greedy", [0], self.block_size, table, greedy)])
+        for chunks in steps.others:
+            self.execute(chunks)
         self.kv_caches = []
         torch.cuda.empty_cache()
         return peak
@@ -495,6 +472,51 @@ class ModelRunner:
                     rows, chunk.prompt_logprob_targets, chunk.prompt_logprob_top
                 )
                 offset += count
+
+
+@dataclass
+class ProfileSteps:
+    """The steps a memory profile runs (``ModelRunner.profile_peak_memory``): the largest
+    the scheduler may send (their peak sizes the KV cache), then small ones that launch
+    the remaining kernel variants; every block table covers ``blocks_per_seq`` blocks."""
+
+    largest: list[list[SequenceChunk]]
+    others: list[list[SequenceChunk]]
+    blocks_per_seq: int
+
+
+def profile_steps(
+    num_tokens: int, num_seqs: int, num_speculative_tokens: int, block_size: int
+) -> ProfileSteps:
+    """``num_tokens`` prompt tokens over ``num_seqs`` sequences, all sampling with
+    top-k/top-p (the sampler's largest temporaries); with speculation as many verify rows
+    as the budget allows, k + 1 tokens each; then a chunk on a cached prefix beside a
+    decode, and an all-greedy step (its own sampling kernel)."""
+    num_seqs = max(1, min(num_seqs, num_tokens))
+    lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+    blocks_per_seq = max(2, -(-max(lengths) // block_size))
+    table = list(range(blocks_per_seq))
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=0)
+    row = SamplingRow(params, [0], [], ())
+    largest = [[SequenceChunk(f"p{i}", [0] * n, 0, table, row) for i, n in enumerate(lengths)]]
+    k = num_speculative_tokens
+    if k:
+        rows = max(1, min(num_seqs, num_tokens // (k + 1)))
+        largest.append(
+            [
+                SequenceChunk(f"v{i}", [0] * (k + 1), 0, table, row, num_draft_tokens=k)
+                for i in range(rows)
+            ]
+        )
+    greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], ())
+    others = [
+        [
+            SequenceChunk("extend", [0] * 3, block_size - 1, table, row),
+            SequenceChunk("decode", [0], block_size, table, row),
+        ],
+        [SequenceChunk("greedy", [0], block_size, table, greedy)],
+    ]
+    return ProfileSteps(largest, others, blocks_per_seq)
 
 
 @dataclass
