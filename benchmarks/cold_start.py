@@ -530,6 +530,7 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
     timed(log, loader, "dummy_init", "dummy weights")
     timed(log, loader, "process_weights_after_loading", "process weights after loading")
     timed(log, core, "StructuredOutputManager", "structured-output manager")
+    timed(log, model_runner.ModelRunner, "precompile_kernels", "parallel kernel compile")
     timed(log, model_runner.ModelRunner, "profile_peak_memory", "profile run")
     timed(log, model_runner, "allocate_kv_caches", "allocate KV caches")
     timed(log, model_runner.ModelRunner, "initialize_cache", "KV cache + CUDA graphs")

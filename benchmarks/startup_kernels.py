@@ -47,9 +47,10 @@ def record_startup_variants(
     import triton
 
     import lanner.model.loader as loader
-    from lanner.kernels import ops, sampling
+    import lanner.runner.model_runner as model_runner
+    from lanner.kernels import ops
     from lanner.runner.cuda_graphs import DecodeGraphs
-    from lanner.runner.model_runner import ModelRunner, profile_steps
+
     try:
         import pytest  # noqa: F401 - the recorder's module imports it
     except ImportError:  # a GPU machine without the test extras: the recorder needs none
@@ -70,43 +71,34 @@ def record_startup_variants(
     recorder = CompileRecorder()
     launch = triton.runtime.JITFunction.run
     triton.runtime.JITFunction.run = lambda kernel, *a, **kw: recorder.run(kernel, *a, **kw)
+    runner = model_runner.ModelRunner(loaded, block_size, loaded.dtype)
+    # Each launch is named by the startup step it belongs to.
+    originals = (runner.launch, DecodeGraphs._forward, model_runner.precompile_sampling)
+    steps = iter(range(1 << 30))
+
+    def profile_step(*args: Any, **kwargs: Any) -> Any:
+        recorder.scenario = f"profile step {next(steps)}"
+        return originals[0](*args, **kwargs)
+
+    def graph_forward(graphs: DecodeGraphs, batch: int) -> Any:
+        recorder.scenario = f"graph batch {batch}"
+        return originals[1](graphs, batch)
+
+    def sampling(*args: Any) -> None:
+        recorder.scenario = "sampling"
+        originals[2](*args)
+
+    runner.launch = profile_step
+    DecodeGraphs._forward = graph_forward
+    model_runner.precompile_sampling = sampling
     try:
-        runner = ModelRunner(loaded, block_size, loaded.dtype)
-        # The profile run: its steps' model forwards (the sampler, which takes its CUDA
-        # path only for CUDA logits, is recorded below on CPU logits).
-        steps = profile_steps(max_num_batched_tokens, max_num_seqs, 0, block_size)
-        runner.kv_caches = _kv_caches(loaded, steps.blocks_per_seq, block_size)
-        for index, chunks in enumerate(steps.largest + steps.others):
-            recorder.scenario = f"profile step {index}"
-            runner.launch(chunks, None, defer_sampling=True)
-        num_blocks = max_num_seqs * -(-max_model_len // block_size)
-        kv_caches = _kv_caches(loaded, num_blocks, block_size)
-        graphs = DecodeGraphs(
-            loaded.model, kv_caches, block_size, max_num_seqs, max_model_len, loaded.num_kv_heads
-        )
-        for batch in reversed(graphs.sizes):  # as DecodeGraphs.capture warms them up
-            recorder.scenario = f"graph batch {batch}"
-            graphs._forward(batch)
-        vocab = loaded.config.vocab_size
-        # The sampler's kernels: the race's, all greedy and sampled.
-        for rows in (max_num_seqs, 2, 1):
-            logits = torch.empty(rows, vocab, dtype=loaded.dtype)
-            recorder.scenario = f"sampling {rows} rows"
-            sampling.exponential_race(logits, None, None)
-            temperatures = torch.ones(rows, dtype=torch.float32)
-            sampling.exponential_race(logits, temperatures, torch.zeros(rows, dtype=torch.long))
+        runner.launch_startup_steps(max_num_batched_tokens, max_num_seqs, 0, None, max_model_len)
     finally:
         triton.runtime.JITFunction.run = launch
         ops.use_triton = use_triton
+        DecodeGraphs._forward = originals[1]
+        model_runner.precompile_sampling = originals[2]
     return recorder
-
-
-def _kv_caches(loaded: Any, num_blocks: int, block_size: int) -> list:
-    from lanner.memory.kv_cache import allocate_kv_caches
-
-    return allocate_kv_caches(
-        loaded.config, num_blocks, block_size, loaded.dtype, "meta", loaded.num_kv_heads
-    )
 
 
 def compile_in_threads(recorder: Any, stop_after: str, jobs: int) -> list[dict]:

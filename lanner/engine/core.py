@@ -261,6 +261,25 @@ class EngineCore:
                 num_kv_heads=self.loaded.num_kv_heads,
             )
 
+        max_num_seqs = scheduler_config.max_num_seqs
+        # A verified token is one row of the decode graphs: k + 2 rows a request at most
+        # (one more after a full acceptance), captured up to 512 rows.
+        graph_rows = (
+            min(max_num_seqs * (num_spec_tokens + 2), max(max_num_seqs, 512))
+            if num_spec_tokens
+            else None
+        )
+        if executor is None:
+            # Every kernel the profile run and the graph captures launch, compiled on a
+            # pool of threads first (else one at a time, as each first launches).
+            self.runner.precompile_kernels(
+                scheduler_config.max_num_batched_tokens,
+                max_num_seqs,
+                num_spec_tokens,
+                graph_rows,
+                self.max_model_len,
+            )
+            mark = self._mark_phase("kernel compile (parallel)", mark)
         # Under tensor parallelism every rank sizes its own cache; the smallest wins.
         num_blocks = (
             size_cache()
@@ -274,14 +293,6 @@ class EngineCore:
             )
         )
         mark = self._mark_phase("profile run, kernel compile and KV cache sizing", mark)
-        max_num_seqs = scheduler_config.max_num_seqs
-        # A verified token is one row of the decode graphs: k + 2 rows a request at most
-        # (one more after a full acceptance), captured up to 512 rows.
-        graph_rows = (
-            min(max_num_seqs * (num_spec_tokens + 2), max(max_num_seqs, 512))
-            if num_spec_tokens
-            else None
-        )
         if executor is None:
             self.runner.initialize_cache(num_blocks, max_num_seqs, self.max_model_len, graph_rows)
         else:

@@ -146,6 +146,13 @@ class DecodeGraphs:
         return hidden, self.model.compute_logits(hidden)
 
     @torch.inference_mode()
+    def run_each_size(self) -> None:
+        """One forward at each batch size, not captured, in capture's order (under
+        kernels.parallel_compile.compile_launches their kernels only compile)."""
+        for batch in reversed(self.sizes):
+            self._forward(batch)
+
+    @torch.inference_mode()
     def capture(self) -> None:
         started = time.perf_counter()
         # Largest first, so smaller graphs reuse its memory pool.

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.kernels.parallel_compile import compile_launches
 from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.loader import LoadedModel
@@ -23,6 +24,7 @@ from lanner.runner.sampler import (
     SamplingRow,
     TokenLogprobs,
     VerifyOutput,
+    precompile_sampling,
     prompt_logprobs,
 )
 from lanner.sampling_params import SamplingParams
@@ -153,6 +155,7 @@ class ModelRunner:
         self.followers: StepFollowers | None = None
         self.cache_dtype = cache_dtype
         self.device = loaded.device
+        self.dtype = loaded.dtype  # the activations' and logits'
         self.block_size = block_size
         self.enforce_eager = enforce_eager
         self.kv_caches: list[torch.Tensor] = []  # set once the cache is sized
@@ -189,6 +192,64 @@ class ModelRunner:
                 self.num_kv_heads,
             )
             self.decode_graphs.capture()
+
+    def precompile_kernels(
+        self,
+        num_tokens: int,
+        num_seqs: int,
+        num_speculative_tokens: int = 0,
+        max_graph_rows: int | None = None,
+        max_model_len: int = 0,
+    ) -> None:
+        """Compile every Triton kernel variant that the startup (the memory profile, the
+        decode graphs' captures, the sampler) will launch, on a pool of threads: one
+        ``launch_startup_steps`` whose launches only compile (kernels/parallel_compile.py).
+        CUDA only."""
+        if self.device.type == "cuda":
+            with compile_launches():
+                self.launch_startup_steps(
+                    num_tokens, num_seqs, num_speculative_tokens, max_graph_rows, max_model_len
+                )
+
+    @torch.inference_mode()
+    def launch_startup_steps(
+        self,
+        num_tokens: int,
+        num_seqs: int,
+        num_speculative_tokens: int = 0,
+        max_graph_rows: int | None = None,
+        max_model_len: int = 0,
+    ) -> None:
+        """Launch, over a small scratch cache, each model step ``profile_peak_memory`` runs
+        with these arguments, one forward at each decode-graph batch size (up to
+        ``max_graph_rows`` rows, default num_seqs, at ``max_model_len``; none when
+        enforce_eager) and the sampler's kernels: every kernel variant the startup runs.
+        What they compute is not read (their samples are never drawn)."""
+        steps = profile_steps(num_tokens, num_seqs, num_speculative_tokens, self.block_size)
+        caches = allocate_kv_caches(
+            self.config,
+            steps.blocks_per_seq,
+            self.block_size,
+            self.cache_dtype,
+            self.device,
+            self.num_kv_heads,
+        )
+        self.kv_caches = caches
+        try:
+            for chunks in steps.largest + steps.others:
+                self.launch(chunks, None, defer_sampling=True)
+            if not self.enforce_eager:
+                DecodeGraphs(
+                    self.model,
+                    caches,
+                    self.block_size,
+                    max_graph_rows or num_seqs,
+                    max(max_model_len, self.block_size),
+                    self.num_kv_heads,
+                ).run_each_size()
+            precompile_sampling(self.config.vocab_size, self.dtype, self.device)
+        finally:
+            self.kv_caches = []
 
     @torch.inference_mode()
     def profile_peak_memory(
