@@ -2,7 +2,7 @@
 with a warm Triton cache, and where the time goes; plus the offline path's import cost
 (`python -X importtime`).
 
-Two kinds of trial, each in a fresh process group with TRITON_CACHE_DIR set (a fresh
+Three kinds of trial, each in a fresh process group with TRITON_CACHE_DIR set (a fresh
 folder for "empty"; the folder the kind's empty trial filled for "warm"):
 
 - engine: builds ``LLM(...)`` in-process after its imports and generates one token,
@@ -10,6 +10,8 @@ folder for "empty"; the folder the kind's empty trial filled for "warm"):
   profile run, KV cache, each CUDA graph's warm-up and capture, tokenizer) and every
   Triton kernel compiled or loaded from the cache (name, constexprs, seconds, the step
   it fell in), through Triton's JIT hooks.
+- engine-serial: the same with LANNER_PARALLEL_COMPILE=0 (kernels compile one at a time
+  as they first launch, not ahead on a pool of threads).
 - serve: ``lanner serve`` sent one 1-token completion as soon as the port answers;
   process start -> first token, and the phases the engine core and the API server log.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import os
 import re
@@ -245,13 +248,18 @@ def serve_trial(args: argparse.Namespace, cache_dir: Path, label: str, scratch: 
     return trial
 
 
-def engine_trial(args: argparse.Namespace, cache_dir: Path, label: str, scratch: Path) -> dict:
+def engine_trial(
+    args: argparse.Namespace, cache_dir: Path, label: str, scratch: Path, serial: bool = False
+) -> dict:
+    """``serial``: with LANNER_PARALLEL_COMPILE=0 (each kernel compiles as it first launches)."""
     events_path = scratch / f"{label}.events.jsonl"
     command = [
         sys.executable, str(Path(__file__).resolve()), "--engine-child", str(events_path),
         "--model", args.model, "--engine-args", " ".join(args.engine_args),
     ]  # fmt: skip
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    if serial:
+        env["LANNER_PARALLEL_COMPILE"] = "0"
     timeout = args.trial_timeout_for()
     say(f"{label}: LLM(...) in a fresh process (timeout {timeout:.0f} s)")
     child = Child(command, env, scratch / f"{label}.log", label)
@@ -587,8 +595,13 @@ def run_trials(
     for kind in kinds:
         cache_dir = scratch / f"triton-cache-{kind}"
         cache_dir.mkdir()
-        run = engine_trial if kind == "engine" else serve_trial
-        for index in range(1 + args.warm_trials):
+        run = {
+            "engine": engine_trial,
+            "engine-serial": functools.partial(engine_trial, serial=True),
+            "serve": serve_trial,
+        }[kind]
+        # engine-serial differs from engine only while compiling: its empty trial alone.
+        for index in range(1 + (0 if kind == "engine-serial" else args.warm_trials)):
             if deadline - time.perf_counter() < 5:
                 say(f"budget spent: skipping the rest from {kind} trial {index}")
                 break
@@ -618,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{GPU_ENGINE_ARGS.replace(str(DEMO), '<demo model>')}; on the CPU: none)",
     )
     parser.add_argument(
-        "--kinds", default="engine,serve", help="trial kinds, in order (engine, serve)"
+        "--kinds",
+        default="engine,serve",
+        help="trial kinds, in order: engine, engine-serial (LANNER_PARALLEL_COMPILE=0), serve",
     )
     parser.add_argument("--warm-trials", type=int, default=1, help="warm trials per kind")
     parser.add_argument("--trial-timeout", type=float, default=120.0, help="seconds per trial")
@@ -644,8 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         args.engine_args = GPU_ENGINE_ARGS if on_gpu else ""
     args.engine_args = args.engine_args.split()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if set(kinds) - {"engine", "serve"}:
-        parser.error(f"--kinds takes engine and serve, got {args.kinds!r}")
+    if set(kinds) - {"engine", "engine-serial", "serve"}:
+        parser.error(f"--kinds takes engine, engine-serial and serve, got {args.kinds!r}")
     deadline = _STARTED + args.budget
 
     def trial_timeout_for() -> float:

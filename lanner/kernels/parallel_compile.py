@@ -10,6 +10,7 @@ variants (llama3-8b: ``benchmarks/startup_kernels.py``) otherwise compile serial
 
 While inside, no launch from any thread of the process runs; use it at startup only.
 Without Triton's asynchronous mode (before 3.5) each variant compiles at once, in turn.
+LANNER_PARALLEL_COMPILE=0 turns it off (``enabled``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ try:
     from triton.runtime._async_compile import AsyncCompileMode
 except ImportError:  # older Triton: compiled one by one
     AsyncCompileMode = None
+
+
+def enabled() -> bool:
+    """Off with LANNER_PARALLEL_COMPILE=0 (each kernel then compiles at its first launch)."""
+    return os.environ.get("LANNER_PARALLEL_COMPILE", "1") != "0"
 
 
 def default_workers() -> int:

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
+from lanner.kernels import parallel_compile
 from lanner.kernels.attention_metadata import AttentionMetadata
-from lanner.kernels.parallel_compile import compile_launches
 from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.loader import LoadedModel
@@ -205,11 +205,19 @@ class ModelRunner:
         decode graphs' captures, the sampler) will launch, on a pool of threads: one
         ``launch_startup_steps`` whose launches only compile (kernels/parallel_compile.py).
         CUDA only."""
-        if self.device.type == "cuda":
-            with compile_launches():
+        if self.device.type != "cuda" or not parallel_compile.enabled():
+            return
+        try:
+            with parallel_compile.compile_launches():
                 self.launch_startup_steps(
                     num_tokens, num_seqs, num_speculative_tokens, max_graph_rows, max_model_len
                 )
+        except Exception as err:  # noqa: BLE001 - the real steps compile what is missing
+            logger.warning(
+                "compiling the startup's kernels ahead failed (%r); they compile "
+                "as they first launch",
+                err,
+            )
 
     @torch.inference_mode()
     def launch_startup_steps(
