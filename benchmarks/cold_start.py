@@ -337,7 +337,8 @@ def engine_summary_lines(trial: dict) -> list[str]:
         f"start -> first token {fmt(trial['process_start_to_first_token_s'])}; last event "
         f"{trial['reached']}",
         f"{trial['num_kernel_compiles_or_loads']} Triton kernel compiles/loads, "
-        f"{trial['kernel_compile_or_load_s']:.1f} s in all",
+        f"{trial['kernel_compile_or_load_s']:.1f} s in all (each from its hand-over to ready: "
+        f"compiled ahead on a pool, they overlap)",
     ]
     for name, entry in list(trial["compiles_per_kernel"].items())[:12]:
         lines.append(f"  {name}: {entry['count']} x, {entry['seconds']:.2f} s")

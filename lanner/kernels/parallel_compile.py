@@ -1,15 +1,21 @@
 """Compiles Triton kernels on a pool of threads instead of one at a time as they launch.
 
-Inside ``compile_launches(workers)``, a Triton launch does not run: it hands its kernel
-variant (the signature, specializations and constexprs it would compile for) to Triton's
-asynchronous compile mode, which compiles each distinct variant once on the pool; leaving
-the block waits for them all and puts them in each kernel's in-memory cache. A caller
-runs the steps it is about to run once inside (their outputs are garbage: nothing reads
-them), and the real steps then compile nothing. On an empty Triton cache, startup's ~20
-variants (llama3-8b: ``benchmarks/startup_kernels.py``) otherwise compile serially.
+Inside ``compile_launches(workers)``, a Triton launch does not run: the first launch of
+each kernel variant (the signature, specializations and constexprs it would compile for)
+hands it to Triton's asynchronous compile mode, which compiles it on the pool and then
+builds its C launcher there too (Triton compiles one with the host C compiler at a
+kernel's first run: ~0.2 s each, 3.5 s of an empty-cache profile run on the H200);
+leaving the block waits for them all and puts them in each kernel's in-memory cache. A
+caller runs the steps it is about to run once inside (their outputs are garbage: nothing
+reads them), and the real steps then compile nothing. Later launches of a variant already
+handed over return at once: the asynchronous mode alone redoes Triton's per-launch
+bookkeeping at every one of the 8B startup's ~12k launches (its pass took 6.3 s on a warm
+H200 start, with benchmarks/cold_start.py's compile hooks on).
 
-While inside, no launch from any thread of the process runs; use it at startup only.
-Without Triton's asynchronous mode (before 3.5) each variant compiles at once, in turn.
+On an empty Triton cache, startup's ~20 variants (llama3-8b: ``benchmarks/startup_kernels
+.py``) otherwise compile serially; on a warm one the pool loads them. While inside, no
+launch from any thread of the process runs: use it at startup only. Without Triton's
+asynchronous mode (before 3.5) each variant compiles at once, in turn.
 LANNER_PARALLEL_COMPILE=0 turns it off (``enabled``).
 """
 
@@ -17,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import triton
+from triton.runtime import driver
 
 try:
     from triton.runtime._async_compile import AsyncCompileMode
@@ -39,14 +46,49 @@ def default_workers() -> int:
     return max(1, min(32, len(os.sched_getaffinity(0))))
 
 
+class _CompileThenBuildLauncher:
+    """The executor Triton's asynchronous mode submits compiles to: each task compiles a
+    kernel, then builds its launcher (into Triton's cache: the first run then only loads
+    it), on the pool."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool = pool
+
+    def submit(self, compile_kernel: Callable[[], Any]) -> Future:
+        return self.pool.submit(self._compile, compile_kernel)
+
+    @staticmethod
+    def _compile(compile_kernel: Callable[[], Any]) -> Any:
+        kernel = compile_kernel()
+        driver.active.launcher_cls(kernel.src, kernel.metadata)
+        return kernel
+
+
+def _variant_key(jit: Any, args: tuple, kwargs: dict) -> Any:
+    """What tells one launch's variant from another's (the key Triton's run looks its
+    compiled kernels up by, before hashing), or None where this Triton lays its caches
+    out otherwise."""
+    try:
+        binder = jit.device_caches[driver.active.get_current_device()][4]
+        _, specialization, options = binder(*args, **kwargs)
+        return (id(jit), tuple(specialization), str(options))
+    except Exception:  # noqa: BLE001 - another Triton version: no shortcut
+        return None
+
+
 @contextlib.contextmanager
 def compile_launches(workers: int | None = None) -> Iterator[None]:
     """Within, every Triton launch compiles its variant on ``workers`` threads instead of
     running (see the module docstring); on exit every variant is compiled."""
     jit_function = triton.runtime.JITFunction
     launch = jit_function.run
+    handed_over: set[Any] = set()
 
     def compile_only(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        key = _variant_key(self, args, kwargs)
+        if key is not None and key in handed_over:
+            return None
+        handed_over.add(key)
         return launch(self, *args, grid=grid, warmup=True, **kwargs)
 
     jit_function.run = compile_only
@@ -55,7 +97,8 @@ def compile_launches(workers: int | None = None) -> Iterator[None]:
             yield
             return
         pool = ThreadPoolExecutor(workers or default_workers(), "triton-compile")
-        with pool, AsyncCompileMode(pool):  # leaving waits for every compile, then the pool
+        # Leaving waits for every compile, then for the pool.
+        with pool, AsyncCompileMode(_CompileThenBuildLauncher(pool)):
             yield
     finally:
         jit_function.run = launch
