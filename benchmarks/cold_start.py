@@ -425,12 +425,22 @@ class EventLog:
     def __init__(self, path: Path) -> None:
         self.file = path.open("a")
         self.started = time.perf_counter()
-        self.stack: list[str] = []  # the steps now running, outermost first
+        self._lock = threading.Lock()
+        self._threads = threading.local()
+
+    @property
+    def stack(self) -> list[str]:
+        """This thread's steps now running, outermost first (the tokenizer loads on a
+        thread of its own)."""
+        if not hasattr(self._threads, "stack"):
+            self._threads.stack = []
+        return self._threads.stack
 
     def write(self, event: dict[str, Any], show: str | None = None) -> None:
         event["t_s"] = round(time.perf_counter() - self.started, 4)
-        self.file.write(json.dumps(event, default=str) + "\n")
-        self.file.flush()
+        with self._lock:
+            self.file.write(json.dumps(event, default=str) + "\n")
+            self.file.flush()
         if show:
             print(f"[engine +{event['t_s']:6.2f}s] {show}", flush=True)
 

@@ -269,7 +269,7 @@ class EngineCore:
             if num_spec_tokens
             else None
         )
-        if executor is None:
+        if executor is None and self.loaded.device.type == "cuda":
             # Every kernel the profile run and the graph captures launch, compiled on a
             # pool of threads first (else one at a time, as each first launches).
             self.runner.precompile_kernels(
