@@ -4,13 +4,13 @@ Inside ``compile_launches(workers)``, a Triton launch does not run: the first la
 each kernel variant (the signature, specializations and constexprs it would compile for)
 hands it to Triton's asynchronous compile mode, which compiles it on the pool and then
 builds its C launcher there too (Triton compiles one with the host C compiler at a
-kernel's first run: ~0.2 s each, 3.5 s of an empty-cache profile run on the H200);
+kernel's first run; an empty-cache profile run took 3.9 s on the H200, 0.4 s warm);
 leaving the block waits for them all and puts them in each kernel's in-memory cache. A
 caller runs the steps it is about to run once inside (their outputs are garbage: nothing
 reads them), and the real steps then compile nothing. Later launches of a variant already
 handed over return at once: the asynchronous mode alone redoes Triton's per-launch
-bookkeeping at every one of the 8B startup's ~12k launches (its pass took 6.3 s on a warm
-H200 start, with benchmarks/cold_start.py's compile hooks on).
+bookkeeping at every one of the 8B startup's 9,105 launches (its pass took 6.3 s on a
+warm H200 start, with benchmarks/cold_start.py's compile hooks on).
 
 On an empty Triton cache, startup's ~20 variants (llama3-8b: ``benchmarks/startup_kernels
 .py``) otherwise compile serially; on a warm one the pool loads them. While inside, no
