@@ -7,7 +7,9 @@ builds its C launcher there too (Triton compiles one with the host C compiler at
 kernel's first run; an empty-cache profile run took 3.9 s on the H200, 0.4 s warm);
 leaving the block waits for them all and puts them in each kernel's in-memory cache. A
 caller runs the steps it is about to run once inside (their outputs are garbage: nothing
-reads them), and the real steps then compile nothing. Later launches of a variant already
+reads them), and the real steps then compile nothing; each compiled kernel is also loaded
+onto the device (its module), so a first run inside a CUDA graph capture loads nothing.
+Later launches of a variant already
 handed over return at once: the asynchronous mode alone redoes Triton's per-launch
 bookkeeping at every one of the 8B startup's 9,105 launches (its pass took 6.3 s on a
 warm H200 start, with benchmarks/cold_start.py's compile hooks on).
@@ -79,26 +81,35 @@ def _variant_key(jit: Any, args: tuple, kwargs: dict) -> Any:
 @contextlib.contextmanager
 def compile_launches(workers: int | None = None) -> Iterator[None]:
     """Within, every Triton launch compiles its variant on ``workers`` threads instead of
-    running (see the module docstring); on exit every variant is compiled."""
+    running (see the module docstring); on exit every variant is compiled and loaded onto
+    the current device."""
     jit_function = triton.runtime.JITFunction
     launch = jit_function.run
     handed_over: set[Any] = set()
+    handed: list[Any] = []  # what each first launch returned: a kernel, or its future
 
     def compile_only(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         key = _variant_key(self, args, kwargs)
         if key is not None and key in handed_over:
             return None
         handed_over.add(key)
-        return launch(self, *args, grid=grid, warmup=True, **kwargs)
+        handed.append(launch(self, *args, grid=grid, warmup=True, **kwargs))
+        return None
 
     jit_function.run = compile_only
     try:
         if AsyncCompileMode is None:
             yield
-            return
-        pool = ThreadPoolExecutor(workers or default_workers(), "triton-compile")
-        # Leaving waits for every compile, then for the pool.
-        with pool, AsyncCompileMode(_CompileThenBuildLauncher(pool)):
-            yield
+        else:
+            pool = ThreadPoolExecutor(workers or default_workers(), "triton-compile")
+            # Leaving waits for every compile, then for the pool.
+            with pool, AsyncCompileMode(_CompileThenBuildLauncher(pool)):
+                yield
     finally:
         jit_function.run = launch
+    for compiled in handed:
+        kernel = compiled.result() if hasattr(compiled, "result") else compiled
+        if kernel is not None:
+            # Loads its module onto the device (and checks its resources), as a first run
+            # would: a first run inside a CUDA graph capture then has nothing to load.
+            _ = kernel.run

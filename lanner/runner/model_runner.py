@@ -163,6 +163,10 @@ class ModelRunner:
         # A RejectionSampler (lanner.spec) when speculation is on: it also verifies drafts.
         self.sampler = sampler if sampler is not None else Sampler()
         self.keep_hidden_states = False
+        # Set by precompile_kernels: every kernel the graph captures launch is compiled
+        # and loaded, and every batch size has run once (cuBLAS included), so the
+        # captures need no warm-up forward.
+        self.kernels_precompiled = False
 
     def initialize_cache(
         self,
@@ -191,7 +195,7 @@ class ModelRunner:
                 max_model_len,
                 self.num_kv_heads,
             )
-            self.decode_graphs.capture()
+            self.decode_graphs.capture(warm_up=not self.kernels_precompiled)
 
     def precompile_kernels(
         self,
@@ -218,6 +222,8 @@ class ModelRunner:
                 "as they first launch",
                 err,
             )
+            return
+        self.kernels_precompiled = True
 
     @torch.inference_mode()
     def launch_startup_steps(
