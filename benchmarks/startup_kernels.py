@@ -92,7 +92,10 @@ def record_startup_variants(
     DecodeGraphs._forward = graph_forward
     model_runner.precompile_sampling = sampling
     try:
-        runner.launch_startup_steps(max_num_batched_tokens, max_num_seqs, 0, None, max_model_len)
+        shape = model_runner.StartupShape(
+            max_num_batched_tokens, max_num_seqs, max_model_len=max_model_len
+        )
+        runner.launch_startup_steps(shape)
     finally:
         triton.runtime.JITFunction.run = launch
         ops.use_triton = use_triton

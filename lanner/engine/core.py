@@ -19,7 +19,13 @@ from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
 from lanner.runner.cpu_threads import set_num_threads
 from lanner.runner.executor import TensorParallelExecutor, start_executor
-from lanner.runner.model_runner import DeviceDrafts, ModelRunner, PendingStep, SequenceChunk
+from lanner.runner.model_runner import (
+    DeviceDrafts,
+    ModelRunner,
+    PendingStep,
+    SequenceChunk,
+    StartupShape,
+)
 from lanner.runner.sampler import SamplingRow, TokenLogprobs
 from lanner.runner.worker import WorkerSpec
 from lanner.sampling_params import SamplingParams
@@ -273,11 +279,13 @@ class EngineCore:
             # Every kernel the profile run and the graph captures launch, compiled on a
             # pool of threads first (else one at a time, as each first launches).
             self.runner.precompile_kernels(
-                scheduler_config.max_num_batched_tokens,
-                max_num_seqs,
-                num_spec_tokens,
-                graph_rows,
-                self.max_model_len,
+                StartupShape(
+                    scheduler_config.max_num_batched_tokens,
+                    max_num_seqs,
+                    num_spec_tokens,
+                    graph_rows,
+                    self.max_model_len,
+                )
             )
             mark = self._mark_phase("kernel compile (parallel)", mark)
         # Under tensor parallelism every rank sizes its own cache; the smallest wins.

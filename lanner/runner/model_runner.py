@@ -178,14 +178,7 @@ class ModelRunner:
         """Allocate the KV cache and, on CUDA unless enforce_eager, capture decode graphs
         for up to ``max_graph_rows`` one-token rows (default max_num_seqs; speculation
         asks for more, a verified token being one row)."""
-        self.kv_caches = allocate_kv_caches(
-            self.config,
-            num_blocks,
-            self.block_size,
-            self.cache_dtype,
-            self.device,
-            self.num_kv_heads,
-        )
+        self.kv_caches = self._allocate_caches(num_blocks)
         if self.device.type == "cuda" and not self.enforce_eager:
             self.decode_graphs = DecodeGraphs(
                 self.model,
@@ -197,14 +190,17 @@ class ModelRunner:
             )
             self.decode_graphs.capture(warm_up=not self.kernels_precompiled)
 
-    def precompile_kernels(
-        self,
-        num_tokens: int,
-        num_seqs: int,
-        num_speculative_tokens: int = 0,
-        max_graph_rows: int | None = None,
-        max_model_len: int = 0,
-    ) -> None:
+    def _allocate_caches(self, num_blocks: int) -> list[torch.Tensor]:
+        return allocate_kv_caches(
+            self.config,
+            num_blocks,
+            self.block_size,
+            self.cache_dtype,
+            self.device,
+            self.num_kv_heads,
+        )
+
+    def precompile_kernels(self, shape: StartupShape) -> None:
         """Compile every Triton kernel variant that the startup (the memory profile, the
         decode graphs' captures, the sampler) will launch, on a pool of threads: one
         ``launch_startup_steps`` whose launches only compile (kernels/parallel_compile.py).
@@ -213,9 +209,7 @@ class ModelRunner:
             return
         try:
             with parallel_compile.compile_launches():
-                self.launch_startup_steps(
-                    num_tokens, num_seqs, num_speculative_tokens, max_graph_rows, max_model_len
-                )
+                self.launch_startup_steps(shape)
         except Exception as err:  # noqa: BLE001 - the real steps compile what is missing
             logger.warning(
                 "compiling the startup's kernels ahead failed (%r); they compile "
@@ -226,28 +220,15 @@ class ModelRunner:
         self.kernels_precompiled = True
 
     @torch.inference_mode()
-    def launch_startup_steps(
-        self,
-        num_tokens: int,
-        num_seqs: int,
-        num_speculative_tokens: int = 0,
-        max_graph_rows: int | None = None,
-        max_model_len: int = 0,
-    ) -> None:
+    def launch_startup_steps(self, shape: StartupShape) -> None:
         """Launch, over a small scratch cache, each model step ``profile_peak_memory`` runs
-        with these arguments, one forward at each decode-graph batch size (up to
-        ``max_graph_rows`` rows, default num_seqs, at ``max_model_len``; none when
+        for ``shape``, one forward at each decode-graph batch size (none when
         enforce_eager) and the sampler's kernels: every kernel variant the startup runs.
         What they compute is not read (their samples are never drawn)."""
-        steps = profile_steps(num_tokens, num_seqs, num_speculative_tokens, self.block_size)
-        caches = allocate_kv_caches(
-            self.config,
-            steps.blocks_per_seq,
-            self.block_size,
-            self.cache_dtype,
-            self.device,
-            self.num_kv_heads,
+        steps = profile_steps(
+            shape.num_tokens, shape.num_seqs, shape.num_speculative_tokens, self.block_size
         )
+        caches = self._allocate_caches(steps.blocks_per_seq)
         self.kv_caches = caches
         try:
             for chunks in steps.largest + steps.others:
@@ -257,8 +238,8 @@ class ModelRunner:
                     self.model,
                     caches,
                     self.block_size,
-                    max_graph_rows or num_seqs,
-                    max(max_model_len, self.block_size),
+                    shape.max_graph_rows or shape.num_seqs,
+                    max(shape.max_model_len, self.block_size),
                     self.num_kv_heads,
                 ).run_each_size()
             precompile_sampling(self.config.vocab_size, self.dtype, self.device)
@@ -278,14 +259,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return None
         steps = profile_steps(num_tokens, num_seqs, num_speculative_tokens, self.block_size)
-        self.kv_caches = allocate_kv_caches(
-            self.config,
-            steps.blocks_per_seq,
-            self.block_size,
-            self.cache_dtype,
-            self.device,
-            self.num_kv_heads,
-        )
+        self.kv_caches = self._allocate_caches(steps.blocks_per_seq)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         for chunks in steps.largest:
@@ -547,6 +521,19 @@ class ModelRunner:
                     rows, chunk.prompt_logprob_targets, chunk.prompt_logprob_top
                 )
                 offset += count
+
+
+@dataclass(frozen=True)
+class StartupShape:
+    """What sizes a startup's steps: the memory profile's (``num_tokens`` over
+    ``num_seqs`` sequences, verifying ``num_speculative_tokens`` drafts), and the decode
+    graphs' (up to ``max_graph_rows`` rows, default num_seqs, at ``max_model_len``)."""
+
+    num_tokens: int
+    num_seqs: int
+    num_speculative_tokens: int = 0
+    max_graph_rows: int | None = None
+    max_model_len: int = 0
 
 
 @dataclass

@@ -10,17 +10,9 @@ subprocess outside TRITON_INTERPRET (real JITFunctions); ~5 s, two small compile
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
-import pytest
-import triton
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.outside_interpreter import run_outside_interpreter
 
 SCRIPT = """
 import json
@@ -93,20 +85,8 @@ print(json.dumps({
 
 
 def test_each_variant_compiles_once_with_its_launcher_and_is_cached() -> None:
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("Triton's NVIDIA backend is not installed: nothing to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=tempfile.mkdtemp(prefix="triton-cache-"))
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.splitlines()[-1])
+    cache = tempfile.mkdtemp(prefix="triton-cache-")
+    found = run_outside_interpreter(SCRIPT, env={"TRITON_CACHE_DIR": cache})
     assert found["handed_to_triton"] == ["_silu_and_mul_kernel"] * 2
     # Built on the pool, once a variant; loading asks again (then a hit in Triton's cache).
     on_pool = [name for name, thread in found["launchers"] if thread.startswith("triton-compile")]

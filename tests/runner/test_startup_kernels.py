@@ -8,15 +8,10 @@ shape cut to two layers (the variants do not depend on the depth)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-import triton
+from tests.outside_interpreter import ROOT, run_outside_interpreter
 
-ROOT = Path(__file__).resolve().parents[2]
 # Variants of the 8B startup at this test's writing (profile run, 35 graph sizes, sampler).
 MAX_VARIANTS = 19
 
@@ -32,24 +27,10 @@ print(json.dumps(counts))
 
 
 def test_startup_variants_are_few_and_do_not_grow_with_graph_sizes(tmp_path: Path) -> None:
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("Triton's NVIDIA backend is not installed: no sm_90 variants to count")
     config = json.loads((ROOT / "benchmarks/shapes/llama3-8b/config.json").read_text())
     config["num_hidden_layers"] = 2
     (tmp_path / "config.json").write_text(json.dumps(config))
-    # Outside the interpreter: @triton.jit must give real JITFunctions to record.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run(
-        [sys.executable, "-c", COUNT, str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.splitlines()[-1])
+    counts = run_outside_interpreter(COUNT, str(tmp_path))
     at_256, at_512 = counts["256"], counts["512"]
     assert at_256["num_variants"] <= MAX_VARIANTS, at_256
     # 512 rows capture 8 more sizes (288..512): none may compile anything new.
