@@ -4,21 +4,20 @@ Inside ``compile_launches(workers)``, a Triton launch does not run: the first la
 each kernel variant (the signature, specializations and constexprs it would compile for)
 hands it to Triton's asynchronous compile mode, which compiles it on the pool and then
 builds its C launcher there too (Triton compiles one with the host C compiler at a
-kernel's first run; an empty-cache profile run took 3.9 s on the H200, 0.4 s warm);
-leaving the block waits for them all and puts them in each kernel's in-memory cache. A
-caller runs the steps it is about to run once inside (their outputs are garbage: nothing
-reads them), and the real steps then compile nothing; each compiled kernel is also loaded
-onto the device (its module), so a first run inside a CUDA graph capture loads nothing.
-Later launches of a variant already
-handed over return at once: the asynchronous mode alone redoes Triton's per-launch
-bookkeeping at every one of the 8B startup's 9,105 launches (its pass took 6.3 s on a
-warm H200 start, with benchmarks/cold_start.py's compile hooks on).
+kernel's first run; an empty-cache profile run took 3.9 s on the H200, 0.4 s warm).
+Leaving the block waits for them all, puts them in each kernel's in-memory cache and
+loads each onto the device (its module), so that a first run, even inside a CUDA graph
+capture, compiles and loads nothing. A caller runs the steps it is about to run once
+inside (their outputs are garbage: nothing reads them).
 
-On an empty Triton cache, startup's ~20 variants (llama3-8b: ``benchmarks/startup_kernels
-.py``) otherwise compile serially; on a warm one the pool loads them. While inside, no
-launch from any thread of the process runs: use it at startup only. Without Triton's
-asynchronous mode (before 3.5) each variant compiles at once, in turn.
-LANNER_PARALLEL_COMPILE=0 turns it off (``enabled``).
+Later launches of a variant already handed over return at once: the asynchronous mode
+alone redoes Triton's per-launch bookkeeping at every one of the 8B startup's 9,105
+launches (its pass took 6.3 s on a warm H200 start, with benchmarks/cold_start.py's
+compile hooks on). On an empty Triton cache the startup's ~20 variants (llama3-8b:
+benchmarks/startup_kernels.py) otherwise compile one after another; on a warm one the
+pool loads them. While inside, no launch from any thread of the process runs: use it at
+startup only. Without Triton's asynchronous mode (before 3.5) each variant compiles at
+once, in turn. LANNER_PARALLEL_COMPILE=0 turns it off (``enabled``).
 """
 
 from __future__ import annotations
