@@ -563,7 +563,9 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
 
     def graph_forward_name(graphs: Any, batch: int) -> str:
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        return f"graph {'capture' if capturing else 'warm-up'} batch {batch}"
+        ahead = "parallel kernel compile" in log.stack  # the compile-only pass
+        kind = "capture" if capturing else "compile-only" if ahead else "warm-up"
+        return f"graph {kind} batch {batch}"
 
     timed(log, cuda_graphs.DecodeGraphs, "_forward", graph_forward_name)
     kwargs = engine_kwargs(flags)
