@@ -19,7 +19,13 @@ from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
 from lanner.runner.cpu_threads import set_num_threads
 from lanner.runner.executor import TensorParallelExecutor, start_executor
-from lanner.runner.model_runner import DeviceDrafts, ModelRunner, PendingStep, SequenceChunk
+from lanner.runner.model_runner import (
+    DeviceDrafts,
+    ModelRunner,
+    PendingStep,
+    SequenceChunk,
+    StartupShape,
+)
 from lanner.runner.sampler import SamplingRow, TokenLogprobs
 from lanner.runner.worker import WorkerSpec
 from lanner.sampling_params import SamplingParams
@@ -262,6 +268,27 @@ class EngineCore:
                 num_kv_heads=self.loaded.num_kv_heads,
             )
 
+        max_num_seqs = scheduler_config.max_num_seqs
+        # A verified token is one row of the decode graphs: k + 2 rows a request at most
+        # (one more after a full acceptance), captured up to 512 rows.
+        graph_rows = (
+            min(max_num_seqs * (num_spec_tokens + 2), max(max_num_seqs, 512))
+            if num_spec_tokens
+            else None
+        )
+        if executor is None and self.loaded.device.type == "cuda":
+            # Every kernel the profile run and the graph captures launch, compiled on a
+            # pool of threads first (else one at a time, as each first launches).
+            self.runner.precompile_kernels(
+                StartupShape(
+                    scheduler_config.max_num_batched_tokens,
+                    max_num_seqs,
+                    num_spec_tokens,
+                    graph_rows,
+                    self.max_model_len,
+                )
+            )
+            mark = self._mark_phase("kernel compile (parallel)", mark)
         # Under tensor parallelism every rank sizes its own cache; the smallest wins.
         num_blocks = (
             size_cache()
@@ -275,14 +302,6 @@ class EngineCore:
             )
         )
         mark = self._mark_phase("profile run, kernel compile and KV cache sizing", mark)
-        max_num_seqs = scheduler_config.max_num_seqs
-        # A verified token is one row of the decode graphs: k + 2 rows a request at most
-        # (one more after a full acceptance), captured up to 512 rows.
-        graph_rows = (
-            min(max_num_seqs * (num_spec_tokens + 2), max(max_num_seqs, 512))
-            if num_spec_tokens
-            else None
-        )
         if executor is None:
             self.runner.initialize_cache(num_blocks, max_num_seqs, self.max_model_len, graph_rows)
         else:
@@ -297,6 +316,7 @@ class EngineCore:
         self._mark_phase("KV cache allocation", mark, less=capture)
         if graphs is not None:
             self.startup_phases["CUDA graph capture"] = capture
+            logger.info("startup phase: CUDA graph capture %.2f s", capture)
         self.kv_manager = KVCacheManager(
             num_blocks, block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
@@ -336,6 +356,8 @@ class EngineCore:
     def _mark_phase(self, name: str, since: float, less: float = 0.0) -> float:
         now = time.perf_counter()
         self.startup_phases[name] = now - since - less
+        # Logged as each phase ends, so a start that hangs or is killed says how far it got.
+        logger.info("startup phase: %s %.2f s", name, self.startup_phases[name])
         return now
 
     @property

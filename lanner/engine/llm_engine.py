@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from lanner.engine.config import EngineConfig
@@ -42,13 +44,23 @@ def checked_generation_defaults(model_dir: Any, source: str) -> dict[str, Any]:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        load = config.load
+        # A tokenizer in a local folder loads on a thread while the engine core builds
+        # (it takes 2-3 s, most of it importing transformers: H200 machine, 2026-12-01);
+        # one from the Hub once the core has resolved the model's folder.
+        source = load.tokenizer or load.model
+        early: Future | None = None
+        if not load.skip_tokenizer_init and Path(source).expanduser().is_dir():
+            loader = ThreadPoolExecutor(1, "tokenizer-load")
+            early = loader.submit(load_tokenizer, Path(source).expanduser(), load.trust_remote_code)
+            loader.shutdown(wait=False)
         self.core = EngineCore(config)
         self.tokenizer = (
             None
-            if config.load.skip_tokenizer_init
-            else load_tokenizer(
-                config.load.tokenizer or self.core.loaded.path, config.load.trust_remote_code
-            )
+            if load.skip_tokenizer_init
+            else early.result()
+            if early is not None
+            else load_tokenizer(load.tokenizer or self.core.loaded.path, load.trust_remote_code)
         )
         # The SamplingParams fields the model's generation_config.json sets.
         self.generation_defaults = checked_generation_defaults(

@@ -6,8 +6,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from lanner.engine.llm_engine import LLMEngine, PromptType
 from lanner.engine.outputs import RequestOutput
 from lanner.metrics.reader import EngineMetrics, Metric, check_prefix
@@ -16,6 +14,27 @@ from lanner.sampling_params import SamplingParams, check_unicode
 
 # Batches at least this large show a progress bar when use_tqdm is left at its default.
 _PROGRESS_MIN_PROMPTS = 8
+
+
+def progress_bar(total: int) -> Any:
+    """tqdm's bar over ``total`` requests (imported here: tqdm.auto costs ~0.2 s, which
+    a run without a bar need not pay)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generating", unit="req")
+
+
+class _NoProgress:
+    """What ``_run`` calls on a progress bar, doing nothing."""
+
+    def update(self, count: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class LLM:
@@ -154,7 +173,7 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         wanted = set(request_ids)
-        bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
+        bar = progress_bar(len(request_ids)) if use_tqdm else _NoProgress()
         started = time.perf_counter()
         output_tokens = 0
         try:

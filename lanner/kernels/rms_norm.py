@@ -29,7 +29,9 @@ def cast_rounded(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
-@triton.jit
+# num_rows only bounds the row mask: not specializing it (on 1, on multiples of 16) keeps
+# one binary for every batch (a cold start compiled 6 variants of this kernel, now 2).
+@triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(
     x_ptr,
     residual_ptr,

@@ -99,10 +99,12 @@ class DecodeGraphs:
         # Host staging, pinned so the copies into the static buffers are asynchronous;
         # two sets used in turn, so preparing a step never overwrites the inputs of the
         # step before, whose copies may still be queued (overlapped scheduling).
-        self.host_sets = [torch.zeros((4, n), dtype=torch.long, pin_memory=True) for _ in range(2)]
-        self.prefix_sets = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        # (Pinned on CUDA only: the startup kernel count builds these on the meta device.)
+        pin = device.type == "cuda"
+        self.host_sets = [torch.zeros((4, n), dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self.prefix_sets = [torch.zeros(1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self.table_sets = [
-            torch.zeros(n * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+            torch.zeros(n * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
             for _ in range(2)
         ]
         self.turn = 0
@@ -144,13 +146,44 @@ class DecodeGraphs:
         return hidden, self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def run_each_size(self) -> None:
+        """One forward at each batch size, not captured, in capture's order (under
+        kernels.parallel_compile.compile_launches their kernels only compile)."""
+        for batch in reversed(self.sizes):
+            self._forward(batch)
+
+    @torch.inference_mode()
+    def capture(self, warm_up: bool = True) -> None:
+        """Capture a graph per batch size. ``warm_up`` runs each size once first, which
+        compiles (or loads) its kernels and lets cuBLAS set up outside the capture; the
+        runner leaves it out when it has compiled and loaded every kernel and run every
+        size ahead (ModelRunner.precompile_kernels: 35 forwards, ~1 s of an 8B start on
+        the H200). Should a capture without it fail, all are captured again with it."""
         started = time.perf_counter()
+        try:
+            self._capture_all(warm_up)
+        except Exception as err:  # noqa: BLE001 - retried the safe way, then raised
+            if warm_up:
+                raise
+            logger.warning("capturing without warm-ups failed (%r); again with them", err)
+            torch.cuda.synchronize()
+            self.graphs, self.hidden, self.logits, self.pool = {}, {}, {}, None
+            self._capture_all(True)
+        self.capture_seconds = time.perf_counter() - started
+        logger.info(
+            "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1fs%s",
+            len(self.graphs),
+            self.sizes[0],
+            self.sizes[-1],
+            self.capture_seconds,
+            "" if warm_up else " (no warm-ups: kernels compiled ahead)",
+        )
+
+    def _capture_all(self, warm_up: bool) -> None:
         # Largest first, so smaller graphs reuse its memory pool.
         for batch in reversed(self.sizes):
-            # One warm-up compiles (or loads) its kernels and lets cuBLAS set up outside
-            # the capture; a second, as this did before, only cost a forward a size.
-            self._forward(batch)
+            if warm_up:
+                self._forward(batch)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
@@ -159,14 +192,6 @@ class DecodeGraphs:
                 self.pool = graph.pool()
             self.graphs[batch] = graph
         torch.cuda.synchronize()
-        self.capture_seconds = time.perf_counter() - started
-        logger.info(
-            "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1fs",
-            len(self.graphs),
-            self.sizes[0],
-            self.sizes[-1],
-            self.capture_seconds,
-        )
 
     def can_run(self, num_seqs: int) -> bool:
         return 0 < num_seqs <= self.max_batch

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lanner.kernels import parallel_compile
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
@@ -23,6 +24,7 @@ from lanner.runner.sampler import (
     SamplingRow,
     TokenLogprobs,
     VerifyOutput,
+    precompile_sampling,
     prompt_logprobs,
 )
 from lanner.sampling_params import SamplingParams
@@ -158,6 +160,7 @@ class ModelRunner:
         self.followers: StepFollowers | None = None
         self.cache_dtype = cache_dtype
         self.device = loaded.device
+        self.dtype = loaded.dtype  # the activations' and logits'
         self.block_size = block_size
         self.enforce_eager = enforce_eager
         self.kv_caches: list[torch.Tensor] = []  # set once the cache is sized
@@ -165,6 +168,10 @@ class ModelRunner:
         # A RejectionSampler (lanner.spec) when speculation is on: it also verifies drafts.
         self.sampler = sampler if sampler is not None else Sampler()
         self.keep_hidden_states = False
+        # Set by precompile_kernels: every kernel the graph captures launch is compiled
+        # and loaded, and every batch size has run once (cuBLAS included), so the
+        # captures need no warm-up forward.
+        self.kernels_precompiled = False
 
     def initialize_cache(
         self,
@@ -176,14 +183,7 @@ class ModelRunner:
         """Allocate the KV cache and, on CUDA unless enforce_eager, capture decode graphs
         for up to ``max_graph_rows`` one-token rows (default max_num_seqs; speculation
         asks for more, a verified token being one row)."""
-        self.kv_caches = allocate_kv_caches(
-            self.config,
-            num_blocks,
-            self.block_size,
-            self.cache_dtype,
-            self.device,
-            self.num_kv_heads,
-        )
+        self.kv_caches = self._allocate_caches(num_blocks)
         if self.device.type == "cuda" and not self.enforce_eager:
             self.decode_graphs = DecodeGraphs(
                 self.model,
@@ -193,7 +193,63 @@ class ModelRunner:
                 max_model_len,
                 self.num_kv_heads,
             )
-            self.decode_graphs.capture()
+            self.decode_graphs.capture(warm_up=not self.kernels_precompiled)
+
+    def _allocate_caches(self, num_blocks: int) -> list[torch.Tensor]:
+        return allocate_kv_caches(
+            self.config,
+            num_blocks,
+            self.block_size,
+            self.cache_dtype,
+            self.device,
+            self.num_kv_heads,
+        )
+
+    def precompile_kernels(self, shape: StartupShape) -> None:
+        """Compile every Triton kernel variant that the startup (the memory profile, the
+        decode graphs' captures, the sampler) will launch, on a pool of threads: one
+        ``launch_startup_steps`` whose launches only compile (kernels/parallel_compile.py).
+        CUDA only."""
+        if self.device.type != "cuda" or not parallel_compile.enabled():
+            return
+        try:
+            with parallel_compile.compile_launches():
+                self.launch_startup_steps(shape)
+        except Exception as err:  # noqa: BLE001 - the real steps compile what is missing
+            logger.warning(
+                "compiling the startup's kernels ahead failed (%r); they compile "
+                "as they first launch",
+                err,
+            )
+            return
+        self.kernels_precompiled = True
+
+    @torch.inference_mode()
+    def launch_startup_steps(self, shape: StartupShape) -> None:
+        """Launch, over a small scratch cache, each model step ``profile_peak_memory`` runs
+        for ``shape``, one forward at each decode-graph batch size (none when
+        enforce_eager) and the sampler's kernels: every kernel variant the startup runs.
+        What they compute is not read (their samples are never drawn)."""
+        steps = profile_steps(
+            shape.num_tokens, shape.num_seqs, shape.num_speculative_tokens, self.block_size
+        )
+        caches = self._allocate_caches(steps.blocks_per_seq)
+        self.kv_caches = caches
+        try:
+            for chunks in steps.largest + steps.others:
+                self.launch(chunks, None, defer_sampling=True)
+            if not self.enforce_eager:
+                DecodeGraphs(
+                    self.model,
+                    caches,
+                    self.block_size,
+                    shape.max_graph_rows or shape.num_seqs,
+                    max(shape.max_model_len, self.block_size),
+                    self.num_kv_heads,
+                ).run_each_size()
+            precompile_sampling(self.config.vocab_size, self.dtype, self.device)
+        finally:
+            self.kv_caches = []
 
     @torch.inference_mode()
     def profile_peak_memory(
@@ -207,46 +263,16 @@ class ModelRunner:
         a step can use, so no compilation lands inside a request's latency."""
         if self.device.type != "cuda":
             return None
-        num_seqs = max(1, min(num_seqs, num_tokens))
-        lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
-        blocks_per_seq = max(2, -(-max(lengths) // self.block_size))
-        self.kv_caches = allocate_kv_caches(
-            self.config,
-            blocks_per_seq,
-            self.block_size,
-            self.cache_dtype,
-            self.device,
-            self.num_kv_heads,
-        )
-        table = list(range(blocks_per_seq))
-        params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=0)
-        row = SamplingRow(params, [0], [], ())
-        chunks = [SequenceChunk(f"p{i}", [0] * n, 0, table, row) for i, n in enumerate(lengths)]
+        steps = profile_steps(num_tokens, num_seqs, num_speculative_tokens, self.block_size)
+        self.kv_caches = self._allocate_caches(steps.blocks_per_seq)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.execute(chunks)
-        k = num_speculative_tokens
-        if k:
-            # A verify step: every row of k + 1 tokens samples k + 1 times.
-            rows = max(1, min(num_seqs, num_tokens // (k + 1)))
-            self.execute(
-                [
-                    SequenceChunk(f"v{i}", [0] * (k + 1), 0, table, row, num_draft_tokens=k)
-                    for i in range(rows)
-                ]
-            )
+        for chunks in steps.largest:
+            self.execute(chunks)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        # A chunk on top of a cached prefix and a decode, then an all-greedy step (its
-        # own sampling kernel): the remaining kernel variants.
-        self.execute(
-            [
-                SequenceChunk("extend", [0] * 3, self.block_size - 1, table, row),
-                SequenceChunk("decode", [0], self.block_size, table, row),
-            ]
-        )
-        greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], ())
-        self.execute([SequenceChunk("greedy", [0], self.block_size, table, greedy)])
+        for chunks in steps.others:
+            self.execute(chunks)
         self.kv_caches = []
         torch.cuda.empty_cache()
         return peak
@@ -500,6 +526,64 @@ class ModelRunner:
                     rows, chunk.prompt_logprob_targets, chunk.prompt_logprob_top
                 )
                 offset += count
+
+
+@dataclass(frozen=True)
+class StartupShape:
+    """What sizes a startup's steps: the memory profile's (``num_tokens`` over
+    ``num_seqs`` sequences, verifying ``num_speculative_tokens`` drafts), and the decode
+    graphs' (up to ``max_graph_rows`` rows, default num_seqs, at ``max_model_len``)."""
+
+    num_tokens: int
+    num_seqs: int
+    num_speculative_tokens: int = 0
+    max_graph_rows: int | None = None
+    max_model_len: int = 0
+
+
+@dataclass
+class ProfileSteps:
+    """The steps a memory profile runs (``ModelRunner.profile_peak_memory``): the largest
+    the scheduler may send (their peak sizes the KV cache), then small ones that launch
+    the remaining kernel variants; every block table covers ``blocks_per_seq`` blocks."""
+
+    largest: list[list[SequenceChunk]]
+    others: list[list[SequenceChunk]]
+    blocks_per_seq: int
+
+
+def profile_steps(
+    num_tokens: int, num_seqs: int, num_speculative_tokens: int, block_size: int
+) -> ProfileSteps:
+    """``num_tokens`` prompt tokens over ``num_seqs`` sequences, all sampling with
+    top-k/top-p (the sampler's largest temporaries); with speculation as many verify rows
+    as the budget allows, k + 1 tokens each; then a chunk on a cached prefix beside a
+    decode, and an all-greedy step (its own sampling kernel)."""
+    num_seqs = max(1, min(num_seqs, num_tokens))
+    lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+    blocks_per_seq = max(2, -(-max(lengths) // block_size))
+    table = list(range(blocks_per_seq))
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=0)
+    row = SamplingRow(params, [0], [], ())
+    largest = [[SequenceChunk(f"p{i}", [0] * n, 0, table, row) for i, n in enumerate(lengths)]]
+    k = num_speculative_tokens
+    if k:
+        rows = max(1, min(num_seqs, num_tokens // (k + 1)))
+        largest.append(
+            [
+                SequenceChunk(f"v{i}", [0] * (k + 1), 0, table, row, num_draft_tokens=k)
+                for i in range(rows)
+            ]
+        )
+    greedy = SamplingRow(SamplingParams(temperature=0.0), [0], [], ())
+    others = [
+        [
+            SequenceChunk("extend", [0] * 3, block_size - 1, table, row),
+            SequenceChunk("decode", [0], block_size, table, row),
+        ],
+        [SequenceChunk("greedy", [0], block_size, table, greedy)],
+    ]
+    return ProfileSteps(largest, others, blocks_per_seq)
 
 
 @dataclass

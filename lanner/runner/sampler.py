@@ -432,6 +432,16 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seed_salt: int = 0) ->
 # -- helpers ------------------------------------------------------------------------------
 
 
+def precompile_sampling(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Launch the race's kernels, all greedy and sampled, once over one row of logits of
+    the model's dtype: under kernels.parallel_compile they compile (their variants do not
+    depend on the number of rows)."""
+    logits = torch.empty((1, vocab_size), dtype=dtype, device=device)
+    exponential_race(logits, None, None)
+    temperatures = torch.ones(1, dtype=torch.float32, device=device)
+    exponential_race(logits, temperatures, torch.zeros(1, dtype=torch.int64, device=device))
+
+
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (int64 [B]): the race's all-greedy kernel on CUDA (a chunked
     argmax: torch's single-row argmax over a 128k vocabulary took 37 µs on the H100)."""
