@@ -316,10 +316,11 @@ def w7(args: argparse.Namespace) -> dict:
                 measure(str(DEFAULT_MODEL_DIR), batch, batch_prompts, spec),
             )
         # The plain run again, after the speculating ones: the speed-ups of this batch
-        # are against the mean of both (the host's speed drifts over a run of runs).
+        # are against the faster of both (the host's speed drifts over a run of runs,
+        # and the first run at a batch size meets its kernels' first launches).
         again = measure(str(DEFAULT_MODEL_DIR), batch, batch_prompts)
         rows.append({"batch": batch, "method": "none (again, after)", **again})
-        plain = (target["output_tok_per_s"] + again["output_tok_per_s"]) / 2
+        plain = max(target["output_tok_per_s"], again["output_tok_per_s"])
         step_costs[batch]["plain_tok_per_s_runs"] = [
             target["output_tok_per_s"],
             again["output_tok_per_s"],
@@ -327,7 +328,7 @@ def w7(args: argparse.Namespace) -> dict:
         step_costs[batch]["plain_tok_per_s"] = plain
         print(
             f"batch {batch}: no speculation again {again['output_tok_per_s']:.0f} tok/s; "
-            f"speed-ups against the mean, {plain:.0f} tok/s:",
+            f"speed-ups against the faster, {plain:.0f} tok/s:",
             flush=True,
         )
         for row in rows:

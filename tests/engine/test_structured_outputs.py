@@ -11,11 +11,13 @@ import random
 import re
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jsonschema
 import pytest
 
 from lanner import LLM, SamplingParams
+from lanner.engine import structured_output
 from lanner.engine.structured_output import MAX_JSON_WHITESPACE
 from lanner.sampling_params import StructuredOutputsParams
 from tests.engine.test_llm import assert_pool_full, summary
@@ -379,7 +381,9 @@ def test_step_bitmasks_share_one_reused_buffer(llm: LLM) -> None:
     grammars[1].matcher.rollback(1)
     first_buffer = rows[0].bitmasks.words
 
-    background = manager.start_fill(grammars)
+    # From THREAD_FILL_ROWS rows (here: one) the rows fill on the fill thread.
+    with mock.patch.object(structured_output, "THREAD_FILL_ROWS", 1):
+        background = manager.start_fill(grammars)
     manager.wait_for_fill()
     assert background[0].bitmasks.words is not first_buffer  # the other buffer
     for row, mask in zip(background, expected, strict=True):
@@ -402,6 +406,13 @@ def test_step_bitmasks_share_one_reused_buffer(llm: LLM) -> None:
         keep = set(allowed(mask)) if mask is not None else set(range(manager.vocab_size))
         finite = set(torch.isfinite(masked[i]).nonzero().flatten().tolist())
         assert finite == keep
+
     sampling[1].token_bitmask = again[0]  # another step's buffer
     with pytest.raises(ValueError, match="one step's buffer"):
         apply_grammar_bitmasks(logits, sampling)
+
+    # Under THREAD_FILL_ROWS rows the fill runs at once, on the caller's thread.
+    inline = manager.start_fill(grammars)
+    assert manager._filling is None
+    for row, mask in zip(inline, expected, strict=True):
+        assert torch.equal(row.words()[0], mask)
