@@ -58,8 +58,9 @@ decode row costs the quantized bytes:
 Before its PDL wait (kernels/pdl.py) every program asks L2 for the first NUM_STAGES
 tiles of its weight rows (prefetch.global.L2, one 128-byte line an instruction): the
 weights are read-only, so they stream in while the kernel before it (a norm, attention,
-the activation) still runs, instead of starting once it has finished.
-LANNER_SKINNY_PREFETCH=0 turns this off.
+the activation) still runs, instead of starting once it has finished. Off unless
+LANNER_SKINNY_PREFETCH=1: on the H200 it made W1 (bf16, batch 1) slower, 4.63 ms a token
+against 4.14 without (benchmarks/results/20261201-161237-W1.json and -161249-W1.json).
 
 Configs: choose_config's rules, unless a measured config covers the (format, rows 1 or
 2-16, N, K): first one installed by install_tuned_configs, then the committed table of
@@ -140,8 +141,9 @@ _W_INT4 = tl.constexpr(3)
 _PLANE = tl.constexpr(INT4_PLANE)
 _TILE_GAP = tl.constexpr(INT4_TILE - INT4_PLANE)
 # L2 prefetch of each program's first weight tiles before it waits on the kernel before
-# it (PDL): off with LANNER_SKINNY_PREFETCH=0, and in the interpreter (no PTX).
-PREFETCH = os.environ.get("LANNER_SKINNY_PREFETCH", "1") != "0" and not bool(
+# it (PDL): on with LANNER_SKINNY_PREFETCH=1 (it measured slower), never in the
+# interpreter (no PTX).
+PREFETCH = os.environ.get("LANNER_SKINNY_PREFETCH", "0") == "1" and not bool(
     triton.knobs.runtime.interpret
 )
 _PREFETCH_LINE = 128  # bytes of an L2 line
