@@ -14,8 +14,8 @@ it lost is PROBE_BUDGET of the time (and at least twice its last wait). A new ba
 next to a measured one (a batch draining request by request) starts from its choice;
 the first one, if small, starts at num_speculative_tokens and probes plain decoding
 soon; one further away starts without speculation and, once its plain steps are
-measured, probes one draft token if the nearest measured size speculates (speculation
-that paid at batch 2 is tried at batch 64, never assumed there), so speculation turns
+measured, probes the nearest measured size's choice (speculation that paid at batch 2
+is tried at batch 64, never assumed there), so speculation turns
 itself off where it does not pay and back on where it does.
 """
 
@@ -226,9 +226,7 @@ class DraftLengthPolicy:
                 # A neighbouring size (a batch draining one request at a time): its choice.
                 bucket = _Bucket(inherited)
             elif inherited:
-                # Tried at one draft token first (the cheapest speculation: a batch where
-                # it does not pay is left after one short probe); wins climb from there.
-                bucket = _Bucket(0, jump=1, steps_to_probe=FIRST_JUMP_WAIT)
+                bucket = _Bucket(0, jump=inherited, steps_to_probe=FIRST_JUMP_WAIT)
             elif nearest is None and num_running <= SPECULATE_FIRST_UP_TO:
                 # The first small batch starts as configured, plain decoding probed soon:
                 # a proposer with its own KV cache (a draft model, an EAGLE head) keeps

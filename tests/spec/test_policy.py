@@ -84,16 +84,15 @@ def test_follows_a_change_in_acceptance() -> None:
     assert lengths[-100:].count(0) >= 95
 
 
-def test_a_new_batch_size_starts_from_its_neighbour_or_tries_one_draft_token() -> None:
+def test_a_new_batch_size_starts_from_its_neighbour_or_tries_the_nearest_choice() -> None:
     policy = DraftLengthPolicy(config(4), step_cost=lambda b, k: 1.0 + 0.05 * k)
     drive(policy, 4, 200, lambda _: 0.9)
     assert policy.buckets[4].choice == 4
     assert policy.plan(3) == 4  # a neighbouring bucket: its choice at once
     lengths, _, _ = drive(policy, 12, 40, lambda _: 0.9)
-    # Further away: plain first (its steps measured), then one draft token, which wins,
-    # and each longer length at once after it.
-    assert lengths[:4] == [0] * 4 and lengths[4] == 1
-    assert lengths[-10:] == [4] * 10 and policy.buckets[batch_bucket(12)].choice == 4
+    # Further away: plain first (its steps measured), then the nearest choice, which wins.
+    assert lengths[:4] == [0] * 4 and lengths[4] == 4
+    assert lengths[-20:] == [4] * 20 and policy.buckets[batch_bucket(12)].choice == 4
 
 
 def test_what_paid_at_a_small_batch_is_not_assumed_at_a_large_one() -> None:
@@ -109,7 +108,7 @@ def test_what_paid_at_a_small_batch_is_not_assumed_at_a_large_one() -> None:
     assert policy.buckets[2].choice == 6
     lengths, seconds, tokens = drive(policy, 64, 300, lambda _: 0.8)
     assert policy.buckets[batch_bucket(64)].choice == 0
-    assert lengths[:4] == [0] * 4 and lengths[4] == 1  # the try, at one draft token
+    assert lengths[:4] == [0] * 4 and lengths[4] == 6  # the try, abandoned at once
     assert tokens / seconds > 0.97 * 64
 
 
