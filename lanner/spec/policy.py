@@ -7,7 +7,8 @@ per-position acceptance, each request's own decayed count, a shortfall of propos
 counting as a rejection) and takes T(b, k), the measured wall time between steps of that
 kind at that batch size (plain steps, k = 0, are measured as they run: overlapped with
 the host's work when the engine schedules ahead). The policy runs the k with the most
-tokens per second, E(k) / T(b, k), among those it has measured, and now and then probes
+tokens per second, E(k) / T(b, k), among those it has measured (switching between plain
+decoding and speculation only for a START_MARGIN gain), and now and then probes
 a neighbour (k - 1 or k + 1) for a few steps to measure or refresh it: a probe that wins
 moves the choice and the next probe follows at once; one that loses waits until what
 it lost is PROBE_BUDGET of the time (and at least twice its last wait). A new batch size
@@ -59,7 +60,8 @@ ABANDON_PROBE = 0.8
 # one better by more than REVIEW_MARGIN takes over.
 REVIEW_STEPS = 8
 REVIEW_MARGIN = 1.02
-# Speculation replaces plain decoding only when it measures this much better.
+# Speculation replaces plain decoding, or plain decoding speculation, only when it
+# measures this much better.
 START_MARGIN = 1.1
 
 
@@ -296,10 +298,16 @@ class DraftLengthPolicy:
     @staticmethod
     def _margin(choice: int, candidate: int) -> float:
         """How much more tokens per second ``candidate`` must measure to replace
-        ``choice``: more to start speculating from plain decoding, whose cost the step
-        times understate (a speculating step loses the overlapped scheduling, and a
-        batch whose requests finish at different steps runs its tail smaller)."""
-        return START_MARGIN if choice == 0 and candidate > 0 else 1.0
+        ``choice``. More between plain decoding and speculation, either way: starting
+        to speculate, because its step times understate it (a speculating step loses
+        the overlapped scheduling, and a batch whose requests finish at different steps
+        runs its tail smaller); stopping, because a request's acceptance comes in bursts
+        (code that repeats, then code that does not) and, once stopped, is no longer
+        measured (on the CPU with injected step times, W7-like prompts at batch 1 spent
+        a fifth of their steps plain where speculating paid 2x, without this)."""
+        if (choice == 0) != (candidate == 0):
+            return START_MARGIN
+        return 1.0
 
     def _budgeted_wait(self, bucket: _Bucket, probe: int, ran: int) -> int:
         """Steps at the choice that make a probe like this one cost PROBE_BUDGET of the

@@ -383,6 +383,33 @@ def test_demo_model_with_demo_draft_and_ngram() -> None:
         assert_pool_full(llm)
 
 
+def test_adaptive_draft_length_rides_out_bursts_of_rejections() -> None:
+    """The demo model on real code (this repository's), one request at a time, with steps
+    timed by an injected cost under which speculation pays about 2x: a request's
+    acceptance comes in bursts (code that repeats, then code that does not), and a
+    burst of rejections must not switch speculation off (once off, acceptance is no
+    longer measured). Before the policy's hysteresis, a fifth of the steps ran plain."""
+    source = (ROOT / "lanner/engine/core.py").read_text()[:2100]
+    prompts = [source[i * 700 : (i + 1) * 700] for i in range(3)]
+    llm = LLM(
+        dtype="float32",
+        device="cpu",
+        max_model_len=512,
+        max_num_seqs=1,
+        async_scheduling=True,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 6},
+    )
+    policy = llm.engine.core.spec.policy
+    policy.step_cost = lambda num_running, k: 1.0 + 0.05 * k
+    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    stats = policy.stats
+    # Plain steps: the first bucket's try of plain decoding (a few steps) only.
+    assert stats.num_plain_steps <= 0.1 * stats.num_speculative_steps, stats
+    assert stats.mean_acceptance_length > 4
+    assert_pool_full(llm)
+
+
 @pytest.mark.parametrize("speculation_pays", [True, False])
 def test_adaptive_draft_length_under_injected_step_costs(
     tiny_model_dirs: dict[str, Path], speculation_pays: bool
