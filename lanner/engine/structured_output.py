@@ -256,13 +256,13 @@ class StructuredOutputManager:
     def start_fill(self, grammars: list[RequestGrammar]) -> list[BitmaskRows]:
         """``fill_bitmasks`` without drafts, on the fill thread: the rows returned are
         filled once ``wait_for_fill`` returns. The matchers must not change meanwhile."""
-        self.wait_for_fill()
-        rows, fill = self._prepare(grammars, [[] for _ in grammars])
+        no_drafts: list[list[int]] = [[] for _ in grammars]
         if len(grammars) < THREAD_FILL_ROWS:
             # A few rows fill faster than the hand-over to the thread takes (W10's batch 1
             # ran at 3.4x the free TPOT with it).
-            fill()
-            return rows
+            return self.fill_bitmasks(grammars, no_drafts)
+        self.wait_for_fill()
+        rows, fill = self._prepare(grammars, no_drafts)
         started = threading.Event()
 
         def run() -> None:
