@@ -291,7 +291,11 @@ class DraftLengthPolicy:
             bucket.probe_wait = FIRST_PROBE_WAIT
             bucket.steps_to_probe = 0
         else:
-            wait = max(2 * bucket.probe_wait, self._budgeted_wait(bucket, probe, ran))
+            wait = 2 * bucket.probe_wait
+            if probe_value is not None and choice_value is not None:
+                wait = max(
+                    wait, self._budgeted_wait(bucket, probe, ran, probe_value / choice_value)
+                )
             bucket.probe_wait = min(wait, MAX_PROBE_WAIT)
             bucket.steps_to_probe = bucket.probe_wait
 
@@ -309,17 +313,14 @@ class DraftLengthPolicy:
             return START_MARGIN
         return 1.0
 
-    def _budgeted_wait(self, bucket: _Bucket, probe: int, ran: int) -> int:
+    def _budgeted_wait(self, bucket: _Bucket, probe: int, ran: int, ratio: float) -> int:
         """Steps at the choice that make a probe like this one cost PROBE_BUDGET of the
-        time: the tokens it lost, in steps of the choice."""
-        rate = self._rate()
-        probe_value = self._value(bucket, probe, rate)
-        choice_value = self._value(bucket, bucket.choice, rate)
-        if probe_value is None or choice_value is None or probe_value >= choice_value:
+        time: the tokens it lost (``ratio``: its tokens per second over the choice's), in
+        steps of the choice."""
+        if ratio >= 1.0:
             return 0
-        shortfall = 1.0 - probe_value / choice_value
         # Each probe step lost that share of itself, in choice steps; two transitions.
-        lost = ran * shortfall * bucket.seconds[probe] / bucket.seconds[bucket.choice] + 2.0
+        lost = ran * (1.0 - ratio) * bucket.seconds[probe] / bucket.seconds[bucket.choice] + 2.0
         return math.ceil(lost / PROBE_BUDGET)
 
     # -- measuring -----------------------------------------------------------------------
