@@ -153,12 +153,16 @@ class TextSplit:
 def corpus_split(args: argparse.Namespace) -> TextSplit:
     trainer = load_demo_trainer()
     if args.corpus_files:
-        paths = []
+        # Each file keyed by its path below its argument's parent folder, so that the
+        # split is the same wherever the files sit (an absolute path held out an empty
+        # __init__.py in one clone and a 13 kB file in another).
+        named: list[tuple[str, Path]] = []
         for name in args.corpus_files:
-            path = Path(name)
-            paths += sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]
+            path = Path(name).resolve()
+            files = sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]
+            named += [(str(q.relative_to(path.parent)), q) for q in files]
         keyed = sorted(
-            ((trainer.seeded_fraction(args.seed, "heldout", str(q)), q) for q in paths),
+            ((trainer.seeded_fraction(args.seed, "heldout", key), q) for key, q in named),
             key=lambda item: item[0],
         )
         cut = max(1, round(args.heldout_frac * len(keyed)))
@@ -167,7 +171,7 @@ def corpus_split(args: argparse.Namespace) -> TextSplit:
         return TextSplit(
             train=[text for f, text in read[cut:] if f > edge],
             heldout=[text for _, text in read[:cut]],
-            description={"kind": "files", "files": len(paths), "heldout_files": cut},
+            description={"kind": "files", "files": len(named), "heldout_files": cut},
         )
     demo_args = trainer.parse_args(["--device", "cpu"])
     corpus = trainer.collect_corpus(demo_args)
@@ -249,6 +253,12 @@ def extract_features(
         hidden.append(out.hidden_states[-1].to(torch.float16).cpu())
         greedy.append(out.logits.argmax(dim=-1).cpu())
         done += len(rows)
+    if not tokens:
+        raise ValueError(
+            "no window of --seq-len tokens in these texts (the held-out files, for the "
+            "evaluation): give more or longer --corpus-files, a larger --heldout-frac, "
+            "or a shorter --seq-len"
+        )
     return Features(torch.cat(tokens), torch.cat(hidden), torch.cat(greedy))
 
 

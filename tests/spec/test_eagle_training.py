@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from lanner.model.loader import load_model
@@ -48,3 +49,36 @@ def test_training_script_trains_a_head_lanner_loads(
     target = load_model(target_dir, "float32", "cpu")
     head = load_eagle_head(out_dir, "eagle", target.model, torch.float32, torch.device("cpu"), 64)
     assert head.embed_tokens is None and head.lm_head is None
+
+
+def test_the_corpus_split_does_not_depend_on_where_the_files_sit(tmp_path: Path) -> None:
+    # The held-out files are picked by a seeded hash of each file's path below its
+    # argument's folder: two copies of the same folders give the same split (keyed by
+    # absolute paths, one clone held out an empty __init__.py and had nothing to
+    # evaluate on).
+    script = training_script()
+    splits = []
+    for copy in ("a", "b/deeper"):
+        for name in ("spec", "engine"):
+            source = ROOT / "lanner" / name
+            for path in sorted(source.glob("*.py")):
+                target = tmp_path / copy / name / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(path.read_text())
+        args = script.parse_args(
+            ["--corpus-files", str(tmp_path / copy / "spec"), str(tmp_path / copy / "engine")]
+        )
+        splits.append(script.corpus_split(args))
+    assert splits[0].heldout == splits[1].heldout and splits[0].train == splits[1].train
+    assert splits[0].heldout and all(splits[0].heldout)
+
+
+def test_texts_without_a_whole_window_are_refused_by_name(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    script = training_script()
+    target = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
+    with pytest.raises(ValueError, match="no window of --seq-len tokens"):
+        script.extract_features(target, iter([]), 4, 4, torch.device("cpu"), float("inf"))
