@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import random
 import statistics
@@ -523,7 +524,8 @@ def profile_kernels(shape: str, requests: int, prompt_len: int, temperature: flo
     params = SamplingParams(temperature=temperature, max_tokens=400, ignore_eos=True)
     for i in range(requests):
         core.add_request(Request(f"w{i}", random_prompt(rng, prompt_len, 32000), params))
-    for _ in range(40):  # prefill, then settle into decode
+    # Prefill (8,192 tokens a step), then settle into decode.
+    for _ in range(math.ceil(requests * prompt_len / 8192) + 8):
         core.step()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     started = time.perf_counter()
@@ -582,6 +584,8 @@ def main() -> None:
         "profile-W3": lambda: profile_kernels("qwen3-0.6b", 256, 600, 0.6),
         "profile-W2": lambda: profile_kernels("qwen3-0.6b", 1, 128, 0.0),
         "profile-W1": lambda: profile_kernels("llama3-8b", 1, 128, 0.0),
+        # W4-like: 256 running requests at ~1,500-token contexts.
+        "profile-W4": lambda: profile_kernels("llama3-8b", 256, 1400, 0.0),
         "chat": multi_turn_chat,
         "W8-decode": lambda: w8_decode(args.enforce_eager, w8_methods),
         "parity-quant": lambda: parity_quant([m for m in w8_methods if m]),

@@ -199,6 +199,7 @@ def sweep_decode() -> None:
     a bf16 cache, then an fp8 cache widened to bf16 and to fp16; print ms per case."""
     scale = HEAD_DIM**-0.5
     shapes = [(256, 512, HEADS), (32, 4096, HEADS), (256, 768, 16), (48, 1800, 16)]
+    shapes.append((256, 1500, HEADS))  # W4-like: 256 requests at 1,000-2,000 tokens
     cases = []
     for batch, context, heads in shapes:
         query, kv_cache, metadata = paged_case([1] * batch, [context] * batch, heads=heads)
