@@ -47,10 +47,11 @@ from lanner.kernels.skinny_matmul import (
 from lanner.kernels.weight_codes import int4_plane_scaled, int4_zero_offset
 
 # Rows from which w4a16_linear dequantizes W and calls cuBLAS instead of the tiled kernel
-# (None: never). Not measured yet: the previous int4 kernel lost to dequantize + cuBLAS
-# 3x at 512 rows (benchmarks/results/20261201-113258-kernels-quant-linear.json), and the
-# GPU sweep of this one sets the value.
-DEQUANT_MIN_M: int | None = None
+# (None: never). On the H200 (benchmarks/tiled_int4_sweep.py, 20261201-173654-tiled-int4.json)
+# the tiled kernel's best tiles reach 0.55-0.65 of bf16 cuBLAS's rate from 256 rows, and
+# dequantize + cuBLAS beats them there on three of the five llama3-8b projections (ties
+# on the other two) and on all of them by 1.3-1.6x from 1,024 rows.
+DEQUANT_MIN_M: int | None = 256
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 _PLANE = tl.constexpr(INT4_PLANE)
 _TILE_GAP = tl.constexpr(INT4_TILE - INT4_PLANE)
