@@ -211,7 +211,10 @@ def sweep_decode() -> None:
     print("decode sweep cases: " + "  ".join(c[0] for c in cases))
     configs = [(64, 2, 3, 1), (64, 2, 3, 2), (64, 4, 3, 1), (128, 4, 3, 1), (64, 2, 4, 1)]
     configs += [(32, 2, 3, 1), (128, 2, 3, 1), (64, 1, 3, 1)]
-    for block_n, warps, stages, factor in configs:
+    configs = [(*c, None) for c in configs]
+    # Register caps (Triton's maxnreg): more programs resident per multiprocessor.
+    configs += [(64, 2, 3, 1, 168), (128, 4, 3, 1, 168), (128, 4, 3, 1, 128), (64, 4, 3, 1, 128)]
+    for block_n, warps, stages, factor, cap in configs:
         times = []
         for _, query, kv_cache, metadata, fp16 in cases:
             out = torch.empty_like(query)
@@ -220,7 +223,12 @@ def sweep_decode() -> None:
             )
             run = functools.partial(decode_attention, query, kv_cache, metadata, scale, None, out)
             run = functools.partial(
-                run, block_n=block_n, num_warps=warps, num_stages=stages, fp8_as_fp16=fp16
+                run,
+                block_n=block_n,
+                num_warps=warps,
+                num_stages=stages,
+                fp8_as_fp16=fp16,
+                max_registers=cap,
             )
             try:
                 times.append(triton.testing.do_bench(run, warmup=10, rep=60))
@@ -228,7 +236,7 @@ def sweep_decode() -> None:
                 times.append(float("nan"))
                 print(f"config {block_n, warps, stages} failed: {str(err)[:200]}")
         print(
-            f"decode N{block_n} w{warps} s{stages} splits x{factor}: "
+            f"decode N{block_n} w{warps} s{stages} splits x{factor} regs {cap or '-'}: "
             + "  ".join(f"{t:.4f}" for t in times),
             flush=True,
         )

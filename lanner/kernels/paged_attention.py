@@ -637,6 +637,23 @@ def choose_num_prefix_splits(
     return int(max(1, min(wanted, longest_useful, MAX_KV_SPLITS)))
 
 
+def decode_launch(
+    query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_as_fp16: bool
+) -> tuple[int, int, int | None]:
+    """(BLOCK_N, warps, register cap) of the decode kernel. A bf16/fp16 cache: 64-token
+    tiles on 2 warps, the fastest or within 5 % of it at batch 32-256 x 512-4096 tokens,
+    GQA 2 and 4 (H100, `kernels_attention.py --sweep-decode`); on the H200 it reads at
+    89 % of DRAM peak (benchmarks/results/20261201-174500-ncu-decode-bf16.txt). An fp8
+    cache widened to fp16 costs 1.7x the instructions for half the bytes and is bound by
+    latency at 210 registers a thread (12.5 % occupancy, same ncu run): 128-token tiles on
+    4 warps capped at 168 registers took 7-27 % less time on four of the sweep's five
+    shapes and 4 % more on 32 x 4,096 (H200, 20261201-175555-decode-sweep.log)."""
+    half = query_dtype in (torch.bfloat16, torch.float16)
+    if cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half:
+        return 128, 4, 168
+    return DECODE_BLOCK_N, 2, None
+
+
 def decode_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -644,15 +661,17 @@ def decode_attention(
     scale: float,
     sliding_window: int | None,
     out: torch.Tensor,
-    block_n: int = DECODE_BLOCK_N,
-    num_warps: int = 2,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 3,
     fp8_as_fp16: bool = bool(FP8_VIA_FP16),
+    max_registers: int | None = None,
 ) -> None:
     """Attention of the one-token queries of ``metadata.decode_seq_indices`` into ``out``.
-    The tile and launch settings are for benchmarks' sweeps; the defaults were the
-    fastest or within 5 % of it for bf16 and fp8 caches at batch 32-256 x 512-4096
-    tokens, GQA 2 and 4, on the H100 (`kernels_attention.py --sweep-decode`)."""
+    The tile and launch settings are for benchmarks' sweeps; None picks the defaults
+    (``decode_launch``)."""
+    if block_n is None or num_warps is None:
+        block_n, num_warps, max_registers = decode_launch(query.dtype, kv_cache.dtype, fp8_as_fp16)
     num_decode = metadata.num_decode
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -726,6 +745,7 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         **launch_options(query),
+        **({"maxnreg": max_registers} if max_registers else {}),
     )
     if cascade:
         row_tiles = triton.cdiv(num_decode * group, CASCADE_BLOCK_M)
