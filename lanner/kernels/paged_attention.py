@@ -647,7 +647,7 @@ def decode_launch(
     cache widened to fp16 costs 1.7x the instructions for half the bytes and is bound by
     latency at 210 registers a thread (12.5 % occupancy, same ncu run): 128-token tiles on
     4 warps capped at 168 registers took 7-27 % less time on four of the sweep's five
-    shapes and 4 % more on 32 x 4,096 (H200, 20261201-175555-decode-sweep.log)."""
+    shapes and 4 % more on 32 x 4,096 (H200, 20261201-175000-decode-sweep.log)."""
     half = query_dtype in (torch.bfloat16, torch.float16)
     if cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half:
         return 128, 4, 168
