@@ -165,7 +165,9 @@ def summary(samples: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 def linear_dtype_probe(repeats: int = 15) -> dict[str, Any]:
     """The demo model's linears (one decode step's worth) in float32 and bfloat16, at 1
-    and 32 rows: the measurement behind the CPU's dtype rule (model/loader.py)."""
+    and 32 rows: the measurement behind the CPU's dtype rule (model/loader.py); with the
+    LM head (``..._with_lm_head_ms``), the matmuls any engine's decode step must run: the
+    floor that bounds lanner's speed-up over HF (both run the same matmuls)."""
     config = __import__("json").loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads, head_dim = (
@@ -193,8 +195,38 @@ def linear_dtype_probe(repeats: int = 15) -> dict[str, Any]:
                         torch.nn.functional.linear(x, weight)
                     best = min(best, (time.thread_time() - started) / 10)
                 total += best * config["num_hidden_layers"]
-            result[f"{str(dtype).removeprefix('torch.')}_rows{rows}_ms"] = total * 1e3
+            name = f"{str(dtype).removeprefix('torch.')}_rows{rows}"
+            result[f"{name}_ms"] = total * 1e3
+            head = torch.randn(config["vocab_size"], hidden).to(dtype)
+            x = torch.randn(rows, hidden).to(dtype)
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.thread_time()
+                for _ in range(10):
+                    torch.nn.functional.linear(x, head)
+                best = min(best, (time.thread_time() - started) / 10)
+            result[f"{name}_with_lm_head_ms"] = (total + best) * 1e3
     return result
+
+
+def speedup_bounds(figures: dict[str, Any], probe: dict[str, Any], big: int) -> dict[str, Any]:
+    """Per float32 / bfloat16 column: HF's CPU seconds per token at ``big`` prompts over
+    the matmuls' alone (the probe's step with the LM head, per ``big`` tokens): the
+    speed-up over HF that lanner would reach with nothing but its matmuls."""
+    bounds = {}
+    for dtype in ("float32", "bfloat16"):
+        floor_ms = probe.get(f"{dtype}_rows32_with_lm_head_ms")
+        hf = figures.get(f"hf/{dtype}/batch{big}")
+        if floor_ms is None or hf is None or big != 32:
+            continue
+        hf_rate = hf["output_tok_per_cpu_s"]["median"]
+        floor_rate = big / (floor_ms / 1e3)
+        bounds[dtype] = {
+            "matmul_floor_tok_per_cpu_s": floor_rate,
+            "hf_tok_per_cpu_s": hf_rate,
+            "max_speedup_over_hf": floor_rate / hf_rate,
+        }
+    return bounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
+    probe = linear_dtype_probe()
+    for dtype, bound in speedup_bounds(figures, probe, max(batch_sizes)).items():
+        print(
+            f"  {dtype}: the matmuls alone would make {bound['matmul_floor_tok_per_cpu_s']:.0f} "
+            f"tok per CPU s at {max(batch_sizes)} prompts, HF {bound['hf_tok_per_cpu_s']:.0f}: "
+            f"at most {bound['max_speedup_over_hf']:.2f}x"
+        )
     result = new_result("cpu-vs-hf", str(DEFAULT_MODEL_DIR.name))
     result.update(
         threads=args.threads,
@@ -313,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         figures=figures,
         greedy_agreement=agreement,
         targets=targets,
-        linear_dtype_probe=linear_dtype_probe(),
+        linear_dtype_probe=probe,
+        speedup_bounds=speedup_bounds(figures, probe, max(batch_sizes)),
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     save_copies(result, RESULTS, f"{stamp}-cpu-vs-hf.json")
