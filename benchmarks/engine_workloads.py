@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import triton
 
+from benchmarks.step_phases import StepPhases
 from lanner.bench.report import save_copies
 from lanner.engine.config import EngineConfig
 from lanner.engine.core import EngineCore
@@ -173,8 +174,11 @@ def run_offline(
     prompts: list[list[int]],
     params: list[SamplingParams],
     time_limit_s: float = float("inf"),
+    phases: StepPhases | None = None,
 ) -> dict:
-    """Submit all at once to a built core; time until the last finishes (prefill included)."""
+    """Submit all at once to a built core; time until the last finishes (prefill included).
+    With ``phases``, its per-phase host breakdown of the steps at >= 192 running requests
+    joins the result."""
     for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
         core.add_request(Request(f"x{i}-{time.monotonic_ns()}", prompt, param))
     torch.cuda.synchronize()
@@ -183,9 +187,16 @@ def run_offline(
     output_tokens = steps = 0
     timed_out = False
     timeline = []  # (running requests, seconds) per step: where in the run the time goes
+    if phases is not None:
+        phases.reset()
     while core.has_unfinished_requests():
         running = len(core.scheduler.running)
+        if phases is not None and running >= 192:
+            phases.begin_step()
         output_tokens += sum(len(out.new_token_ids) for out in core.step())
+        if phases is not None and running >= 192:
+            phases.end_step()
+            phases.pause()
         steps += 1
         now = time.perf_counter()
         timeline.append((running, now - last))
@@ -208,6 +219,7 @@ def run_offline(
         "full_gc_pauses_ms": [round(t * 1e3, 1) for t in GC_PAUSES[gc_before:]],
         "output_tok_per_s": output_tokens / elapsed,
         "timed_out": timed_out,
+        **({"host_phases_at_192_plus_running": phases.summary()} if phases is not None else {}),
     }
 
 
@@ -279,9 +291,11 @@ def synthetic_vocabulary(size: int) -> list[bytes]:
     return tokens
 
 
-def w10(enforce_eager: bool) -> dict:
+def w10(enforce_eager: bool, with_phases: bool = False) -> dict:
     """W10: W3 with every request under one JSON schema against W3 free, and W2 with a
-    schema against W2 free (its TPOT), each pair on one engine built once."""
+    schema against W2 free (its TPOT), each pair on one engine built once. With
+    ``with_phases`` (--phases) each run's host time by phase (benchmarks/step_phases.py)
+    joins it: W3's over its steps at >= 192 running requests, W2's over its decode steps."""
     from lanner.sampling_params import StructuredOutputsParams
 
     rng = random.Random(0)
@@ -293,6 +307,7 @@ def w10(enforce_eager: bool) -> dict:
     )
     # Qwen3's 151,643 tokens (the rest of the 151,936 rows are padding).
     core.structured_outputs.use_vocabulary(synthetic_vocabulary(151643))
+    phases = StepPhases(core) if with_phases else None
     result: dict = {}
     for name, structured in (("free", None), ("json_schema", constraint)) * 2:
         params = [
@@ -302,7 +317,7 @@ def w10(enforce_eager: bool) -> dict:
             )
             for i, (_, n_out) in enumerate(lengths)
         ]  # fmt: skip
-        result[f"W3_{name}"] = run_offline(core, prompts, params, 300)  # second pass kept
+        result[f"W3_{name}"] = run_offline(core, prompts, params, 300, phases)  # second kept
     free, constrained = result["W3_free"], result["W3_json_schema"]
     result["W3_throughput_ratio"] = constrained["output_tok_per_s"] / free["output_tok_per_s"]
     for name, structured in (("free", None), ("json_schema", constraint)) * 2:
@@ -311,18 +326,31 @@ def w10(enforce_eager: bool) -> dict:
         )
         core.add_request(Request(f"w2-{name}-{time.monotonic_ns()}", prompts[0][:128], params))
         times = []
+        if phases is not None:
+            phases.reset()
         while core.has_unfinished_requests():
+            counted = phases is not None and bool(times)  # the prefill's step apart
             before = time.perf_counter()
+            if counted:
+                phases.begin_step()
             out = core.step()
+            if counted:
+                phases.end_step()
+                phases.pause()
             times.append(time.perf_counter() - before)
         result[f"W2_{name}"] = {
             "tpot_median_ms": statistics.median(times[1:]) * 1e3,
             "steps": len(times),
             "last_output": [o.new_token_ids[-4:] for o in out],
         }
+        if phases is not None:
+            result[f"W2_{name}"]["host_phases"] = phases.summary()
     result["W2_tpot_ratio"] = (
         result["W2_json_schema"]["tpot_median_ms"] / result["W2_free"]["tpot_median_ms"]
     )
+    if phases is not None:
+        phases.close()
+        result["gc_objects_by_generation_at_end"] = [len(gc.get_objects(g)) for g in range(3)]
     release(core)
     return result
 
@@ -557,6 +585,11 @@ def main() -> None:
         help="JSON of measured skinny_matmul configs (kernels_linear.py --quant --sweep "
         "--tuned-out) installed before any engine is built",
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="W10: each run's host time per step phase (benchmarks/step_phases.py)",
+    )
     args = parser.parse_args()
     RUN_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
     tuned = 0
@@ -576,7 +609,7 @@ def main() -> None:
         "W2": lambda: single_stream("qwen3-0.6b", args.enforce_eager),
         "W3": lambda: w3(args.enforce_eager),
         "W4": lambda: w4(args.enforce_eager),
-        "W10": lambda: w10(args.enforce_eager),
+        "W10": lambda: w10(args.enforce_eager, args.phases),
         "W6": w6,
         # W3-like: 256 requests at ~600-token contexts; W1/W2: one request.
         "profile-W3": lambda: profile_kernels("qwen3-0.6b", 256, 600, 0.6),

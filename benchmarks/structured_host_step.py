@@ -15,6 +15,8 @@ Prints one JSON object and writes it to benchmarks/results/. Per row count:
 - ``loop_cpu_ms``: the loop thread's own CPU time per step less the stand-ins' (the
   fill counts where it runs on that thread): robust against the machine's other load;
 - ``fill_ms``: xgrammar's batch fill per step, on whichever thread runs it;
+- ``phases``: benchmarks/step_phases.py's mean ms per step of each call the loop makes
+  (the stand-ins for the device included where they run inside one);
 - for the constrained run, ``host_ms_over_free`` and ``loop_cpu_ms_over_free``.
 All medians over the timed steps (fill_ms a mean).
 The stub model gives random logits over the first 4,096 tokens only (the masked argmax
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_workloads import W10_SCHEMA, synthetic_vocabulary  # noqa: E402
 from host_step import cpu_core  # noqa: E402
+from step_phases import StepPhases  # noqa: E402
 
 import lanner.kernels.ops as ops  # noqa: E402
 import lanner.runner.sampler as sampler  # noqa: E402
@@ -141,13 +144,16 @@ def _measure(
     for _ in range(3):
         core.step()
     fill_time.seconds = fill_time.cpu_seconds = 0.0  # the timed steps' only
+    phases = StepPhases(core)
     wall, device, loop_cpu = [], [], []
     running = finished = 0
     for _ in range(steps):
         running += len(core.scheduler.running)
         device_before, device_cpu_before = device_time.seconds, device_time.cpu_seconds
         started, cpu_started = time.perf_counter(), time.thread_time()
+        phases.begin_step()
         outputs = core.step()
+        phases.end_step()
         wall.append(time.perf_counter() - started)
         device.append(device_time.seconds - device_before)
         device_cpu = device_time.cpu_seconds - device_cpu_before
@@ -155,6 +161,7 @@ def _measure(
         done = sum(1 for out in outputs if out.finished)
         finished += done
         add(done)  # keep N rows running
+    phases.close()
     core.shutdown()
 
     def ms(values: list[float]) -> float:
@@ -168,6 +175,7 @@ def _measure(
         "fill_ms": round(fill_time.seconds / steps * 1e3, 3),
         "mean_running": round(running / steps, 1),
         "finished_per_step": round(finished / steps, 2),
+        "phases": phases.summary(),
     }
 
 

@@ -464,6 +464,11 @@ class EngineCore:
             outputs = self._collect(previous, deferred)
         if deferred is not None:
             self._trim_deferred_rows(deferred)
+            if not self.structured_outputs.filling:
+                # Its bitmasks were filled on this thread (a few rows): its sampling goes
+                # to the device now, not after the next step's scheduling, which the
+                # device would otherwise wait for (at batch 1 it waits on this path).
+                self._launch_deferred_sampling(deferred)
         return early + outputs
 
     def _trim_deferred_rows(self, launched: _LaunchedStep) -> None:

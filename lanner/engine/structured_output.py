@@ -278,6 +278,11 @@ class StructuredOutputManager:
         started.wait()
         return rows
 
+    @property
+    def filling(self) -> bool:
+        """A fill ``start_fill`` handed to the fill thread has not been waited for."""
+        return self._filling is not None
+
     def wait_for_fill(self) -> None:
         """Block until the fill ``start_fill`` began is done (raising its error, if any)."""
         if self._filling is not None:
@@ -314,7 +319,13 @@ class StructuredOutputManager:
         ]
 
         def fill() -> None:
-            self._batch_matcher.batch_fill_next_token_bitmask(matchers, words, offsets[:-1])
+            if len(matchers) < THREAD_FILL_ROWS:
+                # One matcher's own fill: the batch call's hand-over to its threads cost
+                # more than a row's fill (1 row: 125-154 µs against 97 µs, 2-core CPU).
+                for matcher, offset in zip(matchers, offsets, strict=False):
+                    matcher.fill_next_token_bitmask(words, offset)
+            else:
+                self._batch_matcher.batch_fill_next_token_bitmask(matchers, words, offsets[:-1])
             for matcher, tokens, offset in zip(matchers, drafts, offsets, strict=False):
                 if tokens:
                     self._fill_after_drafts(matcher, tokens, words, offset)

@@ -1,0 +1,138 @@
+"""Where an engine core's step goes on the host, phase by phase: wall time of the calls
+the loop makes each step (reading the step back, the grammars' advance and bitmask fill,
+scheduling, the launches, ...), per thread, and of Python's collections, for
+benchmarks/structured_host_step.py (CPU) and engine_workloads.py W10 --phases (GPU).
+
+``StepPhases(core)`` wraps those calls on one core (its instance attributes, and
+xgrammar's batch fill for the whole process) until ``close()``; ``begin_step`` /
+``end_step`` bracket each step whose phases count, and ``summary()`` gives each
+phase's mean milliseconds per counted step. Phases nest (``core._collect`` holds
+``runner.collect``, ...: see _CORE_PHASES); xgrammar's fill is counted apart on the
+fill thread.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+# (owner path on the core, method): the phase is named "owner.method" ("core." for the
+# core's own).
+_CORE_PHASES = [
+    ("", "_end_failed_grammars"),
+    ("", "_launch"),  # holds scheduler.schedule, _fill_grammar_bitmasks (drafts),
+    # _launch_deferred_sampling (the step before's) and runner.launch
+    ("scheduler", "schedule"),
+    ("", "_launch_deferred_sampling"),  # holds wait_for_fill and runner.sample_deferred
+    ("structured_outputs", "wait_for_fill"),
+    ("runner", "sample_deferred"),
+    ("runner", "launch"),
+    ("", "_collect"),  # holds runner.collect, _advance_grammars, _fill_grammar_bitmasks
+    # (the deferred step's) and _append_tokens
+    ("runner", "collect"),  # on a GPU: mostly waiting for the device
+    ("", "_advance_grammars"),
+    ("", "_fill_grammar_bitmasks"),  # holds structured_outputs._prepare, and the fill
+    # itself when it runs on the loop's thread
+    ("structured_outputs", "_prepare"),
+    ("", "_append_tokens"),
+    ("", "_trim_deferred_rows"),
+]
+
+
+class StepPhases:
+    """Per-phase wall time of one core's steps (see the module docstring)."""
+
+    def __init__(self, core: Any) -> None:
+        self._loop_thread = threading.get_ident()
+        self._totals: dict[str, float] = defaultdict(float)
+        self._calls: dict[str, int] = defaultdict(int)
+        self._counting = False
+        self._steps = 0
+        self._step_started = 0.0
+        self._lock = threading.Lock()
+        self._undo: list[Callable[[], None]] = []
+        for path, attribute in _CORE_PHASES:
+            owner = getattr(core, path) if path else core
+            self._wrap_instance(owner, attribute, f"{path or 'core'}.{attribute}")
+        try:
+            import xgrammar
+        except ImportError:
+            xgrammar = None
+        if xgrammar is not None:
+            batch = xgrammar.BatchGrammarMatcher
+            original = batch.batch_fill_next_token_bitmask
+            timed = self._timed(original, "xgrammar.batch_fill_next_token_bitmask")
+            batch.batch_fill_next_token_bitmask = timed
+            self._undo.append(lambda: setattr(batch, "batch_fill_next_token_bitmask", original))
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+        self._undo.append(lambda: gc.callbacks.remove(self._on_gc))
+
+    def _wrap_instance(self, owner: Any, attribute: str, name: str) -> None:
+        original = getattr(owner, attribute)
+        setattr(owner, attribute, self._timed(original, name))
+        self._undo.append(lambda: owner.__dict__.pop(attribute, None))
+
+    def _timed(self, fn: Callable, name: str) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self._counting:
+                    where = "" if threading.get_ident() == self._loop_thread else " [fill thread]"
+                    with self._lock:
+                        self._totals[name + where] += time.perf_counter() - started
+                        self._calls[name + where] += 1
+
+        return timed
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._counting and self._gc_started:
+            name = f"gc.generation_{info['generation']}"
+            with self._lock:
+                self._totals[name] += time.perf_counter() - self._gc_started
+                self._calls[name] += 1
+
+    def begin_step(self) -> None:
+        self._counting = True
+        self._step_started = time.perf_counter()
+
+    def end_step(self) -> None:
+        with self._lock:
+            self._totals["step"] += time.perf_counter() - self._step_started
+            self._calls["step"] += 1
+        self._steps += 1
+
+    def pause(self) -> None:
+        """Stop counting (between runs whose steps should not count)."""
+        self._counting = False
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Each phase's mean ms per counted step and its calls per step, by name."""
+        steps = max(self._steps, 1)
+        return {
+            name: {
+                "ms_per_step": round(self._totals[name] / steps * 1e3, 4),
+                "calls_per_step": round(self._calls[name] / steps, 2),
+            }
+            for name in sorted(self._totals)
+        } | {"counted_steps": {"steps": self._steps}}  # type: ignore[dict-item]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._totals.clear()
+            self._calls.clear()
+        self._steps = 0
+
+    def close(self) -> None:
+        self._counting = False
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
