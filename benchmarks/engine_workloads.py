@@ -22,17 +22,20 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 
-from benchmarks.step_phases import StepPhases
 from lanner.bench.report import save_copies
 from lanner.engine.config import EngineConfig
 from lanner.engine.core import EngineCore
 from lanner.engine.request import Request
 from lanner.kernels import attention_metadata, ops
 from lanner.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from benchmarks.step_phases import StepPhases
 
 SHAPES = Path(__file__).resolve().parent / "shapes"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -307,7 +310,11 @@ def w10(enforce_eager: bool, with_phases: bool = False) -> dict:
     )
     # Qwen3's 151,643 tokens (the rest of the 151,936 rows are padding).
     core.structured_outputs.use_vocabulary(synthetic_vocabulary(151643))
-    phases = StepPhases(core) if with_phases else None
+    phases = None
+    if with_phases:
+        from benchmarks.step_phases import StepPhases
+
+        phases = StepPhases(core)
     result: dict = {}
     for name, structured in (("free", None), ("json_schema", constraint)) * 2:
         params = [

@@ -740,19 +740,27 @@ class EngineCore:
         self, schedule: SchedulerOutput, sampled: dict[str, list[int]]
     ) -> dict[str, tuple[FinishReason, None] | None]:
         """Feed each request under a grammar that sampled one token (no drafts) that
-        token; what ``_advance_grammar`` said, by request id."""
-        stops = {}
+        token, all at once; what ``_grammar_stop`` said, by request id."""
+        requests, grammars, tokens = [], [], []
         for scheduled in schedule.scheduled:
             request = scheduled.request
-            tokens = sampled.get(request.request_id)
+            sampled_tokens = sampled.get(request.request_id)
             if (
                 request.grammar is not None
-                and tokens is not None
-                and len(tokens) == 1
+                and sampled_tokens is not None
+                and len(sampled_tokens) == 1
                 and self.scheduler.requests.get(request.request_id) is request
             ):
-                stops[request.request_id] = self._advance_grammar(request, tokens[0])
-        return stops
+                requests.append(request)
+                grammars.append(request.grammar)
+                tokens.append(sampled_tokens[0])
+        if not requests:
+            return {}
+        accepted = RequestGrammar.accept_each(grammars, tokens)
+        return {
+            request.request_id: self._grammar_stop(request, token, ok)
+            for request, token, ok in zip(requests, tokens, accepted, strict=True)
+        }
 
     def _spec_states(self) -> list[RequestSpecState]:
         return [r.spec_state for r in self.scheduler.running if r.spec_state is not None]
@@ -805,10 +813,18 @@ class EngineCore:
         has (it took a stop token), or, should it refuse the token, is aborted."""
         grammar = request.grammar
         assert grammar is not None
-        if not grammar.accept(token):
+        return self._grammar_stop(request, token, grammar.accept(token))
+
+    @staticmethod
+    def _grammar_stop(
+        request: Request, token: int, accepted: bool
+    ) -> tuple[FinishReason, None] | None:
+        """What the grammar's taking (or refusing) ``token`` means for the request."""
+        if not accepted:
             logger.error("request %s: its grammar refused token %d", request.request_id, token)
             return FinishReason.ABORT, None
-        return (FinishReason.STOP, None) if grammar.is_terminated else None
+        assert request.grammar is not None
+        return (FinishReason.STOP, None) if request.grammar.is_terminated else None
 
     @torch.inference_mode()
     def shutdown(self) -> None:

@@ -174,6 +174,20 @@ class RequestGrammar:
         """The grammar has ended (``accept`` gave it a stop token): the request is done."""
         return self._terminated
 
+    @staticmethod
+    def accept_each(grammars: list[RequestGrammar], tokens: list[int]) -> list[bool]:
+        """``accept`` for each grammar and its token; many at once in one xgrammar call
+        (256 rows: a Python loop over the matchers cost ~1 ms more a step)."""
+        if len(grammars) < THREAD_FILL_ROWS:
+            return [grammar.accept(token) for grammar, token in zip(grammars, tokens, strict=True)]
+        accepted = _xgrammar().BatchGrammarMatcher.batch_accept_token(
+            [grammar.matcher for grammar in grammars], tokens
+        )
+        for grammar, token, ok in zip(grammars, tokens, accepted, strict=True):
+            if ok and token in grammar._stop_token_ids:
+                grammar._terminated = bool(grammar._matcher.is_terminated())
+        return [bool(ok) for ok in accepted]
+
 
 class StructuredOutputManager:
     """Compiles constraints for one engine (its tokenizer and vocabulary) on a thread of

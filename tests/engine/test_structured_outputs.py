@@ -334,9 +334,14 @@ def test_overlapped_scheduling_gives_the_same_constrained_outputs(llm: LLM) -> N
     deferred = []
     sample_deferred = runner.sample_deferred
     runner.sample_deferred = lambda pending: (deferred.append(1), sample_deferred(pending))[1]
+    manager = overlapped.engine.core.structured_outputs
+    fills = []  # rows a step filled: on the fill thread, or here (then sampled at once)
+    start_fill = manager.start_fill
+    manager.start_fill = lambda grammars: (fills.append(len(grammars)), start_fill(grammars))[1]
     got = overlapped.generate(prompts, params, use_tqdm=False)
     assert [summary(o) for o in got] == [summary(o) for o in expected]
     assert len(deferred) > 10  # the model ran ahead of the grammar's step
+    assert max(fills) >= structured_output.THREAD_FILL_ROWS > min(fills)  # both ways
     assert_pool_full(overlapped)
 
 
@@ -416,3 +421,39 @@ def test_step_bitmasks_share_one_reused_buffer(llm: LLM) -> None:
     assert manager._filling is None
     for row, mask in zip(inline, expected, strict=True):
         assert torch.equal(row.words()[0], mask)
+
+
+def test_grammars_accept_alike_one_by_one_and_in_one_call(llm: LLM) -> None:
+    # From THREAD_FILL_ROWS grammars, accept_each advances them in one xgrammar call: it
+    # must say what each grammar's own accept says (taken, refused, ended by a stop token).
+    from lanner.engine.structured_output import RequestGrammar
+
+    manager = llm.engine.core.structured_outputs
+    constraint = StructuredOutputsParams(choice=["yes", "no"])
+
+    def walk(count: int) -> tuple[list[list[bool]], list[bool]]:
+        grammars = [manager.grammar_for(constraint) for _ in range(count)]
+        for grammar in grammars:
+            grammar.wait(30)
+            assert grammar.ready and grammar.error is None
+        tokenizer = llm.get_tokenizer()
+        words = [tokenizer.encode(w, add_special_tokens=False) for w in ("yes", "no", "z")]
+        results = []
+        for step in range(max(len(w) for w in words) + 2):
+            # Each grammar its word's tokens (one in three a word the choice refuses),
+            # then a stop token, then anything.
+            tokens = [
+                words[i % 3][step] if step < len(words[i % 3]) else g.matcher.stop_token_ids[0]
+                for i, g in enumerate(grammars)
+            ]
+            results.append(RequestGrammar.accept_each(grammars, tokens))
+        return results, [g.is_terminated for g in grammars]
+
+    count = structured_output.THREAD_FILL_ROWS + 1
+    many = walk(count)
+    with mock.patch.object(structured_output, "THREAD_FILL_ROWS", count + 1):
+        one_by_one = walk(count)
+    assert many == one_by_one
+    results, terminated = many
+    assert not all(results[0]) and any(results[0])  # some refused their first token
+    assert any(terminated) and not all(terminated)
