@@ -37,6 +37,8 @@ _CORE_PHASES = [
     ("", "_advance_grammars"),
     ("", "_fill_grammar_bitmasks"),  # holds structured_outputs._prepare, and the fill
     # itself when it runs on the loop's thread
+    ("structured_outputs", "start_fill"),  # holds _prepare, and the hand-over to the
+    # fill thread (or the fill itself, for a few rows)
     ("structured_outputs", "_prepare"),
     ("", "_append_tokens"),
     ("", "_trim_deferred_rows"),
@@ -49,10 +51,11 @@ class StepPhases:
     def __init__(self, core: Any) -> None:
         self._loop_thread = threading.get_ident()
         self._totals: dict[str, float] = defaultdict(float)
+        self._cpu: dict[str, float] = defaultdict(float)  # the calling thread's CPU time
         self._calls: dict[str, int] = defaultdict(int)
         self._counting = False
         self._steps = 0
-        self._step_started = 0.0
+        self._step_started = self._step_cpu_started = 0.0
         self._lock = threading.Lock()
         self._undo: list[Callable[[], None]] = []
         for path, attribute in _CORE_PHASES:
@@ -68,7 +71,7 @@ class StepPhases:
             timed = self._timed(original, "xgrammar.batch_fill_next_token_bitmask")
             batch.batch_fill_next_token_bitmask = timed
             self._undo.append(lambda: setattr(batch, "batch_fill_next_token_bitmask", original))
-        self._gc_started = 0.0
+        self._gc_started = self._gc_cpu_started = 0.0
         gc.callbacks.append(self._on_gc)
         self._undo.append(lambda: gc.callbacks.remove(self._on_gc))
 
@@ -79,7 +82,7 @@ class StepPhases:
 
     def _timed(self, fn: Callable, name: str) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -87,26 +90,29 @@ class StepPhases:
                     where = "" if threading.get_ident() == self._loop_thread else " [fill thread]"
                     with self._lock:
                         self._totals[name + where] += time.perf_counter() - started
+                        self._cpu[name + where] += time.thread_time() - cpu_started
                         self._calls[name + where] += 1
 
         return timed
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._gc_started = time.perf_counter()
+            self._gc_started, self._gc_cpu_started = time.perf_counter(), time.thread_time()
         elif self._counting and self._gc_started:
             name = f"gc.generation_{info['generation']}"
             with self._lock:
                 self._totals[name] += time.perf_counter() - self._gc_started
+                self._cpu[name] += time.thread_time() - self._gc_cpu_started
                 self._calls[name] += 1
 
     def begin_step(self) -> None:
         self._counting = True
-        self._step_started = time.perf_counter()
+        self._step_started, self._step_cpu_started = time.perf_counter(), time.thread_time()
 
     def end_step(self) -> None:
         with self._lock:
             self._totals["step"] += time.perf_counter() - self._step_started
+            self._cpu["step"] += time.thread_time() - self._step_cpu_started
             self._calls["step"] += 1
         self._steps += 1
 
@@ -115,11 +121,14 @@ class StepPhases:
         self._counting = False
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Each phase's mean ms per counted step and its calls per step, by name."""
+        """Each phase's mean wall ms per counted step, the CPU ms its thread spent in it
+        (less than the wall where it waited: for the device, a lock, a core), and its
+        calls per step, by name."""
         steps = max(self._steps, 1)
         return {
             name: {
                 "ms_per_step": round(self._totals[name] / steps * 1e3, 4),
+                "cpu_ms_per_step": round(self._cpu[name] / steps * 1e3, 4),
                 "calls_per_step": round(self._calls[name] / steps, 2),
             }
             for name in sorted(self._totals)
@@ -128,6 +137,7 @@ class StepPhases:
     def reset(self) -> None:
         with self._lock:
             self._totals.clear()
+            self._cpu.clear()
             self._calls.clear()
         self._steps = 0
 
