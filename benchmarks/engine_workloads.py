@@ -222,7 +222,27 @@ def run_offline(
         "full_gc_pauses_ms": [round(t * 1e3, 1) for t in GC_PAUSES[gc_before:]],
         "output_tok_per_s": output_tokens / elapsed,
         "timed_out": timed_out,
-        **({"host_phases_at_192_plus_running": phases.summary()} if phases is not None else {}),
+        **(
+            {"host_phases_at_192_plus_running": phases.summary(), "gc_heap": gc_heap()}
+            if phases is not None
+            else {}
+        ),
+    }
+
+
+def gc_heap(top: int = 10) -> dict:
+    """What a full collection scans now: the collector's objects by generation (frozen
+    ones apart) and the commonest types among them."""
+    objects = gc.get_objects()
+    types: dict[str, int] = {}
+    for obj in objects:
+        name = type(obj).__qualname__
+        types[name] = types.get(name, 0) + 1
+    common = sorted(types.items(), key=lambda item: -item[1])[:top]
+    return {
+        "by_generation": [len(gc.get_objects(g)) for g in range(3)],
+        "frozen": gc.get_freeze_count(),
+        "commonest_types": dict(common),
     }
 
 
@@ -357,7 +377,6 @@ def w10(enforce_eager: bool, with_phases: bool = False) -> dict:
     )
     if phases is not None:
         phases.close()
-        result["gc_objects_by_generation_at_end"] = [len(gc.get_objects(g)) for g in range(3)]
     release(core)
     return result
 
