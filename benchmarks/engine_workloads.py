@@ -336,6 +336,10 @@ def w10(enforce_eager: bool, with_phases: bool = False) -> dict:
 
         phases = StepPhases(core)
     result: dict = {}
+    if phases is not None:
+        from lanner.engine.structured_output import fill_threads
+
+        result["fill_threads"] = fill_threads()  # the batch fill's, on this machine
     for name, structured in (("free", None), ("json_schema", constraint)) * 2:
         params = [
             SamplingParams(
