@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 # How long an idle step waits on a compiling grammar before returning to its caller.
 GRAMMAR_POLL_S = 0.005
+# How long a step's end waits for the fill thread to end its fill (which needs the
+# interpreter the loop holds) before leaving the sampling to the next step's launch.
+FILL_CHECK_S = 0.0002
 
 
 @dataclass
@@ -464,10 +467,11 @@ class EngineCore:
             outputs = self._collect(previous, deferred)
         if deferred is not None:
             self._trim_deferred_rows(deferred)
-            if not self.structured_outputs.filling:
-                # Its bitmasks were filled on this thread (a few rows): its sampling goes
-                # to the device now, not after the next step's scheduling, which the
-                # device would otherwise wait for (at batch 1 it waits on this path).
+            if self.structured_outputs.fill_done(FILL_CHECK_S):
+                # Its bitmasks are filled (here, for a few rows; or the fill thread is
+                # done): its sampling goes to the device now, not after the next step's
+                # scheduling, which the device would otherwise wait for once it has run
+                # the step's model (at batch 1 it waited on this path).
                 self._launch_deferred_sampling(deferred)
         return early + outputs
 
@@ -475,7 +479,8 @@ class EngineCore:
         """The step before has been read: the launched step's sampling rows see their
         output history without the token this step samples (its placeholder). Their
         grammar bitmasks are filling (``_collect``); ``_launch_deferred_sampling``
-        launches the sampling just before the next step."""
+        launches the sampling once they are: at the end of this step when the fill is
+        done by then, else just before the next step's model."""
         assert launched.step.deferred is not None
         for chunk in launched.step.deferred.chunks:
             row = chunk.sampling

@@ -17,6 +17,7 @@ import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from pathlib import Path
 from typing import Any
 
@@ -292,10 +293,17 @@ class StructuredOutputManager:
         started.wait()
         return rows
 
-    @property
-    def filling(self) -> bool:
-        """A fill ``start_fill`` handed to the fill thread has not been waited for."""
-        return self._filling is not None
+    def fill_done(self, timeout_s: float) -> bool:
+        """Whether the fill ``start_fill`` handed to the fill thread (if any) is done, or
+        ends within ``timeout_s``. The loop's thread lets go of the interpreter while it
+        waits: a fill whose xgrammar call has returned needs it to end."""
+        if self._filling is None:
+            return True
+        try:
+            self._filling.result(timeout=timeout_s)
+        except FutureTimeoutError:
+            return False
+        return True
 
     def wait_for_fill(self) -> None:
         """Block until the fill ``start_fill`` began is done (raising its error, if any)."""
