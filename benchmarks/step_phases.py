@@ -44,6 +44,10 @@ _CORE_PHASES = [
     ("", "_trim_deferred_rows"),
 ]
 
+# Counted apart inside core._launch (the deferred sampling: launched there, after the
+# next step's scheduling, or earlier at the end of the step that filled its bitmasks).
+_BY_CALLER = frozenset({"runner.sample_deferred"})
+
 
 class StepPhases:
     """Per-phase wall time of one core's steps (see the module docstring)."""
@@ -57,6 +61,7 @@ class StepPhases:
         self._steps = 0
         self._step_started = self._step_cpu_started = 0.0
         self._lock = threading.Lock()
+        self._active: list[str] = []  # the loop thread's phases under way, outermost first
         self._undo: list[Callable[[], None]] = []
         for path, attribute in _CORE_PHASES:
             owner = getattr(core, path) if path else core
@@ -82,12 +87,19 @@ class StepPhases:
 
     def _timed(self, fn: Callable, name: str) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            on_loop = threading.get_ident() == self._loop_thread
             started, cpu_started = time.perf_counter(), time.thread_time()
+            if on_loop:
+                self._active.append(name)
             try:
                 return fn(*args, **kwargs)
             finally:
+                if on_loop:
+                    self._active.pop()
                 if self._counting:
-                    where = "" if threading.get_ident() == self._loop_thread else " [fill thread]"
+                    where = "" if on_loop else " [fill thread]"
+                    if name in _BY_CALLER:
+                        where += " [in core._launch]" if "core._launch" in self._active else ""
                     with self._lock:
                         self._totals[name + where] += time.perf_counter() - started
                         self._cpu[name + where] += time.thread_time() - cpu_started
