@@ -11,6 +11,7 @@ in the scheduler's queue (``RequestGrammar.ready``), never the loop.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import re
@@ -63,6 +64,16 @@ def fill_threads() -> int:
     if limit is not None:
         cores = min(cores, limit)
     return max(1, min(cores - 1, MAX_FILL_THREADS))
+
+
+def _freeze_long_lived() -> None:
+    """Put what lives as long as the engine out of the collector's view, as the engine
+    does once built (EngineCore._start): xgrammar's modules and a grammar compiler, made
+    on the first constrained request, are ~70k objects that every full collection would
+    scan after (57 ms a collection on the 2-core CPU machine; W10's W3 had 8 of ~45 ms
+    on the H200). Once per compiler: one full collection first, so no garbage is kept."""
+    gc.collect()
+    gc.freeze()
 
 
 def _clean(err: Exception) -> str:
@@ -240,6 +251,7 @@ class StructuredOutputManager:
         )
         with self._compiler_lock:
             self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+        _freeze_long_lived()
 
     def _get_compiler(self) -> Any:
         with self._compiler_lock:
@@ -252,6 +264,7 @@ class StructuredOutputManager:
                     tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
                 )
                 self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+                _freeze_long_lived()
             return self._compiler
 
     def fill_bitmasks(

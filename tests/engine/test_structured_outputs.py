@@ -457,3 +457,23 @@ def test_grammars_accept_alike_one_by_one_and_in_one_call(llm: LLM) -> None:
     results, terminated = many
     assert not all(results[0]) and any(results[0])  # some refused their first token
     assert any(terminated) and not all(terminated)
+
+
+def test_the_grammar_compiler_is_kept_out_of_full_collections(llm: LLM) -> None:
+    # xgrammar's modules and a compiler come after the engine froze what it holds: frozen
+    # in turn (with one collection first), full collections do not scan them each time.
+    import gc
+
+    import xgrammar
+
+    core = llm.engine.core.structured_outputs
+    manager = structured_output.StructuredOutputManager(
+        core.tokenizer_source, core.vocab_size, core.eos_token_ids
+    )
+    grammar = manager.grammar_for(StructuredOutputsParams(regex="[ab]{2}"))
+    grammar.wait(30)
+    assert grammar.ready and grammar.error is None
+    tracked = {id(obj) for obj in gc.get_objects()}
+    assert id(manager._compiler) not in tracked
+    assert id(vars(xgrammar)) not in tracked
+    manager.shutdown()
