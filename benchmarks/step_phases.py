@@ -69,15 +69,20 @@ class StepPhases:
             import xgrammar
         except ImportError:
             xgrammar = None
-        if xgrammar is not None:
-            batch = xgrammar.BatchGrammarMatcher
-            original = batch.batch_fill_next_token_bitmask
-            timed = self._timed(original, "xgrammar.batch_fill_next_token_bitmask")
-            batch.batch_fill_next_token_bitmask = timed
-            self._undo.append(lambda: setattr(batch, "batch_fill_next_token_bitmask", original))
+        if xgrammar is not None:  # its fills: the batch call, and each matcher's own
+            for owner, attribute in (
+                (xgrammar.BatchGrammarMatcher, "batch_fill_next_token_bitmask"),
+                (xgrammar.GrammarMatcher, "fill_next_token_bitmask"),
+            ):
+                self._wrap_class(owner, attribute, f"xgrammar.{owner.__name__}.{attribute}")
         self._gc_started = self._gc_cpu_started = 0.0
         gc.callbacks.append(self._on_gc)
         self._undo.append(lambda: gc.callbacks.remove(self._on_gc))
+
+    def _wrap_class(self, owner: type, attribute: str, name: str) -> None:
+        original = getattr(owner, attribute)
+        setattr(owner, attribute, self._timed(original, name))
+        self._undo.append(lambda: setattr(owner, attribute, original))
 
     def _wrap_instance(self, owner: Any, attribute: str, name: str) -> None:
         original = getattr(owner, attribute)

@@ -16,7 +16,8 @@ count:
   included);
 - ``loop_cpu_ms``: the loop thread's own CPU time per step less the stand-ins' (the
   fill counts where it runs on that thread): robust against the machine's other load;
-- ``fill_ms``: xgrammar's batch fill per step, on whichever thread runs it;
+- ``fill_ms``: xgrammar's fill per step (the batch call's, or each matcher's own for
+  a few rows), on whichever thread runs it;
 - ``phases``: benchmarks/step_phases.py's mean ms per step of each call the loop makes
   (the stand-ins for the device included where they run inside one);
 - for the constrained run, ``host_ms_over_free`` and ``loop_cpu_ms_over_free``.
@@ -108,6 +109,7 @@ def measure(rows: int, constrained: bool, steps: int) -> dict[str, float]:
         (ops, "apply_token_bitmask", device_time),
         (sampler, "greedy_tokens", device_time),
         (xgrammar.BatchGrammarMatcher, "batch_fill_next_token_bitmask", fill_time),
+        (xgrammar.GrammarMatcher, "fill_next_token_bitmask", fill_time),  # a few rows'
     ]
     originals = [getattr(owner, name) for owner, name, _ in patched]
     for owner, name, timer in patched:
