@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -484,8 +485,14 @@ class EngineCore:
         assert launched.step.deferred is not None
         for chunk in launched.step.deferred.chunks:
             row = chunk.sampling
-            if row is not None and row.output_token_ids[-1:] == [PLACEHOLDER_TOKEN]:
-                row.output_token_ids = row.output_token_ids[:-1]  # a copy: the list goes on
+            if (
+                row is not None
+                and row.output_token_ids
+                and row.output_token_ids[-1] == (PLACEHOLDER_TOKEN)
+            ):
+                # Counted off, not copied: nothing appends to the list before the row's
+                # sampling launches (the next step's placeholders come after it).
+                row.num_pending = 1
 
     def _launch_deferred_sampling(self, launched: _LaunchedStep) -> None:
         """Launch a deferred step's sampling once its bitmasks are filled (no-op for a
@@ -603,11 +610,11 @@ class EngineCore:
         ]
         if not rows:
             return
-        drafts: list[list[int]] = []
+        drafts: list[Sequence[int]] = []
         for chunk, _ in rows:
             count = chunk.num_draft_tokens
             if not count:
-                drafts.append([])
+                drafts.append(())
             elif chunk.draft_row is not None and device_drafts is not None:
                 drafts.append(device_drafts.token_ids[chunk.draft_row, :count].tolist())
             else:
