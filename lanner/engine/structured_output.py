@@ -181,6 +181,11 @@ class RequestGrammar:
             self._terminated = bool(self._matcher.is_terminated())
         return accepted
 
+    def ends_on(self, token_id: int) -> bool:
+        """Whether ``token_id`` is one of the grammar's stop tokens: the one kind of token
+        whose taking ends it (a mask that allowed it allowed the end)."""
+        return token_id in self._stop_token_ids
+
     @property
     def is_terminated(self) -> bool:
         """The grammar has ended (``accept`` gave it a stop token): the request is done."""
@@ -225,6 +230,7 @@ class StructuredOutputManager:
         # Bitmask fills run here while the engine loop goes on (xgrammar drops the GIL).
         self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar-fill")
         self._filling: Future | None = None
+        self._advanced: Future | None = None  # start_fill's advance, when it had one
         # Two buffers, used in turn: a step's copy to the device may still be queued
         # while the next step's bitmasks are filled. Each holds its last step's view.
         self._buffers: list[TokenBitmasks | None] = [None, None]
@@ -281,30 +287,100 @@ class StructuredOutputManager:
         fill()
         return rows
 
-    def start_fill(self, grammars: list[RequestGrammar]) -> list[BitmaskRows]:
+    @staticmethod
+    def fills_on_thread(num_rows: int) -> bool:
+        """Whether ``start_fill`` hands a step of ``num_rows`` rows to the fill thread."""
+        return num_rows >= THREAD_FILL_ROWS
+
+    def start_fill(
+        self,
+        grammars: list[RequestGrammar],
+        advancing: list[RequestGrammar] | None = None,
+        tokens: list[int] | None = None,
+    ) -> list[BitmaskRows]:
         """``fill_bitmasks`` without drafts, on the fill thread: the rows returned are
-        filled once ``wait_for_fill`` returns. The matchers must not change meanwhile."""
+        filled once ``wait_for_fill`` returns. The matchers must not change meanwhile.
+
+        With ``advancing`` (then always on the fill thread), that thread first takes each
+        of those grammars its token (``RequestGrammar.accept_each``: ``wait_for_advance``
+        says what each answered), so that the loop's thread goes on meanwhile; a row whose
+        grammar that ends allows everything (its request is done: its sample is dropped).
+        """
         no_drafts: list[Sequence[int]] = [()] * len(grammars)
-        if len(grammars) < THREAD_FILL_ROWS:
+        if advancing is None and not self.fills_on_thread(len(grammars)):
             # A few rows fill faster than the hand-over to the thread takes (W10's batch 1
             # ran at 3.4x the free TPOT with it).
             return self.fill_bitmasks(grammars, no_drafts)
         self.wait_for_fill()
         rows, fill = self._prepare(grammars, no_drafts)
         started = threading.Event()
+        run: Callable[[], None]
+        if advancing is None:
 
-        def run() -> None:
-            started.set()
-            fill()
+            def run() -> None:
+                started.set()
+                fill()
+
+        else:
+            assert tokens is not None
+            advance = self._advance(advancing, tokens, grammars)
+
+            def run() -> None:
+                started.set()
+                fill(advance())
 
         self._filling = self._fill_thread.submit(run)
-        # Until the fill thread holds the GIL: it keeps it into xgrammar's fill, which
+        # Until the fill thread holds the GIL: it keeps it into xgrammar's call, which
         # lets go of it. Without this wait the loop's thread kept the GIL (it lets go
         # only when it blocks, or after sys.getswitchinterval(), 5 ms), and the fill
         # began only once the loop waited for it: no overlap (benchmarks/
         # structured_host_step.py, one row: 3.5 ms a step against 0.4 ms of fill).
         started.wait()
         return rows
+
+    def _advance(
+        self, grammars: list[RequestGrammar], tokens: list[int], filling: list[RequestGrammar]
+    ) -> Callable[[], list[int]]:
+        """The call that advances ``grammars`` by ``tokens`` on the fill thread, keeps the
+        answer for ``wait_for_advance`` and returns the indexes in ``filling`` of the
+        grammars that ended. What it runs while holding the interpreter (which the loop's
+        thread holds as it goes on) is kept short: the matchers are listed here, and only
+        grammars given a stop token are asked whether they ended."""
+        matchers = [grammar.matcher for grammar in grammars]
+        stopping = [
+            index
+            for index, (grammar, token) in enumerate(zip(grammars, tokens, strict=True))
+            if token in grammar._stop_token_ids
+        ]
+        filled_at = {id(g): row for row, g in enumerate(filling)} if stopping else {}
+        may_end = [(grammars[i], i, filled_at.get(id(grammars[i]))) for i in stopping]
+        advanced: Future = Future()
+        self._advanced = advanced
+        batch_accept = _xgrammar().BatchGrammarMatcher.batch_accept_token
+
+        def advance() -> list[int]:
+            ended = []
+            try:
+                accepted = [bool(ok) for ok in batch_accept(matchers, tokens)]
+                for grammar, index, row in may_end:
+                    if accepted[index]:
+                        grammar._terminated = bool(grammar.matcher.is_terminated())
+                        if grammar._terminated and row is not None:
+                            ended.append(row)
+            except BaseException as err:
+                advanced.set_exception(err)
+                raise
+            advanced.set_result(accepted)
+            return ended
+
+        return advance
+
+    def wait_for_advance(self) -> list[bool]:
+        """What each grammar ``start_fill`` advanced answered (taken or not), once the
+        fill thread has them (its fill may still run)."""
+        advanced, self._advanced = self._advanced, None
+        assert advanced is not None, "start_fill was given no grammars to advance"
+        return advanced.result()
 
     def fill_done(self, timeout_s: float) -> bool:
         """Whether the fill ``start_fill`` handed to the fill thread (if any) is done, or
@@ -326,8 +402,9 @@ class StructuredOutputManager:
 
     def _prepare(
         self, grammars: list[RequestGrammar], drafts: list[Sequence[int]]
-    ) -> tuple[list[BitmaskRows], Callable[[], None]]:
-        """The step's rows in the next buffer, and the call that fills them."""
+    ) -> tuple[list[BitmaskRows], Callable[..., None]]:
+        """The step's rows in the next buffer, and the call that fills them (given the
+        indexes of grammars to leave out, their rows allowing everything)."""
         xgr = _xgrammar()
         if self._batch_matcher is None:
             self._batch_matcher = xgr.BatchGrammarMatcher(fill_threads())
@@ -353,14 +430,19 @@ class StructuredOutputManager:
             for start, end in zip(offsets, offsets[1:], strict=False)
         ]
 
-        def fill() -> None:
-            if len(matchers) < THREAD_FILL_ROWS:
+        def fill(ended: Sequence[int] = ()) -> None:
+            live, starts = matchers, offsets[:-1]
+            if ended:  # grammars start_fill's advance ended: nothing to fill, anything goes
+                words[[starts[i] for i in ended]] = -1
+                live = [m for i, m in enumerate(matchers) if i not in ended]
+                starts = [start for i, start in enumerate(starts) if i not in ended]
+            if len(live) < THREAD_FILL_ROWS:
                 # One matcher's own fill: the batch call's hand-over to its threads cost
                 # more than a row's fill (1 row: 125-154 µs against 97 µs, 2-core CPU).
-                for matcher, offset in zip(matchers, offsets, strict=False):
+                for matcher, offset in zip(live, starts, strict=True):
                     matcher.fill_next_token_bitmask(words, offset)
             else:
-                self._batch_matcher.batch_fill_next_token_bitmask(matchers, words, offsets[:-1])
+                self._batch_matcher.batch_fill_next_token_bitmask(live, words, starts)
             for matcher, tokens, offset in zip(matchers, drafts, offsets, strict=False):
                 if tokens:
                     self._fill_after_drafts(matcher, tokens, words, offset)

@@ -335,13 +335,22 @@ def test_overlapped_scheduling_gives_the_same_constrained_outputs(llm: LLM) -> N
     sample_deferred = runner.sample_deferred
     runner.sample_deferred = lambda pending: (deferred.append(1), sample_deferred(pending))[1]
     manager = overlapped.engine.core.structured_outputs
-    fills = []  # rows a step filled: on the fill thread, or here (then sampled at once)
+    # Rows a step filled: on the fill thread (which then advanced the grammars first), or
+    # here (then sampled at once).
+    fills: list[tuple[int, bool]] = []
     start_fill = manager.start_fill
-    manager.start_fill = lambda grammars: (fills.append(len(grammars)), start_fill(grammars))[1]
+
+    def counted(grammars: list, *advance: Any) -> Any:
+        fills.append((len(grammars), bool(advance)))
+        return start_fill(grammars, *advance)
+
+    manager.start_fill = counted
     got = overlapped.generate(prompts, params, use_tqdm=False)
     assert [summary(o) for o in got] == [summary(o) for o in expected]
     assert len(deferred) > 10  # the model ran ahead of the grammar's step
-    assert max(fills) >= structured_output.THREAD_FILL_ROWS > min(fills)  # both ways
+    threaded = [rows for rows, advanced in fills if advanced]
+    assert min(threaded) >= structured_output.THREAD_FILL_ROWS  # both ways
+    assert min(rows for rows, advanced in fills if not advanced) < min(threaded)
     assert_pool_full(overlapped)
 
 
@@ -477,3 +486,38 @@ def test_the_grammar_compiler_is_kept_out_of_full_collections(llm: LLM) -> None:
     assert id(manager._compiler) not in tracked
     assert id(vars(xgrammar)) not in tracked
     manager.shutdown()
+
+
+def test_a_refusal_found_on_the_fill_thread_aborts_its_request() -> None:
+    # From THREAD_FILL_ROWS rows the fill thread advances the grammars while the loop
+    # applies the step (assuming each took its token, which its mask allowed). Should one
+    # refuse, its request ends aborted in that same step; the others go on unharmed.
+    import xgrammar
+
+    overlapped = LLM(
+        dtype="float32", device="cpu", block_size=16, max_model_len=512, async_scheduling=True
+    )
+    constraint = StructuredOutputsParams(regex="[a-z ]{30,60}")
+    params = SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=constraint)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(10)]
+    expected = overlapped.generate(prompts, params, use_tqdm=False)
+    original = xgrammar.BatchGrammarMatcher.batch_accept_token
+    calls = []
+
+    def refuse_once(matchers: list, tokens: list[int], *rest: Any) -> list[bool]:
+        accepted = [bool(ok) for ok in original(matchers, tokens, *rest)]
+        calls.append(len(matchers))
+        if len(calls) == 3:
+            accepted[0] = False  # the first row of the third batched advance
+        return accepted
+
+    with mock.patch.object(xgrammar.BatchGrammarMatcher, "batch_accept_token", refuse_once):
+        got = overlapped.generate(prompts, params, use_tqdm=False)
+    assert len(calls) > 3 and min(calls) >= structured_output.THREAD_FILL_ROWS
+    aborted = [i for i, o in enumerate(got) if o.outputs[0].finish_reason == "abort"]
+    assert len(aborted) == 1
+    kept = [i for i in range(len(got)) if i not in aborted]
+    assert [summary(got[i]) for i in kept] == [summary(expected[i]) for i in kept]
+    cut, whole = (o[aborted[0]].outputs[0].token_ids for o in (got, expected))
+    assert len(cut) < len(whole) and list(cut) == list(whole[: len(cut)])
+    assert_pool_full(overlapped)
