@@ -408,9 +408,12 @@ class StructuredOutputManager:
         xgr = _xgrammar()
         if self._batch_matcher is None:
             self._batch_matcher = xgr.BatchGrammarMatcher(fill_threads())
-        offsets = [0]
-        for tokens in drafts:
-            offsets.append(offsets[-1] + len(tokens) + 1)
+        if any(drafts):
+            offsets = [0]
+            for tokens in drafts:
+                offsets.append(offsets[-1] + len(tokens) + 1)
+        else:  # one row each (a step launched ahead: 256 of them at W10's W3)
+            offsets = list(range(len(drafts) + 1))
         index = self._next_buffer
         self._next_buffer = 1 - index
         last = self._buffers[index]
