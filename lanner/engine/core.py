@@ -485,14 +485,11 @@ class EngineCore:
         assert launched.step.deferred is not None
         for chunk in launched.step.deferred.chunks:
             row = chunk.sampling
-            if (
-                row is not None
-                and row.output_token_ids
-                and row.output_token_ids[-1] == (PLACEHOLDER_TOKEN)
-            ):
+            outputs = row.output_token_ids if row is not None else None
+            if outputs and outputs[-1] == PLACEHOLDER_TOKEN:
                 # Counted off, not copied: nothing appends to the list before the row's
                 # sampling launches (the next step's placeholders come after it).
-                row.num_pending = 1
+                row.num_pending = 1  # type: ignore[union-attr]
 
     def _launch_deferred_sampling(self, launched: _LaunchedStep) -> None:
         """Launch a deferred step's sampling once its bitmasks are filled (no-op for a
