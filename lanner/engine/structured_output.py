@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 MAX_JSON_WHITESPACE = 32
 # Steps with fewer constrained rows fill on the loop's thread (see start_fill).
 THREAD_FILL_ROWS = 8
+# What a handed-over fill takes to end once its xgrammar call has returned (it needs the
+# interpreter back: fill_done gives it that long past the fill's expected end).
+FILL_END_S = 0.00005
 _REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()/")
 # xgrammar prefixes its errors with a time stamp and its own source file and line.
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\]\s*\S+:\d+:\s*")
@@ -231,6 +235,8 @@ class StructuredOutputManager:
         self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="lanner-grammar-fill")
         self._filling: Future | None = None
         self._advanced: Future | None = None  # start_fill's advance, when it had one
+        self._fill_started = 0.0  # when start_fill handed the last fill over
+        self._last_fill_s = 0.0  # how long the last handed-over fill took
         # Two buffers, used in turn: a step's copy to the device may still be queued
         # while the next step's bitmasks are filled. Each holds its last step's view.
         self._buffers: list[TokenBitmasks | None] = [None, None]
@@ -329,7 +335,8 @@ class StructuredOutputManager:
                 started.set()
                 fill(advance())
 
-        self._filling = self._fill_thread.submit(run)
+        self._fill_started = time.perf_counter()
+        self._filling = self._fill_thread.submit(self._timed_fill, run)
         # Until the fill thread holds the GIL: it keeps it into xgrammar's call, which
         # lets go of it. Without this wait the loop's thread kept the GIL (it lets go
         # only when it blocks, or after sys.getswitchinterval(), 5 ms), and the fill
@@ -337,6 +344,12 @@ class StructuredOutputManager:
         # structured_host_step.py, one row: 3.5 ms a step against 0.4 ms of fill).
         started.wait()
         return rows
+
+    def _timed_fill(self, run: Callable[[], None]) -> None:
+        """``run`` on the fill thread, its length kept: what ``fill_done`` expects next."""
+        started = time.perf_counter()
+        run()
+        self._last_fill_s = time.perf_counter() - started
 
     def _advance(
         self, grammars: list[RequestGrammar], tokens: list[int], filling: list[RequestGrammar]
@@ -384,12 +397,17 @@ class StructuredOutputManager:
 
     def fill_done(self, timeout_s: float) -> bool:
         """Whether the fill ``start_fill`` handed to the fill thread (if any) is done, or
-        ends within ``timeout_s``. The loop's thread lets go of the interpreter while it
-        waits: a fill whose xgrammar call has returned needs it to end."""
-        if self._filling is None:
+        ends within ``timeout_s``, waiting only when the last fill's length says it will
+        (W10's 256 rows never did: 0.2 ms a step lost). The loop's thread lets go of the
+        interpreter while it waits: a fill whose xgrammar call has returned needs it to
+        end."""
+        if self._filling is None or self._filling.done():
             return True
+        left = self._fill_started + self._last_fill_s - time.perf_counter()
+        if left > timeout_s:
+            return False
         try:
-            self._filling.result(timeout=timeout_s)
+            self._filling.result(timeout=max(left, 0.0) + FILL_END_S)
         except FutureTimeoutError:
             return False
         return True
