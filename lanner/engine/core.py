@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +37,6 @@ logger = logging.getLogger(__name__)
 
 # How long an idle step waits on a compiling grammar before returning to its caller.
 GRAMMAR_POLL_S = 0.005
-# How long a step's end waits for the fill thread to end its fill (which needs the
-# interpreter the loop holds) before leaving the sampling to the next step's launch.
-FILL_CHECK_S = 0.0002
 
 
 @dataclass
@@ -468,7 +464,7 @@ class EngineCore:
             outputs = self._collect(previous, deferred)
         if deferred is not None:
             self._trim_deferred_rows(deferred)
-            if self.structured_outputs.fill_done(FILL_CHECK_S):
+            if self.structured_outputs.fill_done():
                 # Its bitmasks are filled (here, for a few rows; or the fill thread is
                 # done): its sampling goes to the device now, not after the next step's
                 # scheduling, which the device would otherwise wait for once it has run
@@ -599,7 +595,7 @@ class EngineCore:
         rows = self._grammar_rows(schedule, chunks)
         if not rows:
             return
-        drafts: list[Sequence[int]] = []
+        drafts: list[tuple[int, ...] | list[int]] = []
         for chunk, _ in rows:
             count = chunk.num_draft_tokens
             if not count:

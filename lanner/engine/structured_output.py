@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 MAX_JSON_WHITESPACE = 32
 # Steps with fewer constrained rows fill on the loop's thread (see start_fill).
 THREAD_FILL_ROWS = 8
+# How long a step's end waits for a handed-over fill expected to end soon (fill_done).
+FILL_CHECK_S = 0.0002
 # What a handed-over fill takes to end once its xgrammar call has returned (it needs the
 # interpreter back: fill_done gives it that long past the fill's expected end).
 FILL_END_S = 0.00005
@@ -280,7 +282,7 @@ class StructuredOutputManager:
             return self._compiler
 
     def fill_bitmasks(
-        self, grammars: list[RequestGrammar], drafts: list[Sequence[int]]
+        self, grammars: list[RequestGrammar], drafts: Sequence[Sequence[int]]
     ) -> list[BitmaskRows]:
         """Each grammar's next-token bitmasks (bit i: token i allowed), filled now: one
         row for the next token and one after each of its request's drafts, all rows of
@@ -395,7 +397,7 @@ class StructuredOutputManager:
         assert advanced is not None, "start_fill was given no grammars to advance"
         return advanced.result()
 
-    def fill_done(self, timeout_s: float) -> bool:
+    def fill_done(self, timeout_s: float = FILL_CHECK_S) -> bool:
         """Whether the fill ``start_fill`` handed to the fill thread (if any) is done, or
         ends within ``timeout_s``, waiting only when the last fill's length says it will
         (W10's 256 rows never did: 0.2 ms a step lost). The loop's thread lets go of the
@@ -419,7 +421,7 @@ class StructuredOutputManager:
             filling.result()
 
     def _prepare(
-        self, grammars: list[RequestGrammar], drafts: list[Sequence[int]]
+        self, grammars: list[RequestGrammar], drafts: Sequence[Sequence[int]]
     ) -> tuple[list[BitmaskRows], Callable[..., None]]:
         """The step's rows in the next buffer, and the call that fills them (given the
         indexes of grammars to leave out, their rows allowing everything)."""
