@@ -23,6 +23,7 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -33,6 +34,9 @@ from lanner.engine.core import EngineCore
 from lanner.engine.request import Request
 from lanner.kernels import attention_metadata, ops
 from lanner.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from benchmarks.step_phases import StepPhases
 
 SHAPES = Path(__file__).resolve().parent / "shapes"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -174,8 +178,11 @@ def run_offline(
     prompts: list[list[int]],
     params: list[SamplingParams],
     time_limit_s: float = float("inf"),
+    phases: StepPhases | None = None,
 ) -> dict:
-    """Submit all at once to a built core; time until the last finishes (prefill included)."""
+    """Submit all at once to a built core; time until the last finishes (prefill included).
+    With ``phases``, its per-phase host breakdown of the steps at >= 192 running requests
+    joins the result."""
     for i, (prompt, param) in enumerate(zip(prompts, params, strict=True)):
         core.add_request(Request(f"x{i}-{time.monotonic_ns()}", prompt, param))
     torch.cuda.synchronize()
@@ -184,9 +191,16 @@ def run_offline(
     output_tokens = steps = 0
     timed_out = False
     timeline = []  # (running requests, seconds) per step: where in the run the time goes
+    if phases is not None:
+        phases.reset()
     while core.has_unfinished_requests():
         running = len(core.scheduler.running)
+        if phases is not None and running >= 192:
+            phases.begin_step()
         output_tokens += sum(len(out.new_token_ids) for out in core.step())
+        if phases is not None and running >= 192:
+            phases.end_step()
+            phases.pause()
         steps += 1
         now = time.perf_counter()
         timeline.append((running, now - last))
@@ -209,6 +223,27 @@ def run_offline(
         "full_gc_pauses_ms": [round(t * 1e3, 1) for t in GC_PAUSES[gc_before:]],
         "output_tok_per_s": output_tokens / elapsed,
         "timed_out": timed_out,
+        **(
+            {"host_phases_at_192_plus_running": phases.summary(), "gc_heap": gc_heap()}
+            if phases is not None
+            else {}
+        ),
+    }
+
+
+def gc_heap(top: int = 10) -> dict:
+    """What a full collection scans now: the collector's objects by generation (frozen
+    ones apart) and the commonest types among them."""
+    objects = gc.get_objects()
+    types: dict[str, int] = {}
+    for obj in objects:
+        name = type(obj).__qualname__
+        types[name] = types.get(name, 0) + 1
+    common = sorted(types.items(), key=lambda item: -item[1])[:top]
+    return {
+        "by_generation": [len(gc.get_objects(g)) for g in range(3)],
+        "frozen": gc.get_freeze_count(),
+        "commonest_types": dict(common),
     }
 
 
@@ -280,9 +315,11 @@ def synthetic_vocabulary(size: int) -> list[bytes]:
     return tokens
 
 
-def w10(enforce_eager: bool) -> dict:
+def w10(enforce_eager: bool, with_phases: bool = False) -> dict:
     """W10: W3 with every request under one JSON schema against W3 free, and W2 with a
-    schema against W2 free (its TPOT), each pair on one engine built once."""
+    schema against W2 free (its TPOT), each pair on one engine built once. With
+    ``with_phases`` (--phases) each run's host time by phase (benchmarks/step_phases.py)
+    joins it: W3's over its steps at >= 192 running requests, W2's over its decode steps."""
     from lanner.sampling_params import StructuredOutputsParams
 
     rng = random.Random(0)
@@ -294,7 +331,16 @@ def w10(enforce_eager: bool) -> dict:
     )
     # Qwen3's 151,643 tokens (the rest of the 151,936 rows are padding).
     core.structured_outputs.use_vocabulary(synthetic_vocabulary(151643))
+    phases = None
+    if with_phases:
+        from benchmarks.step_phases import StepPhases
+
+        phases = StepPhases(core)
     result: dict = {}
+    if phases is not None:
+        from lanner.engine.structured_output import fill_threads
+
+        result["fill_threads"] = fill_threads()  # the batch fill's, on this machine
     for name, structured in (("free", None), ("json_schema", constraint)) * 2:
         params = [
             SamplingParams(
@@ -303,7 +349,7 @@ def w10(enforce_eager: bool) -> dict:
             )
             for i, (_, n_out) in enumerate(lengths)
         ]  # fmt: skip
-        result[f"W3_{name}"] = run_offline(core, prompts, params, 300)  # second pass kept
+        result[f"W3_{name}"] = run_offline(core, prompts, params, 300, phases)  # second kept
     free, constrained = result["W3_free"], result["W3_json_schema"]
     result["W3_throughput_ratio"] = constrained["output_tok_per_s"] / free["output_tok_per_s"]
     for name, structured in (("free", None), ("json_schema", constraint)) * 2:
@@ -312,18 +358,30 @@ def w10(enforce_eager: bool) -> dict:
         )
         core.add_request(Request(f"w2-{name}-{time.monotonic_ns()}", prompts[0][:128], params))
         times = []
+        if phases is not None:
+            phases.reset()
         while core.has_unfinished_requests():
+            counted = phases is not None and bool(times)  # the prefill's step apart
             before = time.perf_counter()
+            if counted:
+                phases.begin_step()
             out = core.step()
+            if counted:
+                phases.end_step()
+                phases.pause()
             times.append(time.perf_counter() - before)
         result[f"W2_{name}"] = {
             "tpot_median_ms": statistics.median(times[1:]) * 1e3,
             "steps": len(times),
             "last_output": [o.new_token_ids[-4:] for o in out],
         }
+        if phases is not None:
+            result[f"W2_{name}"]["host_phases"] = phases.summary()
     result["W2_tpot_ratio"] = (
         result["W2_json_schema"]["tpot_median_ms"] / result["W2_free"]["tpot_median_ms"]
     )
+    if phases is not None:
+        phases.close()
     release(core)
     return result
 
@@ -559,6 +617,11 @@ def main() -> None:
         help="JSON of measured skinny_matmul configs (kernels_linear.py --quant --sweep "
         "--tuned-out) installed before any engine is built",
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="W10: each run's host time per step phase (benchmarks/step_phases.py)",
+    )
     args = parser.parse_args()
     RUN_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
     tuned = 0
@@ -578,7 +641,7 @@ def main() -> None:
         "W2": lambda: single_stream("qwen3-0.6b", args.enforce_eager),
         "W3": lambda: w3(args.enforce_eager),
         "W4": lambda: w4(args.enforce_eager),
-        "W10": lambda: w10(args.enforce_eager),
+        "W10": lambda: w10(args.enforce_eager, args.phases),
         "W6": w6,
         # W3-like: 256 requests at ~600-token contexts; W1/W2: one request.
         "profile-W3": lambda: profile_kernels("qwen3-0.6b", 256, 600, 0.6),

@@ -464,18 +464,28 @@ class EngineCore:
             outputs = self._collect(previous, deferred)
         if deferred is not None:
             self._trim_deferred_rows(deferred)
+            if self.structured_outputs.fill_done():
+                # Its bitmasks are filled (here, for a few rows; or the fill thread is
+                # done): its sampling goes to the device now, not after the next step's
+                # scheduling, which the device would otherwise wait for once it has run
+                # the step's model (at batch 1 it waited on this path).
+                self._launch_deferred_sampling(deferred)
         return early + outputs
 
     def _trim_deferred_rows(self, launched: _LaunchedStep) -> None:
         """The step before has been read: the launched step's sampling rows see their
         output history without the token this step samples (its placeholder). Their
         grammar bitmasks are filling (``_collect``); ``_launch_deferred_sampling``
-        launches the sampling just before the next step."""
+        launches the sampling once they are: at the end of this step when the fill is
+        done by then, else just before the next step's model."""
         assert launched.step.deferred is not None
         for chunk in launched.step.deferred.chunks:
             row = chunk.sampling
-            if row is not None and row.output_token_ids[-1:] == [PLACEHOLDER_TOKEN]:
-                row.output_token_ids = row.output_token_ids[:-1]  # a copy: the list goes on
+            outputs = row.output_token_ids if row is not None else None
+            if outputs and outputs[-1] == PLACEHOLDER_TOKEN:
+                # Counted off, not copied: nothing appends to the list before the row's
+                # sampling launches (the next step's placeholders come after it).
+                row.num_pending = 1  # type: ignore[union-attr]
 
     def _launch_deferred_sampling(self, launched: _LaunchedStep) -> None:
         """Launch a deferred step's sampling once its bitmasks are filled (no-op for a
@@ -582,22 +592,14 @@ class EngineCore:
         are up to date (a step launched before the one it follows was read fills them once
         that is, in ``_collect``). Drafts still on the device are read here, only for
         these requests."""
-        rows = [
-            (chunk, scheduled.request.grammar)
-            for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)
-            if chunk.sampling is not None
-            and scheduled.request.grammar is not None
-            # (A request the step before finished samples no more: its grammar is done.)
-            and self.scheduler.requests.get(scheduled.request.request_id) is scheduled.request
-            and not scheduled.request.grammar.is_terminated
-        ]
+        rows = self._grammar_rows(schedule, chunks)
         if not rows:
             return
-        drafts: list[list[int]] = []
+        drafts: list[tuple[int, ...] | list[int]] = []
         for chunk, _ in rows:
             count = chunk.num_draft_tokens
             if not count:
-                drafts.append([])
+                drafts.append(())
             elif chunk.draft_row is not None and device_drafts is not None:
                 drafts.append(device_drafts.token_ids[chunk.draft_row, :count].tolist())
             else:
@@ -611,6 +613,20 @@ class EngineCore:
         for (chunk, _), bitmask in zip(rows, bitmasks, strict=True):
             assert chunk.sampling is not None
             chunk.sampling.token_bitmask = bitmask
+
+    def _grammar_rows(
+        self, schedule: SchedulerOutput, chunks: list[SequenceChunk]
+    ) -> list[tuple[SequenceChunk, RequestGrammar]]:
+        """The step's sampling rows under a grammar that has not ended, with it."""
+        return [
+            (chunk, scheduled.request.grammar)
+            for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)
+            if chunk.sampling is not None
+            and scheduled.request.grammar is not None
+            # (A request the step before finished samples no more: its grammar is done.)
+            and self.scheduler.requests.get(scheduled.request.request_id) is scheduled.request
+            and not scheduled.request.grammar.is_terminated
+        ]
 
     def _propose(
         self, schedule: SchedulerOutput, chunks: list[SequenceChunk], last_step: PendingStep | None
@@ -687,14 +703,38 @@ class EngineCore:
         token, check stop conditions, and report what changed. The grammars advance
         first: then the bitmasks of ``deferred`` (the step launched after this one, its
         sampling deferred) start filling on the fill thread while the rest is applied
-        and the next step scheduled, the device running that step's model meanwhile."""
+        and the next step scheduled, the device running that step's model meanwhile.
+        When that fill is the fill thread's (``fills_on_thread``), that thread
+        advances the grammars too, first, while this one applies the step: a sampled
+        token ends its grammar only if it is one of the grammar's stop tokens (the mask
+        allowed it), and what the grammars answered is checked once the step is applied
+        (``_confirm_advance``)."""
         result = self.runner.collect(launched.step)
         self._last_step = launched.step
-        grammar_stops = self._advance_grammars(launched.schedule, result.sampled_token_ids)
-        if deferred is not None:
+        requests, advancing = self._grammars_to_advance(launched.schedule, result.sampled_token_ids)
+        rows: list[tuple[SequenceChunk, RequestGrammar]] = []
+        if deferred is not None and requests:
             assert deferred.step.deferred is not None
-            chunks = deferred.step.deferred.chunks
-            self._fill_grammar_bitmasks(deferred.schedule, chunks, None, background=True)
+            rows = self._grammar_rows(deferred.schedule, deferred.step.deferred.chunks)
+        handed_over = self.structured_outputs.fills_on_thread(len(rows))
+        if handed_over:
+            grammars: list[RequestGrammar] = [r.grammar for r in requests]  # type: ignore[misc]
+            bitmasks = self.structured_outputs.start_fill(
+                [grammar for _, grammar in rows], grammars, advancing
+            )
+            for (chunk, _), bitmask in zip(rows, bitmasks, strict=True):
+                assert chunk.sampling is not None
+                chunk.sampling.token_bitmask = bitmask
+            grammar_stops = {
+                request.request_id: (FinishReason.STOP, None) if grammar.ends_on(token) else None
+                for request, grammar, token in zip(requests, grammars, advancing, strict=True)
+            }
+        else:
+            grammar_stops = self._advance_grammars(requests, advancing)
+            if deferred is not None:
+                assert deferred.step.deferred is not None
+                chunks = deferred.step.deferred.chunks
+                self._fill_grammar_bitmasks(deferred.schedule, chunks, None, background=True)
         outputs = []
         for scheduled in launched.schedule.scheduled:
             request = scheduled.request
@@ -725,29 +765,69 @@ class EngineCore:
             if out.new_token_ids or out.new_prompt_logprobs or out.finished:
                 request.scheduled_time_sent = True
                 outputs.append(out)
+        if handed_over:
+            self._confirm_advance(requests, advancing, outputs)
         if self.spec is not None:
             self.spec.policy.step_done(
                 launched.num_running, launched.draft_length, launched.all_decodes, self._spec_states
             )
         return outputs
 
-    def _advance_grammars(
+    def _grammars_to_advance(
         self, schedule: SchedulerOutput, sampled: dict[str, list[int]]
-    ) -> dict[str, tuple[FinishReason, None] | None]:
-        """Feed each request under a grammar that sampled one token (no drafts) that
-        token; what ``_advance_grammar`` said, by request id."""
-        stops = {}
+    ) -> tuple[list[Request], list[int]]:
+        """The requests under a grammar that sampled one token (no drafts), and those
+        tokens."""
+        requests, tokens = [], []
         for scheduled in schedule.scheduled:
             request = scheduled.request
-            tokens = sampled.get(request.request_id)
+            sampled_tokens = sampled.get(request.request_id)
             if (
                 request.grammar is not None
-                and tokens is not None
-                and len(tokens) == 1
+                and sampled_tokens is not None
+                and len(sampled_tokens) == 1
                 and self.scheduler.requests.get(request.request_id) is request
             ):
-                stops[request.request_id] = self._advance_grammar(request, tokens[0])
-        return stops
+                requests.append(request)
+                tokens.append(sampled_tokens[0])
+        return requests, tokens
+
+    def _advance_grammars(
+        self, requests: list[Request], tokens: list[int]
+    ) -> dict[str, tuple[FinishReason, None] | None]:
+        """Feed each request's grammar its token, all at once; what ``_grammar_stop``
+        said, by request id."""
+        if not requests:
+            return {}
+        grammars: list[RequestGrammar] = [r.grammar for r in requests]  # type: ignore[misc]
+        accepted = RequestGrammar.accept_each(grammars, tokens)
+        return {
+            request.request_id: self._grammar_stop(request, token, ok)
+            for request, token, ok in zip(requests, tokens, accepted, strict=True)
+        }
+
+    def _confirm_advance(
+        self, requests: list[Request], tokens: list[int], outputs: list[EngineCoreOutput]
+    ) -> None:
+        """What the grammars the fill thread advanced answered: a request whose grammar
+        refused its token (which its mask allowed: never, but for a fault) ends here,
+        aborted, as ``_grammar_stop`` would have ended it; one that has ended already
+        (its token was a stop token, or a limit) keeps its end, and the fault is logged."""
+        accepted = self.structured_outputs.wait_for_advance()
+        for request, token, ok in zip(requests, tokens, accepted, strict=True):
+            if ok:
+                continue
+            logger.error("request %s: its grammar refused token %d", request.request_id, token)
+            if self.scheduler.requests.get(request.request_id) is not request:
+                continue
+            del request.output_token_ids[request.num_output_tokens - request.num_pending_outputs :]
+            request.num_pending_outputs = 0
+            self.scheduler.finish_request(request.request_id, FinishReason.ABORT)
+            out = next((o for o in outputs if o.request_id == request.request_id), None)
+            if out is None:
+                out = EngineCoreOutput(request.request_id)
+                outputs.append(out)
+            out.finish_reason, out.stop_reason = FinishReason.ABORT, None
 
     def _spec_states(self) -> list[RequestSpecState]:
         return [r.spec_state for r in self.scheduler.running if r.spec_state is not None]
@@ -800,10 +880,18 @@ class EngineCore:
         has (it took a stop token), or, should it refuse the token, is aborted."""
         grammar = request.grammar
         assert grammar is not None
-        if not grammar.accept(token):
+        return self._grammar_stop(request, token, grammar.accept(token))
+
+    @staticmethod
+    def _grammar_stop(
+        request: Request, token: int, accepted: bool
+    ) -> tuple[FinishReason, None] | None:
+        """What the grammar's taking (or refusing) ``token`` means for the request."""
+        if not accepted:
             logger.error("request %s: its grammar refused token %d", request.request_id, token)
             return FinishReason.ABORT, None
-        return (FinishReason.STOP, None) if grammar.is_terminated else None
+        assert request.grammar is not None
+        return (FinishReason.STOP, None) if request.grammar.is_terminated else None
 
     @torch.inference_mode()
     def shutdown(self) -> None:

@@ -334,9 +334,23 @@ def test_overlapped_scheduling_gives_the_same_constrained_outputs(llm: LLM) -> N
     deferred = []
     sample_deferred = runner.sample_deferred
     runner.sample_deferred = lambda pending: (deferred.append(1), sample_deferred(pending))[1]
+    manager = overlapped.engine.core.structured_outputs
+    # Rows a step filled: on the fill thread (which then advanced the grammars first), or
+    # here (then sampled at once).
+    fills: list[tuple[int, bool]] = []
+    start_fill = manager.start_fill
+
+    def counted(grammars: list, *advance: Any) -> Any:
+        fills.append((len(grammars), bool(advance)))
+        return start_fill(grammars, *advance)
+
+    manager.start_fill = counted
     got = overlapped.generate(prompts, params, use_tqdm=False)
     assert [summary(o) for o in got] == [summary(o) for o in expected]
     assert len(deferred) > 10  # the model ran ahead of the grammar's step
+    threaded = [rows for rows, advanced in fills if advanced]
+    assert min(threaded) >= structured_output.THREAD_FILL_ROWS  # both ways
+    assert min(rows for rows, advanced in fills if not advanced) < min(threaded)
     assert_pool_full(overlapped)
 
 
@@ -416,3 +430,94 @@ def test_step_bitmasks_share_one_reused_buffer(llm: LLM) -> None:
     assert manager._filling is None
     for row, mask in zip(inline, expected, strict=True):
         assert torch.equal(row.words()[0], mask)
+
+
+def test_grammars_accept_alike_one_by_one_and_in_one_call(llm: LLM) -> None:
+    # From THREAD_FILL_ROWS grammars, accept_each advances them in one xgrammar call: it
+    # must say what each grammar's own accept says (taken, refused, ended by a stop token).
+    from lanner.engine.structured_output import RequestGrammar
+
+    manager = llm.engine.core.structured_outputs
+    constraint = StructuredOutputsParams(choice=["yes", "no"])
+
+    def walk(count: int) -> tuple[list[list[bool]], list[bool]]:
+        grammars = [manager.grammar_for(constraint) for _ in range(count)]
+        for grammar in grammars:
+            grammar.wait(30)
+            assert grammar.ready and grammar.error is None
+        tokenizer = llm.get_tokenizer()
+        words = [tokenizer.encode(w, add_special_tokens=False) for w in ("yes", "no", "z")]
+        results = []
+        for step in range(max(len(w) for w in words) + 2):
+            # Each grammar its word's tokens (one in three a word the choice refuses),
+            # then a stop token, then anything.
+            tokens = [
+                words[i % 3][step] if step < len(words[i % 3]) else g.matcher.stop_token_ids[0]
+                for i, g in enumerate(grammars)
+            ]
+            results.append(RequestGrammar.accept_each(grammars, tokens))
+        return results, [g.is_terminated for g in grammars]
+
+    count = structured_output.THREAD_FILL_ROWS + 1
+    many = walk(count)
+    with mock.patch.object(structured_output, "THREAD_FILL_ROWS", count + 1):
+        one_by_one = walk(count)
+    assert many == one_by_one
+    results, terminated = many
+    assert not all(results[0]) and any(results[0])  # some refused their first token
+    assert any(terminated) and not all(terminated)
+
+
+def test_the_grammar_compiler_is_kept_out_of_full_collections(llm: LLM) -> None:
+    # xgrammar's modules and a compiler come after the engine froze what it holds: frozen
+    # in turn (with one collection first), full collections do not scan them each time.
+    import gc
+
+    import xgrammar
+
+    core = llm.engine.core.structured_outputs
+    manager = structured_output.StructuredOutputManager(
+        core.tokenizer_source, core.vocab_size, core.eos_token_ids
+    )
+    grammar = manager.grammar_for(StructuredOutputsParams(regex="[ab]{2}"))
+    grammar.wait(30)
+    assert grammar.ready and grammar.error is None
+    tracked = {id(obj) for obj in gc.get_objects()}
+    assert id(manager._compiler) not in tracked
+    assert id(vars(xgrammar)) not in tracked
+    manager.shutdown()
+
+
+def test_a_refusal_found_on_the_fill_thread_aborts_its_request() -> None:
+    # From THREAD_FILL_ROWS rows the fill thread advances the grammars while the loop
+    # applies the step (assuming each took its token, which its mask allowed). Should one
+    # refuse, its request ends aborted in that same step; the others go on unharmed.
+    import xgrammar
+
+    overlapped = LLM(
+        dtype="float32", device="cpu", block_size=16, max_model_len=512, async_scheduling=True
+    )
+    constraint = StructuredOutputsParams(regex="[a-z ]{30,60}")
+    params = SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=constraint)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(10)]
+    expected = overlapped.generate(prompts, params, use_tqdm=False)
+    original = xgrammar.BatchGrammarMatcher.batch_accept_token
+    calls = []
+
+    def refuse_once(matchers: list, tokens: list[int], *rest: Any) -> list[bool]:
+        accepted = [bool(ok) for ok in original(matchers, tokens, *rest)]
+        calls.append(len(matchers))
+        if len(calls) == 3:
+            accepted[0] = False  # the first row of the third batched advance
+        return accepted
+
+    with mock.patch.object(xgrammar.BatchGrammarMatcher, "batch_accept_token", refuse_once):
+        got = overlapped.generate(prompts, params, use_tqdm=False)
+    assert len(calls) > 3 and min(calls) >= structured_output.THREAD_FILL_ROWS
+    aborted = [i for i, o in enumerate(got) if o.outputs[0].finish_reason == "abort"]
+    assert len(aborted) == 1
+    kept = [i for i in range(len(got)) if i not in aborted]
+    assert [summary(got[i]) for i in kept] == [summary(expected[i]) for i in kept]
+    cut, whole = (o[aborted[0]].outputs[0].token_ids for o in (got, expected))
+    assert len(cut) < len(whole) and list(cut) == list(whole[: len(cut)])
+    assert_pool_full(overlapped)

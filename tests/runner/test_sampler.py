@@ -228,6 +228,26 @@ def test_min_tokens_blocks_eos_and_stop_tokens() -> None:
     assert EOS not in tokens and 9 not in tokens
 
 
+def test_pending_outputs_are_not_history() -> None:
+    # A deferred row holds its request's live list, ending in the placeholder of the token
+    # it samples: counted off (num_pending), it samples as the list without it would, for
+    # penalties, min_tokens and the seeded generator's step alike.
+    logits = torch.randn(3, VOCAB) * 3
+    logits[:, EOS] = 8.0
+    history = {"presence_penalty": 1.5, "min_tokens": 3, "seed": 7, "temperature": 0.9}
+    trimmed = [row(output=[5, 6], **history), row(output=[5, 6, 6], **history)]
+    pending = [row(output=[5, 6, -1], **history), row(output=[5, 6, 6, -1], **history)]
+    for r in pending:
+        r.num_pending = 1
+    assert [r.num_outputs for r in pending] == [2, 3] and pending[0].outputs() == [5, 6]
+    assert pending[1].output_token_ids == [5, 6, 6, -1]  # the list itself is left alone
+    sampler = Sampler()
+    for _ in range(3):
+        assert sampler(logits[:2], pending).token_ids == sampler(logits[:2], trimmed).token_ids
+    assert torch.equal(apply_penalties(logits[:2], pending), apply_penalties(logits[:2], trimmed))
+    assert torch.equal(apply_min_tokens(logits[:2], pending), apply_min_tokens(logits[:2], trimmed))
+
+
 def seeded_tokens(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     return sampler(logits, rows).token_ids
 
