@@ -384,12 +384,14 @@ def test_demo_model_with_demo_draft_and_ngram() -> None:
 
 
 def test_adaptive_draft_length_rides_out_bursts_of_rejections() -> None:
-    """The demo model on real code (this repository's), one request at a time, with steps
-    timed by an injected cost under which speculation pays about 2x: a request's
-    acceptance comes in bursts (code that repeats, then code that does not), and a
-    burst of rejections must not switch speculation off (once off, acceptance is no
-    longer measured). Before the policy's hysteresis, a fifth of the steps ran plain."""
-    source = (ROOT / "lanner/engine/core.py").read_text()[:2100]
+    """The demo model on real code (the start of this repository's engine/core.py as it
+    was, kept as test data so that editing core.py cannot change the test), one request
+    at a time, with steps timed by an injected cost under which speculation pays about
+    2x: a request's acceptance comes in bursts (code that repeats, then code that does
+    not), and a burst of rejections must not switch speculation off (once off,
+    acceptance is no longer measured). Before the policy's hysteresis, a fifth of the
+    steps ran plain."""
+    source = (Path(__file__).parent / "data" / "bursty_code.txt").read_text()
     prompts = [source[i * 700 : (i + 1) * 700] for i in range(3)]
     llm = LLM(
         dtype="float32",
