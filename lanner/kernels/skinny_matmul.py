@@ -133,6 +133,13 @@ SKINNY_MAX_M = 16
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 # Weight formats (W_FORMAT): the activations' dtype, fp8 e4m3, int8, int4 planes.
 DENSE, FP8, INT8, INT4 = "dense", "fp8", "int8", "int4"
+# The tuned-table format of int4's GEMV configs (kernels/int4_gemv.py): kept apart from
+# INT4's tile configs, so that both stay selectable for the same shape.
+INT4_GEMV = "int4-gemv"
+# Whether skinny_matmul_w4 may run the GEMV: for one row by rule, for 2-16 rows where a
+# tuned GEMV config covers the shape. LANNER_INT4_GEMV=0 (or use_int4_gemv(False)) keeps
+# the tile path everywhere, for comparison.
+_GEMV_STATE = {"enabled": os.environ.get("LANNER_INT4_GEMV", "1") != "0"}
 _FORMAT_IDS = {DENSE: 0, FP8: 1, INT8: 2, INT4: 3}
 _W_DENSE = tl.constexpr(0)
 _W_FP8 = tl.constexpr(1)
@@ -734,14 +741,16 @@ def install_tuned_configs(configs: dict[tuple[str, int, int, int], SkinnyConfig]
     _TUNED.clear()
     _TUNED.update(configs)
     choose_config.cache_clear()
+    choose_int4_config.cache_clear()
     _plan.cache_clear()
 
 
 def _check_tuned(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None:
     for (weight_format, rows, _, _), config in configs.items():
-        if weight_format not in _FORMAT_IDS or rows not in (1, MAX_BLOCK_M):
+        known = weight_format in _FORMAT_IDS or weight_format == INT4_GEMV
+        if not known or rows not in (1, MAX_BLOCK_M):
             raise ValueError(f"bad tuned key ({weight_format!r}, {rows}): rows is 1 or 16")
-        if rows > 1 and not config.use_dot:
+        if rows > 1 and not config.use_dot and weight_format != INT4_GEMV:
             raise ValueError("rows 2-16 run the dot path (use_dot=True)")
         if config.prequantize and weight_format not in (FP8, INT8):
             raise ValueError("prequantize is for fp8 / int8 weights (W8A8) only")
@@ -783,6 +792,7 @@ def _read_shipped_configs(device: torch.device) -> None:
     _SHIPPED.clear()
     _SHIPPED.update(shipped_configs(torch.cuda.get_device_name(device)))
     choose_config.cache_clear()
+    choose_int4_config.cache_clear()
     _plan.cache_clear()
 
 
@@ -792,7 +802,46 @@ def use_shipped_configs(enabled: bool) -> None:
     _SHIPPED.clear()
     _SHIPPED_STATE["read"] = not enabled
     choose_config.cache_clear()
+    choose_int4_config.cache_clear()
     _plan.cache_clear()
+
+
+def use_int4_gemv(enabled: bool) -> None:
+    """Lets skinny_matmul_w4 run the int4 GEMV where it applies (True, the default unless
+    LANNER_INT4_GEMV=0) or keeps the tile path everywhere (False)."""
+    _GEMV_STATE["enabled"] = enabled
+    choose_int4_config.cache_clear()
+
+
+@functools.cache
+def choose_int4_config(
+    m: int, n: int, k: int, group_size: int, gemv: bool | None = None
+) -> tuple[bool, SkinnyConfig]:
+    """(whether to run the GEMV, its config) for x [m, k] @ an int4 weight [n, k]. gemv
+    None: the GEMV for a single row, and for 2-16 rows where a tuned GEMV config covers
+    (rows 16, n, k), unless use_int4_gemv(False); True / False force one kernel. Either
+    kernel takes its measured config first (tuned tables: INT4_GEMV and INT4 keys), else
+    its rule (_gemv_rule, _quantized_config)."""
+    key = (INT4_GEMV, 1 if m == 1 else MAX_BLOCK_M, n, k)
+    tuned = _TUNED.get(key, _SHIPPED.get(key))
+    if gemv is None:
+        gemv = _GEMV_STATE["enabled"] and (m == 1 or tuned is not None)
+    if not gemv:
+        return False, choose_config(m, n, k, INT4, group_size)
+    return True, tuned if tuned is not None else _gemv_rule(n, k)
+
+
+def _gemv_rule(n: int, k: int) -> SkinnyConfig:
+    """The int4 GEMV's first guess, not yet measured (benchmarks/gemv_w4.py sweeps it):
+    16 rows a program over 1024 codes a step (256 words a row: 8 KB a step with 4 warps,
+    two stages in flight), split-K until there are about two programs an SM, keeping at
+    least two steps a split."""
+    block_n, block_k = 16, 1024
+    steps = triton.cdiv(triton.cdiv(k, INT4_TILE) * INT4_TILE, block_k)
+    split_k = 1
+    while triton.cdiv(n, block_n) * split_k < 2 * NUM_SMS and 4 * split_k <= steps:
+        split_k *= 2
+    return SkinnyConfig(block_n, block_k, split_k, num_warps=4, num_stages=2, use_dot=False)
 
 
 def default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -922,8 +971,35 @@ def skinny_matmul_w4(
     [N, ceil(K / 512) * 64], with scales [groups, N] (any float dtype) and zeros
     [groups, N] uint8 codes (None: 8): W4A16, exact up to fp32 summation, output in x's
     dtype. ``config``: skinny_matmul's parameters (use_dot must stay True; block_k counts
-    the codes of a step, four planes of block_k / 4, and divides 4 * min(group_size, 128))."""
+    the codes of a step, four planes of block_k / 4, and divides 4 * min(group_size, 128)),
+    and ``gemv``: True / False runs kernels/int4_gemv.py's GEMV / the tile path whatever
+    choose_int4_config would pick (the GEMV takes block_n, block_k (any power of two from
+    32), split_k, num_warps, num_stages and fused_reduce)."""
     check_int4_operands(x.shape[-1], packed, scales, zeros, group_size)
+    gemv = config.pop("gemv", None)
+    if gemv is None and any(config.get(name) is not None for name in ("use_dot", "scale_weights")):
+        gemv = False  # the tile path's own parameters
+    k = x.shape[-1]
+    if x.is_cuda:
+        _read_shipped_configs_once(x)
+    m = math.prod(x.shape[:-1])
+    run_gemv, chosen = choose_int4_config(
+        min(max(m, 1), MAX_BLOCK_M), packed.shape[0], k, group_size, gemv
+    )
+    if run_gemv:
+        # (int4_gemv imports this module: imported here, not at the top.)
+        from lanner.kernels.int4_gemv import int4_gemv
+
+        unknown = set(config) - {
+            "block_n", "block_k", "split_k", "num_warps", "num_stages", "fused_reduce"
+        }
+        if unknown:
+            raise TypeError(f"unknown int4 GEMV launch parameters {sorted(unknown)}")
+        params = {
+            name: config.get(name) if config.get(name) is not None else getattr(chosen, name)
+            for name in ("block_n", "block_k", "split_k", "num_warps", "num_stages", "fused_reduce")
+        }
+        return int4_gemv(x, packed, scales, zeros, group_size, bias, **params)
     return _run(
         x,
         packed.view(torch.int16),
@@ -1081,20 +1157,28 @@ def _run(
         **launch_options(out),
     )
     if plan.partial and not plan.fused_reduce:
-        _split_k_reduce_kernel[plan.reduce_grid](
-            workspace,
-            bias if bias is not None else workspace,
-            out,
-            n,
-            plan.grid[1],
-            m * n,
-            n,
-            HAS_BIAS=bias is not None,
-            BLOCK=plan.reduce_block,
-            num_warps=4,
-            **launch_options(out),
-        )
+        reduce_partials(workspace, bias, out)
     return out if flat else out.view(*x_shape[:-1], n)
+
+
+def reduce_partials(workspace: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out [M, N] = the sum of the fp32 split-K partials workspace [splits, M, N] in split
+    order (+ bias), rounded to out's dtype: the separate reduce launch."""
+    splits, m, n = workspace.shape
+    block = min(triton.next_power_of_2(n), 1024)
+    _split_k_reduce_kernel[(m, triton.cdiv(n, block))](
+        workspace,
+        bias if bias is not None else workspace,
+        out,
+        n,
+        splits,
+        m * n,
+        n,
+        HAS_BIAS=bias is not None,
+        BLOCK=block,
+        num_warps=4,
+        **launch_options(out),
+    )
 
 
 @dataclass(frozen=True)
@@ -1112,8 +1196,6 @@ class _Plan:
     even_k: bool
     partial: bool
     fused_reduce: bool
-    reduce_grid: tuple[int, int]
-    reduce_block: int
     scale_weights: bool
     prefetch_lines: int
 
@@ -1168,7 +1250,6 @@ def _plan(
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     partial = split_k > 1
     fused_reduce = config.fused_reduce if fused_reduce is None else fused_reduce
-    reduce_block = min(triton.next_power_of_2(n), 1024)
     return _Plan(
         grid=grid,
         k_per_split=k_per_split,
@@ -1181,8 +1262,6 @@ def _plan(
         even_k=k % k_tile == 0,
         partial=partial,
         fused_reduce=partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES,
-        reduce_grid=(m, triton.cdiv(n, reduce_block)),
-        reduce_block=reduce_block,
         scale_weights=weight_format == INT4
         and (config.scale_weights if scale_weights is None else scale_weights),
         prefetch_lines=_prefetch_lines(
