@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from lanner.kernels.pdl import launch_options, pdl_start
-from lanner.kernels.quant_reference import INT4_PLANE, INT4_TILE
+from lanner.kernels.quant_reference import INT4_PLANE, INT4_SYMMETRIC_ZERO, INT4_TILE
 from lanner.kernels.skinny_matmul import MAX_TILES, _tile_counters, split_k_epilogue
 
 # int32s (16 bytes, the widest load) a thread loads at once: per plane, 8 consecutive k
@@ -61,6 +61,7 @@ _INTS_A_TILE = tl.constexpr(INT4_TILE // 8)
 _SIXTEEN = tl.constexpr(0x41800000)
 _CODE_BITS = tl.constexpr(0x00780000)
 _OFFSET = tl.constexpr(16.0)
+_SYMMETRIC_OFFSET = tl.constexpr(-16.0 - INT4_SYMMETRIC_ZERO)
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -100,8 +101,12 @@ def gemv_plan(
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value}")
     block_i = block_k // 8
-    if block_i < VEC:
-        raise ValueError(f"int4 GEMV block_k must be at least {8 * VEC}, got {block_k}")
+    if block_i < VEC * 32 * num_warps:
+        # Below that the x tile gets a layout of its own, converted every step (2x slower).
+        raise ValueError(
+            f"int4 GEMV block_k must be at least {8 * VEC * 32} x num_warps ({num_warps}): "
+            f"one 16-byte load a thread covers a step; got {block_k}"
+        )
     if split_k < 1:
         raise ValueError(f"split_k must be at least 1, got {split_k}")
     ints_per_split = triton.cdiv(triton.cdiv(row_ints, split_k), block_i) * block_i
@@ -264,7 +269,11 @@ def _int4_gemv_kernel(
     w_ptrs = w_rows[None, :, None] + ints[None, None, :]
     x_ptrs = x_rows[:, None, None, None] + in_chunk[None, None, None, :]
     x_mask = x_row_mask[:, None, None, None]
-    group_rows = rows_in[None, :, None]
+    # The scales and zero points are read [1, CHUNKS, BLOCK_N] and permuted: with no
+    # contiguity along either dim (the clamped rows), the loads' layout spreads the threads
+    # along the first one, so the permuted tile lands in the sums' layout, no conversion.
+    scale_rows = scale_ptr + rows_in[None, None, :]
+    zero_rows = zero_ptr + rows_in[None, None, :]
     int_start = pid_k * ints_per_split
     int_stop = tl.minimum(int_start + ints_per_split, row_ints)
     acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS), dtype=tl.float32)
@@ -281,12 +290,8 @@ def _int4_gemv_kernel(
         for plane in tl.static_range(4):
             k_first = chunk_k + plane * _PLANE
             group = tl.minimum((k_first // GROUP).to(tl.int32), num_groups - 1)
-            group = group[None, None, :] * N
-            scale = tl.load(scale_ptr + group + group_rows).to(tl.float32)
-            if HAS_ZEROS:
-                zero = tl.load(zero_ptr + group + group_rows).to(tl.float32)
-            else:
-                zero = tl.full((1, BLOCK_N, CHUNKS), 8.0, tl.float32)
+            group = group[None, :, None] * N
+            scale = tl.permute(tl.load(scale_rows + group), (0, 2, 1)).to(tl.float32)
             x_ks = k_first.to(tl.int32)[None, None, :, None]
             if EVEN:
                 x = tl.load(x_ptrs + x_ks, mask=x_mask, other=0.0)
@@ -297,9 +302,12 @@ def _int4_gemv_kernel(
             low, high = _plane_values(words, plane)
             w = tl.reshape(tl.join(low, high), (1, BLOCK_N, CHUNKS, 2 * _VEC))
             sums = tl.sum(x * w, axis=3)
-            x_sums = tl.sum(x, axis=3)
             # sum (16 + q) x - (16 + zero) sum x = sum (q - zero) x, times the group scale.
-            acc += (sums - (zero + _OFFSET) * x_sums) * scale
+            if HAS_ZEROS:
+                zero = tl.permute(tl.load(zero_rows + group), (0, 2, 1)).to(tl.float32)
+                acc += (sums - (zero + _OFFSET) * tl.sum(x, axis=3)) * scale
+            else:
+                acc += (sums + tl.sum(x, axis=3) * _SYMMETRIC_OFFSET) * scale
     split_k_epilogue(
         tl.sum(acc, axis=2),
         bias_ptr,

@@ -833,15 +833,23 @@ def choose_int4_config(
 
 def _gemv_rule(n: int, k: int) -> SkinnyConfig:
     """The int4 GEMV's first guess, not yet measured (benchmarks/gemv_w4.py sweeps it):
-    16 rows a program over 1024 codes a step (256 words a row: 8 KB a step with 4 warps,
-    two stages in flight), split-K until there are about two programs an SM, keeping at
-    least two steps a split."""
-    block_n, block_k = 16, 1024
-    steps = triton.cdiv(triton.cdiv(k, INT4_TILE) * INT4_TILE, block_k)
+    8 rows a program, 4 warps whose one 16-byte load a thread covers a step (block_k =
+    1024 x num_warps codes, 16 KB a step), fewer warps where that does not divide a row
+    (llama3-8b's down projection, K = 14336: 2 warps, 7 steps), no cp.async staging
+    (num_stages 1: the loads go straight to registers; bytes in flight come from the
+    programs an SM holds), split-K until there are about two programs an SM, keeping at
+    least two steps a split. From the SASS (scripts/kernel_sass.py): about 4.3
+    instructions a code at one row, against the ~4 that copy bandwidth allows."""
+    row_ints = triton.cdiv(k, INT4_TILE) * INT4_TILE // 8
+    num_warps = 4
+    while num_warps > 1 and row_ints % (128 * num_warps):
+        num_warps //= 2
+    block_n, block_k = 8, 1024 * num_warps
+    steps = triton.cdiv(row_ints, block_k // 8)
     split_k = 1
     while triton.cdiv(n, block_n) * split_k < 2 * NUM_SMS and 4 * split_k <= steps:
         split_k *= 2
-    return SkinnyConfig(block_n, block_k, split_k, num_warps=4, num_stages=2, use_dot=False)
+    return SkinnyConfig(block_n, block_k, split_k, num_warps=num_warps, num_stages=1, use_dot=False)
 
 
 def default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -991,7 +999,12 @@ def skinny_matmul_w4(
         from lanner.kernels.int4_gemv import int4_gemv
 
         unknown = set(config) - {
-            "block_n", "block_k", "split_k", "num_warps", "num_stages", "fused_reduce"
+            "block_n",
+            "block_k",
+            "split_k",
+            "num_warps",
+            "num_stages",
+            "fused_reduce",
         }
         if unknown:
             raise TypeError(f"unknown int4 GEMV launch parameters {sorted(unknown)}")
