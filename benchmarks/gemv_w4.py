@@ -45,25 +45,20 @@ ORDER = ("gate_up", "down", "qkv", "o")
 ROWS = (1, 2, 4, 8, 16)
 SWEEP_ROWS = (2, 4)  # the best M = 1 candidates are timed again at these
 SWEEP_TOP = 4
-# (block_n, num_warps, steps of 1024 x num_warps codes, num_stages); each with split-K.
-_TILES = [
-    (bn, warps, mult, stages)
-    for bn in (4, 8, 16)
-    for warps in (1, 2, 4)
-    for mult in (1, 2)
-    for stages in (1, 2)
-]
+# (block_n, num_warps, num_stages), each step one 16-byte load a thread (block_k = 1024 x
+# num_warps codes), each with split-K: W1's shapes compile 30 binaries in all.
+_TILES = [(bn, warps, stages) for bn in (4, 8, 16) for warps in (1, 2, 4) for stages in (1, 2)]
 SPLITS = (1, 2, 4)
 
 
 def gemv_sweep(k: int) -> list[dict]:
-    """The GEMV candidates for a K (steps no longer than the row; splits of at least one
-    step each)."""
+    """The GEMV candidates for a K: steps that divide the row (no masked last step),
+    splits of at least one step each."""
     row_ints = -(-k // 512) * 64
     configs = []
-    for bn, warps, mult, stages in _TILES:
-        block_k = 1024 * warps * mult
-        if block_k // 8 > row_ints:
+    for bn, warps, stages in _TILES:
+        block_k = 1024 * warps
+        if row_ints % (block_k // 8):
             continue
         for split_k in SPLITS:
             if split_k * block_k // 8 > row_ints:
@@ -121,11 +116,11 @@ def compile_everything(shapes, methods) -> None:
         for method in methods:
             for _, n, k in shapes:
                 w = QuantWeights(method, n, k)
-                for m in ROWS:
+                for m in ROWS if method == "int4" else (1,):
                     x = torch.randn(m, k, device=DEVICE).to(DTYPE)
                     for config in ({"gemv": False}, {"gemv": True}):
                         w.skinny(x, w.tensors, **config)
-                    if m == 1 and method == "int4":
+                    if m in (1, *SWEEP_ROWS) and method == "int4":
                         for config in gemv_sweep(k):
                             w.skinny(x, w.tensors, **config)
                 del w
