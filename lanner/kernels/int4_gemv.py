@@ -267,8 +267,11 @@ def _int4_gemv_kernel(
     # = 4 x 32 x num_warps (one load covers the step) the words, x and the products
     # share one layout, and a chunk's sum stays in the thread's registers.
     w_ptrs = w_rows[None, :, None] + ints[None, None, :]
-    x_ptrs = x_rows[:, None, None, None] + in_chunk[None, None, None, :]
-    x_mask = x_row_mask[:, None, None, None]
+    # x is read [1, CHUNKS, BLOCK_M, 8] and permuted (as the scales below): with the
+    # rows of x after the chunks, the load's layout puts the threads along the chunks and
+    # the rows of x in registers, as the words' layout has them.
+    x_ptrs = x_rows[None, None, :, None] + in_chunk[None, None, None, :]
+    x_mask = x_row_mask[None, None, :, None]
     # The scales and zero points are read [1, CHUNKS, BLOCK_N] and permuted: with no
     # contiguity along either dim (the clamped rows), the loads' layout spreads the threads
     # along the first one, so the permuted tile lands in the sums' layout, no conversion.
@@ -292,13 +295,13 @@ def _int4_gemv_kernel(
             group = tl.minimum((k_first // GROUP).to(tl.int32), num_groups - 1)
             group = group[None, :, None] * N
             scale = tl.permute(tl.load(scale_rows + group), (0, 2, 1)).to(tl.float32)
-            x_ks = k_first.to(tl.int32)[None, None, :, None]
+            x_ks = k_first.to(tl.int32)[None, :, None, None]
             if EVEN:
                 x = tl.load(x_ptrs + x_ks, mask=x_mask, other=0.0)
             else:
                 x_in = x_mask & (x_ks + in_chunk[None, None, None, :] < K)
                 x = tl.load(x_ptrs + x_ks, mask=x_in, other=0.0)
-            x = x.to(tl.float32)
+            x = tl.permute(x, (2, 0, 1, 3)).to(tl.float32)
             low, high = _plane_values(words, plane)
             w = tl.reshape(tl.join(low, high), (1, BLOCK_N, CHUNKS, 2 * _VEC))
             sums = tl.sum(x * w, axis=3)
