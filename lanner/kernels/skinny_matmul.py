@@ -54,6 +54,11 @@ decode row costs the quantized bytes:
   group scale in registers instead, rounded once to x's dtype as the batched paths and
   dequantize-then-matmul do, and the four planes' products chain into one accumulator
   (no per-plane MMA wait and fp32 rescale).
+  A single int4 row does not run this kernel but kernels/int4_gemv.py's GEMV (words
+  streamed into registers and multiplied on the CUDA cores: the tile path's shared-memory
+  staging and 16-row padding held it at 0.26-0.50 of copy bandwidth on the H200), and so
+  do 2-16 rows where a tuned GEMV config (format INT4_GEMV) covers the shape;
+  choose_int4_config decides, ``gemv=`` or LANNER_INT4_GEMV=0 overrides.
 
 Before its PDL wait (kernels/pdl.py) every program asks L2 for the first NUM_STAGES
 tiles of its weight rows (prefetch.global.L2, one 128-byte line an instruction): the
