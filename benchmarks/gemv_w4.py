@@ -45,9 +45,16 @@ ORDER = ("gate_up", "down", "qkv", "o")
 ROWS = (1, 2, 4, 8, 16)
 SWEEP_ROWS = (2, 4)  # the best M = 1 candidates are timed again at these
 SWEEP_TOP = 4
-# (block_n, num_warps, num_stages), each step one 16-byte load a thread (block_k = 1024 x
-# num_warps codes), each with split-K: W1's shapes compile 30 binaries in all.
-_TILES = [(bn, warps, stages) for bn in (4, 8, 16) for warps in (1, 2, 4) for stages in (1, 2)]
+# (block_n, num_warps, (num_stages, prefetch)), each step one 16-byte load a thread
+# (block_k = 1024 x num_warps codes), each with split-K: words straight into registers,
+# staged through shared memory (cp.async, 2 stages), or prefetched a step ahead into
+# registers. W1's shapes compile about 45 binaries at one row.
+_TILES = [
+    (bn, warps, staging)
+    for bn in (4, 8, 16)
+    for warps in (1, 2, 4)
+    for staging in ((1, False), (2, False), (1, True))
+]
 SPLITS = (1, 2, 4)
 
 
@@ -56,7 +63,7 @@ def gemv_sweep(k: int) -> list[dict]:
     splits of at least one step each."""
     row_ints = -(-k // 512) * 64
     configs = []
-    for bn, warps, stages in _TILES:
+    for bn, warps, (stages, prefetch) in _TILES:
         block_k = 1024 * warps
         if row_ints % (block_k // 8):
             continue
@@ -71,6 +78,7 @@ def gemv_sweep(k: int) -> list[dict]:
                     num_warps=warps,
                     num_stages=stages,
                     split_k=split_k,
+                    prefetch=prefetch,
                 )
             )
     return configs

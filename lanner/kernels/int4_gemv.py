@@ -139,11 +139,14 @@ def int4_gemv(
     block_k: int,
     split_k: int = 1,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 1,
     fused_reduce: bool = True,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """x [..., K] @ W.T (+ bias) for int4 W in the plane layout (operands as
-    skinny_matmul_w4 takes them, checked there), fp32 sums, output in x's dtype."""
+    skinny_matmul_w4 takes them, checked there), fp32 sums, output in x's dtype.
+    num_stages > 1 stages the words through shared memory (Triton's cp.async pipeline);
+    prefetch loads each next step's words into registers instead."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"int4_gemv supports fp32, fp16 and bf16 x, not {x.dtype}")
     k = x.shape[-1]
@@ -197,6 +200,7 @@ def int4_gemv(
         BLOCK_I=plan.block_i,
         EVEN=plan.even,
         NUM_STAGES=plan.num_stages,
+        PREFETCH=prefetch,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         **launch_options(out),
@@ -240,6 +244,7 @@ def _int4_gemv_kernel(
     BLOCK_I: tl.constexpr,
     EVEN: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # Grid: (N blocks, K splits, M blocks); neighbouring programs read neighbouring rows.
@@ -280,11 +285,17 @@ def _int4_gemv_kernel(
     int_start = pid_k * ints_per_split
     int_stop = tl.minimum(int_start + ints_per_split, row_ints)
     acc = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS), dtype=tl.float32)
+    if PREFETCH:
+        words_next = _load_words(w_ptrs, ints, int_start, int_stop, EVEN)
     for i0 in tl.range(int_start, int_stop, BLOCK_I, num_stages=NUM_STAGES):
-        if EVEN:
-            words = tl.load(w_ptrs + i0)
+        if PREFETCH:
+            # The next step's words are loaded into registers before this step's math, so
+            # a warp's loads stay in flight while it computes (the last step's next load
+            # is masked off: no traffic).
+            words = words_next
+            words_next = _load_words(w_ptrs, ints, i0 + BLOCK_I, int_stop, False)
         else:
-            words = tl.load(w_ptrs + i0, mask=(i0 + ints < int_stop)[None, None, :], other=0)
+            words = _load_words(w_ptrs, ints, i0, int_stop, EVEN)
         # int32 i holds words 2i and 2i + 1 of its tile (i // 64), so a chunk of 4 from
         # int32 c holds, in plane 0, the codes of k = 512 (c // 64) + 2 (c % 64) and the
         # 7 after it.
@@ -345,6 +356,16 @@ def _plane_asm(plane: int) -> str:
 
 
 _PLANE_ASM = tl.constexpr(tuple(_plane_asm(plane) for plane in range(4)))
+
+
+@triton.jit
+def _load_words(w_ptrs, ints, i0, int_stop, EVEN: tl.constexpr):
+    """The packed int32s [.., BLOCK_I] of the step at i0 (those from int_stop on read 0)."""
+    if EVEN:
+        words = tl.load(w_ptrs + i0)
+    else:
+        words = tl.load(w_ptrs + i0, mask=(i0 + ints < int_stop)[None, None, :], other=0)
+    return words
 
 
 @triton.jit

@@ -182,6 +182,9 @@ class SkinnyConfig:
     # (w8a8_matmul.quantize_rows) and read their codes, instead of every program
     # quantizing them itself; the same codes and products, so the same bits.
     prequantize: bool = False
+    # int4 GEMV only (kernels/int4_gemv.py): each next step's words loaded into registers
+    # before this step's math (a register double buffer instead of cp.async stages).
+    prefetch: bool = False
 
 
 @triton.jit
@@ -759,6 +762,8 @@ def _check_tuned(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None
             raise ValueError("rows 2-16 run the dot path (use_dot=True)")
         if config.prequantize and weight_format not in (FP8, INT8):
             raise ValueError("prequantize is for fp8 / int8 weights (W8A8) only")
+        if config.prefetch and weight_format != INT4_GEMV:
+            raise ValueError(f"prefetch is for the int4 GEMV ({INT4_GEMV!r}) only")
 
 
 def tuned_entries_to_configs(entries: list[dict]) -> dict[tuple[str, int, int, int], SkinnyConfig]:
@@ -1003,19 +1008,15 @@ def skinny_matmul_w4(
         # (int4_gemv imports this module: imported here, not at the top.)
         from lanner.kernels.int4_gemv import int4_gemv
 
-        unknown = set(config) - {
-            "block_n",
-            "block_k",
-            "split_k",
-            "num_warps",
-            "num_stages",
-            "fused_reduce",
-        }
+        names = (
+            "block_n", "block_k", "split_k", "num_warps", "num_stages", "fused_reduce", "prefetch"
+        )  # fmt: skip
+        unknown = set(config) - set(names)
         if unknown:
             raise TypeError(f"unknown int4 GEMV launch parameters {sorted(unknown)}")
         params = {
             name: config.get(name) if config.get(name) is not None else getattr(chosen, name)
-            for name in ("block_n", "block_k", "split_k", "num_warps", "num_stages", "fused_reduce")
+            for name in names
         }
         return int4_gemv(x, packed, scales, zeros, group_size, bias, **params)
     return _run(

@@ -45,22 +45,34 @@ def assert_close(out: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, sca
     torch.testing.assert_close(out.to(F64), expected, atol=atol, rtol=0)
 
 
-# (m, n, k, group, zero points, block_n, block_k, num_warps, split_k): one row and many,
-# K off the tile (700, 200: one short plane), every group size, -1 = one group a row.
+# (m, n, k, group, zero points, block_n, block_k, num_warps, split_k, prefetch): one row
+# and many, K off the tile (700, 200: one short plane), every group size, -1 = one group a
+# row, the next step's words prefetched or not.
 GEMV_CASES = [
-    (1, 40, 700, 64, True, 8, 1024, 1, 1),
-    (3, 24, 1100, 128, False, 4, 1024, 1, 2),
-    (16, 9, 300, 16, True, 8, 2048, 2, 1),
-    (2, 33, 1536, 32, False, 16, 1024, 1, 4),
-    (5, 20, 1024, 256, True, 8, 1024, 1, 2),
-    (1, 17, 200, -1, False, 4, 1024, 1, 1),
-    (8, 12, 2048, 128, True, 4, 2048, 2, 2),
+    (1, 40, 700, 64, True, 8, 1024, 1, 1, False),
+    (3, 24, 1100, 128, False, 4, 1024, 1, 2, True),
+    (16, 9, 300, 16, True, 8, 2048, 2, 1, False),
+    (2, 33, 1536, 32, False, 16, 1024, 1, 4, False),
+    (5, 20, 1024, 256, True, 8, 1024, 1, 2, False),
+    (1, 17, 200, -1, False, 4, 1024, 1, 1, True),
+    (8, 12, 2048, 128, True, 4, 2048, 2, 2, True),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    ("m", "n", "k", "group", "zero_points", "block_n", "block_k", "num_warps", "split_k"),
+    (
+        "m",
+        "n",
+        "k",
+        "group",
+        "zero_points",
+        "block_n",
+        "block_k",
+        "num_warps",
+        "split_k",
+        "prefetch",
+    ),
     GEMV_CASES,
 )
 def test_gemv_matches_float64_dequantize_then_matmul(
@@ -73,6 +85,7 @@ def test_gemv_matches_float64_dequantize_then_matmul(
     block_k: int,
     num_warps: int,
     split_k: int,
+    prefetch: bool,
     dtype: torch.dtype,
 ) -> None:
     packed, scales, zeros, effective = int4_operands(n, k, group, zero_points, seed=m + n + k)
@@ -91,6 +104,7 @@ def test_gemv_matches_float64_dequantize_then_matmul(
         num_warps=num_warps,
         split_k=split_k,
         num_stages=1,
+        prefetch=prefetch,
     )
     assert out.dtype == dtype
     expected = int4_reference(x, packed, scales, zeros, effective, bias)
