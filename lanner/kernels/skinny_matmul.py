@@ -185,6 +185,9 @@ class SkinnyConfig:
     # int4 GEMV only (kernels/int4_gemv.py): each next step's words loaded into registers
     # before this step's math (a register double buffer instead of cp.async stages).
     prefetch: bool = False
+    # int4 GEMV entries (INT4_GEMV keys) only: False records that the tile path measured
+    # faster at the key, so choose_int4_config keeps it there.
+    gemv: bool = True
 
 
 @triton.jit
@@ -829,37 +832,40 @@ def choose_int4_config(
 ) -> tuple[bool, SkinnyConfig]:
     """(whether to run the GEMV, its config) for x [m, k] @ an int4 weight [n, k]. gemv
     None: the GEMV for a single row, and for 2-16 rows where a tuned GEMV config covers
-    (rows 16, n, k), unless use_int4_gemv(False); True / False force one kernel. Either
+    (rows 16, n, k), except where a tuned INT4_GEMV entry has gemv False (the tile path
+    measured faster there), unless use_int4_gemv(False); True / False force one kernel. Either
     kernel takes its measured config first (tuned tables: INT4_GEMV and INT4 keys), else
     its rule (_gemv_rule, _quantized_config)."""
     key = (INT4_GEMV, 1 if m == 1 else MAX_BLOCK_M, n, k)
     tuned = _TUNED.get(key, _SHIPPED.get(key))
     if gemv is None:
-        gemv = _GEMV_STATE["enabled"] and (m == 1 or tuned is not None)
+        # A tuned entry says which kernel measured faster at its key (its gemv field).
+        gemv = _GEMV_STATE["enabled"] and (tuned.gemv if tuned is not None else m == 1)
     if not gemv:
         return False, choose_config(m, n, k, INT4, group_size)
     return True, tuned if tuned is not None else _gemv_rule(n, k)
 
 
 def _gemv_rule(n: int, k: int) -> SkinnyConfig:
-    """The int4 GEMV's first guess, not yet measured (benchmarks/gemv_w4.py sweeps it):
-    8 rows a program, 4 warps whose one 16-byte load a thread covers a step (block_k =
-    1024 x num_warps codes, 16 KB a step), fewer warps where that does not divide a row
-    (llama3-8b's down projection, K = 14336: 2 warps, 7 steps), no cp.async staging
-    (num_stages 1: the loads go straight to registers; bytes in flight come from the
-    programs an SM holds), split-K until there are about two programs an SM, keeping at
-    least two steps a split. From the SASS (scripts/kernel_sass.py): about 4.3
-    instructions a code at one row, against the ~4 that copy bandwidth allows."""
+    """The int4 GEMV's config where no measured one covers the shape (benchmarks/
+    gemv_w4.py measures W1's), from bytes in flight: 8 rows a program on 2 warps whose one
+    16-byte load a thread covers a step (block_k = 1024 x num_warps: 8 KB a program-step),
+    1 warp where that does not divide a row; each next step's words prefetched into
+    registers (prefetch: the loads stay in flight while the warp computes, ~4.3 SASS
+    instructions a code at one row, about the issue rate's ~4 at copy bandwidth, so the
+    math does not hide behind the loads unless they overlap); split-K until there are 4
+    programs an SM (an SM needs ~32 KB in flight at 4.2 TB/s over 132 SMs and ~1 µs of
+    latency), keeping two steps a split for the prefetch to overlap."""
     row_ints = triton.cdiv(k, INT4_TILE) * INT4_TILE // 8
-    num_warps = 4
-    while num_warps > 1 and row_ints % (128 * num_warps):
-        num_warps //= 2
+    num_warps = 2 if row_ints % 256 == 0 else 1
     block_n, block_k = 8, 1024 * num_warps
     steps = triton.cdiv(row_ints, block_k // 8)
     split_k = 1
-    while triton.cdiv(n, block_n) * split_k < 2 * NUM_SMS and 4 * split_k <= steps:
+    while triton.cdiv(n, block_n) * split_k < 4 * NUM_SMS and 4 * split_k <= steps:
         split_k *= 2
-    return SkinnyConfig(block_n, block_k, split_k, num_warps=num_warps, num_stages=1, use_dot=False)
+    return SkinnyConfig(
+        block_n, block_k, split_k, num_warps, num_stages=1, use_dot=False, prefetch=True
+    )
 
 
 def default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:

@@ -154,13 +154,24 @@ def test_dispatch_runs_the_gemv_for_one_row_unless_told_otherwise() -> None:
     finally:
         skinny.use_int4_gemv(enabled)
     tuned = skinny.SkinnyConfig(4, 1024, 2, num_warps=1, num_stages=1, use_dot=False)
+    # What benchmarks/gemv_w4.py --tuned-out writes where the tile path measured faster.
+    tiles_won = skinny.SkinnyConfig(8, 1024, 1, 1, 1, use_dot=False, gemv=False)
     try:
-        skinny.install_tuned_configs({(skinny.INT4_GEMV, 16, 24, 1024): tuned})
+        skinny.install_tuned_configs(
+            {(skinny.INT4_GEMV, 16, 24, 1024): tuned, (skinny.INT4_GEMV, 1, 24, 1024): tiles_won}
+        )
         assert skinny.choose_int4_config(8, 24, 1024, 128) == (True, tuned)
         assert not skinny.choose_int4_config(8, 24, 1024, 128, gemv=False)[0]
+        assert not skinny.choose_int4_config(1, 24, 1024, 128)[0]
+        assert skinny.choose_int4_config(1, 24, 1024, 128, gemv=True) == (True, tiles_won)
+        assert torch.equal(skinny.skinny_matmul_w4(x, packed, scales, zeros, group), tiles)
+        with pytest.raises(ValueError, match="prefetch is for the int4 GEMV"):
+            skinny.install_tuned_configs({(skinny.INT4, 1, 24, 1024): tuned.__class__(
+                64, 512, prefetch=True)})  # fmt: skip
     finally:
         skinny.install_tuned_configs({})
     assert not skinny.choose_int4_config(8, 24, 1024, 128)[0]
+    assert skinny.choose_int4_config(1, 24, 1024, 128)[0]
 
 
 def test_gemv_rule_fits_every_w1_shape() -> None:
