@@ -1,33 +1,45 @@
-"""Triton int4 W4A16 GEMV for decode rows (1-16): ``x @ W.T`` with W in lanner's int4 plane
-layout, streamed straight from global memory into registers and multiplied on the CUDA
-cores, no tensor cores and no shared-memory staging of x.
+"""Triton int4 W4A16 GEMV for decode rows: ``x @ W.T`` with W in lanner's int4 plane layout,
+streamed straight from global memory into registers and multiplied on the CUDA cores (no
+tensor cores, no shared-memory staging, no padded activation).
 
 Why not skinny_matmul's int4 path for a single row: that one copies [BLOCK_N, BLOCK_K / 4]
 word tiles into shared memory through a cp.async pipeline and multiplies each of their four
 planes by x padded to 16 rows with tl.dot; the padded x tile takes half the shared memory
 a stage has, so few stages and programs fit an SM and the H200 sweep put it at 0.26-0.50 of
-the copy bandwidth (benchmarks/results/20261201-154700-tune-quant.log). Here each program
-owns BLOCK_N weight rows and one K range of them (split-K), and every step loads
-[BLOCK_N, BLOCK_W] 16-bit words, VEC (8) consecutive words a thread, 16 bytes a load, so a
-warp reads whole 32-byte sectors of each row. The plane layout (kernels/quant_reference.py)
-puts in nibble plane s of word p of a 512-code tile the code of k = 512 tile + 128 s + p, so
-a thread's 8 words hold, per plane, 8 consecutive k of one group: it widens each plane
-(kernels/weight_codes.int4_plane: a shift, a LOP3 and a bf16x2 subtract of the zero point
-per pair of words, exact), multiplies by the matching x values in fp32, sums the 8
-products in its own registers and adds them, times the group's scale, to its fp32
-accumulator. The accumulators are summed across threads once, after the loop. At one row
-that is about 3.5-4 instructions a code, against the ~4 that the H200's issue rate allows
-at copy bandwidth (4.2 TB/s, 132 SMs at ~1.9 GHz: ~32 codes a clock per SM); every extra
-row adds one FMA a code, so the dot path stays the better one for many rows.
+the copy bandwidth (benchmarks/results/20261201-154700-tune-quant.log).
 
-The layout needs nothing new at load: the plane layout the quant methods convert every
-checkpoint format to (AWQ, GPTQ, compressed-tensors pack-quantized) already keeps each
-row's words contiguous along K.
+Here each program owns BLOCK_N weight rows and one K range of them (split-K). A step loads
+[BLOCK_N, BLOCK_I] packed int32s, 4 consecutive ones (16 bytes, a "chunk") a thread of each
+row, the warp's threads side by side along K (whole 32-byte sectors); BLOCK_I = 4 x 32 x
+num_warps, so one load covers the step. In the plane layout (kernels/quant_reference.py)
+int32 i of a row holds words 2i and 2i + 1 of its 512-code tile, and nibble plane s of
+word p the code of k = 512 tile + 128 s + p: a chunk holds, per plane, the codes of 8
+consecutive k of one group. Per plane and code a shift and one LOP3 (PTX) put q into the
+mantissa of the fp32 16.0, giving 16 + q exactly, no int-to-float convert; one FMA
+multiplies it by x (fp32); a chunk's 8 products are summed in the thread's registers, and
+(16 + zero) times the chunk's x sum is taken off before the group scale multiplies it into
+the fp32 accumulator. The accumulators are summed across threads once, after the loop.
+The x values (and the scales) are read in the words' layout, every operand shaped
+[rows of x, rows of W, chunks, ...] from the start, so Triton converts no layout.
 
-Exactness: every product is (q - zero) * x in fp32 (both exact in fp32), sums in fp32,
-each group's sum scaled once: the same value as skinny_matmul's exact int4 path up to the
-order of the fp32 sums. Rows are independent (each output row is its own x row times the
-same words in the same order), so row i of an M-row call does not depend on the others.
+Cost (scripts/kernel_sass.py, sm_90): about 4.3 SASS instructions a code at one row,
+against the ~4 that the H200's issue rate allows at copy bandwidth (4.2 TB/s over 132 SMs
+at ~1.9 GHz: ~32 codes a clock per SM), so the loads must overlap the math: across the
+programs an SM holds, and (prefetch) by loading each next step's words into registers
+before this step's math, or (num_stages > 1) through Triton's cp.async pipeline. Each extra
+row of x adds about one FMA a code (2 rows: ~5.9 a code), which is why 2-16 rows keep the
+tile path unless a measured table says otherwise.
+
+The layout needs nothing new at load: the plane layout every int4 checkpoint format is
+repacked into (AWQ, GPTQ, compressed-tensors pack-quantized) already keeps each row's words
+contiguous along K.
+
+Rounding: (16 + q) x is exact in fp32 only up to one rounding of the product (|x| 31 2^-24
+at most), and taking (16 + zero) sum x off a chunk's sum loses about as much again: with
+bf16 and fp16 outputs far below their own rounding, with fp32 ones within ~2^-19 of the
+outputs' scale (tests/kernels/test_int4_gemv.py bounds it). Rows are independent (each
+output row is its own x row times the same words in the same order), so row i of an M-row
+call does not depend on the others.
 
 Split-K: as skinny_matmul (fp32 partials, the last program of a tile adds them in split
 order, deterministic; CUDA-graph capturable once a split-K call ran outside a capture).

@@ -997,8 +997,8 @@ def skinny_matmul_w4(
     dtype. ``config``: skinny_matmul's parameters (use_dot must stay True; block_k counts
     the codes of a step, four planes of block_k / 4, and divides 4 * min(group_size, 128)),
     and ``gemv``: True / False runs kernels/int4_gemv.py's GEMV / the tile path whatever
-    choose_int4_config would pick (the GEMV takes block_n, block_k (any power of two from
-    32), split_k, num_warps, num_stages and fused_reduce)."""
+    choose_int4_config would pick (the GEMV takes block_n, block_k (a power of two, at
+    least 1024 x num_warps), split_k, num_warps, num_stages, fused_reduce and prefetch)."""
     check_int4_operands(x.shape[-1], packed, scales, zeros, group_size)
     gemv = config.pop("gemv", None)
     if gemv is None and any(config.get(name) is not None for name in ("use_dot", "scale_weights")):
