@@ -1,7 +1,7 @@
 """The int4 GEMV (kernels/int4_gemv.py) against skinny_matmul's int4 tile path on the GPU,
 at llama3-8b's decode linears (W1's shapes: qkv, o, gate_up, down), a small sweep of the
 GEMV's launch parameters, and the table of which kernel (and GEMV config) won, for
-engine_workloads.py --skinny-configs, in one command (~45 s on an H200).
+engine_workloads.py --skinny-configs, in one command (~50 s on an H200).
 
 1. One row (what W1 runs), per shape: skinny_matmul_w4 with gemv=False (the tile path at
    the committed tuned table: what ran before), the GEMV at its rule (skinny_matmul.
@@ -13,8 +13,11 @@ engine_workloads.py --skinny-configs, in one command (~45 s on an H200).
    int4 group 128 symmetric (what W8-decode's gptq runs).
 2. 2, 4, 8 and 16 rows, per shape: the tile path against the GEMV at its rule (for the
    record: 2-16 rows keep the tile path unless a table says otherwise).
-3. --tuned-out FILE: one int4-gemv entry per shape for one row, the fastest GEMV config
-   where it beat the tile path, else gemv false (the tile path stays): the list of
+3. fp8 W8A8, one row, per shape: the committed config against the same with the L2
+   prefetch of each program's first weight tiles before its PDL wait and the rows' absmax
+   pass (SkinnyConfig.prefetch); an fp8 entry where that is 2 % faster.
+4. --tuned-out FILE: one int4-gemv entry per shape for one row, the fastest GEMV config
+   where it beat the tile path, else gemv false (the tile path stays), and 3.'s: the list of
    entries kernels_quant.install_tuned reads (engine_workloads.py --skinny-configs FILE),
    and what lanner/kernels/tuned/h200_quant.json would take. Every timing goes to
    <stamp>-gemv-w4.json (save_copies: also $OUT).
@@ -27,6 +30,7 @@ Every variant compiles first, on a thread pool (kernels/parallel_compile.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -56,6 +60,8 @@ _TILES = [
     for staging in ((1, False), (2, False), (1, True))
 ]
 SPLITS = (1, 2, 4)
+# fp8's L2 prefetch goes into the table only when this much faster (timing noise).
+FP8_PREFETCH_MIN_GAIN = 1.02
 GEMV_FIELDS = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "prefetch")
 
 
@@ -130,6 +136,10 @@ def compile_everything(shapes) -> None:
                     w.skinny(x, w.tensors, **config)
             x = torch.randn(1, k, device=DEVICE).to(DTYPE)
             for config in gemv_sweep(k):
+                w.skinny(x, w.tensors, **config)
+            del w
+            w = QuantWeights("fp8", n, k)
+            for config in ({}, {"prefetch": True}):
                 w.skinny(x, w.tensors, **config)
             del w
     torch.cuda.synchronize()
@@ -218,13 +228,54 @@ def main() -> int:
         del w
         torch.cuda.empty_cache()
 
+    # fp8 W8A8, one row: the committed config, and the same asking L2 for each program's
+    # first weight tiles before its PDL wait and the rows' absmax pass (SkinnyConfig.
+    # prefetch): the absmax pass delays a short launch's first weight loads.
+    print("\nfp8 W8A8 one row: committed config vs the same with the L2 prefetch", flush=True)
+    fp8_rows = []
+    for name, n, k in shapes:
+        w = QuantWeights("fp8", n, k)
+        x = torch.randn(1, k, device=DEVICE).to(DTYPE)
+        reference = w.reference(x)
+        rows = {
+            path: annotate(run_one(w, x, reference, args.rep_ms, config), w, 1, bandwidth)
+            for path, config in (("old", {}), ("prefetch", {"prefetch": True}))
+        }
+        fp8_rows.append({"linear": name, "N": n, "K": k, "M": 1, **rows})
+        faster = rows["prefetch"]["ok"] and rows["old"]["ok"]
+        faster = faster and rows["prefetch"]["us"] * FP8_PREFETCH_MIN_GAIN < rows["old"]["us"]
+        if faster:
+            committed = dataclasses.asdict(skinny.choose_config(1, n, k, skinny.FP8))
+            entries.append(
+                {
+                    "format": skinny.FP8,
+                    "rows": 1,
+                    "N": n,
+                    "K": k,
+                    "config": {**committed, "prefetch": True},
+                    "us": round(rows["prefetch"]["us"], 2),
+                    "without_prefetch_us": round(rows["old"]["us"], 2),
+                }
+            )
+        print(
+            f"  {name:<8} old {shown(rows['old'])}   prefetch {shown(rows['prefetch'])}"
+            + ("  -> prefetch" if faster else ""),
+            flush=True,
+        )
+        del w
+        torch.cuda.empty_cache()
+
     print("\none row, a W1 token's 32 layers of the four linears:")
     for path in ("old", "rule"):
         rows = [t for t in one_row if t["path"] == path and t["ok"]]
         print(
             f"  {path:<5}: {sum(32 * t['us'] for t in rows) / 1e3:.3f} ms over {len(rows)} shapes"
         )
-    chosen_us = sum(32 * (e["gemv_us"] if e["config"]["gemv"] else e["tile_us"]) for e in entries)
+    chosen_us = sum(
+        32 * (e["gemv_us"] if e["config"]["gemv"] else e["tile_us"])
+        for e in entries
+        if e["format"] == skinny.INT4_GEMV
+    )
     print(f"  table: {chosen_us / 1e3:.3f} ms (the faster kernel per shape)")
     for entry in entries:
         print(f"  entry {json.dumps(entry)}")
@@ -236,6 +287,7 @@ def main() -> int:
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "one_row": one_row,
         "batches": batches,
+        "fp8_one_row": fp8_rows,
         "tuned_entries": entries,
         "compile_s": compile_s,
         "wall_s": time.monotonic() - started,

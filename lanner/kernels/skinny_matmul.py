@@ -158,6 +158,7 @@ _TILE_GAP = tl.constexpr(INT4_TILE - INT4_PLANE)
 PREFETCH = os.environ.get("LANNER_SKINNY_PREFETCH", "0") == "1" and not bool(
     triton.knobs.runtime.interpret
 )
+_PTX = not bool(triton.knobs.runtime.interpret)
 _PREFETCH_LINE = 128  # bytes of an L2 line
 _PREFETCH_L2 = tl.constexpr("prefetch.global.L2 [$1];\nmov.u32 $0, 0;")
 
@@ -182,8 +183,11 @@ class SkinnyConfig:
     # (w8a8_matmul.quantize_rows) and read their codes, instead of every program
     # quantizing them itself; the same codes and products, so the same bits.
     prequantize: bool = False
-    # int4 GEMV only (kernels/int4_gemv.py): each next step's words loaded into registers
+    # The int4 GEMV (kernels/int4_gemv.py): each next step's words loaded into registers
     # before this step's math (a register double buffer instead of cp.async stages).
+    # fp8 / int8: each program asks L2 for its first weight tiles before its PDL wait and
+    # the rows' absmax pass (what LANNER_SKINNY_PREFETCH=1 does for every launch), so
+    # that a short launch's weights are on their way while the rows are quantized.
     prefetch: bool = False
     # int4 GEMV entries (INT4_GEMV keys) only: False records that the tile path measured
     # faster at the key, so choose_int4_config keeps it there.
@@ -765,8 +769,8 @@ def _check_tuned(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None
             raise ValueError("rows 2-16 run the dot path (use_dot=True)")
         if config.prequantize and weight_format not in (FP8, INT8):
             raise ValueError("prequantize is for fp8 / int8 weights (W8A8) only")
-        if config.prefetch and weight_format != INT4_GEMV:
-            raise ValueError(f"prefetch is for the int4 GEMV ({INT4_GEMV!r}) only")
+        if config.prefetch and weight_format not in (INT4_GEMV, FP8, INT8):
+            raise ValueError(f"prefetch is for the int4 GEMV ({INT4_GEMV!r}), fp8 and int8 only")
 
 
 def tuned_entries_to_configs(entries: list[dict]) -> dict[tuple[str, int, int, int], SkinnyConfig]:
@@ -915,7 +919,9 @@ def skinny_matmul(
         raise ValueError(
             f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit x @ weight.T"
         )
-    overrides = (block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce, None)
+    overrides = (
+        block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce, None, None
+    )  # fmt: skip
     return _run(x, weight, DENSE, weight.shape[0], None, None, 0, 1, bias, overrides)
 
 
@@ -1079,10 +1085,11 @@ def check_int4_operands(
 
 def _overrides(config: dict) -> tuple:
     names = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "use_dot")
-    unknown = set(config) - {*names, "fused_reduce", "scale_weights"}
+    extra = ("fused_reduce", "scale_weights", "prefetch")
+    unknown = set(config) - {*names, *extra}
     if unknown:
         raise TypeError(f"unknown launch parameters {sorted(unknown)}")
-    return tuple(config.get(name) for name in (*names, "fused_reduce", "scale_weights"))
+    return tuple(config.get(name) for name in (*names, *extra))
 
 
 def _run(
@@ -1176,7 +1183,7 @@ def _run(
         IEEE=dtype == torch.float32,
         NUM_STAGES=plan.num_stages,
         SCALE_WEIGHTS=plan.scale_weights,
-        PREFETCH_LINES=plan.prefetch_lines if PREFETCH else 0,
+        PREFETCH_LINES=plan.prefetch_lines if PREFETCH or (plan.prefetch and _PTX) else 0,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         **launch_options(out),
@@ -1223,6 +1230,7 @@ class _Plan:
     fused_reduce: bool
     scale_weights: bool
     prefetch_lines: int
+    prefetch: bool  # the config asks for the L2 prefetch (see SkinnyConfig.prefetch)
 
 
 # Cached: this runs every eager decode step, and a Python-level cdiv costs microseconds.
@@ -1241,6 +1249,7 @@ def _plan(
     use_dot: bool | None,
     fused_reduce: bool | None,
     scale_weights: bool | None = None,
+    prefetch: bool | None = None,
     weight_bits: int = 16,
 ) -> _Plan:
     config = choose_config(min(m, MAX_BLOCK_M), n, k, weight_format, group_size or 128)
@@ -1289,6 +1298,7 @@ def _plan(
         fused_reduce=partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES,
         scale_weights=weight_format == INT4
         and (config.scale_weights if scale_weights is None else scale_weights),
+        prefetch=bool(config.prefetch if prefetch is None else prefetch),
         prefetch_lines=_prefetch_lines(
             k,
             k_per_split,

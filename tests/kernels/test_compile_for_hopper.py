@@ -568,6 +568,21 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                     **options,
                 ),
             )
+    # fp8 W8A8 at one row with the L2 prefetch of the first weight tiles (SkinnyConfig.
+    # prefetch, what benchmarks/gemv_w4.py puts into a table where it measures faster).
+    for n, k in ((6144, 4096), (4096, 14336)):
+        yield (
+            f"skinny w8 fp8 bf16 1x{n}x{k} prefetch",
+            partial(
+                skinny_matmul.skinny_matmul_w8,
+                torch.empty(1, k, dtype=bf16),
+                torch.empty(n, k, dtype=fp8),
+                torch.empty(n),
+                None,
+                448.0,
+                prefetch=True,
+            ),
+        )
     # (weight dtype, activation dtype, rows, (N, K)): split-K at (4096, 4096), bias at 8 rows
     w8_decode_cases = [
         (fp8, bf16, 1, (4096, 4096)),
