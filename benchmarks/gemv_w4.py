@@ -22,7 +22,8 @@ engine_workloads.py --skinny-configs, in one command (~50 s on an H200).
    and what lanner/kernels/tuned/h200_quant.json would take. Every timing goes to
    <stamp>-gemv-w4.json (save_copies: also $OUT).
 
-    PYTHONPATH=. python3 benchmarks/gemv_w4.py --commit X [--tuned-out FILE] [--rep-ms 4]
+    PYTHONPATH=. python3 benchmarks/gemv_w4.py --commit X [--tuned-out FILE] [--rep-ms 3]
+        [--budget-s 80]
 
 Every variant compiles first, on a thread pool (kernels/parallel_compile.py).
 """
@@ -149,7 +150,13 @@ def compile_everything(shapes) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commit", default="unknown")
-    parser.add_argument("--rep-ms", type=int, default=4)
+    parser.add_argument("--rep-ms", type=int, default=3)
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=80.0,
+        help="seconds from the start after which the sweep's remaining candidates are skipped",
+    )
     parser.add_argument(
         "--tuned-out",
         default="",
@@ -179,6 +186,9 @@ def main() -> int:
             ("rule", {"gemv": True}),
             *(("sweep", c) for c in gemv_sweep(k)),
         ):
+            if path == "sweep" and time.monotonic() - started > args.budget_s:
+                print("  (sweep budget spent: the rest skipped)", flush=True)
+                break
             row = annotate(run_one(w, x, reference, args.rep_ms, config), w, 1, bandwidth)
             timed.append(
                 {"linear": name, "N": n, "K": k, "M": 1, "path": path, "config": config, **row}
