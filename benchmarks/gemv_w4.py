@@ -23,7 +23,7 @@ engine_workloads.py --skinny-configs, in one command (~50 s on an H200).
    <stamp>-gemv-w4.json (save_copies: also $OUT).
 
     PYTHONPATH=. python3 benchmarks/gemv_w4.py --commit X [--tuned-out FILE] [--rep-ms 3]
-        [--budget-s 80]
+        [--budget-s 60]
 
 Every variant compiles first, on a thread pool (kernels/parallel_compile.py).
 """
@@ -154,7 +154,7 @@ def main() -> int:
     parser.add_argument(
         "--budget-s",
         type=float,
-        default=80.0,
+        default=60.0,
         help="seconds from the start after which the sweep's remaining candidates are skipped",
     )
     parser.add_argument(
