@@ -54,6 +54,11 @@ decode row costs the quantized bytes:
   group scale in registers instead, rounded once to x's dtype as the batched paths and
   dequantize-then-matmul do, and the four planes' products chain into one accumulator
   (no per-plane MMA wait and fp32 rescale).
+  A single int4 row does not run this kernel but kernels/int4_gemv.py's GEMV (words
+  streamed into registers and multiplied on the CUDA cores: the tile path's shared-memory
+  staging and 16-row padding held it at 0.26-0.50 of copy bandwidth on the H200), and so
+  do 2-16 rows where a tuned GEMV config (format INT4_GEMV) covers the shape;
+  choose_int4_config decides, ``gemv=`` or LANNER_INT4_GEMV=0 overrides.
 
 Before its PDL wait (kernels/pdl.py) every program asks L2 for the first NUM_STAGES
 tiles of its weight rows (prefetch.global.L2, one 128-byte line an instruction): the
@@ -133,6 +138,13 @@ SKINNY_MAX_M = 16
 _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 # Weight formats (W_FORMAT): the activations' dtype, fp8 e4m3, int8, int4 planes.
 DENSE, FP8, INT8, INT4 = "dense", "fp8", "int8", "int4"
+# The tuned-table format of int4's GEMV configs (kernels/int4_gemv.py): kept apart from
+# INT4's tile configs, so that both stay selectable for the same shape.
+INT4_GEMV = "int4-gemv"
+# Whether skinny_matmul_w4 may run the GEMV: for one row by rule, for 2-16 rows where a
+# tuned GEMV config covers the shape. LANNER_INT4_GEMV=0 (or use_int4_gemv(False)) keeps
+# the tile path everywhere, for comparison.
+_GEMV_STATE = {"enabled": os.environ.get("LANNER_INT4_GEMV", "1") != "0"}
 _FORMAT_IDS = {DENSE: 0, FP8: 1, INT8: 2, INT4: 3}
 _W_DENSE = tl.constexpr(0)
 _W_FP8 = tl.constexpr(1)
@@ -146,6 +158,7 @@ _TILE_GAP = tl.constexpr(INT4_TILE - INT4_PLANE)
 PREFETCH = os.environ.get("LANNER_SKINNY_PREFETCH", "0") == "1" and not bool(
     triton.knobs.runtime.interpret
 )
+_PTX = not bool(triton.knobs.runtime.interpret)
 _PREFETCH_LINE = 128  # bytes of an L2 line
 _PREFETCH_L2 = tl.constexpr("prefetch.global.L2 [$1];\nmov.u32 $0, 0;")
 
@@ -170,6 +183,15 @@ class SkinnyConfig:
     # (w8a8_matmul.quantize_rows) and read their codes, instead of every program
     # quantizing them itself; the same codes and products, so the same bits.
     prequantize: bool = False
+    # The int4 GEMV (kernels/int4_gemv.py): each next step's words loaded into registers
+    # before this step's math (a register double buffer instead of cp.async stages).
+    # fp8 / int8: each program asks L2 for its first weight tiles before its PDL wait and
+    # the rows' absmax pass (what LANNER_SKINNY_PREFETCH=1 does for every launch), so
+    # that a short launch's weights are on their way while the rows are quantized.
+    prefetch: bool = False
+    # int4 GEMV entries (INT4_GEMV keys) only: False records that the tile path measured
+    # faster at the key, so choose_int4_config keeps it there.
+    gemv: bool = True
 
 
 @triton.jit
@@ -734,17 +756,21 @@ def install_tuned_configs(configs: dict[tuple[str, int, int, int], SkinnyConfig]
     _TUNED.clear()
     _TUNED.update(configs)
     choose_config.cache_clear()
+    choose_int4_config.cache_clear()
     _plan.cache_clear()
 
 
 def _check_tuned(configs: dict[tuple[str, int, int, int], SkinnyConfig]) -> None:
     for (weight_format, rows, _, _), config in configs.items():
-        if weight_format not in _FORMAT_IDS or rows not in (1, MAX_BLOCK_M):
+        known = weight_format in _FORMAT_IDS or weight_format == INT4_GEMV
+        if not known or rows not in (1, MAX_BLOCK_M):
             raise ValueError(f"bad tuned key ({weight_format!r}, {rows}): rows is 1 or 16")
-        if rows > 1 and not config.use_dot:
+        if rows > 1 and not config.use_dot and weight_format != INT4_GEMV:
             raise ValueError("rows 2-16 run the dot path (use_dot=True)")
         if config.prequantize and weight_format not in (FP8, INT8):
             raise ValueError("prequantize is for fp8 / int8 weights (W8A8) only")
+        if config.prefetch and weight_format not in (INT4_GEMV, FP8, INT8):
+            raise ValueError(f"prefetch is for the int4 GEMV ({INT4_GEMV!r}), fp8 and int8 only")
 
 
 def tuned_entries_to_configs(entries: list[dict]) -> dict[tuple[str, int, int, int], SkinnyConfig]:
@@ -783,6 +809,7 @@ def _read_shipped_configs(device: torch.device) -> None:
     _SHIPPED.clear()
     _SHIPPED.update(shipped_configs(torch.cuda.get_device_name(device)))
     choose_config.cache_clear()
+    choose_int4_config.cache_clear()
     _plan.cache_clear()
 
 
@@ -792,7 +819,59 @@ def use_shipped_configs(enabled: bool) -> None:
     _SHIPPED.clear()
     _SHIPPED_STATE["read"] = not enabled
     choose_config.cache_clear()
+    choose_int4_config.cache_clear()
     _plan.cache_clear()
+
+
+def use_int4_gemv(enabled: bool) -> None:
+    """Lets skinny_matmul_w4 run the int4 GEMV where it applies (True, the default unless
+    LANNER_INT4_GEMV=0) or keeps the tile path everywhere (False)."""
+    _GEMV_STATE["enabled"] = enabled
+    choose_int4_config.cache_clear()
+
+
+@functools.cache
+def choose_int4_config(
+    m: int, n: int, k: int, group_size: int, gemv: bool | None = None
+) -> tuple[bool, SkinnyConfig]:
+    """(whether to run the GEMV, its config) for x [m, k] @ an int4 weight [n, k]. gemv
+    None: the GEMV for a single row, and for 2-16 rows where a tuned GEMV config covers
+    (rows 16, n, k), except where a tuned INT4_GEMV entry has gemv False (the tile path
+    measured faster there), unless use_int4_gemv(False); True / False force one kernel. Either
+    kernel takes its measured config first (tuned tables: INT4_GEMV and INT4 keys), else
+    its rule (_gemv_rule, _quantized_config)."""
+    key = (INT4_GEMV, 1 if m == 1 else MAX_BLOCK_M, n, k)
+    tuned = _TUNED.get(key, _SHIPPED.get(key))
+    if gemv is None:
+        # A tuned entry says which kernel measured faster at its key (its gemv field).
+        gemv = _GEMV_STATE["enabled"] and (tuned.gemv if tuned is not None else m == 1)
+    if not gemv:
+        return False, choose_config(m, n, k, INT4, group_size)
+    return True, tuned if tuned is not None else _gemv_rule(n, k)
+
+
+def _gemv_rule(n: int, k: int) -> SkinnyConfig:
+    """The int4 GEMV's config where no measured one covers the shape (benchmarks/
+    gemv_w4.py measures W1's), from bytes in flight: 8 rows a program on 2 warps whose one
+    16-byte load a thread covers a step (block_k = 1024 x num_warps: 8 KB a program-step),
+    1 warp where that does not divide a row; each next step's words prefetched into
+    registers (prefetch: the loads stay in flight while the warp computes, ~4.3 SASS
+    instructions a code at one row, about the issue rate's ~4 at copy bandwidth, so the
+    math does not hide behind the loads unless they overlap); split-K until there are 4
+    programs an SM (an SM needs ~32 KB in flight at 4.2 TB/s over 132 SMs and ~1 µs of
+    latency), keeping two steps a split for the prefetch to overlap. On the H200 (1ad2d2d,
+    20261201-182140-gemv-w4.json) it came within 1-13 % of the best of 36 configs on W1's
+    four shapes (whose measured configs ship in tuned/h200_quant.json)."""
+    row_ints = triton.cdiv(k, INT4_TILE) * INT4_TILE // 8
+    num_warps = 2 if row_ints % 256 == 0 else 1
+    block_n, block_k = 8, 1024 * num_warps
+    steps = triton.cdiv(row_ints, block_k // 8)
+    split_k = 1
+    while triton.cdiv(n, block_n) * split_k < 4 * NUM_SMS and 4 * split_k <= steps:
+        split_k *= 2
+    return SkinnyConfig(
+        block_n, block_k, split_k, num_warps, num_stages=1, use_dot=False, prefetch=True
+    )
 
 
 def default_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -842,7 +921,9 @@ def skinny_matmul(
         raise ValueError(
             f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit x @ weight.T"
         )
-    overrides = (block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce, None)
+    overrides = (
+        block_n, block_k, split_k, num_warps, num_stages, use_dot, fused_reduce, None, None
+    )  # fmt: skip
     return _run(x, weight, DENSE, weight.shape[0], None, None, 0, 1, bias, overrides)
 
 
@@ -922,8 +1003,36 @@ def skinny_matmul_w4(
     [N, ceil(K / 512) * 64], with scales [groups, N] (any float dtype) and zeros
     [groups, N] uint8 codes (None: 8): W4A16, exact up to fp32 summation, output in x's
     dtype. ``config``: skinny_matmul's parameters (use_dot must stay True; block_k counts
-    the codes of a step, four planes of block_k / 4, and divides 4 * min(group_size, 128))."""
+    the codes of a step, four planes of block_k / 4, and divides 4 * min(group_size, 128)),
+    and ``gemv``: True / False runs kernels/int4_gemv.py's GEMV / the tile path whatever
+    choose_int4_config would pick (the GEMV takes block_n, block_k (a power of two, at
+    least 1024 x num_warps), split_k, num_warps, num_stages, fused_reduce and prefetch)."""
     check_int4_operands(x.shape[-1], packed, scales, zeros, group_size)
+    gemv = config.pop("gemv", None)
+    if gemv is None and any(config.get(name) is not None for name in ("use_dot", "scale_weights")):
+        gemv = False  # the tile path's own parameters
+    k = x.shape[-1]
+    if x.is_cuda:
+        _read_shipped_configs_once(x)
+    m = math.prod(x.shape[:-1])
+    run_gemv, chosen = choose_int4_config(
+        min(max(m, 1), MAX_BLOCK_M), packed.shape[0], k, group_size, gemv
+    )
+    if run_gemv:
+        # (int4_gemv imports this module: imported here, not at the top.)
+        from lanner.kernels.int4_gemv import int4_gemv
+
+        names = (
+            "block_n", "block_k", "split_k", "num_warps", "num_stages", "fused_reduce", "prefetch"
+        )  # fmt: skip
+        unknown = set(config) - set(names)
+        if unknown:
+            raise TypeError(f"unknown int4 GEMV launch parameters {sorted(unknown)}")
+        params = {
+            name: config.get(name) if config.get(name) is not None else getattr(chosen, name)
+            for name in names
+        }
+        return int4_gemv(x, packed, scales, zeros, group_size, bias, **params)
     return _run(
         x,
         packed.view(torch.int16),
@@ -978,10 +1087,11 @@ def check_int4_operands(
 
 def _overrides(config: dict) -> tuple:
     names = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "use_dot")
-    unknown = set(config) - {*names, "fused_reduce", "scale_weights"}
+    extra = ("fused_reduce", "scale_weights", "prefetch")
+    unknown = set(config) - {*names, *extra}
     if unknown:
         raise TypeError(f"unknown launch parameters {sorted(unknown)}")
-    return tuple(config.get(name) for name in (*names, "fused_reduce", "scale_weights"))
+    return tuple(config.get(name) for name in (*names, *extra))
 
 
 def _run(
@@ -1075,26 +1185,34 @@ def _run(
         IEEE=dtype == torch.float32,
         NUM_STAGES=plan.num_stages,
         SCALE_WEIGHTS=plan.scale_weights,
-        PREFETCH_LINES=plan.prefetch_lines if PREFETCH else 0,
+        PREFETCH_LINES=plan.prefetch_lines if PREFETCH or (plan.prefetch and _PTX) else 0,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         **launch_options(out),
     )
     if plan.partial and not plan.fused_reduce:
-        _split_k_reduce_kernel[plan.reduce_grid](
-            workspace,
-            bias if bias is not None else workspace,
-            out,
-            n,
-            plan.grid[1],
-            m * n,
-            n,
-            HAS_BIAS=bias is not None,
-            BLOCK=plan.reduce_block,
-            num_warps=4,
-            **launch_options(out),
-        )
+        reduce_partials(workspace, bias, out)
     return out if flat else out.view(*x_shape[:-1], n)
+
+
+def reduce_partials(workspace: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out [M, N] = the sum of the fp32 split-K partials workspace [splits, M, N] in split
+    order (+ bias), rounded to out's dtype: the separate reduce launch."""
+    splits, m, n = workspace.shape
+    block = min(triton.next_power_of_2(n), 1024)
+    _split_k_reduce_kernel[(m, triton.cdiv(n, block))](
+        workspace,
+        bias if bias is not None else workspace,
+        out,
+        n,
+        splits,
+        m * n,
+        n,
+        HAS_BIAS=bias is not None,
+        BLOCK=block,
+        num_warps=4,
+        **launch_options(out),
+    )
 
 
 @dataclass(frozen=True)
@@ -1112,10 +1230,9 @@ class _Plan:
     even_k: bool
     partial: bool
     fused_reduce: bool
-    reduce_grid: tuple[int, int]
-    reduce_block: int
     scale_weights: bool
     prefetch_lines: int
+    prefetch: bool  # the config asks for the L2 prefetch (see SkinnyConfig.prefetch)
 
 
 # Cached: this runs every eager decode step, and a Python-level cdiv costs microseconds.
@@ -1134,6 +1251,7 @@ def _plan(
     use_dot: bool | None,
     fused_reduce: bool | None,
     scale_weights: bool | None = None,
+    prefetch: bool | None = None,
     weight_bits: int = 16,
 ) -> _Plan:
     config = choose_config(min(m, MAX_BLOCK_M), n, k, weight_format, group_size or 128)
@@ -1168,7 +1286,6 @@ def _plan(
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     partial = split_k > 1
     fused_reduce = config.fused_reduce if fused_reduce is None else fused_reduce
-    reduce_block = min(triton.next_power_of_2(n), 1024)
     return _Plan(
         grid=grid,
         k_per_split=k_per_split,
@@ -1181,10 +1298,9 @@ def _plan(
         even_k=k % k_tile == 0,
         partial=partial,
         fused_reduce=partial and fused_reduce and grid[0] * grid[2] <= MAX_TILES,
-        reduce_grid=(m, triton.cdiv(n, reduce_block)),
-        reduce_block=reduce_block,
         scale_weights=weight_format == INT4
         and (config.scale_weights if scale_weights is None else scale_weights),
+        prefetch=bool(config.prefetch if prefetch is None else prefetch),
         prefetch_lines=_prefetch_lines(
             k,
             k_per_split,

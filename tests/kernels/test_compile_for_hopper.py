@@ -69,6 +69,7 @@ REQUIRED_KERNELS = {
     "_race_row_kernel",
     "_exponential_noise_kernel",
     "_skinny_matmul_kernel",
+    "_int4_gemv_kernel",
     "_w4a16_tiled_kernel",
     "_dequantize_int4_kernel",
     "_w8a8_matmul_kernel",
@@ -448,13 +449,15 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
     one) and W8A16 in each activation dtype, both inner products, with and without
     split-K and bias; W4A16 in each activation dtype, every group size (steps of 16 to
     128 words a plane), zero points or not, split-K or not, and the configs
-    benchmarks/kernels_linear.py --quant --sweep tries. Batches: the tiled W4A16 kernel
+    benchmarks/kernels_linear.py --quant --sweep tries; the int4 GEMV (one row by rule,
+    2-16 rows forced, the candidates benchmarks/gemv_w4.py sweeps). Batches: the tiled W4A16 kernel
     (64 and 128 rows, split-K), the int4 dequantizer, the row quantizer (own or given
     absmax) and the tiled W8A8 kernel on pre-quantized rows. (fp32 activations, for
     tests and references, take the exact "ieee" dot, whose variants are the slowest to
     compile: the decode ones only.)"""
     import torch
 
+    from benchmarks.gemv_w4 import gemv_sweep
     from benchmarks.kernels_quant import SKINNY_SWEEP
     from benchmarks.tune_quant import grid_for
     from lanner.kernels import skinny_matmul, w4a16_matmul, w8a8_matmul
@@ -515,6 +518,69 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                 None,
                 128,
                 **options,
+            ),
+        )
+    # The int4 GEMV (kernels/int4_gemv.py): what skinny_matmul_w4 runs for one row by
+    # rule, in each activation dtype and group size, zero points or not, W1's shapes
+    # (the down projection's 2-warp steps); forced at 2-16 rows (a tuned GEMV config for
+    # rows 16); the separate split-K reduce; and every candidate benchmarks/gemv_w4.py
+    # sweeps (what a tuned table's int4-gemv entries hold).
+    gemv_cases = [
+        (bf16, 1, (6144, 4096), 128, False, {}),
+        (bf16, 1, (4096, 14336), 128, True, {}),
+        (bf16, 1, (28672, 4096), 32, True, {}),
+        (fp16, 1, (4096, 4096), 64, False, {}),
+        (fp32, 1, (1024, 3072), 128, True, {}),
+        (bf16, 1, (4096, 1024), 16, False, {"fused_reduce": False, "split_k": 2}),
+        (bf16, 2, (6144, 4096), 128, False, {"gemv": True}),
+        (bf16, 4, (4096, 14336), 128, False, {"gemv": True}),
+        (bf16, 8, (28672, 4096), 128, True, {"gemv": True}),
+        (bf16, 16, (4096, 4096), 128, False, {"gemv": True}),
+    ]
+    for dtype, m, (n, k), group, zero_points, options in gemv_cases:
+        packed, scales, zeros = int4_operands(n, k, group, dtype, zero_points)
+        bias = torch.empty(n, dtype=dtype) if zero_points else None
+        yield (
+            f"int4 gemv {dtype} {m}x{n}x{k} group {group} zeros {zero_points} {options}",
+            partial(
+                skinny_matmul.skinny_matmul_w4,
+                torch.empty(m, k, dtype=dtype),
+                packed,
+                scales,
+                zeros,
+                group,
+                bias,
+                **options,
+            ),
+        )
+    for n, k in ((4096, 4096), (4096, 14336)):
+        packed, scales, _ = int4_operands(n, k, 128, bf16, False)
+        for options in gemv_sweep(k):
+            yield (
+                f"int4 gemv bf16 1x{n}x{k} sweep {options}",
+                partial(
+                    skinny_matmul.skinny_matmul_w4,
+                    torch.empty(1, k, dtype=bf16),
+                    packed,
+                    scales,
+                    None,
+                    128,
+                    **options,
+                ),
+            )
+    # fp8 W8A8 at one row with the L2 prefetch of the first weight tiles (SkinnyConfig.
+    # prefetch, what benchmarks/gemv_w4.py puts into a table where it measures faster).
+    for n, k in ((6144, 4096), (4096, 14336)):
+        yield (
+            f"skinny w8 fp8 bf16 1x{n}x{k} prefetch",
+            partial(
+                skinny_matmul.skinny_matmul_w8,
+                torch.empty(1, k, dtype=bf16),
+                torch.empty(n, k, dtype=fp8),
+                torch.empty(n),
+                None,
+                448.0,
+                prefetch=True,
             ),
         )
     # (weight dtype, activation dtype, rows, (N, K)): split-K at (4096, 4096), bias at 8 rows

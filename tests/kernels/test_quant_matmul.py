@@ -16,6 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lanner.kernels import int4_gemv  # noqa: E402
 from lanner.kernels import quant_reference as ref  # noqa: E402
 from lanner.kernels import skinny_matmul as skinny  # noqa: E402
 from lanner.kernels import w4a16_matmul as w4a16  # noqa: E402
@@ -187,11 +188,13 @@ def test_tiled_w4a16_matches_reference_with_weights_rounded_once(
 
 
 def test_skinny_w4_decode_rows_are_batch_invariant() -> None:
-    """Every M in 1..16 runs one binary (BLOCK_M 16): row i of a 9-row call is bitwise the
-    1-row call on row i."""
+    """On the tile path every M in 1..16 runs one binary (BLOCK_M 16): row i of a 9-row
+    call is bitwise the 1-row call on row i. (A single row runs the int4 GEMV by default:
+    gemv=False keeps it on the tile path; tests/kernels/test_int4_gemv.py checks the
+    GEMV's own rows.)"""
     packed, scales, zeros, group = int4_operands(40, 600, 64, True, seed=3)
     x = activations(9, 600, torch.bfloat16, seed=4)
-    config = {"split_k": 2, "block_n": 16, "block_k": 128}
+    config = {"split_k": 2, "block_n": 16, "block_k": 128, "gemv": False}
     batched = skinny.skinny_matmul_w4(x, packed, scales, zeros, group, **config)
     for row in (0, 4, 8):
         alone = skinny.skinny_matmul_w4(x[row : row + 1], packed, scales, zeros, group, **config)
@@ -452,7 +455,9 @@ def test_kernels_reject_bad_arguments() -> None:
     with pytest.raises(ValueError, match="does not cover"):
         w4a16.w4a16_matmul(torch.ones(20, 1024), packed, scales, zeros, group)
     with pytest.raises(ValueError, match="int4 block_k"):
-        skinny.skinny_matmul_w4(torch.ones(1, 128), packed, scales, zeros, group, block_k=256)
+        skinny.skinny_matmul_w4(
+            torch.ones(1, 128), packed, scales, zeros, group, block_k=256, gemv=False
+        )
     with pytest.raises(ValueError, match="dot path only"):
         skinny.skinny_matmul_w4(torch.ones(1, 128), packed, scales, zeros, group, use_dot=False)
     weight, w_scales = w8_operands(16, 64, torch.int8, seed=15)
@@ -550,6 +555,19 @@ def test_committed_tuned_tables_load_and_plan() -> None:
     for path in sorted(skinny.SHIPPED_DIR.glob("*.json")):
         for card in json.loads(path.read_text()):
             for (fmt, rows, n, k), config in skinny.shipped_configs(card).items():
+                if fmt == skinny.INT4_GEMV:
+                    int4_gemv.gemv_plan(
+                        rows,
+                        n,
+                        k,
+                        -(-k // ref.INT4_TILE) * ref.INT4_TILE // 8,
+                        config.block_n,
+                        config.block_k,
+                        config.split_k,
+                        config.num_warps,
+                        config.num_stages,
+                    )
+                    continue
                 names = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "use_dot")
                 skinny._plan(
                     rows,
