@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -14,6 +15,7 @@ from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from lanner.engine.startup import format_phases, seconds_since_process_start
 from lanner.engine.structured_output import RequestGrammar, StructuredOutputManager
+from lanner.kernels import parallel_compile
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
@@ -178,6 +180,11 @@ class EngineCore:
         before_build = seconds_since_process_start()
         if before_build is not None:
             self.startup_phases["process start to engine build (imports)"] = before_build
+        if executor is None and load.device != "cpu" and torch.cuda.is_available():
+            # Triton's hash of itself, needed by the first kernel compile or load, on a
+            # thread while the model builds (~0.45 s on a 2-core Xeon; it waits on I/O and
+            # hashing, off the GIL).
+            parallel_compile.warm_triton_key()
         self.loaded = load_model(
             load.model,
             load.dtype,
@@ -276,41 +283,52 @@ class EngineCore:
             if num_spec_tokens
             else None
         )
-        if executor is None and self.loaded.device.type == "cuda":
-            # Every kernel the profile run and the graph captures launch, compiled on a
-            # pool of threads first (else one at a time, as each first launches).
-            self.runner.precompile_kernels(
+        # Every kernel the profile run and the graph captures launch, compiled or loaded on
+        # a pool of threads first (else one at a time, as each first launches); what
+        # compiles until the block ends goes into the kernel manifest for the next start.
+        startup_kernels = (
+            self.runner.startup_kernels(
                 StartupShape(
                     scheduler_config.max_num_batched_tokens,
                     max_num_seqs,
                     num_spec_tokens,
                     graph_rows,
                     self.max_model_len,
+                ),
+                {"speculative_config": repr(config.speculative_config)},
+            )
+            if executor is None
+            else contextlib.nullcontext("off")
+        )
+        with startup_kernels as how:
+            if how == "kernel manifest":
+                mark = self._mark_phase("kernel load (manifest)", mark)
+            elif how != "off":
+                mark = self._mark_phase("kernel compile (parallel)", mark)
+            # Under tensor parallelism every rank sizes its own cache; the smallest wins.
+            num_blocks = (
+                size_cache()
+                if executor is None
+                else executor.num_blocks(
+                    size_cache,
+                    scheduler_config.max_num_batched_tokens,
+                    scheduler_config.max_num_seqs,
+                    num_spec_tokens,
+                    useful_blocks,
                 )
             )
-            mark = self._mark_phase("kernel compile (parallel)", mark)
-        # Under tensor parallelism every rank sizes its own cache; the smallest wins.
-        num_blocks = (
-            size_cache()
-            if executor is None
-            else executor.num_blocks(
-                size_cache,
-                scheduler_config.max_num_batched_tokens,
-                scheduler_config.max_num_seqs,
-                num_spec_tokens,
-                useful_blocks,
-            )
-        )
-        mark = self._mark_phase("profile run, kernel compile and KV cache sizing", mark)
-        if executor is None:
-            self.runner.initialize_cache(num_blocks, max_num_seqs, self.max_model_len, graph_rows)
-        else:
-            executor.initialize_cache(
-                self.runner, num_blocks, max_num_seqs, self.max_model_len, graph_rows
-            )
-            executor.attach(self.runner)
-        if self.spec is not None:
-            self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
+            mark = self._mark_phase("profile run, kernel compile and KV cache sizing", mark)
+            if executor is None:
+                self.runner.initialize_cache(
+                    num_blocks, max_num_seqs, self.max_model_len, graph_rows
+                )
+            else:
+                executor.initialize_cache(
+                    self.runner, num_blocks, max_num_seqs, self.max_model_len, graph_rows
+                )
+                executor.attach(self.runner)
+            if self.spec is not None:
+                self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
         graphs = self.runner.decode_graphs
         capture = graphs.capture_seconds if graphs is not None else 0.0
         self._mark_phase("KV cache allocation", mark, less=capture)

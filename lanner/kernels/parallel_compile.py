@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import triton
+from triton.runtime import cache as triton_cache
 from triton.runtime import driver
 
 try:
@@ -97,18 +99,88 @@ def compile_launches(workers: int | None = None) -> Iterator[None]:
 
     jit_function.run = compile_only
     try:
-        if AsyncCompileMode is None:
+        with _compile_pool(workers):
             yield
-        else:
-            pool = ThreadPoolExecutor(workers or default_workers(), "triton-compile")
-            # Leaving waits for every compile, then for the pool.
-            with pool, AsyncCompileMode(_CompileThenBuildLauncher(pool)):
-                yield
     finally:
         jit_function.run = launch
+    _load_onto_device(handed)
+
+
+def load_variants(variants: list[tuple[Any, str]], workers: int | None = None) -> None:
+    """Compile (or load from Triton's cache) each (JITFunction, serialized specialization
+    data) variant on ``workers`` threads, as ``compile_launches`` would have for a launch
+    of it, and load each onto the current device; nothing runs. Raises what Triton raises
+    for a variant it cannot rebuild (a stale manifest: the caller compiles the old way)."""
+    handed: list[Any] = []
+    with _compile_pool(workers):
+        for function, specialization in variants:
+            handed.append(function.preload(specialization))
+    _load_onto_device(handed)
+
+
+@contextlib.contextmanager
+def _compile_pool(workers: int | None) -> Iterator[None]:
+    """Triton's asynchronous compile mode over a pool of threads (nothing without it);
+    leaving waits for every compile, then for the pool."""
+    if AsyncCompileMode is None:
+        yield
+        return
+    warm_triton_key(wait=True)
+    pool = ThreadPoolExecutor(workers or default_workers(), "triton-compile")
+    with pool, AsyncCompileMode(_CompileThenBuildLauncher(pool)):
+        yield
+
+
+def _load_onto_device(handed: list[Any]) -> None:
     for compiled in handed:
         kernel = compiled.result() if hasattr(compiled, "result") else compiled
         if kernel is not None:
             # Loads its module onto the device (and checks its resources), as a first run
             # would: a first run inside a CUDA graph capture then has nothing to load.
             _ = kernel.run
+
+
+class KernelNotCompiledAhead(RuntimeError):
+    """A Triton kernel variant was about to compile where ``refuse_compiles`` forbids it."""
+
+
+@contextlib.contextmanager
+def refuse_compiles(where: str) -> Iterator[None]:
+    """Within, a launch of a variant missing from its kernel's in-memory cache raises
+    KernelNotCompiledAhead instead of compiling (Triton's cache hook: in-memory hits do
+    not reach it): a CUDA graph capture that counted on every variant being compiled
+    ahead fails loudly, and its caller captures again with warm-ups, instead of
+    compiling inside the capture."""
+    knobs = triton.knobs.runtime
+    previous = knobs.jit_cache_hook
+
+    def refuse(**info: Any) -> None:
+        raise KernelNotCompiledAhead(
+            f"Triton kernel {info['fn'].name} would compile a variant not compiled ahead "
+            f"({where}): {info['repr']}"
+        )
+
+    knobs.jit_cache_hook = refuse
+    try:
+        yield
+    finally:
+        knobs.jit_cache_hook = previous
+
+
+_TRITON_KEY: dict[str, threading.Thread] = {}
+
+
+def warm_triton_key(wait: bool = False) -> None:
+    """Compute Triton's own cache-key part (a hash of its sources and its 400 MB
+    libtriton, ~0.45 s on a 2-core Xeon, once per process, needed by the first compile
+    or cache lookup) on a thread, so it overlaps the model's build; ``wait`` joins it."""
+    thread = _TRITON_KEY.get("thread")
+    if thread is None:
+        key = getattr(triton_cache, "triton_key", None)
+        if key is None:  # another Triton: its first compile computes what it needs
+            return
+        thread = threading.Thread(target=key, name="triton-key", daemon=True)
+        _TRITON_KEY["thread"] = thread
+        thread.start()
+    if wait:
+        thread.join()

@@ -14,7 +14,7 @@ import tempfile
 
 from tests.outside_interpreter import run_outside_interpreter
 
-SCRIPT = """
+STAND_IN_DRIVER = """
 import json
 import threading
 
@@ -56,7 +56,11 @@ class StandInDriver:
 
 
 driver.set_active(StandInDriver())
-from lanner.kernels import activation, parallel_compile
+"""
+
+SCRIPT = (
+    STAND_IN_DRIVER
+    + """from lanner.kernels import activation, parallel_compile
 
 handed_to_triton = []
 do_compile = jit.JITFunction._do_compile
@@ -82,6 +86,7 @@ print(json.dumps({
     "run_restored": restored,
 }))
 """
+)
 
 
 def test_each_variant_compiles_once_with_its_launcher_and_is_cached() -> None:
