@@ -9,9 +9,13 @@ folder for "empty"; the folder the kind's empty trial filled for "warm"):
   recording every startup step as it ends (CUDA context, model build and dummy weights,
   profile run, KV cache, each CUDA graph's warm-up and capture, tokenizer) and every
   Triton kernel compiled or loaded from the cache (name, constexprs, seconds, the step
-  it fell in), through Triton's JIT hooks.
+  it fell in), through Triton's JIT hooks; and how the kernels were had ahead
+  (``kernels_ahead``: the kernel manifest the empty trial wrote, or the compile-only
+  pass), whether the manifest was written, and whether the captures were redone.
 - engine-serial: the same with LANNER_PARALLEL_COMPILE=0 (kernels compile one at a time
   as they first launch, not ahead on a pool of threads).
+- engine-stale (--stale-trial): one more engine trial over the engine trials' cache,
+  after dropping a kernel only the large decode graphs launch from its kernel manifest.
 - serve: ``lanner serve`` sent one 1-token completion as soon as the port answers;
   process start -> first token, and the phases the engine core and the API server log.
 
@@ -63,6 +67,9 @@ SERVER_MODULES = ("fastapi", "uvicorn", "zmq", "prometheus_client", "httpx", "ms
 SERVE_NEEDS = ("fastapi", "uvicorn", "zmq", "msgspec")  # without them no serve trial runs
 GPU_ENGINE_ARGS = f"--load-format dummy --dtype bfloat16 --tokenizer {DEMO} --max-model-len 8192"
 PROMPT = [1, 2, 3, 4]
+# What --stale-trial drops from the kernel manifest: a kernel only the large decode
+# graphs launch (cascade attention), so that only their captures miss it.
+STALE_KERNELS = ("_cascade_prefix_kernel",)
 _STARTED = time.perf_counter()
 
 
@@ -211,6 +218,27 @@ def count_cache_entries(cache_dir: Path) -> int:
     return sum(1 for entry in cache_dir.iterdir() if entry.is_dir()) if cache_dir.exists() else 0
 
 
+def manifest_variants(cache_dir: Path) -> dict[str, int]:
+    """Each kernel manifest in a Triton cache folder: its number of variants."""
+    counts = {}
+    for path in sorted(cache_dir.glob("lanner-startup-*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            counts[path.name] = len(json.loads(path.read_text())["variants"])
+    return counts
+
+
+def make_manifests_stale(cache_dir: Path, kernels: tuple[str, ...]) -> int:
+    """Drop ``kernels``' variants from every kernel manifest in the folder, as a manifest
+    written before a code change that added them would lack them; the variants dropped."""
+    dropped = 0
+    for path in cache_dir.glob("lanner-startup-*.json"):
+        data = json.loads(path.read_text())
+        kept = [v for v in data["variants"] if v["qualname"] not in kernels]
+        dropped += len(data["variants"]) - len(kept)
+        path.write_text(json.dumps({**data, "variants": kept}))
+    return dropped
+
+
 def serve_trial(args: argparse.Namespace, cache_dir: Path, label: str, scratch: Path) -> dict:
     port = free_port()
     command = [
@@ -288,6 +316,8 @@ def engine_trial(
         timed_out=returncode in (-signal.SIGTERM, -signal.SIGKILL),
         elapsed_s=child.elapsed(),
         triton_cache_entries_after=count_cache_entries(cache_dir),
+        manifest_variants_after=manifest_variants(cache_dir),
+        capture_fallback="capturing without warm-ups failed" in child.log_path.read_text(),
         log_tail=child.log_tail(4000 if returncode else 1500),
     )
     for line in engine_summary_lines(trial):
@@ -323,6 +353,16 @@ def summarize_engine_events(events: list[dict]) -> dict[str, Any]:
         "kernel_compile_or_load_s": sum(e["seconds"] for e in compiles),
         "compiles_per_kernel": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]["seconds"])),
         "compiles_per_step": dict(per_step),
+        # How the startup's kernels were had: the kernel manifest's variants loaded on the
+        # pool, or the compile-only pass over the startup's steps.
+        "kernels_ahead": (
+            "kernel manifest"
+            if any(s["name"] == "load manifest variants" for s in steps)
+            else "compile-only pass"
+            if any(s["name"].startswith("graph compile-only") for s in steps)
+            else None
+        ),
+        "manifest_written": any(s["name"] == "write kernel manifest" for s in steps),
         "steps": steps,
         "compiles": compiles,
     }
@@ -338,6 +378,9 @@ def engine_summary_lines(trial: dict) -> list[str]:
         f"first token after imports {fmt(trial['first_token_after_imports_s'])}, process "
         f"start -> first token {fmt(trial['process_start_to_first_token_s'])}; last event "
         f"{trial['reached']}",
+        f"kernels ahead: {trial.get('kernels_ahead')}; kernel manifest written: "
+        f"{trial.get('manifest_written')}; captures redone with warm-ups: "
+        f"{trial.get('capture_fallback')}",
         f"{trial['num_kernel_compiles_or_loads']} Triton kernel compiles/loads, "
         f"{trial['kernel_compile_or_load_s']:.1f} s in all (each from its hand-over to ready: "
         f"compiled ahead on a pool, they overlap)",
@@ -519,6 +562,12 @@ def watch_triton(log: EventLog) -> None:
     knobs.runtime.jit_post_compile_hook = after
 
 
+def triton_key_step(wait: bool = False) -> str:
+    """The step name of a ``parallel_compile.warm_triton_key`` call: the engine starts
+    Triton's self-hash on a thread, the first compile pool waits for it."""
+    return "wait for Triton's key" if wait else "start Triton's key (thread)"
+
+
 def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
     import logging
 
@@ -542,6 +591,8 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
 
     import lanner.engine.core as core
     import lanner.engine.llm_engine as llm_engine
+    import lanner.kernels.kernel_manifest as kernel_manifest
+    import lanner.kernels.parallel_compile as parallel_compile
     import lanner.model.loader as loader
     import lanner.runner.cuda_graphs as cuda_graphs
     import lanner.runner.model_runner as model_runner
@@ -551,7 +602,13 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
     timed(log, loader, "dummy_init", "dummy weights")
     timed(log, loader, "process_weights_after_loading", "process weights after loading")
     timed(log, core, "StructuredOutputManager", "structured-output manager")
-    timed(log, model_runner.ModelRunner, "precompile_kernels", "parallel kernel compile")
+    timed(log, model_runner.ModelRunner, "_precompile_kernels", "parallel kernel compile")
+    # Within it, on a warm start: the variants the kernel manifest lists, loaded on the
+    # pool (no compile-only pass); and after the captures, the manifest written (a start
+    # that compiled something the manifest lacked).
+    timed(log, parallel_compile, "load_variants", "load manifest variants")
+    timed(log, kernel_manifest, "write", "write kernel manifest")
+    timed(log, parallel_compile, "warm_triton_key", triton_key_step)
     timed(log, model_runner.ModelRunner, "profile_peak_memory", "profile run")
     timed(log, model_runner, "allocate_kv_caches", "allocate KV caches")
     timed(log, model_runner.ModelRunner, "initialize_cache", "KV cache + CUDA graphs")
@@ -628,6 +685,16 @@ def run_trials(
             label = f"{kind}-{'empty' if index == 0 else f'warm{index}'}"
             result["trials"].append(run(args, cache_dir, label, scratch))
             save()
+        if kind == "engine" and args.stale_trial and deadline - time.perf_counter() >= 5:
+            # A manifest that lacks variants the graph captures need (cascade attention's
+            # runs only in the large graphs): the captures must refuse to compile, be
+            # redone with warm-ups, and the manifest be written whole again.
+            dropped = make_manifests_stale(cache_dir, STALE_KERNELS)
+            say(f"engine-stale: dropped {dropped} variants of {STALE_KERNELS} from the manifest")
+            trial = engine_trial(args, cache_dir, "engine-stale", scratch)
+            trial["variants_dropped"] = dropped
+            result["trials"].append(trial)
+            save()
 
 
 def keep_logs(scratch: Path, name: str) -> None:
@@ -656,6 +723,12 @@ def main(argv: list[str] | None = None) -> int:
         help="trial kinds, in order: engine, engine-serial (LANNER_PARALLEL_COMPILE=0), serve",
     )
     parser.add_argument("--warm-trials", type=int, default=1, help="warm trials per kind")
+    parser.add_argument(
+        "--stale-trial",
+        action="store_true",
+        help="after the engine trials, one more with their kernel manifest stripped of "
+        f"{', '.join(STALE_KERNELS)} (a stale manifest)",
+    )
     parser.add_argument("--trial-timeout", type=float, default=120.0, help="seconds per trial")
     parser.add_argument(
         "--budget", type=float, default=600.0, help="seconds for the whole run (trials cut to fit)"
