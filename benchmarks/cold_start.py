@@ -14,6 +14,8 @@ folder for "empty"; the folder the kind's empty trial filled for "warm"):
   pass), whether the manifest was written, and whether the captures were redone.
 - engine-serial: the same with LANNER_PARALLEL_COMPILE=0 (kernels compile one at a time
   as they first launch, not ahead on a pool of threads).
+- engine-warm-no-tokenizer (--no-tokenizer-trial): one more warm engine trial with
+  skip_tokenizer_init (the tokenizer otherwise loads on a thread beside the build).
 - engine-stale (--stale-trial): one more engine trial over the engine trials' cache,
   after dropping a kernel only the large decode graphs launch from its kernel manifest.
 - serve: ``lanner serve`` sent one 1-token completion as soon as the port answers;
@@ -285,7 +287,7 @@ def engine_trial(
     events_path = scratch / f"{label}.events.jsonl"
     command = [
         sys.executable, str(Path(__file__).resolve()), "--engine-child", str(events_path),
-        "--model", args.model, "--engine-args", " ".join(args.engine_args),
+        "--model", args.model, f"--engine-args={' '.join(args.engine_args)}",
     ]  # fmt: skip
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
     if serial:
@@ -600,6 +602,21 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
     watch_triton(log)
     timed(log, core, "load_model", "load model (build + weights)")
     timed(log, loader, "dummy_init", "dummy weights")
+    timed(log, loader, "assign_linear_methods", "allocate linear weights")
+    timed(log, loader, "resolve_model_path", "find the checkpoint")
+    timed(log, loader.ModelConfig, "from_pretrained", "read config.json")
+    find_class = loader.get_model_class
+
+    def timed_model_class(config: Any) -> Any:
+        model_class = find_class(config)
+
+        def build(*args: Any, **kwargs: Any) -> Any:
+            with log.step("build modules"):
+                return model_class(*args, **kwargs)
+
+        return build
+
+    loader.get_model_class = timed_model_class
     timed(log, loader, "process_weights_after_loading", "process weights after loading")
     timed(log, core, "StructuredOutputManager", "structured-output manager")
     timed(log, model_runner.ModelRunner, "_precompile_kernels", "parallel kernel compile")
@@ -685,6 +702,17 @@ def run_trials(
             label = f"{kind}-{'empty' if index == 0 else f'warm{index}'}"
             result["trials"].append(run(args, cache_dir, label, scratch))
             save()
+        if kind == "engine" and args.no_tokenizer_trial and deadline - time.perf_counter() >= 5:
+            # The same warm start without the tokenizer, which otherwise loads on a thread
+            # beside the engine's build and shares the GIL with it: what it costs.
+            plain = args.engine_args
+            args.engine_args = [*plain, "--skip-tokenizer-init"]
+            try:
+                trial = engine_trial(args, cache_dir, "engine-warm-no-tokenizer", scratch)
+            finally:
+                args.engine_args = plain
+            result["trials"].append(trial)
+            save()
         if kind == "engine" and args.stale_trial and deadline - time.perf_counter() >= 5:
             # A manifest that lacks variants the graph captures need (cascade attention's
             # runs only in the large graphs): the captures must refuse to compile, be
@@ -723,6 +751,12 @@ def main(argv: list[str] | None = None) -> int:
         help="trial kinds, in order: engine, engine-serial (LANNER_PARALLEL_COMPILE=0), serve",
     )
     parser.add_argument("--warm-trials", type=int, default=1, help="warm trials per kind")
+    parser.add_argument(
+        "--no-tokenizer-trial",
+        action="store_true",
+        help="after the engine trials, one more warm one with skip_tokenizer_init (what the "
+        "tokenizer's load on a thread beside the build costs the build)",
+    )
     parser.add_argument(
         "--stale-trial",
         action="store_true",
