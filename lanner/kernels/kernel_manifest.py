@@ -184,7 +184,8 @@ class VariantRecorder:
 
     def _record(self, **info: Any) -> Any:
         function = info["fn"]
-        variant = Variant(function.module, function.name, info["compile"]["specialization_data"])
+        module = getattr(function.module, "__name__", function.module)  # a name, or a module
+        variant = Variant(module, function.name, info["compile"]["specialization_data"])
         with self._lock:
             self._seen.setdefault((variant.module, variant.qualname, variant.cache_key), variant)
         return self._previous(**info) if self._previous is not None else None

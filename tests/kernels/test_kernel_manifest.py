@@ -6,7 +6,9 @@ lacks fails a ``refuse_compiles`` block (a graph capture) instead of compiling i
 
 The round trip runs in two subprocesses outside TRITON_INTERPRET (real JITFunctions) with
 the stand-in sm_90 driver of test_parallel_compile.py: the first records and writes, the
-second, a fresh process over the same Triton cache, loads; ~8 s, two small compiles."""
+second, a fresh process over the same Triton cache, loads; ~8 s, two small compiles. And
+every variant of the 8B shape's startup preloads as its launch compiles (~10 s, no
+compile)."""
 
 from __future__ import annotations
 
@@ -178,3 +180,85 @@ def test_manifest_round_trip_loads_exactly_its_variants(tmp_path: Path) -> None:
     assert "_silu_and_mul_kernel" in found["refused"] and "the test" in found["refused"]
     assert found["hook_restored"]
     assert os.listdir(cache)
+
+
+STARTUP = (
+    STAND_IN_DRIVER
+    + """
+import sys
+
+import triton.runtime.jit as jit
+
+import lanner.model.loader as loader
+import lanner.runner.model_runner as model_runner
+from lanner.kernels import ops
+from lanner.kernels.kernel_manifest import Variant
+from tests.kernels.test_compile_for_hopper import force_programmatic_launch
+
+meta = torch.device("meta")  # as benchmarks/startup_kernels.py builds it: no memory
+loader.resolve_device = lambda device: meta
+loader.dummy_init = lambda *args, **kwargs: None
+loaded = loader.load_model(sys.argv[1], "bfloat16", meta, "dummy")
+ops.use_triton = lambda x: True
+force_programmatic_launch()
+
+
+def compile_inputs(fn, key, signature, constexprs, options, attrs):
+    # What Triton's compile and its on-disk cache key are made of.
+    return key, fn.ASTSource(fn, signature, constexprs, attrs).hash(), options.hash()
+
+
+launched = {}
+
+
+def record(self, key, signature, device, constexprs, options, attrs, warmup):
+    if (self, key) not in launched:
+        data = jit.serialize_specialization_data(
+            jit.get_full_name(self.fn), signature, constexprs, attrs, options, key
+        )
+        variant = Variant(self.fn.__module__, self.fn.__qualname__, data)
+        launched[(self, key)] = variant, compile_inputs(
+            self, key, signature, constexprs, options, attrs
+        )
+
+
+jit.JITFunction._do_compile = record  # nothing compiles; a launch returns at once
+runner = model_runner.ModelRunner(loaded, 16, loaded.dtype)
+runner.launch_startup_steps(model_runner.StartupShape(8192, 256, max_model_len=8192))
+preloaded = []
+
+
+def capture(self, key, signature, device, constexprs, options, attrs, warmup):
+    preloaded.append(compile_inputs(self, key, signature, constexprs, options, attrs))
+
+
+jit.JITFunction._do_compile = capture
+mismatched, unresolved = [], []
+for (function, key), (variant, original) in launched.items():
+    if variant.resolve() is not function:
+        unresolved.append(variant.qualname)
+        continue
+    function.preload(variant.specialization)
+    if preloaded[-1] != original:
+        mismatched.append([variant.qualname, preloaded[-1], original])
+print(json.dumps({
+    "kernels": sorted({variant.qualname for variant, _ in launched.values()}),
+    "mismatched": mismatched,
+    "unresolved": unresolved,
+}))
+"""
+)
+
+
+def test_every_startup_variant_preloads_as_its_launch_compiles(tmp_path: Path) -> None:
+    """Each variant the 8B shape's startup launches (two layers; profile steps, every
+    graph size, the sampler), serialized as Triton's hooks report it and preloaded from
+    that, reaches Triton's compile with the same in-memory key, source hash and options
+    hash as the launch did: it is the same entry of Triton's cache. Nothing compiles."""
+    config = json.loads(Path("benchmarks/shapes/llama3-8b/config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    found = run_outside_interpreter(STARTUP, str(tmp_path))
+    assert len(found["kernels"]) >= 8, found["kernels"]
+    assert found["unresolved"] == []
+    assert found["mismatched"] == []
