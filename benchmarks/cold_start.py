@@ -72,6 +72,8 @@ PROMPT = [1, 2, 3, 4]
 # What --stale-trial drops from the kernel manifest: a kernel only the large decode
 # graphs launch (cascade attention), so that only their captures miss it.
 STALE_KERNELS = ("_cascade_prefix_kernel",)
+# Each engine trial's greedy check after its first tokens: prompts x tokens.
+CHECK_PROMPTS, CHECK_TOKENS = 8, 16
 _STARTED = time.perf_counter()
 
 
@@ -365,6 +367,7 @@ def summarize_engine_events(events: list[dict]) -> dict[str, Any]:
             else None
         ),
         "manifest_written": any(s["name"] == "write kernel manifest" for s in steps),
+        "greedy_token_ids": next((e["token_ids"] for e in events if e["event"] == "greedy"), None),
         "steps": steps,
         "compiles": compiles,
     }
@@ -665,6 +668,13 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
     )
     with log.step("second generate (1 token)"):
         llm.generate({"prompt_token_ids": PROMPT}, greedy, use_tqdm=False)
+    # After the timed part: greedy tokens of a few prompts decoded through the captured
+    # graphs, which every trial (however it had its kernels) must produce alike.
+    prompts = [{"prompt_token_ids": [1 + i, 7 * i + 2, 3, 4 + i]} for i in range(CHECK_PROMPTS)]
+    check = SamplingParams(max_tokens=CHECK_TOKENS, temperature=0.0, ignore_eos=True)
+    with log.step("check generate"):
+        outputs = llm.generate(prompts, check, use_tqdm=False)
+    log.write({"event": "greedy", "token_ids": [list(o.outputs[0].token_ids) for o in outputs]})
     log.write({"event": "mark", "name": "done"})
     return 0
 
@@ -833,6 +843,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         say(f"stopped ({stop}); the JSON keeps the trials done")
     finally:
+        greedy = {
+            t["label"]: t["greedy_token_ids"] for t in result["trials"] if t.get("greedy_token_ids")
+        }
+        result["greedy_outputs_equal"] = len({json.dumps(g) for g in greedy.values()}) <= 1
+        say(
+            f"greedy check tokens equal across trials {sorted(greedy)}: "
+            f"{result['greedy_outputs_equal']}"
+        )
         save()
         say(f"wrote {RESULTS / name}" + (f" and $OUT/{name}" if os.environ.get("OUT") else ""))
     ran = [t for t in result["trials"] if not t.get("skipped")]
