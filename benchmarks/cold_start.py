@@ -736,13 +736,14 @@ def run_trials(
 
 
 def keep_logs(scratch: Path, name: str) -> None:
-    """Copy every trial's whole log and event file to $OUT/<name>-logs/ (when $OUT is set)."""
+    """Copy every trial's whole log to $OUT/<name>-logs/ (when $OUT is set); its events
+    are in the JSON (its steps and compiles), and few files come back from a GPU run."""
     if not os.environ.get("OUT"):
         return
     folder = Path(os.environ["OUT"]) / name.replace(".json", "-logs")
     folder.mkdir(parents=True, exist_ok=True)
     for path in scratch.iterdir():
-        if path.is_file():
+        if path.is_file() and path.suffix == ".log":
             (folder / path.name).write_bytes(path.read_bytes())
 
 
