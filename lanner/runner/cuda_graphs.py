@@ -158,9 +158,10 @@ class DecodeGraphs:
     def capture(self, warm_up: bool = True) -> None:
         """Capture a graph per batch size. ``warm_up`` runs each size once first, which
         compiles (or loads) its kernels and lets cuBLAS set up outside the capture; the
-        runner leaves it out when it has compiled and loaded every kernel and run every
-        size ahead (ModelRunner.precompile_kernels: 35 forwards, ~1 s of an 8B start on
-        the H200). Should a capture without it fail, all are captured again with it."""
+        runner leaves it out when it has compiled and loaded every kernel ahead
+        (ModelRunner.startup_kernels; the warm-ups are 35 forwards, ~1 s of an 8B start on
+        the H200). Should a capture without it fail, or be about to compile a kernel
+        (parallel_compile.refuse_compiles), all are captured again with it."""
         started = time.perf_counter()
         try:
             self._capture_all(warm_up)
