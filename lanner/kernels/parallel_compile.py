@@ -18,6 +18,10 @@ benchmarks/startup_kernels.py) otherwise compile one after another; on a warm on
 pool loads them. While inside, no launch from any thread of the process runs: use it at
 startup only. Without Triton's asynchronous mode (before 3.5) each variant compiles at
 once, in turn. LANNER_PARALLEL_COMPILE=0 turns it off (``enabled``).
+
+``load_variants`` compiles or loads a list of variants (kernel_manifest.py's, from the
+last start) the same way without running anything; ``refuse_compiles`` makes a launch
+that would compile raise instead (a CUDA graph capture that counts on none).
 """
 
 from __future__ import annotations
