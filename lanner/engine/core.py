@@ -180,7 +180,8 @@ class EngineCore:
         before_build = seconds_since_process_start()
         if before_build is not None:
             self.startup_phases["process start to engine build (imports)"] = before_build
-        if executor is None and load.device != "cpu" and torch.cuda.is_available():
+        on_cuda = load.device is None or str(load.device).startswith("cuda")
+        if executor is None and on_cuda and torch.cuda.is_available():
             # Triton's hash of itself, needed by the first kernel compile or load, on a
             # thread while the model builds (~0.45 s on a 2-core Xeon; it waits on I/O and
             # hashing, off the GIL).
