@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 FILE_PREFIX = "lanner-startup-"
 _PACKAGE = Path(__file__).resolve().parents[1]
+# The environment switches that change which kernels launch, or how they compile.
+KERNEL_SWITCHES = ("LANNER_KERNELS", "LANNER_PDL", "LANNER_SKINNY_PREFETCH", "LANNER_TUNED_CONFIGS")
 
 
 def enabled() -> bool:
@@ -59,10 +61,12 @@ def source_digest() -> str:
 
 
 def identity_key(identity: dict[str, Any]) -> str:
-    """The manifest's key: the caller's identity with lanner's source and the versions."""
+    """The manifest's key: the caller's identity with lanner's source, the kernel
+    switches set in the environment, and the versions."""
     full = {
         "format": MANIFEST_FORMAT,
         "lanner_source": source_digest(),
+        "switches": {name: os.environ.get(name) for name in KERNEL_SWITCHES},
         "torch": torch.__version__,
         "triton": triton.__version__,
         "identity": identity,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -241,8 +240,7 @@ class ModelRunner:
     def kernel_identity(self, shape: StartupShape, extra: dict[str, Any]) -> dict[str, Any]:
         """What decides the Triton variants a startup launches (kernel_manifest's key,
         with lanner's source and the versions): the model, its dtypes and quantization,
-        the cache layout, the startup's shapes, the sampler, the device, lanner's
-        environment switches, and ``extra``."""
+        the cache layout, the startup's shapes, the sampler, the device, and ``extra``."""
         return {
             "model_config": self.config.raw,
             "dtype": str(self.dtype),
@@ -255,7 +253,6 @@ class ModelRunner:
             "sampler": type(self.sampler).__qualname__,
             "device": torch.cuda.get_device_name(self.device),
             "capability": list(torch.cuda.get_device_capability(self.device)),
-            "environment": {k: v for k, v in os.environ.items() if k.startswith("LANNER_")},
             **extra,
         }
 

@@ -46,13 +46,19 @@ def test_written_manifest_reads_back_for_its_identity_only(tmp_path: Path) -> No
     assert kernel_manifest.read(path, other) is None
 
 
-def test_key_covers_lanner_source_and_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_covers_lanner_source_switches_and_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     before = kernel_manifest.identity_key(IDENTITY)
     monkeypatch.setattr(kernel_manifest, "source_digest", lambda: "edited")
     assert kernel_manifest.identity_key(IDENTITY) != before
     monkeypatch.undo()
     monkeypatch.setattr(kernel_manifest.triton, "__version__", "0.0-other")
     assert kernel_manifest.identity_key(IDENTITY) != before
+    monkeypatch.undo()
+    monkeypatch.setenv("LANNER_PDL", "0")
+    assert kernel_manifest.identity_key(IDENTITY) != before
+    monkeypatch.undo()
+    monkeypatch.setenv("LANNER_API_KEY", "secret")  # not a kernel switch
+    assert kernel_manifest.identity_key(IDENTITY) == before
 
 
 def test_unreadable_or_foreign_manifests_are_ignored(tmp_path: Path) -> None:
