@@ -217,6 +217,19 @@ def parse_phases(log: str) -> dict[str, Any]:
     return {"summaries": summaries, "engine_core_phases_reached": reached}
 
 
+def trial_env(cache_dir: Path) -> dict[str, str]:
+    """A trial's environment: Triton's cache in ``cache_dir`` and lanner's own (remembered
+    tokenizers) beside it, so that an empty trial starts with both empty and the warm
+    trials after it find what it left."""
+    lanner_cache = cache_dir.with_name(cache_dir.name.replace("triton-cache", "lanner-cache"))
+    return {
+        **os.environ,
+        "TRITON_CACHE_DIR": str(cache_dir),
+        "LANNER_CACHE_DIR": str(lanner_cache),
+        "PYTHONPATH": str(REPO),
+    }
+
+
 def count_cache_entries(cache_dir: Path) -> int:
     """Compiled kernels in a Triton cache folder (one subfolder per kernel binary)."""
     return sum(1 for entry in cache_dir.iterdir() if entry.is_dir()) if cache_dir.exists() else 0
@@ -249,7 +262,7 @@ def serve_trial(args: argparse.Namespace, cache_dir: Path, label: str, scratch: 
         sys.executable, "-m", "lanner.entrypoints.cli", "serve", args.model,
         "--host", "127.0.0.1", "--port", str(port), *args.engine_args,
     ]  # fmt: skip
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    env = trial_env(cache_dir)
     timeout = args.trial_timeout_for()
     say(f"{label}: lanner serve (timeout {timeout:.0f} s)")
     child = Child(command, env, scratch / f"{label}.log", label)
@@ -291,7 +304,7 @@ def engine_trial(
         sys.executable, str(Path(__file__).resolve()), "--engine-child", str(events_path),
         "--model", args.model, f"--engine-args={' '.join(args.engine_args)}",
     ]  # fmt: skip
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    env = trial_env(cache_dir)
     if serial:
         env["LANNER_PARALLEL_COMPILE"] = "0"
     timeout = args.trial_timeout_for()
