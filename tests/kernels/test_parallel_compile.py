@@ -11,6 +11,9 @@ subprocess outside TRITON_INTERPRET (real JITFunctions); ~5 s, two small compile
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
+
+import pytest
 
 from tests.outside_interpreter import run_outside_interpreter
 
@@ -100,3 +103,31 @@ def test_each_variant_compiles_once_with_its_launcher_and_is_cached() -> None:
     assert found["cached"] == ["CompiledKernel"] * 2
     assert found["loaded"] == ["_silu_and_mul_kernel"] * 2  # onto the device, before capture
     assert found["run_restored"]
+
+
+def test_triton_key_is_kept_in_the_cache_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton's self-hash is computed once (on a thread) and kept beside its cache; a later
+    process reads it back instead of hashing Triton again, unless Triton's files changed."""
+    from triton.runtime import cache as triton_cache
+
+    from lanner.kernels import parallel_compile
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    compute = triton_cache.triton_key
+    monkeypatch.setattr(triton_cache, "triton_key", compute)  # restored after the test
+    monkeypatch.setattr(parallel_compile, "_TRITON_KEY", {})
+    parallel_compile.warm_triton_key(wait=True)
+    (kept,) = tmp_path.glob(f"{parallel_compile.KEY_FILE_PREFIX}*")
+    assert kept.read_text() == compute()
+
+    def must_not_run() -> str:
+        raise AssertionError("Triton's key was computed again")
+
+    monkeypatch.setattr(triton_cache, "triton_key", must_not_run)
+    monkeypatch.setattr(parallel_compile, "_TRITON_KEY", {})  # a new process
+    parallel_compile.warm_triton_key(wait=True)
+    assert triton_cache.triton_key() == compute()
+    monkeypatch.setattr(parallel_compile, "_triton_stamp", lambda: "f" * 64)  # files changed
+    assert parallel_compile._read_triton_key() is None
