@@ -2,8 +2,9 @@
 with a warm Triton cache, and where the time goes; plus the offline path's import cost
 (`python -X importtime`).
 
-Three kinds of trial, each in a fresh process group with TRITON_CACHE_DIR set (a fresh
-folder for "empty"; the folder the kind's empty trial filled for "warm"):
+Three kinds of trial, each in a fresh process group with TRITON_CACHE_DIR and
+LANNER_CACHE_DIR (remembered tokenizers) set (fresh folders for "empty"; the folders the
+kind's empty trial filled for "warm"):
 
 - engine: builds ``LLM(...)`` in-process after its imports and generates one token,
   recording every startup step as it ends (CUDA context, model build and dummy weights,

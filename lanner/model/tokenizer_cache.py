@@ -3,10 +3,11 @@ loads it with the tokenizers library alone, without importing transformers.
 
 Importing transformers is most of a tokenizer's load (1.1 s of 1.2 s for the demo model on
 a 2-core Xeon), and while the engine builds beside it on the GIL, the H200's warm 8B start
-took 5.5 s instead of 2.8-3.1 s without a tokenizer (benchmarks/cold_start.py,
---no-tokenizer-trial, 2026-12-01). transformers' fast tokenizers encode and decode with a
-Rust ``tokenizers.Tokenizer`` that they adjust while loading (special tokens added, the
-post-processor rebuilt, truncation off); its final form, serialized, is what a start loads
+took 5.5-5.7 s instead of 3.1 s without a tokenizer (benchmarks/cold_start.py,
+--no-tokenizer-trial: benchmarks/results/20261201-175559-cold-start.json).
+transformers' fast tokenizers encode and decode with a Rust ``tokenizers.Tokenizer`` that
+they adjust while loading (special tokens added, the post-processor rebuilt, truncation
+off); its final form, serialized, is what a start loads
 back here (``CachedFastTokenizer``), keyed by the tokenizer files' contents and the
 transformers and tokenizers versions. It encodes and decodes as that backend does, which is
 what transformers' own plain ``encode``/``decode`` run for these classes; anything else
