@@ -7,14 +7,14 @@ took 5.5-5.7 s instead of 3.1 s without a tokenizer (benchmarks/cold_start.py,
 --no-tokenizer-trial: benchmarks/results/20261201-175559-cold-start.json).
 transformers' fast tokenizers encode and decode with a Rust ``tokenizers.Tokenizer`` that
 they adjust while loading (special tokens added, the post-processor rebuilt, truncation
-off); its final form, serialized, is what a start loads
-back here (``CachedFastTokenizer``), keyed by the tokenizer files' contents and the
-transformers and tokenizers versions. It encodes and decodes as that backend does, which is
-what transformers' own plain ``encode``/``decode`` run for these classes; anything else
-(chat templates, other methods and arguments) loads the transformers tokenizer on first
-use and goes to it. Only the generic Rust-backed classes are remembered (their encode and
-decode are the backend's). The cache lives in LANNER_CACHE_DIR (default
-~/.cache/lanner)/tokenizers; LANNER_TOKENIZER_CACHE=0 turns it off.
+off); its final form, serialized, is what a start loads back here
+(``CachedFastTokenizer``), keyed by the tokenizer files' contents and the transformers and
+tokenizers versions. It encodes and decodes as that backend does, which is what
+transformers' own plain ``encode``/``decode`` run for these classes; anything else (chat
+templates, other methods and arguments) loads the transformers tokenizer on first use and
+goes to it. Only the generic Rust-backed classes are remembered (their encode and decode
+are the backend's). The cache lives in LANNER_CACHE_DIR (default ~/.cache/lanner), in
+its tokenizers folder; LANNER_TOKENIZER_CACHE=0 turns it off.
 """
 
 from __future__ import annotations
