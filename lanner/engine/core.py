@@ -182,9 +182,9 @@ class EngineCore:
             self.startup_phases["process start to engine build (imports)"] = before_build
         on_cuda = load.device is None or str(load.device).startswith("cuda")
         if executor is None and on_cuda and torch.cuda.is_available():
-            # Triton's hash of itself, needed by the first kernel compile or load, on a
-            # thread while the model builds (~0.45 s on a 2-core Xeon; it waits on I/O and
-            # hashing, off the GIL).
+            # Triton's hash of itself, needed by the first kernel compile or load: read
+            # back from Triton's cache folder, or computed on a thread while the model
+            # builds (~0.45 s on a 2-core Xeon, I/O and hashing, off the GIL).
             parallel_compile.warm_triton_key()
         self.loaded = load_model(
             load.model,
