@@ -171,12 +171,13 @@ class CachedFastTokenizer:
         return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str:
-        if kwargs or self._clean_up_spaces:
+        ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        plain = isinstance(ids, (list, tuple)) and all(type(i) is int for i in ids)
+        if kwargs or self._clean_up_spaces or not plain:  # tensors, arrays, options
             return self.transformers_tokenizer.decode(
                 token_ids, skip_special_tokens=skip_special_tokens, **kwargs
             )
-        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
-        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_transformers", "_lock", "_load_transformers"):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lanner.model import tokenizer_cache
 from lanner.model.tokenizer import load_tokenizer
@@ -71,6 +72,8 @@ def test_remembered_tokenizer_encodes_and_decodes_as_transformers(
                     ids, skip_special_tokens=skip
                 ), (folder, ids)
         assert cached.decode(specials[0]) == reference.decode(specials[0])
+        as_tensor = torch.tensor(ids)  # not plain ints: handed to transformers
+        assert cached.decode(as_tensor) == reference.decode(as_tensor)
         # Everything else goes to the transformers tokenizer, loaded on first use.
         assert cached.get_vocab() == reference.get_vocab()
         assert len(cached) == vocab
