@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import time
@@ -15,7 +14,6 @@ from lanner.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from lanner.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from lanner.engine.startup import format_phases, seconds_since_process_start
 from lanner.engine.structured_output import RequestGrammar, StructuredOutputManager
-from lanner.kernels import parallel_compile
 from lanner.memory.kv_cache import kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.memory.kv_cache_manager import KVCacheManager
 from lanner.model.loader import load_model
@@ -180,12 +178,6 @@ class EngineCore:
         before_build = seconds_since_process_start()
         if before_build is not None:
             self.startup_phases["process start to engine build (imports)"] = before_build
-        on_cuda = load.device is None or str(load.device).startswith("cuda")
-        if executor is None and on_cuda and torch.cuda.is_available():
-            # Triton's hash of itself, needed by the first kernel compile or load: read
-            # back from Triton's cache folder, or computed on a thread while the model
-            # builds (~0.45 s on a 2-core Xeon, I/O and hashing, off the GIL).
-            parallel_compile.warm_triton_key()
         self.loaded = load_model(
             load.model,
             load.dtype,
@@ -287,19 +279,17 @@ class EngineCore:
         # Every kernel the profile run and the graph captures launch, compiled or loaded on
         # a pool of threads first (else one at a time, as each first launches); what
         # compiles until the block ends goes into the kernel manifest for the next start.
-        startup_kernels = (
-            self.runner.startup_kernels(
-                StartupShape(
-                    scheduler_config.max_num_batched_tokens,
-                    max_num_seqs,
-                    num_spec_tokens,
-                    graph_rows,
-                    self.max_model_len,
-                ),
-                {"speculative_config": repr(config.speculative_config)},
-            )
-            if executor is None
-            else contextlib.nullcontext("off")
+        # (Not under tensor parallelism: each rank compiles as its kernels first launch.)
+        startup_kernels = self.runner.startup_kernels(
+            StartupShape(
+                scheduler_config.max_num_batched_tokens,
+                max_num_seqs,
+                num_spec_tokens,
+                graph_rows,
+                self.max_model_len,
+            ),
+            {"speculative_config": repr(config.speculative_config)},
+            enabled=executor is None,
         )
         with startup_kernels as how:
             if how == "kernel manifest":

@@ -212,7 +212,7 @@ class ModelRunner:
 
     @contextlib.contextmanager
     def startup_kernels(
-        self, shape: StartupShape, identity: dict[str, Any] | None = None
+        self, shape: StartupShape, identity: dict[str, Any] | None = None, enabled: bool = True
     ) -> Iterator[str]:
         """Have every Triton kernel variant that the startup (the memory profile, the
         decode graphs' captures, the sampler) launches compiled and loaded on a pool of
@@ -221,8 +221,9 @@ class ModelRunner:
         pass": one ``launch_startup_steps`` whose launches only compile,
         kernels/parallel_compile.py; "off"). Every variant compiled or loaded until the
         block ends is recorded, and the manifest rewritten when that differs from what it
-        listed. ``identity``: what else decides the variants (speculative decoding...)."""
-        if self.device.type != "cuda" or not parallel_compile.enabled():
+        listed. ``identity``: what else decides the variants (speculative decoding...);
+        ``enabled`` False: "off" at once."""
+        if not enabled or self.device.type != "cuda" or not parallel_compile.enabled():
             yield "off"
             return
         path = known = None
