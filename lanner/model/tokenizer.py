@@ -1,5 +1,6 @@
-"""Loads a checkpoint's tokenizer through transformers' AutoTokenizer, and applies its chat
-template to a conversation."""
+"""Loads a checkpoint's tokenizer through transformers' AutoTokenizer (or, once remembered,
+model/tokenizer_cache.py's stand-in for it), and applies its chat template to a
+conversation."""
 
 from __future__ import annotations
 
