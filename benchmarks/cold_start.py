@@ -17,6 +17,8 @@ kind's empty trial filled for "warm"):
   as they first launch, not ahead on a pool of threads).
 - engine-warm-no-tokenizer (--no-tokenizer-trial): one more warm engine trial with
   skip_tokenizer_init (the tokenizer otherwise loads on a thread beside the build).
+- engine-empty-triton-only (--empty-triton-trial): an empty Triton cache beside the engine
+  trials' lanner cache (a start after Triton's cache alone was emptied).
 - engine-stale (--stale-trial): one more engine trial over the engine trials' cache,
   after dropping a kernel only the large decode graphs launch from its kernel manifest.
 - serve: ``lanner serve`` sent one 1-token completion as soon as the port answers;
@@ -218,11 +220,12 @@ def parse_phases(log: str) -> dict[str, Any]:
     return {"summaries": summaries, "engine_core_phases_reached": reached}
 
 
-def trial_env(cache_dir: Path) -> dict[str, str]:
+def trial_env(cache_dir: Path, lanner_cache: Path | None = None) -> dict[str, str]:
     """A trial's environment: Triton's cache in ``cache_dir`` and lanner's own (remembered
-    tokenizers) beside it, so that an empty trial starts with both empty and the warm
-    trials after it find what it left."""
-    lanner_cache = cache_dir.with_name(cache_dir.name.replace("triton-cache", "lanner-cache"))
+    tokenizers) beside it (or ``lanner_cache``), so that an empty trial starts with both
+    empty and the warm trials after it find what it left."""
+    if lanner_cache is None:
+        lanner_cache = cache_dir.with_name(cache_dir.name.replace("triton-cache", "lanner-cache"))
     return {
         **os.environ,
         "TRITON_CACHE_DIR": str(cache_dir),
@@ -297,15 +300,21 @@ def serve_trial(args: argparse.Namespace, cache_dir: Path, label: str, scratch: 
 
 
 def engine_trial(
-    args: argparse.Namespace, cache_dir: Path, label: str, scratch: Path, serial: bool = False
+    args: argparse.Namespace,
+    cache_dir: Path,
+    label: str,
+    scratch: Path,
+    serial: bool = False,
+    lanner_cache: Path | None = None,
 ) -> dict:
-    """``serial``: with LANNER_PARALLEL_COMPILE=0 (each kernel compiles as it first launches)."""
+    """``serial``: with LANNER_PARALLEL_COMPILE=0 (each kernel compiles as it first launches);
+    ``lanner_cache``: lanner's cache folder (default: beside ``cache_dir``)."""
     events_path = scratch / f"{label}.events.jsonl"
     command = [
         sys.executable, str(Path(__file__).resolve()), "--engine-child", str(events_path),
         "--model", args.model, f"--engine-args={' '.join(args.engine_args)}",
     ]  # fmt: skip
-    env = trial_env(cache_dir)
+    env = trial_env(cache_dir, lanner_cache)
     if serial:
         env["LANNER_PARALLEL_COMPILE"] = "0"
     timeout = args.trial_timeout_for()
@@ -737,6 +746,22 @@ def run_trials(
                 args.engine_args = plain
             result["trials"].append(trial)
             save()
+        if kind == "engine" and args.empty_triton_trial and deadline - time.perf_counter() >= 5:
+            # An empty Triton cache beside a warm lanner cache (the tokenizer remembered):
+            # a start after Triton's cache was cleared, or after a Triton upgrade.
+            fresh = scratch / "triton-cache-engine-only-empty"
+            fresh.mkdir()
+            lanner_cache = trial_env(cache_dir)["LANNER_CACHE_DIR"]
+            result["trials"].append(
+                engine_trial(
+                    args,
+                    fresh,
+                    "engine-empty-triton-only",
+                    scratch,
+                    lanner_cache=Path(lanner_cache),
+                )
+            )
+            save()
         if kind == "engine" and args.stale_trial and deadline - time.perf_counter() >= 5:
             # A manifest that lacks variants the graph captures need (cascade attention's
             # runs only in the large graphs): the captures must refuse to compile, be
@@ -781,6 +806,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="after the engine trials, one more warm one with skip_tokenizer_init (what the "
         "tokenizer's load on a thread beside the build costs the build)",
+    )
+    parser.add_argument(
+        "--empty-triton-trial",
+        action="store_true",
+        help="after the engine trials, one more with an empty Triton cache but the lanner "
+        "cache (remembered tokenizer) the engine trials filled",
     )
     parser.add_argument(
         "--stale-trial",
