@@ -2,16 +2,25 @@
 with a warm Triton cache, and where the time goes; plus the offline path's import cost
 (`python -X importtime`).
 
-Three kinds of trial, each in a fresh process group with TRITON_CACHE_DIR set (a fresh
-folder for "empty"; the folder the kind's empty trial filled for "warm"):
+Three kinds of trial, each in a fresh process group with TRITON_CACHE_DIR and
+LANNER_CACHE_DIR (remembered tokenizers) set (fresh folders for "empty"; the folders the
+kind's empty trial filled for "warm"):
 
 - engine: builds ``LLM(...)`` in-process after its imports and generates one token,
   recording every startup step as it ends (CUDA context, model build and dummy weights,
   profile run, KV cache, each CUDA graph's warm-up and capture, tokenizer) and every
   Triton kernel compiled or loaded from the cache (name, constexprs, seconds, the step
-  it fell in), through Triton's JIT hooks.
+  it fell in), through Triton's JIT hooks; and how the kernels were had ahead
+  (``kernels_ahead``: the kernel manifest the empty trial wrote, or the compile-only
+  pass), whether the manifest was written, and whether the captures were redone.
 - engine-serial: the same with LANNER_PARALLEL_COMPILE=0 (kernels compile one at a time
   as they first launch, not ahead on a pool of threads).
+- engine-warm-no-tokenizer (--no-tokenizer-trial): one more warm engine trial with
+  skip_tokenizer_init (the tokenizer otherwise loads on a thread beside the build).
+- engine-empty-triton-only (--empty-triton-trial): an empty Triton cache beside the engine
+  trials' lanner cache (a start after Triton's cache alone was emptied).
+- engine-stale (--stale-trial): one more engine trial over the engine trials' cache,
+  after dropping a kernel only the large decode graphs launch from its kernel manifest.
 - serve: ``lanner serve`` sent one 1-token completion as soon as the port answers;
   process start -> first token, and the phases the engine core and the API server log.
 
@@ -63,6 +72,11 @@ SERVER_MODULES = ("fastapi", "uvicorn", "zmq", "prometheus_client", "httpx", "ms
 SERVE_NEEDS = ("fastapi", "uvicorn", "zmq", "msgspec")  # without them no serve trial runs
 GPU_ENGINE_ARGS = f"--load-format dummy --dtype bfloat16 --tokenizer {DEMO} --max-model-len 8192"
 PROMPT = [1, 2, 3, 4]
+# What --stale-trial drops from the kernel manifest: a kernel only the large decode
+# graphs launch (cascade attention), so that only their captures miss it.
+STALE_KERNELS = ("_cascade_prefix_kernel",)
+# Each engine trial's greedy check after its first tokens: prompts x tokens.
+CHECK_PROMPTS, CHECK_TOKENS = 8, 16
 _STARTED = time.perf_counter()
 
 
@@ -206,9 +220,44 @@ def parse_phases(log: str) -> dict[str, Any]:
     return {"summaries": summaries, "engine_core_phases_reached": reached}
 
 
+def trial_env(cache_dir: Path, lanner_cache: Path | None = None) -> dict[str, str]:
+    """A trial's environment: Triton's cache in ``cache_dir`` and lanner's own (remembered
+    tokenizers) beside it (or ``lanner_cache``), so that an empty trial starts with both
+    empty and the warm trials after it find what it left."""
+    if lanner_cache is None:
+        lanner_cache = cache_dir.with_name(cache_dir.name.replace("triton-cache", "lanner-cache"))
+    return {
+        **os.environ,
+        "TRITON_CACHE_DIR": str(cache_dir),
+        "LANNER_CACHE_DIR": str(lanner_cache),
+        "PYTHONPATH": str(REPO),
+    }
+
+
 def count_cache_entries(cache_dir: Path) -> int:
     """Compiled kernels in a Triton cache folder (one subfolder per kernel binary)."""
     return sum(1 for entry in cache_dir.iterdir() if entry.is_dir()) if cache_dir.exists() else 0
+
+
+def manifest_variants(cache_dir: Path) -> dict[str, int]:
+    """Each kernel manifest in a Triton cache folder: its number of variants."""
+    counts = {}
+    for path in sorted(cache_dir.glob("lanner-startup-*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            counts[path.name] = len(json.loads(path.read_text())["variants"])
+    return counts
+
+
+def make_manifests_stale(cache_dir: Path, kernels: tuple[str, ...]) -> int:
+    """Drop ``kernels``' variants from every kernel manifest in the folder, as a manifest
+    written before a code change that added them would lack them; the variants dropped."""
+    dropped = 0
+    for path in cache_dir.glob("lanner-startup-*.json"):
+        data = json.loads(path.read_text())
+        kept = [v for v in data["variants"] if v["qualname"] not in kernels]
+        dropped += len(data["variants"]) - len(kept)
+        path.write_text(json.dumps({**data, "variants": kept}))
+    return dropped
 
 
 def serve_trial(args: argparse.Namespace, cache_dir: Path, label: str, scratch: Path) -> dict:
@@ -217,7 +266,7 @@ def serve_trial(args: argparse.Namespace, cache_dir: Path, label: str, scratch: 
         sys.executable, "-m", "lanner.entrypoints.cli", "serve", args.model,
         "--host", "127.0.0.1", "--port", str(port), *args.engine_args,
     ]  # fmt: skip
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    env = trial_env(cache_dir)
     timeout = args.trial_timeout_for()
     say(f"{label}: lanner serve (timeout {timeout:.0f} s)")
     child = Child(command, env, scratch / f"{label}.log", label)
@@ -251,15 +300,21 @@ def serve_trial(args: argparse.Namespace, cache_dir: Path, label: str, scratch: 
 
 
 def engine_trial(
-    args: argparse.Namespace, cache_dir: Path, label: str, scratch: Path, serial: bool = False
+    args: argparse.Namespace,
+    cache_dir: Path,
+    label: str,
+    scratch: Path,
+    serial: bool = False,
+    lanner_cache: Path | None = None,
 ) -> dict:
-    """``serial``: with LANNER_PARALLEL_COMPILE=0 (each kernel compiles as it first launches)."""
+    """``serial``: with LANNER_PARALLEL_COMPILE=0 (each kernel compiles as it first launches);
+    ``lanner_cache``: lanner's cache folder (default: beside ``cache_dir``)."""
     events_path = scratch / f"{label}.events.jsonl"
     command = [
         sys.executable, str(Path(__file__).resolve()), "--engine-child", str(events_path),
-        "--model", args.model, "--engine-args", " ".join(args.engine_args),
+        "--model", args.model, f"--engine-args={' '.join(args.engine_args)}",
     ]  # fmt: skip
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    env = trial_env(cache_dir, lanner_cache)
     if serial:
         env["LANNER_PARALLEL_COMPILE"] = "0"
     timeout = args.trial_timeout_for()
@@ -288,6 +343,8 @@ def engine_trial(
         timed_out=returncode in (-signal.SIGTERM, -signal.SIGKILL),
         elapsed_s=child.elapsed(),
         triton_cache_entries_after=count_cache_entries(cache_dir),
+        manifest_variants_after=manifest_variants(cache_dir),
+        capture_fallback="capturing without warm-ups failed" in child.log_path.read_text(),
         log_tail=child.log_tail(4000 if returncode else 1500),
     )
     for line in engine_summary_lines(trial):
@@ -323,6 +380,17 @@ def summarize_engine_events(events: list[dict]) -> dict[str, Any]:
         "kernel_compile_or_load_s": sum(e["seconds"] for e in compiles),
         "compiles_per_kernel": dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]["seconds"])),
         "compiles_per_step": dict(per_step),
+        # How the startup's kernels were had: the kernel manifest's variants loaded on the
+        # pool, or the compile-only pass over the startup's steps.
+        "kernels_ahead": (
+            "kernel manifest"
+            if any(s["name"] == "load manifest variants" for s in steps)
+            else "compile-only pass"
+            if any(s["name"].startswith("graph compile-only") for s in steps)
+            else None
+        ),
+        "manifest_written": any(s["name"] == "write kernel manifest" for s in steps),
+        "greedy_token_ids": next((e["token_ids"] for e in events if e["event"] == "greedy"), None),
         "steps": steps,
         "compiles": compiles,
     }
@@ -338,6 +406,9 @@ def engine_summary_lines(trial: dict) -> list[str]:
         f"first token after imports {fmt(trial['first_token_after_imports_s'])}, process "
         f"start -> first token {fmt(trial['process_start_to_first_token_s'])}; last event "
         f"{trial['reached']}",
+        f"kernels ahead: {trial.get('kernels_ahead')}; kernel manifest written: "
+        f"{trial.get('manifest_written')}; captures redone with warm-ups: "
+        f"{trial.get('capture_fallback')}",
         f"{trial['num_kernel_compiles_or_loads']} Triton kernel compiles/loads, "
         f"{trial['kernel_compile_or_load_s']:.1f} s in all (each from its hand-over to ready: "
         f"compiled ahead on a pool, they overlap)",
@@ -519,6 +590,12 @@ def watch_triton(log: EventLog) -> None:
     knobs.runtime.jit_post_compile_hook = after
 
 
+def triton_key_step(wait: bool = False) -> str:
+    """The step name of a ``parallel_compile.warm_triton_key`` call: the engine starts
+    Triton's self-hash on a thread, the first compile pool waits for it."""
+    return "wait for Triton's key" if wait else "start Triton's key (thread)"
+
+
 def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
     import logging
 
@@ -542,6 +619,8 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
 
     import lanner.engine.core as core
     import lanner.engine.llm_engine as llm_engine
+    import lanner.kernels.kernel_manifest as kernel_manifest
+    import lanner.kernels.parallel_compile as parallel_compile
     import lanner.model.loader as loader
     import lanner.runner.cuda_graphs as cuda_graphs
     import lanner.runner.model_runner as model_runner
@@ -549,9 +628,30 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
     watch_triton(log)
     timed(log, core, "load_model", "load model (build + weights)")
     timed(log, loader, "dummy_init", "dummy weights")
+    timed(log, loader, "assign_linear_methods", "allocate linear weights")
+    timed(log, loader, "resolve_model_path", "find the checkpoint")
+    timed(log, loader.ModelConfig, "from_pretrained", "read config.json")
+    find_class = loader.get_model_class
+
+    def timed_model_class(config: Any) -> Any:
+        model_class = find_class(config)
+
+        def build(*args: Any, **kwargs: Any) -> Any:
+            with log.step("build modules"):
+                return model_class(*args, **kwargs)
+
+        return build
+
+    loader.get_model_class = timed_model_class
     timed(log, loader, "process_weights_after_loading", "process weights after loading")
     timed(log, core, "StructuredOutputManager", "structured-output manager")
-    timed(log, model_runner.ModelRunner, "precompile_kernels", "parallel kernel compile")
+    timed(log, model_runner.ModelRunner, "_precompile_kernels", "parallel kernel compile")
+    # Within it, on a warm start: the variants the kernel manifest lists, loaded on the
+    # pool (no compile-only pass); and after the captures, the manifest written (a start
+    # that compiled something the manifest lacked).
+    timed(log, parallel_compile, "load_variants", "load manifest variants")
+    timed(log, kernel_manifest, "write", "write kernel manifest")
+    timed(log, parallel_compile, "warm_triton_key", triton_key_step)
     timed(log, model_runner.ModelRunner, "profile_peak_memory", "profile run")
     timed(log, model_runner, "allocate_kv_caches", "allocate KV caches")
     timed(log, model_runner.ModelRunner, "initialize_cache", "KV cache + CUDA graphs")
@@ -591,6 +691,13 @@ def engine_child(events_path: Path, model: str, flags: list[str]) -> int:
     )
     with log.step("second generate (1 token)"):
         llm.generate({"prompt_token_ids": PROMPT}, greedy, use_tqdm=False)
+    # After the timed part: greedy tokens of a few prompts decoded through the captured
+    # graphs, which every trial (however it had its kernels) must produce alike.
+    prompts = [{"prompt_token_ids": [1 + i, 7 * i + 2, 3, 4 + i]} for i in range(CHECK_PROMPTS)]
+    check = SamplingParams(max_tokens=CHECK_TOKENS, temperature=0.0, ignore_eos=True)
+    with log.step("check generate"):
+        outputs = llm.generate(prompts, check, use_tqdm=False)
+    log.write({"event": "greedy", "token_ids": [list(o.outputs[0].token_ids) for o in outputs]})
     log.write({"event": "mark", "name": "done"})
     return 0
 
@@ -628,16 +735,54 @@ def run_trials(
             label = f"{kind}-{'empty' if index == 0 else f'warm{index}'}"
             result["trials"].append(run(args, cache_dir, label, scratch))
             save()
+        if kind == "engine" and args.no_tokenizer_trial and deadline - time.perf_counter() >= 5:
+            # The same warm start without the tokenizer, which otherwise loads on a thread
+            # beside the engine's build and shares the GIL with it: what it costs.
+            plain = args.engine_args
+            args.engine_args = [*plain, "--skip-tokenizer-init"]
+            try:
+                trial = engine_trial(args, cache_dir, "engine-warm-no-tokenizer", scratch)
+            finally:
+                args.engine_args = plain
+            result["trials"].append(trial)
+            save()
+        if kind == "engine" and args.empty_triton_trial and deadline - time.perf_counter() >= 5:
+            # An empty Triton cache beside a warm lanner cache (the tokenizer remembered):
+            # a start after Triton's cache was cleared, or after a Triton upgrade.
+            fresh = scratch / "triton-cache-engine-only-empty"
+            fresh.mkdir()
+            lanner_cache = trial_env(cache_dir)["LANNER_CACHE_DIR"]
+            result["trials"].append(
+                engine_trial(
+                    args,
+                    fresh,
+                    "engine-empty-triton-only",
+                    scratch,
+                    lanner_cache=Path(lanner_cache),
+                )
+            )
+            save()
+        if kind == "engine" and args.stale_trial and deadline - time.perf_counter() >= 5:
+            # A manifest that lacks variants the graph captures need (cascade attention's
+            # runs only in the large graphs): the captures must refuse to compile, be
+            # redone with warm-ups, and the manifest be written whole again.
+            dropped = make_manifests_stale(cache_dir, STALE_KERNELS)
+            say(f"engine-stale: dropped {dropped} variants of {STALE_KERNELS} from the manifest")
+            trial = engine_trial(args, cache_dir, "engine-stale", scratch)
+            trial["variants_dropped"] = dropped
+            result["trials"].append(trial)
+            save()
 
 
 def keep_logs(scratch: Path, name: str) -> None:
-    """Copy every trial's whole log and event file to $OUT/<name>-logs/ (when $OUT is set)."""
+    """Copy every trial's whole log to $OUT/<name>-logs/ (when $OUT is set); its events
+    are in the JSON (its steps and compiles), and few files come back from a GPU run."""
     if not os.environ.get("OUT"):
         return
     folder = Path(os.environ["OUT"]) / name.replace(".json", "-logs")
     folder.mkdir(parents=True, exist_ok=True)
     for path in scratch.iterdir():
-        if path.is_file():
+        if path.is_file() and path.suffix == ".log":
             (folder / path.name).write_bytes(path.read_bytes())
 
 
@@ -656,6 +801,24 @@ def main(argv: list[str] | None = None) -> int:
         help="trial kinds, in order: engine, engine-serial (LANNER_PARALLEL_COMPILE=0), serve",
     )
     parser.add_argument("--warm-trials", type=int, default=1, help="warm trials per kind")
+    parser.add_argument(
+        "--no-tokenizer-trial",
+        action="store_true",
+        help="after the engine trials, one more warm one with skip_tokenizer_init (what the "
+        "tokenizer's load on a thread beside the build costs the build)",
+    )
+    parser.add_argument(
+        "--empty-triton-trial",
+        action="store_true",
+        help="after the engine trials, one more with an empty Triton cache but the lanner "
+        "cache (remembered tokenizer) the engine trials filled",
+    )
+    parser.add_argument(
+        "--stale-trial",
+        action="store_true",
+        help="after the engine trials, one more with their kernel manifest stripped of "
+        f"{', '.join(STALE_KERNELS)} (a stale manifest)",
+    )
     parser.add_argument("--trial-timeout", type=float, default=120.0, help="seconds per trial")
     parser.add_argument(
         "--budget", type=float, default=600.0, help="seconds for the whole run (trials cut to fit)"
@@ -726,6 +889,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         say(f"stopped ({stop}); the JSON keeps the trials done")
     finally:
+        greedy = {
+            t["label"]: t["greedy_token_ids"] for t in result["trials"] if t.get("greedy_token_ids")
+        }
+        result["greedy_outputs_equal"] = len({json.dumps(g) for g in greedy.values()}) <= 1
+        say(
+            f"greedy check tokens equal across trials {sorted(greedy)}: "
+            f"{result['greedy_outputs_equal']}"
+        )
         save()
         say(f"wrote {RESULTS / name}" + (f" and $OUT/{name}" if os.environ.get("OUT") else ""))
     ran = [t for t in result["trials"] if not t.get("skipped")]

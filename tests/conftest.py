@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # Triton picks its CPU interpreter at first import, so this must precede every import
@@ -10,6 +11,8 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# lanner's own cache (remembered tokenizers): one fresh folder a test session, not ~/.cache.
+os.environ.setdefault("LANNER_CACHE_DIR", tempfile.mkdtemp(prefix="lanner-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

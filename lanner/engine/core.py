@@ -276,41 +276,50 @@ class EngineCore:
             if num_spec_tokens
             else None
         )
-        if executor is None and self.loaded.device.type == "cuda":
-            # Every kernel the profile run and the graph captures launch, compiled on a
-            # pool of threads first (else one at a time, as each first launches).
-            self.runner.precompile_kernels(
-                StartupShape(
+        # Every kernel the profile run and the graph captures launch, compiled or loaded on
+        # a pool of threads first (else one at a time, as each first launches); what
+        # compiles until the block ends goes into the kernel manifest for the next start.
+        # (Not under tensor parallelism: each rank compiles as its kernels first launch.)
+        startup_kernels = self.runner.startup_kernels(
+            StartupShape(
+                scheduler_config.max_num_batched_tokens,
+                max_num_seqs,
+                num_spec_tokens,
+                graph_rows,
+                self.max_model_len,
+            ),
+            {"speculative_config": repr(config.speculative_config)},
+            enabled=executor is None,
+        )
+        with startup_kernels as how:
+            if how == "kernel manifest":
+                mark = self._mark_phase("kernel load (manifest)", mark)
+            elif how != "off":
+                mark = self._mark_phase("kernel compile (parallel)", mark)
+            # Under tensor parallelism every rank sizes its own cache; the smallest wins.
+            num_blocks = (
+                size_cache()
+                if executor is None
+                else executor.num_blocks(
+                    size_cache,
                     scheduler_config.max_num_batched_tokens,
-                    max_num_seqs,
+                    scheduler_config.max_num_seqs,
                     num_spec_tokens,
-                    graph_rows,
-                    self.max_model_len,
+                    useful_blocks,
                 )
             )
-            mark = self._mark_phase("kernel compile (parallel)", mark)
-        # Under tensor parallelism every rank sizes its own cache; the smallest wins.
-        num_blocks = (
-            size_cache()
-            if executor is None
-            else executor.num_blocks(
-                size_cache,
-                scheduler_config.max_num_batched_tokens,
-                scheduler_config.max_num_seqs,
-                num_spec_tokens,
-                useful_blocks,
-            )
-        )
-        mark = self._mark_phase("profile run, kernel compile and KV cache sizing", mark)
-        if executor is None:
-            self.runner.initialize_cache(num_blocks, max_num_seqs, self.max_model_len, graph_rows)
-        else:
-            executor.initialize_cache(
-                self.runner, num_blocks, max_num_seqs, self.max_model_len, graph_rows
-            )
-            executor.attach(self.runner)
-        if self.spec is not None:
-            self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
+            mark = self._mark_phase("profile run, kernel compile and KV cache sizing", mark)
+            if executor is None:
+                self.runner.initialize_cache(
+                    num_blocks, max_num_seqs, self.max_model_len, graph_rows
+                )
+            else:
+                executor.initialize_cache(
+                    self.runner, num_blocks, max_num_seqs, self.max_model_len, graph_rows
+                )
+                executor.attach(self.runner)
+            if self.spec is not None:
+                self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
         graphs = self.runner.decode_graphs
         capture = graphs.capture_seconds if graphs is not None else 0.0
         self._mark_phase("KV cache allocation", mark, less=capture)

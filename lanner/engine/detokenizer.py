@@ -204,6 +204,8 @@ def decode_tokens(
 def _decodes_in_rust_only(tokenizer_class: type) -> bool:
     """True when the class decodes exactly as transformers' Rust-backed base does (its
     decode and _decode not overridden), so the backend's decode gives the same text."""
+    if getattr(tokenizer_class, "decodes_in_rust_only", False):
+        return True  # model/tokenizer_cache.py's stand-in: its backend is transformers'
     try:
         from transformers.tokenization_utils_base import PreTrainedTokenizerBase
         from transformers.tokenization_utils_tokenizers import TokenizersBackend

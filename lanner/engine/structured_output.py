@@ -272,8 +272,10 @@ class StructuredOutputManager:
             if self._compiler is None:
                 xgr = _xgrammar()
                 from lanner.model.tokenizer import load_tokenizer
+                from lanner.model.tokenizer_cache import transformers_tokenizer
 
-                tokenizer = load_tokenizer(self.tokenizer_source)
+                # xgrammar reads transformers' own tokenizer (not the cache's stand-in).
+                tokenizer = transformers_tokenizer(load_tokenizer(self.tokenizer_source))
                 info = xgr.TokenizerInfo.from_huggingface(
                     tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
                 )

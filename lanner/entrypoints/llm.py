@@ -10,6 +10,7 @@ from lanner.engine.llm_engine import LLMEngine, PromptType
 from lanner.engine.outputs import RequestOutput
 from lanner.metrics.reader import EngineMetrics, Metric, check_prefix
 from lanner.model.tokenizer import conversation_from_messages, render_chat_template
+from lanner.model.tokenizer_cache import transformers_tokenizer
 from lanner.sampling_params import SamplingParams, check_unicode
 
 # Batches at least this large show a progress bar when use_tqdm is left at its default.
@@ -61,7 +62,9 @@ class LLM:
         self._metrics = EngineMetrics(str(self.engine.config.load.model))
 
     def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
-        return self.engine.tokenizer
+        # The transformers tokenizer itself, also where the engine holds the tokenizer
+        # cache's stand-in (model/tokenizer_cache.py).
+        return transformers_tokenizer(self.engine.tokenizer)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What a request that passes no SamplingParams gets: the model's

@@ -18,17 +18,26 @@ benchmarks/startup_kernels.py) otherwise compile one after another; on a warm on
 pool loads them. While inside, no launch from any thread of the process runs: use it at
 startup only. Without Triton's asynchronous mode (before 3.5) each variant compiles at
 once, in turn. LANNER_PARALLEL_COMPILE=0 turns it off (``enabled``).
+
+``load_variants`` compiles or loads a list of variants (kernel_manifest.py's, from the
+last start) the same way without running anything; ``refuse_compiles`` makes a launch
+that would compile raise instead (a CUDA graph capture that counts on none).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import triton
+from triton.runtime import cache as triton_cache
 from triton.runtime import driver
 
 try:
@@ -97,18 +106,138 @@ def compile_launches(workers: int | None = None) -> Iterator[None]:
 
     jit_function.run = compile_only
     try:
-        if AsyncCompileMode is None:
+        with _compile_pool(workers):
             yield
-        else:
-            pool = ThreadPoolExecutor(workers or default_workers(), "triton-compile")
-            # Leaving waits for every compile, then for the pool.
-            with pool, AsyncCompileMode(_CompileThenBuildLauncher(pool)):
-                yield
     finally:
         jit_function.run = launch
+    _load_onto_device(handed)
+
+
+def load_variants(variants: list[tuple[Any, str]], workers: int | None = None) -> None:
+    """Compile (or load from Triton's cache) each (JITFunction, serialized specialization
+    data) variant on ``workers`` threads, as ``compile_launches`` would have for a launch
+    of it, and load each onto the current device; nothing runs. Raises what Triton raises
+    for a variant it cannot rebuild (a stale manifest: the caller compiles the old way)."""
+    handed: list[Any] = []
+    with _compile_pool(workers):
+        for function, specialization in variants:
+            handed.append(function.preload(specialization))
+    _load_onto_device(handed)
+
+
+@contextlib.contextmanager
+def _compile_pool(workers: int | None) -> Iterator[None]:
+    """Triton's asynchronous compile mode over a pool of threads (nothing without it);
+    leaving waits for every compile, then for the pool."""
+    if AsyncCompileMode is None:
+        yield
+        return
+    warm_triton_key(wait=True)
+    pool = ThreadPoolExecutor(workers or default_workers(), "triton-compile")
+    with pool, AsyncCompileMode(_CompileThenBuildLauncher(pool)):
+        yield
+
+
+def _load_onto_device(handed: list[Any]) -> None:
     for compiled in handed:
         kernel = compiled.result() if hasattr(compiled, "result") else compiled
         if kernel is not None:
             # Loads its module onto the device (and checks its resources), as a first run
             # would: a first run inside a CUDA graph capture then has nothing to load.
             _ = kernel.run
+
+
+class KernelNotCompiledAhead(RuntimeError):
+    """A Triton kernel variant was about to compile where ``refuse_compiles`` forbids it."""
+
+
+@contextlib.contextmanager
+def refuse_compiles(where: str) -> Iterator[None]:
+    """Within, a launch of a variant missing from its kernel's in-memory cache raises
+    KernelNotCompiledAhead instead of compiling (Triton's cache hook: in-memory hits do
+    not reach it): a CUDA graph capture that counted on every variant being compiled
+    ahead fails loudly, and its caller captures again with warm-ups, instead of
+    compiling inside the capture."""
+    knobs = triton.knobs.runtime
+    previous = knobs.jit_cache_hook
+
+    def refuse(**info: Any) -> None:
+        raise KernelNotCompiledAhead(
+            f"Triton kernel {info['fn'].name} would compile a variant not compiled ahead "
+            f"({where}): {info['repr']}"
+        )
+
+    knobs.jit_cache_hook = refuse
+    try:
+        yield
+    finally:
+        knobs.jit_cache_hook = previous
+
+
+_TRITON_KEY: dict[str, threading.Thread] = {}
+KEY_FILE_PREFIX = "lanner-triton-key-"
+
+
+def warm_triton_key(wait: bool = False) -> None:
+    """Have Triton's own cache-key part ready before the first compile or cache lookup
+    needs it: a hash of Triton's sources and its 400 MB libtriton (~0.45 s on a 2-core
+    Xeon, 0.3-0.6 s of the H200's warm 8B start, once a process). The value is kept in
+    Triton's cache folder under a stamp of every file of the Triton package (path, size,
+    modification time), so a later process reads it back; otherwise it is computed on a
+    thread, overlapping the model's build. ``wait`` joins that thread."""
+    thread = _TRITON_KEY.get("thread")
+    if thread is None:
+        compute = getattr(triton_cache, "triton_key", None)
+        if compute is None:  # another Triton: its first compile computes what it needs
+            return
+        thread = threading.Thread(
+            target=_install_triton_key, args=(compute,), name="triton-key", daemon=True
+        )
+        _TRITON_KEY["thread"] = thread
+        known = _read_triton_key()
+        if known is not None:
+            triton_cache.triton_key = functools.cache(lambda: known)
+            return
+        thread.start()
+    if wait and thread.is_alive():
+        thread.join()
+
+
+def _triton_stamp() -> str:
+    """sha256 of every file of the Triton package: relative path, size, mtime."""
+    root = os.path.dirname(triton.__file__)
+    digest = hashlib.sha256(triton.__version__.encode())
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            if name.endswith(".pyc"):
+                continue
+            path = os.path.join(folder, name)
+            info = os.stat(path)
+            entry = f"{os.path.relpath(path, root)}\0{info.st_size}\0{info.st_mtime_ns}\0"
+            digest.update(entry.encode())
+    return digest.hexdigest()
+
+
+def _key_path() -> str:
+    return os.path.join(triton.knobs.cache.dir, f"{KEY_FILE_PREFIX}{_triton_stamp()[:40]}")
+
+
+def _read_triton_key() -> str | None:
+    try:
+        with open(_key_path()) as stored:
+            return stored.read() or None
+    except OSError:
+        return None
+
+
+def _install_triton_key(compute: Callable[[], str]) -> None:
+    value = compute()
+    path = _key_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(handle, "w") as out:
+            out.write(value)
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a read-only cache folder: computed again by the next process

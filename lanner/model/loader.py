@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lanner.distributed import TensorParallelGroup, TensorParallelShard
+from lanner.kernels import parallel_compile
 from lanner.model.config import ModelConfig, parse_dtype
 from lanner.model.layers.linear import (
     PackedLinear,
@@ -507,6 +508,11 @@ def load_model(
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is unknown; use one of {LOAD_FORMATS}")
     device = resolve_device(device)
+    if device.type == "cuda":
+        # Triton's hash of itself, needed by the first kernel compile or load: read back
+        # from Triton's cache folder, or computed on a thread while the model builds
+        # (~0.45 s on a 2-core Xeon, I/O and hashing, off the GIL).
+        parallel_compile.warm_triton_key()
     model_dir = resolve_model_path(model, revision)
     config = ModelConfig.from_pretrained(model_dir)
     model_class = get_model_class(config)

@@ -1,5 +1,6 @@
-"""Loads a checkpoint's tokenizer through transformers' AutoTokenizer, and applies its chat
-template to a conversation."""
+"""Loads a checkpoint's tokenizer through transformers' AutoTokenizer (or, once remembered,
+model/tokenizer_cache.py's stand-in for it), and applies its chat template to a
+conversation."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lanner.model import tokenizer_cache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -18,6 +21,26 @@ class ChatTemplateError(ValueError):
 
 def load_tokenizer(
     model_dir: str | Path, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer: for a local folder whose fast tokenizer an earlier load
+    remembered (model/tokenizer_cache.py), its backend alone, without importing
+    transformers (which then loads on first use of anything else); otherwise transformers'
+    (remembered for the next time)."""
+    local = not trust_remote_code and Path(model_dir).is_dir()
+    if local and (Path(model_dir) / "tokenizer.json").is_file():
+        cached = tokenizer_cache.load(
+            model_dir, lambda: _load_transformers_tokenizer(model_dir, trust_remote_code)
+        )
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+    tokenizer = _load_transformers_tokenizer(model_dir, trust_remote_code)
+    if local:
+        tokenizer_cache.remember(model_dir, tokenizer)
+    return tokenizer
+
+
+def _load_transformers_tokenizer(
+    model_dir: str | Path, trust_remote_code: bool
 ) -> PreTrainedTokenizerBase:
     try:
         direct = None if trust_remote_code else _named_tokenizer_class(model_dir)

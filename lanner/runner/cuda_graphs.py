@@ -5,6 +5,7 @@ request as k + 1 rows (each with its own causal length), so the same graphs repl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -15,6 +16,7 @@ from torch import nn
 from lanner.kernels import attention_metadata
 from lanner.kernels.attention_metadata import AttentionMetadata, shared_prefix_tokens
 from lanner.kernels.paged_attention import choose_num_kv_splits
+from lanner.kernels.parallel_compile import refuse_compiles
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +158,10 @@ class DecodeGraphs:
     def capture(self, warm_up: bool = True) -> None:
         """Capture a graph per batch size. ``warm_up`` runs each size once first, which
         compiles (or loads) its kernels and lets cuBLAS set up outside the capture; the
-        runner leaves it out when it has compiled and loaded every kernel and run every
-        size ahead (ModelRunner.precompile_kernels: 35 forwards, ~1 s of an 8B start on
-        the H200). Should a capture without it fail, all are captured again with it."""
+        runner leaves it out when it has compiled and loaded every kernel ahead
+        (ModelRunner.startup_kernels; the warm-ups are 35 forwards, ~1 s of an 8B start on
+        the H200). Should a capture without it fail, or be about to compile a kernel
+        (parallel_compile.refuse_compiles), all are captured again with it."""
         started = time.perf_counter()
         try:
             self._capture_all(warm_up)
@@ -186,7 +189,10 @@ class DecodeGraphs:
                 self._forward(batch)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # Without warm-ups a variant not compiled ahead fails the capture (and all are
+            # captured again with them) rather than compiling inside it.
+            refuse = contextlib.nullcontext() if warm_up else refuse_compiles("a graph capture")
+            with refuse, torch.cuda.graph(graph, pool=self.pool):
                 self.hidden[batch], self.logits[batch] = self._forward(batch)
             if self.pool is None:
                 self.pool = graph.pool()

@@ -6,14 +6,18 @@ message) to the other ranks' runners, which run the same model step in lock-step
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from lanner.kernels import parallel_compile
+from lanner.kernels import kernel_manifest, parallel_compile
 from lanner.kernels.attention_metadata import AttentionMetadata
+from lanner.kernels.kernel_manifest import Variant
 from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.loader import LoadedModel
@@ -152,6 +156,7 @@ class ModelRunner:
     ) -> None:
         self.model = loaded.model
         self.config = loaded.config
+        self.quantization = loaded.quant_config.describe() if loaded.quant_config else None
         self.num_kv_heads = loaded.num_kv_heads  # this rank's (tensor parallelism)
         self.group = loaded.group
         # Rank 0 samples; the other ranks' runners only run the model alongside it.
@@ -168,9 +173,9 @@ class ModelRunner:
         # A RejectionSampler (lanner.spec) when speculation is on: it also verifies drafts.
         self.sampler = sampler if sampler is not None else Sampler()
         self.keep_hidden_states = False
-        # Set by precompile_kernels: every kernel the graph captures launch is compiled
-        # and loaded, and every batch size has run once (cuBLAS included), so the
-        # captures need no warm-up forward.
+        # Set by startup_kernels: every kernel the graph captures launch is compiled and
+        # loaded, so the captures need no warm-up forward (a variant still missing fails
+        # its capture, and all are captured again with warm-ups).
         self.kernels_precompiled = False
 
     def initialize_cache(
@@ -205,13 +210,67 @@ class ModelRunner:
             self.num_kv_heads,
         )
 
-    def precompile_kernels(self, shape: StartupShape) -> None:
-        """Compile every Triton kernel variant that the startup (the memory profile, the
-        decode graphs' captures, the sampler) will launch, on a pool of threads: one
-        ``launch_startup_steps`` whose launches only compile (kernels/parallel_compile.py).
-        CUDA only."""
-        if self.device.type != "cuda" or not parallel_compile.enabled():
+    @contextlib.contextmanager
+    def startup_kernels(
+        self, shape: StartupShape, identity: dict[str, Any] | None = None, enabled: bool = True
+    ) -> Iterator[str]:
+        """Have every Triton kernel variant that the startup (the memory profile, the
+        decode graphs' captures, the sampler) launches compiled and loaded on a pool of
+        threads before the block, CUDA only; yields how ("kernel manifest": the variants
+        the last start of this engine recorded, kernels/kernel_manifest.py; "compile-only
+        pass": one ``launch_startup_steps`` whose launches only compile,
+        kernels/parallel_compile.py; "off"). Every variant compiled or loaded until the
+        block ends is recorded, and the manifest rewritten when that differs from what it
+        listed. ``identity``: what else decides the variants (speculative decoding...);
+        ``enabled`` False: "off" at once."""
+        if not enabled or self.device.type != "cuda" or not parallel_compile.enabled():
+            yield "off"
             return
+        path = known = None
+        if kernel_manifest.enabled():
+            identity = self.kernel_identity(shape, identity or {})
+            path = kernel_manifest.manifest_path(identity)
+            known = kernel_manifest.read(path, identity)
+        with kernel_manifest.VariantRecorder() as recorder:
+            yield self._precompile_kernels(shape, known)
+        recorded = recorder.variants
+        changed = recorded and not kernel_manifest.same_variants(recorded, known or [])
+        if path is not None and changed and kernel_manifest.write(path, identity, recorded):
+            logger.info("kernel manifest: %d variants written to %s", len(recorded), path)
+
+    def kernel_identity(self, shape: StartupShape, extra: dict[str, Any]) -> dict[str, Any]:
+        """What decides the Triton variants a startup launches (kernel_manifest's key,
+        with lanner's source and the versions): the model, its dtypes and quantization,
+        the cache layout, the startup's shapes, the sampler, the device, and ``extra``."""
+        return {
+            "model_config": self.config.raw,
+            "dtype": str(self.dtype),
+            "cache_dtype": str(self.cache_dtype),
+            "quantization": self.quantization,
+            "num_kv_heads": self.num_kv_heads,
+            "block_size": self.block_size,
+            "enforce_eager": self.enforce_eager,
+            "shape": dataclasses.asdict(shape),
+            "sampler": type(self.sampler).__qualname__,
+            "device": torch.cuda.get_device_name(self.device),
+            "capability": list(torch.cuda.get_device_capability(self.device)),
+            **extra,
+        }
+
+    def _precompile_kernels(self, shape: StartupShape, known: list[Variant] | None) -> str:
+        if known:
+            functions = [variant.resolve() for variant in known]
+            if all(f is not None for f in functions):
+                try:
+                    parallel_compile.load_variants(
+                        [(f, v.specialization) for f, v in zip(functions, known, strict=True)]
+                    )
+                except Exception as err:  # noqa: BLE001 - stale: find them the old way
+                    logger.warning("loading the kernel manifest failed (%r); compiling ahead", err)
+                else:
+                    self.kernels_precompiled = True
+                    logger.info("kernel manifest: %d variants loaded", len(known))
+                    return "kernel manifest"
         try:
             with parallel_compile.compile_launches():
                 self.launch_startup_steps(shape)
@@ -221,8 +280,9 @@ class ModelRunner:
                 "as they first launch",
                 err,
             )
-            return
+            return "off"
         self.kernels_precompiled = True
+        return "compile-only pass"
 
     @torch.inference_mode()
     def launch_startup_steps(self, shape: StartupShape) -> None:

@@ -1,10 +1,12 @@
 """benchmarks/cold_start.py reads the startup lines lanner serve logs (the engine core's
 phases as each ends and its summary, the API server's summary), each phase by name in
-seconds, names with commas included; and summarizes an engine trial's events."""
+seconds, names with commas included; summarizes an engine trial's events (and how it had
+its kernels ahead); and makes a kernel manifest stale for --stale-trial."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,3 +67,28 @@ def test_engine_kwargs_reads_serve_flags() -> None:
         "max_model_len": 8192,
         "enforce_eager": True,
     }
+
+
+def test_summary_says_how_the_kernels_were_had_ahead() -> None:
+    manifest = [
+        {"event": "step", "name": "load manifest variants", "seconds": 0.2},
+        {"event": "step", "name": "write kernel manifest", "seconds": 0.01},
+        {"event": "greedy", "token_ids": [[5, 6]]},
+    ]
+    summary = cold_start.summarize_engine_events(manifest)
+    assert summary["kernels_ahead"] == "kernel manifest"
+    assert summary["manifest_written"] and summary["greedy_token_ids"] == [[5, 6]]
+    passed = [{"event": "step", "name": "graph compile-only batch 8", "seconds": 0.02}]
+    assert cold_start.summarize_engine_events(passed)["kernels_ahead"] == "compile-only pass"
+    neither = cold_start.summarize_engine_events([{"event": "mark", "name": "done"}])
+    assert neither["kernels_ahead"] is None and not neither["manifest_written"]
+
+
+def test_stale_manifest_drops_the_named_kernels(tmp_path: Path) -> None:
+    variants = [{"qualname": name, "module": "m", "specialization": "{}"} for name in "aab"]
+    (tmp_path / "lanner-startup-x.json").write_text(json.dumps({"variants": variants}))
+    (tmp_path / "unrelated.json").write_text(json.dumps({"variants": variants}))
+    assert cold_start.manifest_variants(tmp_path) == {"lanner-startup-x.json": 3}
+    assert cold_start.make_manifests_stale(tmp_path, ("a",)) == 2
+    assert cold_start.manifest_variants(tmp_path) == {"lanner-startup-x.json": 1}
+    assert len(json.loads((tmp_path / "unrelated.json").read_text())["variants"]) == 3

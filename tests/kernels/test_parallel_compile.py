@@ -11,10 +11,13 @@ subprocess outside TRITON_INTERPRET (real JITFunctions); ~5 s, two small compile
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
+
+import pytest
 
 from tests.outside_interpreter import run_outside_interpreter
 
-SCRIPT = """
+STAND_IN_DRIVER = """
 import json
 import threading
 
@@ -56,8 +59,7 @@ class StandInDriver:
 
 
 driver.set_active(StandInDriver())
-from lanner.kernels import activation, parallel_compile
-
+# Every variant handed to Triton's compile (or its cache), by kernel name.
 handed_to_triton = []
 do_compile = jit.JITFunction._do_compile
 
@@ -68,6 +70,12 @@ def counting(self, *args, **kwargs):
 
 
 jit.JITFunction._do_compile = counting
+"""
+
+SCRIPT = (
+    STAND_IN_DRIVER
+    + """from lanner.kernels import activation, parallel_compile
+
 with parallel_compile.compile_launches(2):
     for _ in range(3):  # one variant, launched three times
         activation.silu_and_mul(torch.empty(4, 64, dtype=torch.bfloat16))
@@ -82,6 +90,7 @@ print(json.dumps({
     "run_restored": restored,
 }))
 """
+)
 
 
 def test_each_variant_compiles_once_with_its_launcher_and_is_cached() -> None:
@@ -94,3 +103,31 @@ def test_each_variant_compiles_once_with_its_launcher_and_is_cached() -> None:
     assert found["cached"] == ["CompiledKernel"] * 2
     assert found["loaded"] == ["_silu_and_mul_kernel"] * 2  # onto the device, before capture
     assert found["run_restored"]
+
+
+def test_triton_key_is_kept_in_the_cache_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton's self-hash is computed once (on a thread) and kept beside its cache; a later
+    process reads it back instead of hashing Triton again, unless Triton's files changed."""
+    from triton.runtime import cache as triton_cache
+
+    from lanner.kernels import parallel_compile
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    compute = triton_cache.triton_key
+    monkeypatch.setattr(triton_cache, "triton_key", compute)  # restored after the test
+    monkeypatch.setattr(parallel_compile, "_TRITON_KEY", {})
+    parallel_compile.warm_triton_key(wait=True)
+    (kept,) = tmp_path.glob(f"{parallel_compile.KEY_FILE_PREFIX}*")
+    assert kept.read_text() == compute()
+
+    def must_not_run() -> str:
+        raise AssertionError("Triton's key was computed again")
+
+    monkeypatch.setattr(triton_cache, "triton_key", must_not_run)
+    monkeypatch.setattr(parallel_compile, "_TRITON_KEY", {})  # a new process
+    parallel_compile.warm_triton_key(wait=True)
+    assert triton_cache.triton_key() == compute()
+    monkeypatch.setattr(parallel_compile, "_triton_stamp", lambda: "f" * 64)  # files changed
+    assert parallel_compile._read_triton_key() is None

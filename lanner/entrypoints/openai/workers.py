@@ -26,6 +26,7 @@ from typing import Any
 from lanner.entrypoints.http_guards import OpenAIError, bad_request
 from lanner.entrypoints.openai.prepare import PrepareContext, PreparedRequest, prepare
 from lanner.model.tokenizer import load_tokenizer, tokenizer_modules
+from lanner.model.tokenizer_cache import transformers_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def _worker_main(conn: Connection, tokenizer_source: str, trust_remote_code: boo
     # preparation, not the answers to everyone else.
     os.nice(WORKER_NICENESS)
     try:
-        tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
+        # transformers' own tokenizer, loaded now (chat templates and the other methods
+        # requests use), before the memory limit is set.
+        tokenizer = transformers_tokenizer(load_tokenizer(tokenizer_source, trust_remote_code))
         _limit_memory(WORKER_MEMORY_HEADROOM)
         gc.collect()
         gc.freeze()  # full collections then scan only a request's objects
