@@ -181,31 +181,28 @@ def linear_dtype_probe(repeats: int = 15) -> dict[str, Any]:
         (2 * inter, hidden),
         (hidden, inter),
     ]
+
+    def linear_seconds(out_features: int, in_features: int, rows: int, dtype: torch.dtype) -> float:
+        """Best of ``repeats`` thread-time samples of one linear, each 10 calls' mean."""
+        weight = torch.randn(out_features, in_features).to(dtype)
+        x = torch.randn(rows, in_features).to(dtype)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.thread_time()
+            for _ in range(10):
+                torch.nn.functional.linear(x, weight)
+            best = min(best, (time.thread_time() - started) / 10)
+        return best
+
     result: dict[str, Any] = {}
     for rows in (1, 32):
         for dtype in (torch.float32, torch.bfloat16):
-            total = 0.0
-            for out_features, in_features in shapes:
-                weight = torch.randn(out_features, in_features).to(dtype)
-                x = torch.randn(rows, in_features).to(dtype)
-                best = float("inf")
-                for _ in range(repeats):
-                    started = time.thread_time()
-                    for _ in range(10):
-                        torch.nn.functional.linear(x, weight)
-                    best = min(best, (time.thread_time() - started) / 10)
-                total += best * config["num_hidden_layers"]
+            layer = sum(linear_seconds(n, k, rows, dtype) for n, k in shapes)
+            total = layer * config["num_hidden_layers"]
             name = f"{str(dtype).removeprefix('torch.')}_rows{rows}"
             result[f"{name}_ms"] = total * 1e3
-            head = torch.randn(config["vocab_size"], hidden).to(dtype)
-            x = torch.randn(rows, hidden).to(dtype)
-            best = float("inf")
-            for _ in range(repeats):
-                started = time.thread_time()
-                for _ in range(10):
-                    torch.nn.functional.linear(x, head)
-                best = min(best, (time.thread_time() - started) / 10)
-            result[f"{name}_with_lm_head_ms"] = (total + best) * 1e3
+            head = linear_seconds(config["vocab_size"], hidden, rows, dtype)
+            result[f"{name}_with_lm_head_ms"] = (total + head) * 1e3
     return result
 
 
