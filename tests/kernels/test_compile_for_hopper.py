@@ -471,6 +471,14 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         zeros = torch.empty(scales.shape, dtype=torch.uint8) if zero_points else None
         return packed, scales, zeros
 
+    def int4_call(fn, dtype, m: int, n: int, k: int, group: int, zero_points: bool, **options):
+        """``fn`` (an int4 linear: x, packed, scales, zeros, group, bias) on empty
+        operands of that shape; zero-point cases carry a bias too."""
+        packed, scales, zeros = int4_operands(n, k, group, dtype, zero_points)
+        bias = torch.empty(n, dtype=dtype) if zero_points else None
+        x = torch.empty(m, k, dtype=dtype)
+        return partial(fn, x, packed, scales, zeros, group, bias, **options)
+
     # (dtype, rows, (N, K), group, zero points): llama3-8b's qkv (split-K at 1 row),
     # gate_up and down (K = 14336: 28 tiles), the LM head, qwen3-0.6b's qkv.
     w4_decode_cases = [
@@ -485,22 +493,19 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         (fp32, 4, (4096, 1024), 128, False),
     ]
     for dtype, m, (n, k), group, zero_points in w4_decode_cases:
-        packed, scales, zeros = int4_operands(n, k, group, dtype, zero_points)
-        bias = torch.empty(n, dtype=dtype) if zero_points else None
-        x = torch.empty(m, k, dtype=dtype)
         # The weights scaled in registers (a tuned option) as well as the exact default.
         for scaled in (False, True) if dtype != fp32 else (False,):
             yield (
                 f"skinny w4 {dtype} {m}x{n}x{k} group {group} zeros {zero_points} "
                 f"scale_weights {scaled}",
-                partial(
+                int4_call(
                     skinny_matmul.skinny_matmul_w4,
-                    x,
-                    packed,
-                    scales,
-                    zeros,
+                    dtype,
+                    m,
+                    n,
+                    k,
                     group,
-                    bias,
+                    zero_points,
                     scale_weights=scaled,
                 ),
             )
@@ -538,19 +543,10 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         (bf16, 16, (4096, 4096), 128, False, {"gemv": True}),
     ]
     for dtype, m, (n, k), group, zero_points, options in gemv_cases:
-        packed, scales, zeros = int4_operands(n, k, group, dtype, zero_points)
-        bias = torch.empty(n, dtype=dtype) if zero_points else None
         yield (
             f"int4 gemv {dtype} {m}x{n}x{k} group {group} zeros {zero_points} {options}",
-            partial(
-                skinny_matmul.skinny_matmul_w4,
-                torch.empty(m, k, dtype=dtype),
-                packed,
-                scales,
-                zeros,
-                group,
-                bias,
-                **options,
+            int4_call(
+                skinny_matmul.skinny_matmul_w4, dtype, m, n, k, group, zero_points, **options
             ),
         )
     for n, k in ((4096, 4096), (4096, 14336)):
@@ -645,19 +641,9 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         (fp16, 300, (6144, 4096), 32, False),
     ]
     for dtype, m, (n, k), group, zero_points in w4_tiled_cases:
-        packed, scales, zeros = int4_operands(n, k, group, dtype, zero_points)
-        bias = torch.empty(n, dtype=dtype) if zero_points else None
         yield (
             f"w4a16 tiled {dtype} {m}x{n}x{k} group {group} zeros {zero_points}",
-            partial(
-                w4a16_matmul.w4a16_matmul,
-                torch.empty(m, k, dtype=dtype),
-                packed,
-                scales,
-                zeros,
-                group,
-                bias,
-            ),
+            int4_call(w4a16_matmul.w4a16_matmul, dtype, m, n, k, group, zero_points),
         )
     for dtype, group, zero_points in ((bf16, 128, True), (fp16, 32, False), (bf16, 256, False)):
         packed, scales, zeros = int4_operands(4096, 4096, group, dtype, zero_points)
