@@ -14,6 +14,7 @@ fill thread.
 from __future__ import annotations
 
 import gc
+import importlib
 import threading
 import time
 from collections import defaultdict
@@ -41,6 +42,15 @@ _CORE_PHASES = [
     # fill thread (or the fill itself, for a few rows)
     ("structured_outputs", "_prepare"),
     ("", "_trim_deferred_rows"),
+    ("runner.sampler", "launch"),  # inside runner.launch or runner.sample_deferred
+]
+
+# Module functions the sampler calls by name, timed where they run (host time only on a
+# GPU: their kernels are queued), to split runner.sample_deferred.
+_MODULE_PHASES = [
+    ("lanner.runner.sampler", "apply_grammar_bitmasks"),
+    ("lanner.runner.sampler", "apply_penalties"),
+    ("lanner.runner.sampler", "sample"),
 ]
 
 # Counted apart inside core._launch (the deferred sampling: launched there, after the
@@ -63,8 +73,14 @@ class StepPhases:
         self._active: list[str] = []  # the loop thread's phases under way, outermost first
         self._undo: list[Callable[[], None]] = []
         for path, attribute in _CORE_PHASES:
-            owner = getattr(core, path) if path else core
-            self._wrap_instance(owner, attribute, f"{path or 'core'}.{attribute}")
+            owner = core
+            for part in path.split(".") if path else ():
+                owner = getattr(owner, part, None)
+            if owner is not None and hasattr(owner, attribute):  # (a runner may not sample)
+                self._wrap_instance(owner, attribute, f"{path or 'core'}.{attribute}")
+        for module_name, attribute in _MODULE_PHASES:
+            module = importlib.import_module(module_name)
+            self._wrap_class(module, attribute, f"sampler.{attribute}")
         try:
             import xgrammar
         except ImportError:
@@ -79,7 +95,7 @@ class StepPhases:
         gc.callbacks.append(self._on_gc)
         self._undo.append(lambda: gc.callbacks.remove(self._on_gc))
 
-    def _wrap_class(self, owner: type, attribute: str, name: str) -> None:
+    def _wrap_class(self, owner: Any, attribute: str, name: str) -> None:
         original = getattr(owner, attribute)
         setattr(owner, attribute, self._timed(original, name))
         self._undo.append(lambda: setattr(owner, attribute, original))
