@@ -501,8 +501,9 @@ class EngineCore:
         step that sampled when launched, or whose sampling is launched already)."""
         if launched.step.deferred is None:
             return
-        self.structured_outputs.wait_for_fill()
-        self.runner.sample_deferred(launched.step)
+        # The sampler waits for the fill only once the rest of its host work is done.
+        self.runner.sample_deferred(launched.step, self.structured_outputs.wait_for_fill)
+        self.structured_outputs.wait_for_fill()  # (rows without bitmasks never asked)
 
     def _end_failed_grammars(self) -> list[EngineCoreOutput]:
         """Requests whose grammar failed to compile end here, as aborted; the others
@@ -570,11 +571,13 @@ class EngineCore:
         )
         if not defer:
             self._fill_grammar_bitmasks(schedule, chunks, drafts)
+        # This step's host work first: a deferred sampling may wait for its bitmasks.
+        prepared = self.runner.prepare(chunks)
         if previous is not None:
             # The device gets this step after the previous one's sampling: it feeds on it.
             self._launch_deferred_sampling(previous)
         launched = self.runner.launch(
-            chunks, previous.step if previous is not None else None, drafts, defer
+            chunks, previous.step if previous is not None else None, drafts, defer, prepared
         )
         # Tokens fed are computed once launched: the device runs steps in order. Each
         # sampled token holds a placeholder until the host reads the step.

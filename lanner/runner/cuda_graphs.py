@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,6 +63,17 @@ def stage_inputs(
     for row, table in enumerate(block_tables):
         tables[row, : len(table)] = table
     return width
+
+
+@dataclass(frozen=True)
+class StagedInputs:
+    """A step's decode-graph inputs staged on the host (``DecodeGraphs.stage``): its
+    rows, the graph's batch size, the block tables' width and the pinned set used."""
+
+    count: int
+    batch: int
+    width: int
+    turn: int
 
 
 class DecodeGraphs:
@@ -214,6 +226,19 @@ class DecodeGraphs:
         """Replay the smallest graph that fits; returns logits [num_seqs, vocab].
         ``previous_tokens`` (rows, ids) overwrites input ids with tokens that are still
         on the device from the step before."""
+        staged = self.stage(token_ids, positions, slots, seq_lens, block_tables)
+        return self.replay(staged, previous_tokens)
+
+    def stage(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> StagedInputs:
+        """``run``'s host half: the inputs written into the next pinned set. At most one
+        staged step waits for its ``replay`` at a time (the sets are used in turn)."""
         count = len(token_ids)
         batch = next(size for size in self.sizes if size >= count)
         self.turn ^= 1
@@ -230,13 +255,23 @@ class DecodeGraphs:
         )
         prefix = self.prefix_sets[self.turn]
         prefix[0] = shared_prefix_tokens(block_tables, seq_lens, self.block_size)
+        return StagedInputs(count, batch, width, self.turn)
+
+    def replay(
+        self,
+        staged: StagedInputs,
+        previous_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``run``'s device half, for inputs ``stage`` wrote."""
+        count, batch, width = staged.count, staged.batch, staged.width
+        host, host_tables = self.host_sets[staged.turn], self.table_sets[staged.turn]
         self.input_ids[:batch].copy_(host[0, :batch], non_blocking=True)
         self.positions[:batch].copy_(host[1, :batch], non_blocking=True)
         self.slot_mapping[:batch].copy_(host[2, :batch], non_blocking=True)
         self.seq_lens[:batch].copy_(host[3, :batch], non_blocking=True)
         tables = host_tables[: count * width].view(count, width)
         self.block_tables[:count, :width].copy_(tables, non_blocking=True)
-        self.shared_prefix_len.copy_(prefix, non_blocking=True)
+        self.shared_prefix_len.copy_(self.prefix_sets[staged.turn], non_blocking=True)
         if previous_tokens is not None:
             self.input_ids[previous_tokens[0]] = previous_tokens[1]
         self.graphs[batch].replay()

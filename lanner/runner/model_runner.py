@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ from lanner.kernels.kernel_manifest import Variant
 from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.loader import LoadedModel
-from lanner.runner.cuda_graphs import DecodeGraphs
+from lanner.runner.cuda_graphs import DecodeGraphs, StagedInputs
 from lanner.runner.sampler import (
     DeviceSample,
     Sampler,
@@ -391,8 +391,15 @@ class ModelRunner:
             return False
         return not any(c.prompt_logprob_targets for c in chunks)
 
-    def _graph_logits(self, layout: StepLayout, device_tokens) -> torch.Tensor:
-        """Logits of the sampled rows from a replayed decode graph."""
+    def prepare(self, chunks: list[SequenceChunk]) -> PreparedStep:
+        """``launch``'s host work that needs nothing of the step before (its layout, a
+        decode graph's staged inputs): the engine does it before it waits for the step
+        before's grammar bitmasks, while they fill."""
+        layout = StepLayout.build(chunks)
+        layout.replay = self._can_replay(chunks, layout)
+        return PreparedStep(layout, self._stage_graph(layout) if layout.replay else None)
+
+    def _stage_graph(self, layout: StepLayout) -> StagedInputs:
         graphs = self.decode_graphs
         assert graphs is not None
         size = self.block_size
@@ -400,14 +407,17 @@ class ModelRunner:
             table[p // size] * size + p % size
             for table, p in zip(layout.block_tables, layout.positions, strict=True)
         ]
-        logits = graphs.run(
-            layout.input_ids,
-            layout.positions,
-            slots,
-            layout.seq_lens,
-            layout.block_tables,
-            device_tokens,
+        return graphs.stage(
+            layout.input_ids, layout.positions, slots, layout.seq_lens, layout.block_tables
         )
+
+    def _graph_logits(
+        self, layout: StepLayout, device_tokens, staged: StagedInputs | None = None
+    ) -> torch.Tensor:
+        """Logits of the sampled rows from a replayed decode graph."""
+        graphs = self.decode_graphs
+        assert graphs is not None
+        logits = graphs.replay(staged or self._stage_graph(layout), device_tokens)
         if len(layout.sample_rows) == len(layout.input_ids):
             return logits
         return logits[self._tensor(layout.sample_rows)]
@@ -450,15 +460,18 @@ class ModelRunner:
         previous: PendingStep | None,
         drafts: DeviceDrafts | None = None,
         defer_sampling: bool = False,
+        prepared: PreparedStep | None = None,
     ) -> PendingStep:
         """Queue one step on the device and return without waiting for it. Chunks may
         take their token from ``previous``'s samples, still on the device, and their
         drafts from ``drafts``. With ``defer_sampling`` only the model runs: the caller
         finishes the chunks' sampling rows (they read outputs still being read back) and
-        then calls ``sample_deferred``."""
+        then calls ``sample_deferred``. ``prepared``: what ``prepare`` made of ``chunks``,
+        with nothing prepared since."""
+        args = (chunks, previous, drafts, defer_sampling, prepared)
         if self.followers is not None:
-            return self.followers.guard(self._launch, chunks, previous, drafts, defer_sampling)
-        return self._launch(chunks, previous, drafts, defer_sampling)
+            return self.followers.guard(self._launch, *args)
+        return self._launch(*args)
 
     def _launch(
         self,
@@ -466,10 +479,12 @@ class ModelRunner:
         previous: PendingStep | None,
         drafts: DeviceDrafts | None,
         defer_sampling: bool = False,
+        prepared: PreparedStep | None = None,
     ) -> PendingStep:
-        layout = StepLayout.build(chunks)
+        if prepared is None:
+            prepared = self.prepare(chunks)
+        layout = prepared.layout
         on_device = self._device_tokens(chunks, layout.first_rows, previous, drafts)
-        layout.replay = self._can_replay(chunks, layout)
         device_tokens = None
         if on_device is not None:
             layout.device_rows, values = on_device
@@ -478,7 +493,7 @@ class ModelRunner:
             self.followers.send_step(layout)
             if device_tokens is not None:  # only rank 0 holds them: hand them over
                 self.group.broadcast(device_tokens[1])
-        hidden, logits, prompt_logits = self._run_model(layout, device_tokens)
+        hidden, logits, prompt_logits = self._run_model(layout, device_tokens, prepared.staged)
         prompt_logprob_rows: dict[str, list[TokenLogprobs]] = {}
         if prompt_logits is not None and self.samples:
             self._prompt_logprobs(chunks, prompt_logits, prompt_logprob_rows)
@@ -493,9 +508,12 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def sample_deferred(self, pending: PendingStep) -> None:
+    def sample_deferred(
+        self, pending: PendingStep, wait_for_bitmasks: Callable[[], None] | None = None
+    ) -> None:
         """Launch the sampling of a step launched with ``defer_sampling`` (rank 0 alone
-        samples: no other rank takes part)."""
+        samples: no other rank takes part); ``wait_for_bitmasks`` as for
+        ``Sampler.launch``."""
         deferred = pending.deferred
         assert deferred is not None, "this step's sampling was not deferred"
         sampled = self._launch_sample(
@@ -505,18 +523,22 @@ class ModelRunner:
             deferred.drafts,
             pending.hidden_states,
             pending.first_rows,
+            wait_for_bitmasks,
         )
         pending.sample, pending.sampled_seq_ids = sampled.sample, sampled.sampled_seq_ids
         pending.deferred = None
 
     def _run_model(
-        self, layout: StepLayout, device_tokens: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        layout: StepLayout,
+        device_tokens: tuple[torch.Tensor, torch.Tensor] | None,
+        staged: StagedInputs | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The model's step: (final hidden states of every fed token, logits of the rows
         that sample, logits of the prompt-logprob rows), the last two None when no row
         asks. Every tensor-parallel rank runs it with the same layout, in lock-step."""
         if layout.replay:
-            logits = self._graph_logits(layout, device_tokens)
+            logits = self._graph_logits(layout, device_tokens, staged)
             return self.decode_graphs.last_hidden, logits, None  # type: ignore[union-attr]
         metadata = AttentionMetadata.build(
             layout.query_lens, layout.seq_lens, layout.block_tables, self.block_size, self.device
@@ -552,6 +574,7 @@ class ModelRunner:
         drafts: DeviceDrafts | None,
         hidden: torch.Tensor | None,
         first_rows: list[int],
+        wait_for_bitmasks: Callable[[], None] | None = None,
     ) -> PendingStep:
         """Sample each chunk that asks from its rows of ``logits`` (one, or one per draft
         plus one when it verifies drafts)."""
@@ -559,7 +582,10 @@ class ModelRunner:
         rows: list[SamplingRow] = [c.sampling for c in sampling_chunks]  # type: ignore[misc]
         seq_ids = [c.seq_id for c in sampling_chunks]
         if not any(c.num_draft_tokens for c in sampling_chunks):
-            sample = self.sampler.launch(logits, rows)
+            if wait_for_bitmasks is None:  # (a draft's sampler takes no bitmasks)
+                sample = self.sampler.launch(logits, rows)
+            else:
+                sample = self.sampler.launch(logits, rows, wait_for_bitmasks)
             return PendingStep(sample, seq_ids, prompt_logprob_rows, hidden, first_rows)
         verify = getattr(self.sampler, "verify", None)
         if verify is None:
@@ -689,3 +715,11 @@ class StepLayout:
             layout.prompt_rows += range(offset, offset + len(chunk.prompt_logprob_targets))
             layout.sample_rows += range(first + count - chunk.num_logit_rows, first + count)
         return layout
+
+
+@dataclass
+class PreparedStep:
+    """A step's host work done ahead of its launch (``ModelRunner.prepare``)."""
+
+    layout: StepLayout
+    staged: StagedInputs | None  # a decode graph's inputs, when one replays the step

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -151,8 +151,16 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         return self.launch(logits, rows).collect()
 
-    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
-        """Sample on the device and start the copy to the host without waiting for it."""
+    def launch(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        wait_for_bitmasks: Callable[[], None] | None = None,
+    ) -> DeviceSample:
+        """Sample on the device and start the copy to the host without waiting for it.
+        ``wait_for_bitmasks`` (when the rows' grammar bitmasks may still be filling) is
+        called just before they are read: the rest of the host's work for the step is
+        done by then, while the fill runs."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"the sampler needs logits of shape [num_rows, vocab] with one row per "
@@ -167,10 +175,17 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
 
         logits = apply_token_constraints(logits, rows)
-        logits = apply_grammar_bitmasks(logits, rows)
         logits = apply_penalties(logits, rows)
         logits = apply_min_tokens(logits, rows)
-        token_ids = sample(logits, rows)
+
+        # The grammar masks come last (a masked -inf stays -inf through the penalties
+        # and min_tokens, so the order changes nothing): the fill has until then.
+        def mask(logits: torch.Tensor) -> torch.Tensor:
+            if wait_for_bitmasks is not None:
+                wait_for_bitmasks()
+            return apply_grammar_bitmasks(logits, rows)
+
+        token_ids = sample(logits, rows, finish_logits=mask)
 
         result = token_ids
         if raw_logprobs is not None:
@@ -401,7 +416,12 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> to
     return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], seed_salt: int = 0) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    rows: list[SamplingRow],
+    seed_salt: int = 0,
+    finish_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """One token id per row (int64 on the logits' device) from penalized logits.
 
     Greedy rows take the argmax. The others race: argmax_i(logits_i / T - log E_i) with
@@ -410,11 +430,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seed_salt: int = 0) ->
     cut tokens at -inf. Every sampled row goes through the same arithmetic whatever shares
     its batch, so a seeded row's token depends only on its logits, seed and step.
     ``seed_salt`` gives a seeded row an independent stream (a draft model's proposals must
-    not reuse the target's noise).
+    not reuse the target's noise). ``finish_logits``, when given, makes the logits' last
+    change once the rows' host-side inputs (temperatures, seeds) are ready.
     """
     greedy = [r.params.is_greedy for r in rows]
     if all(greedy):
-        return greedy_tokens(logits)
+        return greedy_tokens(finish_logits(logits) if finish_logits else logits)
     # Temperature 0 tells the race that a row is greedy.
     temperatures = [0.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
     seeds = [
@@ -424,6 +445,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seed_salt: int = 0) ->
         for r, g in zip(rows, greedy, strict=True)
     ]
     truncated = [i for i, r in enumerate(rows) if r.params.uses_truncation and not greedy[i]]
+    if finish_logits is not None:
+        logits = finish_logits(logits)
     if not truncated:
         return race(logits, temperatures, seeds)
 

@@ -333,7 +333,10 @@ def test_overlapped_scheduling_gives_the_same_constrained_outputs(llm: LLM) -> N
     runner = overlapped.engine.core.runner
     deferred = []
     sample_deferred = runner.sample_deferred
-    runner.sample_deferred = lambda pending: (deferred.append(1), sample_deferred(pending))[1]
+    runner.sample_deferred = lambda pending, *wait: (
+        deferred.append(1),
+        sample_deferred(pending, *wait),
+    )[1]
     manager = overlapped.engine.core.structured_outputs
     # Rows a step filled: on the fill thread (which then advanced the grammars first), or
     # here (then sampled at once).
