@@ -45,12 +45,13 @@ _CORE_PHASES = [
     ("runner.sampler", "launch"),  # inside runner.launch or runner.sample_deferred
 ]
 
-# Module functions the sampler calls by name, timed where they run (host time only on a
-# GPU: their kernels are queued), to split runner.sample_deferred.
+# Module functions the sampler calls by name (and a class's method), timed where they run
+# (host time only on a GPU: their kernels are queued), to split runner.sample_deferred.
 _MODULE_PHASES = [
-    ("lanner.runner.sampler", "apply_grammar_bitmasks"),
-    ("lanner.runner.sampler", "apply_penalties"),
-    ("lanner.runner.sampler", "sample"),
+    ("lanner.runner.sampler", "", "prepare_grammar_masks"),
+    ("lanner.runner.sampler", "GrammarMasks", "apply"),
+    ("lanner.runner.sampler", "", "apply_penalties"),
+    ("lanner.runner.sampler", "", "sample"),
 ]
 
 # Counted apart inside core._launch (the deferred sampling: launched there, after the
@@ -78,9 +79,13 @@ class StepPhases:
                 owner = getattr(owner, part, None)
             if owner is not None and hasattr(owner, attribute):  # (a runner may not sample)
                 self._wrap_instance(owner, attribute, f"{path or 'core'}.{attribute}")
-        for module_name, attribute in _MODULE_PHASES:
-            module = importlib.import_module(module_name)
-            self._wrap_class(module, attribute, f"sampler.{attribute}")
+        for module_name, class_name, attribute in _MODULE_PHASES:
+            owner: Any = importlib.import_module(module_name)
+            if class_name:
+                owner = getattr(owner, class_name)
+            self._wrap_class(
+                owner, attribute, f"sampler.{class_name + '.' if class_name else ''}{attribute}"
+            )
         try:
             import xgrammar
         except ImportError:

@@ -174,6 +174,7 @@ class Sampler:
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
 
+        masks = prepare_grammar_masks(rows, logits.device)
         logits = apply_token_constraints(logits, rows)
         logits = apply_penalties(logits, rows)
         logits = apply_min_tokens(logits, rows)
@@ -181,9 +182,11 @@ class Sampler:
         # The grammar masks come last (a masked -inf stays -inf through the penalties
         # and min_tokens, so the order changes nothing): the fill has until then.
         def mask(logits: torch.Tensor) -> torch.Tensor:
+            if masks is None:
+                return logits
             if wait_for_bitmasks is not None:
                 wait_for_bitmasks()
-            return apply_grammar_bitmasks(logits, rows)
+            return masks.apply(logits)
 
         token_ids = sample(logits, rows, finish_logits=mask)
 
@@ -294,10 +297,40 @@ def apply_grammar_bitmasks(logits: torch.Tensor, rows: list[SamplingRow]) -> tor
     one kernel launch over those rows; the caller's logits stay as they were. Each row
     here samples one position: its bitmask's first row applies. The step's bitmasks go
     to the device in one queued copy of their filled rows (no per-row slices)."""
+    masks = prepare_grammar_masks(rows, logits.device)
+    return logits if masks is None else masks.apply(logits)
+
+
+@dataclass(slots=True)
+class GrammarMasks:
+    """A step's rows under a grammar, ready to mask once their bitmasks are filled: the
+    logits rows and the bitmask rows each applies, on the device."""
+
+    bitmasks: TokenBitmasks
+    rows: torch.Tensor
+    bitmask_rows: torch.Tensor
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``apply_grammar_bitmasks``' device part: the filled bitmasks' copy and the
+        masking (on a copy of ``logits``)."""
+        device = logits.device
+        bitmasks = self.bitmasks
+        # Queued, not waited on: a plain copy would wait for the model's step to finish.
+        words = tensor_to_device(bitmasks.words[: bitmasks.num_rows], device)
+        if device.type == "cuda":
+            bitmasks.copied = torch.cuda.Event()
+            bitmasks.copied.record()
+        logits = logits.clone()
+        ops.apply_token_bitmask(logits, words, self.rows, self.bitmask_rows)
+        return logits
+
+
+def prepare_grammar_masks(rows: list[SamplingRow], device: torch.device) -> GrammarMasks | None:
+    """``apply_grammar_bitmasks``' host part, which reads no bitmask (so it runs while
+    they fill): None when no row has a grammar."""
     masked = [i for i, r in enumerate(rows) if r.token_bitmask is not None]
     if not masked:
-        return logits
-    device = logits.device
+        return None
     bitmasks = rows[masked[0]].token_bitmask.bitmasks  # type: ignore[union-attr]
     starts = []
     for i in masked:
@@ -306,15 +339,27 @@ def apply_grammar_bitmasks(logits: torch.Tensor, rows: list[SamplingRow]) -> tor
         if source.bitmasks is not bitmasks:
             raise ValueError("the rows' grammar bitmasks must come from one step's buffer")
         starts.append(source.start)
-    # Queued, not waited on: a plain copy would wait for the model's step to finish.
-    words = tensor_to_device(bitmasks.words[: bitmasks.num_rows], device)
-    if device.type == "cuda":
-        bitmasks.copied = torch.cuda.Event()
-        bitmasks.copied.record()
+    count = len(masked)
+    if masked[-1] == count - 1 and starts == list(range(starts[0], starts[0] + count)):
+        # Every row, in order, on consecutive bitmask rows (a step launched ahead): slices
+        # of a counting tensor already there, not an index built and copied each step.
+        numbers = _counting(starts[0] + count, device)
+        return GrammarMasks(bitmasks, numbers[:count], numbers[starts[0] : starts[0] + count])
     index = to_device(masked + starts, torch.long, device)
-    logits = logits.clone()
-    ops.apply_token_bitmask(logits, words, index[: len(masked)], index[len(masked) :])
-    return logits
+    return GrammarMasks(bitmasks, index[:count], index[count:])
+
+
+_counting_tensors: dict[torch.device, torch.Tensor] = {}
+
+
+def _counting(size: int, device: torch.device) -> torch.Tensor:
+    """0, 1, ... (int64 on ``device``), at least ``size`` of them: made once per device
+    (grown when asked for more)."""
+    numbers = _counting_tensors.get(device)
+    if numbers is None or numbers.numel() < size:
+        numbers = torch.arange(max(size, 1024), dtype=torch.long, device=device)
+        _counting_tensors[device] = numbers
+    return numbers
 
 
 def _barred_by_bad_words(row: SamplingRow) -> set[int]:
