@@ -46,8 +46,13 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-from benchmarks.route_fleet import free_port, result_header, start_replicas, start_router
-from benchmarks.route_fleet import wait_healthy
+from benchmarks.route_fleet import (
+    free_port,
+    result_header,
+    start_replicas,
+    start_router,
+    wait_healthy,
+)
 from lanner.bench.report import save_copies
 from lanner.engine.config import DEFAULT_MODEL_DIR
 
@@ -61,8 +66,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 def stub_app(first_token_s: float, token_gap_s: float) -> web.Application:
     """An OpenAI-shaped worker that streams `max_tokens` one-token completion events on a
     fixed clock (no model): headers at once, as a real server sends them before prefill."""
+    choice = {"index": 0, "text": "x", "logprobs": None, "finish_reason": None}
     event = {"id": "cmpl-stub", "object": "text_completion", "created": 0, "model": "stub",
-             "choices": [{"index": 0, "text": "x", "logprobs": None, "finish_reason": None}]}  # fmt: skip
+             "choices": [choice]}  # fmt: skip
     chunk = f"data: {json.dumps(event)}\n\n".encode()
     done = b"data: [DONE]\n\n"
 
@@ -277,8 +283,10 @@ def compare(worker_url: str, worker_pid: int, model: str, args: argparse.Namespa
         "router_cpu_us_per_request_median": statistics.median(
             p["router"]["router_cpu_us_per_request"] for p in pairs
         ),
-        "load_average_1m_range": [min(p["load_average_1m"] for p in pairs),
-                                  max(p["load_average_1m"] for p in pairs)],  # fmt: skip
+        "load_average_1m_range": [
+            min(p["load_average_1m"] for p in pairs),
+            max(p["load_average_1m"] for p in pairs),
+        ],  # fmt: skip
     }
 
 
