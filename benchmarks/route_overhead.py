@@ -21,10 +21,24 @@ Workers:
 - `lanner`: the demo model behind `lanner serve` (its own TTFT noise at 200 streams on
   the CPU is seconds, far above 2 ms).
 
-Run from the repository root (CPU; the machine should be otherwise quiet):
-    PYTHONPATH=. .venv/bin/python benchmarks/route_overhead.py --commit "$(git rev-parse HEAD)"
-With --router-cpus 0 the router runs on CPU 0 alone and the client and worker on the
-others. Writes benchmarks/results/<stamp>-route-overhead.json (and $OUT when set).
+The stub's default pace, 4 text events a stream 250 ms apart, makes 200 streams about 200
+requests and 1,000 events a second, so that client, router and stub together fit in the
+2 cores; the JSON's CPU per request at two paces gives the router's cost per event, to
+carry the figure to other paces (`--output-len 16 --stub-token-gap-ms 20` is a token
+every 20 ms, 570 requests and 9,700 events a second at 200 streams).
+
+Short rounds, many of them: on a machine shared with other users' jobs the load drifts
+within seconds, and a pair of adjacent rounds sees about the same drift.
+
+Run from the repository root (CPU, as root for --realtime; about 2 minutes):
+    PYTHONPATH=. .venv/bin/python benchmarks/route_overhead.py --realtime \
+        --commit "$(git rev-parse --short HEAD)"
+--realtime puts client, router and stub under SCHED_RR: each runs as soon as it is woken
+instead of waiting out the time slices of other users' jobs (which, on 2 shared cores,
+otherwise move one round's median TTFT by tens of ms); the three still share the cores
+with each other, so the router's own CPU time still delays the others. With
+--router-cpus 0 the router runs on CPU 0 alone and the client and stub on the others.
+Writes benchmarks/results/<stamp>-route-overhead.json (and $OUT when set).
 """
 
 from __future__ import annotations
@@ -316,8 +330,8 @@ def main() -> None:
     parser.add_argument("--workers", default="stub", help="stub, lanner or stub,lanner")
     parser.add_argument("--policy", default="round_robin")
     parser.add_argument("--concurrency", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=12, help="pairs of rounds")
-    parser.add_argument("--round-s", type=float, default=4.0, help="counted seconds a round")
+    parser.add_argument("--rounds", type=int, default=20, help="pairs of rounds")
+    parser.add_argument("--round-s", type=float, default=1.5, help="counted seconds a round")
     parser.add_argument("--warmup-s", type=float, default=1.0, help="uncounted, each round")
     parser.add_argument("--output-len", type=int, default=4, help="text events a stream")
     parser.add_argument(
