@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,26 @@ async def read_body(request: Request, max_bytes: int, flag: str) -> bytes:
             raise _too_large(size, max_bytes, flag)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def receive_body(scope: dict, receive: Any, max_bytes: int, flag: str) -> bytes:
+    """read_body for plain ASGI, where building a Request for it would be the only use
+    of one (the router's forwarded endpoints); raises ClientDisconnect as Starlette does."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+            raise _too_large(int(value), max_bytes, flag)
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(size, max_bytes, flag)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _too_large(size: int, max_bytes: int, flag: str) -> OpenAIError:

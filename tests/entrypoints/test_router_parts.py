@@ -308,3 +308,47 @@ def test_api_key_host_check_and_unexpected_errors(monkeypatch: pytest.MonkeyPatc
             assert (await client.get("/health")).status_code == 200
 
     asyncio.run(main())
+
+
+def test_a_client_that_leaves_before_the_first_byte_closes_the_workers_request() -> None:
+    """The forward runs in the request's own task; the watcher that cancels it when the
+    client goes must close the worker's connection even while the worker is silent (a
+    long prefill), and leave the router's count of outstanding requests at 0."""
+    closed = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(1500):  # never a first token; watch for the router closing
+            if request.transport is None or request.transport.is_closing():
+                closed.set()
+                break
+            await asyncio.sleep(0.02)
+        return response
+
+    async def main() -> None:
+        async with (
+            fake_worker("a", silent) as a,
+            running_router(worker_urls=[a]) as (client, app),
+        ):
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(COMPLETIONS, json={"prompt": "x", "stream": True},
+                                  timeout=httpx.Timeout(30, read=0.3))  # fmt: skip
+            await asyncio.wait_for(closed.wait(), timeout=5)
+            worker = router_of(app).state.pool.workers[a]
+            for _ in range(100):
+                if worker.outstanding == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert worker.outstanding == 0
+
+            # A chunked upload (no Content-Length) is counted as it arrives.
+            async def upload() -> AsyncIterator[bytes]:
+                for _ in range(10):
+                    yield b" " * (1 << 20)
+
+            huge = await client.post(COMPLETIONS, content=upload())
+            assert huge.status_code == 413
+            assert huge.json()["error"]["type"] == "RequestTooLargeError"
+
+    asyncio.run(main())

@@ -33,6 +33,7 @@ from lanner.entrypoints.http_guards import (
     OpenAIError,
     error_body,
     read_body,
+    receive_body,
     send_json,
 )
 from lanner.entrypoints.router.keys import route_key
@@ -56,7 +57,9 @@ _HOP_HEADERS = frozenset(
         "content-length", "expect",
     }
 )  # fmt: skip
-_RESPONSE_SKIP = _HOP_HEADERS | {"date", "server"}
+_RESPONSE_SKIP = frozenset(h.encode() for h in _HOP_HEADERS | {"date", "server"})
+# ASGI servers give header names in lower case (the ASGI spec says so).
+_REQUEST_SKIP = frozenset(h.encode() for h in _HOP_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,7 @@ class RouterState:
 
     def upstream_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
         kept = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in headers
-            if k.decode("latin-1").lower() not in _HOP_HEADERS
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in _REQUEST_SKIP
         ]
         if self.options.worker_api_key:
             kept = [(k, v) for k, v in kept if k.lower() != "authorization"]
@@ -126,9 +127,7 @@ class RouterState:
 
 
 def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    return [
-        (k, v) for k, v in upstream.raw_headers if k.decode("latin-1").lower() not in _RESPONSE_SKIP
-    ]
+    return [(k, v) for k, v in upstream.raw_headers if k.lower() not in _RESPONSE_SKIP]
 
 
 def _describe(err: BaseException) -> str:
@@ -152,13 +151,6 @@ async def _read_capped(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
         if len(content) > limit:
             raise UpstreamTooLarge(f"the worker's response passed {limit} bytes")
     return bytes(content)
-
-
-async def _wait_for_disconnect(receive: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 class Forward:
@@ -185,27 +177,36 @@ class Forward:
         self.arrival = arrival
 
     async def run(self, receive: Any, send: Any) -> None:
-        started = False
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        forward = asyncio.create_task(self._forward(tracked_send))
-        watch = asyncio.create_task(_wait_for_disconnect(receive))
+        # The forward runs in this task; a second one only waits for the client to go,
+        # and cancels this one if it does (one task a request, not two and a wait).
+        task = asyncio.current_task()
+        assert task is not None
+        self.started = False  # whether the client has had a response start
+        self.done = False  # the response is complete: a disconnect now is no news
+        self.client_left = False
+        watch = asyncio.create_task(self._cancel_on_disconnect(receive, task))
         try:
-            await asyncio.wait({forward, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await self._forward(send)
+        except asyncio.CancelledError:
+            if not self.client_left:
+                raise
+            task.uncancel()  # the client went away: nothing to answer, nothing to raise
+        except Exception as error:  # noqa: BLE001 - logged; the client gets a 500
+            logger.error("unexpected error forwarding %s", self.path, exc_info=error)
+            if not self.started:
+                await send_json(send, 500, _INTERNAL_ERROR)
         finally:
-            for task in (forward, watch):
-                task.cancel()
-            await asyncio.gather(forward, watch, return_exceptions=True)
-        if forward.cancelled() or forward.exception() is None:
-            return
-        error = forward.exception()
-        logger.error("unexpected error forwarding %s", self.path, exc_info=error)
-        if not started:
-            await send_json(send, 500, _INTERNAL_ERROR)
+            self.done = True
+            watch.cancel()
+
+    async def _cancel_on_disconnect(self, receive: Any, task: asyncio.Task) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        if not self.done:
+            self.client_left = True
+            task.cancel()
 
     async def _forward(self, send: Any) -> None:
         pool, metrics = self.state.pool, self.state.metrics
@@ -223,6 +224,7 @@ class Forward:
             if error is None:
                 return
             errors.append(error)
+        self.started = True  # one of the error answers below
         if not errors:
             metrics.no_worker.inc()
             message = (
@@ -247,7 +249,7 @@ class Forward:
         try:
             try:
                 upstream = await state.session.request(
-                    self.method, worker.url + self.path, data=self.content or None,
+                    self.method, worker.endpoint(self.path), data=self.content or None,
                     headers=self.forward_headers, allow_redirects=False,
                 )  # fmt: skip
                 status = upstream.status
@@ -258,8 +260,8 @@ class Forward:
                     return f"{worker.url} answered HTTP {status}: {detail[:300]}"
                 streaming = upstream.content_type == "text/event-stream"
                 if streaming:
-                    chunks = upstream.content.iter_any()
-                    first = await anext(chunks, b"")
+                    content = upstream.content
+                    first = await content.readany()
                 else:
                     first = await _read_capped(upstream, MAX_RESPONSE_BYTES)
                     finished = True
@@ -268,25 +270,30 @@ class Forward:
                 pool.failed(worker, _describe(err), certain=certain)
                 return f"{worker.url}: {_describe(err)}"
             # From here on the client hears from this worker, whatever happens.
-            state.metrics.requests.labels(worker.url, str(status)).inc()
+            pool.answered(worker, status)
             state.metrics.first_byte.observe(time.monotonic() - self.arrival)
             headers = _response_headers(upstream)
             if not streaming:
                 headers.append((b"content-length", str(len(first)).encode()))
+            self.started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
             if not streaming:
+                self.done = True
                 await send({"type": "http.response.body", "body": first})
                 return None
-            await send({"type": "http.response.body", "body": first, "more_body": True})
+            # Each chunk as it comes, as it came: no parsing, one write.
+            chunk = first
             try:
-                async for chunk in chunks:
+                while chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    chunk = await content.readany()
                 finished = True
             except aiohttp.ClientError as err:
                 pool.failed(worker, _describe(err), certain=False)
                 message = f"worker {worker.url} failed mid-stream: {_describe(err)}"
                 await send({"type": "http.response.body", "body": _sse_error(message),
                             "more_body": True})  # fmt: skip
+            self.done = True
             await send({"type": "http.response.body", "body": b""})
             return None
         finally:
@@ -347,9 +354,7 @@ class RouterApp:
             return
         options = self.state.options
         try:
-            body = await read_body(
-                Request(scope, receive), options.max_body_bytes, "--max-body-bytes"
-            )
+            body = await receive_body(scope, receive, options.max_body_bytes, "--max-body-bytes")
         except OpenAIError as err:
             await send_json(send, err.status, err.body(), err.headers)
             return
@@ -460,11 +465,17 @@ def build_router_app(options: RouterOptions) -> Any:
     return served
 
 
-def run_router(options: RouterOptions, host: str, port: int, log_level: str = "info") -> int:
+def run_router(
+    options: RouterOptions, host: str, port: int, log_level: str = "info", access_log: bool = True
+) -> int:
     """Serve until SIGTERM or Ctrl-C; in-flight requests finish first."""
     app = build_router_app(options)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
-    )
-    server.run()  # on uvloop when installed, as uvicorn.run picks it
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+        access_log=access_log,
+        # The router reads no client address; uvicorn's X-Forwarded-For rewrite would be
+        # one more layer on every request.
+        proxy_headers=False,
+    )  # fmt: skip
+    uvicorn.Server(config).run()  # on uvloop and httptools when installed, as uvicorn picks
     return 0

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -61,6 +61,20 @@ class Worker:
     next_check: float = 0.0  # time.monotonic() of the next health check
     last_error: str | None = None
     removed: bool = False
+    # Per-worker things each request would otherwise build anew: the URL of each path
+    # forwarded to it, and its metrics' labelled children.
+    _endpoints: dict[str, yarl.URL] = field(default_factory=dict, repr=False)
+    _children: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def endpoint(self, path: str) -> yarl.URL:
+        """The URL of `path` (with its query, if any) on this worker; those without a
+        query (the proxied endpoints' paths, a handful) are parsed once."""
+        url = self._endpoints.get(path)
+        if url is None:
+            url = yarl.URL(self.url + path)
+            if "?" not in path:
+                self._endpoints[path] = url
+        return url
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -100,6 +114,7 @@ class WorkerPool:
         self.health = health
         self.worker_headers = worker_headers or {}
         self.workers: dict[str, Worker] = {}
+        self._decision_counters: dict[str, Any] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         for url in urls:
@@ -137,18 +152,35 @@ class WorkerPool:
             return None
         candidates = [WorkerLoad(w.url, w.outstanding, w.waiting) for w in healthy]
         decision: RouteDecision = self.policy.choose(candidates, key)
-        self.metrics.decisions.labels(decision.reason).inc()
+        counter = self._decision_counters.get(decision.reason)
+        if counter is None:
+            counter = self._decision_counters[decision.reason] = self.metrics.decisions.labels(
+                decision.reason
+            )
+        counter.inc()
         return self.workers[decision.worker], decision.reason
+
+    def _child(self, worker: Worker, metric: Any, *labels: str) -> Any:
+        """`metric`'s child for `worker` (and `labels`), looked up once per worker."""
+        key = (id(metric), labels)
+        child = worker._children.get(key)
+        if child is None:
+            child = worker._children[key] = metric.labels(worker.url, *labels)
+        return child
 
     def started(self, worker: Worker) -> None:
         worker.outstanding += 1
         if not worker.removed:
-            self.metrics.outstanding.labels(worker.url).set(worker.outstanding)
+            self._child(worker, self.metrics.outstanding).set(worker.outstanding)
 
     def finished(self, worker: Worker) -> None:
         worker.outstanding -= 1
         if not worker.removed:
-            self.metrics.outstanding.labels(worker.url).set(worker.outstanding)
+            self._child(worker, self.metrics.outstanding).set(worker.outstanding)
+
+    def answered(self, worker: Worker, status: int) -> None:
+        """The client is getting `worker`'s answer, with HTTP `status`."""
+        self._child(worker, self.metrics.requests, str(status)).inc()
 
     def failed(self, worker: Worker, error: str, certain: bool) -> None:
         """A request to `worker` failed. `certain` (it refused the connection, or said
