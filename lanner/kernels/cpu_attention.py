@@ -10,10 +10,20 @@ extend chunks each go through one SDPA call over their gathered context, causal 
 nothing is cached before the chunk, with an explicit mask otherwise. What a step's
 layers share (gather indices, masks) is built once, by the first layer, and kept on
 the step's metadata.
+
+A decode batch that continues the last step (only decodes, the same sequences in the
+same order, each one token longer, on the same blocks) does not gather its context
+again: each layer keeps its decode batch's K/V laid out per sequence on its cache
+tensor (``_DenseKV``, with room for DENSE_HEADROOM more tokens) and appends the step's
+new rows to it. This assumes what the engine does: between two consecutive steps a
+layer's paged cache changes only by the new tokens qkv_prepare writes; any other step
+(a prefill, a new or finished sequence, a preemption, another model's step) rebuilds
+the copy from the paged cache, as does a copy that would outgrow DENSE_MAX_BYTES.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +31,12 @@ import torch.nn.functional as F
 
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.kernels.reference import rms_norm, to_cache_dtype
+
+# Tokens of room a rebuilt dense copy leaves each sequence, so that appends run that
+# many steps before the next rebuild.
+DENSE_HEADROOM = 64
+# Above this a layer's dense copy is not kept (a long-context batch gathers each step).
+DENSE_MAX_BYTES = 64 << 20
 
 
 def qkv_prepare(
@@ -94,21 +110,29 @@ class _DecodeBatch:
     block_ids: torch.Tensor  # [B * blocks] int64: block tables padded to the longest, flat
     seq_lens: torch.Tensor  # [B] int64
     num_blocks: int  # blocks per sequence after padding
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
+    tables: torch.Tensor  # [B, num_blocks] int64: the block tables, padded
+    max_seq_len: int
+    serial: int  # this step's number among the CPU path's steps
+    # The previous step's serial when this batch continues its decode batch (see the
+    # module docstring), else None.
+    continues: int | None = None
+    # By (sliding window, width).
+    masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
     # The gathered K/V, reused by every layer of the step (one allocation, not one each).
     buffer: torch.Tensor | None = None
 
     def mask(self, sliding_window: int | None, width: int, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, 1, width] additive mask (0 or -inf) over the padded key positions
         (additive: SDPA on the CPU measured faster with it than with a boolean one)."""
-        if sliding_window not in self.masks:
+        key = (sliding_window, width)
+        if key not in self.masks:
             positions = torch.arange(width)[None, :]
             allowed = positions < self.seq_lens[:, None]
             if sliding_window is not None:
                 allowed &= positions >= self.seq_lens[:, None] - sliding_window
             additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, -torch.inf)
-            self.masks[sliding_window] = additive[:, None, None, :]
-        return self.masks[sliding_window]
+            self.masks[key] = additive[:, None, None, :]
+        return self.masks[key]
 
     def gather(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """Every sequence's blocks of K and V: [2, B * blocks, block_size * kv_heads *
@@ -155,6 +179,35 @@ class CpuAttentionPlan:
     chunks: list[_Chunk]
 
 
+@dataclass
+class _DenseKV:
+    """A layer's decode batch's K/V per sequence: [2, B, kv_heads, capacity, head_dim],
+    holding each sequence's context as of step ``serial``."""
+
+    serial: int
+    buffer: torch.Tensor
+
+
+_step_serials = itertools.count()
+# The last plan's decode batch (None: that step had prefill chunks or no decodes).
+_last_decode: _DecodeBatch | None = None
+
+
+def _continues(decode: _DecodeBatch, last: _DecodeBatch | None, block_size: int) -> bool:
+    """``decode`` is ``last``'s batch one token further: same sequences in the same
+    order, each one longer, every block ``last`` read still in place."""
+    if last is None or last.seq_lens.shape != decode.seq_lens.shape:
+        return False
+    if not torch.equal(decode.seq_lens, last.seq_lens + 1):
+        return False
+    old_width = last.num_blocks
+    used = (
+        torch.arange(old_width)[None, :] < (last.seq_lens[:, None] + block_size - 1) // block_size
+    )
+    same = decode.tables[:, :old_width] == last.tables
+    return bool((same | ~used).all())
+
+
 def build_plan(metadata: AttentionMetadata, block_size: int) -> CpuAttentionPlan:
     starts = metadata.query_start_loc_cpu
     seq_lens = metadata.seq_lens_cpu
@@ -167,17 +220,27 @@ def build_plan(metadata: AttentionMetadata, block_size: int) -> CpuAttentionPlan
     ]
     for chunk in chunks:
         chunk.block_ids = chunk.block_ids.long()
+    global _last_decode
     decode = None
     if decode_seqs:
         index = torch.tensor(decode_seqs, dtype=torch.long)
         lens = metadata.seq_lens[index].long()
-        width = -(-max(seq_lens[i] for i in decode_seqs) // block_size)
+        longest = max(seq_lens[i] for i in decode_seqs)
+        width = -(-longest // block_size)
+        decode_tables = tables[index, :width].long()
         decode = _DecodeBatch(
             rows=metadata.query_start_loc[index].long(),
-            block_ids=tables[index, :width].long().flatten(),
+            block_ids=decode_tables.flatten(),
             seq_lens=lens,
             num_blocks=width,
+            tables=decode_tables,
+            max_seq_len=longest,
+            serial=next(_step_serials),
         )
+        if not chunks and _continues(decode, _last_decode, block_size):
+            assert _last_decode is not None
+            decode.continues = _last_decode.serial
+    _last_decode = decode if not chunks else None
     return CpuAttentionPlan(decode, chunks)
 
 
@@ -205,6 +268,17 @@ def paged_attention(
     decode = plan.decode
     only_decodes = not plan.chunks
     out = None if only_decodes else torch.empty_like(query)
+    if decode is not None and only_decodes and kv_cache.dtype == query.dtype:
+        dense = _dense_kv(kv_cache, decode, metadata.slot_mapping)
+        if dense is not None:
+            batch, width = decode.rows.shape[0], decode.max_seq_len
+            q = query.view(batch, num_kv_heads, group, head_dim)
+            mask = decode.mask(sliding_window, width, query.dtype)
+            keys, values = dense[0, :, :, :width], dense[1, :, :, :width]
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+            return attended.view(batch, num_heads, head_dim)
+    elif decode is None or not only_decodes:
+        kv_cache._lanner_dense = None  # type: ignore[attr-defined]  # free it between decodes
     if decode is not None:
         batch = decode.rows.shape[0]
         width = decode.num_blocks * block_size
@@ -237,3 +311,48 @@ def paged_attention(
         out[chunk.start : chunk.end] = attended.transpose(0, 1)
     assert out is not None
     return out
+
+
+def _dense_kv(
+    kv_cache: torch.Tensor, decode: _DecodeBatch, slot_mapping: torch.Tensor
+) -> torch.Tensor | None:
+    """This layer's dense copy of the decode batch's context, brought up to this step:
+    the step's new K/V rows appended when the batch continues the copy's step, else
+    rebuilt from the paged cache; None when it would outgrow DENSE_MAX_BYTES."""
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    batch = decode.rows.shape[0]
+    state: _DenseKV | None = getattr(kv_cache, "_lanner_dense", None)
+    if (
+        state is not None
+        and decode.continues is not None
+        and state.serial == decode.continues
+        and state.buffer.shape[3] >= decode.max_seq_len
+    ):
+        # Rows are sequences (only decodes): row i's new token sits at seq_lens[i] - 1.
+        new = kv_cache.view(2, -1, num_kv_heads, head_dim)[:, slot_mapping]  # [2, B, kv, d]
+        per_token = state.buffer.permute(1, 3, 0, 2, 4)  # [B, capacity, 2, kv, d]
+        per_token[torch.arange(batch), decode.seq_lens - 1] = new.transpose(0, 1)
+        state.serial = decode.serial
+        return state.buffer
+    gathered_len = decode.num_blocks * block_size
+    capacity = gathered_len + DENSE_HEADROOM
+    shape = (2, batch, num_kv_heads, capacity, head_dim)
+    if 2 * batch * num_kv_heads * capacity * head_dim * kv_cache.element_size() > DENSE_MAX_BYTES:
+        kv_cache._lanner_dense = None  # type: ignore[attr-defined]
+        return None
+    if (
+        state is not None
+        and state.buffer.shape[:3] == shape[:3]
+        and state.buffer.shape[3] >= capacity
+    ):
+        buffer = state.buffer  # reuse the allocation
+    else:
+        buffer = torch.empty(shape, dtype=kv_cache.dtype)
+    gathered = decode.gather(kv_cache).view(2, batch, gathered_len, num_kv_heads, head_dim)
+    buffer[:, :, :, :gathered_len].copy_(gathered.transpose(2, 3))
+    # The room past the gathered blocks: a shorter sequence's keys there stay unwritten
+    # while the longest grows into it, and are masked; masked, they must still be finite
+    # (SDPA weighs them by 0, and 0 * NaN is NaN).
+    buffer[:, :, :, gathered_len:].zero_()
+    kv_cache._lanner_dense = _DenseKV(decode.serial, buffer)  # type: ignore[attr-defined]
+    return buffer
