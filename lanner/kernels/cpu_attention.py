@@ -58,19 +58,56 @@ def qkv_prepare(
         query = rms_norm(query, q_norm_weight, eps)
         key = rms_norm(key, k_norm_weight, eps)
     cos_full, sin_signed = _rotary_tables(positions, cos_sin_cache)
-    query = _rotate(query, cos_full, sin_signed)
-    key = _rotate(key, cos_full, sin_signed)
+    joint = _side_by_side(query, key)
+    if joint is not None:
+        # q and k are neighbours in one projection output: one rotation for both.
+        rotated = _rotate(joint, cos_full, sin_signed)
+        query, key = rotated[:, : query.shape[1]], rotated[:, query.shape[1] :]
+    else:
+        query = _rotate(query, cos_full, sin_signed)
+        key = _rotate(key, cos_full, sin_signed)
     num_kv_heads, head_dim = cache.shape[-2:]
     # index_copy_ has no float8 kernel: an fp8 cache is written as its bytes.
     as_stored = torch.uint8 if cache.element_size() == 1 else cache.dtype
     slots = cache.view(as_stored).view(2, -1, num_kv_heads, head_dim)
-    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
+    if _has_padding_slots(slot_mapping):
         # Rows with slot -1 store nothing (a draft head's padding rows).
         keep = slot_mapping >= 0
         slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
     for index, new in enumerate((key, value)):
         slots[index].index_copy_(0, slot_mapping, to_cache_dtype(new, cache.dtype).view(as_stored))
     return query
+
+
+def _side_by_side(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """[T, heads + kv_heads, d]: query and key as one view, when key's heads follow
+    query's in memory with the same row stride (the split of one qkv output); else None."""
+    if (
+        query.dim() != 3
+        or query.dtype != key.dtype
+        or query.shape[0] != key.shape[0]
+        or query.shape[2] != key.shape[2]
+        or query.stride() != (query.stride(0), query.shape[2], 1)
+        or key.stride() != query.stride()
+        or key.data_ptr() != query.data_ptr() + query[0].numel() * query.element_size()
+    ):
+        return None
+    heads = query.shape[1] + key.shape[1]
+    return query.as_strided((query.shape[0], heads, query.shape[2]), query.stride())
+
+
+# The last step's slot mapping and whether it has padding rows (-1): every layer of a
+# step passes the same tensor; asked once, not once a layer (a host sync each).
+_last_slots: tuple[torch.Tensor, bool] | None = None
+
+
+def _has_padding_slots(slot_mapping: torch.Tensor) -> bool:
+    global _last_slots
+    if _last_slots is not None and _last_slots[0] is slot_mapping:
+        return _last_slots[1]
+    padded = bool(slot_mapping.numel()) and int(slot_mapping.min()) < 0
+    _last_slots = (slot_mapping, padded)
+    return padded
 
 
 # The last step's rotary tables: every layer of a step passes the same positions tensor.
@@ -120,6 +157,8 @@ class _DecodeBatch:
     masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
     # The gathered K/V, reused by every layer of the step (one allocation, not one each).
     buffer: torch.Tensor | None = None
+    # append_rows's answer, for the (kv_heads, capacity) it was asked for.
+    append_index: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def mask(self, sliding_window: int | None, width: int, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, 1, width] additive mask (0 or -inf) over the padded key positions
@@ -133,6 +172,17 @@ class _DecodeBatch:
             additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, -torch.inf)
             self.masks[key] = additive[:, None, None, :]
         return self.masks[key]
+
+    def append_rows(self, num_kv_heads: int, capacity: int) -> torch.Tensor:
+        """[B * kv_heads] rows of a dense copy [2, B, kv_heads, capacity, d] seen as
+        [2, rows, d] where each sequence's newest token goes, head by head."""
+        key = (num_kv_heads, capacity)
+        if self.append_index is None or self.append_index[0] != key:
+            heads = torch.arange(self.seq_lens.shape[0])[:, None] * num_kv_heads
+            heads = heads + torch.arange(num_kv_heads)[None, :]
+            rows = heads * capacity + (self.seq_lens - 1)[:, None]
+            self.append_index = (key, rows.flatten())
+        return self.append_index[1]
 
     def gather(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """Every sequence's blocks of K and V: [2, B * blocks, block_size * kv_heads *
@@ -329,9 +379,9 @@ def _dense_kv(
         and state.buffer.shape[3] >= decode.max_seq_len
     ):
         # Rows are sequences (only decodes): row i's new token sits at seq_lens[i] - 1.
-        new = kv_cache.view(2, -1, num_kv_heads, head_dim)[:, slot_mapping]  # [2, B, kv, d]
-        per_token = state.buffer.permute(1, 3, 0, 2, 4)  # [B, capacity, 2, kv, d]
-        per_token[torch.arange(batch), decode.seq_lens - 1] = new.transpose(0, 1)
+        new = kv_cache.view(2, -1, head_dim)[:, _cache_rows(slot_mapping, num_kv_heads)]
+        rows = decode.append_rows(num_kv_heads, state.buffer.shape[3])
+        state.buffer.view(2, -1, head_dim).index_copy_(1, rows, new)
         state.serial = decode.serial
         return state.buffer
     gathered_len = decode.num_blocks * block_size
@@ -356,3 +406,19 @@ def _dense_kv(
     buffer[:, :, :, gathered_len:].zero_()
     kv_cache._lanner_dense = _DenseKV(decode.serial, buffer)  # type: ignore[attr-defined]
     return buffer
+
+
+_last_cache_rows: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+
+def _cache_rows(slot_mapping: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[T * kv_heads] rows of a paged cache seen as [2, rows, d] that hold the step's new
+    tokens, head by head; once a step (every layer passes the same slot mapping)."""
+    global _last_cache_rows
+    last = _last_cache_rows
+    if last is not None and last[0] is slot_mapping and last[1] == num_kv_heads:
+        return last[2]
+    heads = torch.arange(num_kv_heads)[None, :]
+    rows = (slot_mapping[:, None] * num_kv_heads + heads).flatten()
+    _last_cache_rows = (slot_mapping, num_kv_heads, rows)
+    return rows
