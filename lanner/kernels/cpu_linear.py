@@ -14,17 +14,25 @@ PACK_ROWS rows and used for any row count, which MKL's packed layout allows in p
 (the rows change only how the product is blocked); ``packed_layout_is_row_independent``
 checks that once per process on this CPU's MKL (products at several row counts against
 F.linear) and everything stays on F.linear when it does not hold.
+
+A packed copy sits beside each weight (the original stays: embeddings tied to the LM
+head and one-row products read it), so packing stops at PACK_MAX_BYTES of copies alive:
+a larger model's remaining layers multiply through F.linear.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 # Rows the weights are packed for (a typical decode batch; any count is then accepted).
 PACK_ROWS = 32
+# The most bytes of packed copies kept at once (freed with their weights).
+PACK_MAX_BYTES = 2 << 30
+_packed_bytes = 0
 # One row multiplies as fast unpacked (the GEMV streams the weight either way), and
 # F.linear is what HF runs there: the same bits as the oracle at batch 1.
 MIN_PACKED_ROWS = 2
@@ -60,16 +68,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows < MIN_PACKED_ROWS or weight.dim() != 2 or not available():
         return F.linear(x, weight, bias)
-    return torch.ops.mkl._mkl_linear(x, _packed(weight), weight, bias, rows)
+    packed = _packed(weight)
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
     """The weight's MKL-packed copy, made on first use and again after an in-place change
-    (a weight reload), tracked by the tensor's version counter."""
+    (a weight reload, seen by the tensor's version counter or a new storage); None once
+    PACK_MAX_BYTES of copies are alive."""
+    global _packed_bytes
     cached = getattr(weight, "_lanner_mkl_packed", None)
     version = weight._version
-    if cached is None or cached[0] != version or cached[1] != weight.data_ptr():
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
-        cached = (version, weight.data_ptr(), packed)
-        weight._lanner_mkl_packed = cached  # type: ignore[attr-defined]
-    return cached[2]
+    if cached is not None and cached[0] == version and cached[1] == weight.data_ptr():
+        return cached[2]
+    if cached is None:
+        size = weight.numel() * weight.element_size()
+        if _packed_bytes + size > PACK_MAX_BYTES:
+            return None
+        _packed_bytes += size
+        weakref.finalize(weight, _release, size)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
+    weight._lanner_mkl_packed = (version, weight.data_ptr(), packed)  # type: ignore[attr-defined]
+    return packed
+
+
+def _release(size: int) -> None:
+    global _packed_bytes
+    _packed_bytes -= size

@@ -44,3 +44,19 @@ def test_ops_linear_takes_it_for_float32_cpu_only(monkeypatch: pytest.MonkeyPatc
     ops.linear(torch.randn(4, 16), torch.randn(8, 16))
     ops.linear(torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16))
     assert calls == [1]
+
+
+def test_packing_stops_at_its_budget_and_frees_with_the_weight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x = torch.randn(4, 48)
+    weight = torch.randn(64, 48)
+    monkeypatch.setattr(cpu_linear, "PACK_MAX_BYTES", cpu_linear._packed_bytes + weight.nbytes)
+    cpu_linear.linear(x, weight, None)
+    assert hasattr(weight, "_lanner_mkl_packed")
+    over = torch.randn(64, 48)  # no room left: multiplied unpacked, still right
+    torch.testing.assert_close(cpu_linear.linear(x, over, None), F.linear(x, over))
+    assert not hasattr(over, "_lanner_mkl_packed")
+    del weight  # its copy's bytes return to the budget
+    cpu_linear.linear(x, over, None)
+    assert hasattr(over, "_lanner_mkl_packed")
