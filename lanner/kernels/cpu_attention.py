@@ -238,19 +238,30 @@ class _DenseKV:
     buffer: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _StepRecord:
+    """What the next step compares itself with: the last decode-only step's batch."""
+
+    serial: int
+    seq_lens: torch.Tensor
+    tables: torch.Tensor
+
+
 _step_serials = itertools.count()
 # The last plan's decode batch (None: that step had prefill chunks or no decodes).
-_last_decode: _DecodeBatch | None = None
+_last_decode: _StepRecord | None = None
 
 
-def _continues(decode: _DecodeBatch, last: _DecodeBatch | None, block_size: int) -> bool:
+def _continues(decode: _DecodeBatch, last: _StepRecord | None, block_size: int) -> bool:
     """``decode`` is ``last``'s batch one token further: same sequences in the same
     order, each one longer, every block ``last`` read still in place."""
     if last is None or last.seq_lens.shape != decode.seq_lens.shape:
         return False
     if not torch.equal(decode.seq_lens, last.seq_lens + 1):
         return False
-    old_width = last.num_blocks
+    old_width = last.tables.shape[1]
+    if decode.tables.shape[1] < old_width:
+        return False
     used = (
         torch.arange(old_width)[None, :] < (last.seq_lens[:, None] + block_size - 1) // block_size
     )
@@ -290,7 +301,11 @@ def build_plan(metadata: AttentionMetadata, block_size: int) -> CpuAttentionPlan
         if not chunks and _continues(decode, _last_decode, block_size):
             assert _last_decode is not None
             decode.continues = _last_decode.serial
-    _last_decode = decode if not chunks else None
+    _last_decode = (
+        _StepRecord(decode.serial, decode.seq_lens, decode.tables)
+        if decode is not None and not chunks
+        else None
+    )
     return CpuAttentionPlan(decode, chunks)
 
 
@@ -318,7 +333,13 @@ def paged_attention(
     decode = plan.decode
     only_decodes = not plan.chunks
     out = None if only_decodes else torch.empty_like(query)
-    if decode is not None and only_decodes and kv_cache.dtype == query.dtype:
+    if (
+        decode is not None
+        and only_decodes
+        and kv_cache.dtype == query.dtype
+        and kv_cache.is_contiguous()
+        and not _has_padding_slots(metadata.slot_mapping)
+    ):
         dense = _dense_kv(kv_cache, decode, metadata.slot_mapping)
         if dense is not None:
             batch, width = decode.rows.shape[0], decode.max_seq_len
