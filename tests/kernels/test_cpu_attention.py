@@ -157,7 +157,7 @@ def _decode_steps(seq_lens: list[int], steps: int, window: int | None = None, po
     if poison:
         # A buffer left from an earlier batch of the same shape, full of NaN: rebuilding
         # reuses it and must leave nothing there that attention could read.
-        shape = (2, len(seq_lens), kv_heads, 4 * cpu_attention.DENSE_HEADROOM, head_dim)
+        shape = (2, len(seq_lens), kv_heads, 2 * max(final) + 2 * BLOCK_SIZE, head_dim)
         kv_cache._lanner_dense = cpu_attention._DenseKV(-1, torch.full(shape, torch.nan))
     plans = []
     for step in range(steps):
@@ -172,18 +172,26 @@ def _decode_steps(seq_lens: list[int], steps: int, window: int | None = None, po
     return plans
 
 
+@pytest.fixture
+def small_headroom(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Room for 6 tokens: a few steps outgrow the dense copy (the reference is slow)."""
+    monkeypatch.setattr(cpu_attention, "DENSE_HEADROOM", 6)
+    return 6
+
+
 @pytest.mark.parametrize("window", [None, 7])
-def test_continuing_decodes_append_to_the_dense_copy(window: int | None) -> None:
+def test_continuing_decodes_append_to_the_dense_copy(
+    window: int | None, small_headroom: int
+) -> None:
     """Sequences of different lengths decode past block boundaries and past the dense
     copy's room (a rebuild), every step equal to the reference."""
-    steps = cpu_attention.DENSE_HEADROOM + 20
-    plans = _decode_steps([3, 40, 17, 1], steps, window)
+    plans = _decode_steps([3, 40, 17, 1], small_headroom + 8, window)
     continued = [p.decode.continues is not None for p in plans]
     assert not continued[0] and all(continued[1:])
 
 
-def test_a_reused_dense_buffer_is_cleaned() -> None:
-    _decode_steps([5, 30, 2], cpu_attention.DENSE_HEADROOM + 4, poison=True)
+def test_a_reused_dense_buffer_is_cleaned(small_headroom: int) -> None:
+    _decode_steps([5, 30, 2], small_headroom + 4, poison=True)
 
 
 def test_a_batch_that_changes_rebuilds_the_dense_copy() -> None:
