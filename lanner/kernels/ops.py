@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from lanner.kernels import activation, cpu_attention, quant_reference, reference
+from lanner.kernels import activation, cpu_attention, cpu_linear, quant_reference, reference
 from lanner.kernels import paged_attention as attention_kernels
 from lanner.kernels import qkv_prepare as qkv_kernels
 from lanner.kernels import rms_norm as norm_kernels
@@ -34,9 +34,12 @@ def use_cpu_path(x: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias): a decode step's few rows stream the weight through the
     skinny Triton kernel (cuBLAS reached ~40-90 % of copy bandwidth there); larger
-    batches and the reference path take torch's GEMM."""
+    batches and the reference path take torch's GEMM; float32 on the CPU multiplies by
+    MKL-packed weights (kernels/cpu_linear.py)."""
     if use_triton(x) and skinny_kernels.use_skinny(_rows(x), *weight.shape):
         return skinny_kernels.skinny_matmul(x, weight, bias)
+    if use_cpu_path(x) and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return cpu_linear.linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -527,8 +527,12 @@ def precompile_sampling(vocab_size: int, dtype: torch.dtype, device: torch.devic
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (int64 [B]): the race's all-greedy kernel on CUDA (a chunked
-    argmax: torch's single-row argmax over a 128k vocabulary took 37 µs on the H100)."""
-    return exponential_race(logits, None, None) if logits.is_cuda else logits.argmax(-1)
+    argmax: torch's single-row argmax over a 128k vocabulary took 37 µs on the H100). On
+    the CPU max's indices, the first maximum's as argmax's, took 247 µs where argmax took
+    416 µs (32 rows of the demo model's 8,192 logits, one thread)."""
+    if logits.is_cuda:
+        return exponential_race(logits, None, None)
+    return logits.max(-1).indices
 
 
 def race(logits: torch.Tensor, temperatures: list[float], seeds: list[int | None]) -> torch.Tensor:

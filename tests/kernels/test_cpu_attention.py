@@ -139,3 +139,71 @@ def test_metadata_without_decodes_or_without_prefills() -> None:
     metadata = AttentionMetadata.build([1], [1], [[0]], BLOCK_SIZE, "cpu")
     plan = cpu_attention.build_plan(metadata, BLOCK_SIZE)
     assert plan.decode is not None and not plan.chunks
+
+
+def _decode_steps(seq_lens: list[int], steps: int, window: int | None = None, poison=False):
+    """Decode ``steps`` tokens for every sequence as the engine does (each step writes its
+    new K/V, then attends), checking each step against the reference; returns the plans."""
+    generator = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim = 6, 2, 16
+    final = [n + steps for n in seq_lens]
+    blocks = [-(-n // BLOCK_SIZE) for n in final]
+    order = torch.randperm(sum(blocks) + 2, generator=generator).tolist()
+    tables = []
+    for count in blocks:
+        tables.append(order[:count])
+        order = order[count:]
+    kv_cache = torch.randn(2, sum(blocks) + 2, BLOCK_SIZE, kv_heads, head_dim, generator=generator)
+    if poison:
+        # A buffer left from an earlier batch of the same shape, full of NaN: rebuilding
+        # reuses it and must leave nothing there that attention could read.
+        shape = (2, len(seq_lens), kv_heads, 2 * max(final) + 2 * BLOCK_SIZE, head_dim)
+        kv_cache._lanner_dense = cpu_attention._DenseKV(-1, torch.full(shape, torch.nan))
+    plans = []
+    for step in range(steps):
+        lens = [n + step for n in seq_lens]
+        metadata = AttentionMetadata.build([1] * len(lens), lens, tables, BLOCK_SIZE, "cpu")
+        new = torch.randn(2, len(lens), kv_heads, head_dim, generator=generator)
+        reference.store_kv_cache(new[0], new[1], kv_cache, metadata.slot_mapping)
+        query = torch.randn(len(lens), heads, head_dim, generator=generator)
+        out = check(query, kv_cache, metadata, window)
+        assert torch.isfinite(out).all()
+        plans.append(metadata.host_plan)
+    return plans
+
+
+@pytest.fixture
+def small_headroom(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Room for 6 tokens: a few steps outgrow the dense copy (the reference is slow)."""
+    monkeypatch.setattr(cpu_attention, "DENSE_HEADROOM", 6)
+    return 6
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_continuing_decodes_append_to_the_dense_copy(
+    window: int | None, small_headroom: int
+) -> None:
+    """Sequences of different lengths decode past block boundaries and past the dense
+    copy's room (a rebuild), every step equal to the reference."""
+    plans = _decode_steps([3, 40, 17, 1], small_headroom + 8, window)
+    continued = [p.decode.continues is not None for p in plans]
+    assert not continued[0] and all(continued[1:])
+
+
+def test_a_reused_dense_buffer_is_cleaned(small_headroom: int) -> None:
+    _decode_steps([5, 30, 2], small_headroom + 4, poison=True)
+
+
+def test_a_batch_that_changes_rebuilds_the_dense_copy() -> None:
+    """A step after a different batch (here: a prefill step between) does not continue."""
+    query, kv_cache, metadata = make_case([1, 1], [9, 19], 4, 2, 16, torch.float32)
+    check(query, kv_cache, metadata)
+    make_case([4], [4], 4, 2, 16, torch.float32)  # another step's plan...
+    other = make_case([4], [4], 4, 2, 16, torch.float32)
+    check(*other)  # ...with a prefill chunk
+    again = AttentionMetadata.build(
+        [1, 1], [10, 20], metadata.block_tables.tolist(), BLOCK_SIZE, "cpu"
+    )
+    kv_cache.view(2, -1, 2, 16)[:, again.slot_mapping] = torch.randn(2, 2, 2, 16)
+    check(torch.randn(2, 4, 16), kv_cache, again)
+    assert again.host_plan.decode.continues is None

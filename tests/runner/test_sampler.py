@@ -16,6 +16,7 @@ from lanner.runner.sampler import (
     apply_token_constraints,
     apply_top_k_top_p_min_p,
     decode_seed,
+    greedy_tokens,
     prompt_logprobs,
 )
 from lanner.sampling_params import SamplingParams
@@ -52,6 +53,12 @@ def test_greedy_is_argmax_for_every_dtype() -> None:
         assert out.token_ids == logits.to(dtype).float().argmax(-1).tolist()
         assert out.logprobs == [None] * 8
     assert Sampler()(logits, [row(temperature=0.0) for _ in range(8)]).token_ids == expected
+
+
+def test_greedy_ties_take_the_first_maximum_as_argmax_does() -> None:
+    logits = torch.randint(0, 3, (64, VOCAB)).float()  # many ties in every row
+    logits[0] = torch.nan  # a NaN row: argmax's answer too
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
 
 
 def test_input_logits_are_not_modified() -> None:
