@@ -34,7 +34,7 @@ from lanner.spec.config import SpeculativeConfig
 # PRIOR_POSITIONS positions at PRIOR_RATE.
 PRIOR_RATE = 0.8
 PRIOR_POSITIONS = 2.0
-DECAY = 0.95  # per verified step: about the last twenty steps count
+DECAY = 0.95  # per step: about the last twenty steps count
 # Step times: exponential moving average over clean steps (same kind as the step before,
 # no prefill in it); a step more than OUTLIER times the average (a pause) is skipped.
 TIME_SMOOTHING = 0.25
@@ -52,6 +52,10 @@ SPECULATE_FIRST_UP_TO = 4
 # its lost tokens (its steps at its measured shortfall, plus one step of lost overlap
 # each side) over the steps until the next.
 PROBE_BUDGET = 0.01
+# Where speculation has paid at this batch size (measured against plain steps), a probe
+# after it stopped asks whether acceptance came back (bursts of rejections end), and
+# may cost this share: it gained at least START_MARGIN - 1 when it paid.
+PROBE_BUDGET_WHERE_PAID = 0.1
 # A probe whose first measured step makes under this share of the choice's tokens per
 # second ends there (a loss that large is not noise, and each losing step costs).
 ABANDON_PROBE = 0.8
@@ -71,12 +75,20 @@ class RequestSpecState:
 
     accepted: float = 0.0  # decayed accepted drafts
     positions: float = 0.0  # decayed positions tested (accepted + the first rejection)
+    # The policy's step count when accepted / positions were last decayed.
+    step: int = 0
     # The proposer's own state (e.g. how far a draft model's KV cache is computed).
     proposer: Any = None
 
-    @property
-    def acceptance_rate(self) -> float:
-        return (self.accepted + PRIOR_RATE * PRIOR_POSITIONS) / (self.positions + PRIOR_POSITIONS)
+    def acceptance_rate(self, step: int | None = None) -> float:
+        """The decayed rate as of the policy's step ``step`` (default: the last update).
+        The counts decay every step, drafted or not, so what a burst of rejections said
+        fades back toward the prior while the request runs plain, and a probe's own
+        drafts, not the burst, decide whether speculation starts again."""
+        weight = DECAY ** max(0, step - self.step) if step is not None else 1.0
+        return (weight * self.accepted + PRIOR_RATE * PRIOR_POSITIONS) / (
+            weight * self.positions + PRIOR_POSITIONS
+        )
 
 
 @dataclass
@@ -121,6 +133,7 @@ class _Bucket:
     steps_to_review: int = REVIEW_STEPS
     next_direction: int = 1  # the neighbour probed next: choice + 1 or choice - 1
     jump: int | None = None  # a draft length to probe first (the nearest bucket's choice)
+    paid: bool = False  # a draft length measured START_MARGIN better than plain steps here
 
 
 class DraftLengthPolicy:
@@ -205,13 +218,29 @@ class DraftLengthPolicy:
         choice_value = values.get(bucket.choice)
         best = max(values, key=lambda k: values[k] or 0.0, default=bucket.choice)
         best_value = values.get(best)
-        # Nothing replaces a choice not measured yet (plain decoding, at a new bucket).
+        # Nothing replaces a choice not measured yet (plain decoding, at a new bucket);
+        # nothing but a probe starts speculation (its waits bound what it costs where
+        # acceptance is really gone; a plain choice's rate only drifts to the prior).
         if best == bucket.choice or best_value is None or choice_value is None:
             return
+        if bucket.choice == 0:
+            return
         if best_value > max(REVIEW_MARGIN, self._margin(bucket.choice, best)) * choice_value:
-            bucket.choice = best
-            bucket.probe_wait = FIRST_PROBE_WAIT
-            bucket.steps_to_probe = FIRST_PROBE_WAIT
+            self._switch(bucket, best, probe_next=False)
+
+    @staticmethod
+    def _switch(bucket: _Bucket, choice: int, probe_next: bool) -> None:
+        """Make ``choice`` the bucket's choice; ``probe_next``: probe its neighbour at once
+        (a winning probe keeps climbing). Stopping speculation keeps the draft length it
+        stopped to probe first, after FIRST_PROBE_WAIT steps: a burst of rejections stops
+        it, and only drafting measures acceptance again (plain steps leave it where the
+        burst put it, so neither a review nor a probe of one draft would bring it back)."""
+        if choice == 0 and bucket.choice:
+            bucket.jump = bucket.choice
+            probe_next = False
+        bucket.choice = choice
+        bucket.probe_wait = FIRST_PROBE_WAIT
+        bucket.steps_to_probe = 0 if probe_next else FIRST_PROBE_WAIT
 
     def draft_length(self, state: RequestSpecState) -> int:
         """Drafts to schedule for a request about to decode in the step being scheduled
@@ -245,6 +274,14 @@ class DraftLengthPolicy:
         to probe next (least recently measured first)."""
         if bucket.jump is not None and bucket.jump != bucket.choice:
             return bucket.jump
+        if bucket.choice == 0:
+            # From plain steps, the draft length measured best at today's acceptance: a
+            # speculating step's fixed cost (no overlap, the proposer's catch-up) can make
+            # one draft lose where more would win.
+            rate = self._rate()
+            values = {k: self._value(bucket, k, rate) or 0.0 for k in bucket.seconds if k}
+            if values:
+                return max(values, key=lambda k: values[k])
         step = bucket.next_direction
         neighbours = [
             k for k in (bucket.choice + step, bucket.choice - step) if 0 <= k <= self.max_tokens
@@ -258,7 +295,7 @@ class DraftLengthPolicy:
         states = self._states()
         if not states:
             return PRIOR_RATE
-        return sum(s.acceptance_rate for s in states) / len(states)
+        return sum(s.acceptance_rate(self._steps) for s in states) / len(states)
 
     def _value(self, bucket: _Bucket, draft_length: int, rate: float) -> float | None:
         seconds = bucket.seconds.get(draft_length)
@@ -281,15 +318,18 @@ class DraftLengthPolicy:
             bucket.steps_to_probe = FIRST_JUMP_WAIT
             return
         bucket.next_direction = -bucket.next_direction
+        if probe_value is not None and choice_value is not None and (probe == 0) != (
+            bucket.choice == 0
+        ):
+            drafting, plain = (choice_value, probe_value) if probe == 0 else (probe_value, choice_value)
+            bucket.paid = bucket.paid or drafting > START_MARGIN * plain
         if (
             probe_value is not None
             and choice_value is not None
             and probe_value > self._margin(bucket.choice, probe) * choice_value
         ):
             bucket.next_direction = 1 if probe > bucket.choice else -1  # keep climbing
-            bucket.choice = probe
-            bucket.probe_wait = FIRST_PROBE_WAIT
-            bucket.steps_to_probe = 0
+            self._switch(bucket, probe, probe_next=True)
         else:
             wait = 2 * bucket.probe_wait
             if probe_value is not None and choice_value is not None:
@@ -321,7 +361,8 @@ class DraftLengthPolicy:
             return 0
         # Each probe step lost that share of itself, in choice steps; two transitions.
         lost = ran * (1.0 - ratio) * bucket.seconds[probe] / bucket.seconds[bucket.choice] + 2.0
-        return math.ceil(lost / PROBE_BUDGET)
+        budget = PROBE_BUDGET_WHERE_PAID if bucket.paid and bucket.choice == 0 else PROBE_BUDGET
+        return math.ceil(lost / budget)
 
     # -- measuring -----------------------------------------------------------------------
 
@@ -377,8 +418,11 @@ class DraftLengthPolicy:
             return
         # A slot left without a proposal gains nothing, as a rejection.
         tested = num_accepted + (1 if num_accepted < num_requested else 0)
-        state.accepted = DECAY * state.accepted + num_accepted
-        state.positions = DECAY * state.positions + tested
+        # Decayed once per step since the last update (once, when it drafted each step).
+        weight = DECAY ** max(1, self._steps - state.step)
+        state.accepted = weight * state.accepted + num_accepted
+        state.positions = weight * state.positions + tested
+        state.step = self._steps
         if num_drafts <= 0:
             return
         stats = self.stats

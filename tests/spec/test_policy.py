@@ -127,10 +127,10 @@ def test_counters_and_shortfalls() -> None:
     state = RequestSpecState()
     for _ in range(10):
         policy.observe(state, 4, 4, 4)
-    high = state.acceptance_rate
+    high = state.acceptance_rate()
     for _ in range(60):
         policy.observe(state, 4, 0, 0)  # asked for 4, nothing proposed: no gain
-    assert state.acceptance_rate < 0.2 < 0.9 < high
+    assert state.acceptance_rate() < 0.2 < 0.9 < high
     stats = policy.stats
     # Steps without a proposal are no drafts in vLLM's counters.
     assert stats.num_drafts == 10 and stats.num_draft_tokens == 40
