@@ -318,10 +318,14 @@ class DraftLengthPolicy:
             bucket.steps_to_probe = FIRST_JUMP_WAIT
             return
         bucket.next_direction = -bucket.next_direction
-        if probe_value is not None and choice_value is not None and (probe == 0) != (
-            bucket.choice == 0
+        if (
+            probe_value is not None
+            and choice_value is not None
+            and (probe == 0) != (bucket.choice == 0)
         ):
-            drafting, plain = (choice_value, probe_value) if probe == 0 else (probe_value, choice_value)
+            drafting, plain = (
+                (choice_value, probe_value) if probe == 0 else (probe_value, choice_value)
+            )
             bucket.paid = bucket.paid or drafting > START_MARGIN * plain
         if (
             probe_value is not None
