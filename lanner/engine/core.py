@@ -539,8 +539,16 @@ class EngineCore:
         speculates (proposals start from the last accepted token, and the tokens a step
         yields are known only once it is read). Requests whose sampling reads their
         outputs (penalties, bad words, a grammar) launch their model ahead and sample once
-        the previous step is read (``_launch_deferred_sampling``)."""
-        return self.async_scheduling and not draft_length
+        the previous step is read (``_launch_deferred_sampling``). Nor, where the policy
+        keeps it ready, a plain step of a proposer that must see every step."""
+        if not self.async_scheduling or draft_length:
+            return False
+        spec = self.spec
+        return not (
+            spec is not None
+            and spec.proposer.needs_every_step
+            and spec.policy.keep_proposer_ready(len(self.scheduler.running))
+        )
 
     def _launch(self, previous: _LaunchedStep | None, draft_length: int) -> _LaunchedStep | None:
         num_running = len(self.scheduler.running)

@@ -89,6 +89,11 @@ class EagleProposer(Proposer):
         )
         # EAGLE-1 reads the target's final hidden states, which the runner keeps on demand.
         self.needs_hidden_states = head.layout == "eagle"
+        # Positions whose features never reach the head keep stale K/V that every later
+        # draft of the request reads: acceptance after a stretch of plain steps drops for
+        # good (W7 on the H200: mean accepted length 1.2-1.3 at batches 16-256, where
+        # requests started plain, against 3.8-4.0 at batch 1-4).
+        self.needs_every_step = True
         # The chunks of the last step proposed for, as the target then ran them (the
         # engine appends the drafts to these objects).
         self._fed: list[SequenceChunk] = []

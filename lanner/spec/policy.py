@@ -165,6 +165,15 @@ class DraftLengthPolicy:
         limit = self.config.disable_by_batch_size
         return limit is None or num_running < limit
 
+    def keep_proposer_ready(self, num_running: int) -> bool:
+        """Whether plain steps at this batch size should keep a proposer that must see
+        every step in step: where the batch size's choice speculates or speculating has
+        paid there (its plain steps are probes, or a pause in a burst of rejections)."""
+        if not self.config.adaptive_draft_length or not self.enabled(num_running):
+            return False
+        bucket = self.buckets.get(batch_bucket(num_running))
+        return bucket is not None and (bucket.choice > 0 or bucket.paid)
+
     # -- choosing ------------------------------------------------------------------------
 
     def plan(self, num_running: int) -> int:

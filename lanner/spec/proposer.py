@@ -61,6 +61,11 @@ class Proposer(abc.ABC):
     # True when propose reads ``previous.hidden_states``: the engine then has the target's
     # runner keep them.
     needs_hidden_states: bool = False
+    # True when the proposer cannot make up later for a step it did not see (an EAGLE
+    # head needs each position's features, which only the step that made them has): the
+    # engine then reads a plain step before launching the next wherever the policy keeps
+    # the proposer ready (``DraftLengthPolicy.keep_proposer_ready``), so it sees them all.
+    needs_every_step: bool = False
 
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes of the proposer's own KV cache per block of the target's block tables
