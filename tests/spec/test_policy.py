@@ -180,3 +180,22 @@ def test_speculation_must_beat_plain_decoding_by_a_margin() -> None:
 
     assert run(1.05) == 0
     assert run(1.2) == 1
+
+
+def test_keeps_the_proposer_ready_where_speculation_is_chosen_or_has_paid() -> None:
+    # Batch 1 pays (cheap drafts, high acceptance); batch 64 does not.
+    def cost(batch: int, k: int) -> float:
+        return 1.0 + (0.05 if batch == 1 else 1.0) * k
+
+    policy = DraftLengthPolicy(config(4), step_cost=cost)
+    assert not policy.keep_proposer_ready(1)  # nothing measured yet
+    drive(policy, 1, 100, lambda _: 0.9)
+    assert policy.buckets[1].choice == 4 and policy.keep_proposer_ready(1)
+    # Acceptance gone: plain steps, still kept ready (speculating paid here).
+    drive(policy, 1, 100, lambda _: 0.0, seed=1)
+    assert policy.buckets[1].choice == 0 and policy.buckets[1].paid
+    assert policy.keep_proposer_ready(1)
+    drive(policy, 64, 200, lambda _: 0.9)
+    assert policy.buckets[batch_bucket(64)].choice == 0 and not policy.keep_proposer_ready(64)
+    fixed = DraftLengthPolicy(config(4, adaptive_draft_length=False))
+    assert not fixed.keep_proposer_ready(1)
