@@ -168,11 +168,15 @@ class DraftLengthPolicy:
     def keep_proposer_ready(self, num_running: int) -> bool:
         """Whether plain steps at this batch size should keep a proposer that must see
         every step in step: where the batch size's choice speculates or speculating has
-        paid there (its plain steps are probes, or a pause in a burst of rejections)."""
+        paid there (its plain steps are probes, or a pause in a burst of rejections), and
+        until a draft length has been measured there (so that the first probe measures
+        drafts from whole caches, prompts included)."""
         if not self.config.adaptive_draft_length or not self.enabled(num_running):
             return False
         bucket = self.buckets.get(batch_bucket(num_running))
-        return bucket is not None and (bucket.choice > 0 or bucket.paid)
+        if bucket is None:
+            return True
+        return bucket.choice > 0 or bucket.paid or not any(bucket.seconds.keys() - {0})
 
     # -- choosing ------------------------------------------------------------------------
 
@@ -284,13 +288,12 @@ class DraftLengthPolicy:
         if bucket.jump is not None and bucket.jump != bucket.choice:
             return bucket.jump
         if bucket.choice == 0:
-            # From plain steps, the draft length measured best at today's acceptance: a
-            # speculating step's fixed cost (no overlap, the proposer's catch-up) can make
-            # one draft lose where more would win.
+            # From plain steps, the draft length measured best at today's acceptance, or
+            # the configured one: a speculating step's fixed cost (no overlap, the
+            # proposer's catch-up) can make one draft lose where more would win.
             rate = self._rate()
             values = {k: self._value(bucket, k, rate) or 0.0 for k in bucket.seconds if k}
-            if values:
-                return max(values, key=lambda k: values[k])
+            return max(values, key=lambda k: values[k]) if values else self.max_tokens
         step = bucket.next_direction
         neighbours = [
             k for k in (bucket.choice + step, bucket.choice - step) if 0 <= k <= self.max_tokens

@@ -182,13 +182,13 @@ def test_speculation_must_beat_plain_decoding_by_a_margin() -> None:
     assert run(1.2) == 1
 
 
-def test_keeps_the_proposer_ready_where_speculation_is_chosen_or_has_paid() -> None:
+def test_keeps_the_proposer_ready_until_measured_and_where_speculation_pays() -> None:
     # Batch 1 pays (cheap drafts, high acceptance); batch 64 does not.
     def cost(batch: int, k: int) -> float:
         return 1.0 + (0.05 if batch == 1 else 1.0) * k
 
     policy = DraftLengthPolicy(config(4), step_cost=cost)
-    assert not policy.keep_proposer_ready(1)  # nothing measured yet
+    assert policy.keep_proposer_ready(1) and policy.keep_proposer_ready(64)  # not measured
     drive(policy, 1, 100, lambda _: 0.9)
     assert policy.buckets[1].choice == 4 and policy.keep_proposer_ready(1)
     # Acceptance gone: plain steps, still kept ready (speculating paid here).
