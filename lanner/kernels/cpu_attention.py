@@ -81,14 +81,17 @@ def qkv_prepare(
 
 def _side_by_side(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
     """[T, heads + kv_heads, d]: query and key as one view, when key's heads follow
-    query's in memory with the same row stride (the split of one qkv output); else None."""
+    query's in memory with the same row stride (the split of one qkv output); else None.
+    (A single row's stride is whatever its view says: a decode row of q and of k report
+    different ones, so only more rows compare it.)"""
     if (
         query.dim() != 3
         or query.dtype != key.dtype
         or query.shape[0] != key.shape[0]
         or query.shape[2] != key.shape[2]
-        or query.stride() != (query.stride(0), query.shape[2], 1)
-        or key.stride() != query.stride()
+        or query.stride()[1:] != (query.shape[2], 1)
+        or key.stride()[1:] != (query.shape[2], 1)
+        or (query.shape[0] > 1 and key.stride(0) != query.stride(0))
         or key.data_ptr() != query.data_ptr() + query[0].numel() * query.element_size()
     ):
         return None

@@ -28,7 +28,8 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def use_cpu_path(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not FORCE_REFERENCE
+    # (is_cpu, not device.type: a decode step on the CPU asks ~80 times; 0.2 against 1 µs)
+    return x.is_cpu and not FORCE_REFERENCE
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +105,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return norm_kernels.rms_norm(x, weight, eps)
     if use_cpu_path(x) and x.dtype == torch.float32:
         # One fused call; in float32 the reference's arithmetic (no casts to round at).
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+        # torch.rms_norm, not F.rms_norm: the functional's Python checks cost more than
+        # the op on a decode row.
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 

@@ -17,12 +17,13 @@ token at p + 1, so it runs one step behind the target. Each step, before the tar
    Those K/V entries are guesses until the next catch-up replaces them.
 
 Positions whose features never reached the head (steps launched ahead of the previous
-one's results, when speculation is off by batch size; a running request left out of a
-step) keep whatever the cache held: the drafts read them, so acceptance may drop, but the
-output never changes. Drafts are greedy (point masses) whatever the request samples: the
-rejection sampler then accepts a draft when the target's own draw equals it, so seeded
-requests get exactly the tokens they get without speculation. They stay on the device
-unless a request's penalties or bad words need them on the host.
+one's results: when speculation is off by batch size, or where the adaptive rule does not
+keep the head ready; a running request left out of a step) keep whatever the cache held:
+the drafts read them, so acceptance may drop, but the output never changes. Drafts are
+greedy (point masses) whatever the request samples: the rejection sampler then accepts a
+draft when the target's own draw equals it, so seeded requests get exactly the tokens
+they get without speculation. They stay on the device unless a request's penalties or
+bad words need them on the host.
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ soon; one further away starts without speculation and, once its plain steps are
 measured, probes the nearest measured size's choice (speculation that paid at batch 2
 is tried at batch 64, never assumed there), so speculation turns
 itself off where it does not pay and back on where it does.
+
+Stopping is not for good: the acceptance counts keep decaying through plain steps (back
+toward the prior), the stopped length is probed first, only a probe starts speculation
+again, and where speculating paid at that batch size a probe may cost
+PROBE_BUDGET_WHERE_PAID. A proposer that cannot make up for a step it did not see (an
+EAGLE head) is kept ready there, and wherever nothing has been measured yet
+(``keep_proposer_ready``).
 """
 
 from __future__ import annotations
@@ -236,7 +243,7 @@ class DraftLengthPolicy:
         # acceptance is really gone; a plain choice's rate only drifts to the prior).
         if best == bucket.choice or best_value is None or choice_value is None:
             return
-        if bucket.choice == 0:
+        if bucket.choice == 0:  # (only a probe starts speculation)
             return
         if best_value > max(REVIEW_MARGIN, self._margin(bucket.choice, best)) * choice_value:
             self._switch(bucket, best, probe_next=False)

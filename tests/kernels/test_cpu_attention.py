@@ -72,10 +72,11 @@ def test_fp8_cache_is_read_as_the_reference_reads_it(query_dtype: torch.dtype) -
 @pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("tokens", [7, 1])
 def test_qkv_prepare_gives_the_reference_bits(
-    dtype: torch.dtype, cache_dtype: torch.dtype | None, qk_norm: bool
+    dtype: torch.dtype, cache_dtype: torch.dtype | None, qk_norm: bool, tokens: int
 ) -> None:
-    tokens, heads, kv_heads, head_dim = 7, 6, 2, 64
+    heads, kv_heads, head_dim = 6, 2, 64
     generator = torch.Generator().manual_seed(1)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -85,10 +86,13 @@ def test_qkv_prepare_gives_the_reference_bits(
     qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = (t.reshape(tokens, -1, head_dim) for t in (q, k, v))
-    positions = torch.tensor([0, 5, 9, 100, 3, 4, 7])
+    # One rotation for q and k together, a decode row's too (its views' row strides
+    # differ, which a single row does not care about).
+    assert cpu_attention._side_by_side(q, k) is not None
+    positions = torch.tensor([0, 5, 9, 100, 3, 4, 7])[:tokens]
     cos_sin = torch.randn(128, head_dim, generator=generator)
     norms = (randn(head_dim).abs() + 0.5, randn(head_dim).abs() + 0.5) if qk_norm else (None, None)
-    slots = torch.tensor([0, 5, 9, 17, 33, 2, 39])
+    slots = torch.tensor([0, 5, 9, 17, 33, 2, 39])[:tokens]
     expected_cache = torch.zeros(2, 10, BLOCK_SIZE, kv_heads, head_dim, dtype=cache_dtype or dtype)
     cache = expected_cache.clone()
     eq, ek = q, k
