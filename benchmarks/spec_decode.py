@@ -18,6 +18,9 @@ files, as the training run did), 256 greedy output tokens each, ignore_eos.
 - Batches 4, 16, 64 and 256 (max(64, batch) requests, the prompts repeated): no
   speculation, and n-gram and the draft at the best batch-1 k with the default adaptive
   draft length, so where speculation stops paying it switches itself off.
+- Each speculating setting runs --rounds times (default 2) at each batch size, a plain run
+  before, between and after the rounds; a row is its setting's fastest round and its
+  speed-up is over the fastest plain run (the device machine's host speed drifts).
 8B shape (random weights): one verify step of k + 1 = 2..9 tokens per request against a
 one-token decode step at batch 1 and 16 (CUDA graphs; the verify rows eagerly through
 the one-token decode kernel and through the extend kernel too), and the speed-up those
