@@ -233,17 +233,17 @@ class DraftLengthPolicy:
             self._review(bucket)
 
     def _review(self, bucket: _Bucket) -> None:
+        # Nothing but a probe starts speculation (its waits bound what it costs where
+        # acceptance is really gone; a plain choice's rate only drifts to the prior).
+        if bucket.choice == 0:
+            return
         rate = self._rate()
         values = {k: self._value(bucket, k, rate) for k in bucket.seconds}
         choice_value = values.get(bucket.choice)
         best = max(values, key=lambda k: values[k] or 0.0, default=bucket.choice)
         best_value = values.get(best)
-        # Nothing replaces a choice not measured yet (plain decoding, at a new bucket);
-        # nothing but a probe starts speculation (its waits bound what it costs where
-        # acceptance is really gone; a plain choice's rate only drifts to the prior).
+        # Nothing replaces a choice not measured yet (a first batch's configured length).
         if best == bucket.choice or best_value is None or choice_value is None:
-            return
-        if bucket.choice == 0:  # (only a probe starts speculation)
             return
         if best_value > max(REVIEW_MARGIN, self._margin(bucket.choice, best)) * choice_value:
             self._switch(bucket, best, probe_next=False)
@@ -337,25 +337,18 @@ class DraftLengthPolicy:
             bucket.steps_to_probe = FIRST_JUMP_WAIT
             return
         bucket.next_direction = -bucket.next_direction
-        if (
-            probe_value is not None
-            and choice_value is not None
-            and (probe == 0) != (bucket.choice == 0)
-        ):
+        measured = probe_value is not None and choice_value is not None
+        if measured and (probe == 0) != (bucket.choice == 0):
             drafting, plain = (
                 (choice_value, probe_value) if probe == 0 else (probe_value, choice_value)
             )
             bucket.paid = bucket.paid or drafting > START_MARGIN * plain
-        if (
-            probe_value is not None
-            and choice_value is not None
-            and probe_value > self._margin(bucket.choice, probe) * choice_value
-        ):
+        if measured and probe_value > self._margin(bucket.choice, probe) * choice_value:
             bucket.next_direction = 1 if probe > bucket.choice else -1  # keep climbing
             self._switch(bucket, probe, probe_next=True)
         else:
             wait = 2 * bucket.probe_wait
-            if probe_value is not None and choice_value is not None:
+            if measured:
                 wait = max(
                     wait, self._budgeted_wait(bucket, probe, ran, probe_value / choice_value)
                 )
