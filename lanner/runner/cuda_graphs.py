@@ -214,21 +214,6 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return 0 < num_seqs <= self.max_batch
 
-    def run(
-        self,
-        token_ids: list[int],
-        positions: list[int],
-        slots: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-        previous_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Replay the smallest graph that fits; returns logits [num_seqs, vocab].
-        ``previous_tokens`` (rows, ids) overwrites input ids with tokens that are still
-        on the device from the step before."""
-        staged = self.stage(token_ids, positions, slots, seq_lens, block_tables)
-        return self.replay(staged, previous_tokens)
-
     def stage(
         self,
         token_ids: list[int],
@@ -237,8 +222,9 @@ class DecodeGraphs:
         seq_lens: list[int],
         block_tables: list[list[int]],
     ) -> StagedInputs:
-        """``run``'s host half: the inputs written into the next pinned set. At most one
-        staged step waits for its ``replay`` at a time (the sets are used in turn)."""
+        """A step's host half: its inputs written into the next pinned set, for
+        ``replay``. At most one staged step waits for its ``replay`` at a time (the sets
+        are used in turn)."""
         count = len(token_ids)
         batch = next(size for size in self.sizes if size >= count)
         self.turn ^= 1
@@ -262,7 +248,10 @@ class DecodeGraphs:
         staged: StagedInputs,
         previous_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``run``'s device half, for inputs ``stage`` wrote."""
+        """A step's device half, for inputs ``stage`` wrote: replay the smallest graph
+        that fits; returns logits [num_seqs, vocab]. ``previous_tokens`` (rows, ids)
+        overwrites input ids with tokens that are still on the device from the step
+        before."""
         count, batch, width = staged.count, staged.batch, staged.width
         host, host_tables = self.host_sets[staged.turn], self.table_sets[staged.turn]
         self.input_ids[:batch].copy_(host[0, :batch], non_blocking=True)

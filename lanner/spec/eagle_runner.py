@@ -120,7 +120,8 @@ class EagleHeadRunner:
                 table[p // size] * size + p % size
                 for table, p in zip(tables, batch.positions, strict=True)
             ]
-            return graphs.run(batch.token_ids, batch.positions, slots, seq_lens, tables)
+            staged = graphs.stage(batch.token_ids, batch.positions, slots, seq_lens, tables)
+            return graphs.replay(staged)
         metadata = AttentionMetadata.build(
             batch.query_lens, batch.seq_lens, batch.block_tables, self.block_size, self.device
         )
@@ -209,7 +210,7 @@ class EagleHeadRunner:
 
 class CatchUpGraphs(DecodeGraphs):
     """The head's catch-up forward as decode graphs: each verified position one row,
-    its feature read from ``features``, written before each replay. ``run`` returns the
+    its feature read from ``features``, written before each replay. ``replay`` returns the
     head's outputs (where the target's graphs return logits)."""
 
     def __init__(
