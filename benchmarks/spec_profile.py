@@ -81,8 +81,42 @@ def _time(event) -> float:
     return event.device_time_total if spec_decode.DEVICE == "cuda" else event.self_cpu_time_total
 
 
+# With --detail, these parts of a step are timed too: (path from the core, method, label).
+DETAIL = [
+    ("runner", "prepare", "runner.prepare (layout, graph staging)"),
+    ("runner", "_device_tokens", "runner._device_tokens"),
+    ("runner", "_run_model", "runner._run_model (the model's launch)"),
+    ("runner", "_launch_sample", "runner._launch_sample (sampler / verify launch)"),
+    ("runner.decode_graphs", "replay", "decode_graphs.replay"),
+    ("scheduler", "update_after_step", "scheduler.update_after_step"),
+    ("spec.policy", "plan", "policy.plan"),
+    ("spec.policy", "begin_step", "policy.begin_step"),
+    ("spec.policy", "step_done", "policy.step_done"),
+    ("spec.proposer", "_catch_up", "eagle: catch-up rows (host)"),
+    ("spec.proposer.runner", "catch_up", "eagle: runner.catch_up"),
+    ("spec.proposer.runner", "draft", "eagle: runner.draft"),
+    ("", "_append_tokens", "core._append_tokens"),
+    ("", "_accept_drafts", "core._accept_drafts"),
+]
+
+
+def _owner(core, path: str):
+    owner = core
+    for name in filter(None, path.split(".")):
+        owner = getattr(owner, name, None)
+        if owner is None:
+            return None
+    return owner
+
+
 def profile_case(
-    batch: int, spec: dict | None, prompts, output_len: int, use_cprofile: bool
+    batch: int,
+    spec: dict | None,
+    prompts,
+    output_len: int,
+    use_cprofile: bool,
+    device_profile_steps: int = 20,
+    detail: bool = False,
 ) -> dict:
     model = str(DEFAULT_MODEL_DIR)
     core = spec_decode.make_core(model, batch, spec)
@@ -102,6 +136,11 @@ def profile_case(
     _timed(core.runner, "launch", totals, "runner.launch")
     _timed(core.runner, "collect", totals, "runner.collect (waits for the device)")
     _timed(core, "_collect", totals, "core._collect (all)")
+    if detail:
+        for path, name, label in DETAIL:
+            owner = _owner(core, path)
+            if owner is not None and hasattr(owner, name):
+                _timed(owner, name, totals, label)
     # Each step's wall time, by the draft length it was planned at.
     by_length: dict[int, list[float]] = defaultdict(list)
     plan, step = core._plan, core.step
@@ -135,17 +174,22 @@ def profile_case(
             break
     if use_cprofile:
         profiler.disable()
-    # Device time of a slice of steady steps.
-    with torch.profiler.profile(activities=[ACTIVITY[spec_decode.DEVICE]]) as prof:
-        for _ in range(20):
-            if not core.has_unfinished_requests():
-                break
-            core.step()
-            steps += 1
-        spec_decode._sync()
-    kernel_us = sum(_time(e) for e in prof.key_averages())
-    kernel_count = sum(e.count for e in prof.key_averages())
-    top_kernels = sorted(prof.key_averages(), key=lambda e: -_time(e))[:12]
+    # Device time of a slice of steady steps (none with device_profile_steps 0: then
+    # the phase times carry no profiler overhead).
+    kernel_us = kernel_count = 0.0
+    top_kernels: list = []
+    profiled = max(device_profile_steps, 0)
+    if profiled:
+        with torch.profiler.profile(activities=[ACTIVITY[spec_decode.DEVICE]]) as prof:
+            for _ in range(profiled):
+                if not core.has_unfinished_requests():
+                    break
+                core.step()
+                steps += 1
+            spec_decode._sync()
+        kernel_us = sum(_time(e) for e in prof.key_averages())
+        kernel_count = sum(e.count for e in prof.key_averages())
+        top_kernels = sorted(prof.key_averages(), key=lambda e: -_time(e))[:12]
     while core.has_unfinished_requests():
         core.step()
         steps += 1
@@ -167,10 +211,15 @@ def profile_case(
         "output_tok_per_s": len(prompts) * output_len / elapsed,
         "ms_per_step": elapsed / steps * 1e3,
         "phase_ms_per_step": {k: v / steps * 1e3 for k, v in totals.items()},
-        "device_kernel_ms_per_step_profiled": kernel_us / 20 / 1e3,
-        "device_kernels_per_step_profiled": kernel_count / 20,
+        "device_profile_steps": profiled,
+        "device_kernel_ms_per_step_profiled": kernel_us / max(profiled, 1) / 1e3,
+        "device_kernels_per_step_profiled": kernel_count / max(profiled, 1),
         "top_kernels": [
-            {"name": e.key[:80], "us_per_step": _time(e) / 20, "count": e.count / 20}
+            {
+                "name": e.key[:80],
+                "us_per_step": _time(e) / profiled,
+                "count": e.count / profiled,
+            }
             for e in top_kernels
         ],
         "mean_acceptance_length": stats.mean_acceptance_length if stats else None,
@@ -219,6 +268,16 @@ def main() -> None:
     )
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument(
+        "--device-profile-steps",
+        type=int,
+        default=20,
+        help="steps under torch.profiler for the device's kernel time (0: none, so the "
+        "phase times carry no profiler overhead)",
+    )
+    parser.add_argument(
+        "--detail", action="store_true", help="time the parts of a step listed in DETAIL too"
+    )
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script")
     args = parser.parse_args()
     spec_decode.DEVICE = args.device
@@ -236,7 +295,17 @@ def main() -> None:
             k = int(method[len(name) :].rstrip("a"))
             spec = spec_decode.spec_config(methods[name], k, adaptive)
         batch_prompts = (prompts * -(-batch // len(prompts)))[: max(batch * 2, 16)]
-        cases.append(profile_case(batch, spec, batch_prompts, args.output_len, args.cprofile))
+        cases.append(
+            profile_case(
+                batch,
+                spec,
+                batch_prompts,
+                args.output_len,
+                args.cprofile,
+                args.device_profile_steps,
+                args.detail,
+            )
+        )
     save_copies(
         {
             "workload": "spec profile, demo model",
