@@ -76,6 +76,18 @@ def _timed(owner, name: str, totals: dict[str, float], label: str) -> None:
     setattr(owner, name, wrapper)
 
 
+def host_probe_ms() -> float:
+    """The median time of a fixed pure-Python loop: how fast this host runs Python right
+    now (the GPU machine's host has drifted by 2x between and within calls), to read
+    beside a case's step times."""
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        sum(i * i for i in range(100_000))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
 def _time(event) -> float:
     """An event's device time (CUDA), or its own CPU time in a CPU smoke run."""
     return event.device_time_total if spec_decode.DEVICE == "cuda" else event.self_cpu_time_total
@@ -119,6 +131,7 @@ def profile_case(
     detail: bool = False,
 ) -> dict:
     model = str(DEFAULT_MODEL_DIR)
+    probe_before = host_probe_ms()
     core = spec_decode.make_core(model, batch, spec)
     params = SamplingParams(
         temperature=0.0, max_tokens=output_len, ignore_eos=True, seed=0, detokenize=False
@@ -206,6 +219,7 @@ def profile_case(
     result = {
         "batch": batch,
         "spec": spec,
+        "host_probe_ms": [probe_before, host_probe_ms()],
         "steps": steps,
         "elapsed_s": elapsed,
         "output_tok_per_s": len(prompts) * output_len / elapsed,
@@ -240,7 +254,8 @@ def profile_case(
         f"== batch {batch} spec {spec and (spec['method'], spec['num_speculative_tokens'])}: "
         f"{result['output_tok_per_s']:.0f} tok/s, {result['ms_per_step']:.3f} ms/step, device "
         f"{result['device_kernel_ms_per_step_profiled']:.3f} ms/step in "
-        f"{result['device_kernels_per_step_profiled']:.0f} kernels",
+        f"{result['device_kernels_per_step_profiled']:.0f} kernels; host probe "
+        f"{result['host_probe_ms'][0]:.2f} / {result['host_probe_ms'][1]:.2f} ms",
         flush=True,
     )
     for label, value in result["phase_ms_per_step"].items():

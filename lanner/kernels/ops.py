@@ -10,6 +10,7 @@ import os
 import torch
 
 from lanner.kernels import activation, cpu_attention, cpu_linear, quant_reference, reference
+from lanner.kernels import graph_inputs as graph_input_kernels
 from lanner.kernels import paged_attention as attention_kernels
 from lanner.kernels import qkv_prepare as qkv_kernels
 from lanner.kernels import rms_norm as norm_kernels
@@ -30,6 +31,22 @@ def use_triton(x: torch.Tensor) -> bool:
 def use_cpu_path(x: torch.Tensor) -> bool:
     # (is_cpu, not device.type: a decode step on the CPU asks ~80 times; 0.2 against 1 µs)
     return x.is_cpu and not FORCE_REFERENCE
+
+
+def unpack_graph_inputs(
+    packed: torch.Tensor,
+    layout: graph_input_kernels.GraphInputLayout,
+    batch: int,
+    seq_lens: torch.Tensor,
+    prefix: torch.Tensor,
+    tables: torch.Tensor,
+) -> None:
+    """A decode graph's int32 inputs from its packed block (kernels/graph_inputs.py)."""
+    if use_triton(packed):
+        unpack = graph_input_kernels.unpack_graph_inputs
+    else:
+        unpack = graph_input_kernels.unpack_graph_inputs_reference
+    unpack(packed, layout, batch, seq_lens, prefix, tables)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

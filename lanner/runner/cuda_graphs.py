@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lanner.kernels import attention_metadata
+from lanner.kernels import attention_metadata, ops
 from lanner.kernels.attention_metadata import AttentionMetadata, shared_prefix_tokens
+from lanner.kernels.graph_inputs import GraphInputLayout
 from lanner.kernels.paged_attention import choose_num_kv_splits
 from lanner.kernels.parallel_compile import refuse_compiles
 
@@ -34,45 +35,49 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 def stage_inputs(
-    host: np.ndarray,
-    host_tables: np.ndarray,
+    packed: np.ndarray,
+    layout: GraphInputLayout,
     batch: int,
     token_ids: list[int],
     positions: list[int],
     slots: list[int],
     seq_lens: list[int],
     block_tables: list[list[int]],
+    prefix: int,
 ) -> int:
-    """Write a step's inputs into the (pinned) staging arrays, rows past the real ones
-    as padding. The block tables go to the front of the flat ``host_tables`` as one
-    contiguous [rows, widest table] array, whose width is returned: a contiguous pinned
-    source keeps the copy to the device asynchronous (a strided one would be staged
-    through pageable memory, which waits for the device). Numpy views take Python lists
-    at C speed, ~4x faster than building tensors from them for 256 rows."""
+    """Write a step's inputs into the (pinned) packed block (``GraphInputLayout``), rows
+    past the real ones as padding, and return how many leading entries it filled: one
+    copy of them moves the whole step. The block tables go row after row at the widest
+    table's width (the graph's unpack kernel spreads them to the captured stride). Numpy
+    views take Python lists at C speed, ~4x faster than building tensors from them for
+    256 rows."""
     count = len(token_ids)
-    host[:, :batch] = 0
-    host[2, count:batch] = -1  # padding rows write no K/V
-    host[0, :count] = token_ids
-    host[1, :count] = positions
-    host[2, :count] = slots
-    host[3, :count] = seq_lens
+    for start in (layout.ids, layout.positions, layout.slots, layout.seq_lens):
+        packed[start + count : start + batch] = 0
+    packed[layout.slots + count : layout.slots + batch] = -1  # padding rows write no K/V
+    packed[layout.ids : layout.ids + count] = token_ids
+    packed[layout.positions : layout.positions + count] = positions
+    packed[layout.slots : layout.slots + count] = slots
+    packed[layout.seq_lens : layout.seq_lens + count] = seq_lens
+    width = max(len(table) for table in block_tables)
+    packed[layout.prefix] = prefix
+    packed[layout.width] = width
     # Entries past a row's own blocks are never read (attention stops at seq_len), so
     # each row writes only its own blocks.
-    width = max(len(table) for table in block_tables)
-    tables = host_tables[: count * width].reshape(count, width)
+    tables = packed[layout.tables : layout.used(count, width)].reshape(count, width)
     for row, table in enumerate(block_tables):
         tables[row, : len(table)] = table
-    return width
+    return layout.used(count, width)
 
 
 @dataclass(frozen=True)
 class StagedInputs:
     """A step's decode-graph inputs staged on the host (``DecodeGraphs.stage``): its
-    rows, the graph's batch size, the block tables' width and the pinned set used."""
+    rows, the graph's batch size, the packed entries filled and the pinned set used."""
 
     count: int
     batch: int
-    width: int
+    used: int
     turn: int
 
 
@@ -100,9 +105,14 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.max_batch = self.sizes[-1]
         n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        # Every input arrives in one packed int64 block, copied whole; ids, positions
+        # and slots are read in place, the rest unpacked by the graph's first kernel.
+        self.layout = GraphInputLayout(n, self.max_blocks_per_seq)
+        self.packed = torch.zeros(self.layout.size, dtype=torch.long, device=device)
+        self.input_ids = self.packed[self.layout.ids : self.layout.ids + n]
+        self.positions = self.packed[self.layout.positions : self.layout.positions + n]
+        self.slot_mapping = self.packed[self.layout.slots : self.layout.slots + n]
+        self.slot_mapping.fill_(-1)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(
             (n, self.max_blocks_per_seq), dtype=torch.int32, device=device
@@ -115,11 +125,8 @@ class DecodeGraphs:
         # step before, whose copies may still be queued (overlapped scheduling).
         # (Pinned on CUDA only: the startup kernel count builds these on the meta device.)
         pin = device.type == "cuda"
-        self.host_sets = [torch.zeros((4, n), dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self.prefix_sets = [torch.zeros(1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        self.table_sets = [
-            torch.zeros(n * self.max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
-            for _ in range(2)
+        self.host_sets = [
+            torch.zeros(self.layout.size, dtype=torch.long, pin_memory=pin) for _ in range(2)
         ]
         self.turn = 0
         self.max_model_len = max_model_len
@@ -153,6 +160,18 @@ class DecodeGraphs:
             ),
         )
 
+    def _step(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a graph of ``batch`` rows runs: its inputs unpacked, then ``_forward``."""
+        ops.unpack_graph_inputs(
+            self.packed,
+            self.layout,
+            batch,
+            self.seq_lens,
+            self.shared_prefix_len,
+            self.block_tables,
+        )
+        return self._forward(batch)
+
     def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(
             self.input_ids[:batch], self.positions[:batch], self.metadata(batch), self.kv_caches
@@ -164,7 +183,7 @@ class DecodeGraphs:
         """One forward at each batch size, not captured, in capture's order (under
         kernels.parallel_compile.compile_launches their kernels only compile)."""
         for batch in reversed(self.sizes):
-            self._forward(batch)
+            self._step(batch)
 
     @torch.inference_mode()
     def capture(self, warm_up: bool = True) -> None:
@@ -198,14 +217,14 @@ class DecodeGraphs:
         # Largest first, so smaller graphs reuse its memory pool.
         for batch in reversed(self.sizes):
             if warm_up:
-                self._forward(batch)
+                self._step(batch)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             # Without warm-ups a variant not compiled ahead fails the capture (and all are
             # captured again with them) rather than compiling inside it.
             refuse = contextlib.nullcontext() if warm_up else refuse_compiles("a graph capture")
             with refuse, torch.cuda.graph(graph, pool=self.pool):
-                self.hidden[batch], self.logits[batch] = self._forward(batch)
+                self.hidden[batch], self.logits[batch] = self._step(batch)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[batch] = graph
@@ -228,20 +247,18 @@ class DecodeGraphs:
         count = len(token_ids)
         batch = next(size for size in self.sizes if size >= count)
         self.turn ^= 1
-        host, host_tables = self.host_sets[self.turn], self.table_sets[self.turn]
-        width = stage_inputs(
-            host.numpy(),
-            host_tables.numpy(),
+        used = stage_inputs(
+            self.host_sets[self.turn].numpy(),
+            self.layout,
             batch,
             token_ids,
             positions,
             slots,
             seq_lens,
             block_tables,
+            shared_prefix_tokens(block_tables, seq_lens, self.block_size),
         )
-        prefix = self.prefix_sets[self.turn]
-        prefix[0] = shared_prefix_tokens(block_tables, seq_lens, self.block_size)
-        return StagedInputs(count, batch, width, self.turn)
+        return StagedInputs(count, batch, used, self.turn)
 
     def replay(
         self,
@@ -252,17 +269,10 @@ class DecodeGraphs:
         that fits; returns logits [num_seqs, vocab]. ``previous_tokens`` (rows, ids)
         overwrites input ids with tokens that are still on the device from the step
         before."""
-        count, batch, width = staged.count, staged.batch, staged.width
-        host, host_tables = self.host_sets[staged.turn], self.table_sets[staged.turn]
-        self.input_ids[:batch].copy_(host[0, :batch], non_blocking=True)
-        self.positions[:batch].copy_(host[1, :batch], non_blocking=True)
-        self.slot_mapping[:batch].copy_(host[2, :batch], non_blocking=True)
-        self.seq_lens[:batch].copy_(host[3, :batch], non_blocking=True)
-        tables = host_tables[: count * width].view(count, width)
-        self.block_tables[:count, :width].copy_(tables, non_blocking=True)
-        self.shared_prefix_len.copy_(self.prefix_sets[staged.turn], non_blocking=True)
+        host = self.host_sets[staged.turn]
+        self.packed[: staged.used].copy_(host[: staged.used], non_blocking=True)
         if previous_tokens is not None:
             self.input_ids[previous_tokens[0]] = previous_tokens[1]
-        self.graphs[batch].replay()
-        self.last_hidden = self.hidden[batch][:count]
-        return self.logits[batch][:count]
+        self.graphs[staged.batch].replay()
+        self.last_hidden = self.hidden[staged.batch][: staged.count]
+        return self.logits[staged.batch][: staged.count]

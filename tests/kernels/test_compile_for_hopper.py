@@ -74,6 +74,7 @@ REQUIRED_KERNELS = {
     "_dequantize_int4_kernel",
     "_w8a8_matmul_kernel",
     "_quantize_rows_kernel",
+    "_unpack_graph_inputs_kernel",
 }
 
 
@@ -397,6 +398,24 @@ def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         accept = partial(accept_drafts_kernel, targets, meta, drafts, max_k)
         yield f"accept_drafts k={max_k}", accept
         yield f"accept_drafts k={max_k} decided", partial(accept, decisions, residual)
+    # A decode graph's first kernel: its packed inputs unpacked, the batch sizes and table
+    # widths of a run in one variant (the graphs capture it at every size).
+    from lanner.kernels.graph_inputs import GraphInputLayout, unpack_graph_inputs
+
+    for max_batch, max_blocks, batch in ((256, 512, 1), (256, 512, 96), (7, 3, 5)):
+        layout = GraphInputLayout(max_batch, max_blocks)
+        yield (
+            f"unpack_graph_inputs {max_batch}x{max_blocks}, batch {batch}",
+            partial(
+                unpack_graph_inputs,
+                torch.empty(layout.size, dtype=torch.int64),
+                layout,
+                batch,
+                torch.empty(max_batch, dtype=torch.int32),
+                torch.empty(1, dtype=torch.int32),
+                torch.empty(max_batch, max_blocks, dtype=torch.int32),
+            ),
+        )
 
 
 def skinny_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:

@@ -1,0 +1,146 @@
+"""Unpacks a decode graph's staged inputs on the device, inside the graph.
+
+A replay's inputs travel from the host as one int64 block in one copy (each separate
+host-to-device copy costs ~12 µs of host time on the H200's host, and a step had six,
+two of which also converted dtypes or scattered through a temporary). The block holds
+the token ids, positions and cache slots (read in place by the model) and, for this
+kernel, each row's context length, the shared-prefix length, the block tables' width and
+the tables themselves, row after row at that width. The kernel writes the int32 tensors
+the attention kernels read: the context lengths, the prefix length, and the tables at
+the stride the graph was captured with.
+
+Layout (``GraphInputLayout``, n = the graph's largest batch rounded up to even, so that
+every field starts 16-byte aligned): ids [0, n), positions [n, 2n), slots [2n, 3n),
+context lengths [3n, 4n), prefix length 4n, width 4n + 1, tables from 4n + 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 256  # table entries a program copies
+
+
+@dataclass(frozen=True)
+class GraphInputLayout:
+    """Offsets into the packed block for graphs of at most ``max_batch`` rows and tables
+    of at most ``max_blocks`` entries a row."""
+
+    max_batch: int
+    max_blocks: int
+
+    @property
+    def rows(self) -> int:
+        return self.max_batch + self.max_batch % 2
+
+    @property
+    def ids(self) -> int:
+        return 0
+
+    @property
+    def positions(self) -> int:
+        return self.rows
+
+    @property
+    def slots(self) -> int:
+        return 2 * self.rows
+
+    @property
+    def seq_lens(self) -> int:
+        return 3 * self.rows
+
+    @property
+    def prefix(self) -> int:
+        return 4 * self.rows
+
+    @property
+    def width(self) -> int:
+        return 4 * self.rows + 1
+
+    @property
+    def tables(self) -> int:
+        return 4 * self.rows + 2
+
+    @property
+    def size(self) -> int:
+        return self.tables + self.max_batch * self.max_blocks
+
+    def used(self, count: int, width: int) -> int:
+        """Entries a step of ``count`` rows with tables ``width`` wide fills (the prefix
+        of the block its copy moves)."""
+        return self.tables + count * width
+
+
+@triton.jit
+def _unpack_graph_inputs_kernel(
+    packed_ptr,
+    seq_lens_ptr,
+    prefix_ptr,
+    tables_ptr,
+    seq_lens_offset,
+    prefix_offset,
+    width_offset,
+    tables_offset,
+    table_stride,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    width = tl.load(packed_ptr + width_offset).to(tl.int32)
+    if part == 0:
+        seq_len = tl.load(packed_ptr + seq_lens_offset + row)
+        tl.store(seq_lens_ptr + row, seq_len.to(tl.int32))
+        if row == 0:
+            tl.store(prefix_ptr, tl.load(packed_ptr + prefix_offset).to(tl.int32))
+    columns = part * BLOCK + tl.arange(0, BLOCK)
+    # Entries past the step's width are never read (attention stops at the context
+    # length): they keep what an earlier step wrote.
+    mask = columns < width
+    values = tl.load(packed_ptr + tables_offset + row * width + columns, mask=mask)
+    tl.store(tables_ptr + row * table_stride + columns, values.to(tl.int32), mask=mask)
+
+
+def unpack_graph_inputs(
+    packed: torch.Tensor,
+    layout: GraphInputLayout,
+    batch: int,
+    seq_lens: torch.Tensor,
+    prefix: torch.Tensor,
+    tables: torch.Tensor,
+) -> None:
+    """Write rows [0, batch) of ``seq_lens`` (int32 [n]), ``prefix`` (int32 [1]) and
+    ``tables`` (int32 [n, max_blocks]) from the packed int64 block."""
+    grid = (batch, triton.cdiv(layout.max_blocks, BLOCK))
+    _unpack_graph_inputs_kernel[grid](
+        packed,
+        seq_lens,
+        prefix,
+        tables,
+        layout.seq_lens,
+        layout.prefix,
+        layout.width,
+        layout.tables,
+        tables.stride(0),
+        BLOCK=BLOCK,
+        num_warps=1,
+    )
+
+
+def unpack_graph_inputs_reference(
+    packed: torch.Tensor,
+    layout: GraphInputLayout,
+    batch: int,
+    seq_lens: torch.Tensor,
+    prefix: torch.Tensor,
+    tables: torch.Tensor,
+) -> None:
+    """``unpack_graph_inputs`` in torch (the kernel's oracle)."""
+    width = int(packed[layout.width])
+    seq_lens[:batch] = packed[layout.seq_lens : layout.seq_lens + batch].to(torch.int32)
+    prefix[0] = packed[layout.prefix].to(torch.int32)
+    rows = packed[layout.tables : layout.tables + batch * width].view(batch, width)
+    tables[:batch, :width] = rows.to(torch.int32)
