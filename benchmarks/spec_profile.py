@@ -96,7 +96,8 @@ def _time(event) -> float:
 # With --detail, these parts of a step are timed too: (path from the core, method, label).
 DETAIL = [
     ("runner", "prepare", "runner.prepare (layout, graph staging)"),
-    ("runner", "_device_tokens", "runner._device_tokens"),
+    ("runner", "_device_tokens", "runner._device_tokens (eager path)"),
+    ("runner.decode_graphs", "_gather_tokens", "decode_graphs._gather_tokens"),
     ("runner", "_run_model", "runner._run_model (the model's launch)"),
     ("runner", "_launch_sample", "runner._launch_sample (sampler / verify launch)"),
     ("runner.decode_graphs", "replay", "decode_graphs.replay"),

@@ -3,15 +3,17 @@
 A replay's inputs travel from the host as one int64 block in one copy (each separate
 host-to-device copy costs ~12 µs of host time on the H200's host, and a step had six,
 two of which also converted dtypes or scattered through a temporary). The block holds
-the token ids, positions and cache slots (read in place by the model) and, for this
-kernel, each row's context length, the shared-prefix length, the block tables' width and
-the tables themselves, row after row at that width. The kernel writes the int32 tensors
-the attention kernels read: the context lengths, the prefix length, and the tables at
-the stride the graph was captured with.
+the token ids, positions and cache slots (read in place by the model), where the tokens
+still on the device come from (rows, and their source rows and columns, read by the
+replay's gathers) and, for this kernel, each row's context length, the shared-prefix
+length, the block tables' width and the tables themselves, row after row at that width.
+The kernel writes the int32 tensors the attention kernels read: the context lengths, the
+prefix length, and the tables at the stride the graph was captured with.
 
 Layout (``GraphInputLayout``, n = the graph's largest batch rounded up to even, so that
 every field starts 16-byte aligned): ids [0, n), positions [n, 2n), slots [2n, 3n),
-context lengths [3n, 4n), prefix length 4n, width 4n + 1, tables from 4n + 2.
+context lengths [3n, 4n), device-token rows, sources and source columns [4n, 7n), prefix
+length 7n, width 7n + 1, tables from 7n + 2.
 """
 
 from __future__ import annotations
@@ -54,16 +56,28 @@ class GraphInputLayout:
         return 3 * self.rows
 
     @property
-    def prefix(self) -> int:
+    def token_rows(self) -> int:
         return 4 * self.rows
 
     @property
+    def token_sources(self) -> int:
+        return 5 * self.rows
+
+    @property
+    def token_columns(self) -> int:
+        return 6 * self.rows
+
+    @property
+    def prefix(self) -> int:
+        return 7 * self.rows
+
+    @property
     def width(self) -> int:
-        return 4 * self.rows + 1
+        return 7 * self.rows + 1
 
     @property
     def tables(self) -> int:
-        return 4 * self.rows + 2
+        return 7 * self.rows + 2
 
     @property
     def size(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +34,22 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+@dataclass
+class DeviceTokenIndex:
+    """Input rows whose token is still on the device, and where each one is: a sample of
+    the step before (overlapped scheduling), then a proposer's drafts (row, column)."""
+
+    previous_rows: list[int] = field(default_factory=list)
+    previous_sources: list[int] = field(default_factory=list)
+    draft_rows: list[int] = field(default_factory=list)
+    draft_sources: list[int] = field(default_factory=list)
+    draft_columns: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[int]:
+        return self.previous_rows + self.draft_rows
+
+
 def stage_inputs(
     packed: np.ndarray,
     layout: GraphInputLayout,
@@ -44,6 +60,7 @@ def stage_inputs(
     seq_lens: list[int],
     block_tables: list[list[int]],
     prefix: int,
+    device_tokens: DeviceTokenIndex | None = None,
 ) -> int:
     """Write a step's inputs into the (pinned) packed block (``GraphInputLayout``), rows
     past the real ones as padding, and return how many leading entries it filled: one
@@ -60,6 +77,15 @@ def stage_inputs(
     packed[layout.slots : layout.slots + count] = slots
     packed[layout.seq_lens : layout.seq_lens + count] = seq_lens
     width = max(len(table) for table in block_tables)
+    if device_tokens is not None:
+        previous, drafted = len(device_tokens.previous_rows), len(device_tokens.draft_rows)
+        rows, sources = layout.token_rows, layout.token_sources
+        packed[rows : rows + previous] = device_tokens.previous_rows
+        packed[rows + previous : rows + previous + drafted] = device_tokens.draft_rows
+        packed[sources : sources + previous] = device_tokens.previous_sources
+        packed[sources + previous : sources + previous + drafted] = device_tokens.draft_sources
+        columns = layout.token_columns + previous
+        packed[columns : columns + drafted] = device_tokens.draft_columns
     packed[layout.prefix] = prefix
     packed[layout.width] = width
     # Entries past a row's own blocks are never read (attention stops at seq_len), so
@@ -73,12 +99,15 @@ def stage_inputs(
 @dataclass(frozen=True)
 class StagedInputs:
     """A step's decode-graph inputs staged on the host (``DecodeGraphs.stage``): its
-    rows, the graph's batch size, the packed entries filled and the pinned set used."""
+    rows, the graph's batch size, the packed entries filled, the pinned set used, and
+    how many input tokens come from the step before's samples and from drafts."""
 
     count: int
     batch: int
     used: int
     turn: int
+    num_previous: int = 0
+    num_drafted: int = 0
 
 
 class DecodeGraphs:
@@ -240,10 +269,12 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         block_tables: list[list[int]],
+        device_tokens: DeviceTokenIndex | None = None,
     ) -> StagedInputs:
         """A step's host half: its inputs written into the next pinned set, for
-        ``replay``. At most one staged step waits for its ``replay`` at a time (the sets
-        are used in turn)."""
+        ``replay``, with where its tokens still on the device are (``device_tokens``).
+        At most one staged step waits for its ``replay`` at a time (the sets are used in
+        turn)."""
         count = len(token_ids)
         batch = next(size for size in self.sizes if size >= count)
         self.turn ^= 1
@@ -257,22 +288,57 @@ class DecodeGraphs:
             seq_lens,
             block_tables,
             shared_prefix_tokens(block_tables, seq_lens, self.block_size),
+            device_tokens,
         )
-        return StagedInputs(count, batch, used, self.turn)
+        if device_tokens is None:
+            return StagedInputs(count, batch, used, self.turn)
+        return StagedInputs(
+            count,
+            batch,
+            used,
+            self.turn,
+            len(device_tokens.previous_rows),
+            len(device_tokens.draft_rows),
+        )
 
     def replay(
         self,
         staged: StagedInputs,
         previous_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sources: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> torch.Tensor:
         """A step's device half, for inputs ``stage`` wrote: replay the smallest graph
-        that fits; returns logits [num_seqs, vocab]. ``previous_tokens`` (rows, ids)
-        overwrites input ids with tokens that are still on the device from the step
-        before."""
+        that fits; returns logits [num_seqs, vocab]. Input ids still on the device come
+        either as ``previous_tokens`` (rows, ids), or, where ``stage`` was told where they
+        are, from ``sources``: (the step before's sampled ids [B], the drafts [R, k])."""
         host = self.host_sets[staged.turn]
         self.packed[: staged.used].copy_(host[: staged.used], non_blocking=True)
         if previous_tokens is not None:
             self.input_ids[previous_tokens[0]] = previous_tokens[1]
+        if staged.num_previous or staged.num_drafted:
+            self._gather_tokens(staged, *sources)
         self.graphs[staged.batch].replay()
         self.last_hidden = self.hidden[staged.batch][: staged.count]
         return self.logits[staged.batch][: staged.count]
+
+    def _gather_tokens(
+        self, staged: StagedInputs, previous: torch.Tensor | None, drafts: torch.Tensor | None
+    ) -> None:
+        """Input ids from the device, indexed by the block's own rows (no other copy)."""
+
+        def part(start: int, begin: int, end: int) -> torch.Tensor:
+            return self.packed[start + begin : start + end]
+
+        layout = self.layout
+        first, last = staged.num_previous, staged.num_previous + staged.num_drafted
+        if first:
+            if previous is None:
+                raise RuntimeError("a row waits for a previous sample, but none was given")
+            sources = part(layout.token_sources, 0, first)
+            self.input_ids[part(layout.token_rows, 0, first)] = previous[sources]
+        if last > first:
+            if drafts is None:
+                raise RuntimeError("a row reads device drafts, but none were given")
+            sources = part(layout.token_sources, first, last)
+            columns = part(layout.token_columns, first, last)
+            self.input_ids[part(layout.token_rows, first, last)] = drafts[sources, columns]

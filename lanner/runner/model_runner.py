@@ -21,7 +21,7 @@ from lanner.kernels.kernel_manifest import Variant
 from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.loader import LoadedModel
-from lanner.runner.cuda_graphs import DecodeGraphs, StagedInputs
+from lanner.runner.cuda_graphs import DecodeGraphs, DeviceTokenIndex, StagedInputs
 from lanner.runner.sampler import (
     DeviceSample,
     Sampler,
@@ -340,46 +340,58 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return to_device(values, torch.long, self.device)
 
-    def _device_tokens(
-        self,
-        chunks: list[SequenceChunk],
-        first_rows: list[int],
-        previous: PendingStep | None,
-        drafts: DeviceDrafts | None,
-    ) -> tuple[list[int], torch.Tensor] | None:
-        """Input tokens still on the device: the previous step's samples (overlapped
-        scheduling) and a draft model's proposals. Returns (their rows in the flat batch;
-        the tokens, on the device), or None when every token is on the host."""
-        previous_rows: list[int] = []
-        previous_sources: list[int] = []
-        draft_rows: list[int] = []
-        draft_sources: list[int] = []
-        draft_columns: list[int] = []
+    @staticmethod
+    def _device_token_index(
+        chunks: list[SequenceChunk], first_rows: list[int]
+    ) -> DeviceTokenIndex | None:
+        """Where the input tokens still on the device are: the previous step's samples
+        (overlapped scheduling) and a proposer's drafts; None when every token is on the
+        host."""
+        index = DeviceTokenIndex()
         for chunk, first in zip(chunks, first_rows, strict=True):
             if chunk.token_from_previous is not None:
-                previous_rows.append(first)
-                previous_sources.append(chunk.token_from_previous)
+                index.previous_rows.append(first)
+                index.previous_sources.append(chunk.token_from_previous)
             if chunk.draft_row is not None:
                 start = first + len(chunk.token_ids) - chunk.num_draft_tokens
-                draft_rows += range(start, start + chunk.num_draft_tokens)
-                draft_sources += [chunk.draft_row] * chunk.num_draft_tokens
-                draft_columns += range(chunk.num_draft_tokens)
-        if not previous_rows and not draft_rows:
-            return None
-        values = []
-        if previous_rows:
+                index.draft_rows += range(start, start + chunk.num_draft_tokens)
+                index.draft_sources += [chunk.draft_row] * chunk.num_draft_tokens
+                index.draft_columns += range(chunk.num_draft_tokens)
+        return index if index.previous_rows or index.draft_rows else None
+
+    @staticmethod
+    def _token_sources(
+        index: DeviceTokenIndex, previous: PendingStep | None, drafts: DeviceDrafts | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The device tensors ``index`` reads: the previous step's sampled ids, the drafts."""
+        previous_ids = draft_ids = None
+        if index.previous_rows:
             sample = previous.sample if previous is not None else None
             if sample is None or sample.token_ids.dim() != 1:
                 raise RuntimeError("a chunk waits for a previous sample, but none is pending")
-            values.append(previous.sample.token_ids[self._tensor(previous_sources)])
-        if draft_rows:
+            previous_ids = sample.token_ids
+        if index.draft_rows:
             if drafts is None:
                 raise RuntimeError("a chunk reads device drafts, but none were given")
+            draft_ids = drafts.token_ids
+        return previous_ids, draft_ids
+
+    def _device_tokens(
+        self,
+        index: DeviceTokenIndex,
+        previous_ids: torch.Tensor | None,
+        draft_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The tokens ``index`` points at, in its rows' order (the eager path's, and what
+        rank 0 hands its tensor-parallel followers)."""
+        values = []
+        if previous_ids is not None:
+            values.append(previous_ids[self._tensor(index.previous_sources)])
+        if draft_ids is not None:
             values.append(
-                drafts.token_ids[self._tensor(draft_sources), self._tensor(draft_columns)]
+                draft_ids[self._tensor(index.draft_sources), self._tensor(index.draft_columns)]
             )
-        tokens = values[0] if len(values) == 1 else torch.cat(values)
-        return previous_rows + draft_rows, tokens
+        return values[0] if len(values) == 1 else torch.cat(values)
 
     def _can_replay(self, chunks: list[SequenceChunk], layout: StepLayout) -> bool:
         """Whether a decode graph runs the step: every chunk runs as one-token rows, some
@@ -397,9 +409,18 @@ class ModelRunner:
         before's grammar bitmasks, while they fill."""
         layout = StepLayout.build(chunks)
         layout.replay = self._can_replay(chunks, layout)
-        return PreparedStep(layout, self._stage_graph(layout) if layout.replay else None)
+        index = self._device_token_index(chunks, layout.first_rows)
+        layout.device_rows = index.rows if index is not None else []
+        if not layout.replay:
+            return PreparedStep(layout, None, index)
+        # The graph's block carries where the device's tokens are, unless they must be
+        # gathered on the host's side anyway (rank 0 hands them to its followers).
+        staged = self._stage_graph(layout, index if self.followers is None else None)
+        return PreparedStep(layout, staged, index)
 
-    def _stage_graph(self, layout: StepLayout) -> StagedInputs:
+    def _stage_graph(
+        self, layout: StepLayout, device_tokens: DeviceTokenIndex | None = None
+    ) -> StagedInputs:
         graphs = self.decode_graphs
         assert graphs is not None
         size = self.block_size
@@ -408,16 +429,25 @@ class ModelRunner:
             for table, p in zip(layout.block_tables, layout.positions, strict=True)
         ]
         return graphs.stage(
-            layout.input_ids, layout.positions, slots, layout.seq_lens, layout.block_tables
+            layout.input_ids,
+            layout.positions,
+            slots,
+            layout.seq_lens,
+            layout.block_tables,
+            device_tokens,
         )
 
     def _graph_logits(
-        self, layout: StepLayout, device_tokens, staged: StagedInputs | None = None
+        self,
+        layout: StepLayout,
+        device_tokens,
+        staged: StagedInputs | None = None,
+        sources: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> torch.Tensor:
         """Logits of the sampled rows from a replayed decode graph."""
         graphs = self.decode_graphs
         assert graphs is not None
-        logits = graphs.replay(staged or self._stage_graph(layout), device_tokens)
+        logits = graphs.replay(staged or self._stage_graph(layout), device_tokens, sources)
         if len(layout.sample_rows) == len(layout.input_ids):
             return logits
         return logits[self._tensor(layout.sample_rows)]
@@ -483,17 +513,20 @@ class ModelRunner:
     ) -> PendingStep:
         if prepared is None:
             prepared = self.prepare(chunks)
-        layout = prepared.layout
-        on_device = self._device_tokens(chunks, layout.first_rows, previous, drafts)
+        layout, index, staged = prepared.layout, prepared.device_tokens, prepared.staged
         device_tokens = None
-        if on_device is not None:
-            layout.device_rows, values = on_device
-            device_tokens = (self._tensor(layout.device_rows), values)
+        sources: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if index is not None:
+            sources = self._token_sources(index, previous, drafts)
+            if staged is None or not (staged.num_previous or staged.num_drafted):
+                # Gathered here: the graph's block does not say where they are.
+                values = self._device_tokens(index, *sources)
+                device_tokens = (self._tensor(index.rows), values)
         if self.followers is not None:
             self.followers.send_step(layout)
             if device_tokens is not None:  # only rank 0 holds them: hand them over
                 self.group.broadcast(device_tokens[1])
-        hidden, logits, prompt_logits = self._run_model(layout, device_tokens, prepared.staged)
+        hidden, logits, prompt_logits = self._run_model(layout, device_tokens, staged, sources)
         prompt_logprob_rows: dict[str, list[TokenLogprobs]] = {}
         if prompt_logits is not None and self.samples:
             self._prompt_logprobs(chunks, prompt_logits, prompt_logprob_rows)
@@ -533,12 +566,13 @@ class ModelRunner:
         layout: StepLayout,
         device_tokens: tuple[torch.Tensor, torch.Tensor] | None,
         staged: StagedInputs | None = None,
+        sources: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The model's step: (final hidden states of every fed token, logits of the rows
         that sample, logits of the prompt-logprob rows), the last two None when no row
         asks. Every tensor-parallel rank runs it with the same layout, in lock-step."""
         if layout.replay:
-            logits = self._graph_logits(layout, device_tokens, staged)
+            logits = self._graph_logits(layout, device_tokens, staged, sources)
             return self.decode_graphs.last_hidden, logits, None  # type: ignore[union-attr]
         metadata = AttentionMetadata.build(
             layout.query_lens, layout.seq_lens, layout.block_tables, self.block_size, self.device
@@ -723,3 +757,4 @@ class PreparedStep:
 
     layout: StepLayout
     staged: StagedInputs | None  # a decode graph's inputs, when one replays the step
+    device_tokens: DeviceTokenIndex | None = None  # where its tokens on the device are
