@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,6 +67,53 @@ def _graph(nodes: int, device: torch.device) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def _graph_us(call, device: torch.device, calls: int = 20) -> float:
+    """Device time of one call: ``calls`` of them captured in a graph, its replays timed."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def argmax_against_race(device: torch.device, repeats: int) -> list[dict]:
+    """Greedy tokens two ways, by rows and vocabulary: torch.argmax (one ATen launch) and
+    the chunked race kernel (two Triton launches): host µs a call and device µs a call."""
+    from lanner.kernels.sampling import exponential_race
+
+    rows_out = []
+    for vocab in (8192, 32768, 128256, 151936):
+        for rows in (1, 6, 64, 256):
+            logits = torch.randn(rows, vocab, device=device, dtype=torch.bfloat16)
+            ways = {
+                "torch.argmax": partial(torch.argmax, logits, -1),
+                "race kernel": partial(exponential_race, logits, None, None),
+            }
+            assert torch.equal(ways["torch.argmax"](), ways["race kernel"]())
+            for name, call in ways.items():
+                rows_out.append(
+                    {
+                        "vocab": vocab,
+                        "rows": rows,
+                        "way": name,
+                        "host_us": _per_call_us(call, repeats, device, True),
+                        "device_us": _graph_us(call, device),
+                    }
+                )
+    return rows_out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commit", default="unknown")
@@ -113,12 +161,19 @@ def main() -> None:
     results["device idle"]["read 8 ints back (copy + stream sync)"] = _per_call_us(
         read, args.repeats, device, False
     )
+    greedy = argmax_against_race(device, args.repeats)
     print(f"{'call':50} {'busy µs':>9} {'idle µs':>9}")
     for name in results["device idle"]:
         busy = results["device busy"].get(name)
         print(
             f"{name:50} {busy if busy is not None else float('nan'):9.1f} "
             f"{results['device idle'][name]:9.1f}"
+        )
+    print(f"{'greedy tokens':28} {'vocab':>7} {'rows':>5} {'host µs':>8} {'device µs':>9}")
+    for row in greedy:
+        print(
+            f"{row['way']:28} {row['vocab']:7} {row['rows']:5} {row['host_us']:8.1f} "
+            f"{row['device_us']:9.1f}"
         )
     save_copies(
         {
@@ -127,6 +182,7 @@ def main() -> None:
             "commit": args.commit,
             "command": "PYTHONPATH=. python3 benchmarks/host_costs.py " + " ".join(sys.argv[1:]),
             "us_per_call": results,
+            "greedy_tokens": greedy,
         },
         RESULTS,
         f"{time.strftime('%Y%m%d-%H%M%S')}-host-costs.json",

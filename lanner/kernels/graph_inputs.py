@@ -101,15 +101,17 @@ def _unpack_graph_inputs_kernel(
     tables_offset,
     table_stride,
     BLOCK: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
 ):
     row = tl.program_id(0)
     part = tl.program_id(1)
     width = tl.load(packed_ptr + width_offset).to(tl.int32)
-    if part == 0:
-        seq_len = tl.load(packed_ptr + seq_lens_offset + row)
-        tl.store(seq_lens_ptr + row, seq_len.to(tl.int32))
-        if row == 0:
-            tl.store(prefix_ptr, tl.load(packed_ptr + prefix_offset).to(tl.int32))
+    if HAS_LENGTHS:  # noqa: SIM102 - a compile-time branch: the other is not compiled
+        if part == 0:
+            seq_len = tl.load(packed_ptr + seq_lens_offset + row)
+            tl.store(seq_lens_ptr + row, seq_len.to(tl.int32))
+            if row == 0:
+                tl.store(prefix_ptr, tl.load(packed_ptr + prefix_offset).to(tl.int32))
     columns = part * BLOCK + tl.arange(0, BLOCK)
     # Entries past the step's width are never read (attention stops at the context
     # length): they keep what an earlier step wrote.
@@ -128,9 +130,9 @@ def unpack_graph_inputs(
 ) -> None:
     """Write rows [0, batch) of ``seq_lens`` (int32 [n]), ``prefix`` (int32 [1]) and
     ``tables`` (int32 [n, max_blocks]) from the packed int64 block."""
-    grid = (batch, triton.cdiv(layout.max_blocks, BLOCK))
-    _unpack_graph_inputs_kernel[grid](
+    _launch(
         packed,
+        batch,
         seq_lens,
         prefix,
         tables,
@@ -138,10 +140,55 @@ def unpack_graph_inputs(
         layout.prefix,
         layout.width,
         layout.tables,
+        True,
+    )
+
+
+def widen_block_tables(
+    packed: torch.Tensor, width_offset: int, tables_offset: int, batch: int, tables: torch.Tensor
+) -> None:
+    """Only the block tables: rows [0, batch) of ``tables`` (int32 [n, max_blocks]) from
+    the rows packed at ``tables_offset``, as wide as the value at ``width_offset`` says
+    (the EAGLE head's draft chain, whose other inputs are read in place)."""
+    _launch(packed, batch, tables, tables, tables, 0, 0, width_offset, tables_offset, False)
+
+
+def _launch(
+    packed: torch.Tensor,
+    batch: int,
+    seq_lens: torch.Tensor,
+    prefix: torch.Tensor,
+    tables: torch.Tensor,
+    seq_lens_offset: int,
+    prefix_offset: int,
+    width_offset: int,
+    tables_offset: int,
+    has_lengths: bool,
+) -> None:
+    grid = (batch, triton.cdiv(tables.shape[1], BLOCK))
+    _unpack_graph_inputs_kernel[grid](
+        packed,
+        seq_lens,  # (not written without lengths)
+        prefix,
+        tables,
+        seq_lens_offset,
+        prefix_offset,
+        width_offset,
+        tables_offset,
         tables.stride(0),
         BLOCK=BLOCK,
+        HAS_LENGTHS=has_lengths,
         num_warps=1,
     )
+
+
+def widen_block_tables_reference(
+    packed: torch.Tensor, width_offset: int, tables_offset: int, batch: int, tables: torch.Tensor
+) -> None:
+    """``widen_block_tables`` in torch (the kernel's oracle)."""
+    width = int(packed[width_offset])
+    rows = packed[tables_offset : tables_offset + batch * width].view(batch, width)
+    tables[:batch, :width] = rows.to(torch.int32)
 
 
 def unpack_graph_inputs_reference(
@@ -153,8 +200,6 @@ def unpack_graph_inputs_reference(
     tables: torch.Tensor,
 ) -> None:
     """``unpack_graph_inputs`` in torch (the kernel's oracle)."""
-    width = int(packed[layout.width])
     seq_lens[:batch] = packed[layout.seq_lens : layout.seq_lens + batch].to(torch.int32)
     prefix[0] = packed[layout.prefix].to(torch.int32)
-    rows = packed[layout.tables : layout.tables + batch * width].view(batch, width)
-    tables[:batch, :width] = rows.to(torch.int32)
+    widen_block_tables_reference(packed, layout.width, layout.tables, batch, tables)

@@ -49,6 +49,18 @@ def unpack_graph_inputs(
     unpack(packed, layout, batch, seq_lens, prefix, tables)
 
 
+def widen_block_tables(
+    packed: torch.Tensor, width_offset: int, tables_offset: int, batch: int, tables: torch.Tensor
+) -> None:
+    """Block tables packed at a step's width, spread to ``tables``' stride (kernels/
+    graph_inputs.py)."""
+    if use_triton(packed):
+        widen = graph_input_kernels.widen_block_tables
+    else:
+        widen = graph_input_kernels.widen_block_tables_reference
+    widen(packed, width_offset, tables_offset, batch, tables)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias): a decode step's few rows stream the weight through the
     skinny Triton kernel (cuBLAS reached ~40-90 % of copy bandwidth there); larger

@@ -311,12 +311,20 @@ class DecodeGraphs:
         that fits; returns logits [num_seqs, vocab]. Input ids still on the device come
         either as ``previous_tokens`` (rows, ids), or, where ``stage`` was told where they
         are, from ``sources``: (the step before's sampled ids [B], the drafts [R, k])."""
-        host = self.host_sets[staged.turn]
-        self.packed[: staged.used].copy_(host[: staged.used], non_blocking=True)
+        self.copy_inputs(staged)
         if previous_tokens is not None:
             self.input_ids[previous_tokens[0]] = previous_tokens[1]
         if staged.num_previous or staged.num_drafted:
             self._gather_tokens(staged, *sources)
+        return self.launch(staged)
+
+    def copy_inputs(self, staged: StagedInputs) -> None:
+        """The staged block to the device: the one copy of a replay."""
+        host = self.host_sets[staged.turn]
+        self.packed[: staged.used].copy_(host[: staged.used], non_blocking=True)
+
+    def launch(self, staged: StagedInputs) -> torch.Tensor:
+        """Replay the graph of ``staged``'s batch over the inputs copied; its logits."""
         self.graphs[staged.batch].replay()
         self.last_hidden = self.hidden[staged.batch][: staged.count]
         return self.logits[staged.batch][: staged.count]

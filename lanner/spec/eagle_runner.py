@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lanner.kernels import ops
 from lanner.kernels.attention_metadata import AttentionMetadata
 from lanner.kernels.paged_attention import choose_num_kv_splits
 from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.models.eagle import EagleHead
-from lanner.runner.cuda_graphs import DecodeGraphs, capture_sizes
+from lanner.runner.cuda_graphs import DecodeGraphs, StagedInputs, capture_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,8 @@ class EagleHeadRunner:
         """Write the head's K/V at every row's position and return its output [rows, H]
         (valid until the head's next catch-up)."""
         rows = len(batch.token_ids)
-        index = to_device(batch.feature_rows, torch.long, self.device)
         graphs = self.catch_up_graphs
         if graphs is not None and graphs.can_run(rows):
-            torch.index_select(features, 0, index, out=graphs.features[:rows])
             tables, seq_lens = [], []
             for count, end, table in zip(
                 batch.query_lens, batch.seq_lens, batch.block_tables, strict=True
@@ -120,8 +119,11 @@ class EagleHeadRunner:
                 table[p // size] * size + p % size
                 for table, p in zip(tables, batch.positions, strict=True)
             ]
-            staged = graphs.stage(batch.token_ids, batch.positions, slots, seq_lens, tables)
-            return graphs.replay(staged)
+            staged = graphs.stage_rows(
+                batch.token_ids, batch.positions, slots, seq_lens, tables, batch.feature_rows
+            )
+            return graphs.replay_rows(staged, features)
+        index = to_device(batch.feature_rows, torch.long, self.device)
         metadata = AttentionMetadata.build(
             batch.query_lens, batch.seq_lens, batch.block_tables, self.block_size, self.device
         )
@@ -147,10 +149,10 @@ class EagleHeadRunner:
         head output is ``outputs[rows[i]]``: draft 1 from it, draft j + 1 from a head step
         at position bases[i] + j - 1 (no further than limits[i]; the K/V of positions past
         it is not written)."""
-        index = to_device(rows, torch.long, self.device)
         graphs = self.chain_graphs
         if graphs is not None and graphs.can_run(len(rows), steps):
-            return graphs.run(outputs, index, bases, limits, block_tables, steps)
+            return graphs.run(outputs, rows, bases, limits, block_tables, steps)
+        index = to_device(rows, torch.long, self.device)
         width = max(len(t) for t in block_tables)
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         tables = to_device(padded, torch.int32, self.device).view(len(padded), width)
@@ -230,6 +232,31 @@ class CatchUpGraphs(DecodeGraphs):
             (self.max_batch, width), dtype=head.fc.weight.dtype, device=kv_caches[0].device
         )
 
+    def stage_rows(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        feature_rows: list[int],
+    ) -> StagedInputs:
+        """``stage``, with each row's feature row in the source (in the block's
+        token-source field, which catch-up rows have no other use for)."""
+        staged = self.stage(token_ids, positions, slots, seq_lens, block_tables)
+        start = self.layout.token_sources
+        self.host_sets[staged.turn].numpy()[start : start + len(feature_rows)] = feature_rows
+        return staged
+
+    def replay_rows(self, staged: StagedInputs, features: torch.Tensor) -> torch.Tensor:
+        """Replay for ``stage_rows``' inputs, each row's feature gathered from
+        ``features`` by the staged rows; the head's outputs."""
+        self.copy_inputs(staged)
+        start = self.layout.token_sources
+        rows = self.packed[start : start + staged.count]
+        torch.index_select(features, 0, rows, out=self.features[: staged.count])
+        return self.launch(staged)
+
     def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(
             self.input_ids[:batch],
@@ -256,13 +283,21 @@ class ChainGraphs:
         n = self.max_batch
         self.max_blocks = -(-max_model_len // runner.block_size)
         self.feed = torch.zeros((n, head.hidden_size), dtype=head.fc.weight.dtype, device=device)
-        self.bases = torch.ones(n, dtype=torch.long, device=device)
-        self.limits = torch.zeros(n, dtype=torch.long, device=device)
+        # One packed int64 block a replay, copied in one go: bases [0, r), limits
+        # [r, 2r), each row's output row in the catch-up [2r, 3r), the tables' width 3r,
+        # the tables (row after row at that width) from 3r + 2; r = n rounded up to even
+        # (16-byte aligned fields). The graph spreads the tables to their int32 stride.
+        r = n + n % 2
+        self.offsets = {"bases": 0, "limits": r, "rows": 2 * r, "width": 3 * r, "tables": 3 * r + 2}
+        size = self.offsets["tables"] + n * self.max_blocks
+        self.packed = torch.zeros(size, dtype=torch.long, device=device)
+        self.bases = self.packed[:n]
+        self.bases.fill_(1)  # rows past their limit (base 1, limit 0) until staged
+        self.limits = self.packed[r : r + n]
         self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=device)
-        # Pinned staging, so the copies are asynchronous; the step before has been read
-        # when the next is staged (speculation runs one step at a time).
-        self.host = torch.zeros((2, n), dtype=torch.long, pin_memory=True)
-        self.host_tables = torch.zeros(n * self.max_blocks, dtype=torch.int32, pin_memory=True)
+        # Pinned staging, so the copy is asynchronous; the step before has been read when
+        # the next is staged (speculation runs one step at a time).
+        self.host = torch.zeros(size, dtype=torch.long, pin_memory=True)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
@@ -274,6 +309,8 @@ class ChainGraphs:
         num_kv_splits = choose_num_kv_splits(
             batch, self.runner.head.config.num_key_value_heads, self.max_model_len
         )
+        offsets = self.offsets
+        ops.widen_block_tables(self.packed, offsets["width"], offsets["tables"], batch, self.tables)
         return self.runner.chain(
             self.feed[:batch],
             self.bases[:batch],
@@ -302,30 +339,30 @@ class ChainGraphs:
     def run(
         self,
         outputs: torch.Tensor,
-        rows: torch.Tensor,
+        rows: list[int],
         bases: list[int],
         limits: list[int],
         block_tables: list[list[int]],
         steps: int,
     ) -> torch.Tensor:
-        """Replay the chain for len(bases) requests; drafts [count, steps], valid until
-        the next replay."""
+        """Replay the chain for len(bases) requests fed ``outputs[rows]``; drafts
+        [count, steps], valid until the next replay."""
         count = len(bases)
         batch = next(size for size in self.sizes if size >= count)
-        host = self.host.numpy()
-        host[0, :batch] = 1
-        host[1, :batch] = 0
-        host[0, :count] = bases
-        host[1, :count] = limits
+        host, at = self.host.numpy(), self.offsets
+        host[at["bases"] : at["bases"] + batch] = 1  # padding rows: past their limit
+        host[at["limits"] : at["limits"] + batch] = 0
+        host[at["bases"] : at["bases"] + count] = bases
+        host[at["limits"] : at["limits"] + count] = limits
+        host[at["rows"] : at["rows"] + count] = rows
         width = max(len(t) for t in block_tables)
-        tables = self.host_tables.numpy()[: count * width].reshape(count, width)
+        host[at["width"]] = width
+        used = at["tables"] + count * width
+        tables = host[at["tables"] : used].reshape(count, width)
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
-        self.bases[:batch].copy_(self.host[0, :batch], non_blocking=True)
-        self.limits[:batch].copy_(self.host[1, :batch], non_blocking=True)
-        self.tables[:count, :width].copy_(
-            self.host_tables[: count * width].view(count, width), non_blocking=True
-        )
-        torch.index_select(outputs, 0, rows, out=self.feed[:count])
+        self.packed[:used].copy_(self.host[:used], non_blocking=True)
+        index = self.packed[at["rows"] : at["rows"] + count]
+        torch.index_select(outputs, 0, index, out=self.feed[:count])
         self.graphs[(batch, steps)].replay()
         return self.outputs[(batch, steps)][:count]

@@ -400,7 +400,11 @@ def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         yield f"accept_drafts k={max_k} decided", partial(accept, decisions, residual)
     # A decode graph's first kernel: its packed inputs unpacked, the batch sizes and table
     # widths of a run in one variant (the graphs capture it at every size).
-    from lanner.kernels.graph_inputs import GraphInputLayout, unpack_graph_inputs
+    from lanner.kernels.graph_inputs import (
+        GraphInputLayout,
+        unpack_graph_inputs,
+        widen_block_tables,
+    )
 
     for max_batch, max_blocks, batch in ((256, 512, 1), (256, 512, 96), (7, 3, 5)):
         layout = GraphInputLayout(max_batch, max_blocks)
@@ -415,6 +419,14 @@ def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                 torch.empty(1, dtype=torch.int32),
                 torch.empty(max_batch, max_blocks, dtype=torch.int32),
             ),
+        )
+    # The EAGLE head's draft chain spreads only its tables.
+    tables = torch.empty(256, 512, dtype=torch.int32)
+    packed = torch.empty(3 * 256 + 2 + 256 * 512, dtype=torch.int64)
+    for batch in (1, 96):
+        yield (
+            f"widen_block_tables batch {batch}",
+            partial(widen_block_tables, packed, 3 * 256, 3 * 256 + 2, batch, tables),
         )
 
 

@@ -19,6 +19,8 @@ from lanner.kernels.graph_inputs import (  # noqa: E402
     GraphInputLayout,
     unpack_graph_inputs,
     unpack_graph_inputs_reference,
+    widen_block_tables,
+    widen_block_tables_reference,
 )
 from lanner.runner.cuda_graphs import stage_inputs  # noqa: E402
 
@@ -87,3 +89,22 @@ def test_layout_fields_start_16_byte_aligned() -> None:
         starts = [layout.positions, layout.slots, layout.seq_lens, layout.tables]
         assert all(start * 8 % 16 == 0 for start in starts)
         assert layout.positions >= max_batch and layout.size == layout.tables + max_batch * 5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_widen_block_tables_alone(seed: int) -> None:
+    """The draft chain's use: only the tables, from any offsets; nothing else written."""
+    rng = random.Random(seed)
+    batch, max_blocks = rng.randint(1, 9), rng.randint(1, 300)
+    width = rng.randint(1, max_blocks)
+    width_at, tables_at = 4, 6
+    packed = torch.randint(0, 1 << 20, (tables_at + batch * width + 5,), dtype=torch.int64)
+    packed[width_at] = width
+    got = torch.full((batch + 2, max_blocks), -7, dtype=torch.int32)
+    want = got.clone()
+    widen_block_tables(packed, width_at, tables_at, batch, got)
+    widen_block_tables_reference(packed, width_at, tables_at, batch, want)
+    assert torch.equal(got, want)
+    rows = packed[tables_at : tables_at + batch * width].view(batch, width)
+    assert torch.equal(got[:batch, :width], rows.to(torch.int32))
+    assert (got[:, width:] == -7).all() and (got[batch:] == -7).all()
