@@ -13,6 +13,7 @@ Writes benchmarks/results/<stamp>-host-costs.json (and $OUT); prints µs per cal
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -114,11 +115,54 @@ def argmax_against_race(device: torch.device, repeats: int) -> list[dict]:
     return rows_out
 
 
+def probe_cores(rounds: int = 3) -> dict[int, list[float]]:
+    """The pure-Python probe of spec_profile.py (ms) on each core this process may use,
+    pinned there in turn, ``rounds`` times over all cores: whether some cores run Python
+    slower than others (the GPU machine's host ran the same step at 2x between runs)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from spec_profile import host_probe_ms
+
+    allowed = sorted(os.sched_getaffinity(0))
+    times: dict[int, list[float]] = {core: [] for core in allowed}
+    try:
+        for _ in range(rounds):
+            for core in allowed:
+                os.sched_setaffinity(0, {core})
+                times[core].append(host_probe_ms())
+    finally:
+        os.sched_setaffinity(0, allowed)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--probe-cores",
+        action="store_true",
+        help="only time the Python probe on each core; prints BEST_CORE=<n> last",
+    )
     args = parser.parse_args()
+    if args.probe_cores:
+        times = probe_cores()
+        for core, values in times.items():
+            print(f"core {core:3}: " + " ".join(f"{v:6.2f}" for v in values) + " ms")
+        best = min(times, key=lambda core: statistics.median(times[core]))
+        save_copies(
+            {
+                "workload": "pure-Python probe per core",
+                "card": card_name(),
+                "commit": args.commit,
+                "command": "PYTHONPATH=. python3 benchmarks/host_costs.py "
+                + " ".join(sys.argv[1:]),
+                "probe_ms_by_core": times,
+            },
+            RESULTS,
+            f"{time.strftime('%Y%m%d-%H%M%S')}-host-cores.json",
+        )
+        print(f"BEST_CORE={best}")
+        return
     device = torch.device("cuda")
     small = list(range(6))
     wide = list(range(256))

@@ -34,6 +34,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import random
 import statistics
 import sys
@@ -522,6 +523,25 @@ def make_core_8b(max_k: int) -> EngineCore:
     return EngineCore(config)
 
 
+def pin_to_core(core: int | None) -> None:
+    """Run this process on one core, one torch thread (None: as it is). The GPU machine's
+    host ran the same Python at two speeds ~2x apart (benchmarks/host_costs.py
+    --probe-cores), so host-bound figures compared across runs need one core."""
+    if core is None:
+        return
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+
+
+def add_pin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pin-core",
+        type=int,
+        default=None,
+        help="run on this one core (host_costs.py --probe-cores prints the fastest)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commit", default="unknown")
@@ -550,7 +570,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-w7", action="store_true")
     parser.add_argument("--skip-8b", action="store_true")
+    add_pin_argument(parser)
     args = parser.parse_args()
+    pin_to_core(args.pin_core)
     args.ks = [int(k) for k in args.ks.split(",") if k]
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.methods = [m for m in args.methods.split(",") if m]

@@ -525,12 +525,23 @@ def precompile_sampling(vocab_size: int, dtype: torch.dtype, device: torch.devic
     exponential_race(logits, temperatures, torch.zeros(1, dtype=torch.int64, device=device))
 
 
+# Vocabularies up to this size take torch.argmax on CUDA, larger ones the race's chunked
+# argmax. On the H200 (benchmarks/host_costs.py, 20261202-022822-host-costs.json) argmax
+# cost 9-13 µs of host time a call against the race's 55-90 µs (two Triton launches), and
+# 5-10 µs of device time against 2-4 µs up to 32,768 columns, but 27 µs against 2.4 µs at
+# 128,256 (one row): where the vocabulary is small the host's saving wins.
+ARGMAX_MAX_VOCAB = 32768
+
+
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's argmax (int64 [B]): the race's all-greedy kernel on CUDA (a chunked
+    """Each row's argmax (int64 [B]), ties to the lowest column: on CUDA torch.argmax for
+    vocabularies up to ARGMAX_MAX_VOCAB, else the race's all-greedy kernel (a chunked
     argmax: torch's single-row argmax over a 128k vocabulary took 37 µs on the H100). On
     the CPU max's indices, the first maximum's as argmax's, took 247 µs where argmax took
     416 µs (32 rows of the demo model's 8,192 logits, one thread)."""
     if logits.is_cuda:
+        if logits.shape[1] <= ARGMAX_MAX_VOCAB:
+            return logits.argmax(-1)
         return exponential_race(logits, None, None)
     return logits.max(-1).indices
 
