@@ -295,7 +295,9 @@ def main() -> None:
         "--detail", action="store_true", help="time the parts of a step listed in DETAIL too"
     )
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script")
+    spec_decode.add_pin_argument(parser)
     args = parser.parse_args()
+    spec_decode.pin_to_core(args.pin_core)
     spec_decode.DEVICE = args.device
     _log_compiles()
     prompts, _ = spec_decode.heldout_prompts(64)
