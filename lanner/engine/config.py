@@ -53,8 +53,8 @@ class EngineConfig:
     enforce_eager: bool = False
     # Launch step N+1 before reading step N's samples; None: on for CUDA, off elsewhere.
     async_scheduling: bool | None = None
-    # CPU threads for torch's operations; None: OMP_NUM_THREADS, else the available cores
-    # but one for a model on the CPU, one for a GPU's host side (runner/cpu_threads.py).
+    # CPU threads for the model's operations; None: OMP_NUM_THREADS, else the available
+    # cores but one (runner/cpu_threads.py). The CPU only.
     num_threads: int | None = None
     # Speculative decoding (None: off); LLM(...) and the CLI also take it as a dict.
     speculative_config: SpeculativeConfig | None = None

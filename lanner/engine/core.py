@@ -193,8 +193,8 @@ class EngineCore:
             executor.wait_ready()
         self.model_config = self.loaded.config
         mark = self._mark_phase("load weights", started)
-        self.num_threads = set_num_threads(
-            config.num_threads, host_side=self.loaded.device.type != "cpu"
+        self.num_threads = (
+            set_num_threads(config.num_threads) if self.loaded.device.type == "cpu" else None
         )
         # vLLM's --seed: requests without a seed of their own draw from torch's generator,
         # so a run's unseeded sampling repeats under the same seed and request order.

@@ -80,8 +80,8 @@ _ENGINE_FLAGS: list[tuple[str, type, str]] = [
     (
         "--num-threads",
         int,
-        "CPU threads for torch's operations (default: OMP_NUM_THREADS when set, else the "
-        "available cores but one for a model on the CPU, one on a GPU)",
+        "CPU threads for the model's operations (default: OMP_NUM_THREADS when set, else "
+        "the available cores but one)",
     ),
     (
         "--generation-config",

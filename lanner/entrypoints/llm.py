@@ -46,7 +46,7 @@ class LLM:
     gpu_memory_utilization, kv_cache_memory_bytes, num_gpu_blocks_override,
     enable_prefix_caching (default True), scheduling_policy ("fcfs", "priority" or
     "lpm", longest cached prefix first), tokenizer, revision, generation_config,
-    skip_tokenizer_init, num_threads (torch's), speculative_config (a dict, e.g. {"method":
+    skip_tokenizer_init, num_threads (CPU), speculative_config (a dict, e.g. {"method":
     "ngram", "num_speculative_tokens": 3}; off by default), tensor_parallel_size (split
     the model over that many GPUs, or CPU processes), distributed_executor_backend ("mp",
     the default: processes on this host; "ray": Ray actors on an existing Ray cluster),

@@ -19,7 +19,6 @@ import torch
 from lanner.distributed import TensorParallelGroup, TensorParallelShard, join_store
 from lanner.memory.kv_cache import CacheConfig, kv_cache_torch_dtype, num_blocks_for_memory
 from lanner.model.loader import load_model
-from lanner.runner.cpu_threads import set_num_threads
 from lanner.runner.model_runner import ModelRunner
 from lanner.runner.step_message import STEP, decode_command, decode_step, encode_command
 
@@ -76,8 +75,6 @@ def run_worker(spec: WorkerSpec, rank: int, rendezvous: Rendezvous) -> None:
     if device.type == "cpu":
         # Every rank shares the host's cores: each takes its share, not all of them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
-    else:
-        set_num_threads(None, host_side=True)
     connection = Client(rendezvous.control_address, authkey=rendezvous.authkey)
     set_no_delay(connection)
     try:

@@ -54,21 +54,6 @@ def test_default_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cpu_threads.default_num_threads() == 3
 
 
-def test_a_gpu_host_side_runs_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Torch's host-side operations beside a GPU run on one thread unless OMP_NUM_THREADS
-    says otherwise (a pool of one a core made the H200's batch-1 step ~2x slower)."""
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(cpu_threads, "available_cores", lambda: 16)
-    assert cpu_threads.default_host_threads() == 1
-    before = torch.get_num_threads()
-    try:
-        assert cpu_threads.set_num_threads(None, host_side=True) == 1 == torch.get_num_threads()
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert cpu_threads.set_num_threads(None, host_side=True) == 2
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_num_threads_option(tiny_model_dirs: dict[str, Path]) -> None:
     before = torch.get_num_threads()
     try:
