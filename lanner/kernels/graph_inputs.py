@@ -89,7 +89,12 @@ class GraphInputLayout:
         return self.tables + count * width
 
 
-@triton.jit
+# The offsets follow each engine's largest graph: unspecialized, every engine (and the
+# startup's compile-ahead, whose graphs may be sized otherwise) shares one variant.
+_LAYOUT_ARGS = ["seq_lens_offset", "prefix_offset", "width_offset", "tables_offset", "table_stride"]
+
+
+@triton.jit(do_not_specialize=_LAYOUT_ARGS)
 def _unpack_graph_inputs_kernel(
     packed_ptr,
     seq_lens_ptr,

@@ -820,6 +820,10 @@ def test_every_launched_kernel_variant_compiles_for_sm90(tmp_path: Path) -> None
     # and k <= 7, and once more each past it: no variant appears mid-run.
     accept = [v for v in summary["variants"] if v["kernel"] == "_accept_drafts_kernel"]
     assert len(accept) == 4, [describe(v) for v in accept]
+    # A decode graph's unpack compiles once whatever the engine's graph sizes (the startup's
+    # compile-ahead sizes its graphs otherwise), once more for the draft chain's tables.
+    unpack = [v for v in summary["variants"] if v["kernel"] == "_unpack_graph_inputs_kernel"]
+    assert len(unpack) == 2, [describe(v) for v in unpack]
     assert all(v["reached"] == STOP_AFTER for v in summary["variants"])
 
 
