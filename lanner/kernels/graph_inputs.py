@@ -18,8 +18,6 @@ length 7n, width 7n + 1, tables from 7n + 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -27,61 +25,27 @@ import triton.language as tl
 BLOCK = 256  # table entries a program copies
 
 
-@dataclass(frozen=True)
 class GraphInputLayout:
     """Offsets into the packed block for graphs of at most ``max_batch`` rows and tables
     of at most ``max_blocks`` entries a row."""
 
-    max_batch: int
-    max_blocks: int
-
-    @property
-    def rows(self) -> int:
-        return self.max_batch + self.max_batch % 2
-
-    @property
-    def ids(self) -> int:
-        return 0
-
-    @property
-    def positions(self) -> int:
-        return self.rows
-
-    @property
-    def slots(self) -> int:
-        return 2 * self.rows
-
-    @property
-    def seq_lens(self) -> int:
-        return 3 * self.rows
-
-    @property
-    def token_rows(self) -> int:
-        return 4 * self.rows
-
-    @property
-    def token_sources(self) -> int:
-        return 5 * self.rows
-
-    @property
-    def token_columns(self) -> int:
-        return 6 * self.rows
-
-    @property
-    def prefix(self) -> int:
-        return 7 * self.rows
-
-    @property
-    def width(self) -> int:
-        return 7 * self.rows + 1
-
-    @property
-    def tables(self) -> int:
-        return 7 * self.rows + 2
-
-    @property
-    def size(self) -> int:
-        return self.tables + self.max_batch * self.max_blocks
+    def __init__(self, max_batch: int, max_blocks: int) -> None:
+        self.max_batch, self.max_blocks = max_batch, max_blocks
+        rows = max_batch + max_batch % 2
+        self.rows = rows
+        (
+            self.ids,
+            self.positions,
+            self.slots,
+            self.seq_lens,
+            self.token_rows,
+            self.token_sources,
+            self.token_columns,
+        ) = (field * rows for field in range(7))
+        self.prefix = 7 * rows
+        self.width = self.prefix + 1
+        self.tables = self.prefix + 2
+        self.size = self.tables + max_batch * max_blocks
 
     def used(self, count: int, width: int) -> int:
         """Entries a step of ``count`` rows with tables ``width`` wide fills (the prefix
