@@ -68,8 +68,10 @@ def ngram_lookup(
 
     The histories are searched as one flat array (their concatenation): candidate matches
     are the positions holding their row's last token (one comparison per token), each
-    extended backwards against the suffix max_n - 1 times, over the candidates only. No
-    padded grid is built: at 256 rows of 512 tokens, filling one cost 4x the search.
+    compared backwards with its row's suffix in one [candidates, max_n] gather. No padded
+    grid of the histories is built: at 256 rows of 512 tokens, filling one cost 4x the
+    search. Every step is a few whole-array operations (a batch-1 lookup is ~15 of them),
+    since at small batches each one's fixed cost is what the search costs.
     """
     rows = len(histories)
     lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=rows)
@@ -77,29 +79,30 @@ def ngram_lookup(
         return [[] for _ in range(rows)]
     ends = np.cumsum(lengths)
     starts = ends - lengths
-    tokens = np.concatenate(histories)
-    row_of = np.repeat(np.arange(rows), lengths)
+    tokens = histories[0] if rows == 1 else np.concatenate(histories)
     lasts = np.maximum(ends - 1, 0)  # each row's last position (a row of 0 has none)
     candidate = tokens == np.repeat(tokens[lasts], lengths)
     candidate[lasts[lengths > 0]] = False  # a match needs a token after it
     ends_at = np.flatnonzero(candidate)
-    cand_rows = row_of[ends_at]
+    cand_rows = np.searchsorted(ends, ends_at, side="right")
     first = starts[cand_rows]
-    suffix_end = lasts[cand_rows]
-    match_len = np.ones(len(ends_at), dtype=np.int64)
-    alive = np.ones(len(ends_at), dtype=bool)
-    for back in range(1, max_n):
-        at, suffix_at = ends_at - back, suffix_end - back
-        alive &= (at >= first) & (suffix_at >= first)
-        alive &= tokens[np.maximum(at, 0)] == tokens[np.maximum(suffix_at, 0)]
-        match_len += alive
-    good = match_len >= min_n
-    # Longest match first, then the latest.
+    # Position ends_at - j against the suffix's lasts - j, j < max_n; the suffix lies after
+    # the candidate, so a candidate position inside its row is all that needs checking.
+    back = np.arange(max_n)
+    at = ends_at[:, None] - back
+    same = tokens[np.maximum(at, 0)] == tokens[lasts[cand_rows][:, None] - back]
+    same &= at >= first[:, None]
+    match_len = np.cumprod(same, axis=1).sum(axis=1)
+    # Longest match first, then the latest: candidates are in position order, so each
+    # row's are contiguous and its best is one maximum over its group.
     width = int(lengths.max())
-    score = np.full(rows, -1, dtype=np.int64)
-    np.maximum.at(score, cand_rows[good], match_len[good] * width + (ends_at - first)[good])
-    found = score >= 0
-    follow = np.where(found, starts + score % width + 1, ends)  # the first token after it
+    score = np.where(match_len >= min_n, match_len * width + (ends_at - first), -1)
+    best = np.full(rows, -1, dtype=np.int64)
+    if len(ends_at):
+        groups = np.flatnonzero(np.diff(cand_rows, prepend=-1))
+        best[cand_rows[groups]] = np.maximum.reduceat(score, groups)
+    found = best >= 0
+    follow = np.where(found, starts + best % width + 1, ends)  # the first token after it
     max_k = max(max_tokens)
     index = np.minimum(follow[:, None] + np.arange(max_k)[None, :], lasts[:, None])
     picked = tokens[index]
