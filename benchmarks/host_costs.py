@@ -120,7 +120,7 @@ def probe_cores(rounds: int = 3) -> dict[int, list[float]]:
     pinned there in turn, ``rounds`` times over all cores: whether some cores run Python
     slower than others (the GPU machine's host ran the same step at 2x between runs)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from spec_profile import host_probe_ms
+    from spec_decode import host_probe_ms
 
     allowed = sorted(os.sched_getaffinity(0))
     times: dict[int, list[float]] = {core: [] for core in allowed}

@@ -141,6 +141,18 @@ def release(core: EngineCore) -> None:
     torch.cuda.empty_cache()
 
 
+def host_probe_ms() -> float:
+    """The median time of a fixed pure-Python loop: how fast this host runs Python right
+    now (the GPU machine's host has drifted by 2x between and within calls), to read
+    beside a case's step times."""
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        sum(i * i for i in range(100_000))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
 def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature: float) -> dict:
     """All prompts through the core (at most max_num_seqs at once); output tok/s, the
     median and mean step times and the speculation counters over the run."""
@@ -166,6 +178,7 @@ def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature
     for i, prompt in enumerate(prompts):
         core.add_request(Request(f"r{i}", list(prompt), params))
     step_times = []
+    probe_before = host_probe_ms()
     _sync()
     started = time.perf_counter()
     while core.has_unfinished_requests():
@@ -183,6 +196,9 @@ def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature
         "steps": len(step_times),
         "step_ms_median": statistics.median(step_times) * 1e3,
         "step_ms_mean": elapsed / max(1, len(step_times)) * 1e3,
+        # The host's Python speed just before and after (host_probe_ms): a run whose
+        # probe differs from another's ran on a faster or slower host.
+        "host_probe_ms": [probe_before, host_probe_ms()],
     }
     if spec is not None and before is not None:
         drafts = spec.num_drafts - before[0]
@@ -264,7 +280,8 @@ def w7(args: argparse.Namespace) -> dict:
                 if adaptive and "draft_length_chosen" in figures
                 else ""
             )
-            + (f"  bound x{row['bound']:.2f}" if "bound" in row else ""),
+            + (f"  bound x{row['bound']:.2f}" if "bound" in row else "")
+            + "  host probe {:.1f}/{:.1f} ms".format(*figures["host_probe_ms"]),
             flush=True,
         )
 

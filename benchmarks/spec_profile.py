@@ -76,18 +76,6 @@ def _timed(owner, name: str, totals: dict[str, float], label: str) -> None:
     setattr(owner, name, wrapper)
 
 
-def host_probe_ms() -> float:
-    """The median time of a fixed pure-Python loop: how fast this host runs Python right
-    now (the GPU machine's host has drifted by 2x between and within calls), to read
-    beside a case's step times."""
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter()
-        sum(i * i for i in range(100_000))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
-
-
 def _time(event) -> float:
     """An event's device time (CUDA), or its own CPU time in a CPU smoke run."""
     return event.device_time_total if spec_decode.DEVICE == "cuda" else event.self_cpu_time_total
@@ -132,7 +120,7 @@ def profile_case(
     detail: bool = False,
 ) -> dict:
     model = str(DEFAULT_MODEL_DIR)
-    probe_before = host_probe_ms()
+    probe_before = spec_decode.host_probe_ms()
     core = spec_decode.make_core(model, batch, spec)
     params = SamplingParams(
         temperature=0.0, max_tokens=output_len, ignore_eos=True, seed=0, detokenize=False
@@ -220,7 +208,7 @@ def profile_case(
     result = {
         "batch": batch,
         "spec": spec,
-        "host_probe_ms": [probe_before, host_probe_ms()],
+        "host_probe_ms": [probe_before, spec_decode.host_probe_ms()],
         "steps": steps,
         "elapsed_s": elapsed,
         "output_tok_per_s": len(prompts) * output_len / elapsed,
