@@ -47,11 +47,6 @@ class GraphInputLayout:
         self.tables = self.prefix + 2
         self.size = self.tables + max_batch * max_blocks
 
-    def used(self, count: int, width: int) -> int:
-        """Entries a step of ``count`` rows with tables ``width`` wide fills (the prefix
-        of the block its copy moves)."""
-        return self.tables + count * width
-
 
 # The offsets follow each engine's largest graph: unspecialized, every engine (and the
 # startup's compile-ahead, whose graphs may be sized otherwise) shares one variant.

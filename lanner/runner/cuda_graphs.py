@@ -76,24 +76,30 @@ def stage_inputs(
     packed[layout.positions : layout.positions + count] = positions
     packed[layout.slots : layout.slots + count] = slots
     packed[layout.seq_lens : layout.seq_lens + count] = seq_lens
-    width = max(len(table) for table in block_tables)
     if device_tokens is not None:
-        previous, drafted = len(device_tokens.previous_rows), len(device_tokens.draft_rows)
-        rows, sources = layout.token_rows, layout.token_sources
-        packed[rows : rows + previous] = device_tokens.previous_rows
-        packed[rows + previous : rows + previous + drafted] = device_tokens.draft_rows
-        packed[sources : sources + previous] = device_tokens.previous_sources
-        packed[sources + previous : sources + previous + drafted] = device_tokens.draft_sources
-        columns = layout.token_columns + previous
-        packed[columns : columns + drafted] = device_tokens.draft_columns
+        rows = device_tokens.rows
+        sources = device_tokens.previous_sources + device_tokens.draft_sources
+        packed[layout.token_rows : layout.token_rows + len(rows)] = rows
+        packed[layout.token_sources : layout.token_sources + len(rows)] = sources
+        columns = layout.token_columns + len(device_tokens.previous_rows)
+        packed[columns : columns + len(device_tokens.draft_columns)] = device_tokens.draft_columns
     packed[layout.prefix] = prefix
-    packed[layout.width] = width
-    # Entries past a row's own blocks are never read (attention stops at seq_len), so
-    # each row writes only its own blocks.
-    tables = packed[layout.tables : layout.used(count, width)].reshape(count, width)
+    packed[layout.width], used = pack_block_tables(packed, layout.tables, block_tables)
+    return used
+
+
+def pack_block_tables(
+    packed: np.ndarray, start: int, block_tables: list[list[int]]
+) -> tuple[int, int]:
+    """The tables row after row from ``start``, at the widest one's width; returns (that
+    width, the end of what was written). Entries past a row's own blocks are never read
+    (attention stops at seq_len), so each row writes only its own blocks."""
+    width = max(len(table) for table in block_tables)
+    end = start + len(block_tables) * width
+    tables = packed[start:end].reshape(len(block_tables), width)
     for row, table in enumerate(block_tables):
         tables[row, : len(table)] = table
-    return layout.used(count, width)
+    return width, end
 
 
 @dataclass(frozen=True)
@@ -290,15 +296,9 @@ class DecodeGraphs:
             shared_prefix_tokens(block_tables, seq_lens, self.block_size),
             device_tokens,
         )
-        if device_tokens is None:
-            return StagedInputs(count, batch, used, self.turn)
+        index = device_tokens or DeviceTokenIndex()
         return StagedInputs(
-            count,
-            batch,
-            used,
-            self.turn,
-            len(device_tokens.previous_rows),
-            len(device_tokens.draft_rows),
+            count, batch, used, self.turn, len(index.previous_rows), len(index.draft_rows)
         )
 
     def replay(

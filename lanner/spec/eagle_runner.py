@@ -24,7 +24,12 @@ from lanner.kernels.paged_attention import choose_num_kv_splits
 from lanner.kernels.transfer import to_device
 from lanner.memory.kv_cache import allocate_kv_caches
 from lanner.model.models.eagle import EagleHead
-from lanner.runner.cuda_graphs import DecodeGraphs, StagedInputs, capture_sizes
+from lanner.runner.cuda_graphs import (
+    DecodeGraphs,
+    StagedInputs,
+    capture_sizes,
+    pack_block_tables,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -355,12 +360,7 @@ class ChainGraphs:
         host[at["bases"] : at["bases"] + count] = bases
         host[at["limits"] : at["limits"] + count] = limits
         host[at["rows"] : at["rows"] + count] = rows
-        width = max(len(t) for t in block_tables)
-        host[at["width"]] = width
-        used = at["tables"] + count * width
-        tables = host[at["tables"] : used].reshape(count, width)
-        for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = table
+        host[at["width"]], used = pack_block_tables(host, at["tables"], block_tables)
         self.packed[:used].copy_(self.host[:used], non_blocking=True)
         index = self.packed[at["rows"] : at["rows"] + count]
         torch.index_select(outputs, 0, index, out=self.feed[:count])
