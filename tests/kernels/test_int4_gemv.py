@@ -200,14 +200,16 @@ def test_gemv_rejects_bad_parameters() -> None:
         skinny.skinny_matmul_w4(x, packed, scales, zeros, group, gemv=True, scale_weights=True)
 
 
-def test_plane_values_are_sixteen_plus_each_code() -> None:
-    """The bit trick itself: every code of every plane, low and high word, as 16 + q."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plane_values_are_each_code_plus_the_planes_offset(dtype: torch.dtype) -> None:
+    """The bit trick itself: every code of every plane, low and high word, as 16 + q (fp32
+    x), or with the shifts shared by two planes (16-bit x) 256 + q in planes 0 and 2."""
     codes = torch.arange(512) % 16
     codes = codes[torch.randperm(512, generator=torch.Generator().manual_seed(1))]
     packed = ref.pack_int4(codes.view(1, 512))
-    scales = torch.ones(4, 1, dtype=torch.float32)
-    x = torch.eye(512)  # row j picks code j: out[j] = q_j - 8
+    scales = torch.ones(4, 1, dtype=dtype)
+    x = torch.eye(512, dtype=dtype)  # row j picks code j: out[j] = q_j - 8
     out = skinny.skinny_matmul_w4(
         x, packed, scales, None, 128, gemv=True, block_n=4, block_k=1024, num_warps=1
     )
-    assert torch.equal(out[:, 0], codes.float() - 8)
+    assert torch.equal(out[:, 0].float(), codes.float() - 8)
