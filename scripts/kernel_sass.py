@@ -72,7 +72,23 @@ def _cases():
         scales = torch.empty(m), torch.empty(n)
         return w8a8_matmul.w8a8_matmul(x, scales[0], weight, scales[1], None, bf16, **options)
 
+    def decode(m, n, k, **options):
+        """m sequences of n tokens decoding (llama3-8b heads: 32 / 8 of 128), a cache of k
+        bits (16: bf16, 8: fp8 e4m3), bf16 queries."""
+        from lanner.kernels.attention_metadata import AttentionMetadata
+        from lanner.kernels.paged_attention import decode_attention
+
+        block_size, per_seq = 16, -(-n // 16)
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(m)]
+        metadata = AttentionMetadata.build([1] * m, [n] * m, tables, block_size, "cpu")
+        cache_dtype = bf16 if k == 16 else torch.float8_e4m3fn
+        kv_cache = torch.empty(2, m * per_seq, block_size, 8, 128, dtype=cache_dtype)
+        query = torch.empty(m, 32, 128, dtype=bf16)
+        out = torch.empty_like(query)
+        return decode_attention(query, kv_cache, metadata, 0.1, None, out, **options)
+
     return {
+        "decode": decode,
         "skinny": dense,
         "fp8": w8(fp8),
         "fp8_w8a8": w8(fp8, 448.0),

@@ -1,11 +1,13 @@
-"""The batched n-gram lookup against a plain per-request search."""
+"""The batched n-gram lookup and the small-batch index against a plain per-request search."""
 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import numpy as np
 
+from lanner.spec import ngram
 from lanner.spec.ngram import ngram_lookup
 
 
@@ -51,3 +53,28 @@ def test_a_batch_of_histories_shorter_than_max_n() -> None:
         histories = [[rng.randrange(2) for _ in range(rng.randint(1, 4))] for _ in range(3)]
         got = ngram_lookup([np.array(h, dtype=np.int32) for h in histories], 1, 5, [3] * 3)
         assert got == [lookup_one(h, 1, 5, 3) for h in histories], histories
+
+
+def test_small_batch_index_equals_the_batched_search_as_tokens_arrive(monkeypatch) -> None:
+    """The per-request n-gram index (batches up to SMALL_BATCH) against ngram_lookup on the
+    same window, after every arrival of 1-7 tokens (a step's accepted run), with a window
+    short enough to slide."""
+    monkeypatch.setattr(ngram, "LOOKUP_WINDOW", 24)
+    rng = random.Random(2)
+    for trial in range(40):
+        alphabet = rng.randint(2, 5)
+        tokens = [rng.randrange(alphabet) for _ in range(rng.randint(1, 12))]
+        min_n = rng.randint(1, 3)
+        max_n = rng.randint(min_n, 5)
+        history = ngram._History()
+        while len(tokens) < 70:
+            slot = SimpleNamespace(
+                num_known_tokens=len(tokens), token_ids=lambda a, b, t=tokens: t[a:b]
+            )
+            window = history.update(slot)
+            k = rng.randint(1, 6)
+            got = history.lookup(min_n, max_n, k)
+            assert got == ngram_lookup([window], min_n, max_n, [k])[0], (trial, tokens)
+            if len(tokens) <= 24:
+                assert got == lookup_one(tokens, min_n, max_n, k)
+            tokens = tokens + [rng.randrange(alphabet) for _ in range(rng.randint(1, 7))]
