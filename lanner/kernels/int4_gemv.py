@@ -14,32 +14,37 @@ row, the warp's threads side by side along K (whole 32-byte sectors); BLOCK_I = 
 num_warps, so one load covers the step. In the plane layout (kernels/quant_reference.py)
 int32 i of a row holds words 2i and 2i + 1 of its 512-code tile, and nibble plane s of
 word p the code of k = 512 tile + 128 s + p: a chunk holds, per plane, the codes of 8
-consecutive k of one group. Per plane and code a shift and one LOP3 (PTX) put q into the
-mantissa of the fp32 16.0, giving 16 + q exactly, no int-to-float convert; one FMA
-multiplies it by x (fp32); a chunk's 8 products are summed in the thread's registers, and
-(16 + zero) times the chunk's x sum is taken off before the group scale multiplies it into
-the fp32 accumulator. The accumulators are summed across threads once, after the loop.
-The x values (and the scales) are read in the words' layout, every operand shaped
-[rows of x, rows of W, chunks, ...] from the start, so Triton converts no layout.
+consecutive k of one group. Per code one LOP3 (PTX), after a shift (shared by two planes
+with 16-bit x), puts q into the mantissa of the fp32 16.0 or 256.0, giving c + q exactly,
+no int-to-float convert; one FMA multiplies it by x (fp32); a chunk's 8 products are
+summed in the thread's registers, and (c + zero) times the chunk's x sum is taken off
+before the group scale multiplies it into the fp32 accumulator. The accumulators are
+summed across threads once, after the loop. The x values (and the scales) are read in the
+words' layout, every operand shaped [rows of x, rows of W, chunks, ...] from the start, so
+Triton converts no layout.
 
-Cost (scripts/kernel_sass.py, sm_90): about 4.3 SASS instructions a code at one row,
-against the ~4 that the H200's issue rate allows at copy bandwidth (4.2 TB/s over 132 SMs
-at ~1.9 GHz: ~32 codes a clock per SM), so the loads must overlap the math: across the
-programs an SM holds, and (prefetch) by loading each next step's words into registers
-before this step's math, or (num_stages > 1) through Triton's cp.async pipeline. Each extra
-row of x adds about one FMA a code (2 rows: ~5.9 a code), which is why 2-16 rows keep the
-tile path unless a measured table says otherwise.
+Cost (scripts/kernel_sass.py, sm_90): about 3.7 SASS instructions a code at one row with
+16-bit x (4.4 before the shared shifts and the scales' 16-byte loads), against the ~4 that
+the H200's issue rate allows at copy bandwidth (4.2 TB/s over 132 SMs at ~1.9 GHz: ~32
+codes a clock per SM): the instruction count bounds it (Nsight Compute, W1's gate_up: issue
+slots busy 58 % of cycles, benchmarks/results/20261202-0455-ncu-int4-gemv-gate_up.txt),
+and the loads must overlap the math: across the programs an SM holds, and (prefetch) by
+loading each next step's words into registers before this step's math, or (num_stages >
+1) through Triton's cp.async pipeline. Each extra row of x adds about one FMA a code (2
+rows: ~5.9 a code at 5ba2818), which is why 2-16 rows keep the tile path unless a measured
+table says otherwise.
 
 The layout needs nothing new at load: the plane layout every int4 checkpoint format is
 repacked into (AWQ, GPTQ, compressed-tensors pack-quantized) already keeps each row's words
 contiguous along K.
 
-Rounding: (16 + q) x is exact in fp32 only up to one rounding of the product (|x| 31 2^-24
-at most), and taking (16 + zero) sum x off a chunk's sum loses about as much again: with
-bf16 and fp16 outputs far below their own rounding, with fp32 ones within ~2^-19 of the
-outputs' scale (tests/kernels/test_int4_gemv.py bounds it). Rows are independent (each
-output row is its own x row times the same words in the same order), so row i of an M-row
-call does not depend on the others.
+Rounding: (c + q) x is exact in fp32 only up to one rounding of the product (|x| 31 2^-24
+at most with c = 16, |x| 271 2^-24 with c = 256, 16-bit x only), and taking (c + zero)
+sum x off a chunk's sum loses about as much again: with bf16 and fp16 outputs far below
+their own rounding, with fp32 ones (fp32 x: c = 16) within ~2^-19 of the outputs' scale
+(tests/kernels/test_int4_gemv.py bounds it). Rows are independent (each output row is its
+own x row times the same words in the same order), so row i of an M-row call does not
+depend on the others.
 
 Split-K: as skinny_matmul (fp32 partials, the last program of a tile adds them in split
 order, deterministic; CUDA-graph capturable once a split-K call ran outside a capture).
@@ -272,8 +277,6 @@ def _int4_gemv_kernel(
     CHUNKS: tl.constexpr = BLOCK_I // _VEC
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past N read a copy of the last row (never stored): no row mask on the loads.
-    # (The clamp also hides the rows' contiguity from the scale loads' layout, which then
-    # spreads the threads along K as the words' does: no layout conversion between them.)
     rows_in = tl.minimum(rows_n, N - 1)
     w_rows = w_ptr + rows_in.to(tl.int64) * w_stride_row
 
