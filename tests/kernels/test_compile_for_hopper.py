@@ -567,6 +567,7 @@ def quant_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
         (bf16, 1, (28672, 4096), 32, True, {}),
         (fp16, 1, (4096, 4096), 64, False, {}),
         (fp32, 1, (1024, 3072), 128, True, {}),
+        (bf16, 1, (4100, 4096), 128, True, {}),  # N off the rows a program: clamped scales
         (bf16, 1, (4096, 1024), 16, False, {"fused_reduce": False, "split_k": 2}),
         (bf16, 2, (6144, 4096), 128, False, {"gemv": True}),
         (bf16, 4, (4096, 14336), 128, False, {"gemv": True}),
