@@ -378,8 +378,8 @@ def _lop3_asm(mask: int, magic: int) -> str:
     )
 
 
-_LOP3_SIXTEEN = tl.constexpr(_lop3_asm(0x00780000, 0x41800000))
-_LOP3_TWO_FIFTY_SIX = tl.constexpr(_lop3_asm(0x00078000, 0x43800000))
+_LOP3_SIXTEEN = tl.constexpr(_lop3_asm(_CODE_BITS.value, _SIXTEEN.value))
+_LOP3_TWO_FIFTY_SIX = tl.constexpr(_lop3_asm(_LOW_CODE_BITS.value, _TWO_FIFTY_SIX.value))
 _SYMMETRIC_ZERO = tl.constexpr(float(INT4_SYMMETRIC_ZERO))
 
 
