@@ -204,10 +204,12 @@ def sweep_decode() -> None:
     for batch, context, heads in shapes:
         query, kv_cache, metadata = paged_case([1] * batch, [context] * batch, heads=heads)
         name = f"{batch}x{context}/g{heads // KV_HEADS}"
-        cases.append((f"{name}-bf16", query, kv_cache, metadata, False))
         fp8 = kv_cache.to(torch.float8_e4m3fn)
-        cases.append((f"{name}-fp8-as-bf16", query, fp8, metadata, False))
-        cases.append((f"{name}-fp8-as-fp16", query, fp8, metadata, True))
+        expected = reference.paged_attention(query, kv_cache, metadata, scale)
+        expected_fp8 = reference.paged_attention(query, fp8, metadata, scale)
+        cases.append((f"{name}-bf16", query, kv_cache, metadata, False, expected))
+        cases.append((f"{name}-fp8-as-bf16", query, fp8, metadata, False, expected_fp8))
+        cases.append((f"{name}-fp8-as-fp16", query, fp8, metadata, True, expected_fp8))
     print("decode sweep cases: " + "  ".join(c[0] for c in cases))
     configs = [(64, 2, 3, 1), (64, 2, 3, 2), (64, 4, 3, 1), (128, 4, 3, 1), (64, 2, 4, 1)]
     configs += [(32, 2, 3, 1), (128, 2, 3, 1), (64, 1, 3, 1)]
@@ -215,8 +217,8 @@ def sweep_decode() -> None:
     # Register caps (Triton's maxnreg): more programs resident per multiprocessor.
     configs += [(64, 2, 3, 1, 168), (128, 4, 3, 1, 168), (128, 4, 3, 1, 128), (64, 4, 3, 1, 128)]
     for block_n, warps, stages, factor, cap in configs:
-        times = []
-        for _, query, kv_cache, metadata, fp16 in cases:
+        times, worst = [], 0.0
+        for _, query, kv_cache, metadata, fp16, expected in cases:
             out = torch.empty_like(query)
             metadata.num_kv_splits = factor * choose_num_kv_splits(
                 metadata.num_decode, KV_HEADS, metadata.max_seq_len
@@ -232,12 +234,15 @@ def sweep_decode() -> None:
             )
             try:
                 times.append(triton.testing.do_bench(run, warmup=10, rep=60))
+                run()
+                worst = max(worst, relative_error(out, expected))
             except Exception as err:  # a config may not fit in shared memory
                 times.append(float("nan"))
                 print(f"config {block_n, warps, stages} failed: {str(err)[:200]}")
         print(
             f"decode N{block_n} w{warps} s{stages} splits x{factor} regs {cap or '-'}: "
-            + "  ".join(f"{t:.4f}" for t in times),
+            + "  ".join(f"{t:.4f}" for t in times)
+            + f"  (worst relative error {worst:.1e})",
             flush=True,
         )
 
@@ -260,7 +265,9 @@ def main() -> None:
         bench_decode(b, c, bandwidth)
         for b, c in ((1, 4096), (32, 4096), (64, 4096), (32, 8192), (128, 1024), (256, 512))
     ]
-    rows += [bench_decode(b, c, bandwidth, fp8=True) for b, c in ((32, 4096), (256, 512))]
+    rows += [
+        bench_decode(b, c, bandwidth, fp8=True) for b, c in ((32, 4096), (256, 512), (256, 1500))
+    ]
     rows += [bench_prefill(b, n) for b, n in ((1, 4096), (8, 4096), (16, 1024), (1, 512))]
     # W6's shares of a 2048-token prompt, 64 tokens into decoding.
     rows += [bench_cascade(256, p, 2112 - p) for p in (512, 1024, 1536, 1840)]
@@ -271,6 +278,11 @@ def main() -> None:
         paged_attention(query, kv_cache, metadata, scale),
         reference.paged_attention(query, kv_cache, metadata, scale),
     )
+    fp8_cache = kv_cache.to(torch.float8_e4m3fn)
+    extend_fp8_error = relative_error(
+        paged_attention(query, fp8_cache, metadata, scale),
+        reference.paged_attention(query, fp8_cache, metadata, scale),
+    )
     result = {
         "workload": "kernels-attention",
         "card": torch.cuda.get_device_name(),
@@ -279,13 +291,14 @@ def main() -> None:
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "rows": rows,
         "extend_rel_error": extend_error,
+        "extend_fp8_rel_error": extend_fp8_error,
     }
     save_copies(result, RESULTS, f"{time.strftime('%Y%m%d-%H%M%S')}-kernels-attention.json")
     for row in rows:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     print(
-        f"extend rel error {extend_error:.2e}; card {result['card']}; "
-        f"copy {bandwidth / 1e12:.2f} TB/s"
+        f"extend rel error {extend_error:.2e} (fp8 cache {extend_fp8_error:.2e}); "
+        f"card {result['card']}; copy {bandwidth / 1e12:.2f} TB/s"
     )
 
 

@@ -35,6 +35,34 @@ MASK_CAUSAL = tl.constexpr(2)  # each row sees keys up to its position, within t
 # values on Hopper (to bf16 it takes three), with the queries rounded to fp16 for the
 # products: fp16 keeps more mantissa than bf16, and queries are clamped to its range.
 FP8_VIA_FP16 = tl.constexpr(True)
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+# Four e4m3 bytes to four fp16: two cvt.rn.f16x2.e4m3x2 (sm_89+), exact, as Triton's own.
+_E4M3X4_TO_F16X4 = tl.constexpr(
+    "{ .reg .b16 lo, hi;\n mov.b32 {lo, hi}, $2;\n"
+    " cvt.rn.f16x2.e4m3x2 $0, lo;\n cvt.rn.f16x2.e4m3x2 $1, hi; }"
+)
+
+
+@triton.jit
+def _widen_v(v, dtype):
+    """A V tile in the queries' dtype. An fp8 tile is widened to fp16 where it was
+    loaded, in rows of contiguous bytes, by an asm block Triton may not move (not pure):
+    Triton would otherwise widen it after reading it from shared memory in the P @ V
+    operand's layout, whose pairs run along the tokens, one byte load per value (128 a
+    thread per 128-token tile; the asm block takes the loop from 1,481 to 815 SASS
+    instructions, scripts/kernel_sass.py decode:256x1536x8)."""
+    if not _INTERPRETED:  # noqa: SIM102
+        if v.dtype == tl.float8e4nv:  # noqa: SIM102
+            if dtype == tl.float16:
+                return tl.inline_asm_elementwise(
+                    _E4M3X4_TO_F16X4,
+                    "=r,=r,r",
+                    [v.to(tl.uint8, bitcast=True)],
+                    dtype=tl.float16,
+                    is_pure=False,
+                    pack=4,
+                )
+    return v.to(dtype)
 
 
 @triton.jit
@@ -108,7 +136,7 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        v = v.to(q.dtype)
+        v = _widen_v(v, q.dtype)
         if IEEE_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
