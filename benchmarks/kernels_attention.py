@@ -211,11 +211,15 @@ def sweep_decode() -> None:
         cases.append((f"{name}-fp8-as-bf16", query, fp8, metadata, False, expected_fp8))
         cases.append((f"{name}-fp8-as-fp16", query, fp8, metadata, True, expected_fp8))
     print("decode sweep cases: " + "  ".join(c[0] for c in cases))
-    configs = [(64, 2, 3, 1), (64, 2, 3, 2), (64, 4, 3, 1), (128, 4, 3, 1), (64, 2, 4, 1)]
-    configs += [(32, 2, 3, 1), (128, 2, 3, 1), (64, 1, 3, 1)]
+    # Stages: 2 is one K/V buffer a program (no overlap of its loads with its math), 3
+    # two, 4 three.
+    configs = [(64, 2, 2, 1), (64, 2, 3, 1), (64, 2, 3, 2), (64, 2, 4, 1), (64, 4, 3, 1)]
+    configs += [(128, 4, 2, 1), (128, 4, 3, 1), (32, 2, 3, 1), (32, 2, 4, 1), (64, 1, 3, 1)]
+    configs += [(64, 1, 4, 1), (32, 1, 4, 1)]
     configs = [(*c, None) for c in configs]
     # Register caps (Triton's maxnreg): more programs resident per multiprocessor.
-    configs += [(64, 2, 3, 1, 168), (128, 4, 3, 1, 168), (128, 4, 3, 1, 128), (64, 4, 3, 1, 128)]
+    configs += [(64, 2, 3, 1, 168), (128, 4, 2, 1, 168), (128, 4, 3, 1, 168)]
+    configs += [(128, 4, 3, 1, 128), (64, 4, 3, 1, 128)]
     for block_n, warps, stages, factor, cap in configs:
         times, worst = [], 0.0
         for _, query, kv_cache, metadata, fp16, expected in cases:

@@ -100,16 +100,33 @@ def _attend_tiles(
     BLOCK_SIZE: tl.constexpr,
     MASK: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    TABLE_AHEAD: tl.constexpr,
 ):
     """Online-softmax attention of the query tile over KV tokens [first, last), read
     through the block table. Scores are in log2 units (qk_scale includes log2(e)), so
     m_i and the log-sum-exp built from it are too. MASK picks the cheapest masking the
-    caller's range allows (MASK_NONE, MASK_BOUNDS, MASK_CAUSAL)."""
+    caller's range allows (MASK_NONE, MASK_BOUNDS, MASK_CAUSAL).
+
+    TABLE_AHEAD: each tile's block numbers are read one tile ahead, so its K/V loads
+    depend on no load of their own step and Triton's pipeliner keeps num_stages - 1 K/V
+    tiles in flight; loaded in the same step, they get one buffer whatever num_stages,
+    and a program's loads wait for its math. More buffers cost shared memory, and so
+    resident programs: faster for prefill and fp8 decode, slower for bf16 decode and the
+    cascade kernel (H200, kernels_attention.py, see decode_launch)."""
     dims = tl.arange(0, HEAD_DIM)
+    lane = tl.arange(0, BLOCK_N)
+    if TABLE_AHEAD:
+        head = first + lane
+        next_blocks = tl.load(table + head // BLOCK_SIZE, mask=head < last, other=0)
     for start in range(first, last, BLOCK_N):
-        tokens = start + tl.arange(0, BLOCK_N)
+        tokens = start + lane
         valid = tokens < last
-        blocks = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        if TABLE_AHEAD:
+            blocks = next_blocks.to(tl.int64)
+            ahead = tokens + BLOCK_N
+            next_blocks = tl.load(table + ahead // BLOCK_SIZE, mask=ahead < last, other=0)
+        else:
+            blocks = tl.load(table + tokens // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         offsets = (
             blocks * stride_cache_block
             + (tokens % BLOCK_SIZE) * stride_cache_tok
@@ -242,6 +259,7 @@ def _decode_partial_kernel(
     CASCADE: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     FP8_AS_FP16: tl.constexpr,
+    TABLE_AHEAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Stage 1: one (sequence, KV head, split) attends its query heads over one slice
@@ -299,6 +317,7 @@ def _decode_partial_kernel(
         BLOCK_SIZE,
         MASK_BOUNDS,
         IEEE_DOT,
+        TABLE_AHEAD,
     )
     if ONE_SPLIT and prefix_len == 0:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key (padding): zeros
@@ -417,6 +436,7 @@ def _cascade_prefix_kernel(
         BLOCK_SIZE,
         MASK_BOUNDS,
         IEEE_DOT,
+        False,
     )
     l_i = tl.where(uses_prefix, l_i, 0.0)
     _store_partial(
@@ -605,6 +625,7 @@ def _prefill_kernel(
         BLOCK_SIZE,
         MASK_NONE,
         IEEE_DOT,
+        True,
     )
     m_i, l_i, acc = _attend_tiles(
         q,
@@ -628,6 +649,7 @@ def _prefill_kernel(
         BLOCK_SIZE,
         MASK_CAUSAL,
         IEEE_DOT,
+        True,
     )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -665,21 +687,29 @@ def choose_num_prefix_splits(
     return int(max(1, min(wanted, longest_useful, MAX_KV_SPLITS)))
 
 
+def _fp8_widened_to_fp16(
+    query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_as_fp16: bool
+) -> bool:
+    half = query_dtype in (torch.bfloat16, torch.float16)
+    return cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half
+
+
 def decode_launch(
     query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_as_fp16: bool
-) -> tuple[int, int, int | None]:
-    """(BLOCK_N, warps, register cap) of the decode kernel. A bf16/fp16 cache: 64-token
-    tiles on 2 warps, the fastest or within 5 % of it at batch 32-256 x 512-4096 tokens,
-    GQA 2 and 4 (H100, `kernels_attention.py --sweep-decode`); on the H200 it reads at
-    89 % of DRAM peak (benchmarks/results/20261201-174500-ncu-decode-bf16.txt). An fp8
-    cache widened to fp16 costs 1.7x the instructions for half the bytes and is bound by
-    latency at 210 registers a thread (12.5 % occupancy, same ncu run): 128-token tiles on
-    4 warps capped at 168 registers took 7-27 % less time on four of the sweep's five
-    shapes and 4 % more on 32 x 4,096 (H200, 20261201-175000-decode-sweep.log)."""
-    half = query_dtype in (torch.bfloat16, torch.float16)
-    if cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half:
-        return 128, 4, 168
-    return DECODE_BLOCK_N, 2, None
+) -> tuple[int, int, int | None, bool]:
+    """(BLOCK_N, warps, register cap, TABLE_AHEAD) of the decode kernel: 64-token tiles
+    on 2 warps, three stages. A bf16/fp16 cache reads each tile's block numbers in the
+    tile's own step (one K/V buffer a program, more programs resident): the fastest or
+    within 5 % of it at batch 32-256 x 512-4096 tokens, GQA 2 and 4 (H100,
+    `kernels_attention.py --sweep-decode`); on the H200 89 % of DRAM peak
+    (benchmarks/results/20261201-174500-ncu-decode-bf16.txt), and slower with the table
+    read ahead (20261202-1440-decode-sweep-table-ahead.log). An fp8 cache widened to
+    fp16 reads the table ahead (two K/V buffers): on the sweep's five shapes 0.0699-0.2369
+    ms, 21 % less in all than the 128-token, 4-warp, 168-register setting it had
+    (0.0729-0.2817 ms with V widened where loaded; 0.1114-0.2880 before that), and at
+    256 x 1,500 tokens 79 % of the copy bandwidth (H200,
+    20261202-1440-decode-sweep-table-ahead.log, 20261202-1430-decode-sweep-*.log)."""
+    return DECODE_BLOCK_N, 2, None, _fp8_widened_to_fp16(query_dtype, cache_dtype, fp8_as_fp16)
 
 
 def decode_attention(
@@ -694,12 +724,16 @@ def decode_attention(
     num_stages: int = 3,
     fp8_as_fp16: bool = bool(FP8_VIA_FP16),
     max_registers: int | None = None,
+    table_ahead: bool | None = None,
 ) -> None:
     """Attention of the one-token queries of ``metadata.decode_seq_indices`` into ``out``.
     The tile and launch settings are for benchmarks' sweeps; None picks the defaults
     (``decode_launch``)."""
+    launch = decode_launch(query.dtype, kv_cache.dtype, fp8_as_fp16)
     if block_n is None or num_warps is None:
-        block_n, num_warps, max_registers = decode_launch(query.dtype, kv_cache.dtype, fp8_as_fp16)
+        block_n, num_warps, max_registers = launch[:3]
+    if table_ahead is None:
+        table_ahead = launch[3]
     num_decode = metadata.num_decode
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -770,6 +804,7 @@ def decode_attention(
         CASCADE=cascade,
         IEEE_DOT=ieee,
         FP8_AS_FP16=fp8_as_fp16,
+        TABLE_AHEAD=table_ahead,
         num_warps=num_warps,
         num_stages=num_stages,
         **launch_options(query),

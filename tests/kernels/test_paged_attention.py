@@ -15,7 +15,11 @@ from lanner.kernels import (
     reference,  # noqa: E402
 )
 from lanner.kernels.attention_metadata import AttentionMetadata, shared_prefix_tokens  # noqa: E402
-from lanner.kernels.paged_attention import paged_attention, prefill_attention  # noqa: E402
+from lanner.kernels.paged_attention import (  # noqa: E402
+    decode_attention,
+    paged_attention,
+    prefill_attention,
+)
 
 BLOCK_SIZE = 4
 
@@ -83,6 +87,29 @@ def test_decode_with_many_splits_and_long_context() -> None:
     query, kv_cache, metadata = make_case([1, 1], [300, 129], 4, 1, 32, torch.float32, seed=3)
     metadata.num_kv_splits = 5
     check(query, kv_cache, metadata)
+
+
+@pytest.mark.parametrize("table_ahead", [False, True])
+def test_decode_reads_the_block_table_in_step_or_one_tile_ahead(table_ahead: bool) -> None:
+    """Both ways of reading a tile's block numbers (``_attend_tiles``' TABLE_AHEAD): a
+    context of whole tiles and partial ones, the last tile's look-ahead past the end."""
+    query, kv_cache, metadata = make_case([1, 1, 1], [64, 37, 5], 4, 2, 32, torch.float32)
+    metadata.num_kv_splits = 2
+    scale = 32**-0.5
+    expected = reference.paged_attention(query, kv_cache, metadata, scale)
+    out = torch.full_like(query, float("nan"))
+    decode_attention(
+        query,
+        kv_cache,
+        metadata,
+        scale,
+        None,
+        out,
+        block_n=16,
+        num_warps=2,
+        table_ahead=table_ahead,
+    )
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_reduction_merges_more_splits_than_one_tile() -> None:
