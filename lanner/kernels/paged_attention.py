@@ -687,29 +687,30 @@ def choose_num_prefix_splits(
     return int(max(1, min(wanted, longest_useful, MAX_KV_SPLITS)))
 
 
-def _fp8_widened_to_fp16(
-    query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_as_fp16: bool
-) -> bool:
-    half = query_dtype in (torch.bfloat16, torch.float16)
-    return cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half
-
-
 def decode_launch(
     query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_as_fp16: bool
-) -> tuple[int, int, int | None, bool]:
-    """(BLOCK_N, warps, register cap, TABLE_AHEAD) of the decode kernel: 64-token tiles
-    on 2 warps, three stages. A bf16/fp16 cache reads each tile's block numbers in the
-    tile's own step (one K/V buffer a program, more programs resident): the fastest or
-    within 5 % of it at batch 32-256 x 512-4096 tokens, GQA 2 and 4 (H100,
+) -> tuple[int, int, int, int | None, bool]:
+    """(BLOCK_N, warps, stages, register cap, TABLE_AHEAD) of the decode kernel.
+
+    A bf16/fp16 cache: 64-token tiles on 2 warps, three stages, each tile's block numbers
+    read in its own step (one K/V buffer a program, more programs resident): the fastest
+    or within 5 % of it at batch 32-256 x 512-4096 tokens, GQA 2 and 4 (H100,
     `kernels_attention.py --sweep-decode`); on the H200 89 % of DRAM peak
     (benchmarks/results/20261201-174500-ncu-decode-bf16.txt), and slower with the table
-    read ahead (20261202-1440-decode-sweep-table-ahead.log). An fp8 cache widened to
-    fp16 reads the table ahead (two K/V buffers): on the sweep's five shapes 0.0699-0.2369
-    ms, 21 % less in all than the 128-token, 4-warp, 168-register setting it had
-    (0.0729-0.2817 ms with V widened where loaded; 0.1114-0.2880 before that), and at
-    256 x 1,500 tokens 79 % of the copy bandwidth (H200,
-    20261202-1440-decode-sweep-table-ahead.log, 20261202-1430-decode-sweep-*.log)."""
-    return DECODE_BLOCK_N, 2, None, _fp8_widened_to_fp16(query_dtype, cache_dtype, fp8_as_fp16)
+    read ahead (20261202-1440-decode-sweep-table-ahead.log).
+
+    An fp8 cache widened to fp16: 32-token tiles on one warp, the table read ahead, four
+    stages (three K/V buffers). At 256 x 1,500 tokens (W4) 0.221 ms, 85 % of the copy
+    bandwidth, against 0.238 ms for 64-token tiles on 2 warps with two buffers and 0.274
+    for the 128-token, 4-warp, 168-register setting it had (H200,
+    20261202-1458-decode-fp8-probe.log; before V was widened where loaded that setting
+    took 0.288 ms, 20261202-1430-decode-sweep-faf232b.log); at the sweep's other shapes
+    within its round-to-round spread of the best (the same logs and
+    20261202-1440-decode-sweep-table-ahead.log)."""
+    half = query_dtype in (torch.bfloat16, torch.float16)
+    if cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half:
+        return 32, 1, 4, None, True
+    return DECODE_BLOCK_N, 2, 3, None, False
 
 
 def decode_attention(
@@ -721,19 +722,19 @@ def decode_attention(
     out: torch.Tensor,
     block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     fp8_as_fp16: bool = bool(FP8_VIA_FP16),
     max_registers: int | None = None,
     table_ahead: bool | None = None,
 ) -> None:
     """Attention of the one-token queries of ``metadata.decode_seq_indices`` into ``out``.
     The tile and launch settings are for benchmarks' sweeps; None picks the defaults
-    (``decode_launch``)."""
+    (``decode_launch``; a register cap is taken from it with the tile and warps)."""
     launch = decode_launch(query.dtype, kv_cache.dtype, fp8_as_fp16)
     if block_n is None or num_warps is None:
-        block_n, num_warps, max_registers = launch[:3]
-    if table_ahead is None:
-        table_ahead = launch[3]
+        block_n, num_warps, _, max_registers, _ = launch
+    num_stages = launch[2] if num_stages is None else num_stages
+    table_ahead = launch[4] if table_ahead is None else table_ahead
     num_decode = metadata.num_decode
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
