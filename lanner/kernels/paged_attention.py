@@ -699,18 +699,19 @@ def decode_launch(
     (benchmarks/results/20261201-174500-ncu-decode-bf16.txt), and slower with the table
     read ahead (20261202-1440-decode-sweep-table-ahead.log).
 
-    An fp8 cache widened to fp16: 32-token tiles on one warp, the table read ahead, four
-    stages (three K/V buffers). At 256 x 1,500 tokens (W4) 0.221 ms, 85 % of the copy
-    bandwidth, against 0.238 ms for 64-token tiles on 2 warps with two buffers and 0.274
-    for the 128-token, 4-warp, 168-register setting it had (H200,
-    20261202-1458-decode-fp8-probe.log; before V was widened where loaded that setting
-    took 0.288 ms, 20261202-1430-decode-sweep-faf232b.log); at the sweep's other shapes
-    within its round-to-round spread of the best (the same logs and
-    20261202-1440-decode-sweep-table-ahead.log)."""
+    An fp8 cache widened to fp16: the same tiles and warps, the table read ahead (two K/V
+    buffers a program). W4 with fp8 weights (H200, engine_workloads.py --workloads W4
+    --kv-cache-dtype fp8 --quantization fp8): 14,431 and 14,554 output tok/s (15.85 and
+    15.72 ms a steady step; 20261202-145550-W4.json, 20261202-151244-W4.json) against
+    13,157 for the 128-token, 4-warp, 168-register setting it had (faf232b, widening V
+    after a byte-wise shared-memory read; 20261202-145639-W4.json), and 13,789 and 14,250
+    for 32-token tiles on one warp with three buffers (20261202-150511-W4.json,
+    20261202-151332-W4.json), which alone at 256 x 1,500 tokens runs 0.221 ms against
+    0.238 (20261202-1458-decode-fp8-probe.log): the engine's steps disagree with the
+    kernel timed alone, and the engine's steps decide."""
     half = query_dtype in (torch.bfloat16, torch.float16)
-    if cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half:
-        return 32, 1, 4, None, True
-    return DECODE_BLOCK_N, 2, 3, None, False
+    table_ahead = cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half
+    return DECODE_BLOCK_N, 2, 3, None, table_ahead
 
 
 def decode_attention(
