@@ -62,6 +62,16 @@ def check(query, kv_cache, metadata, sliding_window=None) -> None:
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 
 
+def check_launch(kernel, query, kv_cache, metadata, **launch) -> None:  # noqa: ANN001
+    """One float32 kernel wrapper (decode_attention, prefill_attention) with the given
+    launch settings against the reference."""
+    scale = query.shape[-1] ** -0.5
+    expected = reference.paged_attention(query, kv_cache, metadata, scale)
+    out = torch.full_like(query, float("nan"))
+    kernel(query, kv_cache, metadata, scale, None, out, **launch)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_ragged_mixed_batch_matches_reference(group: int) -> None:
     """Decodes, a fresh prefill, an extend on a prefix ending mid-block (7 cached + 6 new),
@@ -95,21 +105,15 @@ def test_decode_reads_the_block_table_in_step_or_one_tile_ahead(table_ahead: boo
     context of whole tiles and partial ones, the last tile's look-ahead past the end."""
     query, kv_cache, metadata = make_case([1, 1, 1], [64, 37, 5], 4, 2, 32, torch.float32)
     metadata.num_kv_splits = 2
-    scale = 32**-0.5
-    expected = reference.paged_attention(query, kv_cache, metadata, scale)
-    out = torch.full_like(query, float("nan"))
-    decode_attention(
+    check_launch(
+        decode_attention,
         query,
         kv_cache,
         metadata,
-        scale,
-        None,
-        out,
         block_n=16,
         num_warps=2,
         table_ahead=table_ahead,
     )
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_reduction_merges_more_splits_than_one_tile() -> None:
@@ -146,22 +150,16 @@ def test_long_extend_uses_unmasked_and_diagonal_tiles(block_m: int, block_n: int
     """Rows far past the tile size: keys before the tile go through the unmasked loop,
     the diagonal through the masked one; both must agree with the reference."""
     query, kv_cache, metadata = make_case([150, 70], [200, 70], 4, 2, 32, torch.float32, seed=5)
-    scale = 32**-0.5
-    expected = reference.paged_attention(query, kv_cache, metadata, scale)
-    out = torch.full_like(query, float("nan"))
-    prefill_attention(
+    check_launch(
+        prefill_attention,
         query,
         kv_cache,
         metadata,
-        scale,
-        None,
-        out,
         block_m=block_m,
         block_n=block_n,
         num_warps=4,
         num_stages=2,
     )
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
 def make_shared_prefix_case(
