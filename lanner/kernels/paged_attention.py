@@ -111,8 +111,9 @@ def _attend_tiles(
     depend on no load of their own step and Triton's pipeliner keeps num_stages - 1 K/V
     tiles in flight; loaded in the same step, they get one buffer whatever num_stages,
     and a program's loads wait for its math. More buffers cost shared memory, and so
-    resident programs: faster for prefill and fp8 decode, slower for bf16 decode and the
-    cascade kernel (H200, kernels_attention.py, see decode_launch)."""
+    resident programs: faster for prefill and fp8 decode, slower for bf16 decode, and
+    1-4 % slower for the cascade kernel (H200, kernels_attention.py:
+    20261202-144125- against 20261202-143351-kernels-attention.json; see decode_launch)."""
     dims = tl.arange(0, HEAD_DIM)
     lane = tl.arange(0, BLOCK_N)
     if TABLE_AHEAD:
@@ -689,8 +690,8 @@ def choose_num_prefix_splits(
 
 def decode_launch(
     query_dtype: torch.dtype, cache_dtype: torch.dtype, fp8_as_fp16: bool
-) -> tuple[int, int, int, int | None, bool]:
-    """(BLOCK_N, warps, stages, register cap, TABLE_AHEAD) of the decode kernel.
+) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, warps, stages, TABLE_AHEAD) of the decode kernel; no register cap.
 
     A bf16/fp16 cache: 64-token tiles on 2 warps, three stages, each tile's block numbers
     read in its own step (one K/V buffer a program, more programs resident): the fastest
@@ -711,7 +712,7 @@ def decode_launch(
     kernel timed alone, and the engine's steps decide."""
     half = query_dtype in (torch.bfloat16, torch.float16)
     table_ahead = cache_dtype == torch.float8_e4m3fn and fp8_as_fp16 and half
-    return DECODE_BLOCK_N, 2, 3, None, table_ahead
+    return DECODE_BLOCK_N, 2, 3, table_ahead
 
 
 def decode_attention(
@@ -730,12 +731,14 @@ def decode_attention(
 ) -> None:
     """Attention of the one-token queries of ``metadata.decode_seq_indices`` into ``out``.
     The tile and launch settings are for benchmarks' sweeps; None picks the defaults
-    (``decode_launch``; a register cap is taken from it with the tile and warps)."""
-    launch = decode_launch(query.dtype, kv_cache.dtype, fp8_as_fp16)
+    (``decode_launch``)."""
+    default_n, default_warps, default_stages, default_ahead = decode_launch(
+        query.dtype, kv_cache.dtype, fp8_as_fp16
+    )
     if block_n is None or num_warps is None:
-        block_n, num_warps, _, max_registers, _ = launch
-    num_stages = launch[2] if num_stages is None else num_stages
-    table_ahead = launch[4] if table_ahead is None else table_ahead
+        block_n, num_warps = default_n, default_warps
+    num_stages = default_stages if num_stages is None else num_stages
+    table_ahead = default_ahead if table_ahead is None else table_ahead
     num_decode = metadata.num_decode
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
