@@ -45,14 +45,17 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         load = config.load
-        # A tokenizer in a local folder loads on a thread while the engine core builds
-        # (it takes 2-3 s, most of it importing transformers: H200 machine, 2026-12-01);
-        # one from the Hub once the core has resolved the model's folder.
+        # A tokenizer in a local folder loads on a thread while the engine core builds, one
+        # not yet remembered built by a child process (importing transformers and building
+        # it took 5.6 s of Python on the H200's host, which on a thread here held the GIL
+        # the build needs); one from the Hub once the core has resolved the model's folder.
         source = load.tokenizer or load.model
         early: Future | None = None
         if not load.skip_tokenizer_init and Path(source).expanduser().is_dir():
             loader = ThreadPoolExecutor(1, "tokenizer-load")
-            early = loader.submit(load_tokenizer, Path(source).expanduser(), load.trust_remote_code)
+            early = loader.submit(
+                load_tokenizer, Path(source).expanduser(), load.trust_remote_code, True
+            )
             loader.shutdown(wait=False)
         self.core = EngineCore(config)
         self.tokenizer = (

@@ -119,7 +119,7 @@ def test_unreadable_cache_file_or_folder_is_ignored(
 LOAD_WITHOUT_TRANSFORMERS = """
 import json, sys
 from lanner.model.tokenizer import load_tokenizer
-tokenizer = load_tokenizer(sys.argv[1])
+tokenizer = load_tokenizer(sys.argv[1], remember_apart=sys.argv[2] == "apart")
 found = {
     "class": type(tokenizer).__name__,
     "ids": tokenizer.encode("Hello <|user|> world"),
@@ -132,10 +132,9 @@ print(json.dumps(found))
 """
 
 
-def test_remembered_tokenizer_loads_without_importing_transformers(cache: Path) -> None:
-    reference = load_tokenizer(DEMO)
+def _load_in_fresh_process(how: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_TRANSFORMERS, str(DEMO)],
+        [sys.executable, "-c", LOAD_WITHOUT_TRANSFORMERS, str(DEMO), how],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -143,9 +142,43 @@ def test_remembered_tokenizer_loads_without_importing_transformers(cache: Path) 
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    found = json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("how", ["remembered", "apart"])
+def test_remembered_tokenizer_loads_without_importing_transformers(cache: Path, how: str) -> None:
+    """Remembered by an earlier load here, or (remember_apart, an empty cache) built and
+    remembered by a child process: either way this process never imports transformers
+    until something only transformers has is used."""
+    reference = load_tokenizer(DEMO)
+    if how == "apart":
+        shutil.rmtree(cache)
+    found = _load_in_fresh_process(how)
     assert found["class"] == "CachedFastTokenizer"
     assert not found["transformers_imported"]
     assert found["ids"] == reference.encode("Hello <|user|> world")
     assert found["text"] == reference.decode([45, 404, 307, 226, 3], skip_special_tokens=True)
     assert found["transformers_after_chat_template"]
+    assert len(list((cache / "tokenizers").iterdir())) == 1
+
+
+def test_remember_apart_falls_back_to_loading_here(
+    cache: Path, tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A child that fails (logged), a class that is never remembered, or the cache off: the
+    tokenizer loads through transformers here, as without remember_apart."""
+    reference = load_tokenizer(DEMO, remember_apart=False)
+    shutil.rmtree(cache)
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    assert type(load_tokenizer(DEMO, remember_apart=True)) is type(reference)
+    assert "apart failed (exit 1)" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setenv("LANNER_CACHE_DIR", str(cache))
+    monkeypatch.setenv("LANNER_TOKENIZER_CACHE", "0")
+    assert not isinstance(load_tokenizer(DEMO, remember_apart=True), CachedFastTokenizer)
+    references = {folder: load_tokenizer(folder) for folder in tiny_model_dirs.values()}
+    monkeypatch.setenv("LANNER_TOKENIZER_CACHE", "1")
+    for folder, reference in references.items():
+        loaded = load_tokenizer(folder, remember_apart=True)
+        assert isinstance(loaded, CachedFastTokenizer) or type(loaded) is type(reference)
+        assert loaded.encode(TEXTS[4]) == reference.encode(TEXTS[4]), folder
