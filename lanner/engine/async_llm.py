@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from lanner.engine.config import EngineConfig
@@ -124,9 +125,28 @@ class AsyncLLM:
     # -- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.ready = await self.client.start()
-        self.tokenizer = load_tokenizer(
-            self.config.load.tokenizer or self.ready.model_path, self.config.load.trust_remote_code
+        # A tokenizer in a local folder loads on a thread while the engine core's process
+        # builds (they share no GIL; up to 6 s through transformers, H200 host); one from
+        # the Hub once the core has resolved the model's folder.
+        load = self.config.load
+        source = Path(load.tokenizer or load.model).expanduser()
+        early = (
+            asyncio.create_task(asyncio.to_thread(load_tokenizer, source, load.trust_remote_code))
+            if source.is_dir()
+            else None
+        )
+        try:
+            self.ready = await self.client.start()
+        except BaseException:
+            if early is not None:
+                early.cancel()
+            raise
+        self.tokenizer = (
+            await early
+            if early is not None
+            else await asyncio.to_thread(
+                load_tokenizer, load.tokenizer or self.ready.model_path, load.trust_remote_code
+            )
         )
         self.generation_defaults = checked_generation_defaults(
             self.ready.model_path, self.config.load.generation_config
