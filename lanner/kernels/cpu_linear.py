@@ -52,7 +52,9 @@ def packed_layout_is_row_independent() -> bool:
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(96, 160, generator=generator)
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS)
-        for rows in (2, 3, 7, 17, PACK_ROWS, 33, 100, 301):
+        # Every count up to twice the packed one (decode batches, a verify step's k + 1
+        # rows per request), then two past any blocking MKL might switch at.
+        for rows in (*range(MIN_PACKED_ROWS, 2 * PACK_ROWS + 1), 100, 301):
             x = torch.randn(rows, 160, generator=generator)
             got = torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
             if not torch.allclose(got, F.linear(x, weight), rtol=1e-5, atol=1e-4):
