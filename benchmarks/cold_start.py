@@ -230,8 +230,14 @@ def trial_env(cache_dir: Path, lanner_cache: Path | None = None) -> dict[str, st
         **os.environ,
         "TRITON_CACHE_DIR": str(cache_dir),
         "LANNER_CACHE_DIR": str(lanner_cache),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": repo_first_pythonpath(),
     }
+
+
+def repo_first_pythonpath() -> str:
+    """This checkout first, then the caller's PYTHONPATH (packages carried beside the
+    machine's own, e.g. the server's on the GPU machine)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def count_cache_entries(cache_dir: Path) -> int:
@@ -436,7 +442,7 @@ def import_cost(timeout: float) -> dict[str, Any]:
             [sys.executable, "-X", "importtime", "-c", "from lanner import LLM"],
             capture_output=True,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": repo_first_pythonpath()},
             check=True,
             timeout=timeout,
         )
