@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from pathlib import Path
 from typing import Any, Protocol
 
 from lanner.engine.config import EngineConfig
@@ -129,10 +128,10 @@ class AsyncLLM:
         # builds (they share no GIL; up to 6 s through transformers, H200 host); one from
         # the Hub once the core has resolved the model's folder.
         load = self.config.load
-        source = Path(load.tokenizer or load.model).expanduser()
+        source = load.local_tokenizer_dir()
         early = (
             asyncio.create_task(asyncio.to_thread(load_tokenizer, source, load.trust_remote_code))
-            if source.is_dir()
+            if source is not None
             else None
         )
         try:

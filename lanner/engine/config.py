@@ -37,6 +37,13 @@ class LoadConfig:
     # Load no tokenizer: prompts must be token ids, and outputs carry no text.
     skip_tokenizer_init: bool = False
 
+    def local_tokenizer_dir(self) -> Path | None:
+        """The folder the tokenizer loads from when ``tokenizer`` (else ``model``) names one
+        on this machine, known before the engine core resolves the model; None otherwise
+        (a Hub id: the tokenizer loads from the folder the core resolved)."""
+        folder = Path(self.tokenizer or self.model).expanduser()
+        return folder if folder.is_dir() else None
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from lanner.engine.config import EngineConfig
@@ -49,13 +48,11 @@ class LLMEngine:
         # not yet remembered built by a child process (importing transformers and building
         # it took 5.6 s of Python on the H200's host, which on a thread here held the GIL
         # the build needs); one from the Hub once the core has resolved the model's folder.
-        source = load.tokenizer or load.model
+        source = None if load.skip_tokenizer_init else load.local_tokenizer_dir()
         early: Future | None = None
-        if not load.skip_tokenizer_init and Path(source).expanduser().is_dir():
+        if source is not None:
             loader = ThreadPoolExecutor(1, "tokenizer-load")
-            early = loader.submit(
-                load_tokenizer, Path(source).expanduser(), load.trust_remote_code, True
-            )
+            early = loader.submit(load_tokenizer, source, load.trust_remote_code, True)
             loader.shutdown(wait=False)
         self.core = EngineCore(config)
         self.tokenizer = (
