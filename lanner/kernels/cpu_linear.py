@@ -1,98 +1,186 @@
-"""float32 linear layers on the CPU through MKL's packed GEMM: each weight is packed once
-(kept on the weight tensor, repacked if the weight changes in place) so a step's GEMMs
-skip the packing of B that ``torch.nn.functional.linear`` redoes on every call.
+"""float32 linear layers on the CPU through a packed GEMM: each weight is packed once (kept
+on the weight tensor, repacked if the weight changes in place) so a step's GEMMs skip the
+packing of B that ``torch.nn.functional.linear`` redoes on every call.
 
-Why: measured on the 2-core development Xeon (one thread, the demo model's eight layers
-plus its LM head, 32 rows, caches flushed between runs as a real step finds them):
-F.linear 17.9-20.1 ms, packed 12.9-14.6 ms; 7 rows 14.9 ms against 9.1 ms; 1 row level
-(5.9 ms). A small model's step streams every weight once, so repacking each one per call
-costs as much as the multiply.
+Why: a small model's step streams every weight once, so repacking each one per call costs
+as much as the multiply. Measured on the 2-core development Xeon (one thread, the demo
+model's eight layers plus its LM head, 32 rows, caches flushed between runs as a real step
+finds them): F.linear 17.9-20.1 ms, MKL-packed 12.9-14.6 ms; 7 rows 14.9 ms against 9.1 ms.
 
-torch only takes the packed path when the rows equal the ``prepack_batch_size`` it is
-told, and MKL documents no layout for the packed buffer. The buffer is packed for
-PACK_ROWS rows and used for any row count, which MKL's packed layout allows in practice
-(the rows change only how the product is blocked); ``packed_layout_is_row_independent``
-checks that once per process on this CPU's MKL (products at several row counts against
-F.linear) and everything stays on F.linear when it does not hold.
+Two packed GEMMs are in torch's CPU builds, MKL's (``mkl._mkl_linear``) and oneDNN's
+(``mkldnn._linear_pointwise``, what torch.compile packs bf16 weights with), and none of the
+three wins everywhere: on the 2-core AMD EPYC (AVX2), the demo model's linears with each
+weight read from memory (benchmarks/cpu_gemm.py) took at 1 row 7.2 ms by F.linear, 5.8 by
+MKL and 8.9 by oneDNN, and at 8 / 32 rows 15.4 / 25.8, 16.9 / 25.2 and 11.2 / 21.9 ms. So
+one row multiplies through MKL's and more rows through oneDNN's. The rule is fixed, not
+timed at start: a choice timed on a busy machine could change a process's bits from one run
+to the next. ``LANNER_CPU_GEMM`` (``onednn``, ``mkl``, or ``torch`` for F.linear) pins one
+for every row count.
+
+torch's MKL path takes the packed buffer only when the rows equal the ``prepack_batch_size``
+it is told, and neither library documents its packed layout. The weights are packed for
+PACK_ROWS rows and used for any row count, which both layouts allow in practice (the rows
+change only how the product is blocked); ``_row_independent`` checks that once per process
+for each backend (products at many row counts against F.linear) and a backend that fails it
+is not used.
 
 A packed copy sits beside each weight (the original stays: embeddings tied to the LM
-head and one-row products read it), so packing stops at PACK_MAX_BYTES of copies alive:
+head read it), one per backend in use, so packing stops at PACK_MAX_BYTES of copies alive:
 a larger model's remaining layers multiply through F.linear.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 # Rows the weights are packed for (a typical decode batch; any count is then accepted).
 PACK_ROWS = 32
 # The most bytes of packed copies kept at once (freed with their weights).
 PACK_MAX_BYTES = 2 << 30
 _packed_bytes = 0
-# One row multiplies as fast unpacked (the GEMV streams the weight either way), and
-# F.linear is what HF runs there: the same bits as the oracle at batch 1.
-MIN_PACKED_ROWS = 2
+# LANNER_CPU_GEMM's values besides the backends' names.
+CHOICE_ENV = "LANNER_CPU_GEMM"
+AUTO, TORCH = "auto", "torch"
+
+
+@dataclass(frozen=True)
+class PackedGemm:
+    """One library's packed float32 GEMM: how a weight is packed, and x @ weight.T (+ bias)
+    by the packed copy (``rows``: x's rows, which MKL's call takes)."""
+
+    name: str
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    multiply: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor
+    ]
+
+
+ONEDNN = PackedGemm(
+    "onednn",
+    lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS),
+    lambda x, packed, weight, bias, rows: torch.ops.mkldnn._linear_pointwise(
+        x, packed, bias, "none", [], ""
+    ),
+)
+MKL = PackedGemm(
+    "mkl",
+    lambda weight: torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS),
+    lambda x, packed, weight, bias, rows: torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows),
+)
+BACKENDS = (ONEDNN, MKL)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What multiplies a single row and what multiplies more (None: F.linear)."""
+
+    single_row: PackedGemm | None
+    rows: PackedGemm | None
 
 
 def available() -> bool:
-    """MKL's packed GEMM is in this torch build and behaves as this module assumes."""
-    return torch.backends.mkl.is_available() and packed_layout_is_row_independent()
+    """A packed GEMM is in this torch build, behaves as this module assumes, and is
+    what this CPU multiplies with at some row count (not F.linear everywhere)."""
+    choice = chosen()
+    return choice.single_row is not None or choice.rows is not None
 
 
 @functools.cache
-def packed_layout_is_row_independent() -> bool:
-    """Whether a weight packed for PACK_ROWS rows multiplies correctly at other row
-    counts on this machine (checked once: a product off by more than float32 rounding
-    at any tried count turns the packed path off)."""
+def chosen() -> Choice:
+    """The GEMMs this process multiplies with (chosen once): LANNER_CPU_GEMM's for every
+    row count, or with ``auto`` (the default) MKL's for one row and oneDNN's for more,
+    each where usable (else the other packed one for more rows, F.linear for one)."""
+    choice = os.environ.get(CHOICE_ENV, AUTO).strip().lower() or AUTO
+    names = [gemm.name for gemm in BACKENDS]
+    if choice not in (AUTO, TORCH, *names):
+        raise ValueError(f"{CHOICE_ENV}={choice!r}: use one of {', '.join((AUTO, TORCH, *names))}")
+    usable = usable_backends()
+    if choice == AUTO:
+        return Choice(
+            MKL if MKL in usable else None,
+            next((gemm for gemm in (ONEDNN, MKL) if gemm in usable), None),
+        )
+    pinned = next((gemm for gemm in usable if gemm.name == choice), None)
+    if pinned is None and choice != TORCH:
+        logger.warning("%s=%s is not usable here: linears use F.linear", CHOICE_ENV, choice)
+    return Choice(pinned, pinned)
+
+
+def usable_backends() -> list[PackedGemm]:
+    """The packed GEMMs of this torch build that behave as this module assumes here."""
+    return [gemm for gemm in BACKENDS if _library_present(gemm) and _row_independent(gemm)]
+
+
+def _library_present(gemm: PackedGemm) -> bool:
+    if gemm is MKL:
+        return torch.backends.mkl.is_available()
+    return torch.backends.mkldnn.is_available()
+
+
+@functools.cache
+def _row_independent(gemm: PackedGemm) -> bool:
+    """Whether a weight packed for PACK_ROWS rows multiplies correctly at other row counts
+    on this machine (checked once a backend: a product off by more than float32 rounding
+    at any tried count rules the backend out)."""
     try:
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(96, 160, generator=generator)
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS)
+        packed = gemm.pack(weight)
         # Every count up to twice the packed one (decode batches, a verify step's k + 1
-        # rows per request), then two past any blocking MKL might switch at.
-        for rows in (*range(MIN_PACKED_ROWS, 2 * PACK_ROWS + 1), 100, 301):
+        # rows per request), then two past any blocking a library might switch at.
+        for rows in (*range(1, 2 * PACK_ROWS + 1), 100, 301):
             x = torch.randn(rows, 160, generator=generator)
-            got = torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
+            got = gemm.multiply(x, packed, weight, None, rows)
             if not torch.allclose(got, F.linear(x, weight), rtol=1e-5, atol=1e-4):
                 return False
-    except (RuntimeError, AttributeError):  # no MKL ops in this build
+    except (RuntimeError, AttributeError):  # the op is missing or refuses this CPU
         return False
     return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for float32 CPU tensors: packed GEMM from MIN_PACKED_ROWS
-    rows, F.linear below."""
+    """x @ weight.T (+ bias) for float32 CPU tensors, by the GEMM chosen for x's rows."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows < MIN_PACKED_ROWS or weight.dim() != 2 or not available():
+    choice = chosen()
+    gemm = choice.single_row if rows == 1 else choice.rows
+    packed = _packed(weight, gemm) if gemm is not None and rows and weight.dim() == 2 else None
+    if gemm is None or packed is None:
         return F.linear(x, weight, bias)
-    packed = _packed(weight)
-    if packed is None:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+    return gemm.multiply(x, packed, weight, bias, rows)
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """The weight's MKL-packed copy, made on first use and again after an in-place change
-    (a weight reload, seen by the tensor's version counter or a new storage); None once
-    PACK_MAX_BYTES of copies are alive."""
+def _packed(weight: torch.Tensor, gemm: PackedGemm) -> torch.Tensor | None:
+    """The weight's packed copy for ``gemm``, made on first use and again after an in-place
+    change (a weight reload, seen by the tensor's version counter or a new storage); None
+    once PACK_MAX_BYTES of copies are alive."""
     global _packed_bytes
-    cached = getattr(weight, "_lanner_mkl_packed", None)
-    version = weight._version
-    if cached is not None and cached[0] == version and cached[1] == weight.data_ptr():
-        return cached[2]
+    copies: dict[str, tuple[tuple[int, int], torch.Tensor]] | None = getattr(
+        weight, "_lanner_packed", None
+    )
+    key = (weight._version, weight.data_ptr())
+    cached = copies.get(gemm.name) if copies is not None else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
     if cached is None:
         size = weight.numel() * weight.element_size()
         if _packed_bytes + size > PACK_MAX_BYTES:
             return None
         _packed_bytes += size
         weakref.finalize(weight, _release, size)
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
-    weight._lanner_mkl_packed = (version, weight.data_ptr(), packed)  # type: ignore[attr-defined]
+    if copies is None:
+        copies = weight._lanner_packed = {}  # type: ignore[attr-defined]
+    packed = gemm.pack(weight.detach().contiguous())
+    copies[gemm.name] = (key, packed)
     return packed
 
 

@@ -1,6 +1,6 @@
 """The CPU's packed float32 linear (kernels/cpu_linear.py) against F.linear: any row
-count, with and without bias, a weight changed in place (repacked), and ops.linear's
-dispatch to it."""
+count, with and without bias, each packed backend, a weight changed in place (repacked),
+the backend's choice (the rule, LANNER_CPU_GEMM), and ops.linear's dispatch to it."""
 
 from __future__ import annotations
 
@@ -10,12 +10,24 @@ import torch.nn.functional as F
 
 from lanner.kernels import cpu_linear, ops
 
-pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no MKL packed GEMM")
+USABLE = cpu_linear.usable_backends()
+pytestmark = pytest.mark.skipif(not USABLE, reason="no packed GEMM usable in this build")
+
+
+@pytest.fixture(params=USABLE, ids=lambda gemm: gemm.name)
+def pinned(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> cpu_linear.PackedGemm:
+    """Every usable packed GEMM in turn, for every row count."""
+    gemm = request.param
+    monkeypatch.setattr(cpu_linear, "chosen", lambda: cpu_linear.Choice(gemm, gemm))
+    return gemm
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 32, 33, 288])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_f_linear(rows: int, with_bias: bool) -> None:
+    """By whatever this machine chose."""
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(200, 96, generator=generator)
     bias = torch.randn(200, generator=generator) if with_bias else None
@@ -24,12 +36,93 @@ def test_matches_f_linear(rows: int, with_bias: bool) -> None:
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
-def test_three_dimensional_input() -> None:
+@pytest.mark.parametrize("rows", [1, 2, 4, 33])
+def test_each_backend_matches_f_linear(pinned: cpu_linear.PackedGemm, rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(72, 40, generator=generator), torch.randn(72, generator=generator)
+    x = torch.randn(rows, 40, generator=generator)
+    torch.testing.assert_close(
+        cpu_linear.linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-4
+    )
+    assert pinned.name in weight._lanner_packed  # type: ignore[attr-defined]
+
+
+def test_each_backend_in_use_keeps_its_own_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    if len(USABLE) < 2:
+        pytest.skip("one packed backend here")
+    weight, x = torch.randn(64, 48), torch.randn(8, 48)
+    for gemm in USABLE:
+        choice = cpu_linear.Choice(gemm, gemm)
+        monkeypatch.setattr(cpu_linear, "chosen", lambda choice=choice: choice)
+        torch.testing.assert_close(cpu_linear.linear(x, weight, None), F.linear(x, weight))
+    assert set(weight._lanner_packed) == {gemm.name for gemm in USABLE}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("choice", ["mkl", "onednn", "torch", "auto", ""])
+def test_the_environment_pins_the_backend(choice: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, choice)
+    cpu_linear.chosen.cache_clear()
+    try:
+        picked = cpu_linear.chosen()
+        pinned = {g.name: g for g in cpu_linear.BACKENDS}.get(choice)
+        if choice == "torch":
+            assert picked == cpu_linear.Choice(None, None)
+        elif pinned is not None and cpu_linear._row_independent(pinned):
+            assert picked == cpu_linear.Choice(pinned, pinned)
+        else:
+            assert picked.rows in (None, *USABLE) and picked.single_row in (None, *USABLE)
+    finally:
+        cpu_linear.chosen.cache_clear()
+
+
+def test_an_unknown_choice_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_linear.CHOICE_ENV, "openblas")
+    cpu_linear.chosen.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="LANNER_CPU_GEMM='openblas'.*onednn.*mkl"):
+            cpu_linear.chosen()
+    finally:
+        cpu_linear.chosen.cache_clear()
+
+
+def test_auto_takes_mkl_for_one_row_and_onednn_for_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixed rule, and what stands in where a backend is not usable."""
+    monkeypatch.delenv(cpu_linear.CHOICE_ENV, raising=False)
+    mkl, onednn = cpu_linear.MKL, cpu_linear.ONEDNN
+    cases = {
+        (mkl, onednn): cpu_linear.Choice(mkl, onednn),
+        (mkl,): cpu_linear.Choice(mkl, mkl),
+        (onednn,): cpu_linear.Choice(None, onednn),
+        (): cpu_linear.Choice(None, None),
+    }
+    for usable, expected in cases.items():
+        monkeypatch.setattr(cpu_linear, "usable_backends", lambda usable=usable: list(usable))
+        cpu_linear.chosen.cache_clear()
+        try:
+            assert cpu_linear.chosen() == expected
+        finally:
+            cpu_linear.chosen.cache_clear()
+
+
+def test_a_backend_whose_layout_depends_on_the_rows_is_ruled_out() -> None:
+    """A packed copy that multiplies right only at PACK_ROWS rows fails the check."""
+    real = USABLE[0]
+    broken = cpu_linear.PackedGemm(
+        "broken",
+        real.pack,
+        lambda x, packed, weight, bias, rows: (
+            real.multiply(x, packed, weight, bias, rows) * (1.0 if rows == 32 else 1.001)
+        ),
+    )
+    assert not cpu_linear._row_independent(broken)
+
+
+def test_three_dimensional_input(pinned: cpu_linear.PackedGemm) -> None:
     weight, x = torch.randn(64, 48), torch.randn(3, 5, 48)
     torch.testing.assert_close(cpu_linear.linear(x, weight, None), F.linear(x, weight))
 
 
-def test_a_weight_changed_in_place_is_repacked() -> None:
+def test_a_weight_changed_in_place_is_repacked(pinned: cpu_linear.PackedGemm) -> None:
     weight, x = torch.randn(64, 48), torch.randn(8, 48)
     cpu_linear.linear(x, weight, None)
     with torch.no_grad():
@@ -47,16 +140,16 @@ def test_ops_linear_takes_it_for_float32_cpu_only(monkeypatch: pytest.MonkeyPatc
 
 
 def test_packing_stops_at_its_budget_and_frees_with_the_weight(
-    monkeypatch: pytest.MonkeyPatch,
+    pinned: cpu_linear.PackedGemm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x = torch.randn(4, 48)
     weight = torch.randn(64, 48)
     monkeypatch.setattr(cpu_linear, "PACK_MAX_BYTES", cpu_linear._packed_bytes + weight.nbytes)
     cpu_linear.linear(x, weight, None)
-    assert hasattr(weight, "_lanner_mkl_packed")
+    assert hasattr(weight, "_lanner_packed")
     over = torch.randn(64, 48)  # no room left: multiplied unpacked, still right
     torch.testing.assert_close(cpu_linear.linear(x, over, None), F.linear(x, over))
-    assert not hasattr(over, "_lanner_mkl_packed")
+    assert not hasattr(over, "_lanner_packed")
     del weight  # its copy's bytes return to the budget
     cpu_linear.linear(x, over, None)
-    assert hasattr(over, "_lanner_mkl_packed")
+    assert hasattr(over, "_lanner_packed")

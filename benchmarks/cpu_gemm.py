@@ -1,0 +1,134 @@
+"""The CPU's float32 GEMMs on the demo model's linears, as a decode step runs them: every
+layer's own weights (so each is read from memory, not from a cache a repeated weight
+would sit in), eight layers of qkv / o / gate_up / down plus the LM head, at several row
+counts, through each of F.linear and the packed GEMMs of kernels/cpu_linear.py (MKL's,
+oneDNN's). Rounds are interleaved so the machine's other load falls on every backend.
+One thread unless --threads. Also records what cpu_linear.chosen() picks here.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_gemm.py --commit $(git rev-parse --short HEAD)
+
+Writes benchmarks/results/<stamp>-cpu-gemm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lanner.bench.report import new_result, save_copies  # noqa: E402
+from lanner.engine.config import DEFAULT_MODEL_DIR  # noqa: E402
+from lanner.kernels import cpu_linear  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from cpu_vs_hf import _cpu_name  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def demo_linear_shapes() -> tuple[list[tuple[int, int]], int, tuple[int, int]]:
+    """(out, in) of one layer's four linears, the layer count, and the LM head's shape."""
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["head_dim"]
+    layer = [
+        ((heads + 2 * kv_heads) * head_dim, hidden),
+        (hidden, heads * head_dim),
+        (2 * inter, hidden),
+        (hidden, inter),
+    ]
+    return layer, config["num_hidden_layers"], (config["vocab_size"], hidden)
+
+
+def step_weights(generator: torch.Generator) -> list[torch.Tensor]:
+    layer, layers, head = demo_linear_shapes()
+    weights = [torch.randn(*shape, generator=generator) for _ in range(layers) for shape in layer]
+    return weights + [torch.randn(*head, generator=generator)]
+
+
+def multipliers() -> dict[str, Any]:
+    """name -> (pack, multiply) for F.linear and every packed GEMM usable here."""
+    found: dict[str, Any] = {"torch": (lambda w: None, lambda x, p, w, rows: F.linear(x, w))}
+    for gemm in cpu_linear.usable_backends():
+        found[gemm.name] = (
+            gemm.pack,
+            lambda x, p, w, rows, gemm=gemm: gemm.multiply(x, p, w, None, rows),
+        )
+    return found
+
+
+def measure(rows_list: list[int], rounds: int) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(0)
+    weights = step_weights(generator)
+    backends = multipliers()
+    packed = {name: [pack(w) for w in weights] for name, (pack, _) in backends.items()}
+    figures: dict[str, Any] = {}
+    for rows in rows_list:
+        inputs = {
+            k: torch.randn(rows, k, generator=generator) for k in {w.shape[1] for w in weights}
+        }
+        samples: dict[str, list[float]] = {name: [] for name in backends}
+        for _ in range(rounds + 1):  # the first round warms up and is dropped
+            for name, (_, multiply) in backends.items():
+                started = time.perf_counter()
+                for weight, copy in zip(weights, packed[name], strict=True):
+                    multiply(inputs[weight.shape[1]], copy, weight, rows)
+                samples[name].append((time.perf_counter() - started) * 1e3)
+        for name, times in samples.items():
+            times = times[1:]
+            figures[f"{name}/rows{rows}"] = {
+                "step_linears_ms": {"median": statistics.median(times), "min": min(times)},
+                "samples_ms": times,
+            }
+            median = statistics.median(times)
+            print(f"  rows {rows:3d}  {name:7s} median {median:7.2f} ms  min {min(times):7.2f}")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--commit", default=None, help="recorded in the JSON")
+    args = parser.parse_args(argv)
+    if args.commit:
+        os.environ["LANNER_COMMIT"] = args.commit
+    torch.set_num_threads(args.threads)
+    rows_list = [int(r) for r in args.rows.split(",") if r]
+    figures = measure(rows_list, args.rounds)
+    choice = cpu_linear.chosen()
+    picked = {
+        regime: gemm.name if gemm else "torch"
+        for regime, gemm in (("single_row", choice.single_row), ("rows", choice.rows))
+    }
+    print(f"  cpu_linear.chosen() here: {picked}")
+    result = new_result("cpu-gemm", DEFAULT_MODEL_DIR.name)
+    result.update(
+        cpu=_cpu_name(),
+        threads=args.threads,
+        torch=torch.__version__,
+        rounds=args.rounds,
+        chosen=picked,
+        figures=figures,
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    save_copies(result, RESULTS, f"{stamp}-cpu-gemm.json")
+    print(f"wrote {RESULTS / f'{stamp}-cpu-gemm.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
