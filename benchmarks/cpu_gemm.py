@@ -5,7 +5,13 @@ counts, through each of F.linear and the packed GEMMs of kernels/cpu_linear.py (
 oneDNN's). Rounds are interleaved so the machine's other load falls on every backend.
 One thread unless --threads. Also records what cpu_linear.chosen() picks here.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/cpu_gemm.py --commit $(git rev-parse --short HEAD)
+With --engine-prompts, the whole engine too: the demo model generating 128 greedy tokens
+for that many prompts under each LANNER_CPU_GEMM setting (torch, mkl, onednn, auto), one
+engine, the settings interleaved round by round, TPOT per run and the greedy tokens
+compared.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_gemm.py --engine-prompts 1,8,32 \
+        --commit $(git rev-parse --short HEAD)
 
 Writes benchmarks/results/<stamp>-cpu-gemm.json.
 """
@@ -27,12 +33,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lanner.bench.report import new_result, save_copies  # noqa: E402
+from lanner.bench.report import cpu_name, new_result, save_copies  # noqa: E402
 from lanner.engine.config import DEFAULT_MODEL_DIR  # noqa: E402
 from lanner.kernels import cpu_linear  # noqa: E402
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from cpu_vs_hf import _cpu_name  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -97,11 +100,77 @@ def measure(rows_list: list[int], rounds: int) -> dict[str, Any]:
     return figures
 
 
+def lanner_step_linears_ms(rows: int, rounds: int = 5) -> float:
+    """The median time of one decode step's linears at ``rows`` rows through
+    cpu_linear.linear (the GEMMs lanner chose here), each weight read from memory: with
+    nothing else in the step, the fastest a float32 step of lanner's could be."""
+    generator = torch.Generator().manual_seed(0)
+    weights = step_weights(generator)
+    widths = {weight.shape[1] for weight in weights}
+    inputs = {width: torch.randn(rows, width, generator=generator) for width in widths}
+    times = []
+    for _ in range(rounds + 1):  # the first round packs and warms up, and is dropped
+        started = time.perf_counter()
+        for weight in weights:
+            cpu_linear.linear(inputs[weight.shape[1]], weight, None)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times[1:])
+
+
+def measure_engine(prompt_counts: list[int], rounds: int) -> dict[str, Any]:
+    """TPOT of one engine under each LANNER_CPU_GEMM setting, interleaved."""
+    from lanner import LLM, SamplingParams
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cpu_vs_hf import PROMPTS
+
+    llm = LLM(dtype="float32", device="cpu", max_num_seqs=max(prompt_counts))
+    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+    settings = [cpu_linear.TORCH, *(g.name for g in cpu_linear.usable_backends()), "auto"]
+    samples: dict[str, list[float]] = {}
+    tokens: dict[str, list[list[int]]] = {}
+    previous = os.environ.get(cpu_linear.CHOICE_ENV)
+    try:
+        for _ in range(rounds + 1):  # the first round packs and warms up, and is dropped
+            for setting in settings:
+                os.environ[cpu_linear.CHOICE_ENV] = setting
+                cpu_linear.chosen.cache_clear()
+                for count in prompt_counts:
+                    started = time.perf_counter()
+                    outputs = llm.generate(PROMPTS[:count], params, use_tqdm=False)
+                    tpot_ms = (time.perf_counter() - started) / 128 * 1e3
+                    key = f"{setting}/prompts{count}"
+                    samples.setdefault(key, []).append(tpot_ms)
+                    tokens[key] = [list(o.outputs[0].token_ids) for o in outputs]
+    finally:
+        if previous is None:
+            os.environ.pop(cpu_linear.CHOICE_ENV, None)
+        else:
+            os.environ[cpu_linear.CHOICE_ENV] = previous
+        cpu_linear.chosen.cache_clear()
+    figures: dict[str, Any] = {}
+    for key, times in samples.items():
+        times = times[1:]
+        setting, count = key.split("/prompts")
+        figures[key] = {
+            "step_ms": {"median": statistics.median(times), "min": min(times)},
+            "samples_ms": times,
+            "greedy_equal_to_torch": tokens[key] == tokens[f"torch/prompts{count}"],
+        }
+        print(
+            f"  engine, {count:>2} prompts, {setting:6s} median "
+            f"{statistics.median(times):6.2f} ms a step  min {min(times):6.2f}"
+        )
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,2,4,8,16,32,64")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine-prompts", default="", help="e.g. 1,8,32: the engine too")
+    parser.add_argument("--engine-rounds", type=int, default=4)
     parser.add_argument("--commit", default=None, help="recorded in the JSON")
     args = parser.parse_args(argv)
     if args.commit:
@@ -109,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rows_list = [int(r) for r in args.rows.split(",") if r]
     figures = measure(rows_list, args.rounds)
+    engine_counts = [int(c) for c in args.engine_prompts.split(",") if c]
+    engine = measure_engine(engine_counts, args.engine_rounds) if engine_counts else {}
     choice = cpu_linear.chosen()
     picked = {
         regime: gemm.name if gemm else "torch"
@@ -117,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  cpu_linear.chosen() here: {picked}")
     result = new_result("cpu-gemm", DEFAULT_MODEL_DIR.name)
     result.update(
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         threads=args.threads,
         torch=torch.__version__,
         rounds=args.rounds,
         chosen=picked,
         figures=figures,
+        engine=engine,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     save_copies(result, RESULTS, f"{stamp}-cpu-gemm.json")

@@ -30,6 +30,17 @@ def card_name() -> str:
     return "cpu"
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def git_commit() -> str:
     """The checkout's commit; LANNER_COMMIT overrides it where the tree was copied
     without its git history (a remote benchmark machine)."""
