@@ -260,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     for column in columns:
         for cls in (LannerRunner, HFRunner):
             runner = cls(DTYPE_SETTINGS[column][cls.name], args.threads)
-            runner.generate(PROMPTS[:2], 4)  # warm-up
+            # Warm-up at one prompt and at two: a single row's GEMMs and a batch's (lanner
+            # packs each weight for each on first use).
+            runner.generate(PROMPTS[:1], 4)
+            runner.generate(PROMPTS[:2], 4)
             runners[(cls.name, column)] = runner
 
     samples: dict[str, list[dict[str, Any]]] = {}

@@ -10,9 +10,12 @@ finds them): F.linear 17.9-20.1 ms, MKL-packed 12.9-14.6 ms; 7 rows 14.9 ms agai
 Two packed GEMMs are in torch's CPU builds, MKL's (``mkl._mkl_linear``) and oneDNN's
 (``mkldnn._linear_pointwise``, what torch.compile packs bf16 weights with), and none of the
 three wins everywhere: on the 2-core AMD EPYC (AVX2), the demo model's linears with each
-weight read from memory (benchmarks/cpu_gemm.py) took at 1 row 7.2 ms by F.linear, 5.8 by
-MKL and 8.9 by oneDNN, and at 8 / 32 rows 15.4 / 25.8, 16.9 / 25.2 and 11.2 / 21.9 ms. So
-one row multiplies through MKL's and more rows through oneDNN's. The rule is fixed, not
+weight read from memory (benchmarks/cpu_gemm.py, 20261203-121909-cpu-gemm.json, medians)
+took at 1 row 5.35 ms by F.linear, 4.39 by MKL and 5.34 by oneDNN, at 8 rows 11.4, 9.6 and
+7.9 ms, at 32 rows 21.4, 19.6 and 18.4 ms. So one row multiplies through MKL's and more
+rows through oneDNN's (the engine at 1 / 8 / 32 prompts: 12.7 / 20.9 / 43.2 ms a step
+against 14.3 / 26.4 / 45.0 with F.linear for one row and MKL's for more, before;
+20261203-123034-cpu-gemm.json). The rule is fixed, not
 timed at start: a choice timed on a busy machine could change a process's bits from one run
 to the next. ``LANNER_CPU_GEMM`` (``onednn``, ``mkl``, or ``torch`` for F.linear) pins one
 for every row count.
