@@ -33,7 +33,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lanner.bench.report import cpu_name, new_result, save_copies  # noqa: E402
+from lanner.bench.report import cpu_name, new_result, save_stamped  # noqa: E402
 from lanner.engine.config import DEFAULT_MODEL_DIR  # noqa: E402
 from lanner.kernels import cpu_linear  # noqa: E402
 
@@ -180,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = measure(rows_list, args.rounds)
     engine_counts = [int(c) for c in args.engine_prompts.split(",") if c]
     engine = measure_engine(engine_counts, args.engine_rounds) if engine_counts else {}
-    choice = cpu_linear.chosen()
-    picked = {
-        regime: gemm.name if gemm else "torch"
-        for regime, gemm in (("single_row", choice.single_row), ("rows", choice.rows))
-    }
+    picked = cpu_linear.chosen().names()
     print(f"  cpu_linear.chosen() here: {picked}")
     result = new_result("cpu-gemm", DEFAULT_MODEL_DIR.name)
     result.update(
@@ -196,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         figures=figures,
         engine=engine,
     )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    save_copies(result, RESULTS, f"{stamp}-cpu-gemm.json")
-    print(f"wrote {RESULTS / f'{stamp}-cpu-gemm.json'}")
+    save_stamped(result, RESULTS, "cpu-gemm")
     return 0
 
 

@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lanner.bench.report import cpu_name, new_result, save_copies  # noqa: E402
+from lanner.bench.report import cpu_name, new_result, save_stamped  # noqa: E402
 from lanner.engine.config import DEFAULT_MODEL_DIR  # noqa: E402
 from lanner.kernels import cpu_linear  # noqa: E402
 
@@ -375,14 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         targets=targets,
         linear_dtype_probe=probe,
         speedup_bounds=bounds,
-        cpu_gemm={
-            "single_row": getattr(cpu_linear.chosen().single_row, "name", "torch"),
-            "rows": getattr(cpu_linear.chosen().rows, "name", "torch"),
-        },
+        cpu_gemm=cpu_linear.chosen().names(),
     )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    save_copies(result, RESULTS, f"{stamp}-cpu-vs-hf.json")
-    print(f"wrote {RESULTS / f'{stamp}-cpu-vs-hf.json'}")
+    save_stamped(result, RESULTS, "cpu-vs-hf")
     return 0
 
 

@@ -122,6 +122,14 @@ def save_copies(result: dict[str, Any], results_dir: Path, name: str) -> None:
         (folder / name).write_text(json.dumps(result, indent=2))
 
 
+def save_stamped(result: dict[str, Any], results_dir: Path, suffix: str) -> Path:
+    """save_copies as ``<stamp>-<suffix>.json`` (now, local time), and say where."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}.json"
+    save_copies(result, results_dir, name)
+    print(f"wrote {results_dir / name}")
+    return results_dir / name
+
+
 # Files already announced: with --plot a result is written again with its figures' paths,
 # and saying "wrote" once is enough.
 _announced: set[Path] = set()

@@ -90,6 +90,13 @@ class Choice:
     single_row: PackedGemm | None
     rows: PackedGemm | None
 
+    def names(self) -> dict[str, str]:
+        """{"single_row": ..., "rows": ...}: the libraries' names, ``torch`` for F.linear."""
+        return {
+            "single_row": self.single_row.name if self.single_row else TORCH,
+            "rows": self.rows.name if self.rows else TORCH,
+        }
+
 
 def available() -> bool:
     """A packed GEMM is in this torch build, behaves as this module assumes, and is
