@@ -42,6 +42,16 @@ MODES = {
 }
 
 
+def _recording(begin_step, trace: list[tuple[int, int]]):  # noqa: ANN001, ANN202
+    """``begin_step`` that also appends each step's (requests running, draft length)."""
+
+    def recorded(num_running: int, draft_length: int) -> None:
+        trace.append((num_running, draft_length))
+        begin_step(num_running, draft_length)
+
+    return recorded
+
+
 def child(mode: str, batches: list[int]) -> None:
     from benchmarks.spec_decode import DEFAULT_MODEL_DIR, heldout_prompts, make_core, release, run
 
@@ -51,21 +61,36 @@ def child(mode: str, batches: list[int]) -> None:
         batch_prompts = [prompts[i % len(prompts)] for i in range(count)]
         core = make_core(str(DEFAULT_MODEL_DIR), batch, MODES[mode])
         run(core, batch_prompts, 256, 0.0)  # untimed: one-time costs
+        trace: list[tuple[int, int]] = []  # (requests running, draft length) per step
+        policy = core.spec.policy if core.spec is not None else None
+        if policy is not None:
+            policy.begin_step = _recording(policy.begin_step, trace)
         result = run(core, batch_prompts, 256, 0.0)
-        spec = core.spec.policy.stats if core.spec is not None else None
-        print(
-            json.dumps(
-                {
-                    "mode": mode,
-                    "batch": batch,
-                    "output_tok_per_s": round(result["output_tok_per_s"]),
-                    "step_ms_median": round(result["step_ms_median"], 3),
-                    "steps": result["steps"],
-                    "speculative_steps": spec.num_speculative_steps if spec else 0,
-                }
-            ),
-            flush=True,
-        )
+        line = {
+            "mode": mode,
+            "batch": batch,
+            "output_tok_per_s": round(result["output_tok_per_s"]),
+            "step_ms_median": round(result["step_ms_median"], 3),
+            "steps": result["steps"],
+            "host_probe_ms": result["host_probe_ms"],
+        }
+        if policy is not None:
+            # What the rule saw and did in the timed run: whether it speculated while the
+            # batch was full, how long the batch stayed full, the step times it measured
+            # per draft length (ms, by batch bucket), and the acceptance it got.
+            full = [k for running, k in trace if running == min(batch, len(batch_prompts))]
+            line.update(
+                speculative_steps=sum(1 for _, k in trace if k),
+                steps_at_full_batch=len(full),
+                speculative_steps_at_full_batch=sum(1 for k in full if k),
+                mean_acceptance_length=result.get("mean_acceptance_length"),
+                measured_step_ms={
+                    str(key): {str(k): round(t * 1e3, 3) for k, t in sorted(b.seconds.items())}
+                    for key, b in sorted(policy.buckets.items())
+                },
+                choices={str(key): b.choice for key, b in sorted(policy.buckets.items())},
+            )
+        print(json.dumps(line), flush=True)
         release(core)
 
 
