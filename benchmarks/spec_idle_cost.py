@@ -7,7 +7,11 @@ the steps that speculated. With ``--repeats R`` every mode runs R times, the mod
 rotating each round (one fresh process each), and the summary gives per (mode, batch)
 the median tok/s and its ratio to plain's: the demo model's steps are bound by the host,
 whose speed moved by up to 25 % between processes in one run (20261201-2045), so one
-process per mode cannot tell a real cost from that.
+process per mode cannot tell a real cost from that. ``--interleaved`` builds every mode's
+core in one process instead and alternates their runs (``vs_plain_paired_median``: the
+median of each round's ratio to plain's in that round), and each spec line says what the
+adaptive rule measured and chose (per batch bucket) and how often it speculated while the
+batch was full.
 
     PYTHONPATH=. python3 benchmarks/spec_idle_cost.py --batches 4,64 --repeats 3 \
         --commit $(git rev-parse --short HEAD)
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lanner.bench.report import new_result, save_copies  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+OUTPUT_LEN = 256  # tokens per request
 
 MODES = {
     "plain": None,
@@ -52,46 +57,99 @@ def _recording(begin_step, trace: list[tuple[int, int]]):  # noqa: ANN001, ANN20
     return recorded
 
 
-def child(mode: str, batches: list[int]) -> None:
-    from benchmarks.spec_decode import DEFAULT_MODEL_DIR, heldout_prompts, make_core, release, run
+def timed_run(core, mode: str, batch: int, prompts: list) -> dict:  # noqa: ANN001
+    """One timed run of ``prompts`` through ``core``: the printed line's fields."""
+    from benchmarks.spec_decode import run
+
+    trace: list[tuple[int, int]] = []  # (requests running, draft length) per step
+    policy = core.spec.policy if core.spec is not None else None
+    if policy is not None:
+        policy.begin_step = _recording(type(policy).begin_step.__get__(policy), trace)
+    result = run(core, prompts, OUTPUT_LEN, 0.0)
+    line = {
+        "mode": mode,
+        "batch": batch,
+        "output_tok_per_s": round(result["output_tok_per_s"]),
+        "step_ms_median": round(result["step_ms_median"], 3),
+        "steps": result["steps"],
+        "host_probe_ms": result["host_probe_ms"],
+    }
+    if policy is not None:
+        # What the rule saw and did in this run: whether it speculated while the batch
+        # was full, how long the batch stayed full, the step times it measured per draft
+        # length (ms, by batch bucket, since the core was built), and the acceptance.
+        full = [k for running, k in trace if running == min(batch, len(prompts))]
+        line.update(
+            speculative_steps=sum(1 for _, k in trace if k),
+            steps_at_full_batch=len(full),
+            speculative_steps_at_full_batch=sum(1 for k in full if k),
+            mean_acceptance_length=result.get("mean_acceptance_length"),
+            measured_step_ms={
+                str(key): {str(k): round(t * 1e3, 3) for k, t in sorted(b.seconds.items())}
+                for key, b in sorted(policy.buckets.items())
+            },
+            choices={str(key): b.choice for key, b in sorted(policy.buckets.items())},
+        )
+    return line
+
+
+def batch_prompts(batch: int) -> list:
+    from benchmarks.spec_decode import heldout_prompts
 
     prompts, _ = heldout_prompts(64)
+    return [prompts[i % len(prompts)] for i in range(max(32, batch))]
+
+
+def child(mode: str, batches: list[int]) -> None:
+    from benchmarks.spec_decode import DEFAULT_MODEL_DIR, make_core, release, run
+
     for batch in batches:
-        count = max(32, batch)
-        batch_prompts = [prompts[i % len(prompts)] for i in range(count)]
+        prompts = batch_prompts(batch)
         core = make_core(str(DEFAULT_MODEL_DIR), batch, MODES[mode])
-        run(core, batch_prompts, 256, 0.0)  # untimed: one-time costs
-        trace: list[tuple[int, int]] = []  # (requests running, draft length) per step
-        policy = core.spec.policy if core.spec is not None else None
-        if policy is not None:
-            policy.begin_step = _recording(policy.begin_step, trace)
-        result = run(core, batch_prompts, 256, 0.0)
-        line = {
-            "mode": mode,
-            "batch": batch,
-            "output_tok_per_s": round(result["output_tok_per_s"]),
-            "step_ms_median": round(result["step_ms_median"], 3),
-            "steps": result["steps"],
-            "host_probe_ms": result["host_probe_ms"],
-        }
-        if policy is not None:
-            # What the rule saw and did in the timed run: whether it speculated while the
-            # batch was full, how long the batch stayed full, the step times it measured
-            # per draft length (ms, by batch bucket), and the acceptance it got.
-            full = [k for running, k in trace if running == min(batch, len(batch_prompts))]
-            line.update(
-                speculative_steps=sum(1 for _, k in trace if k),
-                steps_at_full_batch=len(full),
-                speculative_steps_at_full_batch=sum(1 for k in full if k),
-                mean_acceptance_length=result.get("mean_acceptance_length"),
-                measured_step_ms={
-                    str(key): {str(k): round(t * 1e3, 3) for k, t in sorted(b.seconds.items())}
-                    for key, b in sorted(policy.buckets.items())
-                },
-                choices={str(key): b.choice for key, b in sorted(policy.buckets.items())},
-            )
-        print(json.dumps(line), flush=True)
+        run(core, prompts, OUTPUT_LEN, 0.0)  # untimed: one-time costs
+        print(json.dumps(timed_run(core, mode, batch, prompts)), flush=True)
         release(core)
+
+
+def interleaved(batches: list[int], repeats: int) -> list[dict]:
+    """Every mode's core in this one process, built and warmed once per batch size, then
+    their timed runs alternated round by round (the order rotating): the host's speed,
+    which moves between processes and over time, falls on all modes of a round alike."""
+    from benchmarks.spec_decode import DEFAULT_MODEL_DIR, make_core, release, run
+
+    samples = []
+    for batch in batches:
+        prompts = batch_prompts(batch)
+        cores = {mode: make_core(str(DEFAULT_MODEL_DIR), batch, MODES[mode]) for mode in MODES}
+        for core in cores.values():
+            run(core, prompts, OUTPUT_LEN, 0.0)  # untimed: one-time costs
+        modes = list(MODES)
+        for round_ in range(repeats):
+            for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:
+                line = {**timed_run(cores[mode], mode, batch, prompts), "round": round_}
+                print(json.dumps(line), flush=True)
+                samples.append(line)
+        for core in cores.values():
+            release(core)
+    return samples
+
+
+def paired_ratios(samples: list[dict], mode: str, batch: int) -> dict:
+    """Each round's tok/s over plain's in the same round, and their median: the figure a
+    run's host speed cancels out of, where the modes of a round ran side by side."""
+    by_round = {
+        (s["mode"], s["round"]): s["output_tok_per_s"] for s in samples if s["batch"] == batch
+    }
+    ratios = [
+        round(rate / by_round[("plain", round_)], 3)
+        for (m, round_), rate in sorted(by_round.items())
+        if m == mode and by_round.get(("plain", round_))
+    ]
+    return (
+        {"vs_plain_by_round": ratios, "vs_plain_paired_median": statistics.median(ratios)}
+        if ratios
+        else {}
+    )
 
 
 def main() -> None:
@@ -100,14 +158,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="all modes in one process, their runs alternated (see interleaved())",
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.mode:
         child(args.mode, batches)
         return
     modes = list(MODES)
-    samples: list[dict] = []
-    for round_ in range(args.repeats):
+    samples: list[dict] = interleaved(batches, args.repeats) if args.interleaved else []
+    for round_ in range(0 if args.interleaved else args.repeats):
         order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
         for mode in order:
             done = subprocess.run(
@@ -137,6 +200,7 @@ def main() -> None:
                     "output_tok_per_s_median": median,
                     "samples": values,
                     "vs_plain": round(median / plain, 3) if plain else None,
+                    **paired_ratios(samples, mode, batch),
                 }
     print(json.dumps(summary, indent=1))
     result = new_result("spec-idle-cost", "demo-model")
@@ -144,6 +208,7 @@ def main() -> None:
         command="PYTHONPATH=. python3 benchmarks/spec_idle_cost.py " + " ".join(sys.argv[1:]),
         commit=args.commit,
         repeats=args.repeats,
+        interleaved=args.interleaved,
         summary=summary,
         samples=samples,
     )
