@@ -78,6 +78,7 @@ def timed_run(core, mode: str, batch: int, prompts: list) -> dict:  # noqa: ANN0
         # What the rule saw and did in this run: whether it speculated while the batch
         # was full, how long the batch stayed full, the step times it measured per draft
         # length (ms, by batch bucket, since the core was built), and the acceptance.
+        # (speculative_steps also counts run()'s own two-request warm-up, untimed.)
         full = [k for running, k in trace if running == min(batch, len(prompts))]
         line.update(
             speculative_steps=sum(1 for _, k in trace if k),
