@@ -94,6 +94,12 @@ def timed_run(core, mode: str, batch: int, prompts: list) -> dict:  # noqa: ANN0
     return line
 
 
+def rotated(modes: list[str], round_: int) -> list[str]:
+    """The modes' order in round ``round_``: each round starts one mode later."""
+    shift = round_ % len(modes)
+    return modes[shift:] + modes[:shift]
+
+
 def batch_prompts(batch: int) -> list:
     from benchmarks.spec_decode import heldout_prompts
 
@@ -126,7 +132,7 @@ def interleaved(batches: list[int], repeats: int) -> list[dict]:
             run(core, prompts, OUTPUT_LEN, 0.0)  # untimed: one-time costs
         modes = list(MODES)
         for round_ in range(repeats):
-            for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:
+            for mode in rotated(modes, round_):
                 line = {**timed_run(cores[mode], mode, batch, prompts), "round": round_}
                 print(json.dumps(line), flush=True)
                 samples.append(line)
@@ -172,8 +178,7 @@ def main() -> None:
     modes = list(MODES)
     samples: list[dict] = interleaved(batches, args.repeats) if args.interleaved else []
     for round_ in range(0 if args.interleaved else args.repeats):
-        order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
-        for mode in order:
+        for mode in rotated(modes, round_):
             done = subprocess.run(
                 [sys.executable, __file__, "--batches", args.batches, "--mode", mode],
                 check=False,

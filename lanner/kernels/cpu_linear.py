@@ -98,13 +98,6 @@ class Choice:
         }
 
 
-def available() -> bool:
-    """A packed GEMM is in this torch build, behaves as this module assumes, and is
-    what this CPU multiplies with at some row count (not F.linear everywhere)."""
-    choice = chosen()
-    return choice.single_row is not None or choice.rows is not None
-
-
 @functools.cache
 def chosen() -> Choice:
     """The GEMMs this process multiplies with (chosen once): LANNER_CPU_GEMM's for every
