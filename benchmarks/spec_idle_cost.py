@@ -16,6 +16,11 @@ batch was full.
     PYTHONPATH=. python3 benchmarks/spec_idle_cost.py --batches 4,64 --repeats 3 \
         --commit $(git rev-parse --short HEAD)
 
+A batch-16 run of one wave of prompts lasts ~0.1 s on an H200, where one host hiccup
+moves its rate by a third: ``--waves W`` gives each timed run W batches' worth of
+prompts (the batch refills as a wave ends), and ``--pin-core`` keeps the engine on one
+core (host_costs.py --probe-cores names the fastest).
+
 Writes <stamp>-spec-idle-cost.json (benchmarks/results/ and $OUT).
 """
 
@@ -31,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.spec_decode import add_pin_argument, pin_to_core  # noqa: E402
 from lanner.bench.report import new_result, save_copies  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,25 +106,27 @@ def rotated(modes: list[str], round_: int) -> list[str]:
     return modes[shift:] + modes[:shift]
 
 
-def batch_prompts(batch: int) -> list:
+def batch_prompts(batch: int, waves: int) -> list:
+    """``waves`` batches' worth of W7's held-out prompts (at least 32): the batch refills
+    as each wave finishes, so a timed run lasts about ``waves`` x OUTPUT_LEN steps."""
     from benchmarks.spec_decode import heldout_prompts
 
     prompts, _ = heldout_prompts(64)
-    return [prompts[i % len(prompts)] for i in range(max(32, batch))]
+    return [prompts[i % len(prompts)] for i in range(max(32, batch * waves))]
 
 
-def child(mode: str, batches: list[int]) -> None:
+def child(mode: str, batches: list[int], waves: int) -> None:
     from benchmarks.spec_decode import DEFAULT_MODEL_DIR, make_core, release, run
 
     for batch in batches:
-        prompts = batch_prompts(batch)
+        prompts = batch_prompts(batch, waves)
         core = make_core(str(DEFAULT_MODEL_DIR), batch, MODES[mode])
         run(core, prompts, OUTPUT_LEN, 0.0)  # untimed: one-time costs
         print(json.dumps(timed_run(core, mode, batch, prompts)), flush=True)
         release(core)
 
 
-def interleaved(batches: list[int], repeats: int) -> list[dict]:
+def interleaved(batches: list[int], repeats: int, waves: int) -> list[dict]:
     """Every mode's core in this one process, built and warmed once per batch size, then
     their timed runs alternated round by round (the order rotating): the host's speed,
     which moves between processes and over time, falls on all modes of a round alike."""
@@ -126,7 +134,7 @@ def interleaved(batches: list[int], repeats: int) -> list[dict]:
 
     samples = []
     for batch in batches:
-        prompts = batch_prompts(batch)
+        prompts = batch_prompts(batch, waves)
         cores = {mode: make_core(str(DEFAULT_MODEL_DIR), batch, MODES[mode]) for mode in MODES}
         for core in cores.values():
             run(core, prompts, OUTPUT_LEN, 0.0)  # untimed: one-time costs
@@ -170,17 +178,30 @@ def main() -> None:
         action="store_true",
         help="all modes in one process, their runs alternated (see interleaved())",
     )
+    parser.add_argument(
+        "--waves",
+        type=int,
+        default=2,
+        help="batches' worth of prompts per timed run (at least 32 prompts in all)",
+    )
+    add_pin_argument(parser)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    pin_to_core(args.pin_core)
     if args.mode:
-        child(args.mode, batches)
+        child(args.mode, batches, args.waves)
         return
     modes = list(MODES)
-    samples: list[dict] = interleaved(batches, args.repeats) if args.interleaved else []
+    samples: list[dict] = interleaved(batches, args.repeats, args.waves) if args.interleaved else []
     for round_ in range(0 if args.interleaved else args.repeats):
         for mode in rotated(modes, round_):
             done = subprocess.run(
-                [sys.executable, __file__, "--batches", args.batches, "--mode", mode],
+                [
+                    sys.executable,
+                    __file__,
+                    *("--batches", args.batches, "--mode", mode, "--waves", str(args.waves)),
+                    *(("--pin-core", str(args.pin_core)) if args.pin_core is not None else ()),
+                ],
                 check=False,
                 capture_output=True,
                 text=True,
@@ -215,6 +236,8 @@ def main() -> None:
         commit=args.commit,
         repeats=args.repeats,
         interleaved=args.interleaved,
+        waves=args.waves,
+        pin_core=args.pin_core,
         summary=summary,
         samples=samples,
     )
