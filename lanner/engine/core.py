@@ -789,7 +789,11 @@ class EngineCore:
             self._confirm_advance(requests, advancing, outputs)
         if self.spec is not None:
             self.spec.policy.step_done(
-                launched.num_running, launched.draft_length, launched.all_decodes, self._spec_states
+                launched.num_running,
+                launched.draft_length,
+                launched.all_decodes,
+                self._spec_states,
+                sum(map(len, result.sampled_token_ids.values())),
             )
         return outputs
 

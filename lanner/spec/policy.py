@@ -19,6 +19,14 @@ measured, probes the nearest measured size's choice (speculation that paid at ba
 is tried at batch 64, never assumed there), so speculation turns
 itself off where it does not pay and back on where it does.
 
+Clean steps understate what a mode costs: speculating requests finish at different steps,
+so a batch refills one request at a time, each refill a slow mixed prefill step (a
+refilling batch of 64 ran at 0.65x of plain decoding on an H200 while its clean steps
+said 1.2x). So each bucket also keeps, for plain and for speculating steps apart, what all
+their steps made (tokens, seconds) against what the measured times and the acceptance
+predicted for them, and values each mode at that realized share. And while speculating,
+plain decoding is probed too (least recently measured first), so its time cannot go stale.
+
 Stopping is not for good: the acceptance counts keep decaying through plain steps (back
 toward the prior), the stopped length is probed first, only a probe starts speculation
 again, and where speculating paid at that batch size a probe may cost
@@ -46,6 +54,9 @@ DECAY = 0.95  # per step: about the last twenty steps count
 # no prefill in it); a step more than OUTLIER times the average (a pause) is skipped.
 TIME_SMOOTHING = 0.25
 OUTLIER = 4.0
+# A time last measured more than this many steps ago starts again from its next step
+# (a probe's few steps would not move an old average far enough to judge the probe).
+STALE_STEPS = 64
 PROBE_STEPS = 5  # steps a probe runs: the first is a transition (not measured)
 FIRST_PROBE_WAIT = 16  # steps at the choice before its first probe
 # A new bucket's plain steps before it probes the nearest bucket's choice: one
@@ -74,6 +85,14 @@ REVIEW_MARGIN = 1.02
 # Speculation replaces plain decoding, or plain decoding speculation, only when it
 # measures this much better.
 START_MARGIN = 1.1
+# The realized share of each mode's predicted tokens per second: over about the last
+# REALIZED_STEPS steps of that mode at a bucket, used once it has seen REALIZED_MIN_STEPS
+# (before, 1), kept within [1 / REALIZED_CAP, REALIZED_CAP]; a step counts at most
+# REALIZED_OUTLIER times its predicted time (a pause is not the mode's cost).
+REALIZED_STEPS = 256
+REALIZED_MIN_STEPS = 48
+REALIZED_CAP = 4.0
+REALIZED_OUTLIER = 16.0
 
 
 @dataclass
@@ -127,6 +146,35 @@ def batch_bucket(num_running: int) -> int:
 
 
 @dataclass
+class _Realized:
+    """What one mode's steps at a bucket made against what was predicted for them (the
+    bucket's measured step time, the acceptance's expected tokens), decayed per step."""
+
+    seconds: float = 0.0
+    tokens: float = 0.0
+    predicted_seconds: float = 0.0
+    predicted_tokens: float = 0.0
+    steps: float = 0.0
+
+    def add(
+        self, seconds: float, tokens: float, predicted_seconds: float, predicted_tokens: float
+    ) -> None:
+        keep = 1.0 - 1.0 / REALIZED_STEPS
+        self.seconds = keep * self.seconds + min(seconds, REALIZED_OUTLIER * predicted_seconds)
+        self.tokens = keep * self.tokens + tokens
+        self.predicted_seconds = keep * self.predicted_seconds + predicted_seconds
+        self.predicted_tokens = keep * self.predicted_tokens + predicted_tokens
+        self.steps = keep * self.steps + 1.0
+
+    def share(self) -> float:
+        """Realized tokens per second over predicted ones (1 until enough steps)."""
+        if self.steps < REALIZED_MIN_STEPS or self.seconds <= 0 or self.predicted_tokens <= 0:
+            return 1.0
+        share = (self.tokens / self.predicted_tokens) * (self.predicted_seconds / self.seconds)
+        return min(max(share, 1.0 / REALIZED_CAP), REALIZED_CAP)
+
+
+@dataclass
 class _Bucket:
     """Measurements and the choice for one batch bucket."""
 
@@ -141,6 +189,10 @@ class _Bucket:
     next_direction: int = 1  # the neighbour probed next: choice + 1 or choice - 1
     jump: int | None = None  # a draft length to probe first (the nearest bucket's choice)
     paid: bool = False  # a draft length measured START_MARGIN better than plain steps here
+    # What plain (index 0) and speculating (1) steps here realized of their prediction.
+    realized: tuple[_Realized, _Realized] = field(
+        default_factory=lambda: (_Realized(), _Realized())
+    )
 
 
 class DraftLengthPolicy:
@@ -164,6 +216,7 @@ class DraftLengthPolicy:
         self._last_kind: tuple[int, int] | None = None
         self._steps = 0
         self._planned = 0  # the draft length of the step being scheduled
+        self._last_rate = PRIOR_RATE  # what _rate() said last (steps between reuse it)
         # The running requests' speculation states (their acceptance), read when deciding.
         self._states: Callable[[], list[RequestSpecState]] = list
 
@@ -302,25 +355,33 @@ class DraftLengthPolicy:
             values = {k: self._value(bucket, k, rate) or 0.0 for k in bucket.seconds if k}
             return max(values, key=lambda k: values[k]) if values else self.max_tokens
         step = bucket.next_direction
-        neighbours = [
-            k for k in (bucket.choice + step, bucket.choice - step) if 0 <= k <= self.max_tokens
-        ]
-        if not neighbours:
+        # Plain decoding too: its time, measured once in a bucket's first few steps, would
+        # otherwise never be refreshed while the choice speculates.
+        candidates = {bucket.choice + step, bucket.choice - step, 0}
+        candidates = {k for k in candidates if 0 <= k <= self.max_tokens and k != bucket.choice}
+        if not candidates:
             return None
-        return min(neighbours, key=lambda k: bucket.measured_at.get(k, -1))
+        return min(sorted(candidates), key=lambda k: bucket.measured_at.get(k, -1))
 
     def _rate(self) -> float:
         """The running requests' mean per-position acceptance."""
         states = self._states()
-        if not states:
-            return PRIOR_RATE
-        return sum(s.acceptance_rate(self._steps) for s in states) / len(states)
+        rate = (
+            sum(s.acceptance_rate(self._steps) for s in states) / len(states)
+            if states
+            else PRIOR_RATE
+        )
+        self._last_rate = rate
+        return rate
 
     def _value(self, bucket: _Bucket, draft_length: int, rate: float) -> float | None:
+        """Tokens per second a request makes at ``draft_length``: predicted from its clean
+        steps' time and ``rate``, at the share of its predictions that mode realized."""
         seconds = bucket.seconds.get(draft_length)
         if seconds is None or seconds <= 0:
             return None
-        return expected_tokens(rate, draft_length) / seconds
+        share = bucket.realized[draft_length > 0].share()
+        return expected_tokens(rate, draft_length) / seconds * share
 
     def _end_probe(self, bucket: _Bucket) -> None:
         probe = bucket.probe
@@ -388,11 +449,13 @@ class DraftLengthPolicy:
         draft_length: int,
         clean: bool,
         states: Callable[[], list[RequestSpecState]],
+        num_tokens: int | None = None,
     ) -> None:
         """The engine read a step of a batch of ``num_running`` planned at
         ``draft_length``; ``clean``: every request in it decoded; ``states``: the running
-        requests' states, for their acceptance. Measures the time since the previous step
-        was read."""
+        requests' states, for their acceptance; ``num_tokens``: the tokens it made (None:
+        not counted toward what the mode realized). Measures the time since the previous
+        step was read."""
         self._states = states
         if self.step_cost is not None:
             now = (self._last_done or 0.0) + self.step_cost(num_running, draft_length)
@@ -403,16 +466,23 @@ class DraftLengthPolicy:
         last, self._last_done = self._last_done, now
         self._steps += 1
         adaptive = self.config.adaptive_draft_length and self.enabled(num_running)
-        if not adaptive or last is None or previous_kind != kind or num_running == 0:
+        if not adaptive or last is None or num_running == 0:
             return
         seconds = now - last
         bucket = self._bucket(num_running)
         mean = bucket.seconds.get(draft_length)
-        if mean is not None and seconds > OUTLIER * mean:
+        if num_tokens is not None and mean is not None:
+            # Every step, clean or not (a refill's prefill is part of what a mode costs).
+            predicted = num_running * expected_tokens(self._last_rate, draft_length)
+            bucket.realized[draft_length > 0].add(seconds, num_tokens, mean, predicted)
+        if previous_kind != kind:
             return
-        bucket.seconds[draft_length] = (
-            seconds if mean is None else mean + TIME_SMOOTHING * (seconds - mean)
-        )
+        if mean is None or self._steps - bucket.measured_at[draft_length] > STALE_STEPS:
+            bucket.seconds[draft_length] = seconds
+        elif seconds <= OUTLIER * mean:
+            bucket.seconds[draft_length] = mean + TIME_SMOOTHING * (seconds - mean)
+        else:
+            return
         bucket.measured_at[draft_length] = self._steps
         if bucket.probe == draft_length and draft_length != bucket.choice:
             rate = self._rate()
