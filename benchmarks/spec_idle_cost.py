@@ -96,6 +96,11 @@ def timed_run(core, mode: str, batch: int, prompts: list) -> dict:  # noqa: ANN0
                 for key, b in sorted(policy.buckets.items())
             },
             choices={str(key): b.choice for key, b in sorted(policy.buckets.items())},
+            # What plain and speculating steps realized of their predictions, per bucket.
+            realized_share={
+                str(key): [round(r.share(), 3) for r in b.realized]
+                for key, b in sorted(policy.buckets.items())
+            },
         )
     return line
 

@@ -57,6 +57,9 @@ OUTLIER = 4.0
 # A time last measured more than this many steps ago starts again from its next step
 # (a probe's few steps would not move an old average far enough to judge the probe).
 STALE_STEPS = 64
+# A time new or restarted takes the least of its first FIRST_SAMPLES steps (then the
+# moving average), and a probe is not abandoned on its first.
+FIRST_SAMPLES = 3
 PROBE_STEPS = 5  # steps a probe runs: the first is a transition (not measured)
 FIRST_PROBE_WAIT = 16  # steps at the choice before its first probe
 # A new bucket's plain steps before it probes the nearest bucket's choice: one
@@ -181,6 +184,7 @@ class _Bucket:
     choice: int
     seconds: dict[int, float] = field(default_factory=dict)  # k -> mean step time
     measured_at: dict[int, int] = field(default_factory=dict)  # k -> step count then
+    samples: dict[int, int] = field(default_factory=dict)  # k -> steps since (re)started
     probe: int | None = None  # the draft length under probe
     probe_steps_left: int = 0
     steps_to_probe: int = FIRST_PROBE_WAIT
@@ -477,12 +481,17 @@ class DraftLengthPolicy:
             bucket.realized[draft_length > 0].add(seconds, num_tokens, mean, predicted)
         if previous_kind != kind:
             return
+        samples = bucket.samples.get(draft_length, 0)
         if mean is None or self._steps - bucket.measured_at[draft_length] > STALE_STEPS:
-            bucket.seconds[draft_length] = seconds
+            bucket.seconds[draft_length], samples = seconds, 1
+        elif samples < FIRST_SAMPLES:
+            # A hiccup is slower, never faster: the least of the first few.
+            bucket.seconds[draft_length], samples = min(mean, seconds), samples + 1
         elif seconds <= OUTLIER * mean:
             bucket.seconds[draft_length] = mean + TIME_SMOOTHING * (seconds - mean)
         else:
             return
+        bucket.samples[draft_length] = samples
         bucket.measured_at[draft_length] = self._steps
         if bucket.probe == draft_length and draft_length != bucket.choice:
             rate = self._rate()
@@ -491,6 +500,7 @@ class DraftLengthPolicy:
             if (
                 probe_value is not None
                 and choice_value is not None
+                and samples >= 2
                 and probe_value < ABANDON_PROBE * choice_value
             ):
                 self._end_probe(bucket)
