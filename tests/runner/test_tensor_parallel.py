@@ -12,6 +12,7 @@ imports torch, ~10 s here; later workers start in about a second)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from lanner.runner.executor import WorkerFailedError
 from lanner.runner.model_runner import SequenceChunk, StepLayout
 from lanner.runner.sampler import Sampler
 from lanner.runner.step_message import decode_step, encode_step
+from lanner.spec.policy import DraftLengthPolicy
 from tests.model.test_hf_parity import hf_model
 from tests.quant_checkpoints import QuantCheckpoints, hf_oracle
 from tests.tiny_models import FAMILIES
@@ -231,8 +233,21 @@ def demo_tp1_tokens() -> list[list[int]]:
     return demo_tokens()
 
 
+# A known bug, not yet found: at TP=2 a draft model's speculation, with the draft length
+# changing from step to step (0, 1 or 3), gives a wrong greedy token now and then (TP=1
+# with the same schedule never does). The adaptive rule's choices follow wall-clock step
+# times, so test_speculative_decoding[draft_model] meets it only sometimes; the schedule
+# in test_draft_model_at_tp2_with_a_changing_draft_length meets it every time.
+TP_DRAFT_BUG = (
+    "TP=2 draft-model speculation with a changing draft length gives a wrong greedy token"
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.parametrize(
+    "method",
+    ["ngram", pytest.param("draft_model", marks=pytest.mark.xfail(reason=TP_DRAFT_BUG))],
+)
 def test_speculative_decoding(method: str, demo_tp1_tokens: list[list[int]]) -> None:
     """Speculation under TP=2 (the draft model runs whole on rank 0; verified drafts reach
     the other rank from the device) gives the embedded demo model's greedy tokens at TP=1
@@ -254,6 +269,29 @@ def test_speculative_decoding(method: str, demo_tp1_tokens: list[list[int]]) -> 
             f"TP=2 with {method} speculation diverged at (prompt, token) {diverged}: "
             f"{got} against {demo_tp1_tokens}; TP=1 with it gave {tp1_spec}"
         )
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=TP_DRAFT_BUG)
+def test_draft_model_at_tp2_with_a_changing_draft_length(
+    demo_tp1_tokens: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step's draft length drawn from {0, 0, 1, 3, 3} by a seeded generator (seed 21:
+    one of 5 among 29 seeds tried whose schedule diverges at TP=2; TP=1 with each of the
+    29 schedules gave the right tokens): TP=1's tokens without speculation. Strict: once
+    the bug is fixed this passes, and the xfail must go."""
+    rng = random.Random(21)
+
+    def plan(self: DraftLengthPolicy, num_running: int) -> int:
+        return rng.choice([0, 0, 1, 3, 3]) if num_running else 0
+
+    monkeypatch.setattr(DraftLengthPolicy, "plan", plan)
+    spec = {
+        "method": "draft_model",
+        "num_speculative_tokens": 3,
+        "model": str(DEFAULT_MODEL_DIR.parent / "demo-draft"),
+    }
+    assert demo_tokens(tensor_parallel_size=2, speculative_config=spec) == demo_tp1_tokens
 
 
 def test_step_message_round_trip() -> None:
