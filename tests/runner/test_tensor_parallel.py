@@ -228,16 +228,25 @@ def demo_tokens(**options) -> list[list[int]]:
         llm.engine.core.shutdown()
 
 
+def demo_speculation(method: str) -> dict:
+    """k = 3 of ``method`` for the demo model (the draft model: the embedded demo draft)."""
+    spec: dict = {"method": method, "num_speculative_tokens": 3}
+    if method == "draft_model":
+        spec["model"] = str(DEFAULT_MODEL_DIR.parent / "demo-draft")
+    return spec
+
+
 @pytest.fixture(scope="module")
 def demo_tp1_tokens() -> list[list[int]]:
     return demo_tokens()
 
 
-# A known bug, not yet found: at TP=2 a draft model's speculation, with the draft length
-# changing from step to step (0, 1 or 3), gives a wrong greedy token now and then (TP=1
-# with the same schedule never does). The adaptive rule's choices follow wall-clock step
-# times, so test_speculative_decoding[draft_model] meets it only sometimes; the schedule
-# in test_draft_model_at_tp2_with_a_changing_draft_length meets it every time.
+# A known bug, not yet found: at TP=2 a draft model's speculation, with plain steps mixed
+# among speculating ones, gives a wrong greedy token now and then (TP=1 with the same
+# schedule never does; schedules of {0, 3} and {0, 1} met it, {1, 3} and {2, 3} did not).
+# The adaptive rule's choices follow wall-clock step times, so
+# test_speculative_decoding[draft_model] meets it only sometimes; the schedule in
+# test_draft_model_at_tp2_with_a_changing_draft_length meets it every time.
 TP_DRAFT_BUG = (
     "TP=2 draft-model speculation with a changing draft length gives a wrong greedy token"
 )
@@ -252,9 +261,7 @@ def test_speculative_decoding(method: str, demo_tp1_tokens: list[list[int]]) -> 
     """Speculation under TP=2 (the draft model runs whole on rank 0; verified drafts reach
     the other rank from the device) gives the embedded demo model's greedy tokens at TP=1
     without speculation."""
-    spec: dict = {"method": method, "num_speculative_tokens": 3}
-    if method == "draft_model":
-        spec["model"] = str(DEFAULT_MODEL_DIR.parent / "demo-draft")
+    spec = demo_speculation(method)
     got = demo_tokens(tensor_parallel_size=2, speculative_config=spec)
     if got != demo_tp1_tokens:
         # Once seen on CI alone (one token of 24, a 0.019 logprob margin at TP=1 here):
@@ -286,11 +293,7 @@ def test_draft_model_at_tp2_with_a_changing_draft_length(
         return rng.choice([0, 0, 1, 3, 3]) if num_running else 0
 
     monkeypatch.setattr(DraftLengthPolicy, "plan", plan)
-    spec = {
-        "method": "draft_model",
-        "num_speculative_tokens": 3,
-        "model": str(DEFAULT_MODEL_DIR.parent / "demo-draft"),
-    }
+    spec = demo_speculation("draft_model")
     assert demo_tokens(tensor_parallel_size=2, speculative_config=spec) == demo_tp1_tokens
 
 
