@@ -11,14 +11,15 @@ nothing is cached before the chunk, with an explicit mask otherwise. What a step
 layers share (gather indices, masks) is built once, by the first layer, and kept on
 the step's metadata.
 
-A decode batch that continues the last step (only decodes, the same sequences in the
-same order, each one token longer, on the same blocks) does not gather its context
-again: each layer keeps its decode batch's K/V laid out per sequence on its cache
-tensor (``_DenseKV``, with room for DENSE_HEADROOM more tokens) and appends the step's
-new rows to it. This assumes what the engine does: between two consecutive steps a
-layer's paged cache changes only by the new tokens qkv_prepare writes; any other step
-(a prefill, a new or finished sequence, a preemption, another model's step) rebuilds
-the copy from the paged cache, as does a copy that would outgrow DENSE_MAX_BYTES.
+A decode batch that continues the last step (only decodes, one row per sequence, the
+same sequences in the same order, each one token longer, on the same blocks) does not
+gather its context again: each layer keeps its decode batch's K/V laid out per
+sequence on its cache tensor (``_DenseKV``, with room for DENSE_HEADROOM more tokens)
+and appends the step's new rows to it. This assumes what the engine does: between two
+consecutive steps a layer's paged cache changes only by the new tokens qkv_prepare
+writes; any other step (a prefill, a new or finished sequence, a preemption, a verify
+step's rows of one sequence, another model's step) rebuilds the copy from the paged
+cache, as does a copy that would outgrow DENSE_MAX_BYTES.
 """
 
 from __future__ import annotations
@@ -301,15 +302,23 @@ def build_plan(metadata: AttentionMetadata, block_size: int) -> CpuAttentionPlan
             max_seq_len=longest,
             serial=next(_step_serials),
         )
-        if not chunks and _continues(decode, _last_decode, block_size):
-            assert _last_decode is not None
-            decode.continues = _last_decode.serial
-    _last_decode = (
-        _StepRecord(decode.serial, decode.seq_lens, decode.tables)
-        if decode is not None and not chunks
-        else None
-    )
+    plain = decode is not None and not chunks and _one_row_per_sequence(decode, block_size)
+    if plain and _continues(decode, _last_decode, block_size):
+        assert _last_decode is not None
+        decode.continues = _last_decode.serial
+    _last_decode = _StepRecord(decode.serial, decode.seq_lens, decode.tables) if plain else None
     return CpuAttentionPlan(decode, chunks)
+
+
+def _one_row_per_sequence(decode: _DecodeBatch, block_size: int) -> bool:
+    """No two rows write into one block: each row is its own sequence (a sequence's
+    block being written is its own). A verify step's rows are one sequence's tokens, and
+    the next step rewrites the positions of its rejected drafts, which a dense copy of
+    the row after them would keep. (A padding row, of length 0, writes nothing.)"""
+    lens = decode.seq_lens[decode.seq_lens > 0]
+    tables = decode.tables[decode.seq_lens > 0]
+    written = tables.gather(1, ((lens - 1) // block_size)[:, None])
+    return written.unique().numel() == written.numel()
 
 
 def _widen(kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -198,6 +198,32 @@ def test_a_reused_dense_buffer_is_cleaned(small_headroom: int) -> None:
     _decode_steps([5, 30, 2], small_headroom + 4, poison=True)
 
 
+def test_verify_rows_after_rejected_drafts_read_the_rewritten_positions() -> None:
+    """A verify step runs a sequence's known token and its k drafts as k + 1 one-token
+    rows on one block table. When every draft is rejected the next verify step has the
+    same rows, each one token further, and rewrites the rejected drafts' positions: it
+    must read them from the paged cache, not from a dense copy of the step before (the
+    TP=2 draft-model bug: the worker rank, which runs no draft model between the
+    target's steps, kept the copy)."""
+    generator = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim, k = 4, 2, 16, 3
+    # Two sequences at positions 18 and 16, on scattered blocks.
+    order = torch.randperm(12, generator=generator).tolist()
+    tables = [order[:6], order[6:]]
+    kv_cache = torch.randn(2, 12, BLOCK_SIZE, kv_heads, head_dim, generator=generator)
+    plans = []
+    for start in (18, 19):  # step 2 starts one further: its first token corrects a draft
+        positions = [start + i for i in range(k + 1)] + [start - 2 + i for i in range(k + 1)]
+        lens = [p + 1 for p in positions]
+        rows = [tables[0]] * (k + 1) + [tables[1]] * (k + 1)
+        metadata = AttentionMetadata.build([1] * len(lens), lens, rows, BLOCK_SIZE, "cpu")
+        new = torch.randn(2, len(lens), kv_heads, head_dim, generator=generator)
+        reference.store_kv_cache(new[0], new[1], kv_cache, metadata.slot_mapping)
+        check(torch.randn(len(lens), heads, head_dim, generator=generator), kv_cache, metadata)
+        plans.append(metadata.host_plan)
+    assert plans[1].decode.continues is None
+
+
 def test_a_batch_that_changes_rebuilds_the_dense_copy() -> None:
     """A step after a different batch (here: a prefill step between) does not continue."""
     query, kv_cache, metadata = make_case([1, 1], [9, 19], 4, 2, 16, torch.float32)
