@@ -29,6 +29,8 @@ import torch
 from lanner.engine.config import DEFAULT_MODEL_DIR, EngineConfig
 from lanner.engine.core import EngineCore
 from lanner.engine.request import Request
+from lanner.kernels.attention_metadata import shared_prefix_tokens
+from lanner.kernels.graph_inputs import GraphInputLayout
 from lanner.runner.cuda_graphs import stage_inputs
 from lanner.sampling_params import SamplingParams
 
@@ -104,8 +106,9 @@ def staging_ms(repeats: int) -> dict[str, float]:
     tables = [[rng.randrange(30000) for _ in range(rng.randint(10, 70))] for _ in range(ROWS)]
     columns = [[rng.randrange(100000) for _ in range(ROWS)] for _ in range(4)]
     host = torch.zeros((4, ROWS), dtype=torch.long)
-    flat = torch.zeros(ROWS * 128, dtype=torch.int32)
     strided = torch.zeros((ROWS, 128), dtype=torch.int32)
+    layout = GraphInputLayout(ROWS, 128)
+    packed = torch.zeros(layout.size, dtype=torch.int32).numpy()
 
     def from_lists() -> None:  # the torch.tensor-from-lists staging this replaced
         for row, values in enumerate(columns):
@@ -114,8 +117,9 @@ def staging_ms(repeats: int) -> dict[str, float]:
         padded = [t + [0] * (width - len(t)) for t in tables]
         strided[:ROWS, :width] = torch.tensor(padded, dtype=torch.int32)
 
-    def numpy_views() -> None:
-        stage_inputs(host.numpy(), flat.numpy(), ROWS, *columns, tables)
+    def numpy_views() -> None:  # what DecodeGraphs.stage does (its prefix scan included)
+        prefix = shared_prefix_tokens(tables, columns[3], 16)
+        stage_inputs(packed, layout, ROWS, *columns, tables, prefix)
 
     timings = {}
     for name, fn in (("torch_tensor_from_lists_ms", from_lists), ("stage_inputs_ms", numpy_views)):
