@@ -1,4 +1,5 @@
-"""The CPU's float32 GEMMs on the demo model's linears, as a decode step runs them: every
+"""The CPU's float32 (or, with --dtype bfloat16, bf16) GEMMs on the demo model's linears, as
+a decode step runs them: every
 layer's own weights (so each is read from memory, not from a cache a repeated weight
 would sit in), eight layers of qkv / o / gate_up / down plus the LM head, at several row
 counts, through each of F.linear and the packed GEMMs of kernels/cpu_linear.py (MKL's,
@@ -55,16 +56,18 @@ def demo_linear_shapes() -> tuple[list[tuple[int, int]], int, tuple[int, int]]:
     return layer, config["num_hidden_layers"], (config["vocab_size"], hidden)
 
 
-def step_weights(generator: torch.Generator) -> list[torch.Tensor]:
+def step_weights(
+    generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
     layer, layers, head = demo_linear_shapes()
     weights = [torch.randn(*shape, generator=generator) for _ in range(layers) for shape in layer]
-    return weights + [torch.randn(*head, generator=generator)]
+    return [w.to(dtype) for w in [*weights, torch.randn(*head, generator=generator)]]
 
 
-def multipliers() -> dict[str, Any]:
-    """name -> (pack, multiply) for F.linear and every packed GEMM usable here."""
+def multipliers(dtype: torch.dtype) -> dict[str, Any]:
+    """name -> (pack, multiply) for F.linear and every packed GEMM usable here for dtype."""
     found: dict[str, Any] = {"torch": (lambda w: None, lambda x, p, w, rows: F.linear(x, w))}
-    for gemm in cpu_linear.usable_backends():
+    for gemm in cpu_linear.usable_backends(dtype):
         found[gemm.name] = (
             gemm.pack,
             lambda x, p, w, rows, gemm=gemm: gemm.multiply(x, p, w, None, rows),
@@ -72,15 +75,16 @@ def multipliers() -> dict[str, Any]:
     return found
 
 
-def measure(rows_list: list[int], rounds: int) -> dict[str, Any]:
+def measure(rows_list: list[int], rounds: int, dtype: torch.dtype) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
-    weights = step_weights(generator)
-    backends = multipliers()
+    weights = step_weights(generator, dtype)
+    backends = multipliers(dtype)
     packed = {name: [pack(w) for w in weights] for name, (pack, _) in backends.items()}
     figures: dict[str, Any] = {}
     for rows in rows_list:
         inputs = {
-            k: torch.randn(rows, k, generator=generator) for k in {w.shape[1] for w in weights}
+            k: torch.randn(rows, k, generator=generator).to(dtype)
+            for k in {w.shape[1] for w in weights}
         }
         samples: dict[str, list[float]] = {name: [] for name in backends}
         for _ in range(rounds + 1):  # the first round warms up and is dropped
@@ -100,14 +104,14 @@ def measure(rows_list: list[int], rounds: int) -> dict[str, Any]:
     return figures
 
 
-def lanner_step_linears_ms(rows: int, rounds: int = 5) -> float:
+def lanner_step_linears_ms(rows: int, rounds: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """The median time of one decode step's linears at ``rows`` rows through
     cpu_linear.linear (the GEMMs lanner chose here), each weight read from memory: with
-    nothing else in the step, the fastest a float32 step of lanner's could be."""
+    nothing else in the step, the fastest a ``dtype`` step of lanner's could be."""
     generator = torch.Generator().manual_seed(0)
-    weights = step_weights(generator)
+    weights = step_weights(generator, dtype)
     widths = {weight.shape[1] for weight in weights}
-    inputs = {width: torch.randn(rows, width, generator=generator) for width in widths}
+    inputs = {width: torch.randn(rows, width, generator=generator).to(dtype) for width in widths}
     times = []
     for _ in range(rounds + 1):  # the first round packs and warms up, and is dropped
         started = time.perf_counter()
@@ -117,16 +121,16 @@ def lanner_step_linears_ms(rows: int, rounds: int = 5) -> float:
     return statistics.median(times[1:])
 
 
-def measure_engine(prompt_counts: list[int], rounds: int) -> dict[str, Any]:
+def measure_engine(prompt_counts: list[int], rounds: int, dtype: torch.dtype) -> dict[str, Any]:
     """TPOT of one engine under each LANNER_CPU_GEMM setting, interleaved."""
     from lanner import LLM, SamplingParams
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from cpu_vs_hf import PROMPTS
 
-    llm = LLM(dtype="float32", device="cpu", max_num_seqs=max(prompt_counts))
+    llm = LLM(dtype=dtype, device="cpu", max_num_seqs=max(prompt_counts))
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
-    settings = [cpu_linear.TORCH, *(g.name for g in cpu_linear.usable_backends()), "auto"]
+    settings = [cpu_linear.TORCH, *(g.name for g in cpu_linear.usable_backends(dtype)), "auto"]
     samples: dict[str, list[float]] = {}
     tokens: dict[str, list[list[int]]] = {}
     previous = os.environ.get(cpu_linear.CHOICE_ENV)
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,2,4,8,16,32,64")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--engine-prompts", default="", help="e.g. 1,8,32: the engine too")
     parser.add_argument("--engine-rounds", type=int, default=4)
     parser.add_argument("--commit", default=None, help="recorded in the JSON")
@@ -177,15 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LANNER_COMMIT"] = args.commit
     torch.set_num_threads(args.threads)
     rows_list = [int(r) for r in args.rows.split(",") if r]
-    figures = measure(rows_list, args.rounds)
+    dtype = getattr(torch, args.dtype)
+    figures = measure(rows_list, args.rounds, dtype)
     engine_counts = [int(c) for c in args.engine_prompts.split(",") if c]
-    engine = measure_engine(engine_counts, args.engine_rounds) if engine_counts else {}
-    picked = cpu_linear.chosen().names()
+    engine = measure_engine(engine_counts, args.engine_rounds, dtype) if engine_counts else {}
+    picked = cpu_linear.chosen(dtype).names()
     print(f"  cpu_linear.chosen() here: {picked}")
     result = new_result("cpu-gemm", DEFAULT_MODEL_DIR.name)
     result.update(
         cpu=cpu_name(),
         threads=args.threads,
+        dtype=args.dtype,
         torch=torch.__version__,
         rounds=args.rounds,
         chosen=picked,

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from lanner.bench.report import cpu_name, new_result, save_stamped  # noqa: E402
 from lanner.engine.config import DEFAULT_MODEL_DIR  # noqa: E402
 from lanner.kernels import cpu_linear  # noqa: E402
+from lanner.model.loader import cpu_has_native_bf16  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from cpu_gemm import lanner_step_linears_ms  # noqa: E402
@@ -211,12 +212,15 @@ def linear_dtype_probe(repeats: int = 15) -> dict[str, Any]:
 
 
 def speedup_bounds(
-    figures: dict[str, Any], probe: dict[str, Any], big: int, streamed_ms: float | None = None
+    figures: dict[str, Any],
+    probe: dict[str, Any],
+    big: int,
+    streamed_ms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per float32 / bfloat16 column: HF's CPU seconds per token at ``big`` prompts over
     the matmuls' alone (the probe's step with the LM head, per ``big`` tokens): the
     speed-up over HF that lanner would reach with nothing but its matmuls. The probe
-    repeats one weight, which then sits in the caches; ``streamed_ms`` (float32) is
+    repeats one weight, which then sits in the caches; ``streamed_ms`` (by dtype) is
     lanner's own linears with every weight read from memory, as a real step reads them
     (benchmarks/cpu_gemm.py), and gives the tighter bound beside it."""
     bounds = {}
@@ -232,9 +236,9 @@ def speedup_bounds(
             "hf_tok_per_cpu_s": hf_rate,
             "max_speedup_over_hf": floor_rate / hf_rate,
         }
-        if dtype == "float32" and streamed_ms is not None:
-            streamed_rate = big / (streamed_ms / 1e3)
-            bounds[dtype]["streamed_linears_ms"] = streamed_ms
+        if streamed_ms and dtype in streamed_ms:
+            streamed_rate = big / (streamed_ms[dtype] / 1e3)
+            bounds[dtype]["streamed_linears_ms"] = streamed_ms[dtype]
             bounds[dtype]["max_speedup_over_hf_streamed"] = streamed_rate / hf_rate
     return bounds
 
@@ -347,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     probe = linear_dtype_probe()
-    streamed_ms = lanner_step_linears_ms(max(batch_sizes))
+    streamed_ms = {"float32": lanner_step_linears_ms(max(batch_sizes))}
+    if cpu_has_native_bf16():  # (else lanner's bf16 column computes in float32)
+        streamed_ms["bfloat16"] = lanner_step_linears_ms(max(batch_sizes), dtype=torch.bfloat16)
     bounds = speedup_bounds(figures, probe, max(batch_sizes), streamed_ms)
     for dtype, bound in bounds.items():
         print(

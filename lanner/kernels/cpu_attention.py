@@ -302,7 +302,7 @@ def build_plan(metadata: AttentionMetadata, block_size: int) -> CpuAttentionPlan
             max_seq_len=longest,
             serial=next(_step_serials),
         )
-    plain = decode is not None and not chunks and _one_row_per_sequence(decode, block_size)
+    plain = decode is not None and not chunks and _one_row_per_sequence(metadata, block_size)
     if plain and _continues(decode, _last_decode, block_size):
         assert _last_decode is not None
         decode.continues = _last_decode.serial
@@ -310,15 +310,14 @@ def build_plan(metadata: AttentionMetadata, block_size: int) -> CpuAttentionPlan
     return CpuAttentionPlan(decode, chunks)
 
 
-def _one_row_per_sequence(decode: _DecodeBatch, block_size: int) -> bool:
-    """No two rows write into one block: each row is its own sequence (a sequence's
-    block being written is its own). A verify step's rows are one sequence's tokens, and
-    the next step rewrites the positions of its rejected drafts, which a dense copy of
-    the row after them would keep. (A padding row, of length 0, writes nothing.)"""
-    lens = decode.seq_lens[decode.seq_lens > 0]
-    tables = decode.tables[decode.seq_lens > 0]
-    written = tables.gather(1, ((lens - 1) // block_size)[:, None])
-    return written.unique().numel() == written.numel()
+def _one_row_per_sequence(metadata: AttentionMetadata, block_size: int) -> bool:
+    """No two rows of a decode-only step write into one block: each row is its own
+    sequence (a sequence's block being written is its own). A verify step's rows are one
+    sequence's tokens, and the next step rewrites the positions of its rejected drafts,
+    which a dense copy of the row after them would keep. (A padding row, slot -1, writes
+    nothing.)"""
+    blocks = [slot // block_size for slot in metadata.slot_mapping.tolist() if slot >= 0]
+    return len(set(blocks)) == len(blocks)
 
 
 def _widen(kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""float32 linear layers on the CPU through a packed GEMM: each weight is packed once (kept
-on the weight tensor, repacked if the weight changes in place) so a step's GEMMs skip the
-packing of B that ``torch.nn.functional.linear`` redoes on every call.
+"""float32 and bf16 linear layers on the CPU through a packed GEMM: each weight is packed
+once (kept on the weight tensor, repacked if the weight changes in place) so a step's GEMMs
+skip the packing of B that ``torch.nn.functional.linear`` redoes on every call.
 
 Why: a small model's step streams every weight once, so repacking each one per call costs
 as much as the multiply. Measured on the 2-core development Xeon (one thread, the demo
@@ -19,6 +19,14 @@ against 14.3 / 26.4 / 45.0 with F.linear for one row and MKL's for more, before;
 timed at start: a choice timed on a busy machine could change a process's bits from one run
 to the next. ``LANNER_CPU_GEMM`` (``onednn``, ``mkl``, or ``torch`` for F.linear) pins one
 for every row count.
+
+bf16 multiplies through oneDNN's at every row count (MKL's has no bf16), where the CPU
+multiplies bf16 natively (AVX512-BF16 or AMX; elsewhere the loader runs bf16 models in
+float32): on a 2-core Xeon with AMX, the demo model's bf16 linears with each weight read
+from memory took 5.77 / 5.87 / 6.45 ms by F.linear at 1 / 8 / 32 rows and 3.87 / 3.93 /
+4.63 ms packed, the engine's step 9.59 -> 7.60 ms at one prompt and 17.7 -> 16.1 ms at 32,
+the same greedy tokens (benchmarks/cpu_gemm.py --dtype bfloat16,
+20261203-174305-cpu-gemm.json).
 
 torch's MKL path takes the packed buffer only when the rows equal the ``prepack_batch_size``
 it is told, and neither library documents its packed layout. The weights are packed for
@@ -66,6 +74,7 @@ class PackedGemm:
     multiply: Callable[
         [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor
     ]
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
 
 
 ONEDNN = PackedGemm(
@@ -74,6 +83,7 @@ ONEDNN = PackedGemm(
     lambda x, packed, weight, bias, rows: torch.ops.mkldnn._linear_pointwise(
         x, packed, bias, "none", [], ""
     ),
+    (torch.float32, torch.bfloat16),
 )
 MKL = PackedGemm(
     "mkl",
@@ -81,6 +91,11 @@ MKL = PackedGemm(
     lambda x, packed, weight, bias, rows: torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows),
 )
 BACKENDS = (ONEDNN, MKL)
+# What the packed GEMMs take (x and weight both of one of these).
+DTYPES = (torch.float32, torch.bfloat16)
+# How far a packed product may sit from F.linear's in the row-independence check: float32
+# rounding, or a bf16 output's ulp or two (outputs there are ~10: a wrong layout is ~10 off).
+_CHECK_TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-1)}
 
 
 @dataclass(frozen=True)
@@ -99,52 +114,65 @@ class Choice:
 
 
 @functools.cache
-def chosen() -> Choice:
-    """The GEMMs this process multiplies with (chosen once): LANNER_CPU_GEMM's for every
-    row count, or with ``auto`` (the default) MKL's for one row and oneDNN's for more,
+def chosen(dtype: torch.dtype = torch.float32) -> Choice:
+    """The GEMMs this process multiplies ``dtype`` with (chosen once a dtype):
+    LANNER_CPU_GEMM's for every row count, or with ``auto`` (the default) MKL's for one
+    float32 row and oneDNN's for more (and for every bf16 row count: MKL has no bf16),
     each where usable (else the other packed one for more rows, F.linear for one)."""
     choice = os.environ.get(CHOICE_ENV, AUTO).strip().lower() or AUTO
     names = [gemm.name for gemm in BACKENDS]
     if choice not in (AUTO, TORCH, *names):
         raise ValueError(f"{CHOICE_ENV}={choice!r}: use one of {', '.join((AUTO, TORCH, *names))}")
-    usable = usable_backends()
+    usable = usable_backends(dtype)
     if choice == AUTO:
-        return Choice(
-            MKL if MKL in usable else None,
-            next((gemm for gemm in (ONEDNN, MKL) if gemm in usable), None),
-        )
+        rows = next((gemm for gemm in (ONEDNN, MKL) if gemm in usable), None)
+        # One float32 row: MKL's (oneDNN's measured no faster than F.linear there).
+        single = (MKL if MKL in usable else None) if dtype == torch.float32 else rows
+        return Choice(single, rows)
     pinned = next((gemm for gemm in usable if gemm.name == choice), None)
     if pinned is None and choice != TORCH:
-        logger.warning("%s=%s is not usable here: linears use F.linear", CHOICE_ENV, choice)
+        logger.warning(
+            "%s=%s is not usable here for %s: those linears use F.linear", CHOICE_ENV, choice, dtype
+        )
     return Choice(pinned, pinned)
 
 
-def usable_backends() -> list[PackedGemm]:
-    """The packed GEMMs of this torch build that behave as this module assumes here."""
-    return [gemm for gemm in BACKENDS if _library_present(gemm) and _row_independent(gemm)]
+def usable_backends(dtype: torch.dtype = torch.float32) -> list[PackedGemm]:
+    """The packed GEMMs of this torch build that multiply ``dtype`` as this module
+    assumes here."""
+    return [
+        gemm
+        for gemm in BACKENDS
+        if dtype in gemm.dtypes and _library_present(gemm, dtype) and _row_independent(gemm, dtype)
+    ]
 
 
-def _library_present(gemm: PackedGemm) -> bool:
+def _library_present(gemm: PackedGemm, dtype: torch.dtype) -> bool:
     if gemm is MKL:
         return torch.backends.mkl.is_available()
-    return torch.backends.mkldnn.is_available()
+    if not torch.backends.mkldnn.is_available():
+        return False
+    # oneDNN packs bf16 only where the CPU multiplies it natively (AVX512-BF16, AMX).
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @functools.cache
-def _row_independent(gemm: PackedGemm) -> bool:
-    """Whether a weight packed for PACK_ROWS rows multiplies correctly at other row counts
-    on this machine (checked once a backend: a product off by more than float32 rounding
-    at any tried count rules the backend out)."""
+def _row_independent(gemm: PackedGemm, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a ``dtype`` weight packed for PACK_ROWS rows multiplies correctly at other
+    row counts on this machine (checked once a backend and dtype: a product off by more
+    than the dtype's rounding at any tried count rules the backend out for it)."""
+    rtol, atol = _CHECK_TOLERANCE[dtype]
     try:
         generator = torch.Generator().manual_seed(0)
-        weight = torch.randn(96, 160, generator=generator)
+        weight = torch.randn(96, 160, generator=generator).to(dtype)
         packed = gemm.pack(weight)
         # Every count up to twice the packed one (decode batches, a verify step's k + 1
         # rows per request), then two past any blocking a library might switch at.
         for rows in (*range(1, 2 * PACK_ROWS + 1), 100, 301):
-            x = torch.randn(rows, 160, generator=generator)
+            x = torch.randn(rows, 160, generator=generator).to(dtype)
             got = gemm.multiply(x, packed, weight, None, rows)
-            if not torch.allclose(got, F.linear(x, weight), rtol=1e-5, atol=1e-4):
+            expected = F.linear(x, weight)
+            if not torch.allclose(got.float(), expected.float(), rtol=rtol, atol=atol):
                 return False
     except (RuntimeError, AttributeError):  # the op is missing or refuses this CPU
         return False
@@ -152,9 +180,10 @@ def _row_independent(gemm: PackedGemm) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for float32 CPU tensors, by the GEMM chosen for x's rows."""
+    """x @ weight.T (+ bias) for CPU tensors of one of DTYPES, by the GEMM chosen for
+    their dtype and x's rows."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    choice = chosen()
+    choice = chosen(x.dtype)
     gemm = choice.single_row if rows == 1 else choice.rows
     packed = _packed(weight, gemm) if gemm is not None and rows and weight.dim() == 2 else None
     if gemm is None or packed is None:

@@ -64,11 +64,11 @@ def widen_block_tables(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias): a decode step's few rows stream the weight through the
     skinny Triton kernel (cuBLAS reached ~40-90 % of copy bandwidth there); larger
-    batches and the reference path take torch's GEMM; float32 on the CPU multiplies by
-    MKL-packed weights (kernels/cpu_linear.py)."""
+    batches and the reference path take torch's GEMM; float32 and bf16 on the CPU
+    multiply by packed weights (kernels/cpu_linear.py)."""
     if use_triton(x) and skinny_kernels.use_skinny(_rows(x), *weight.shape):
         return skinny_kernels.skinny_matmul(x, weight, bias)
-    if use_cpu_path(x) and x.dtype == torch.float32 and weight.dtype == torch.float32:
+    if use_cpu_path(x) and x.dtype == weight.dtype and x.dtype in cpu_linear.DTYPES:
         return cpu_linear.linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 

@@ -1,6 +1,7 @@
-"""The CPU's packed float32 linear (kernels/cpu_linear.py) against F.linear: any row
-count, with and without bias, each packed backend, a weight changed in place (repacked),
-the backend's choice (the rule, LANNER_CPU_GEMM), and ops.linear's dispatch to it."""
+"""The CPU's packed float32 and bf16 linears (kernels/cpu_linear.py) against F.linear: any
+row count, with and without bias, each packed backend, a weight changed in place
+(repacked), the backend's choice (the rule, LANNER_CPU_GEMM), and ops.linear's dispatch to
+it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from lanner.kernels import cpu_linear, ops
 
 USABLE = cpu_linear.usable_backends()
+BF16_USABLE = cpu_linear.usable_backends(torch.bfloat16)
 pytestmark = pytest.mark.skipif(not USABLE, reason="no packed GEMM usable in this build")
 
 
@@ -20,7 +22,7 @@ def pinned(
 ) -> cpu_linear.PackedGemm:
     """Every usable packed GEMM in turn, for every row count."""
     gemm = request.param
-    monkeypatch.setattr(cpu_linear, "chosen", lambda: cpu_linear.Choice(gemm, gemm))
+    monkeypatch.setattr(cpu_linear, "chosen", lambda dtype=None: cpu_linear.Choice(gemm, gemm))
     return gemm
 
 
@@ -53,7 +55,7 @@ def test_each_backend_in_use_keeps_its_own_copy(monkeypatch: pytest.MonkeyPatch)
     weight, x = torch.randn(64, 48), torch.randn(8, 48)
     for gemm in USABLE:
         choice = cpu_linear.Choice(gemm, gemm)
-        monkeypatch.setattr(cpu_linear, "chosen", lambda choice=choice: choice)
+        monkeypatch.setattr(cpu_linear, "chosen", lambda dtype=None, choice=choice: choice)
         torch.testing.assert_close(cpu_linear.linear(x, weight, None), F.linear(x, weight))
     assert set(weight._lanner_packed) == {gemm.name for gemm in USABLE}  # type: ignore[attr-defined]
 
@@ -86,7 +88,7 @@ def test_an_unknown_choice_names_the_variable(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_auto_takes_mkl_for_one_row_and_onednn_for_more(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fixed rule, and what stands in where a backend is not usable."""
+    """The fixed rule (float32), and what stands in where a backend is not usable."""
     monkeypatch.delenv(cpu_linear.CHOICE_ENV, raising=False)
     mkl, onednn = cpu_linear.MKL, cpu_linear.ONEDNN
     cases = {
@@ -96,10 +98,22 @@ def test_auto_takes_mkl_for_one_row_and_onednn_for_more(monkeypatch: pytest.Monk
         (): cpu_linear.Choice(None, None),
     }
     for usable, expected in cases.items():
-        monkeypatch.setattr(cpu_linear, "usable_backends", lambda usable=usable: list(usable))
+        monkeypatch.setattr(
+            cpu_linear, "usable_backends", lambda dtype=None, usable=usable: list(usable)
+        )
         cpu_linear.chosen.cache_clear()
         try:
             assert cpu_linear.chosen() == expected
+        finally:
+            cpu_linear.chosen.cache_clear()
+    # bf16: oneDNN's for every row count (MKL has none); F.linear where it is not usable.
+    for usable, expected in (((onednn,), cpu_linear.Choice(onednn, onednn)), ((), None)):
+        monkeypatch.setattr(
+            cpu_linear, "usable_backends", lambda dtype=None, usable=usable: list(usable)
+        )
+        cpu_linear.chosen.cache_clear()
+        try:
+            assert cpu_linear.chosen(torch.bfloat16) == (expected or cpu_linear.Choice(None, None))
         finally:
             cpu_linear.chosen.cache_clear()
 
@@ -130,13 +144,32 @@ def test_a_weight_changed_in_place_is_repacked(pinned: cpu_linear.PackedGemm) ->
     torch.testing.assert_close(cpu_linear.linear(x, weight, None), F.linear(x, weight))
 
 
-def test_ops_linear_takes_it_for_float32_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ops_linear_takes_it_for_float32_and_bf16_cpu_tensors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     calls = []
     real = cpu_linear.linear
-    monkeypatch.setattr(cpu_linear, "linear", lambda *a: calls.append(1) or real(*a))
-    ops.linear(torch.randn(4, 16), torch.randn(8, 16))
-    ops.linear(torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16))
-    assert calls == [1]
+    monkeypatch.setattr(cpu_linear, "linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ops.linear(torch.randn(4, 16, dtype=dtype), torch.randn(8, 16, dtype=dtype))
+    ops.linear(torch.randn(4, 16), torch.randn(8, 16, dtype=torch.bfloat16).float())
+    assert calls == [torch.float32, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.skipif(not BF16_USABLE, reason="no packed bf16 GEMM here (no native bf16)")
+@pytest.mark.parametrize("rows", [1, 3, 32, 33, 100])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_matches_f_linear(rows: int, with_bias: bool) -> None:
+    """Packed bf16 (oneDNN's, where the CPU multiplies bf16 natively) against F.linear in
+    bf16: within a bf16 output's ulp or two (outputs here are ~10)."""
+    assert cpu_linear.chosen(torch.bfloat16).rows is not None
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(200, 96, generator=generator).bfloat16()
+    bias = torch.randn(200, generator=generator).bfloat16() if with_bias else None
+    x = torch.randn(rows, 96, generator=generator).bfloat16()
+    got = cpu_linear.linear(x, weight, bias)
+    assert got.dtype == torch.bfloat16 and "onednn" in weight._lanner_packed  # type: ignore[attr-defined]
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=2e-2, atol=2e-1)
 
 
 def test_packing_stops_at_its_budget_and_frees_with_the_weight(
