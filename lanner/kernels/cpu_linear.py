@@ -12,10 +12,13 @@ Two packed GEMMs are in torch's CPU builds, MKL's (``mkl._mkl_linear``) and oneD
 three wins everywhere: on the 2-core AMD EPYC (AVX2), the demo model's linears with each
 weight read from memory (benchmarks/cpu_gemm.py, 20261203-121909-cpu-gemm.json, medians)
 took at 1 row 5.35 ms by F.linear, 4.39 by MKL and 5.34 by oneDNN, at 8 rows 11.4, 9.6 and
-7.9 ms, at 32 rows 21.4, 19.6 and 18.4 ms. So one row multiplies through MKL's and more
-rows through oneDNN's (the engine at 1 / 8 / 32 prompts: 12.7 / 20.9 / 43.2 ms a step
-against 14.3 / 26.4 / 45.0 with F.linear for one row and MKL's for more, before;
-20261203-123034-cpu-gemm.json). The rule is fixed, not
+7.9 ms, at 32 rows 21.4, 19.6 and 18.4 ms; on a 2-core Xeon (Intel, AVX512 and AMX) at
+1 row 5.25, 5.31 and 6.36 ms, at 8 rows 11.4, 7.6 and 8.5 ms, at 32 rows 16.6, 13.3 and
+15.6 ms (20261203-174810-cpu-gemm.json). So one row multiplies through MKL's, and more
+rows through MKL's on Intel's CPUs and oneDNN's elsewhere (the engine at 1 / 8 / 32
+prompts on the AMD: 12.7 / 20.9 / 43.2 ms a step against 14.3 / 26.4 / 45.0 with MKL's for
+more rows, 20261203-123034-cpu-gemm.json; on the Xeon at 32 prompts 24.3 ms against 25.9
+with oneDNN's, 20261203-174810-cpu-gemm.json). The rule is fixed, not
 timed at start: a choice timed on a busy machine could change a process's bits from one run
 to the next. ``LANNER_CPU_GEMM`` (``onednn``, ``mkl``, or ``torch`` for F.linear) pins one
 for every row count.
@@ -117,15 +120,18 @@ class Choice:
 def chosen(dtype: torch.dtype = torch.float32) -> Choice:
     """The GEMMs this process multiplies ``dtype`` with (chosen once a dtype):
     LANNER_CPU_GEMM's for every row count, or with ``auto`` (the default) MKL's for one
-    float32 row and oneDNN's for more (and for every bf16 row count: MKL has no bf16),
-    each where usable (else the other packed one for more rows, F.linear for one)."""
+    float32 row, and for more MKL's on an Intel CPU and oneDNN's elsewhere (oneDNN's for
+    every bf16 row count: MKL has no bf16), each where usable (else the other packed one
+    for more rows, F.linear for one)."""
     choice = os.environ.get(CHOICE_ENV, AUTO).strip().lower() or AUTO
     names = [gemm.name for gemm in BACKENDS]
     if choice not in (AUTO, TORCH, *names):
         raise ValueError(f"{CHOICE_ENV}={choice!r}: use one of {', '.join((AUTO, TORCH, *names))}")
     usable = usable_backends(dtype)
     if choice == AUTO:
-        rows = next((gemm for gemm in (ONEDNN, MKL) if gemm in usable), None)
+        # More float32 rows: MKL's on Intel's CPUs, oneDNN's elsewhere (module docstring).
+        order = (MKL, ONEDNN) if dtype == torch.float32 and cpu_vendor() == INTEL else (ONEDNN, MKL)
+        rows = next((gemm for gemm in order if gemm in usable), None)
         # One float32 row: MKL's (oneDNN's measured no faster than F.linear there).
         single = (MKL if MKL in usable else None) if dtype == torch.float32 else rows
         return Choice(single, rows)
@@ -135,6 +141,22 @@ def chosen(dtype: torch.dtype = torch.float32) -> Choice:
             "%s=%s is not usable here for %s: those linears use F.linear", CHOICE_ENV, choice, dtype
         )
     return Choice(pinned, pinned)
+
+
+INTEL = "GenuineIntel"
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def usable_backends(dtype: torch.dtype = torch.float32) -> list[PackedGemm]:

@@ -87,12 +87,17 @@ def test_an_unknown_choice_names_the_variable(monkeypatch: pytest.MonkeyPatch) -
         cpu_linear.chosen.cache_clear()
 
 
-def test_auto_takes_mkl_for_one_row_and_onednn_for_more(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fixed rule (float32), and what stands in where a backend is not usable."""
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_auto_takes_mkl_for_one_row_and_the_vendors_for_more(
+    vendor: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fixed rule (float32: more rows by MKL's on Intel, oneDNN's elsewhere), and
+    what stands in where a backend is not usable."""
     monkeypatch.delenv(cpu_linear.CHOICE_ENV, raising=False)
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
     mkl, onednn = cpu_linear.MKL, cpu_linear.ONEDNN
     cases = {
-        (mkl, onednn): cpu_linear.Choice(mkl, onednn),
+        (mkl, onednn): cpu_linear.Choice(mkl, mkl if vendor == "GenuineIntel" else onednn),
         (mkl,): cpu_linear.Choice(mkl, mkl),
         (onednn,): cpu_linear.Choice(None, onednn),
         (): cpu_linear.Choice(None, None),
