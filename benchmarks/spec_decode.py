@@ -153,12 +153,26 @@ def host_probe_ms() -> float:
     return statistics.median(samples) * 1e3
 
 
-def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature: float) -> dict:
+def run(
+    core: EngineCore,
+    prompts: list[list[int]],
+    output_len: int,
+    temperature: float,
+    output_lens: list[int] | None = None,
+) -> dict:
     """All prompts through the core (at most max_num_seqs at once); output tok/s, the
-    median and mean step times and the speculation counters over the run."""
-    params = SamplingParams(
-        temperature=temperature, max_tokens=output_len, ignore_eos=True, seed=0, detokenize=False
-    )
+    median and mean step times and the speculation counters over the run. ``output_lens``:
+    each prompt's own output length instead of ``output_len``."""
+
+    def sampling(max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=0,
+            detokenize=False,
+        )  # fmt: skip
+
+    params = sampling(output_len)
+    lengths = output_lens if output_lens is not None else [output_len] * len(prompts)
+    by_length = {n: sampling(n) for n in set(lengths)}
     # Warm-up: two requests (compiles whatever the run will use).
     for i in range(2):
         core.add_request(Request(f"warm{i}", list(prompts[i % len(prompts)]), params))
@@ -176,7 +190,7 @@ def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature
         else None
     )
     for i, prompt in enumerate(prompts):
-        core.add_request(Request(f"r{i}", list(prompt), params))
+        core.add_request(Request(f"r{i}", list(prompt), by_length[lengths[i]]))
     step_times = []
     probe_before = host_probe_ms()
     _sync()
@@ -187,7 +201,7 @@ def run(core: EngineCore, prompts: list[list[int]], output_len: int, temperature
         step_times.append(time.perf_counter() - before_step)
     _sync()
     elapsed = time.perf_counter() - started
-    tokens = len(prompts) * output_len
+    tokens = sum(lengths)
     result = {
         "requests": len(prompts),
         "output_tokens": tokens,

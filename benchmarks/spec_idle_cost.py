@@ -19,7 +19,11 @@ batch was full.
 A batch-16 run of one wave of prompts lasts ~0.1 s on an H200, where one host hiccup
 moves its rate by a third: ``--waves W`` gives each timed run W batches' worth of
 prompts (the batch refills as a wave ends), and ``--pin-core`` keeps the engine on one
-core (host_costs.py --probe-cores names the fastest).
+core (host_costs.py --probe-cores names the fastest). With equal output lengths a plain
+batch finishes together and refills in one prefill, while speculating requests finish a
+few steps apart and refill one by one: ``--length-spread F`` draws each request's output
+length (seeded, the same for every mode) from OUTPUT_LEN x [1 - F, 1 + F], so plain
+decoding's batch refills one by one too, as a server's does.
 
 Writes <stamp>-spec-idle-cost.json (benchmarks/results/ and $OUT).
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -41,6 +46,17 @@ from lanner.bench.report import new_result, save_copies  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUTPUT_LEN = 256  # tokens per request
+LENGTH_SPREAD = 0.0  # --length-spread
+
+
+def output_lengths(count: int) -> list[int]:
+    """Each of ``count`` requests' output length: OUTPUT_LEN, or with LENGTH_SPREAD a
+    seeded draw from OUTPUT_LEN x [1 - spread, 1 + spread] (the same list every call)."""
+    low = max(1, round(OUTPUT_LEN * (1 - LENGTH_SPREAD)))
+    high = max(low, round(OUTPUT_LEN * (1 + LENGTH_SPREAD)))
+    draw = random.Random(0)
+    return [draw.randint(low, high) for _ in range(count)]
+
 
 MODES = {
     "plain": None,
@@ -71,7 +87,7 @@ def timed_run(core, mode: str, batch: int, prompts: list) -> dict:  # noqa: ANN0
     policy = core.spec.policy if core.spec is not None else None
     if policy is not None:
         policy.begin_step = _recording(type(policy).begin_step.__get__(policy), trace)
-    result = run(core, prompts, OUTPUT_LEN, 0.0)
+    result = run(core, prompts, OUTPUT_LEN, 0.0, output_lengths(len(prompts)))
     line = {
         "mode": mode,
         "batch": batch,
@@ -184,6 +200,12 @@ def main() -> None:
         help="all modes in one process, their runs alternated (see interleaved())",
     )
     parser.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.0,
+        help="output lengths drawn from 256 x [1 - F, 1 + F] (0: all 256)",
+    )
+    parser.add_argument(
         "--waves",
         type=int,
         default=2,
@@ -192,6 +214,8 @@ def main() -> None:
     add_pin_argument(parser)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    global LENGTH_SPREAD
+    LENGTH_SPREAD = args.length_spread
     pin_to_core(args.pin_core)
     if args.mode:
         child(args.mode, batches, args.waves)
@@ -205,6 +229,7 @@ def main() -> None:
                     sys.executable,
                     __file__,
                     *("--batches", args.batches, "--mode", mode, "--waves", str(args.waves)),
+                    *("--length-spread", str(args.length_spread)),
                     *(("--pin-core", str(args.pin_core)) if args.pin_core is not None else ()),
                 ],
                 check=False,
@@ -242,6 +267,7 @@ def main() -> None:
         repeats=args.repeats,
         interleaved=args.interleaved,
         waves=args.waves,
+        length_spread=args.length_spread,
         pin_core=args.pin_core,
         summary=summary,
         samples=samples,

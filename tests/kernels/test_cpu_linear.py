@@ -112,13 +112,14 @@ def test_auto_takes_mkl_for_one_row_and_the_vendors_for_more(
         finally:
             cpu_linear.chosen.cache_clear()
     # bf16: oneDNN's for every row count (MKL has none); F.linear where it is not usable.
-    for usable, expected in (((onednn,), cpu_linear.Choice(onednn, onednn)), ((), None)):
+    bf16_cases = {(onednn,): cpu_linear.Choice(onednn, onednn), (): cpu_linear.Choice(None, None)}
+    for usable, expected in bf16_cases.items():
         monkeypatch.setattr(
             cpu_linear, "usable_backends", lambda dtype=None, usable=usable: list(usable)
         )
         cpu_linear.chosen.cache_clear()
         try:
-            assert cpu_linear.chosen(torch.bfloat16) == (expected or cpu_linear.Choice(None, None))
+            assert cpu_linear.chosen(torch.bfloat16) == expected
         finally:
             cpu_linear.chosen.cache_clear()
 
