@@ -1,10 +1,10 @@
-"""The CPU's float32 (or, with --dtype bfloat16, bf16) GEMMs on the demo model's linears, as
-a decode step runs them: every
-layer's own weights (so each is read from memory, not from a cache a repeated weight
-would sit in), eight layers of qkv / o / gate_up / down plus the LM head, at several row
-counts, through each of F.linear and the packed GEMMs of kernels/cpu_linear.py (MKL's,
-oneDNN's). Rounds are interleaved so the machine's other load falls on every backend.
-One thread unless --threads. Also records what cpu_linear.chosen() picks here.
+"""The CPU's float32 (or, with --dtype bfloat16, bf16) GEMMs on the demo model's linears,
+as a decode step runs them: every layer's own weights (so each is read from memory, not
+from a cache a repeated weight would sit in), eight layers of qkv / o / gate_up / down
+plus the LM head, at several row counts, through each of F.linear and the packed GEMMs of
+kernels/cpu_linear.py (MKL's, oneDNN's). Rounds are interleaved so the machine's other
+load falls on every backend. One thread unless --threads. Also records what
+cpu_linear.chosen() picks here.
 
 With --engine-prompts, the whole engine too: the demo model generating 128 greedy tokens
 for that many prompts under each LANNER_CPU_GEMM setting (torch, mkl, onednn, auto), one

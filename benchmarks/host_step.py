@@ -108,7 +108,7 @@ def staging_ms(repeats: int) -> dict[str, float]:
     host = torch.zeros((4, ROWS), dtype=torch.long)
     strided = torch.zeros((ROWS, 128), dtype=torch.int32)
     layout = GraphInputLayout(ROWS, 128)
-    packed = torch.zeros(layout.size, dtype=torch.int32).numpy()
+    packed = torch.zeros(layout.size, dtype=torch.long).numpy()  # as DecodeGraphs' host sets
 
     def from_lists() -> None:  # the torch.tensor-from-lists staging this replaced
         for row, values in enumerate(columns):
