@@ -174,8 +174,11 @@ def _library_present(gemm: PackedGemm, dtype: torch.dtype) -> bool:
         return torch.backends.mkl.is_available()
     if not torch.backends.mkldnn.is_available():
         return False
+    if dtype != torch.bfloat16:
+        return True
     # oneDNN packs bf16 only where the CPU multiplies it natively (AVX512-BF16, AMX).
-    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return supported is not None and bool(supported())
 
 
 @functools.cache
