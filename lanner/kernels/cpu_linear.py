@@ -182,7 +182,7 @@ def _library_present(gemm: PackedGemm, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _row_independent(gemm: PackedGemm, dtype: torch.dtype = torch.float32) -> bool:
+def _row_independent(gemm: PackedGemm, dtype: torch.dtype) -> bool:
     """Whether a ``dtype`` weight packed for PACK_ROWS rows multiplies correctly at other
     row counts on this machine (checked once a backend and dtype: a product off by more
     than the dtype's rounding at any tried count rules the backend out for it)."""

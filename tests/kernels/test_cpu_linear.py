@@ -69,7 +69,7 @@ def test_the_environment_pins_the_backend(choice: str, monkeypatch: pytest.Monke
         pinned = {g.name: g for g in cpu_linear.BACKENDS}.get(choice)
         if choice == "torch":
             assert picked == cpu_linear.Choice(None, None)
-        elif pinned is not None and cpu_linear._row_independent(pinned):
+        elif pinned is not None and cpu_linear._row_independent(pinned, torch.float32):
             assert picked == cpu_linear.Choice(pinned, pinned)
         else:
             assert picked.rows in (None, *USABLE) and picked.single_row in (None, *USABLE)
@@ -134,7 +134,7 @@ def test_a_backend_whose_layout_depends_on_the_rows_is_ruled_out() -> None:
             real.multiply(x, packed, weight, bias, rows) * (1.0 if rows == 32 else 1.001)
         ),
     )
-    assert not cpu_linear._row_independent(broken)
+    assert not cpu_linear._row_independent(broken, torch.float32)
 
 
 def test_three_dimensional_input(pinned: cpu_linear.PackedGemm) -> None:

@@ -242,10 +242,7 @@ def demo_tp1_tokens() -> list[list[int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "method",
-    ["ngram", "draft_model"],
-)
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_speculative_decoding(method: str, demo_tp1_tokens: list[list[int]]) -> None:
     """Speculation under TP=2 (the draft model runs whole on rank 0; verified drafts reach
     the other rank from the device) gives the embedded demo model's greedy tokens at TP=1
