@@ -62,27 +62,42 @@ def _race_chunk_kernel(
     logits_ptr,
     temperatures_ptr,
     seeds_ptr,
+    bitmask_ptr,
+    bitmask_rows_ptr,
     best_score_ptr,
     best_column_ptr,
     vocab_size,
     stride_row,
     stride_column,
+    bitmask_stride,
     num_chunks,
     BLOCK: tl.constexpr,
     ALL_GREEDY: tl.constexpr,
+    HAS_BITMASK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """The best (score, column) of one row's chunk of BLOCK columns. With ALL_GREEDY
-    every row takes its argmax and the temperature and seed pointers are not read."""
+    every row takes its argmax and the temperature and seed pointers are not read. With
+    HAS_BITMASK a row whose bitmask row is >= 0 races only over the tokens that row of
+    the grammar bitmasks allows (xgrammar's int32 words, bit j of word w for token
+    32 * w + j): the mask is read here rather than written into a copy of the logits."""
     pdl_start(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     columns = chunk * BLOCK + tl.arange(0, BLOCK)
+    in_vocab = columns < vocab_size
     logits = tl.load(
         logits_ptr + row.to(tl.int64) * stride_row + columns * stride_column,
-        mask=columns < vocab_size,
+        mask=in_vocab,
         other=float("-inf"),
     ).to(tl.float32)
+    if HAS_BITMASK:
+        source = tl.load(bitmask_rows_ptr + row).to(tl.int64)
+        if source >= 0:
+            words = tl.load(
+                bitmask_ptr + source * bitmask_stride + columns // 32, mask=in_vocab, other=0
+            )
+            logits = tl.where(((words >> (columns % 32)) & 1) != 0, logits, float("-inf"))
     if ALL_GREEDY:
         scores = logits
     else:
@@ -120,7 +135,11 @@ def _race_row_kernel(
 
 
 def exponential_race(
-    logits: torch.Tensor, temperatures: torch.Tensor | None, seeds: torch.Tensor | None
+    logits: torch.Tensor,
+    temperatures: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    bitmask: torch.Tensor | None = None,
+    bitmask_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token id per row (int64 [B] on the logits' device).
 
@@ -129,8 +148,12 @@ def exponential_race(
     softmax(logits[i] / temperatures[i]); a row at temperature 0 takes argmax_j logits[i, j].
     ``temperatures`` is float32 [B], ``seeds`` int64 [B], both on the logits' device, or
     both None when every row is greedy (a chunked argmax: torch's single-row argmax over
-    a 128k vocabulary took 37 µs on the H100).
+    a 128k vocabulary took 37 µs on the H100). ``bitmask`` (int32 [M, ceil(V / 32)]) with
+    ``bitmask_rows`` (int64 [B]: row i's bitmask row, -1 for none) restricts each row to
+    the tokens its grammar allows, as ``apply_token_bitmask`` would on the logits.
     """
+    if (bitmask is None) != (bitmask_rows is None):
+        raise ValueError("exponential_race takes bitmask and bitmask_rows together")
     greedy = temperatures is None
     num_rows, vocab_size = logits.shape
     num_chunks = triton.cdiv(vocab_size, BLOCK)
@@ -144,14 +167,18 @@ def exponential_race(
         logits,
         logits if greedy else temperatures,  # not read when greedy
         logits if greedy else seeds,
+        logits if bitmask is None else bitmask,  # not read without one
+        logits if bitmask_rows is None else bitmask_rows,
         best_scores,
         best_columns,
         vocab_size,
         logits.stride(0),
         logits.stride(1),
+        0 if bitmask is None else bitmask.stride(0),
         num_chunks,
         BLOCK=BLOCK,
         ALL_GREEDY=greedy,
+        HAS_BITMASK=bitmask is not None,
         num_warps=4,
         **launch_options(logits),
     )

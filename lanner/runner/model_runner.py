@@ -31,6 +31,7 @@ from lanner.runner.sampler import (
     precompile_sampling,
     prompt_logprobs,
 )
+from lanner.runner.sampling_graphs import capture_sampling_graphs
 from lanner.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -199,6 +200,8 @@ class ModelRunner:
                 self.num_kv_heads,
             )
             self.decode_graphs.capture(warm_up=not self.kernels_precompiled)
+            if self.samples:
+                self.sampler.graphs = capture_sampling_graphs(self.decode_graphs.logits)
 
     def _allocate_caches(self, num_blocks: int) -> list[torch.Tensor]:
         return allocate_kv_caches(

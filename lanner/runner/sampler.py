@@ -18,7 +18,8 @@ from lanner.kernels.transfer import tensor_to_device, to_device
 
 if TYPE_CHECKING:
     # Only for annotations: the sampler reads params' fields and never builds them, so the
-    # runner does not import the engine layer at run time.
+    # runner does not import the engine layer at run time; the runner builds the graphs.
+    from lanner.runner.sampling_graphs import SamplingGraphs
     from lanner.sampling_params import SamplingParams
 
 _MASK_64 = (1 << 64) - 1
@@ -148,6 +149,10 @@ class DeviceSample:
 class Sampler:
     """Picks one token per row of logits ``[B, V]``; the only host sync is the final copy."""
 
+    # Set by the runner once its decode graphs are captured: steps whose rows need only
+    # the race sample from a graph's logits in one replay (runner/sampling_graphs.py).
+    graphs: SamplingGraphs | None = None
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         return self.launch(logits, rows).collect()
 
@@ -172,23 +177,19 @@ class Sampler:
         # vLLM returns logprobs of the model's raw distribution, before any processing.
         num_top = max((r.params.logprobs or 0 for r in rows), default=0)
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
+        if self.graphs is not None and not wants_logprobs:
+            captured = self.graphs.launch(logits, rows, wait_for_bitmasks)
+            if captured is not None:
+                return captured
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
 
         masks = prepare_grammar_masks(rows, logits.device)
         logits = apply_token_constraints(logits, rows)
         logits = apply_penalties(logits, rows)
         logits = apply_min_tokens(logits, rows)
-
         # The grammar masks come last (a masked -inf stays -inf through the penalties
         # and min_tokens, so the order changes nothing): the fill has until then.
-        def mask(logits: torch.Tensor) -> torch.Tensor:
-            if masks is None:
-                return logits
-            if wait_for_bitmasks is not None:
-                wait_for_bitmasks()
-            return masks.apply(logits)
-
-        token_ids = sample(logits, rows, finish_logits=mask)
+        token_ids = sample(logits, rows, masks=masks, wait_for_bitmasks=wait_for_bitmasks)
 
         result = token_ids
         if raw_logprobs is not None:
@@ -304,22 +305,29 @@ def apply_grammar_bitmasks(logits: torch.Tensor, rows: list[SamplingRow]) -> tor
 @dataclass(slots=True)
 class GrammarMasks:
     """A step's rows under a grammar, ready to mask once their bitmasks are filled: the
-    logits rows and the bitmask rows each applies, on the device."""
+    logits rows and the bitmask rows each applies, and each logits row's bitmask row (-1:
+    none; what the race reads when it masks as it samples), on the device."""
 
     bitmasks: TokenBitmasks
     rows: torch.Tensor
     bitmask_rows: torch.Tensor
+    row_sources: torch.Tensor
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """``apply_grammar_bitmasks``' device part: the filled bitmasks' copy and the
-        masking (on a copy of ``logits``)."""
-        device = logits.device
+    def copy_bitmasks(self, device: torch.device) -> torch.Tensor:
+        """The filled bitmasks on ``device``: one copy, queued (a plain copy would wait
+        for the model's step to finish)."""
         bitmasks = self.bitmasks
-        # Queued, not waited on: a plain copy would wait for the model's step to finish.
         words = tensor_to_device(bitmasks.words[: bitmasks.num_rows], device)
         if device.type == "cuda":
             bitmasks.copied = torch.cuda.Event()
             bitmasks.copied.record()
+        return words
+
+    def apply(self, logits: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+        """``apply_grammar_bitmasks``' device part: the filled bitmasks' copy (unless
+        ``words`` holds it) and the masking, on a copy of ``logits``."""
+        if words is None:
+            words = self.copy_bitmasks(logits.device)
         logits = logits.clone()
         ops.apply_token_bitmask(logits, words, self.rows, self.bitmask_rows)
         return logits
@@ -340,13 +348,21 @@ def prepare_grammar_masks(rows: list[SamplingRow], device: torch.device) -> Gram
             raise ValueError("the rows' grammar bitmasks must come from one step's buffer")
         starts.append(source.start)
     count = len(masked)
-    if masked[-1] == count - 1 and starts == list(range(starts[0], starts[0] + count)):
+    if (
+        count == len(rows)
+        and masked[-1] == count - 1
+        and starts == list(range(starts[0], starts[0] + count))
+    ):
         # Every row, in order, on consecutive bitmask rows (a step launched ahead): slices
         # of a counting tensor already there, not an index built and copied each step.
         numbers = _counting(starts[0] + count, device)
-        return GrammarMasks(bitmasks, numbers[:count], numbers[starts[0] : starts[0] + count])
-    index = to_device(masked + starts, torch.long, device)
-    return GrammarMasks(bitmasks, index[:count], index[count:])
+        sources = numbers[starts[0] : starts[0] + count]
+        return GrammarMasks(bitmasks, numbers[:count], sources, sources)
+    row_sources = [-1] * len(rows)
+    for i, start in zip(masked, starts, strict=True):
+        row_sources[i] = start
+    index = to_device(masked + starts + row_sources, torch.long, device)
+    return GrammarMasks(bitmasks, index[:count], index[count : 2 * count], index[2 * count :])
 
 
 _counting_tensors: dict[torch.device, torch.Tensor] = {}
@@ -465,7 +481,8 @@ def sample(
     logits: torch.Tensor,
     rows: list[SamplingRow],
     seed_salt: int = 0,
-    finish_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    masks: GrammarMasks | None = None,
+    wait_for_bitmasks: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """One token id per row (int64 on the logits' device) from penalized logits.
 
@@ -475,23 +492,29 @@ def sample(
     cut tokens at -inf. Every sampled row goes through the same arithmetic whatever shares
     its batch, so a seeded row's token depends only on its logits, seed and step.
     ``seed_salt`` gives a seeded row an independent stream (a draft model's proposals must
-    not reuse the target's noise). ``finish_logits``, when given, makes the logits' last
-    change once the rows' host-side inputs (temperatures, seeds) are ready.
+    not reuse the target's noise). ``masks``: the rows' grammar bitmasks, read once the
+    rows' host-side inputs (temperatures, seeds) are ready, after ``wait_for_bitmasks``
+    (their fill may still run); on CUDA the race reads them itself unless a row is cut
+    (top-k/p and min-p must see the masked logits), which saves a copy of the logits
+    and a launch.
     """
     greedy = [r.params.is_greedy for r in rows]
     if all(greedy):
-        return greedy_tokens(finish_logits(logits) if finish_logits else logits)
-    # Temperature 0 tells the race that a row is greedy.
-    temperatures = [0.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
-    seeds = [
-        None
-        if g or r.params.seed is None
-        else decode_seed(r.params.seed ^ seed_salt, r.num_outputs)
-        for r, g in zip(rows, greedy, strict=True)
-    ]
+        if masks is None:
+            return greedy_tokens(logits)
+        words = _filled_bitmasks(masks, logits.device, wait_for_bitmasks)
+        if logits.is_cuda:
+            # Temperature 0 throughout: the sampled variant, one compile fewer at start.
+            greedy_rows = [0.0] * len(rows)
+            return race(logits, greedy_rows, [None] * len(rows), (words, masks.row_sources))
+        return greedy_tokens(masks.apply(logits, words))
+    temperatures, seeds = race_inputs(rows, greedy, seed_salt)
     truncated = [i for i, r in enumerate(rows) if r.params.uses_truncation and not greedy[i]]
-    if finish_logits is not None:
-        logits = finish_logits(logits)
+    if masks is not None:
+        words = _filled_bitmasks(masks, logits.device, wait_for_bitmasks)
+        if logits.is_cuda and not truncated:
+            return race(logits, temperatures, seeds, (words, masks.row_sources))
+        logits = masks.apply(logits, words)
     if not truncated:
         return race(logits, temperatures, seeds)
 
@@ -512,17 +535,47 @@ def sample(
     return race(logits, temperatures, seeds).index_copy_(0, index, cut_ids)
 
 
+def race_inputs(
+    rows: list[SamplingRow], greedy: list[bool], seed_salt: int = 0
+) -> tuple[list[float], list[int | None]]:
+    """The race's temperature (0 tells it a row is greedy) and ``decode_seed`` (None: a
+    fresh one) of each row."""
+    temperatures = [0.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
+    seeds = [
+        None
+        if g or r.params.seed is None
+        else decode_seed(r.params.seed ^ seed_salt, r.num_outputs)
+        for r, g in zip(rows, greedy, strict=True)
+    ]
+    return temperatures, seeds
+
+
+def _filled_bitmasks(
+    masks: GrammarMasks, device: torch.device, wait_for_bitmasks: Callable[[], None] | None
+) -> torch.Tensor:
+    if wait_for_bitmasks is not None:
+        wait_for_bitmasks()
+    return masks.copy_bitmasks(device)
+
+
 # -- helpers ------------------------------------------------------------------------------
 
 
 def precompile_sampling(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Launch the race's kernels, all greedy and sampled, once over one row of logits of
-    the model's dtype: under kernels.parallel_compile they compile (their variants do not
-    depend on the number of rows)."""
+    """Launch the race's kernels, all greedy and sampled, and sampled with a grammar's
+    bitmask, once over one row of logits of the model's dtype: under
+    kernels.parallel_compile they compile (their variants do not depend on the number of
+    rows)."""
     logits = torch.empty((1, vocab_size), dtype=dtype, device=device)
-    exponential_race(logits, None, None)
     temperatures = torch.ones(1, dtype=torch.float32, device=device)
-    exponential_race(logits, temperatures, torch.zeros(1, dtype=torch.int64, device=device))
+    seeds = torch.zeros(1, dtype=torch.int64, device=device)
+    exponential_race(logits, None, None)
+    exponential_race(logits, temperatures, seeds)
+    # With a grammar's bitmask (no row masked here), sampled only (greedy rows under a
+    # grammar take it at temperature 0): the sampling graphs capture this variant.
+    bitmask = torch.zeros((1, -(-vocab_size // 32)), dtype=torch.int32, device=device)
+    no_rows = torch.full((1,), -1, dtype=torch.int64, device=device)
+    exponential_race(logits, temperatures, seeds, bitmask, no_rows)
 
 
 # Vocabularies up to this size take torch.argmax on CUDA, larger ones the race's chunked
@@ -546,15 +599,24 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(-1).indices
 
 
-def race(logits: torch.Tensor, temperatures: list[float], seeds: list[int | None]) -> torch.Tensor:
+def race(
+    logits: torch.Tensor,
+    temperatures: list[float],
+    seeds: list[int | None],
+    bitmasks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The exponential race over each row (temperature 0: argmax). A row's Exp(1) noise comes
     from its ``decode_seed`` where given, else from torch's global generator. On CUDA the
-    fused Triton kernel draws it in registers; elsewhere the torch reference runs."""
+    fused Triton kernel draws it in registers, and reads ``bitmasks`` (the words and each
+    row's bitmask row, as ``exponential_race`` takes them) where given; elsewhere the torch
+    reference runs (its callers mask the logits first)."""
     device = logits.device
     temperature_tensor = to_device(temperatures, torch.float32, device)
     if logits.is_cuda:
-        seed_tensor = to_device(_kernel_seeds(seeds), torch.int64, device)
-        return exponential_race(logits, temperature_tensor, seed_tensor)
+        seed_tensor = to_device(kernel_seeds(seeds), torch.int64, device)
+        return exponential_race(logits, temperature_tensor, seed_tensor, *(bitmasks or ()))
+    if bitmasks is not None:
+        raise ValueError("off CUDA the race takes logits masked already")
     noise = exponential_draws(seeds, logits.shape[1], device)
     return exponential_race_reference(logits, temperature_tensor, noise)
 
@@ -563,7 +625,7 @@ def exponential_draws(seeds: list[int | None], width: int, device: torch.device)
     """[len(seeds), width] float32 Exp(1) draws, all > 0: row i is a pure function of
     ``seeds[i]`` where given (the draws ``race`` makes for that seed), else fresh."""
     if device.type == "cuda":
-        return exponential_noise(_kernel_seeds(seeds), width, device)
+        return exponential_noise(kernel_seeds(seeds), width, device)
     noise = torch.empty((len(seeds), width), dtype=torch.float32, device=device).exponential_()
     for i, seed in enumerate(seeds):
         if seed is not None:
@@ -574,7 +636,7 @@ def exponential_draws(seeds: list[int | None], width: int, device: torch.device)
     return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
-def _kernel_seeds(seeds: list[int | None]) -> list[int]:
+def kernel_seeds(seeds: list[int | None]) -> list[int]:
     # Unseeded rows take their seed from torch's (CPU) generator: no device sync.
     fresh = torch.randint(0, 1 << 62, (len(seeds),)).tolist()
     # Triton reads the seeds as int64: decode_seed's top bit is dropped.

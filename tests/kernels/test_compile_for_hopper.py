@@ -372,6 +372,13 @@ def engine_scenarios() -> Iterator[tuple[str, Callable[[], object]]]:
                 f"exponential_race {dtype} {vocab} sampled",
                 partial(race, logits, temperatures, seeds),
             )
+            # A grammar's bitmask read by the race (the sampling graphs' variant).
+            bitmask = torch.empty(6, -(-vocab // 32), dtype=torch.int32)
+            bitmask_rows = torch.zeros(6, dtype=torch.int64)
+            yield (
+                f"exponential_race {dtype} {vocab} sampled masked",
+                partial(race, logits, temperatures, seeds, bitmask, bitmask_rows),
+            )
     yield (
         "exponential_noise",
         partial(sampling.exponential_noise, [1, 2, 3], 151936, torch.device("cpu")),

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from lanner.kernels import reference as kernel_reference  # noqa: E402
 from lanner.kernels import sampling  # noqa: E402
 from lanner.kernels.sampling import (  # noqa: E402
     BLOCK,
@@ -86,6 +87,42 @@ def test_all_greedy_batch_is_a_chunked_argmax() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         rows = logits.to(dtype)
         assert exponential_race(rows, None, None).tolist() == rows.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("vocab_size", [37, BLOCK + 33, 3 * BLOCK + 17])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_fused_bitmask_races_as_the_masked_logits_do(vocab_size: int, greedy: bool) -> None:
+    """A bitmask read by the race picks what the race over the masked logits picks: rows
+    with a bitmask row (any, in any order), rows without (-1), bf16 logits."""
+    generator = torch.Generator().manual_seed(vocab_size + greedy)
+    num_rows = 6
+    logits = (torch.randn(num_rows, vocab_size, generator=generator) * 4).to(torch.bfloat16)
+    words = -(-vocab_size // 32)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (4, words), generator=generator, dtype=torch.int64)
+    bitmask = bitmask.to(torch.int32)
+    bitmask[1] = 0
+    bitmask[1, words - 1] = 1 << ((vocab_size - 1) % 32)  # only the last token allowed
+    bitmask_rows = torch.tensor([2, -1, 1, 0, -1, 3])
+    masked = logits.clone()
+    constrained = (bitmask_rows >= 0).nonzero().flatten()
+    kernel_reference.apply_token_bitmask(masked, bitmask, constrained, bitmask_rows[constrained])
+    if greedy:
+        got = exponential_race(logits, None, None, bitmask, bitmask_rows)
+        assert got.tolist() == masked.float().argmax(-1).tolist()
+    else:
+        temperatures = [0.0, 0.7, 1.0, 0.3, 1.5, 0.9]
+        seeds = [31 + i for i in range(num_rows)]
+        got = exponential_race(
+            logits,
+            torch.tensor(temperatures, dtype=torch.float32),
+            torch.tensor(seeds),
+            bitmask,
+            bitmask_rows,
+        )
+        assert got.tolist() == reference(masked.float(), temperatures, seeds)
+    assert got[2].item() == vocab_size - 1
+    with pytest.raises(ValueError, match="together"):
+        exponential_race(logits, None, None, bitmask, None)
 
 
 def test_strided_and_half_precision_logits() -> None:
