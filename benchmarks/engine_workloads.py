@@ -411,6 +411,8 @@ def sampling_graphs_check(core: EngineCore, prompts: list[list[int]], constraint
     with the graphs and without them; every token must agree (the same logits meet the
     same kernel)."""
     sampler = core.runner.sampler
+    if not hasattr(sampler, "graphs"):
+        return {"captured": False, "all_equal": None}  # a lanner before the sampling graphs
     graphs = sampler.graphs
 
     def tokens() -> dict[str, list[int]]:
