@@ -136,11 +136,13 @@ class DeviceSample:
     ready: torch.cuda.Event | None  # recorded after the copy; None on the CPU
     rows: list[SamplingRow]
     packed: bool
+    collected: bool = False  # (a sampling graph reuses its host buffer once it is)
 
     def collect(self) -> SamplerOutput:
         """Wait for the host copy (the step's one device sync) and unpack it."""
         if self.ready is not None:
             self.ready.synchronize()
+        self.collected = True
         if not self.packed:
             return SamplerOutput(self.host.tolist(), [None] * len(self.rows))
         return _unpack(self.host.tolist(), self.rows)

@@ -53,12 +53,14 @@ def races_only(row: SamplingRow) -> bool:
 
 
 class SamplingGraphs:
-    """One captured race per decode-graph batch size, over that graph's logits buffer.
-
-    Its inputs sit in one device block: per row its seed, its grammar bitmask row (-1:
-    none) and its temperature (0: greedy), copied from one of two pinned host blocks
-    used in turn (the block of the step before may still be copying), and the step's
-    filled bitmask rows, copied into a buffer of the largest batch's rows."""
+    """Two captured races per decode-graph batch size, over that graph's logits buffer,
+    used in turn: each replay copies its turn's pinned host block of inputs in (per row
+    its seed, its grammar bitmask row, -1 for none, and its temperature, 0 for greedy),
+    races, and copies the tokens out to its turn's pinned host row, so a step is one
+    launch (the copies outside a graph cost ~20 µs of device time a step at batch 1).
+    The turns keep a step's inputs and tokens until the step after next: the engine
+    reads each step before it launches the one after the next. The step's filled
+    bitmask rows are copied into a device buffer of the largest batch's rows first."""
 
     def __init__(self, logits_by_batch: dict[int, torch.Tensor]) -> None:
         self.logits_by_batch = logits_by_batch
@@ -79,40 +81,49 @@ class SamplingGraphs:
         self.host_blocks = [
             torch.zeros(3 * n, dtype=torch.int64, pin_memory=self.cuda) for _ in range(2)
         ]
-        self.host_copied: list[torch.cuda.Event | None] = [None, None]
+        self.host_tokens = [
+            torch.zeros(n, dtype=torch.int64, pin_memory=self.cuda) for _ in range(2)
+        ]
+        self.issued: list[DeviceSample | None] = [None, None]  # each turn's last sample
         self.turn = 0
         # Which graph a logits tensor belongs to: a step's logits are a view of the
         # buffer's first rows, with its start.
         self.batch_of = {logits.data_ptr(): batch for batch, logits in logits_by_batch.items()}
         if len(self.batch_of) != len(logits_by_batch):
             raise ValueError("two decode graphs share a logits buffer")
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.tokens: dict[int, torch.Tensor] = {}
+        self.graphs: list[dict[int, torch.cuda.CUDAGraph]] = [{}, {}]
+        self.tokens: list[dict[int, torch.Tensor]] = [{}, {}]
 
-    def _race(self, batch: int) -> torch.Tensor:
-        return exponential_race(
+    def _run(self, turn: int, batch: int) -> torch.Tensor:
+        """What a replay does: inputs in, the race, tokens out."""
+        self.block.copy_(self.host_blocks[turn], non_blocking=True)
+        tokens = exponential_race(
             self.logits_by_batch[batch],
             self.temperatures[:batch],
             self.seeds[:batch],
             self.words,
             self.bitmask_rows[:batch],
         )
+        self.host_tokens[turn][:batch].copy_(tokens, non_blocking=True)
+        return tokens
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture each size's race (after one launch that compiles, or loads, its
-        kernels), all in one memory pool: they never run at once. CUDA only; elsewhere
-        ``launch`` runs the race uncaptured."""
-        self.bitmask_rows.fill_(-1)
-        self._race(self.max_batch)  # every size's variant: they differ only in rows
+        """Capture each turn's and size's replay (after one launch that compiles, or
+        loads, the race's kernels), all in one memory pool: they never run at once. CUDA
+        only; elsewhere ``launch`` runs the same steps uncaptured."""
+        for host in self.host_blocks:
+            host[self.max_batch : 2 * self.max_batch] = -1  # no bitmask rows
+        self._run(0, self.max_batch)  # every size's variant: they differ only in rows
         torch.cuda.synchronize()
         pool = None
-        for batch in sorted(self.logits_by_batch, reverse=True):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.tokens[batch] = self._race(batch)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[batch] = graph
+        for turn in (0, 1):
+            for batch in sorted(self.logits_by_batch, reverse=True):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.tokens[turn][batch] = self._run(turn, batch)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[turn][batch] = graph
         torch.cuda.synchronize()
 
     def launch(
@@ -132,10 +143,9 @@ class SamplingGraphs:
         if bitmasks is False:
             return None
         self.turn ^= 1
-        copied = self.host_copied[self.turn]
-        if copied is not None:
-            copied.synchronize()  # (done long ago: a step is read before the next but one)
-        host = self.host_blocks[self.turn].numpy()
+        turn = self.turn
+        self._free_turn(turn)
+        host = self.host_blocks[turn].numpy()
         n = self.max_batch
         temperatures = host[2 * n :].view(np.float32)
         greedy = [r.params.is_greedy for r in rows]
@@ -152,28 +162,38 @@ class SamplingGraphs:
                 -1 if r.token_bitmask is None else r.token_bitmask.start for r in rows
             ]
             sources[count:batch] = -1
-        self.block.copy_(self.host_blocks[self.turn], non_blocking=True)
-        self.host_copied[self.turn] = self._record()
         if bitmasks is not None:
             if wait_for_bitmasks is not None:
                 wait_for_bitmasks()  # the rest of the host's work is done: now the fill
             filled = bitmasks.num_rows
             self.words[:filled].copy_(bitmasks.words[:filled], non_blocking=True)
             bitmasks.copied = self._record()
-        graph = self.graphs.get(batch)
+        graph = self.graphs[turn].get(batch)
         if graph is not None:
             graph.replay()
-        else:  # not captured (off CUDA): the same launches, run as they come
-            self.tokens[batch] = self._race(batch)
-        # A copy of its own: the next replay of this size rewrites the graph's tokens.
-        token_ids = self.tokens[batch][:count].clone()
-        if not self.cuda:
-            return DeviceSample(token_ids, token_ids, None, rows, False)
-        out = torch.empty(count, dtype=torch.int64, pin_memory=True)
-        out.copy_(token_ids, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return DeviceSample(token_ids, out, ready, rows, False)
+        else:  # not captured (off CUDA): the same steps, run as they come
+            self.tokens[turn][batch] = self._run(turn, batch)
+        sample = DeviceSample(
+            self.tokens[turn][batch][:count],
+            self.host_tokens[turn][:count],
+            self._record(),
+            rows,
+            False,
+        )
+        self.issued[turn] = sample
+        return sample
+
+    def _free_turn(self, turn: int) -> None:
+        """Before a turn's buffers are rewritten: its last replay is done (long since:
+        the engine read it before this launch), and a sample of it not read yet gets a
+        copy of its host tokens to keep."""
+        last = self.issued[turn]
+        if last is None:
+            return
+        if last.ready is not None:
+            last.ready.synchronize()
+        if not last.collected:
+            last.host = last.host.clone()
 
     def _record(self) -> torch.cuda.Event | None:
         if not self.cuda:

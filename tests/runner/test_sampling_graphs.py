@@ -170,3 +170,16 @@ def test_decode_graphs_sharing_a_buffer_are_refused() -> None:
     shared = torch.empty(4, VOCAB)
     with pytest.raises(ValueError, match="share"):
         SamplingGraphs({2: shared[:2], 4: shared})
+
+
+def test_a_sample_read_late_keeps_its_tokens() -> None:
+    """The turns' buffers come round again every other launch: a sample not read by then
+    keeps a copy of its tokens."""
+    graphs = graphs_over()
+    rows = [row(temperature=0.0)] * 2
+    expected, samples = [], []
+    for seed in range(3):
+        logits = step_logits(graphs, 2, 2, seed=20 + seed)
+        expected.append(expected_tokens(logits, rows))
+        samples.append(graphs.launch(logits, rows))
+    assert [s.collect().token_ids for s in samples] == expected
