@@ -7,6 +7,7 @@ the step: the host, not the device, set the pace (W10, 20261201-230826-W10.json)
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -91,19 +92,25 @@ class SamplingGraphs:
         self.batch_of = {logits.data_ptr(): batch for batch, logits in logits_by_batch.items()}
         if len(self.batch_of) != len(logits_by_batch):
             raise ValueError("two decode graphs share a logits buffer")
-        self.graphs: list[dict[int, torch.cuda.CUDAGraph]] = [{}, {}]
-        self.tokens: list[dict[int, torch.Tensor]] = [{}, {}]
+        # By (turn, batch size, all greedy without a grammar): that last kind reads no
+        # inputs, so its graph copies none in.
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.tokens: dict[tuple[int, int, bool], torch.Tensor] = {}
 
-    def _run(self, turn: int, batch: int) -> torch.Tensor:
+    def _run(self, turn: int, batch: int, plain_greedy: bool) -> torch.Tensor:
         """What a replay does: inputs in, the race, tokens out."""
-        self.block.copy_(self.host_blocks[turn], non_blocking=True)
-        tokens = exponential_race(
-            self.logits_by_batch[batch],
-            self.temperatures[:batch],
-            self.seeds[:batch],
-            self.words,
-            self.bitmask_rows[:batch],
-        )
+        logits = self.logits_by_batch[batch]
+        if plain_greedy:
+            tokens = exponential_race(logits, None, None)
+        else:
+            self.block.copy_(self.host_blocks[turn], non_blocking=True)
+            tokens = exponential_race(
+                logits,
+                self.temperatures[:batch],
+                self.seeds[:batch],
+                self.words,
+                self.bitmask_rows[:batch],
+            )
         self.host_tokens[turn][:batch].copy_(tokens, non_blocking=True)
         return tokens
 
@@ -114,16 +121,18 @@ class SamplingGraphs:
         only; elsewhere ``launch`` runs the same steps uncaptured."""
         for host in self.host_blocks:
             host[self.max_batch : 2 * self.max_batch] = -1  # no bitmask rows
-        self._run(0, self.max_batch)  # every size's variant: they differ only in rows
+        for plain_greedy in (False, True):  # each size's variants: they differ in rows only
+            self._run(0, self.max_batch, plain_greedy)
         torch.cuda.synchronize()
         pool = None
-        for turn in (0, 1):
-            for batch in sorted(self.logits_by_batch, reverse=True):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.tokens[turn][batch] = self._run(turn, batch)
-                pool = graph.pool() if pool is None else pool
-                self.graphs[turn][batch] = graph
+        for key in itertools.product(
+            (0, 1), sorted(self.logits_by_batch, reverse=True), (False, True)
+        ):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.tokens[key] = self._run(*key)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[key] = graph
         torch.cuda.synchronize()
 
     def launch(
@@ -145,10 +154,35 @@ class SamplingGraphs:
         self.turn ^= 1
         turn = self.turn
         self._free_turn(turn)
-        host = self.host_blocks[turn].numpy()
+        greedy = [r.params.is_greedy for r in rows]
+        key = (turn, batch, bitmasks is None and all(greedy))
+        if not key[2]:
+            self._stage(rows, greedy, batch, bitmasks, wait_for_bitmasks)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+        else:  # not captured (off CUDA): the same steps, run as they come
+            self.tokens[key] = self._run(*key)
+        sample = DeviceSample(
+            self.tokens[key][:count], self.host_tokens[turn][:count], self._record(), rows, False
+        )
+        self.issued[turn] = sample
+        return sample
+
+    def _stage(
+        self,
+        rows: list[SamplingRow],
+        greedy: list[bool],
+        batch: int,
+        bitmasks: TokenBitmasks | None,
+        wait_for_bitmasks: Callable[[], None] | None,
+    ) -> None:
+        """The rows' inputs into this turn's host block, and the filled bitmask rows
+        (once the fill is done) into the device's buffer."""
+        count = len(rows)
+        host = self.host_blocks[self.turn].numpy()
         n = self.max_batch
         temperatures = host[2 * n :].view(np.float32)
-        greedy = [r.params.is_greedy for r in rows]
         row_temperatures, seeds = race_inputs(rows, greedy)
         temperatures[:count] = row_temperatures
         temperatures[count:batch] = 0.0  # padding rows: an argmax nobody reads
@@ -168,20 +202,6 @@ class SamplingGraphs:
             filled = bitmasks.num_rows
             self.words[:filled].copy_(bitmasks.words[:filled], non_blocking=True)
             bitmasks.copied = self._record()
-        graph = self.graphs[turn].get(batch)
-        if graph is not None:
-            graph.replay()
-        else:  # not captured (off CUDA): the same steps, run as they come
-            self.tokens[turn][batch] = self._run(turn, batch)
-        sample = DeviceSample(
-            self.tokens[turn][batch][:count],
-            self.host_tokens[turn][:count],
-            self._record(),
-            rows,
-            False,
-        )
-        self.issued[turn] = sample
-        return sample
 
     def _free_turn(self, turn: int) -> None:
         """Before a turn's buffers are rewritten: its last replay is done (long since:
