@@ -19,6 +19,7 @@ from lanner.kernels.attention_metadata import AttentionMetadata, shared_prefix_t
 from lanner.kernels.graph_inputs import GraphInputLayout
 from lanner.kernels.paged_attention import choose_num_kv_splits
 from lanner.kernels.parallel_compile import refuse_compiles
+from lanner.kernels.sampling import exponential_race
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class DecodeGraphs:
         max_num_seqs: int,
         max_model_len: int,
         num_kv_heads: int,
+        greedy_tokens: bool = False,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -169,6 +171,11 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.hidden: dict[int, torch.Tensor] = {}
+        # With ``greedy_tokens`` (the sampling rank's graphs) each graph ends with the
+        # logits' argmax, which an all-greedy step takes as its tokens
+        # (runner/sampling_graphs.py): inside the graph it costs no launch of its own.
+        self.with_greedy_tokens = greedy_tokens
+        self.greedy_tokens: dict[int, torch.Tensor] = {}
         # The final hidden states of the last replay's rows (for proposers that read them).
         self.last_hidden: torch.Tensor | None = None
         self.pool = None
@@ -237,6 +244,7 @@ class DecodeGraphs:
             logger.warning("capturing without warm-ups failed (%r); again with them", err)
             torch.cuda.synchronize()
             self.graphs, self.hidden, self.logits, self.pool = {}, {}, {}, None
+            self.greedy_tokens = {}
             self._capture_all(True)
         self.capture_seconds = time.perf_counter() - started
         logger.info(
@@ -252,7 +260,9 @@ class DecodeGraphs:
         # Largest first, so smaller graphs reuse its memory pool.
         for batch in reversed(self.sizes):
             if warm_up:
-                self._step(batch)
+                _, logits = self._step(batch)
+                if self.with_greedy_tokens:
+                    exponential_race(logits, None, None)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             # Without warm-ups a variant not compiled ahead fails the capture (and all are
@@ -260,6 +270,8 @@ class DecodeGraphs:
             refuse = contextlib.nullcontext() if warm_up else refuse_compiles("a graph capture")
             with refuse, torch.cuda.graph(graph, pool=self.pool):
                 self.hidden[batch], self.logits[batch] = self._step(batch)
+                if self.with_greedy_tokens:
+                    self.greedy_tokens[batch] = exponential_race(self.logits[batch], None, None)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[batch] = graph

@@ -198,10 +198,12 @@ class ModelRunner:
                 max_graph_rows or max_num_seqs,
                 max_model_len,
                 self.num_kv_heads,
+                greedy_tokens=self.samples,
             )
             self.decode_graphs.capture(warm_up=not self.kernels_precompiled)
             if self.samples:
-                self.sampler.graphs = capture_sampling_graphs(self.decode_graphs.logits)
+                graphs = self.decode_graphs
+                self.sampler.graphs = capture_sampling_graphs(graphs.logits, graphs.greedy_tokens)
 
     def _allocate_caches(self, num_blocks: int) -> list[torch.Tensor]:
         return allocate_kv_caches(

@@ -183,3 +183,22 @@ def test_a_sample_read_late_keeps_its_tokens() -> None:
         expected.append(expected_tokens(logits, rows))
         samples.append(graphs.launch(logits, rows))
     assert [s.collect().token_ids for s in samples] == expected
+
+
+def test_an_all_greedy_step_takes_the_decode_graphs_argmax() -> None:
+    """Where the decode graphs end with their logits' argmax, an all-greedy step without
+    a grammar takes those tokens; one with a grammar row still races over its mask."""
+    sizes = (1, 2, 4)
+    logits = {b: torch.empty(b, VOCAB, dtype=torch.bfloat16) for b in sizes}
+    argmax = {b: torch.zeros(b, dtype=torch.int64) for b in sizes}
+    graphs = SamplingGraphs(logits, argmax)
+    step = step_logits(graphs, 4, 3, seed=30)
+    argmax[4].copy_(logits[4].float().argmax(-1))  # what the decode graph computed
+    rows = [row(temperature=0.0)] * 3
+    sample = graphs.launch(step, rows)
+    assert sample.token_ids.data_ptr() == argmax[4].data_ptr()
+    assert sample.collect().token_ids == expected_tokens(step, rows)
+    masked = [row(temperature=0.0) for _ in range(3)]
+    masked[1].token_bitmask = BitmaskRows(random_bitmasks(1, seed=3), 0, 1)
+    argmax[4].fill_(-1)  # not read: the mask must apply
+    assert graphs.launch(step, masked).collect().token_ids == expected_tokens(step, masked)
