@@ -1,9 +1,11 @@
-"""The sampler's race over a decode graph's logits, captured as one CUDA graph per batch
-size: a step whose rows need nothing but the race (greedy, or a temperature and its seed,
-with or without a grammar's bitmask) samples with one replay and three copies instead of
-the eager sampler's launches and small tensors. At batch 1 on the H200 the eager launch
-took 0.34 ms of host time a step of qwen3-0.6b (0.48 ms under a JSON schema), a third of
-the step: the host, not the device, set the pace (W10, 20261201-230826-W10.json)."""
+"""The sampler's race over a decode graph's logits without the eager sampler's launches:
+a step whose rows need nothing but the race (greedy, or a temperature and its seed, with
+or without a grammar's bitmask) replays one captured graph (inputs in, the race, tokens
+out), or, all greedy without a grammar, takes the argmax its decode graph ends with. At
+batch 1 on the H200 the eager sampler took 0.34 ms of host time a step of qwen3-0.6b
+(0.48 ms under a JSON schema), a third of the step: the host, not the device, set the
+pace (W10, 20261201-230826-W10.json); with these graphs the step's host work is ~0.2 ms
+of 0.93 (20261204-024809-W10-phases.json)."""
 
 from __future__ import annotations
 
@@ -72,9 +74,9 @@ class SamplingGraphs:
     ) -> None:
         self.logits_by_batch = logits_by_batch
         # The decode graphs' own argmax of their logits: an all-greedy step without a
-        # grammar takes it and replays nothing here. On the H200 a graph of its own
-        # took 8 µs more device time a step than the eager race (0.914 against 0.906 ms
-        # at W2), the decode graph's argmax none that would show.
+        # grammar takes it and replays nothing here (a graph of its own, replayed after
+        # the decode graph, took 8 µs more device time a step than the eager race at W2
+        # on the H200; the decode graph's argmax 2-3 µs, 20261204-035307-W2-greedy-ab.json).
         self.greedy_by_batch = greedy_by_batch or {}
         largest = max(logits_by_batch)
         self.max_batch = largest
