@@ -76,7 +76,8 @@ class SamplingGraphs:
         # The decode graphs' own argmax of their logits: an all-greedy step without a
         # grammar takes it and replays nothing here (a graph of its own, replayed after
         # the decode graph, took 8 µs more device time a step than the eager race at W2
-        # on the H200; the decode graph's argmax 2-3 µs, 20261204-035307-W2-greedy-ab.json).
+        # on the H200; the decode graph's argmax 2-3 µs: 20261204-0251-W2-greedy-graph-ab.json,
+        # 20261204-035307-W2-greedy-ab.json).
         self.greedy_by_batch = greedy_by_batch or {}
         largest = max(logits_by_batch)
         self.max_batch = largest
