@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks import engine_workloads
 from lanner.runner import sampling_graphs
 
@@ -42,8 +44,6 @@ def main() -> None:
                 print(f"{name}: {tpot:.4f} ms", flush=True)
     finally:
         sampling_graphs.SamplingGraphs.launch = original
-    import torch
-
     result = {
         "card": torch.cuda.get_device_name(),
         "commit": args.commit,

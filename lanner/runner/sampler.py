@@ -193,16 +193,24 @@ class Sampler:
         # and min_tokens, so the order changes nothing): the fill has until then.
         token_ids = sample(logits, rows, masks=masks, wait_for_bitmasks=wait_for_bitmasks)
 
-        result = token_ids
-        if raw_logprobs is not None:
-            result = pack_logprobs(raw_logprobs, token_ids, num_top)
-        if not result.is_cuda:
-            return DeviceSample(token_ids, result, None, rows, raw_logprobs is not None)
-        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-        host.copy_(result, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return DeviceSample(token_ids, host, ready, rows, raw_logprobs is not None)
+        if raw_logprobs is None:
+            return copy_to_host(token_ids, token_ids, rows)
+        packed = pack_logprobs(raw_logprobs, token_ids, num_top)
+        return copy_to_host(token_ids, packed, rows, packed=True)
+
+
+def copy_to_host(
+    token_ids: torch.Tensor, result: torch.Tensor, rows: list[SamplingRow], packed: bool = False
+) -> DeviceSample:
+    """A sampling's ``DeviceSample``: ``result`` (the token ids, or their packed logprob
+    rows) starts its copy to a pinned host buffer; off CUDA it is the host's already."""
+    if not result.is_cuda:
+        return DeviceSample(token_ids, result, None, rows, packed)
+    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+    host.copy_(result, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return DeviceSample(token_ids, host, ready, rows, packed)
 
 
 def prompt_logprobs(

@@ -21,6 +21,7 @@ from lanner.runner.sampler import (
     DeviceSample,
     SamplingRow,
     TokenBitmasks,
+    copy_to_host,
     kernel_seeds,
     race_inputs,
 )
@@ -83,8 +84,7 @@ class SamplingGraphs:
         self.max_batch = largest
         reference = logits_by_batch[largest]
         device = reference.device
-        self.vocab_width = reference.shape[1]
-        self.num_words = -(-self.vocab_width // 32)  # xgrammar's words per bitmask row
+        self.num_words = -(-reference.shape[1] // 32)  # xgrammar's words per bitmask row
         n = largest
         # Seeds, bitmask rows, then temperatures as float32 (in an int64 slot of n).
         self.block = torch.zeros(3 * n, dtype=torch.int64, device=device)
@@ -178,11 +178,8 @@ class SamplingGraphs:
     def _take_greedy(self, batch: int, rows: list[SamplingRow]) -> DeviceSample:
         """The decode graph's argmax as the step's tokens, copying to the host."""
         token_ids = self.greedy_by_batch[batch][: len(rows)]
-        if not self.cuda:
-            return DeviceSample(token_ids, token_ids.clone(), None, rows, False)
-        host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
-        host.copy_(token_ids, non_blocking=True)
-        return DeviceSample(token_ids, host, self._record(), rows, False)
+        # Off CUDA a copy stands for the host's: the next step rewrites the graph's own.
+        return copy_to_host(token_ids, token_ids if self.cuda else token_ids.clone(), rows)
 
     def _stage(
         self,
@@ -211,7 +208,6 @@ class SamplingGraphs:
                 -1 if r.token_bitmask is None else r.token_bitmask.start for r in rows
             ]
             sources[count:batch] = -1
-        if bitmasks is not None:
             if wait_for_bitmasks is not None:
                 wait_for_bitmasks()  # the rest of the host's work is done: now the fill
             filled = bitmasks.num_rows
