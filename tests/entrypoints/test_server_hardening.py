@@ -646,3 +646,16 @@ def test_hostile_cases_beside_normal_streams(
     metrics = wait_idle(server)
     assert metrics["lanner:kv_cache_usage_perc"] == 0
     assert httpx.post(f"{server.url}/reset_prefix_cache").json() == {"emptied": True}
+
+
+def test_a_streamed_chunk_is_one_line_whatever_the_text_holds() -> None:
+    """Characters str.splitlines breaks at (SSE readers such as httpx's iter_lines split
+    there) come escaped in a streamed chunk, which still decodes to the same text."""
+    from lanner.entrypoints.openai.serving import sse
+
+    text = "a\u2028b\u2029c\x85d\x1ce\x0bf\rg\nh é"
+    event = sse({"choices": [{"text": text}]})
+    assert event.endswith("\n\n")
+    [line] = event[:-2].splitlines()
+    assert json.loads(line.removeprefix("data: ")) == {"choices": [{"text": text}]}
+    assert "é" in line  # the rest stays as it was (ensure_ascii off)

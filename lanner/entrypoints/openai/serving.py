@@ -26,9 +26,16 @@ from lanner.entrypoints.openai.responses import (
 logger = logging.getLogger(__name__)
 
 
+# Line breaks to str.splitlines (which httpx's iter_lines and other SSE readers use)
+# that json.dumps leaves raw with ensure_ascii=False: escaped, a model's U+2028 cannot
+# cut a data line in two (a sampled tiny model wrote one in CI).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any] | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n"
+    if isinstance(data, str):
+        return f"data: {data}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 async def merge_outputs(
