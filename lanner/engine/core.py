@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 # How long an idle step waits on a compiling grammar before returning to its caller.
 GRAMMAR_POLL_S = 0.005
+# Decode-graph rows captured beyond the decodes' own, for a prefill chunk beside them: a
+# held-out W7 prompt (256 tokens) refilling a batch fits.
+PREFILL_GRAPH_ROWS = 256
 
 
 @dataclass
@@ -270,11 +273,15 @@ class EngineCore:
 
         max_num_seqs = scheduler_config.max_num_seqs
         # A verified token is one row of the decode graphs: k + 2 rows a request at most
-        # (one more after a full acceptance), captured up to 512 rows.
-        graph_rows = (
-            min(max_num_seqs * (num_spec_tokens + 2), max(max_num_seqs, 512))
-            if num_spec_tokens
-            else None
+        # (one more after a full acceptance). With room for a prefill chunk beside them
+        # (PREFILL_GRAPH_ROWS), a refill among running decodes replays a graph too (its
+        # chunk as one-token rows: ModelRunner._flattens_prefills); up to 512 rows, as
+        # vLLM captures.
+        decode_rows = max_num_seqs * (num_spec_tokens + 2 if num_spec_tokens else 1)
+        prefill_rows = PREFILL_GRAPH_ROWS if max_num_seqs > 1 else 0
+        graph_rows = max(
+            max_num_seqs,
+            min(decode_rows + prefill_rows, 512, scheduler_config.max_num_batched_tokens),
         )
         # Every kernel the profile run and the graph captures launch, compiled or loaded on
         # a pool of threads first (else one at a time, as each first launches); what

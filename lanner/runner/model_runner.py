@@ -36,6 +36,8 @@ from lanner.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+FLATTEN_MIN_READ_BYTES = 256 << 20
+
 
 @dataclass
 class SequenceChunk:
@@ -178,6 +180,16 @@ class ModelRunner:
         # loaded, so the captures need no warm-up forward (a variant still missing fails
         # its capture, and all are captured again with warm-ups).
         self.kernels_precompiled = False
+        # Prefill chunks beside decodes run as one-token rows of a decode graph when the
+        # step's rows fit one (0: never, as without graphs); see ``_flattens_prefills``.
+        self.flatten_row_limit = 0
+        # What those rows may re-read of their prefixes, in bytes a step (each row reads
+        # its whole causal prefix): the weights' bytes, so a flattened step costs at most
+        # about one more decode step's reads, and at least FLATTEN_MIN_READ_BYTES, which
+        # take ~0.1 ms where the eager forward they replace costs milliseconds of
+        # launches (benchmarks/mixed_step_cost.py).
+        self.flatten_read_budget = max(loaded.matmul_weight_bytes, FLATTEN_MIN_READ_BYTES)
+        self.kv_bytes_per_token = 0  # every layer's K and V of one token, once sized
 
     def initialize_cache(
         self,
@@ -190,6 +202,10 @@ class ModelRunner:
         for up to ``max_graph_rows`` one-token rows (default max_num_seqs; speculation
         asks for more, a verified token being one row)."""
         self.kv_caches = self._allocate_caches(num_blocks)
+        self.kv_bytes_per_token = (
+            sum(cache.element_size() * cache[0, 0].numel() * 2 for cache in self.kv_caches)
+            // self.block_size
+        )
         if self.device.type == "cuda" and not self.enforce_eager:
             self.decode_graphs = DecodeGraphs(
                 self.model,
@@ -201,6 +217,7 @@ class ModelRunner:
                 greedy_tokens=self.samples,
             )
             self.decode_graphs.capture(warm_up=not self.kernels_precompiled)
+            self.flatten_row_limit = self.decode_graphs.max_batch
             if self.samples:
                 graphs = self.decode_graphs
                 self.sampler.graphs = capture_sampling_graphs(graphs.logits, graphs.greedy_tokens)
@@ -408,11 +425,30 @@ class ModelRunner:
             return False
         return not any(c.prompt_logprob_targets for c in chunks)
 
+    def _flattens_prefills(self, chunks: list[SequenceChunk], layout: StepLayout) -> bool:
+        """Whether the step's multi-token chunks run as one-token rows (each over its own
+        causal prefix, as verify rows do), so that a decode graph replays a step that
+        would otherwise run eagerly: a refill beside running decodes costs a replay, not
+        an eager forward. Only where every row fits a captured graph, some row samples,
+        none asks for prompt logprobs, and the rows' prefix reads stay in budget."""
+        if not 0 < len(layout.input_ids) <= self.flatten_row_limit or not layout.sample_rows:
+            return False
+        reads = 0
+        for chunk in chunks:
+            if chunk.prompt_logprob_targets:
+                return False
+            if not chunk.flattened:  # rows at start + 1 .. start + n tokens of context
+                n, start = len(chunk.token_ids), chunk.start_position
+                reads += n * start + n * (n + 1) // 2
+        return reads * self.kv_bytes_per_token <= self.flatten_read_budget
+
     def prepare(self, chunks: list[SequenceChunk]) -> PreparedStep:
         """``launch``'s host work that needs nothing of the step before (its layout, a
         decode graph's staged inputs): the engine does it before it waits for the step
         before's grammar bitmasks, while they fill."""
         layout = StepLayout.build(chunks)
+        if not layout.all_flattened and self._flattens_prefills(chunks, layout):
+            layout = StepLayout.build(chunks, flatten=True)
         layout.replay = self._can_replay(chunks, layout)
         index = self._device_token_index(chunks, layout.first_rows)
         layout.device_rows = index.rows if index is not None else []
@@ -731,7 +767,8 @@ class StepLayout:
     replay: bool = False  # a decode CUDA graph runs the step
 
     @classmethod
-    def build(cls, chunks: list[SequenceChunk]) -> StepLayout:
+    def build(cls, chunks: list[SequenceChunk], flatten: bool = False) -> StepLayout:
+        """The step's rows; with ``flatten`` every chunk runs as one-token rows."""
         layout = cls()
         for chunk in chunks:
             first = len(layout.input_ids)
@@ -741,7 +778,7 @@ class StepLayout:
             end = start + count
             layout.input_ids += chunk.token_ids
             layout.positions += range(start, end)
-            if chunk.flattened:
+            if flatten or chunk.flattened:
                 layout.query_lens += [1] * count
                 layout.seq_lens += range(start + 1, end + 1)
                 layout.block_tables += [chunk.block_table] * count

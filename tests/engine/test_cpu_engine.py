@@ -15,7 +15,8 @@ from lanner.memory import kv_cache
 from lanner.model import loader
 from lanner.model.config import ModelConfig
 from lanner.runner import cpu_threads
-from tests.engine.test_llm import make_llm, mixed_requests, summary
+from lanner.runner.model_runner import ModelRunner
+from tests.engine.test_llm import assert_pool_full, make_llm, mixed_requests, summary
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
@@ -32,6 +33,42 @@ def test_cpu_path_gives_the_reference_paths_tokens(
     oracle = make_llm(tiny_model_dirs[family]).generate(prompts, params)
     for ours, theirs in zip(fast, oracle, strict=True):
         assert summary(ours) == summary(theirs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_prefill_chunks_run_as_one_token_rows_give_the_same_tokens(
+    tiny_model_dirs: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How a decode graph runs a refill beside decodes (ModelRunner._flattens_prefills):
+    each prefill chunk as one-token rows over its own causal prefix. On the CPU the same
+    rows go through the eager path; greedy and seeded outputs must not change, prompt
+    logprobs keep their steps unflattened, and a read budget of zero flattens nothing."""
+    prompts, params = mixed_requests(24, seed=5)
+    prompts += [prompts[0], prompts[1]]  # from the prefix cache: chunks at a start > 0
+    params += [params[0], params[1]]
+    options = dict(max_num_batched_tokens=32)  # many chunks, most of them beside decodes
+    plain = make_llm(tiny_model_dirs[family], **options).generate(prompts, params)
+    flattened = []
+    original = ModelRunner._flattens_prefills
+
+    def counted(runner, chunks, layout):  # noqa: ANN001, ANN202
+        chosen = original(runner, chunks, layout)
+        flattened.append(chosen)
+        return chosen
+
+    monkeypatch.setattr(ModelRunner, "_flattens_prefills", counted)
+    llm = make_llm(tiny_model_dirs[family], **options)
+    runner = llm.engine.core.runner
+    runner.flatten_row_limit = 32  # the step budget: every step fits
+    ours = llm.generate(prompts, params)
+    assert sum(flattened) >= 10 and not all(flattened)  # prompt-logprob steps stay as they are
+    for got, want in zip(ours, plain, strict=True):
+        assert summary(got) == summary(want)
+    assert_pool_full(llm)
+    flattened.clear()
+    runner.flatten_read_budget = 0
+    assert summary(llm.generate(prompts[2], params[2])[0]) == summary(plain[2])
+    assert flattened and not any(flattened)
 
 
 def test_fp8_cache_through_the_cpu_path(
