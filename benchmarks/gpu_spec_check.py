@@ -6,6 +6,10 @@ eagerly.
 
 Run on the GPU machine from the repository root:
     PYTHONPATH=. python3 benchmarks/gpu_spec_check.py [--commit SHA]
+The engines run --max-num-seqs requests at a time with output lengths that differ, so
+requests end apart and a prompt's prefill shares its step with running decodes (under
+CUDA graphs as one-token rows of a decode graph: ModelRunner._flattens_prefills); in
+float32 the plain engine's tokens must also equal the eager plain engine's.
 Prints one line per case (first differing token per prompt; None = all equal) and writes
 JSON to benchmarks/results/ (and $OUT). In float32 every case must print all None and
 "ok"; in bfloat16 a verify row and a one-token decode round differently, so a prompt may
@@ -15,6 +19,7 @@ part where the top two logits are within a bf16 step: the line shows that margin
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +87,7 @@ def main() -> None:
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--eagle", type=Path, default=DEMO_EAGLE, help="EAGLE head (if present)")
+    parser.add_argument("--max-num-seqs", type=int, default=3, help="requests at a time")
     args = parser.parse_args()
     configs = dict(CONFIGS)
     if (args.eagle / "config.json").is_file():
@@ -92,9 +98,11 @@ def main() -> None:
                 "num_speculative_tokens": k,
                 "adaptive_draft_length": adaptive,
             }
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    lengths = [max(8, args.max_tokens - 17 * i) for i in range(len(PROMPTS))]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     cases = []
     all_equal_fp32 = True
+    plain_tokens: dict[tuple[str, bool], list[list[int]]] = {}
     for dtype in ("float32", "bfloat16"):
         for eager in (False, True):
             # Two engines live at once here: each gets a cache of its own size.
@@ -104,9 +112,11 @@ def main() -> None:
                 max_model_len=1024,
                 enforce_eager=eager,
                 kv_cache_memory_bytes=4 << 30,
+                max_num_seqs=args.max_num_seqs,
             )
             plain = LLM(**options)
             expected = plain.generate(PROMPTS, params, use_tqdm=False)
+            plain_tokens[dtype, eager] = [e.outputs[0].token_ids for e in expected]
             for name, config in configs.items():
                 llm = LLM(**options, speculative_config=config)
                 started = time.perf_counter()
@@ -149,11 +159,16 @@ def main() -> None:
                 llm.engine.core.shutdown()
             plain.engine.core.shutdown()
             torch.cuda.empty_cache()
+    graphs_equal_eager = plain_tokens["float32", False] == plain_tokens["float32", True]
+    all_equal_fp32 = all_equal_fp32 and graphs_equal_eager
+    print(f"float32 plain: graphs (refills flattened) equal eager: {graphs_equal_eager}")
     result = {
         "workload": "gpu-spec-check (greedy with speculation == without, demo model)",
         "card": card_name(),
         "commit": args.commit,
-        "command": "PYTHONPATH=. python3 benchmarks/gpu_spec_check.py",
+        "command": "PYTHONPATH=. python3 benchmarks/gpu_spec_check.py " + " ".join(sys.argv[1:]),
+        "max_num_seqs": args.max_num_seqs,
+        "float32_plain_graphs_equal_eager": graphs_equal_eager,
         "float32_all_equal": all_equal_fp32,
         "cases": cases,
     }
