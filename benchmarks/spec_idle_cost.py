@@ -2,8 +2,9 @@
 engine alone in a fresh process (W7's benchmark runs several cores side by side in one):
 the demo model, W7's held-out prompts, 256 output tokens, at the batch sizes given, for
 plain decoding, n-gram configured but switched off (``disable_by_batch_size: 1``), and
-n-gram adaptive. Prints one line per (mode, batch, repeat): output tok/s, median step, and
-the steps that speculated. With ``--repeats R`` every mode runs R times, the modes' order
+n-gram adaptive (``--modes`` adds the demo draft model's and EAGLE head's adaptive
+settings, ``draft-adaptive`` and ``eagle-adaptive``). Prints one line per (mode, batch,
+repeat): output tok/s, median step, and the steps that speculated. With ``--repeats R`` every mode runs R times, the modes' order
 rotating each round (one fresh process each), and the summary gives per (mode, batch)
 the median tok/s and its ratio to plain's: the demo model's steps are bound by the host,
 whose speed moved by up to 25 % between processes in one run (20261201-2045), so one
@@ -66,7 +67,21 @@ MODES = {
         "disable_by_batch_size": 1,
     },
     "ngram-adaptive": {"method": "ngram", "num_speculative_tokens": 6},
+    # W7's adaptive settings for the two model proposers (k up to 4 and 5).
+    "draft-adaptive": {"method": "draft_model", "num_speculative_tokens": 4},
+    "eagle-adaptive": {"method": "eagle", "num_speculative_tokens": 5},
 }
+DEFAULT_MODES = "plain,ngram-off,ngram-adaptive"
+
+
+def speculative_config(mode: str) -> dict | None:
+    """MODES[mode], with the demo draft model or EAGLE head where the method needs one."""
+    from benchmarks.spec_decode import DEMO_DRAFT, DEMO_EAGLE
+
+    config = MODES[mode]
+    if config is None or config["method"] == "ngram":
+        return config
+    return {**config, "model": str(DEMO_DRAFT if config["method"] == "draft_model" else DEMO_EAGLE)}
 
 
 def _recording(begin_step, trace: list[tuple[int, int]]):  # noqa: ANN001, ANN202
@@ -141,13 +156,13 @@ def child(mode: str, batches: list[int], waves: int) -> None:
 
     for batch in batches:
         prompts = batch_prompts(batch, waves)
-        core = make_core(str(DEFAULT_MODEL_DIR), batch, MODES[mode])
+        core = make_core(str(DEFAULT_MODEL_DIR), batch, speculative_config(mode))
         run(core, prompts, OUTPUT_LEN, 0.0)  # untimed: one-time costs
         print(json.dumps(timed_run(core, mode, batch, prompts)), flush=True)
         release(core)
 
 
-def interleaved(batches: list[int], repeats: int, waves: int) -> list[dict]:
+def interleaved(batches: list[int], modes: list[str], repeats: int, waves: int) -> list[dict]:
     """Every mode's core in this one process, built and warmed once per batch size, then
     their timed runs alternated round by round (the order rotating): the host's speed,
     which moves between processes and over time, falls on all modes of a round alike."""
@@ -156,10 +171,12 @@ def interleaved(batches: list[int], repeats: int, waves: int) -> list[dict]:
     samples = []
     for batch in batches:
         prompts = batch_prompts(batch, waves)
-        cores = {mode: make_core(str(DEFAULT_MODEL_DIR), batch, MODES[mode]) for mode in MODES}
+        cores = {
+            mode: make_core(str(DEFAULT_MODEL_DIR), batch, speculative_config(mode))
+            for mode in modes
+        }
         for core in cores.values():
             run(core, prompts, OUTPUT_LEN, 0.0)  # untimed: one-time costs
-        modes = list(MODES)
         for round_ in range(repeats):
             for mode in rotated(modes, round_):
                 line = {**timed_run(cores[mode], mode, batch, prompts), "round": round_}
@@ -211,8 +228,16 @@ def main() -> None:
         default=2,
         help="batches' worth of prompts per timed run (at least 32 prompts in all)",
     )
+    parser.add_argument(
+        "--modes",
+        default=DEFAULT_MODES,
+        help=f"comma-separated, plain first, from {', '.join(MODES)} (default {DEFAULT_MODES})",
+    )
     add_pin_argument(parser)
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if modes[0] != "plain" or not set(modes) <= set(MODES):
+        parser.error(f"--modes must start with plain and name only {', '.join(MODES)}")
     batches = [int(b) for b in args.batches.split(",")]
     global LENGTH_SPREAD
     LENGTH_SPREAD = args.length_spread
@@ -220,8 +245,9 @@ def main() -> None:
     if args.mode:
         child(args.mode, batches, args.waves)
         return
-    modes = list(MODES)
-    samples: list[dict] = interleaved(batches, args.repeats, args.waves) if args.interleaved else []
+    samples: list[dict] = (
+        interleaved(batches, modes, args.repeats, args.waves) if args.interleaved else []
+    )
     for round_ in range(0 if args.interleaved else args.repeats):
         for mode in rotated(modes, round_):
             done = subprocess.run(
