@@ -4,8 +4,9 @@ the demo model, W7's held-out prompts, 256 output tokens, at the batch sizes giv
 plain decoding, n-gram configured but switched off (``disable_by_batch_size: 1``), and
 n-gram adaptive (``--modes`` adds the demo draft model's and EAGLE head's adaptive
 settings, ``draft-adaptive`` and ``eagle-adaptive``). Prints one line per (mode, batch,
-repeat): output tok/s, median step, and the steps that speculated. With ``--repeats R`` every mode runs R times, the modes' order
-rotating each round (one fresh process each), and the summary gives per (mode, batch)
+repeat): output tok/s, median step, and the steps that speculated. With ``--repeats R``
+every mode runs R times, the modes' order rotating each round (one fresh process each),
+and the summary gives per (mode, batch)
 the median tok/s and its ratio to plain's: the demo model's steps are bound by the host,
 whose speed moved by up to 25 % between processes in one run (20261201-2045), so one
 process per mode cannot tell a real cost from that. ``--interleaved`` builds every mode's
