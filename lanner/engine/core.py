@@ -240,8 +240,6 @@ class EngineCore:
             enforce_eager=config.enforce_eager,
             sampler=self.spec.sampler if self.spec is not None else None,
         )
-        if self.spec is not None:
-            self.runner.keep_hidden_states = self.spec.proposer.needs_hidden_states
         # Overlapped scheduling: prepare and launch step N+1 while the device runs N.
         self.async_scheduling = (
             config.async_scheduling
@@ -249,8 +247,6 @@ class EngineCore:
             else self.loaded.device.type == "cuda"
         )
         self._pending: _LaunchedStep | None = None
-        # The target's last step read, for proposers that use its hidden states.
-        self._last_step: PendingStep | None = None
         num_spec_tokens = self.spec.num_speculative_tokens if self.spec is not None else 0
         useful_blocks = scheduler_config.max_num_seqs * -(-self.max_model_len // block_size)
 
@@ -316,6 +312,10 @@ class EngineCore:
                 )
             )
             mark = self._mark_phase("profile run, kernel compile and KV cache sizing", mark)
+            # The proposer's caches first: the target's graphs, captured next, may write
+            # into one (an EAGLE head's feature cache).
+            if self.spec is not None:
+                self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
             if executor is None:
                 self.runner.initialize_cache(
                     num_blocks, max_num_seqs, self.max_model_len, graph_rows
@@ -325,8 +325,6 @@ class EngineCore:
                     self.runner, num_blocks, max_num_seqs, self.max_model_len, graph_rows
                 )
                 executor.attach(self.runner)
-            if self.spec is not None:
-                self.spec.proposer.initialize_cache(num_blocks, max_num_seqs, self.max_model_len)
         graphs = self.runner.decode_graphs
         capture = graphs.capture_seconds if graphs is not None else 0.0
         self._mark_phase("KV cache allocation", mark, less=capture)
@@ -546,16 +544,8 @@ class EngineCore:
         speculates (proposals start from the last accepted token, and the tokens a step
         yields are known only once it is read). Requests whose sampling reads their
         outputs (penalties, bad words, a grammar) launch their model ahead and sample once
-        the previous step is read (``_launch_deferred_sampling``). Nor, where the policy
-        keeps it ready, a plain step of a proposer that must see every step."""
-        if not self.async_scheduling or draft_length:
-            return False
-        spec = self.spec
-        return not (
-            spec is not None
-            and spec.proposer.needs_every_step
-            and spec.policy.keep_proposer_ready(len(self.scheduler.running))
-        )
+        the previous step is read (``_launch_deferred_sampling``)."""
+        return self.async_scheduling and not draft_length
 
     def _launch(self, previous: _LaunchedStep | None, draft_length: int) -> _LaunchedStep | None:
         num_running = len(self.scheduler.running)
@@ -571,15 +561,13 @@ class EngineCore:
             if scheduled.request.scheduled_time is None:
                 scheduled.request.scheduled_time = now
             chunks.append(self._chunk(scheduled, previous_rows))
-        # The proposer reads the target's last step: the step read last, unless another
-        # has been launched since (its outputs, e.g. a graph's hidden states, are gone).
-        last_step = self._last_step if previous is None else None
         drafts: DeviceDrafts | None = None
         num_drafts: dict[str, int] = {}
-        if self.spec is not None and (
-            draft_length or not self.spec.proposer.idle(chunks, last_step)
-        ):
-            drafts, num_drafts = self._propose(schedule, chunks, last_step)
+        if self.spec is not None:
+            if draft_length:
+                drafts, num_drafts = self._propose(schedule, chunks)
+            else:
+                self.spec.proposer.idle(chunks)
         # Rows reading outputs of the step still in flight sample once it is read.
         defer = previous is not None and any(
             s.samples and s.request.sampling_params.uses_output_history for s in schedule.scheduled
@@ -656,7 +644,7 @@ class EngineCore:
         ]
 
     def _propose(
-        self, schedule: SchedulerOutput, chunks: list[SequenceChunk], last_step: PendingStep | None
+        self, schedule: SchedulerOutput, chunks: list[SequenceChunk]
     ) -> tuple[DeviceDrafts | None, dict[str, int]]:
         """Ask the proposer for each request's drafts and append them to its chunk.
         Returns the drafts still on the device, and how many each request got."""
@@ -673,7 +661,7 @@ class EngineCore:
             )
             for scheduled, chunk in zip(schedule.scheduled, chunks, strict=True)
         ]
-        proposal = self.spec.proposer.propose(slots, last_step)
+        proposal = self.spec.proposer.propose(slots)
         num_drafts: dict[str, int] = {}
         for index, (slot, tokens) in enumerate(zip(slots, proposal.token_ids, strict=True)):
             if not slot.num_draft_slots:
@@ -737,7 +725,6 @@ class EngineCore:
         allowed it), and what the grammars answered is checked once the step is applied
         (``_confirm_advance``)."""
         result = self.runner.collect(launched.step)
-        self._last_step = launched.step
         requests, advancing = self._grammars_to_advance(launched.schedule, result.sampled_token_ids)
         rows: list[tuple[SequenceChunk, RequestGrammar]] = []
         if deferred is not None and requests:
@@ -928,7 +915,6 @@ class EngineCore:
     def shutdown(self) -> None:
         self.abort_requests(list(self.scheduler.requests))
         self._pending = None
-        self._last_step = None
         self.structured_outputs.shutdown()
         self.runner.kv_caches = []
         if self.executor is not None:

@@ -176,8 +176,6 @@ class DecodeGraphs:
         # (runner/sampling_graphs.py): inside the graph it costs no launch of its own.
         self.with_greedy_tokens = greedy_tokens
         self.greedy_tokens: dict[int, torch.Tensor] = {}
-        # The final hidden states of the last replay's rows (for proposers that read them).
-        self.last_hidden: torch.Tensor | None = None
         self.pool = None
         self.capture_seconds = 0.0  # warm-ups included
 
@@ -338,7 +336,6 @@ class DecodeGraphs:
     def launch(self, staged: StagedInputs) -> torch.Tensor:
         """Replay the graph of ``staged``'s batch over the inputs copied; its logits."""
         self.graphs[staged.batch].replay()
-        self.last_hidden = self.hidden[staged.batch][: staged.count]
         return self.logits[staged.batch][: staged.count]
 
     def _gather_tokens(

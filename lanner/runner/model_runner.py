@@ -109,11 +109,6 @@ class PendingStep:
     sample: DeviceSample | Any | None
     sampled_seq_ids: list[str]  # in the order of the sample's rows
     prompt_logprobs: dict[str, list[TokenLogprobs]]
-    # With keep_hidden_states: the model's final hidden states of every fed token [T, H]
-    # (under a CUDA graph a view of its static buffer, valid until the next replay), and
-    # each chunk's first row in them, for proposers that read the target's states.
-    hidden_states: torch.Tensor | None = None
-    first_rows: list[int] = field(default_factory=list)
     # Launched with its sampling deferred (sample None until ``sample_deferred``): the
     # model's logits and what sampling them needs.
     deferred: DeferredSampling | None = None
@@ -175,7 +170,6 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         # A RejectionSampler (lanner.spec) when speculation is on: it also verifies drafts.
         self.sampler = sampler if sampler is not None else Sampler()
-        self.keep_hidden_states = False
         # Set by startup_kernels: every kernel the graph captures launch is compiled and
         # loaded, so the captures need no warm-up forward (a variant still missing fails
         # its capture, and all are captured again with warm-ups).
@@ -567,19 +561,16 @@ class ModelRunner:
             self.followers.send_step(layout)
             if device_tokens is not None:  # only rank 0 holds them: hand them over
                 self.group.broadcast(device_tokens[1])
-        hidden, logits, prompt_logits = self._run_model(layout, device_tokens, staged, sources)
+        logits, prompt_logits = self._run_model(layout, device_tokens, staged, sources)
         prompt_logprob_rows: dict[str, list[TokenLogprobs]] = {}
         if prompt_logits is not None and self.samples:
             self._prompt_logprobs(chunks, prompt_logits, prompt_logprob_rows)
-        kept = hidden if self.keep_hidden_states else None
         if logits is None or not self.samples:
-            return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows)
+            return PendingStep(None, [], prompt_logprob_rows)
         if defer_sampling:
             deferred = DeferredSampling(chunks, logits, drafts)
-            return PendingStep(None, [], prompt_logprob_rows, kept, layout.first_rows, deferred)
-        return self._launch_sample(
-            chunks, logits, prompt_logprob_rows, drafts, kept, layout.first_rows
-        )
+            return PendingStep(None, [], prompt_logprob_rows, deferred)
+        return self._launch_sample(chunks, logits, prompt_logprob_rows, drafts)
 
     @torch.inference_mode()
     def sample_deferred(
@@ -595,8 +586,6 @@ class ModelRunner:
             deferred.logits,
             pending.prompt_logprobs,
             deferred.drafts,
-            pending.hidden_states,
-            pending.first_rows,
             wait_for_bitmasks,
         )
         pending.sample, pending.sampled_seq_ids = sampled.sample, sampled.sampled_seq_ids
@@ -608,13 +597,12 @@ class ModelRunner:
         device_tokens: tuple[torch.Tensor, torch.Tensor] | None,
         staged: StagedInputs | None = None,
         sources: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """The model's step: (final hidden states of every fed token, logits of the rows
-        that sample, logits of the prompt-logprob rows), the last two None when no row
-        asks. Every tensor-parallel rank runs it with the same layout, in lock-step."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The model's step: (logits of the rows that sample, logits of the prompt-logprob
+        rows), None where no row asks. Every tensor-parallel rank runs it with the same
+        layout, in lock-step."""
         if layout.replay:
-            logits = self._graph_logits(layout, device_tokens, staged, sources)
-            return self.decode_graphs.last_hidden, logits, None  # type: ignore[union-attr]
+            return self._graph_logits(layout, device_tokens, staged, sources), None
         metadata = AttentionMetadata.build(
             layout.query_lens, layout.seq_lens, layout.block_tables, self.block_size, self.device
         )
@@ -628,7 +616,7 @@ class ModelRunner:
         logits = None
         if layout.sample_rows:
             logits = self.model.compute_logits(hidden[self._tensor(layout.sample_rows)])
-        return hidden, logits, prompt_logits
+        return logits, prompt_logits
 
     @torch.inference_mode()
     def follow(self, layout: StepLayout) -> None:
@@ -647,8 +635,6 @@ class ModelRunner:
         logits: torch.Tensor,
         prompt_logprob_rows: dict[str, list[TokenLogprobs]],
         drafts: DeviceDrafts | None,
-        hidden: torch.Tensor | None,
-        first_rows: list[int],
         wait_for_bitmasks: Callable[[], None] | None = None,
     ) -> PendingStep:
         """Sample each chunk that asks from its rows of ``logits`` (one, or one per draft
@@ -661,7 +647,7 @@ class ModelRunner:
                 sample = self.sampler.launch(logits, rows)
             else:
                 sample = self.sampler.launch(logits, rows, wait_for_bitmasks)
-            return PendingStep(sample, seq_ids, prompt_logprob_rows, hidden, first_rows)
+            return PendingStep(sample, seq_ids, prompt_logprob_rows)
         verify = getattr(self.sampler, "verify", None)
         if verify is None:
             raise RuntimeError(
@@ -670,7 +656,7 @@ class ModelRunner:
             )
         proposed = [c.token_ids[len(c.token_ids) - c.num_draft_tokens :] for c in sampling_chunks]
         sample = verify(logits, rows, proposed, drafts, [c.draft_row for c in sampling_chunks])
-        return PendingStep(sample, seq_ids, prompt_logprob_rows, hidden, first_rows)
+        return PendingStep(sample, seq_ids, prompt_logprob_rows)
 
     @staticmethod
     def _prompt_logprobs(

@@ -150,11 +150,11 @@ class DraftModelProposer(Proposer):
             self.chain.capture()
 
     @torch.inference_mode()
-    def propose(self, slots: list[ProposalSlot], previous: PendingStep | None) -> Proposal:
+    def propose(self, slots: list[ProposalSlot]) -> Proposal:
         drafting = [i for i, slot in enumerate(slots) if slot.num_draft_slots]
         proposal = Proposal.empty(len(slots))
         if not drafting:
-            self.idle([slot.chunk for slot in slots], previous)
+            self.idle([slot.chunk for slot in slots])
             return proposal
         lengths = [slots[i].num_draft_slots for i in drafting]
         max_k = max(lengths)
@@ -309,7 +309,7 @@ class DraftModelProposer(Proposer):
                 return index * size
         return computed
 
-    def idle(self, chunks: list[SequenceChunk], previous: PendingStep | None) -> bool:
+    def idle(self, chunks: list[SequenceChunk]) -> None:
         """The target computes these chunks without the draft: their blocks' draft KV is
         incomplete until each request's draft catches up."""
         size = self.block_size
@@ -317,4 +317,3 @@ class DraftModelProposer(Proposer):
             first = chunk.start_position // size
             last = (chunk.start_position + len(chunk.token_ids) - 1) // size
             self.stale_blocks.update(chunk.block_table[first : last + 1])
-        return True

@@ -3,37 +3,38 @@
 its own one-layer paged KV cache in the target's block tables.
 
 The head's entry at position p is computed from the target's feature at p and the
-token at p + 1, so it runs one step behind the target. Each step, before the target:
+token at p + 1, so it runs one step behind the target. The target writes every
+position's features into a feature cache paged like the KV cache (by slot), in every
+step, speculating or not, CUDA graphs included; the head reads them from there when a
+request drafts:
 
-1. Catch-up: for every chunk of the target's previous step, the positions it verified
-   (a prefill chunk, or a decode's fed token and the drafts accepted after it) are
-   computed from the features that step left, overwriting the head's own guesses of
-   them. A request that left the batch with that step (finished, aborted, preempted,
-   or not scheduled now) gets the positions whose next token it had fed, so the blocks
-   it leaves in the prefix cache carry the head's K/V too.
-2. Drafts: for a request with draft slots whose last verified position was just caught
-   up, the head's output there gives draft 1 (its greedy token); draft j + 1 comes from
-   a head step at position c + j - 1 fed draft j and the head's own previous output.
-   Those K/V entries are guesses until the next catch-up replaces them.
+1. Catch-up: the positions from where the request's head entries stop (0 at its first
+   draft, or after a preemption) to its last verified one are computed from their
+   features, overwriting the head's own guesses of them. So steps that ran without
+   drafting (plain steps launched ahead, batches that do not speculate, prompt blocks
+   that came from the prefix cache) cost the head nothing until the request drafts
+   again, and then their features are all there.
+2. Drafts: the head's output at the last verified position gives draft 1 (its greedy
+   token); draft j + 1 comes from a head step at position c + j - 1 fed draft j and the
+   head's own previous output. Those K/V entries are guesses until the next catch-up
+   replaces them.
 
-Positions whose features never reached the head (steps launched ahead of the previous
-one's results: when speculation is off by batch size, or where the adaptive rule does not
-keep the head ready; a running request left out of a step) keep whatever the cache held:
-the drafts read them, so acceptance may drop, but the output never changes. Drafts are
-greedy (point masses) whatever the request samples: the rejection sampler then accepts a
-draft when the target's own draw equals it, so seeded requests get exactly the tokens
-they get without speculation. They stay on the device unless a request's penalties or
-bad words need them on the host.
+Drafts are greedy (point masses) whatever the request samples: the rejection sampler
+then accepts a draft when the target's own draw equals it, so seeded requests get
+exactly the tokens they get without speculation. They stay on the device unless a
+request's penalties or bad words need them on the host.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from lanner.memory.kv_cache import kv_cache_bytes_per_block
 from lanner.model.loader import LoadedModel, resolve_model_path
 from lanner.model.models.eagle import EagleHead, enable_aux_hidden_states, load_eagle_head
-from lanner.runner.model_runner import DeviceDrafts, PendingStep, SequenceChunk
+from lanner.runner.model_runner import DeviceDrafts
 from lanner.spec.config import SpeculativeConfig
 from lanner.spec.eagle_runner import CatchUp, EagleHeadRunner
 from lanner.spec.proposer import DEVICE_TOKEN, Proposal, ProposalSlot, Proposer
@@ -71,6 +72,14 @@ def load_head(
     return head
 
 
+@dataclass
+class _HeadState:
+    """How far a request's head entries are computed from the target's features."""
+
+    computed: int  # positions [0, computed) hold the head's K/V of verified tokens
+    epoch: int  # the request's preemption count then: a change means its KV was dropped
+
+
 class EagleProposer(Proposer):
     def __init__(
         self,
@@ -88,46 +97,53 @@ class EagleProposer(Proposer):
         self.runner = EagleHeadRunner(
             head, block_size, cache_dtype, target.device, enforce_eager, num_speculative_tokens
         )
-        # EAGLE-1 reads the target's final hidden states, which the runner keeps on demand.
-        self.needs_hidden_states = head.layout == "eagle"
-        # Positions whose features never reach the head keep stale K/V that every later
-        # draft of the request reads: acceptance after a stretch of plain steps drops for
-        # good (W7 on the H200: mean accepted length 1.2-1.3 at batches 16-256, where
-        # requests started plain, against 3.8-4.0 at batch 1-4).
-        self.needs_every_step = True
-        # The chunks of the last step proposed for, as the target then ran them (the
-        # engine appends the drafts to these objects).
-        self._fed: list[SequenceChunk] = []
 
     def kv_cache_bytes_per_block(self) -> int:
-        return kv_cache_bytes_per_block(self.head.config, self.block_size, self.cache_dtype)
+        features = self.block_size * self.head.feature_width * self.head.fc.weight.element_size()
+        return kv_cache_bytes_per_block(self.head.config, self.block_size, self.cache_dtype) + (
+            features
+        )
 
     def initialize_cache(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
+        """Before the target's graphs are captured: they write into the feature cache."""
         self.runner.initialize_cache(num_blocks, max_num_seqs, max_model_len)
+        self.target.model.model.feature_cache = self.runner.feature_cache
 
     @torch.inference_mode()
-    def propose(self, slots: list[ProposalSlot], previous: PendingStep | None) -> Proposal:
-        fed, self._fed = self._fed, [slot.chunk for slot in slots]
+    def propose(self, slots: list[ProposalSlot]) -> Proposal:
         proposal = Proposal.empty(len(slots))
-        features = self._features(previous, fed)
-        if features is None:
+        drafting = [i for i, slot in enumerate(slots) if slot.num_draft_slots]
+        if not drafting:
             return proposal
-        assert previous is not None
-        batch, samples = self._catch_up(slots, fed, previous.first_rows)
-        if not batch.token_ids:
-            return proposal
-        outputs = self.runner.catch_up(batch, features)
-        if not samples:
-            return proposal
-        drafting = [slots[i] for i, _ in samples]
-        lengths = [slot.num_draft_slots for slot in drafting]
-        bases = [slot.chunk.start_position for slot in drafting]
+        batch = CatchUp()
+        rows = []
+        for index in drafting:
+            slot = slots[index]
+            state = slot.state.proposer
+            if not isinstance(state, _HeadState) or state.epoch != slot.epoch:
+                state = slot.state.proposer = _HeadState(0, slot.epoch)
+            verified = slot.chunk.start_position  # the token fed first is t_verified
+            # At least the last verified position: its output gives draft 1.
+            start = min(state.computed, verified - 1)
+            rows.append(
+                batch.add_run(
+                    slot.token_ids(start + 1, verified + 1),
+                    start,
+                    slot.chunk.block_table,
+                    self.block_size,
+                )
+            )
+            state.computed = verified
+        outputs = self.runner.catch_up(batch)
+        drafters = [slots[i] for i in drafting]
+        lengths = [slot.num_draft_slots for slot in drafters]
+        bases = [slot.chunk.start_position for slot in drafters]
         token_ids = self.runner.draft(
             outputs,
-            [row for _, row in samples],
+            rows,
             bases,
             [base + n - 2 for base, n in zip(bases, lengths, strict=True)],
-            [slot.chunk.block_table for slot in drafting],
+            [slot.chunk.block_table for slot in drafters],
             max(lengths),
         )
         if min(lengths) != max(lengths):
@@ -135,65 +151,11 @@ class EagleProposer(Proposer):
             wanted = torch.tensor(lengths, device=token_ids.device).unsqueeze(1)
             token_ids = torch.where(columns < wanted, token_ids, -1)
         # Penalties and multi-token bad words read the drafts before each position.
-        on_host = any(slot.chunk.sampling.params.uses_output_history for slot in drafting)  # type: ignore[union-attr]
+        on_host = any(slot.chunk.sampling.params.uses_output_history for slot in drafters)  # type: ignore[union-attr]
         values = token_ids.tolist() if on_host else None
         proposal.device = DeviceDrafts(token_ids, None)
         proposal.device_rows = [None] * len(slots)
-        for row, ((index, _), count) in enumerate(zip(samples, lengths, strict=True)):
+        for row, (index, count) in enumerate(zip(drafting, lengths, strict=True)):
             proposal.token_ids[index] = values[row][:count] if values else [DEVICE_TOKEN] * count
             proposal.device_rows[index] = row
         return proposal
-
-    def idle(self, chunks: list[SequenceChunk], previous: PendingStep | None) -> bool:
-        """Without the previous step's features there is nothing to catch up on: only
-        remember what the target fed. With them, ``propose`` computes the head's K/V of
-        what the last step verified."""
-        if self._features(previous, self._fed) is not None:
-            return False
-        self._fed = chunks
-        return True
-
-    def _features(
-        self, previous: PendingStep | None, fed: list[SequenceChunk]
-    ) -> torch.Tensor | None:
-        """The target's features of every token its previous step fed (rows as that
-        step's flat batch), or None when they are not there to read."""
-        if previous is None or not fed or len(previous.first_rows) != len(fed):
-            return None
-        total = previous.first_rows[-1] + len(fed[-1].token_ids)
-        if self.head.layout == "eagle":
-            source = previous.hidden_states
-        else:
-            source = self.target.model.model.aux_hidden_states
-        if source is None or source.shape[0] < total:
-            return None
-        return source
-
-    @staticmethod
-    def _catch_up(
-        slots: list[ProposalSlot], fed: list[SequenceChunk], first_rows: list[int]
-    ) -> tuple[CatchUp, list[tuple[int, int]]]:
-        """The positions to compute from the previous step's features, and for each
-        request that drafts now, (its slot, the row of its last verified position)."""
-        current = {slot.seq_id: (index, slot) for index, slot in enumerate(slots)}
-        batch = CatchUp()
-        samples: list[tuple[int, int]] = []
-        for chunk, first in zip(fed, first_rows, strict=True):
-            start = chunk.start_position
-            entry = current.get(chunk.seq_id)
-            if entry is None:
-                known = len(chunk.token_ids) - chunk.num_draft_tokens
-                if known > 1:
-                    batch.add_run(chunk.token_ids[1:known], start, first, chunk.block_table)
-                continue
-            index, slot = entry
-            computed = slot.chunk.start_position
-            end = min(computed, start + len(chunk.token_ids))
-            if end <= start:
-                continue  # restarted from scratch after a preemption
-            row = batch.add_run(
-                slot.token_ids(start + 1, end + 1), start, first, slot.chunk.block_table
-            )
-            if slot.num_draft_slots and end == computed:
-                samples.append((index, row))
-        return batch, samples

@@ -41,24 +41,22 @@ class CatchUp:
 
     token_ids: list[int] = field(default_factory=list)  # t_{p+1} of each row at p
     positions: list[int] = field(default_factory=list)
-    feature_rows: list[int] = field(default_factory=list)  # the row's feature in the source
+    slots: list[int] = field(default_factory=list)  # the row's KV slot: its feature's row
     # Per run: its rows, its context once written (last position + 1), its block table.
     query_lens: list[int] = field(default_factory=list)
     seq_lens: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
 
     def add_run(
-        self,
-        token_ids: list[int],
-        start: int,
-        first_feature_row: int,
-        block_table: list[int],
+        self, token_ids: list[int], start: int, block_table: list[int], block_size: int
     ) -> int:
         """Positions start .. start + len(token_ids) - 1; returns the run's last row."""
         count = len(token_ids)
+        positions = range(start, start + count)
         self.token_ids += token_ids
-        self.positions += range(start, start + count)
-        self.feature_rows += range(first_feature_row, first_feature_row + count)
+        self.positions += positions
+        size = block_size
+        self.slots += [block_table[p // size] * size + p % size for p in positions]
         self.query_lens.append(count)
         self.seq_lens.append(start + count)
         self.block_tables.append(block_table)
@@ -82,6 +80,9 @@ class EagleHeadRunner:
         self.enforce_eager = enforce_eager
         self.max_draft_tokens = max_draft_tokens
         self.kv_caches: list[torch.Tensor] = []
+        # The target's features by KV slot (a spare row last for padding rows), which
+        # the target's forward writes (LlamaModel.feature_cache).
+        self.feature_cache = torch.empty(0)
         self.catch_up_graphs: CatchUpGraphs | None = None
         self.chain_graphs: ChainGraphs | None = None
         self._arange = torch.arange(1, dtype=torch.int32, device=device)
@@ -91,6 +92,11 @@ class EagleHeadRunner:
         unless enforce_eager, capture its graphs."""
         self.kv_caches = allocate_kv_caches(
             self.head.config, num_blocks, self.block_size, self.cache_dtype, self.device
+        )
+        self.feature_cache = torch.zeros(
+            (num_blocks * self.block_size + 1, self.head.feature_width),
+            dtype=self.head.fc.weight.dtype,
+            device=self.device,
         )
         self._arange = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=self.device)
         if self.device.type != "cuda" or self.enforce_eager:
@@ -107,9 +113,11 @@ class EagleHeadRunner:
         logger.info("captured the EAGLE head's graphs in %.1fs", time.perf_counter() - started)
 
     @torch.inference_mode()
-    def catch_up(self, batch: CatchUp, features: torch.Tensor) -> torch.Tensor:
-        """Write the head's K/V at every row's position and return its output [rows, H]
-        (valid until the head's next catch-up)."""
+    def catch_up(self, batch: CatchUp) -> torch.Tensor:
+        """Write the head's K/V at every row's position, from the target's features in
+        the feature cache, and return its output [rows, H] (valid until the head's next
+        catch-up)."""
+        features = self.feature_cache
         rows = len(batch.token_ids)
         graphs = self.catch_up_graphs
         if graphs is not None and graphs.can_run(rows):
@@ -119,16 +127,11 @@ class EagleHeadRunner:
             ):
                 tables += [table] * count
                 seq_lens += range(end - count + 1, end + 1)
-            size = self.block_size
-            slots = [
-                table[p // size] * size + p % size
-                for table, p in zip(tables, batch.positions, strict=True)
-            ]
             staged = graphs.stage_rows(
-                batch.token_ids, batch.positions, slots, seq_lens, tables, batch.feature_rows
+                batch.token_ids, batch.positions, batch.slots, seq_lens, tables, batch.slots
             )
             return graphs.replay_rows(staged, features)
-        index = to_device(batch.feature_rows, torch.long, self.device)
+        index = to_device(batch.slots, torch.long, self.device)
         metadata = AttentionMetadata.build(
             batch.query_lens, batch.seq_lens, batch.block_tables, self.block_size, self.device
         )
@@ -231,10 +234,10 @@ class CatchUpGraphs(DecodeGraphs):
         super().__init__(
             head, kv_caches, block_size, max_rows, max_model_len, head.config.num_key_value_heads
         )
-        # EAGLE-1 reads the target's final hidden state, EAGLE-3 its three feature layers.
-        width = head.hidden_size if head.layout == "eagle" else head.fc.in_features
         self.features = torch.zeros(
-            (self.max_batch, width), dtype=head.fc.weight.dtype, device=kv_caches[0].device
+            (self.max_batch, head.feature_width),
+            dtype=head.fc.weight.dtype,
+            device=kv_caches[0].device,
         )
 
     def stage_rows(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from lanner.runner.model_runner import PendingStep
 from lanner.spec.config import SpeculativeConfig
 from lanner.spec.proposer import Proposal, ProposalSlot, Proposer
 
@@ -74,7 +73,7 @@ class NgramProposer(Proposer):
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
 
-    def propose(self, slots: list[ProposalSlot], previous: PendingStep | None) -> Proposal:
+    def propose(self, slots: list[ProposalSlot]) -> Proposal:
         proposal = Proposal.empty(len(slots))
         drafting = [i for i, slot in enumerate(slots) if slot.num_draft_slots]
         if not drafting:

@@ -33,9 +33,10 @@ its time cannot go stale.
 Stopping is not for good: the acceptance counts keep decaying through plain steps (back
 toward the prior), the stopped length is probed first, only a probe starts speculation
 again, and where speculating paid at that batch size a probe may cost
-PROBE_BUDGET_WHERE_PAID. A proposer that cannot make up for a step it did not see (an
-EAGLE head) is kept ready there, and wherever nothing has been measured yet
-(``keep_proposer_ready``).
+PROBE_BUDGET_WHERE_PAID. Every proposer catches up on the steps it did not draft in
+when drafting starts again (a draft model runs its own catch-up; an EAGLE head reads the
+target's features from the feature cache), so plain steps run as they would without one,
+and are measured that way.
 """
 
 from __future__ import annotations
@@ -231,19 +232,6 @@ class DraftLengthPolicy:
         """False when the batch is large enough that no request speculates."""
         limit = self.config.disable_by_batch_size
         return limit is None or num_running < limit
-
-    def keep_proposer_ready(self, num_running: int) -> bool:
-        """Whether plain steps at this batch size should keep a proposer that must see
-        every step in step: where the batch size's choice speculates or speculating has
-        paid there (its plain steps are probes, or a pause in a burst of rejections), and
-        until a draft length has been measured there (so that the first probe measures
-        drafts from whole caches, prompts included)."""
-        if not self.config.adaptive_draft_length or not self.enabled(num_running):
-            return False
-        bucket = self.buckets.get(batch_bucket(num_running))
-        if bucket is None:
-            return True
-        return bucket.choice > 0 or bucket.paid or not any(bucket.seconds.keys() - {0})
 
     # -- choosing ------------------------------------------------------------------------
 

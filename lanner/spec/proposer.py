@@ -2,9 +2,9 @@
 up to k tokens for every request the scheduler gave draft slots.
 
 A proposer sees the whole scheduled batch (every request's chunk, so a proposer with its
-own KV cache computes it alongside the target) and the target's previous step as the
-runner left it (``PendingStep``: with ``keep_hidden_states``, the final hidden states of
-every token fed, which an EAGLE-style head reads). Drafts may stay on the device
+own KV cache computes it alongside the target, or catches up later on what it missed).
+An EAGLE-style head reads the target's hidden states from a feature cache the target
+writes every step (``LlamaModel.feature_cache``). Drafts may stay on the device
 (``DeviceDrafts``): the target's verify step reads them there, so proposing and verifying
 need no host sync between them.
 """
@@ -15,7 +15,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lanner.runner.model_runner import DeviceDrafts, PendingStep, SequenceChunk
+from lanner.runner.model_runner import DeviceDrafts, SequenceChunk
 from lanner.spec.policy import RequestSpecState
 
 # Stands for a draft token still on the device in host-side lists (only their number is
@@ -58,15 +58,6 @@ class Proposal:
 class Proposer(abc.ABC):
     """Guesses the next tokens of running requests."""
 
-    # True when propose reads ``previous.hidden_states``: the engine then has the target's
-    # runner keep them.
-    needs_hidden_states: bool = False
-    # True when the proposer cannot make up later for a step it did not see (an EAGLE
-    # head needs each position's features, which only the step that made them has): the
-    # engine then reads a plain step before launching the next wherever the policy keeps
-    # the proposer ready (``DraftLengthPolicy.keep_proposer_ready``), so it sees them all.
-    needs_every_step: bool = False
-
     def kv_cache_bytes_per_block(self) -> int:
         """Bytes of the proposer's own KV cache per block of the target's block tables
         (its cache uses the same block ids, so it needs no allocator of its own)."""
@@ -78,12 +69,11 @@ class Proposer(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def propose(self, slots: list[ProposalSlot], previous: PendingStep | None) -> Proposal:
-        """Drafts for this step's slots; ``previous`` is the target's last step, read."""
+    def propose(self, slots: list[ProposalSlot]) -> Proposal:
+        """Drafts for this step's slots."""
 
-    def idle(self, chunks: list[SequenceChunk], previous: PendingStep | None) -> bool:
-        """A step in which no request drafts: keep the proposer's state in step with the
-        target's ``chunks`` cheaply and return True, or return False to have ``propose``
-        called (with no draft slots) instead. A step the engine runs without speculation
-        costs the host nothing more than without a proposer."""
-        return True
+    def idle(self, chunks: list[SequenceChunk]) -> None:
+        """A step in which no request drafts: note what the target computes in
+        ``chunks``, cheaply (a step the engine runs without speculation costs the host
+        nothing more than without a proposer)."""
+        return None

@@ -46,10 +46,12 @@ def target_features(target_dir: Path, tokens: list[int]) -> tuple[torch.Tensor, 
 
 
 def catch_up_all(runner: EagleHeadRunner, tokens: list[int], features: torch.Tensor, table):
-    """The head over positions 0 .. T-2 (t_{p+1} known), in one catch-up."""
+    """The head over positions 0 .. T-2 (t_{p+1} known), in one catch-up, their
+    ``features`` (rows by position) put in the feature cache as the target would."""
     batch = CatchUp()
-    last = batch.add_run(tokens[1:], 0, 0, table)
-    return runner.catch_up(batch, features), last
+    last = batch.add_run(tokens[1:], 0, table, BLOCK)
+    runner.feature_cache[batch.slots] = features[: len(batch.slots)]
+    return runner.catch_up(batch), last
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +190,11 @@ def test_eagle3_layout_features_and_draft_vocabulary(
     tokens = [5, 17, 33, 5, 17, 90, 12, 5]
     metadata = AttentionMetadata.build([len(tokens)], [len(tokens)], [[0, 1]], BLOCK, "cpu")
     caches = [torch.zeros(2, 2, BLOCK, 1, 24) for _ in range(2)]
+    # The features land by KV slot: blocks 0 and 1 hold positions 0 .. 2 * BLOCK - 1.
+    feature_cache = torch.zeros(2 * BLOCK + 1, head.feature_width)
+    target.model.model.feature_cache = feature_cache
     target.model(torch.tensor(tokens), torch.arange(len(tokens)), metadata, caches)
-    aux = target.model.model.aux_hidden_states[: len(tokens)]
+    aux = feature_cache[: len(tokens)]
     _, layer_inputs = target_features(target_dir, tokens)
     hidden = head.hidden_size
     torch.testing.assert_close(aux[:, :hidden], layer_inputs[0], atol=1e-4, rtol=1e-4)

@@ -184,23 +184,20 @@ def test_speculation_must_beat_plain_decoding_by_a_margin() -> None:
     assert run(1.2) == 1
 
 
-def test_keeps_the_proposer_ready_until_measured_and_where_speculation_pays() -> None:
+def test_remembers_where_speculation_paid_after_acceptance_goes() -> None:
     # Batch 1 pays (cheap drafts, high acceptance); batch 64 does not.
     def cost(batch: int, k: int) -> float:
         return 1.0 + (0.05 if batch == 1 else 1.0) * k
 
     policy = DraftLengthPolicy(config(4), step_cost=cost)
-    assert policy.keep_proposer_ready(1) and policy.keep_proposer_ready(64)  # not measured
     drive(policy, 1, 100, lambda _: 0.9)
-    assert policy.buckets[1].choice == 4 and policy.keep_proposer_ready(1)
-    # Acceptance gone: plain steps, still kept ready (speculating paid here).
+    assert policy.buckets[1].choice == 4 and policy.buckets[1].paid
+    # Acceptance gone: plain steps, and batch 1 still knows speculating paid there.
     drive(policy, 1, 100, lambda _: 0.0, seed=1)
     assert policy.buckets[1].choice == 0 and policy.buckets[1].paid
-    assert policy.keep_proposer_ready(1)
     drive(policy, 64, 200, lambda _: 0.9)
-    assert policy.buckets[batch_bucket(64)].choice == 0 and not policy.keep_proposer_ready(64)
-    fixed = DraftLengthPolicy(config(4, adaptive_draft_length=False))
-    assert not fixed.keep_proposer_ready(1)
+    bucket = policy.buckets[batch_bucket(64)]
+    assert bucket.choice == 0 and not bucket.paid
 
 
 def test_values_each_mode_at_what_all_its_steps_realized() -> None:

@@ -469,13 +469,14 @@ def test_demo_model_with_its_eagle_head() -> None:
 
 
 @pytest.mark.skipif(not (DEMO_EAGLE / "config.json").is_file(), reason="no demo-eagle")
-def test_eagle_head_sees_the_plain_steps_where_it_is_kept_ready() -> None:
+def test_eagle_head_catches_up_on_plain_steps_from_the_feature_cache() -> None:
     """The demo model and its head, one request at a time, overlapped scheduling, the
-    draft length forced to alternate 4 drafting steps and 12 plain ones: where the policy
-    keeps the head ready, the plain steps are read before the next launches and the head
-    catches up on their positions, so its drafts are accepted as often as when every
-    step drafts; where it does not, their positions keep stale K/V and acceptance drops.
-    Greedy tokens are the plain run's either way."""
+    draft length forced to alternate 4 drafting steps and 12 plain ones (launched ahead,
+    the head not run beside them): when drafting starts again the head computes the
+    positions it missed from the features the target left in the feature cache, so its
+    drafts are accepted as often as when every step drafts (with stale K/V at those
+    positions, before the feature cache: 0.55 of the drafts against 0.68). Greedy tokens
+    are the plain run's either way."""
     source = (Path(__file__).parent / "data" / "bursty_code.txt").read_text()
     prompts = [source[:600], source[900:1500]]
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
@@ -488,7 +489,7 @@ def test_eagle_head_sees_the_plain_steps_where_it_is_kept_ready() -> None:
         "adaptive_draft_length": False,
     }
 
-    def acceptance(alternate: bool, ready: bool) -> float:
+    def acceptance(alternate: bool) -> float:
         llm = LLM(**options, async_scheduling=True, speculative_config=config)
         policy = llm.engine.core.spec.policy
         begun = [0]
@@ -501,7 +502,6 @@ def test_eagle_head_sees_the_plain_steps_where_it_is_kept_ready() -> None:
         policy.begin_step = counted
         if alternate:
             policy.plan = lambda num_running: 4 if begun[0] % 16 < 4 else 0
-        policy.keep_proposer_ready = lambda num_running: ready
         got = llm.generate(prompts, params, use_tqdm=False)
         assert [summary(o) for o in got] == [summary(o) for o in expected]
         assert_pool_full(llm)
@@ -509,9 +509,6 @@ def test_eagle_head_sees_the_plain_steps_where_it_is_kept_ready() -> None:
         assert stats.num_plain_steps > 0.3 * stats.num_speculative_steps or not alternate
         return stats.num_accepted_tokens / stats.num_draft_tokens
 
-    always = acceptance(alternate=False, ready=True)
-    kept_ready = acceptance(alternate=True, ready=True)
-    left_behind = acceptance(alternate=True, ready=False)
-    # (On the CPU machine: 0.68, 0.71 and 0.55 of the drafts accepted.)
-    assert kept_ready > 0.9 * always, (always, kept_ready, left_behind)
-    assert left_behind < 0.85 * kept_ready, (always, kept_ready, left_behind)
+    always = acceptance(alternate=False)
+    alternating = acceptance(alternate=True)
+    assert alternating > 0.9 * always, (always, alternating)

@@ -121,6 +121,12 @@ class EagleHead(nn.Module):
         )
 
     @property
+    def feature_width(self) -> int:
+        """Width of the target's features a position gives the head: its final hidden
+        state (EAGLE-1), or its three feature layers side by side (EAGLE-3)."""
+        return self.hidden_size if self.layout == "eagle" else self.fc.in_features
+
+    @property
     def layer(self) -> LlamaDecoderLayer:
         return self.layers[0] if self.layout == "eagle" else self.midlayer
 
@@ -309,11 +315,12 @@ def load_eagle_head(
 
 
 def enable_aux_hidden_states(target: LlamaForCausalLM, config: ModelConfig) -> tuple[int, ...]:
-    """Make the target keep EAGLE-3's features: the residual stream entering the layers
-    that a head's config names (``eagle_config.eagle_aux_hidden_state_layer_ids`` lists
-    the layers whose output is taken, as SGLang reads it: layer i's output enters i + 1;
-    L is the last layer's output, before the final norm), else the default three.
-    Returns the indices of the layers whose input is kept."""
+    """Make the target give EAGLE-3's features to its feature cache, once one is set:
+    the residual stream entering the layers that a head's config names
+    (``eagle_config.eagle_aux_hidden_state_layer_ids`` lists the layers whose output is
+    taken, as SGLang reads it: layer i's output enters i + 1; L is the last layer's
+    output, before the final norm), else the default three. Returns the indices of the
+    layers whose input is kept."""
     num_layers = target.config.num_hidden_layers
     eagle = config.raw.get("eagle_config") or {}
     named = eagle.get("eagle_aux_hidden_state_layer_ids")

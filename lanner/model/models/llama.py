@@ -184,12 +184,15 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # EAGLE-3 heads read the residual stream entering these layers (index L: after
-        # the last one, before the norm): each forward writes them side by side into
-        # rows [0, tokens) of aux_hidden_states, one buffer for every step (CUDA graph
-        # replays included), valid until the next forward.
+        # An EAGLE head reads the target's features of every position it computed: with
+        # a feature cache (rows by KV cache slot, one spare row last, where padding rows,
+        # whose slot is -1, write), each forward writes its tokens' features there, CUDA
+        # graph replays included, so a head catches up on steps it did not run beside.
+        # The features: the final hidden states (EAGLE-1), or for EAGLE-3 the residual
+        # stream entering these layers (index L: after the last one, before the norm),
+        # side by side.
         self.aux_hidden_state_layers: tuple[int, ...] = ()
-        self.aux_hidden_states: torch.Tensor | None = None
+        self.feature_cache: torch.Tensor | None = None
 
     def forward(
         self,
@@ -207,22 +210,19 @@ class LlamaModel(nn.Module):
             hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, metadata)
         if len(self.layers) in self.aux_hidden_state_layers:
             aux.append(hidden_states + residual)
-        if aux:
-            self._keep_aux_hidden_states(aux)
+        cache = self.feature_cache
+        if cache is not None and aux:
+            self._write_features(cache, metadata, torch.cat(aux, dim=-1))
         hidden_states, _ = self.norm(hidden_states, residual)
+        if cache is not None and not aux:
+            self._write_features(cache, metadata, hidden_states)
         return hidden_states
 
-    def _keep_aux_hidden_states(self, aux: list[torch.Tensor]) -> None:
-        rows, width = aux[0].shape[0], sum(a.shape[1] for a in aux)
-        buffer = self.aux_hidden_states
-        if buffer is None or buffer.shape[0] < rows:
-            # Grown only by eager steps: the engine's largest (the memory profile's) runs
-            # before any graph is captured, and a graph must write where it was captured.
-            if aux[0].is_cuda and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("aux_hidden_states must be sized before graph capture")
-            buffer = torch.empty((rows, width), dtype=aux[0].dtype, device=aux[0].device)
-            self.aux_hidden_states = buffer
-        torch.cat(aux, dim=-1, out=buffer[:rows])
+    @staticmethod
+    def _write_features(
+        cache: torch.Tensor, metadata: AttentionMetadata, features: torch.Tensor
+    ) -> None:
+        cache.index_copy_(0, metadata.slot_mapping.remainder(cache.shape[0]), features)
 
 
 class LlamaForCausalLM(nn.Module):
