@@ -77,8 +77,9 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-# (request, number of running requests) -> draft tokens it should propose this step.
-DraftLength = Callable[[Request, int], int]
+# (number of running requests) -> draft tokens each decoding request may propose this
+# step (asked once a step: requests speculate together or not at all).
+DraftLength = Callable[[int], int]
 
 
 class Scheduler:
@@ -125,6 +126,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        max_drafts = self.draft_length(len(self.running)) if self.draft_length is not None else 0
         # 1. Running requests, most urgent first.
         index = 0
         while index < len(self.running) and budget > 0:
@@ -135,8 +137,8 @@ class Scheduler:
             missing = request.num_tokens - request.num_computed_tokens
             num_new = min(missing, budget)
             num_draft = 0
-            if self.draft_length is not None and num_new == missing:
-                num_draft = self._num_draft_tokens(request, budget - num_new)
+            if max_drafts and num_new == missing:
+                num_draft = self._num_draft_tokens(request, min(max_drafts, budget - num_new))
             total = request.num_computed_tokens + num_new + num_draft
             while not self.kv_manager.allocate_slots(request.request_id, total):
                 victim = self.running[-1]
@@ -184,19 +186,16 @@ class Scheduler:
         return out
 
     def _num_draft_tokens(self, request: Request, budget: int) -> int:
-        """Draft slots for a request about to sample: what the proposer policy asks, within
-        the budget, and no more than can be used before max_tokens or max_model_len (the
-        drafts plus the token after them must fit)."""
+        """Draft slots for a request about to sample: up to ``budget`` (what the proposer
+        policy asks, within the token budget), and no more than can be used before
+        max_tokens or max_model_len (the drafts plus the token after them must fit)."""
         if request.num_pending_outputs or budget <= 0:
             return 0  # its last token is still in flight: nothing to propose from
         room = self.config.max_model_len - request.num_tokens - 1
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None:
             room = min(room, max_tokens - request.num_output_tokens - 1)
-        if room <= 0:
-            return 0
-        assert self.draft_length is not None
-        return max(0, min(self.draft_length(request, len(self.running)), budget, room))
+        return max(0, min(budget, room))
 
     def accept_draft_tokens(self, request: Request, num_accepted: int) -> None:
         """After verification: the first ``num_accepted`` drafts join the computed tokens

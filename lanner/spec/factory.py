@@ -4,7 +4,6 @@ proposer, the draft-length policy, the rejection sampler), built from the config
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from lanner.memory.kv_cache import kv_cache_torch_dtype
 from lanner.model.loader import LoadedModel
@@ -67,8 +66,6 @@ class SpeculativeDecoding:
             )
         return cls(config, proposer, DraftLengthPolicy(config), RejectionSampler())
 
-    def draft_length(self, request: Any, num_running: int) -> int:
-        """The scheduler's question: drafts for this decoding request this step."""
-        if not self.policy.enabled(num_running) or request.spec_state is None:
-            return 0
-        return self.policy.draft_length(request.spec_state)
+    def draft_length(self, num_running: int) -> int:
+        """The scheduler's question: drafts each decoding request may get this step."""
+        return self.policy.draft_length() if self.policy.enabled(num_running) else 0

@@ -310,9 +310,10 @@ class DraftLengthPolicy:
         bucket.probe_wait = FIRST_PROBE_WAIT
         bucket.steps_to_probe = 0 if probe_next else FIRST_PROBE_WAIT
 
-    def draft_length(self, state: RequestSpecState) -> int:
-        """Drafts to schedule for a request about to decode in the step being scheduled
-        (the caller caps them by the token budget and the request's remaining length)."""
+    def draft_length(self) -> int:
+        """Drafts to schedule for each request about to decode in the step being
+        scheduled (the caller caps them by the token budget and the request's remaining
+        length)."""
         return self._planned
 
     def _bucket(self, num_running: int) -> _Bucket:

@@ -121,7 +121,7 @@ def test_fixed_length_and_disable_by_batch_size() -> None:
     assert limited.enabled(7) and not limited.enabled(8)
     assert limited.plan(7) == 3 and limited.plan(8) == 0
     limited.begin_step(8, 0)
-    assert limited.draft_length(RequestSpecState()) == 0
+    assert limited.draft_length() == 0
 
 
 def test_counters_and_shortfalls() -> None:
