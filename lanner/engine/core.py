@@ -254,6 +254,7 @@ class EngineCore:
             peak = self.runner.profile_peak_memory(
                 scheduler_config.max_num_batched_tokens,
                 scheduler_config.max_num_seqs,
+                self.max_model_len,
                 num_spec_tokens,
             )
             return num_blocks_for_memory(
@@ -287,9 +288,9 @@ class EngineCore:
             StartupShape(
                 scheduler_config.max_num_batched_tokens,
                 max_num_seqs,
+                self.max_model_len,
                 num_spec_tokens,
                 graph_rows,
-                self.max_model_len,
             ),
             {"speculative_config": repr(config.speculative_config)},
             enabled=executor is None,
@@ -307,6 +308,7 @@ class EngineCore:
                     size_cache,
                     scheduler_config.max_num_batched_tokens,
                     scheduler_config.max_num_seqs,
+                    self.max_model_len,
                     num_spec_tokens,
                     useful_blocks,
                 )

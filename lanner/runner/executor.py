@@ -144,13 +144,21 @@ class TensorParallelExecutor:
         rank0_blocks: Callable[[], int],
         num_tokens: int,
         num_seqs: int,
+        max_model_len: int,
         num_speculative_tokens: int,
         useful_blocks: int,
     ) -> int:
         """The KV blocks every rank fits: each profiles its peak memory with the same
         steps (in lock-step) and sizes its cache; the smallest wins."""
         self._broadcast(
-            encode_command("profile", num_tokens, num_seqs, num_speculative_tokens, useful_blocks)
+            encode_command(
+                "profile",
+                num_tokens,
+                num_seqs,
+                max_model_len,
+                num_speculative_tokens,
+                useful_blocks,
+            )
         )
         own = self.guard(rank0_blocks)
         blocks = self._gather("num_blocks", STARTUP_TIMEOUT_S)

@@ -307,7 +307,11 @@ class ModelRunner:
         enforce_eager) and the sampler's kernels: every kernel variant the startup runs.
         What they compute is not read (their samples are never drawn)."""
         steps = profile_steps(
-            shape.num_tokens, shape.num_seqs, shape.num_speculative_tokens, self.block_size
+            shape.num_tokens,
+            shape.num_seqs,
+            shape.max_model_len,
+            shape.num_speculative_tokens,
+            self.block_size,
         )
         caches = self._allocate_caches(steps.blocks_per_seq)
         self.kv_caches = caches
@@ -329,17 +333,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_peak_memory(
-        self, num_tokens: int, num_seqs: int, num_speculative_tokens: int = 0
+        self, num_tokens: int, num_seqs: int, max_model_len: int, num_speculative_tokens: int = 0
     ) -> int | None:
         """Peak device memory (bytes) of the largest step the scheduler may send:
-        ``num_tokens`` tokens over ``num_seqs`` sequences, all sampling with top-k/top-p
+        ``num_tokens`` tokens over ``num_seqs`` sequences of at most ``max_model_len``
+        tokens each, all sampling with top-k/top-p
         (the sampler's largest temporaries), and with speculation as many of them as the
         budget allows verifying ``num_speculative_tokens`` drafts each. CUDA only; None
         elsewhere (the CPU cache is sized in bytes instead). It also compiles every kernel
         a step can use, so no compilation lands inside a request's latency."""
         if self.device.type != "cuda":
             return None
-        steps = profile_steps(num_tokens, num_seqs, num_speculative_tokens, self.block_size)
+        steps = profile_steps(
+            num_tokens, num_seqs, max_model_len, num_speculative_tokens, self.block_size
+        )
         self.kv_caches = self._allocate_caches(steps.blocks_per_seq)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -678,14 +685,15 @@ class ModelRunner:
 @dataclass(frozen=True)
 class StartupShape:
     """What sizes a startup's steps: the memory profile's (``num_tokens`` over
-    ``num_seqs`` sequences, verifying ``num_speculative_tokens`` drafts), and the decode
-    graphs' (up to ``max_graph_rows`` rows, default num_seqs, at ``max_model_len``)."""
+    ``num_seqs`` sequences of at most ``max_model_len`` tokens, verifying
+    ``num_speculative_tokens`` drafts), and the decode graphs' (up to ``max_graph_rows``
+    rows, default num_seqs, at ``max_model_len``)."""
 
     num_tokens: int
     num_seqs: int
+    max_model_len: int
     num_speculative_tokens: int = 0
     max_graph_rows: int | None = None
-    max_model_len: int = 0
 
 
 @dataclass
@@ -700,13 +708,17 @@ class ProfileSteps:
 
 
 def profile_steps(
-    num_tokens: int, num_seqs: int, num_speculative_tokens: int, block_size: int
+    num_tokens: int, num_seqs: int, max_model_len: int, num_speculative_tokens: int, block_size: int
 ) -> ProfileSteps:
     """``num_tokens`` prompt tokens over ``num_seqs`` sequences, all sampling with
     top-k/top-p (the sampler's largest temporaries); with speculation as many verify rows
     as the budget allows, k + 1 tokens each; then a chunk on a cached prefix beside a
-    decode, and an all-greedy step (its own sampling kernel)."""
+    decode, and an all-greedy step (its own sampling kernel). No sequence is longer than
+    ``max_model_len`` (nor can the scheduler's be): past it, positions would read beyond
+    the rotary table (8192 tokens over 3 sequences at max_model_len 1024 read rows up to
+    2730 of a 2048-row table, an illegal access wherever the table ended a mapping)."""
     num_seqs = max(1, min(num_seqs, num_tokens))
+    num_tokens = min(num_tokens, num_seqs * max_model_len)
     lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
     blocks_per_seq = max(2, -(-max(lengths) // block_size))
     table = list(range(blocks_per_seq))

@@ -117,8 +117,10 @@ def _serve(runner: ModelRunner, spec: WorkerSpec, connection: Connection) -> Non
         if name == "shutdown":
             return
         if name == "profile":
-            num_tokens, num_seqs, num_speculative_tokens, useful_blocks = args
-            peak = runner.profile_peak_memory(num_tokens, num_seqs, num_speculative_tokens)
+            num_tokens, num_seqs, max_model_len, num_speculative_tokens, useful_blocks = args
+            peak = runner.profile_peak_memory(
+                num_tokens, num_seqs, max_model_len, num_speculative_tokens
+            )
             blocks = num_blocks_for_memory(
                 spec.cache,
                 runner.config,
