@@ -144,6 +144,8 @@ class SpecDecodeStats:
 
 def expected_tokens(rate: float, draft_length: int) -> float:
     """1 + rate + ... + rate^draft_length: a request's tokens from one step."""
+    if not draft_length:  # every plain step asks
+        return 1.0
     return sum(rate**i for i in range(draft_length + 1))
 
 
@@ -227,6 +229,9 @@ class DraftLengthPolicy:
         self._last_rate = PRIOR_RATE  # what _rate() said last (steps between reuse it)
         # The running requests' speculation states (their acceptance), read when deciding.
         self._states: Callable[[], list[RequestSpecState]] = list
+        # The bucket of the batch size looked up last: a batch's size seldom changes from
+        # step to step, and each step looks its bucket up three times.
+        self._last_bucket: tuple[int, _Bucket | None] = (-1, None)
 
     def enabled(self, num_running: int) -> bool:
         """False when the batch is large enough that no request speculates."""
@@ -256,13 +261,12 @@ class DraftLengthPolicy:
         it cannot wait for the previous step): requests draft that many tokens, and the
         step counts toward the bucket's probes."""
         self._planned = draft_length
+        enabled = self.enabled(num_running)
         if draft_length:
             self.stats.num_speculative_steps += 1
-        elif self.enabled(num_running):
+        elif enabled:
             self.stats.num_plain_steps += 1
-        if not self.config.adaptive_draft_length or not self.enabled(num_running):
-            return
-        if num_running == 0:
+        if not self.config.adaptive_draft_length or not enabled or num_running == 0:
             return
         bucket = self._bucket(num_running)
         if bucket.probe is None and draft_length != bucket.choice:
@@ -317,6 +321,14 @@ class DraftLengthPolicy:
         return self._planned
 
     def _bucket(self, num_running: int) -> _Bucket:
+        last_running, last = self._last_bucket
+        if last_running == num_running and last is not None:
+            return last
+        bucket = self._find_bucket(num_running)
+        self._last_bucket = (num_running, bucket)
+        return bucket
+
+    def _find_bucket(self, num_running: int) -> _Bucket:
         key = batch_bucket(num_running)
         bucket = self.buckets.get(key)
         if bucket is None:
