@@ -564,6 +564,20 @@ def pin_to_core(core: int | None) -> None:
     torch.set_num_threads(1)
 
 
+def time_calls(owner, name: str, totals: dict[str, float], label: str) -> None:  # noqa: ANN001
+    """Wrap owner.name so each call adds its wall time to totals[label]."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[label] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
 def add_pin_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pin-core",

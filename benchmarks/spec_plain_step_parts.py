@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +27,7 @@ from benchmarks.spec_decode import (  # noqa: E402
     make_core,
     pin_to_core,
     run,
+    time_calls,
 )
 from benchmarks.spec_idle_cost import OUTPUT_LEN, batch_prompts, speculative_config  # noqa: E402
 
@@ -46,20 +46,6 @@ ADAPTIVE = {
     "eagle-forced0": "eagle-adaptive",
 }
 PARTS = ("plan", "begin_step", "step_done", "idle", "schedule", "launch", "collect")
-
-
-def timing(obj, name: str, seconds: dict[str, float]) -> None:  # noqa: ANN001
-    """Replace ``obj.name`` by a wrapper adding its wall time to ``seconds[name]``."""
-    inner = getattr(obj, name)
-
-    def timed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        started = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            seconds[name] += time.perf_counter() - started
-
-    setattr(obj, name, timed)
 
 
 def main() -> None:
@@ -81,11 +67,11 @@ def main() -> None:
             if mode.endswith("forced0"):
                 core.spec.policy.plan = lambda num_running: 0
             for name in ("plan", "begin_step", "step_done"):
-                timing(core.spec.policy, name, seconds[mode])
-            timing(core.spec.proposer, "idle", seconds[mode])
-        timing(core.scheduler, "schedule", seconds[mode])
-        timing(core.runner, "launch", seconds[mode])
-        timing(core.runner, "collect", seconds[mode])
+                time_calls(core.spec.policy, name, seconds[mode], name)
+            time_calls(core.spec.proposer, "idle", seconds[mode], "idle")
+        time_calls(core.scheduler, "schedule", seconds[mode], "schedule")
+        time_calls(core.runner, "launch", seconds[mode], "launch")
+        time_calls(core.runner, "collect", seconds[mode], "collect")
         run(core, prompts, OUTPUT_LEN, 0.0)  # untimed: one-time costs
         cores[mode] = core
     results: dict[str, list[dict]] = {mode: [] for mode in MODES}

@@ -62,20 +62,6 @@ def _log_compiles() -> None:
     JITFunction._do_compile = wrapper
 
 
-def _timed(owner, name: str, totals: dict[str, float], label: str) -> None:
-    """Wrap owner.name so each call adds its wall time to totals[label]."""
-    original = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            totals[label] += time.perf_counter() - start
-
-    setattr(owner, name, wrapper)
-
-
 def _time(event) -> float:
     """An event's device time (CUDA), or its own CPU time in a CPU smoke run."""
     return event.device_time_total if spec_decode.DEVICE == "cuda" else event.self_cpu_time_total
@@ -130,19 +116,19 @@ def profile_case(
     while core.has_unfinished_requests():
         core.step()
     totals: dict[str, float] = defaultdict(float)
-    _timed(core, "_launch", totals, "core._launch (all)")
-    _timed(core.scheduler, "schedule", totals, "scheduler.schedule")
+    spec_decode.time_calls(core, "_launch", totals, "core._launch (all)")
+    spec_decode.time_calls(core.scheduler, "schedule", totals, "scheduler.schedule")
     if core.spec is not None:
-        _timed(core, "_propose", totals, "core._propose")
-        _timed(core.spec.proposer, "propose", totals, "proposer.propose")
-    _timed(core.runner, "launch", totals, "runner.launch")
-    _timed(core.runner, "collect", totals, "runner.collect (waits for the device)")
-    _timed(core, "_collect", totals, "core._collect (all)")
+        spec_decode.time_calls(core, "_propose", totals, "core._propose")
+        spec_decode.time_calls(core.spec.proposer, "propose", totals, "proposer.propose")
+    spec_decode.time_calls(core.runner, "launch", totals, "runner.launch")
+    spec_decode.time_calls(core.runner, "collect", totals, "runner.collect (waits for the device)")
+    spec_decode.time_calls(core, "_collect", totals, "core._collect (all)")
     if detail:
         for path, name, label in DETAIL:
             owner = _owner(core, path)
             if owner is not None and hasattr(owner, name):
-                _timed(owner, name, totals, label)
+                spec_decode.time_calls(owner, name, totals, label)
     # Each step's wall time, by the draft length it was planned at.
     by_length: dict[int, list[float]] = defaultdict(list)
     plan, step = core._plan, core.step

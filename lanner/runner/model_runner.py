@@ -337,11 +337,11 @@ class ModelRunner:
     ) -> int | None:
         """Peak device memory (bytes) of the largest step the scheduler may send:
         ``num_tokens`` tokens over ``num_seqs`` sequences of at most ``max_model_len``
-        tokens each, all sampling with top-k/top-p
-        (the sampler's largest temporaries), and with speculation as many of them as the
-        budget allows verifying ``num_speculative_tokens`` drafts each. CUDA only; None
-        elsewhere (the CPU cache is sized in bytes instead). It also compiles every kernel
-        a step can use, so no compilation lands inside a request's latency."""
+        tokens each, all sampling with top-k/top-p (the sampler's largest temporaries),
+        and with speculation as many of them as the budget allows verifying
+        ``num_speculative_tokens`` drafts each. CUDA only; None elsewhere (the CPU cache
+        is sized in bytes instead). It also compiles every kernel a step can use, so no
+        compilation lands inside a request's latency."""
         if self.device.type != "cuda":
             return None
         steps = profile_steps(
